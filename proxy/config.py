@@ -1,0 +1,352 @@
+"""config.toml -> frozen dataclasses, validated at load.
+
+The shipped ``config.toml`` is the reference: every key is documented there
+(meaning, default, trade-off).  Loading never stops at the first problem: all
+unknown keys and bad values are collected into one :class:`ConfigError`, so an
+operator fixes the file in one go.  ``python -m proxy`` exits 78 (EX_CONFIG) on it.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+S3_MIN_PART_BYTES = 5 * MiB
+S3_MAX_PART_BYTES = 5 * GiB
+S3_MAX_PARTS = 10_000
+
+PART_CHECKSUMS = ("none", "md5", "crc32", "sha256")
+BACKENDS = ("embedded", "s3")
+ADDRESSING_STYLES = ("path", "virtual", "auto")
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+
+
+class ConfigError(Exception):
+    """Every problem found in one config file, one per line."""
+
+    def __init__(self, problems: list[str], source: str = "config") -> None:
+        self.problems = problems
+        super().__init__(f"{source}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+
+
+def parse_size(value: object) -> int:
+    """``8388608``, ``"8MiB"``, ``"1.5GiB"``, ``"100MB"`` -> bytes."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 8388608 or \"8MiB\"")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m:
+            unit = (m.group(2) or "b").lower()
+            return int(float(m.group(1)) * _UNITS[unit])
+    raise ValueError(f"expected a size such as 8388608 or \"8MiB\", got {value!r}")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8080
+    drain_timeout_s: float = 30.0
+    lingering_time_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class UploadConfig:
+    key_prefix: str = ""
+    overwrite: bool = False
+    max_upload_size_bytes: int = 100 * GiB
+    part_size_bytes: int = 8 * MiB
+    parts_in_flight: int = 2
+    memory_budget_bytes: int = 256 * MiB
+    admission_timeout_s: float = 5.0
+    idle_timeout_s: float = 60.0
+    part_checksum: str = "none"
+    hash_in_thread: bool = True
+
+
+@dataclass(frozen=True)
+class EmbeddedConfig:
+    data_dir: Path = Path("data/seaweedfs")
+    s3_port: int = 8333
+    weed_binary: str = ""
+    start_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    backend: str = "embedded"
+    bucket: str = "uploads"
+    endpoint_url: str = ""
+    region: str = "us-east-1"
+    addressing_style: str = "path"
+    verify_tls: bool = True
+    ca_bundle: str = ""
+    credentials_file: str = ""
+    profile: str = ""
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 60.0
+    retry_attempts: int = 4
+    retry_base_delay_s: float = 0.25
+    max_pool_connections: int = 32
+    embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig)
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "info"
+    format: str = "text"
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    upload: UploadConfig = field(default_factory=UploadConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+class _Reader:
+    """Pulls typed values out of one TOML table, recording problems instead of raising."""
+
+    def __init__(self, table: dict[str, Any], path: str, problems: list[str]) -> None:
+        self.table = dict(table)
+        self.path = path
+        self.problems = problems
+
+    def _bad(self, key: str, why: str) -> None:
+        self.problems.append(f"{self.path}.{key}: {why}")
+
+    def get(self, key: str, kind: type, default: Any) -> Any:
+        if key not in self.table:
+            return default
+        value = self.table.pop(key)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            self._bad(key, f"expected {kind.__name__}, got {type(value).__name__} {value!r}")
+            return default
+        return value
+
+    def size(self, key: str, default: int) -> int:
+        if key not in self.table:
+            return default
+        try:
+            return parse_size(self.table.pop(key))
+        except ValueError as e:
+            self._bad(key, str(e))
+            return default
+
+    def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
+        value: str = self.get(key, str, default)
+        if value not in choices:
+            self._bad(key, f"must be one of {', '.join(choices)}; got {value!r}")
+            return default
+        return value
+
+    def positive(self, key: str, kind: type, default: Any, *, allow_zero: bool = False) -> Any:
+        value = self.get(key, kind, default)
+        if value < 0 or (value == 0 and not allow_zero):
+            self._bad(key, f"must be {'>= 0' if allow_zero else '> 0'}; got {value!r}")
+            return default
+        return value
+
+    def table_of(self, key: str) -> dict[str, Any]:
+        value = self.table.pop(key, {})
+        if not isinstance(value, dict):
+            self._bad(key, "expected a table")
+            return {}
+        return value
+
+    def check(self, value_ok: bool, key: str, why: str) -> None:
+        if not value_ok:
+            self._bad(key, why)
+
+    def finish(self) -> None:
+        for key in sorted(self.table):
+            self.problems.append(f"{self.path}.{key}: unknown key")
+
+
+def _split_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def _server(r: _Reader) -> ServerConfig:
+    d = ServerConfig()
+    host, port = d.listen_host, d.listen_port
+    listen = r.get("listen", str, f"{host}:{port}")
+    try:
+        host, port = _split_listen(listen)
+    except ValueError as e:
+        r.check(False, "listen", str(e))
+    cfg = ServerConfig(
+        listen_host=host,
+        listen_port=port,
+        drain_timeout_s=r.positive("drain_timeout_s", float, d.drain_timeout_s, allow_zero=True),
+        lingering_time_s=r.positive("lingering_time_s", float, d.lingering_time_s, allow_zero=True),
+    )
+    r.finish()
+    return cfg
+
+
+def _upload(r: _Reader) -> UploadConfig:
+    d = UploadConfig()
+    cfg = UploadConfig(
+        key_prefix=r.get("key_prefix", str, d.key_prefix),
+        overwrite=r.get("overwrite", bool, d.overwrite),
+        max_upload_size_bytes=r.size("max_upload_size", d.max_upload_size_bytes),
+        part_size_bytes=r.size("part_size", d.part_size_bytes),
+        parts_in_flight=r.positive("parts_in_flight", int, d.parts_in_flight),
+        memory_budget_bytes=r.size("memory_budget", d.memory_budget_bytes),
+        admission_timeout_s=r.positive("admission_timeout_s", float, d.admission_timeout_s),
+        idle_timeout_s=r.positive("idle_timeout_s", float, d.idle_timeout_s),
+        part_checksum=r.choice("part_checksum", PART_CHECKSUMS, d.part_checksum),
+        hash_in_thread=r.get("hash_in_thread", bool, d.hash_in_thread),
+    )
+    part = cfg.part_size_bytes
+    r.check(
+        S3_MIN_PART_BYTES <= part <= S3_MAX_PART_BYTES,
+        "part_size",
+        f"must be between 5MiB and 5GiB (S3 limits); got {part}",
+    )
+    r.check(
+        cfg.max_upload_size_bytes <= part * S3_MAX_PARTS,
+        "max_upload_size",
+        f"{cfg.max_upload_size_bytes} bytes needs more than {S3_MAX_PARTS} parts of "
+        f"{part} bytes; raise part_size or lower max_upload_size",
+    )
+    r.check(
+        cfg.memory_budget_bytes >= part,
+        "memory_budget",
+        f"must hold at least one part ({part} bytes); got {cfg.memory_budget_bytes}",
+    )
+    r.check(
+        cfg.key_prefix == "" or (not cfg.key_prefix.startswith("/") and ".." not in cfg.key_prefix),
+        "key_prefix",
+        "must not start with '/' or contain '..'",
+    )
+    r.finish()
+    return cfg
+
+
+def _embedded(r: _Reader, base: Path) -> EmbeddedConfig:
+    d = EmbeddedConfig()
+    data_dir = Path(r.get("data_dir", str, str(d.data_dir)))
+    cfg = EmbeddedConfig(
+        data_dir=data_dir if data_dir.is_absolute() else base / data_dir,
+        s3_port=r.positive("s3_port", int, d.s3_port),
+        weed_binary=r.get("weed_binary", str, d.weed_binary),
+        start_timeout_s=r.positive("start_timeout_s", float, d.start_timeout_s),
+    )
+    r.check(cfg.s3_port < 55536, "s3_port", "must be < 55536 (SeaweedFS adds 10000 for gRPC)")
+    r.finish()
+    return cfg
+
+
+def _storage(r: _Reader, base: Path) -> StorageConfig:
+    d = StorageConfig()
+    embedded = _embedded(_Reader(r.table_of("embedded"), f"{r.path}.embedded", r.problems), base)
+    bucket = r.get("bucket", str, d.bucket)
+    cfg = StorageConfig(
+        backend=r.choice("backend", BACKENDS, d.backend),
+        bucket=bucket,
+        endpoint_url=r.get("endpoint_url", str, d.endpoint_url),
+        region=r.get("region", str, d.region),
+        addressing_style=r.choice("addressing_style", ADDRESSING_STYLES, d.addressing_style),
+        verify_tls=r.get("verify_tls", bool, d.verify_tls),
+        ca_bundle=r.get("ca_bundle", str, d.ca_bundle),
+        credentials_file=r.get("credentials_file", str, d.credentials_file),
+        profile=r.get("profile", str, d.profile),
+        connect_timeout_s=r.positive("connect_timeout_s", float, d.connect_timeout_s),
+        read_timeout_s=r.positive("read_timeout_s", float, d.read_timeout_s),
+        retry_attempts=r.positive("retry_attempts", int, d.retry_attempts),
+        retry_base_delay_s=r.positive(
+            "retry_base_delay_s", float, d.retry_base_delay_s, allow_zero=True
+        ),
+        max_pool_connections=r.positive("max_pool_connections", int, d.max_pool_connections),
+        embedded=embedded,
+    )
+    r.check(
+        re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", cfg.bucket) is not None,
+        "bucket",
+        f"must be a DNS-style bucket name (3-63 chars of a-z, 0-9, '.', '-'); got {bucket!r}",
+    )
+    if cfg.endpoint_url:
+        r.check(
+            cfg.endpoint_url.startswith(("http://", "https://")),
+            "endpoint_url",
+            f"must start with http:// or https://; got {cfg.endpoint_url!r}",
+        )
+    if cfg.credentials_file:
+        path = Path(cfg.credentials_file)
+        r.check(path.is_file(), "credentials_file", f"no such file: {cfg.credentials_file}")
+    r.finish()
+    return cfg
+
+
+def _logging(r: _Reader) -> LoggingConfig:
+    d = LoggingConfig()
+    cfg = LoggingConfig(
+        level=r.choice("level", LOG_LEVELS, d.level),
+        format=r.choice("format", LOG_FORMATS, d.format),
+    )
+    r.finish()
+    return cfg
+
+
+def from_dict(data: dict[str, Any], *, base_dir: Path | None = None, source: str = "config") -> Config:
+    """Build a validated :class:`Config`; raise one :class:`ConfigError` listing every problem."""
+    problems: list[str] = []
+    base = base_dir or Path.cwd()
+    top = _Reader(data, "", problems)
+    section = {
+        f.name: _Reader(top.table_of(f.name), f.name, problems) for f in fields(Config)
+    }
+    for key in sorted(top.table):
+        problems.append(f"{key}: unknown section")
+    cfg = Config(
+        server=_server(section["server"]),
+        upload=_upload(section["upload"]),
+        storage=_storage(section["storage"], base),
+        logging=_logging(section["logging"]),
+    )
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate a TOML config file.  Relative paths inside it are relative to it."""
+    p = Path(path)
+    try:
+        with p.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError as e:
+        raise ConfigError([f"cannot read {p}: {e.strerror}"], str(p)) from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"not valid TOML: {e}"], str(p)) from e
+    return from_dict(data, base_dir=p.resolve().parent, source=str(p))

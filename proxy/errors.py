@@ -1,0 +1,111 @@
+"""One error type with a stable code and an HTTP status.
+
+Everything that can go wrong with an upload is raised as a :class:`ProxyError`
+(or a subclass) and rendered to JSON in exactly one place (``proxy.app``).
+The ``code`` strings are part of the public API: clients and dashboards match
+on them, so never rename one.  ``reason`` is the bounded metrics label.
+"""
+
+from __future__ import annotations
+
+
+class ProxyError(Exception):
+    """An error that maps to one HTTP response: ``{"code": ..., "message": ...}``."""
+
+    code = "ERR_INTERNAL"
+    status = 500
+    reason = "internal"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        status: int | None = None,
+        reason: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+        if reason is not None:
+            self.reason = reason
+        self.headers: dict[str, str] = dict(headers or {})
+
+    def to_json(self) -> dict[str, str]:
+        return {"code": self.code, "message": self.message}
+
+
+class BadRequest(ProxyError):
+    code = "ERR_BAD_REQUEST"
+    status = 400
+    reason = "bad_request"
+
+
+class InvalidKey(BadRequest):
+    code = "ERR_INVALID_KEY"
+
+
+class ChecksumMismatch(BadRequest):
+    code = "ERR_CHECKSUM_MISMATCH"
+    reason = "checksum_mismatch"
+
+
+class IncompleteBody(BadRequest):
+    """The client went away or the body ended before its declared length."""
+
+    code = "ERR_INCOMPLETE_BODY"
+    reason = "client_disconnect"
+
+
+class ClientTimeout(ProxyError):
+    code = "ERR_CLIENT_TIMEOUT"
+    status = 408
+    reason = "client_timeout"
+
+
+class KeyExists(ProxyError):
+    code = "ERR_KEY_EXISTS"
+    status = 409
+    reason = "conflict"
+
+
+class TooLarge(ProxyError):
+    code = "ERR_TOO_LARGE"
+    status = 413
+    reason = "too_large"
+
+
+class Busy(ProxyError):
+    """No part buffer could be had within the admission timeout."""
+
+    code = "ERR_BUSY"
+    status = 503
+    reason = "busy"
+
+
+class StorageError(ProxyError):
+    """S3 answered, but with an error that retrying will not fix."""
+
+    code = "ERR_STORAGE"
+    status = 502
+    reason = "storage_error"
+
+
+class StorageUnavailable(ProxyError):
+    """S3 is down, unreachable or kept failing past the retry budget."""
+
+    code = "ERR_STORAGE_UNAVAILABLE"
+    status = 503
+    reason = "storage_unavailable"
+
+
+class ObjectExists(StorageError):
+    """Raised by storage when a conditional write finds the key taken."""
+
+    code = "ERR_KEY_EXISTS"
+    status = 409
+    reason = "conflict"

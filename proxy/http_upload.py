@@ -1,0 +1,365 @@
+"""Plain uploads: ``PUT /uploads/{key}`` (raw body) and ``POST /uploads`` (form or raw).
+
+Everything that can be decided from the headers is decided before the first
+body byte is read, and, when the client sent ``Expect: 100-continue``, before we
+tell it to send the body at all: bad key, declared size over the limit, existing
+key.  The body itself is handed to :class:`~proxy.streaming.PartStreamer`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from proxy.buffers import BufferPool
+from proxy.config import UploadConfig
+from proxy.errors import (
+    BadRequest,
+    ClientTimeout,
+    IncompleteBody,
+    KeyExists,
+    ProxyError,
+    TooLarge,
+)
+from proxy.keys import full_key, generated_key
+from proxy.responses import error_response
+from proxy.storage.base import Storage
+from proxy.streaming import (
+    ExpectedDigests,
+    PartStreamer,
+    StreamObserver,
+    StreamResult,
+    StreamSettings,
+    UploadSpec,
+)
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK_BYTES = 1024 * 1024
+MAX_FORM_FIELD_BYTES = 64 * 1024
+_REPR_DIGEST_RE = re.compile(r"(?:^|,)\s*sha-256\s*=\s*:([A-Za-z0-9+/=]*):\s*(?:;[^,]*)?(?=,|$)")
+
+
+class UploadHooks:
+    """What the upload handlers report; metrics plug in here.  The default does nothing."""
+
+    def started(self, upload_id: str, key: str) -> StreamObserver | None:
+        return None
+
+    def finished(self, upload_id: str, result: StreamResult | None, error: ProxyError | None,
+                 seconds: float, received_bytes: int) -> None:
+        pass
+
+
+@dataclass
+class UploadContext:
+    """What the upload handlers use.  Storage and pool are filled in at start-up."""
+
+    config: UploadConfig
+    bucket: str
+    hooks: UploadHooks
+    _storage: Storage | None = None
+    _pool: BufferPool | None = None
+
+    def bind(self, storage: Storage, pool: BufferPool) -> None:
+        self._storage, self._pool = storage, pool
+
+    @property
+    def storage(self) -> Storage:
+        assert self._storage is not None, "storage is not open yet"
+        return self._storage
+
+    @property
+    def pool(self) -> BufferPool:
+        assert self._pool is not None, "buffer pool is not set up yet"
+        return self._pool
+
+    @property
+    def settings(self) -> StreamSettings:
+        c = self.config
+        return StreamSettings(
+            part_size_bytes=c.part_size_bytes,
+            parts_in_flight=c.parts_in_flight,
+            admission_timeout_s=c.admission_timeout_s,
+            part_checksum=c.part_checksum,
+            hash_in_thread=c.hash_in_thread,
+        )
+
+
+UPLOADS = web.AppKey("uploads", UploadContext)
+_PREFLIGHT = "proxy.preflight"
+
+
+def _b64(value: str, size: int, what: str) -> bytes:
+    try:
+        raw = base64.b64decode(value.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    if len(raw) != size:
+        raise BadRequest(f"{what} is not a base64 {size}-byte digest", code="ERR_BAD_DIGEST")
+    return raw
+
+
+def expected_digests(headers: Any) -> ExpectedDigests:
+    """Whole-body digests from ``Content-MD5``, ``Repr-Digest`` or ``X-Content-SHA256``."""
+    md5 = sha256 = None
+    if (v := headers.get("Content-MD5")) is not None:
+        md5 = _b64(v, 16, "Content-MD5")
+    if (v := headers.get("Repr-Digest")) is not None:
+        m = _REPR_DIGEST_RE.search(v)
+        if m:
+            sha256 = _b64(m.group(1), 32, "Repr-Digest sha-256")
+        elif "sha-256" in v:
+            raise BadRequest("Repr-Digest sha-256 is malformed", code="ERR_BAD_DIGEST")
+    if (v := headers.get("X-Content-SHA256")) is not None:
+        v = v.strip()
+        try:
+            own = bytes.fromhex(v) if len(v) == 64 else _b64(v, 32, "X-Content-SHA256")
+        except ValueError:
+            raise BadRequest("X-Content-SHA256 is not hex or base64 SHA-256",
+                             code="ERR_BAD_DIGEST") from None
+        if sha256 is not None and own != sha256:
+            raise BadRequest("Repr-Digest and X-Content-SHA256 disagree", code="ERR_BAD_DIGEST")
+        sha256 = own
+    return ExpectedDigests(md5=md5, sha256=sha256)
+
+
+def _declared_size(request: web.Request, limit: int) -> int | None:
+    size = request.content_length
+    if size is not None and size > limit:
+        raise TooLarge(f"declared body of {size} bytes exceeds the limit of {limit} bytes")
+    return size
+
+
+async def body_chunks(
+    stream: Any, idle_timeout_s: float, read: Callable[[], Awaitable[bytes]] | None = None
+) -> AsyncIterator[bytes]:
+    """The body as chunks; a stall longer than ``idle_timeout_s`` or a broken body raises."""
+    reader = read or stream.readany
+    while True:
+        try:
+            async with asyncio.timeout(idle_timeout_s):
+                chunk = await reader()
+        except TimeoutError:
+            raise ClientTimeout(f"no body bytes for {idle_timeout_s}s") from None
+        except (HttpProcessingError, ConnectionError, EOFError) as e:
+            raise IncompleteBody(f"the request body ended early ({type(e).__name__})") from None
+        except Exception as e:
+            if type(e).__name__ in ("ClientPayloadError", "PayloadEncodingError"):
+                raise IncompleteBody("the request body is malformed or ended early") from None
+            raise
+        if not chunk:
+            return
+        yield chunk
+
+
+def _content_type(request: web.Request) -> str:
+    ct = request.headers.get("Content-Type", "")
+    return ct if ct and len(ct) <= 255 else "application/octet-stream"
+
+
+async def _preflight_put(request: web.Request) -> tuple[str, int | None]:
+    """Checks that need no body; cached so the Expect handler and the handler share them."""
+    cached = request.get(_PREFLIGHT)
+    if cached is not None:
+        return cached  # type: ignore[no-any-return]
+    ctx = request.app[UPLOADS]
+    key = full_key(ctx.config.key_prefix, request.match_info["key"])
+    size = _declared_size(request, ctx.config.max_upload_size_bytes)
+    expected_digests(request.headers)
+    if not ctx.config.overwrite and await ctx.storage.head(key) is not None:
+        raise KeyExists(f"an object with key {key!r} already exists")
+    request[_PREFLIGHT] = (key, size)
+    return key, size
+
+
+async def expect_put(request: web.Request) -> web.StreamResponse | None:
+    """Answer ``Expect: 100-continue`` only when the upload can be accepted."""
+    return await _expect(request, _preflight_put)
+
+
+async def expect_post(request: web.Request) -> web.StreamResponse | None:
+    ctx = request.app[UPLOADS]
+    return await _expect(request, lambda r: _declared_size(r, ctx.config.max_upload_size_bytes))
+
+
+async def _expect(request: web.Request, check: Callable[[web.Request], Any]) -> web.StreamResponse | None:
+    if request.headers.get("Expect", "").lower() != "100-continue":
+        return error_response(ProxyError("unsupported Expect header", code="ERR_EXPECTATION",
+                                         status=417, reason="bad_request"))
+    try:
+        result = check(request)
+        if asyncio.iscoroutine(result):
+            await result
+    except ProxyError as e:
+        return error_response(e, close=True)
+    if request.version >= (1, 1):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0
+    return None
+
+
+async def _stream_one(
+    request: web.Request,
+    spec: UploadSpec,
+    chunks: AsyncIterator[bytes],
+) -> StreamResult:
+    """Stream one object, with one log line and one hooks report for its outcome."""
+    ctx = request.app[UPLOADS]
+    upload_id = uuid.uuid4().hex[:16]
+    observer = ctx.hooks.started(upload_id, spec.key)
+    streamer = PartStreamer(ctx.storage, ctx.pool, ctx.settings, spec, observer)
+    started = time.monotonic()
+    result: StreamResult | None = None
+    error: ProxyError | None = None
+    try:
+        result = await streamer.run(chunks)
+        return result
+    except ProxyError as e:
+        error = e
+        raise
+    except asyncio.CancelledError:
+        error = ProxyError("upload cancelled", code="ERR_CANCELLED", status=503,
+                           reason="cancelled")
+        raise
+    except Exception as e:
+        error = ProxyError("internal error")
+        raise error from e
+    finally:
+        seconds = time.monotonic() - started
+        nbytes = streamer.received_bytes
+        rate = nbytes / seconds / 2**20 if seconds > 0 else 0.0
+        log.info(
+            "upload id=%s key=%s bytes=%d sha256=%s duration_s=%.3f rate_mib_s=%.1f result=%s",
+            upload_id, spec.key, nbytes, result.sha256 if result else "-", seconds, rate,
+            "ok" if error is None else error.code,
+            extra={"upload": {
+                "id": upload_id, "key": spec.key, "bytes": nbytes,
+                "sha256": result.sha256 if result else None, "duration_s": round(seconds, 3),
+                "rate_mib_s": round(rate, 2), "result": "ok" if error is None else error.code,
+                "remote": request.remote,
+            }},
+        )
+        ctx.hooks.finished(upload_id, result, error, seconds, nbytes)
+
+
+def _result_json(ctx: UploadContext, r: StreamResult, **extra: Any) -> dict[str, Any]:
+    return {"bucket": ctx.bucket, "key": r.key, "size": r.size, "sha256": r.sha256,
+            "etag": r.etag, **extra}
+
+
+async def put_upload(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[UPLOADS]
+    key, size = await _preflight_put(request)
+    spec = UploadSpec(
+        key=key,
+        max_size_bytes=ctx.config.max_upload_size_bytes,
+        declared_size=size,
+        content_type=_content_type(request),
+        create_only=not ctx.config.overwrite,
+        expected=expected_digests(request.headers),
+    )
+    chunks = body_chunks(request.content, ctx.config.idle_timeout_s)
+    result = await _stream_one(request, spec, chunks)
+    return web.json_response(_result_json(ctx, result), status=201)
+
+
+async def post_upload(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[UPLOADS]
+    limit = ctx.config.max_upload_size_bytes
+    size = _declared_size(request, limit)
+    if request.content_type == "multipart/form-data":
+        return await _post_form(request, ctx)
+    filename = _disposition_filename(request)
+    spec = UploadSpec(
+        key=generated_key(ctx.config.key_prefix, filename),
+        max_size_bytes=limit,
+        declared_size=size,
+        content_type=_content_type(request),
+        create_only=True,
+        expected=expected_digests(request.headers),
+    )
+    chunks = body_chunks(request.content, ctx.config.idle_timeout_s)
+    result = await _stream_one(request, spec, chunks)
+    return web.json_response(_result_json(ctx, result), status=201)
+
+
+def _disposition_filename(request: web.Request) -> str | None:
+    disp = request.headers.get("Content-Disposition")
+    if not disp:
+        return None
+    m = re.search(r'filename="?([^";]+)"?', disp)
+    return m.group(1) if m else None
+
+
+async def _post_form(request: web.Request, ctx: UploadContext) -> web.StreamResponse:
+    """Each file field of the form becomes its own object; all or none are kept."""
+    try:
+        reader = await request.multipart()
+    except (ValueError, AssertionError, KeyError) as e:
+        raise BadRequest(f"malformed multipart/form-data: {e}", code="ERR_BAD_FORM") from None
+    limit = ctx.config.max_upload_size_bytes
+    stored: list[dict[str, Any]] = []
+    try:
+        while True:
+            try:
+                part = await reader.next()
+            except (ValueError, AssertionError, HttpProcessingError, ConnectionError) as e:
+                raise BadRequest(f"malformed multipart/form-data: {e}",
+                                 code="ERR_BAD_FORM") from None
+            if part is None:
+                break
+            if not isinstance(part, BodyPartReader):
+                raise BadRequest("nested multipart bodies are not supported", code="ERR_BAD_FORM")
+            if part.filename is None:
+                await _skip_field(part, ctx.config.idle_timeout_s)
+                continue
+            used = sum(int(s["size"]) for s in stored)
+            spec = UploadSpec(
+                key=generated_key(ctx.config.key_prefix, part.filename),
+                max_size_bytes=limit - used,
+                content_type=part.headers.get("Content-Type", "application/octet-stream"),
+                metadata={"filename": _ascii(part.filename)},
+                create_only=True,
+            )
+            chunks = body_chunks(part, ctx.config.idle_timeout_s,
+                                 read=lambda p=part: p.read_chunk(READ_CHUNK_BYTES))
+            result = await _stream_one(request, spec, chunks)
+            stored.append(_result_json(ctx, result, field=part.name, filename=part.filename))
+    except BaseException:
+        for s in stored:
+            await asyncio.shield(ctx.storage.delete_object(str(s["key"])))
+        raise
+    if not stored:
+        raise BadRequest("the form holds no file field", code="ERR_NO_FILES")
+    return web.json_response(stored, status=201)
+
+
+async def _skip_field(part: BodyPartReader, idle_timeout_s: float) -> None:
+    seen = 0
+    async for chunk in body_chunks(part, idle_timeout_s, read=lambda: part.read_chunk(8192)):
+        seen += len(chunk)
+        if seen > MAX_FORM_FIELD_BYTES:
+            raise BadRequest(f"form field {part.name!r} exceeds {MAX_FORM_FIELD_BYTES} bytes",
+                             code="ERR_BAD_FORM")
+
+
+def _ascii(value: str) -> str:
+    """S3 user metadata travels in HTTP headers: keep it printable ASCII."""
+    return "".join(c if 0x20 <= ord(c) < 0x7F else "?" for c in value)[:255]
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_route("PUT", "/uploads/{key:[\\s\\S]+}", put_upload, expect_handler=expect_put)
+    app.router.add_route("POST", "/uploads", post_upload, expect_handler=expect_post)

@@ -1,0 +1,54 @@
+"""Object keys: validation of client-chosen keys and generation of new ones."""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+from proxy.errors import InvalidKey
+
+MAX_KEY_BYTES = 1024
+_EXT_RE = re.compile(r"\.([A-Za-z0-9]{1,16})$")
+
+
+def validate_key(key: str) -> str:
+    """Return ``key`` if it is safe to use as an object key; raise :class:`InvalidKey`."""
+    if not key:
+        raise InvalidKey("the key is empty")
+    if key.startswith("/"):
+        raise InvalidKey("the key must not start with '/'")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in key):
+        raise InvalidKey("the key must not contain control characters")
+    segments = key.split("/")
+    if any(s in (".", "..") for s in segments):
+        raise InvalidKey("the key must not contain '.' or '..' segments")
+    if "" in segments[:-1]:
+        raise InvalidKey("the key must not contain empty segments ('//')")
+    try:
+        size = len(key.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidKey("the key is not valid UTF-8") from None
+    if size > MAX_KEY_BYTES:
+        raise InvalidKey(f"the key is {size} bytes of UTF-8; at most {MAX_KEY_BYTES} allowed")
+    return key
+
+
+def full_key(prefix: str, key: str) -> str:
+    """The stored key: the configured prefix plus the validated client key."""
+    stored = prefix + validate_key(key)
+    if len(stored.encode("utf-8")) > MAX_KEY_BYTES:
+        raise InvalidKey(f"the key with its prefix exceeds {MAX_KEY_BYTES} bytes")
+    return stored
+
+
+def safe_extension(filename: str | None) -> str:
+    """``.jpg`` from ``"Holiday Photo.JPG"``; empty for anything odd."""
+    if not filename:
+        return ""
+    base = filename.replace("\\", "/").rsplit("/", 1)[-1]
+    m = _EXT_RE.search(base)
+    return "." + m.group(1).lower() if m else ""
+
+
+def generated_key(prefix: str, filename: str | None = None) -> str:
+    return f"{prefix}{uuid.uuid4().hex}{safe_extension(filename)}"

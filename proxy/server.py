@@ -1,0 +1,72 @@
+"""Owns the lifecycle: bind, serve, graceful drain with a timeout, a second signal exits at once."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+
+from aiohttp import web
+
+from proxy.app import Runtime, build_app
+from proxy.config import Config
+
+log = logging.getLogger(__name__)
+
+# Headers larger than this are refused with 431 by aiohttp's parser (slow-loris with headers).
+MAX_FIELD_BYTES = 16 * 1024
+# How much of a body aiohttp buffers per connection before it stops reading the socket.
+# Bigger than the default 64 KiB so one read hands us a useful chunk; small enough that
+# N connections x this stays negligible next to the part-buffer budget.
+READ_BUFSIZE = 256 * 1024
+
+
+class Server:
+    def __init__(self, config: Config, runtime: Runtime | None = None) -> None:
+        self.config = config
+        self.runtime = runtime or Runtime(config)
+        self._stop = asyncio.Event()
+        self._signals = 0
+        self.port: int | None = None
+
+    def _on_signal(self, signum: int) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            # An operator who asks twice means it; skip the drain.
+            log.warning("second signal (%s): exiting now", signal.Signals(signum).name)
+            os._exit(1)
+        log.info("received %s: draining", signal.Signals(signum).name)
+        self._stop.set()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def serve(self, install_signals: bool = True) -> None:
+        loop = asyncio.get_running_loop()
+        if install_signals:
+            for s in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(s, self._on_signal, s)
+        sc = self.config.server
+        runner = web.AppRunner(
+            build_app(self.runtime),
+            handle_signals=False,
+            access_log=None,
+            shutdown_timeout=sc.drain_timeout_s,
+            lingering_time=sc.lingering_time_s,
+            max_field_size=MAX_FIELD_BYTES,
+            read_bufsize=READ_BUFSIZE,
+        )
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, sc.listen_host, sc.listen_port, reuse_address=True)
+            await site.start()
+            server = getattr(site, "_server", None)
+            if server is not None and server.sockets:
+                self.port = int(server.sockets[0].getsockname()[1])
+            log.info("listening on http://%s:%s", sc.listen_host, self.port or sc.listen_port)
+            await self._stop.wait()
+            log.info("stopping: waiting up to %.0fs for running uploads", sc.drain_timeout_s)
+        finally:
+            await runner.cleanup()
+            log.info("stopped")

@@ -1,0 +1,110 @@
+"""The storage interface the upload handlers talk to, and its value types.
+
+Handlers and the streaming layer know nothing of S3 wire details: they call
+these methods with plain bytes-like bodies and get plain values back.  A backend
+translates its own failures into :mod:`proxy.errors` at this boundary
+(``StorageUnavailable`` for "try again later", ``StorageError`` for the rest,
+``ObjectExists`` for a failed "create only" condition).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol, TypeAlias
+
+Body: TypeAlias = bytes | bytearray | memoryview
+
+# Called after every storage operation: (operation, seconds, error code or None).
+# Operation names are a small fixed set, so they are safe as a metrics label.
+OpObserver = Callable[[str, float, "str | None"], None]
+
+
+@dataclass(frozen=True)
+class PartChecksum:
+    """A per-request integrity value the store verifies: ``algorithm`` is md5, crc32 or sha256;
+    ``value`` is the base64 of the raw digest, as S3 headers carry it."""
+
+    algorithm: str
+    value: str
+
+
+@dataclass(frozen=True)
+class CompletedPart:
+    number: int
+    etag: str
+
+
+@dataclass(frozen=True)
+class OpenMultipart:
+    key: str
+    upload_id: str
+    initiated: datetime
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str
+    content_type: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+class Storage(Protocol):
+    """What an upload needs from an object store."""
+
+    bucket: str
+
+    async def check(self) -> None:
+        """Raise unless the store answers and the bucket exists."""
+
+    async def head(self, key: str) -> ObjectInfo | None:
+        """The object's size, etag and metadata, or None if there is no such object."""
+
+    async def put_object(
+        self,
+        key: str,
+        body: Body,
+        *,
+        metadata: dict[str, str],
+        content_type: str,
+        checksum: PartChecksum | None,
+        if_none_match: bool,
+    ) -> str:
+        """Store a small object in one request; return its etag."""
+
+    async def create_multipart(
+        self, key: str, *, metadata: dict[str, str], content_type: str
+    ) -> str:
+        """Start a multipart upload; return its upload id."""
+
+    async def upload_part(
+        self,
+        key: str,
+        upload_id: str,
+        number: int,
+        body: Body,
+        checksum: PartChecksum | None,
+    ) -> str:
+        """Store part ``number`` (1-based); return its etag.  Transient errors are retried here."""
+
+    async def complete_multipart(
+        self, key: str, upload_id: str, parts: list[CompletedPart], *, if_none_match: bool
+    ) -> str:
+        """Make the object appear; return its etag."""
+
+    async def abort_multipart(self, key: str, upload_id: str) -> None:
+        """Drop a multipart upload and its parts.  Succeeds if it is already gone."""
+
+    async def replace_metadata(
+        self, key: str, *, etag: str, size: int, metadata: dict[str, str], content_type: str
+    ) -> None:
+        """Set metadata known only after the body was read, on the object whose etag is ``etag``."""
+
+    async def delete_object(self, key: str) -> None:
+        """Delete an object; succeeds if it does not exist."""
+
+    async def list_multipart(self, prefix: str = "") -> list[OpenMultipart]:
+        """Open multipart uploads under ``prefix``."""

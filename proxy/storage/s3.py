@@ -1,0 +1,383 @@
+"""S3 backend on aiobotocore: the only module that imports boto.
+
+Per-part cost is chosen on purpose (see ``bench/checksums.py`` and the README):
+
+* ``payload_signing_enabled=False`` makes botocore send ``UNSIGNED-PAYLOAD``
+  even over plain HTTP, so it does not SHA-256 every part a second time;
+* ``request_checksum_calculation="when_required"`` stops botocore >= 1.36 adding
+  its own CRC32 pass (and the trailer some S3-compatible stores reject);
+* the streaming layer computes the configured per-part checksum (``part_checksum``)
+  in the same pass as the whole-body SHA-256 and hands it in here.
+
+botocore's own retries are off (``total_max_attempts=1``): they would re-send the
+body from a stream it cannot rewind (our memoryviews), and we want one retry
+policy with backoff whose total time is bounded.  Everything botocore raises is
+translated here into :mod:`proxy.errors`; nothing above this module sees it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from typing import Any, TypeVar
+
+import aiohttp
+from aiobotocore.config import AioConfig
+from aiobotocore.session import AioSession, get_session
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+from proxy.errors import ObjectExists, ProxyError, StorageError, StorageUnavailable
+from proxy.storage.base import Body, CompletedPart, ObjectInfo, OpenMultipart, OpObserver, PartChecksum
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# S3 refuses CopyObject above 5 GiB; bigger objects get their metadata by a
+# server-side multipart copy (UploadPartCopy), which moves no bytes through us.
+_MAX_COPY_BYTES = 5 * 1024**3
+_COPY_PART_BYTES = 1024**3
+
+_TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "ServiceUnavailable",
+        "InternalError",
+        "RequestTimeout",
+        "RequestTimeTooSkewed",
+        "Throttling",
+        "ThrottlingException",
+        "OperationAborted",
+    }
+)
+_CHECKSUM_ARGS = {"md5": "ContentMD5", "crc32": "ChecksumCRC32", "sha256": "ChecksumSHA256"}
+
+
+class _Transient(Exception):
+    """An attempt failed in a way that another attempt may fix."""
+
+    def __init__(self, code: str) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def _classify(exc: BaseException) -> ProxyError | _Transient:
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        code = str(err.get("Code", "Unknown"))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        if code in ("PreconditionFailed", "ConditionalRequestConflict") or status == 412:
+            return ObjectExists("an object with this key already exists")
+        if code in _TRANSIENT_CODES or status >= 500:
+            return _Transient(code)
+        return StorageError(f"storage refused the request ({code})")
+    if isinstance(exc, NoCredentialsError):
+        return StorageError("no storage credentials configured", code="ERR_STORAGE_CREDENTIALS")
+    if isinstance(exc, BotoCoreError | aiohttp.ClientError | asyncio.TimeoutError | OSError):
+        return _Transient(type(exc).__name__)
+    return StorageError(f"unexpected storage failure ({type(exc).__name__})")
+
+
+class S3Storage:
+    """:class:`proxy.storage.base.Storage` over any S3-compatible endpoint."""
+
+    def __init__(
+        self,
+        *,
+        bucket: str,
+        endpoint_url: str | None = None,
+        region: str = "us-east-1",
+        addressing_style: str = "path",
+        verify: bool | str = True,
+        access_key: str | None = None,
+        secret_key: str | None = None,
+        credentials_file: str | None = None,
+        profile: str | None = None,
+        connect_timeout_s: float = 5.0,
+        read_timeout_s: float = 60.0,
+        retry_attempts: int = 4,
+        retry_base_delay_s: float = 0.25,
+        max_pool_connections: int = 32,
+        observer: OpObserver | None = None,
+    ) -> None:
+        if retry_attempts < 1:
+            raise ValueError("retry_attempts must be >= 1")
+        self.bucket = bucket
+        self._endpoint_url = endpoint_url or None
+        self._region = region
+        self._verify = verify
+        self._access_key = access_key
+        self._secret_key = secret_key
+        self._credentials_file = credentials_file
+        self._profile = profile
+        self._attempts = retry_attempts
+        self._base_delay_s = retry_base_delay_s
+        self._observer = observer
+        self._config = AioConfig(
+            s3={"addressing_style": addressing_style, "payload_signing_enabled": False},
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            retries={"total_max_attempts": 1},
+            connect_timeout=connect_timeout_s,
+            read_timeout=read_timeout_s,
+            max_pool_connections=max_pool_connections,
+            parameter_validation=False,
+        )
+        self._stack = AsyncExitStack()
+        self._client: Any = None
+
+    def set_observer(self, observer: OpObserver | None) -> None:
+        self._observer = observer
+
+    async def open(self) -> S3Storage:
+        session: AioSession = get_session()
+        if self._credentials_file:
+            session.set_config_variable("credentials_file", self._credentials_file)
+        if self._profile:
+            session.set_config_variable("profile", self._profile)
+        self._client = await self._stack.enter_async_context(
+            session.create_client(
+                "s3",
+                endpoint_url=self._endpoint_url,
+                region_name=self._region,
+                aws_access_key_id=self._access_key,
+                aws_secret_access_key=self._secret_key,
+                verify=self._verify,
+                config=self._config,
+            )
+        )
+        return self
+
+    async def close(self) -> None:
+        await self._stack.aclose()
+        self._client = None
+
+    async def __aenter__(self) -> S3Storage:
+        return await self.open()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _call(self, op: str, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run one S3 operation with bounded, jittered retries; translate every failure."""
+        last = "unknown"
+        for attempt in range(self._attempts):
+            if attempt:
+                delay = self._base_delay_s * (2 ** (attempt - 1))
+                await asyncio.sleep(random.uniform(delay / 2, delay))
+            started = time.monotonic()
+            try:
+                result = await fn()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                outcome = _classify(exc)
+                self._observe(op, started, getattr(outcome, "code", "error"))
+                if isinstance(outcome, ProxyError):
+                    raise outcome from exc
+                last = outcome.code
+                log.warning("s3 %s failed (%s), attempt %d/%d", op, last, attempt + 1, self._attempts)
+                continue
+            self._observe(op, started, None)
+            return result
+        raise StorageUnavailable(
+            f"storage did not answer {op} after {self._attempts} attempts ({last})",
+            headers={"Retry-After": "5"},
+        )
+
+    def _observe(self, op: str, started: float, error: str | None) -> None:
+        if self._observer is not None:
+            self._observer(op, time.monotonic() - started, error)
+
+    async def check(self) -> None:
+        await self._call("head_bucket", lambda: self._client.head_bucket(Bucket=self.bucket))
+
+    async def create_bucket(self) -> None:
+        try:
+            await self.check()
+        except StorageError:
+            await self._call("create_bucket", lambda: self._client.create_bucket(Bucket=self.bucket))
+
+    async def head(self, key: str) -> ObjectInfo | None:
+        async def go() -> dict[str, Any] | None:
+            try:
+                r: dict[str, Any] = await self._client.head_object(Bucket=self.bucket, Key=key)
+                return r
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    return None
+                raise
+
+        r = await self._call("head_object", go)
+        if r is None:
+            return None
+        return ObjectInfo(
+            key=key,
+            size=int(r.get("ContentLength", 0)),
+            etag=str(r.get("ETag", "")),
+            content_type=str(r.get("ContentType", "")),
+            metadata=dict(r.get("Metadata", {})),
+        )
+
+    @staticmethod
+    def _checksum_args(checksum: PartChecksum | None) -> dict[str, str]:
+        if checksum is None:
+            return {}
+        return {_CHECKSUM_ARGS[checksum.algorithm]: checksum.value}
+
+    async def put_object(
+        self,
+        key: str,
+        body: Body,
+        *,
+        metadata: dict[str, str],
+        content_type: str,
+        checksum: PartChecksum | None,
+        if_none_match: bool,
+    ) -> str:
+        extra = self._checksum_args(checksum)
+        if if_none_match:
+            extra["IfNoneMatch"] = "*"
+        r = await self._call(
+            "put_object",
+            lambda: self._client.put_object(
+                Bucket=self.bucket,
+                Key=key,
+                Body=body,
+                ContentLength=len(body),
+                Metadata=metadata,
+                ContentType=content_type,
+                **extra,
+            ),
+        )
+        return str(r["ETag"])
+
+    async def create_multipart(
+        self, key: str, *, metadata: dict[str, str], content_type: str
+    ) -> str:
+        r = await self._call(
+            "create_multipart_upload",
+            lambda: self._client.create_multipart_upload(
+                Bucket=self.bucket, Key=key, Metadata=metadata, ContentType=content_type
+            ),
+        )
+        return str(r["UploadId"])
+
+    async def upload_part(
+        self,
+        key: str,
+        upload_id: str,
+        number: int,
+        body: Body,
+        checksum: PartChecksum | None,
+    ) -> str:
+        extra = self._checksum_args(checksum)
+        r = await self._call(
+            "upload_part",
+            lambda: self._client.upload_part(
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=upload_id,
+                PartNumber=number,
+                Body=body,
+                ContentLength=len(body),
+                **extra,
+            ),
+        )
+        return str(r["ETag"])
+
+    async def complete_multipart(
+        self, key: str, upload_id: str, parts: list[CompletedPart], *, if_none_match: bool
+    ) -> str:
+        extra = {"IfNoneMatch": "*"} if if_none_match else {}
+        r = await self._call(
+            "complete_multipart_upload",
+            lambda: self._client.complete_multipart_upload(
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": [{"PartNumber": p.number, "ETag": p.etag} for p in parts]},
+                **extra,
+            ),
+        )
+        return str(r["ETag"])
+
+    async def abort_multipart(self, key: str, upload_id: str) -> None:
+        async def go() -> None:
+            try:
+                await self._client.abort_multipart_upload(
+                    Bucket=self.bucket, Key=key, UploadId=upload_id
+                )
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") != "NoSuchUpload":
+                    raise
+
+        await self._call("abort_multipart_upload", go)
+
+    async def replace_metadata(
+        self, key: str, *, etag: str, size: int, metadata: dict[str, str], content_type: str
+    ) -> None:
+        if size <= _MAX_COPY_BYTES:
+            await self._call(
+                "copy_object",
+                lambda: self._client.copy_object(
+                    Bucket=self.bucket,
+                    Key=key,
+                    CopySource={"Bucket": self.bucket, "Key": key},
+                    CopySourceIfMatch=etag,
+                    MetadataDirective="REPLACE",
+                    Metadata=metadata,
+                    ContentType=content_type,
+                ),
+            )
+            return
+        await self._multipart_copy(key, etag=etag, size=size, metadata=metadata, content_type=content_type)
+
+    async def _multipart_copy(
+        self, key: str, *, etag: str, size: int, metadata: dict[str, str], content_type: str
+    ) -> None:
+        upload_id = await self.create_multipart(key, metadata=metadata, content_type=content_type)
+        try:
+            parts: list[CompletedPart] = []
+            for number, start in enumerate(range(0, size, _COPY_PART_BYTES), start=1):
+                end = min(start + _COPY_PART_BYTES, size) - 1
+                r = await self._call(
+                    "upload_part_copy",
+                    lambda n=number, s=start, e=end: self._client.upload_part_copy(
+                        Bucket=self.bucket,
+                        Key=key,
+                        UploadId=upload_id,
+                        PartNumber=n,
+                        CopySource={"Bucket": self.bucket, "Key": key},
+                        CopySourceIfMatch=etag,
+                        CopySourceRange=f"bytes={s}-{e}",
+                    ),
+                )
+                parts.append(CompletedPart(number, str(r["CopyPartResult"]["ETag"])))
+            await self.complete_multipart(key, upload_id, parts, if_none_match=False)
+        except BaseException:
+            await asyncio.shield(self.abort_multipart(key, upload_id))
+            raise
+
+    async def delete_object(self, key: str) -> None:
+        await self._call(
+            "delete_object", lambda: self._client.delete_object(Bucket=self.bucket, Key=key)
+        )
+
+    async def list_multipart(self, prefix: str = "") -> list[OpenMultipart]:
+        out: list[OpenMultipart] = []
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+        while True:
+            r = await self._call(
+                "list_multipart_uploads",
+                lambda kw=dict(kwargs): self._client.list_multipart_uploads(**kw),
+            )
+            for u in r.get("Uploads", []) or []:
+                out.append(OpenMultipart(u["Key"], u["UploadId"], u["Initiated"]))
+            if not r.get("IsTruncated"):
+                return out
+            kwargs["KeyMarker"] = r.get("NextKeyMarker", "")
+            kwargs["UploadIdMarker"] = r.get("NextUploadIdMarker", "")

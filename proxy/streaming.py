@@ -1,0 +1,356 @@
+"""Body chunks -> S3 parts: hashing, size limits, bounded buffers.  No HTTP, no boto.
+
+One :class:`PartStreamer` carries one object from an async iterator of byte
+chunks to a :class:`~proxy.storage.base.Storage`:
+
+* chunks are copied into part buffers leased from the shared :class:`BufferPool`;
+  a full buffer becomes a part, sent while the next one fills, with at most
+  ``parts_in_flight`` parts uploading per object; the wait for a free slot or
+  buffer is what pushes back on the client;
+* each full part is hashed exactly once, in order: whole-body SHA-256, plus the
+  optional whole-body MD5 a client asked us to verify and the optional per-part
+  checksum S3 verifies.  Hashing 8 MiB at a time (not per socket read) keeps the
+  Python overhead per byte negligible; with ``hash_in_thread`` it runs in a worker
+  thread (hashlib releases the GIL) so it overlaps with receiving the next part;
+* a body that fits in one buffer is sent with a single PutObject;
+* the outcome is atomic: on any failure or cancellation the multipart upload is
+  aborted (shielded, with its own timeout) and no object appears.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import logging
+import time
+import zlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from proxy.buffers import BufferPool, PoolTimeout
+from proxy.errors import Busy, ChecksumMismatch, TooLarge
+from proxy.storage.base import CompletedPart, PartChecksum, Storage
+
+log = logging.getLogger(__name__)
+
+ABORT_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    part_size_bytes: int
+    parts_in_flight: int
+    admission_timeout_s: float
+    part_checksum: str = "none"
+    hash_in_thread: bool = True
+
+
+@dataclass(frozen=True)
+class ExpectedDigests:
+    """Whole-body digests the client declared; checked before the object is completed."""
+
+    md5: bytes | None = None
+    sha256: bytes | None = None
+
+
+@dataclass(frozen=True)
+class UploadSpec:
+    key: str
+    max_size_bytes: int
+    declared_size: int | None = None
+    content_type: str = "application/octet-stream"
+    metadata: dict[str, str] = field(default_factory=dict)
+    create_only: bool = True
+    expected: ExpectedDigests = field(default_factory=ExpectedDigests)
+
+
+@dataclass(frozen=True)
+class StreamResult:
+    key: str
+    size: int
+    sha256: str
+    etag: str
+    parts: int
+
+
+class StreamObserver(Protocol):
+    """Hooks for metrics and progress; every method must be cheap and must not raise."""
+
+    def received(self, nbytes: int) -> None: ...
+    def hashed(self, nbytes: int, seconds: float) -> None: ...
+    def stored(self, nbytes: int) -> None: ...
+
+
+class NullObserver:
+    def received(self, nbytes: int) -> None:
+        pass
+
+    def hashed(self, nbytes: int, seconds: float) -> None:
+        pass
+
+    def stored(self, nbytes: int) -> None:
+        pass
+
+
+def _part_checksum(algorithm: str, data: memoryview) -> PartChecksum | None:
+    if algorithm == "none":
+        return None
+    if algorithm == "crc32":
+        raw = zlib.crc32(data).to_bytes(4, "big")
+    elif algorithm == "md5":
+        raw = hashlib.md5(data).digest()
+    else:
+        raw = hashlib.sha256(data).digest()
+    return PartChecksum(algorithm, base64.b64encode(raw).decode())
+
+
+def _release(view: memoryview) -> None:
+    try:
+        view.release()
+    except BufferError:
+        # A cancelled hash still reads it in a worker thread; the view dies with that call.
+        pass
+
+
+class _Digests:
+    """Whole-body hashes; ``update`` is called once per part, strictly in order."""
+
+    def __init__(self, want_md5: bool) -> None:
+        self.sha256 = hashlib.sha256()
+        self.md5 = hashlib.md5() if want_md5 else None
+
+    def update(self, data: memoryview) -> None:
+        self.sha256.update(data)
+        if self.md5 is not None:
+            self.md5.update(data)
+
+
+class PartStreamer:
+    """Carries one object from chunks to storage.  Use once."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        pool: BufferPool,
+        settings: StreamSettings,
+        spec: UploadSpec,
+        observer: StreamObserver | None = None,
+    ) -> None:
+        self._storage = storage
+        self._pool = pool
+        self._settings = settings
+        self._spec = spec
+        self._obs: StreamObserver = observer or NullObserver()
+        self._digests = _Digests(spec.expected.md5 is not None)
+        self._upload_id: str | None = None
+        self._parts: list[CompletedPart] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._last_hash: asyncio.Future[Any] | None = None
+        self._loop = asyncio.get_running_loop()
+        self.received_bytes = 0
+
+    @property
+    def upload_id(self) -> str | None:
+        return self._upload_id
+
+    async def run(self, chunks: AsyncIterator[bytes]) -> StreamResult:
+        try:
+            return await self._run(chunks)
+        except BaseException:
+            await self._cleanup()
+            raise
+
+    def _first_buffer_size(self) -> int:
+        declared = self._spec.declared_size
+        part = self._settings.part_size_bytes
+        return part if declared is None else min(declared, part)
+
+    async def _run(self, chunks: AsyncIterator[bytes]) -> StreamResult:
+        try:
+            buf = await self._pool.acquire(
+                self._first_buffer_size(), timeout=self._settings.admission_timeout_s
+            )
+        except PoolTimeout:
+            raise Busy(
+                "all upload buffers are in use; retry later",
+                headers={"Retry-After": str(max(1, round(self._settings.admission_timeout_s)))},
+            ) from None
+        filled = 0
+        try:
+            async for chunk in chunks:
+                n = len(chunk)
+                if not n:
+                    continue
+                self.received_bytes += n
+                self._obs.received(n)
+                if self.received_bytes > self._spec.max_size_bytes:
+                    raise TooLarge(
+                        f"body exceeds the limit of {self._spec.max_size_bytes} bytes"
+                    )
+                view = memoryview(chunk)
+                off = 0
+                while off < n:
+                    if filled == len(buf):
+                        # More bytes are coming, so this full buffer is not the last part.
+                        await self._dispatch(buf, filled)
+                        buf, filled = await self._pool.acquire(), 0
+                    take = min(n - off, len(buf) - filled)
+                    buf[filled : filled + take] = view[off : off + take]
+                    filled += take
+                    off += take
+        except BaseException:
+            self._pool.release(buf)
+            raise
+        if self._upload_id is None:
+            return await self._single_put(buf, filled)
+        await self._dispatch(buf, filled)
+        return await self._complete()
+
+    async def _digest(self, data: memoryview) -> PartChecksum | None:
+        """Hash one part after the previous part's hash finished; return its S3 checksum."""
+        prev, done = self._last_hash, self._loop.create_future()
+        self._last_hash = done
+        try:
+            if prev is not None:
+                await asyncio.shield(prev)
+            fn: Callable[[], tuple[PartChecksum | None, float]] = lambda: self._hash_part(data)
+            if self._settings.hash_in_thread and len(data) >= 65536:
+                checksum, seconds = await self._loop.run_in_executor(None, fn)
+            else:
+                checksum, seconds = fn()
+            self._obs.hashed(len(data), seconds)
+            return checksum
+        finally:
+            if not done.done():
+                done.set_result(None)
+
+    def _hash_part(self, data: memoryview) -> tuple[PartChecksum | None, float]:
+        t0 = time.perf_counter()
+        self._digests.update(data)
+        checksum = _part_checksum(self._settings.part_checksum, data)
+        return checksum, time.perf_counter() - t0
+
+    async def _dispatch(self, buf: bytearray, filled: int) -> None:
+        """Hand a full buffer to a part task once fewer than ``parts_in_flight`` are sending."""
+        try:
+            if self._upload_id is None:
+                self._upload_id = await self._storage.create_multipart(
+                    self._spec.key,
+                    metadata=self._spec.metadata,
+                    content_type=self._spec.content_type,
+                )
+            while len(self._tasks) >= self._settings.parts_in_flight:
+                done, _ = await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+                for t in done:
+                    t.result()  # re-raise a part's failure here, in the reading task
+            for t in [t for t in self._tasks if t.done()]:
+                t.result()
+            number = len(self._parts) + 1
+            self._parts.append(CompletedPart(number, ""))
+            task = asyncio.create_task(self._send_part(number, buf, filled))
+        except BaseException:
+            self._pool.release(buf)
+            raise
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send_part(self, number: int, buf: bytearray, filled: int) -> None:
+        assert self._upload_id is not None
+        data = memoryview(buf)[:filled]
+        try:
+            if self._settings.part_checksum == "none":
+                # Nothing S3 needs depends on the hash: send and hash concurrently.
+                hashing = asyncio.ensure_future(self._digest(data))
+                try:
+                    etag = await self._storage.upload_part(
+                        self._spec.key, self._upload_id, number, data, None
+                    )
+                finally:
+                    await hashing
+            else:
+                checksum = await self._digest(data)
+                etag = await self._storage.upload_part(
+                    self._spec.key, self._upload_id, number, data, checksum
+                )
+            self._parts[number - 1] = CompletedPart(number, etag)
+            self._obs.stored(filled)
+        finally:
+            _release(data)
+            self._pool.release(buf)
+
+    def _verify(self) -> str:
+        sha256 = self._digests.sha256.digest()
+        exp = self._spec.expected
+        if exp.sha256 is not None and exp.sha256 != sha256:
+            raise ChecksumMismatch("body SHA-256 does not match the declared digest")
+        md5 = self._digests.md5
+        if exp.md5 is not None and md5 is not None and exp.md5 != md5.digest():
+            raise ChecksumMismatch("body MD5 does not match Content-MD5")
+        return sha256.hex()
+
+    def _final_metadata(self, sha256: str) -> dict[str, str]:
+        return {**self._spec.metadata, "sha256": sha256}
+
+    async def _single_put(self, buf: bytearray, filled: int) -> StreamResult:
+        data = memoryview(buf)[:filled]
+        try:
+            checksum = await self._digest(data)
+            sha256 = self._verify()
+            etag = await self._storage.put_object(
+                self._spec.key,
+                data,
+                metadata=self._final_metadata(sha256),
+                content_type=self._spec.content_type,
+                checksum=checksum,
+                if_none_match=self._spec.create_only,
+            )
+            self._obs.stored(filled)
+        finally:
+            _release(data)
+            self._pool.release(buf)
+        return StreamResult(self._spec.key, filled, sha256, etag, 1)
+
+    async def _complete(self) -> StreamResult:
+        if self._tasks:
+            await asyncio.gather(*self._tasks)
+        if self._last_hash is not None:
+            await self._last_hash
+        sha256 = self._verify()
+        assert self._upload_id is not None
+        etag = await self._storage.complete_multipart(
+            self._spec.key, self._upload_id, self._parts, if_none_match=self._spec.create_only
+        )
+        self._upload_id = None  # completed: nothing left to abort
+        try:
+            await self._storage.replace_metadata(
+                self._spec.key,
+                etag=etag,
+                size=self.received_bytes,
+                metadata=self._final_metadata(sha256),
+                content_type=self._spec.content_type,
+            )
+        except BaseException:
+            # Without its sha256 the object would break our promise; take it back.
+            log.error("could not set metadata on %s; deleting it", self._spec.key)
+            await asyncio.shield(self._storage.delete_object(self._spec.key))
+            raise
+        return StreamResult(self._spec.key, self.received_bytes, sha256, etag, len(self._parts))
+
+    async def _cleanup(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        upload_id, self._upload_id = self._upload_id, None
+        if upload_id is None:
+            return
+        abort = asyncio.ensure_future(self._storage.abort_multipart(self._spec.key, upload_id))
+        try:
+            await asyncio.shield(asyncio.wait_for(abort, ABORT_TIMEOUT_S))
+        except asyncio.CancelledError:
+            # Our caller is being cancelled; the shielded abort carries on regardless.
+            raise
+        except Exception as e:
+            log.error("abort of multipart upload for %s failed: %s", self._spec.key, e)
