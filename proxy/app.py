@@ -22,7 +22,7 @@ from proxy.storage.seaweed import EmbeddedSeaweed, load_or_create_credentials
 
 log = logging.getLogger(__name__)
 
-_HTTP_CODES = {
+HTTP_CODES = {
     400: "ERR_BAD_REQUEST",
     404: "ERR_NOT_FOUND",
     405: "ERR_METHOD_NOT_ALLOWED",
@@ -63,7 +63,7 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
     except web.HTTPException as e:
         if e.status < 400:
             raise
-        code = _HTTP_CODES.get(e.status, f"ERR_HTTP_{e.status}")
+        code = HTTP_CODES.get(e.status, f"ERR_HTTP_{e.status}")
         err = ProxyError(e.reason, code=code, status=e.status)
         err.headers.update({k: v for k, v in e.headers.items() if k.lower() == "allow"})
         return error_response(err, close=not request.content.is_eof())

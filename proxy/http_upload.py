@@ -98,7 +98,7 @@ class UploadContext:
 
 
 UPLOADS = web.AppKey("uploads", UploadContext)
-_PREFLIGHT = "proxy.preflight"
+_PREFLIGHT = web.RequestKey("preflight", tuple)
 
 
 def _b64(value: str, size: int, what: str) -> bytes:

@@ -7,10 +7,17 @@ import logging
 import os
 import signal
 
-from aiohttp import web
+from typing import Any
 
-from proxy.app import Runtime, build_app
-from proxy.config import Config
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+from aiohttp.web_server import Server as _AioServer
+
+from proxy.app import HTTP_CODES, Runtime, build_app
+from proxy.config import Config, ServerConfig
+from proxy.errors import ProxyError
+from proxy.responses import error_response
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +27,56 @@ MAX_FIELD_BYTES = 16 * 1024
 # Bigger than the default 64 KiB so one read hands us a useful chunk; small enough that
 # N connections x this stays negligible next to the part-buffer budget.
 READ_BUFSIZE = 256 * 1024
+
+
+class _JsonErrorRequestHandler(RequestHandler):
+    """Errors aiohttp raises before our app sees the request (malformed request line,
+    oversized headers, bad chunk framing) get the same JSON body as every other error."""
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started; cannot send an error")
+        if status >= 500:
+            self.log_exception("Error handling request from %s", request.remote, exc_info=exc)
+        else:
+            log.info("rejected malformed request from %s: %d %s", request.remote, status,
+                     getattr(exc, "message", exc))
+        code = HTTP_CODES.get(status, f"ERR_HTTP_{status}")
+        text = "internal error" if status >= 500 else f"malformed request: {getattr(exc, 'message', '') or message or status}"
+        return error_response(ProxyError(text, code=code, status=status), close=True)
+
+
+class _JsonErrorServer(_AioServer):
+    def __call__(self) -> RequestHandler:
+        return _JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class ProxyRunner(web.AppRunner):
+    """An AppRunner whose low-level protocol errors are rendered as our JSON errors."""
+
+    async def _make_server(self) -> _AioServer:
+        server = await super()._make_server()
+        server.__class__ = _JsonErrorServer
+        return server
+
+
+def make_runner(app: web.Application, sc: ServerConfig, **kwargs: Any) -> ProxyRunner:
+    return ProxyRunner(
+        app,
+        handle_signals=False,
+        access_log=None,
+        shutdown_timeout=sc.drain_timeout_s,
+        lingering_time=sc.lingering_time_s,
+        max_field_size=MAX_FIELD_BYTES,
+        read_bufsize=READ_BUFSIZE,
+        **kwargs,
+    )
 
 
 class Server:
@@ -48,15 +105,7 @@ class Server:
             for s in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(s, self._on_signal, s)
         sc = self.config.server
-        runner = web.AppRunner(
-            build_app(self.runtime),
-            handle_signals=False,
-            access_log=None,
-            shutdown_timeout=sc.drain_timeout_s,
-            lingering_time=sc.lingering_time_s,
-            max_field_size=MAX_FIELD_BYTES,
-            read_bufsize=READ_BUFSIZE,
-        )
+        runner = make_runner(build_app(self.runtime), sc)
         await runner.setup()
         try:
             site = web.TCPSite(runner, sc.listen_host, sc.listen_port, reuse_address=True)

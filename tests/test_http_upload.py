@@ -1,0 +1,307 @@
+"""Round trips and failure paths of PUT/POST uploads against the real SeaweedFS."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from conftest import MiB, Proxy, StartProxy, assert_nothing_left, get_object
+from proxy.storage.s3 import S3Storage
+
+PART = 5 * MiB
+SIZES = [0, 1, 100, 8192, 8193, MiB, PART - 1, PART, PART + 1, 3 * PART + 17]
+
+
+def payload(size: int, seed: int = 1) -> bytes:
+    return hashlib.shake_256(seed.to_bytes(4, "big")).digest(size) if size else b""
+
+
+async def chunked(data: bytes, step: int) -> AsyncIterator[bytes]:
+    for i in range(0, len(data), step):
+        yield data[i : i + step]
+
+
+async def put(proxy: Proxy, key: str, body: Any, **kw: Any) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as s:
+        async with s.put(f"{proxy.url}/uploads/{key}", data=body, **kw) as r:
+            return r.status, await r.json()
+
+
+async def check_stored(s3: S3Storage, key: str, data: bytes, reply: dict[str, Any]) -> None:
+    stored, meta = await get_object(s3, key)
+    sha = hashlib.sha256(data).hexdigest()
+    assert stored == data
+    assert meta["sha256"] == sha
+    assert reply["sha256"] == sha
+    assert reply["size"] == len(data)
+    assert (await s3.list_multipart(key)) == []
+
+
+@pytest.mark.parametrize("size", SIZES)
+async def test_round_trip_content_length(start_proxy: StartProxy, s3: S3Storage, size: int) -> None:
+    proxy = await start_proxy()
+    data = payload(size)
+    status, reply = await put(proxy, f"obj-{size}", data)
+    assert status == 201, reply
+    assert reply["key"] == f"{proxy.prefix}obj-{size}"
+    assert reply["bucket"] == s3.bucket
+    await check_stored(s3, reply["key"], data, reply)
+
+
+@pytest.mark.parametrize("size", SIZES)
+async def test_round_trip_chunked(start_proxy: StartProxy, s3: S3Storage, size: int) -> None:
+    proxy = await start_proxy()
+    data = payload(size, seed=2)
+    status, reply = await put(proxy, f"c/{size}.bin", chunked(data, 70_001))
+    assert status == 201, reply
+    await check_stored(s3, reply["key"], data, reply)
+
+
+@pytest.mark.slow
+async def test_round_trip_100mib(start_proxy: StartProxy, s3: S3Storage) -> None:
+    proxy = await start_proxy(upload={"part_size": "8MiB"})
+    data = os.urandom(100 * MiB)
+    status, reply = await put(proxy, "big", chunked(data, MiB))
+    assert status == 201, reply
+    await check_stored(s3, reply["key"], data, reply)
+    head = await s3.head(reply["key"])
+    assert head is not None and head.etag.endswith('-13"')  # 100 MiB / 8 MiB parts
+
+
+async def test_form_with_two_files(start_proxy: StartProxy, s3: S3Storage) -> None:
+    proxy = await start_proxy()
+    a, b = payload(PART + 3, seed=3), payload(1234, seed=4)
+    form = aiohttp.FormData()
+    form.add_field("note", "hello")
+    form.add_field("first", a, filename="../../Holiday Photo.JPG", content_type="image/jpeg")
+    form.add_field("second", b, filename="report.tar.gz", content_type="application/gzip")
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{proxy.url}/uploads", data=form) as r:
+            assert r.status == 201
+            reply = await r.json()
+    assert [x["field"] for x in reply] == ["first", "second"]
+    assert reply[0]["key"].startswith(proxy.prefix) and reply[0]["key"].endswith(".jpg")
+    assert reply[1]["key"].endswith(".gz") and "/" not in reply[1]["key"][len(proxy.prefix):]
+    await check_stored(s3, reply[0]["key"], a, reply[0])
+    await check_stored(s3, reply[1]["key"], b, reply[1])
+    head = await s3.head(reply[0]["key"])
+    assert head is not None and head.content_type == "image/jpeg"
+
+
+async def test_raw_post_gets_generated_key(start_proxy: StartProxy, s3: S3Storage) -> None:
+    proxy = await start_proxy()
+    data = payload(3000)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{proxy.url}/uploads", data=data,
+                          headers={"Content-Disposition": 'attachment; filename="x.PDF"'}) as r:
+            assert r.status == 201
+            reply = await r.json()
+    assert reply["key"].startswith(proxy.prefix) and reply["key"].endswith(".pdf")
+    await check_stored(s3, reply["key"], data, reply)
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["a/../b", "..", "./x", "a//b", "%2Fabs", "bad%0Akey", "del%7Fx", "k" * 1025, "%C3%A9" * 513],
+)
+async def test_bad_keys_rejected_before_body(start_proxy: StartProxy, s3: S3Storage,
+                                             key: str) -> None:
+    proxy = await start_proxy()
+    status, reply = await raw_request(
+        proxy, f"PUT /uploads/{key} HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n"
+        "Expect: 100-continue\r\n\r\n")
+    assert status == 400 and reply["code"] == "ERR_INVALID_KEY", reply
+    await assert_nothing_left(s3, proxy.prefix)
+
+
+async def test_raw_control_char_in_url_gets_json_400(start_proxy: StartProxy) -> None:
+    proxy = await start_proxy()
+    status, reply = await raw_request(proxy, "PUT /uploads/ok\x01 HTTP/1.1\r\nHost: x\r\n"
+                                      "Content-Length: 1\r\n\r\n", b"x")
+    assert status == 400 and reply["code"] == "ERR_BAD_REQUEST"
+
+
+async def raw_request(proxy: Proxy, head: str, body: bytes = b"") -> tuple[int, dict[str, Any]]:
+    """Send bytes as given (no client-side URL normalisation); return status and JSON."""
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    try:
+        writer.write(head.encode("utf-8") + body)
+        await writer.drain()
+        status_line = await reader.readline()
+        headers: dict[str, str] = {}
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            k, _, v = line.decode().partition(":")
+            headers[k.strip().lower()] = v.strip()
+        n = int(headers.get("content-length", "0"))
+        raw = await reader.readexactly(n)
+        import json
+
+        return int(status_line.split()[1]), json.loads(raw) if raw else {}
+    finally:
+        writer.close()
+
+
+async def test_existing_key_conflict_and_overwrite(start_proxy: StartProxy, s3: S3Storage) -> None:
+    proxy = await start_proxy()
+    status, _ = await put(proxy, "same", b"first")
+    assert status == 201
+    status, reply = await put(proxy, "same", b"second")
+    assert status == 409 and reply["code"] == "ERR_KEY_EXISTS"
+    data, _ = await get_object(s3, f"{proxy.prefix}same")
+    assert data == b"first"
+    proxy2 = await start_proxy(upload={"overwrite": True})
+    status, _ = await put(proxy2, "same", b"second")
+    assert status == 201
+    assert (await get_object(s3, f"{proxy.prefix}same"))[0] == b"second"
+
+
+async def test_conflict_detected_at_completion(start_proxy: StartProxy, s3: S3Storage) -> None:
+    """Two uploads to one key race past the pre-body check; the second must not overwrite."""
+    proxy = await start_proxy()
+    first = payload(PART * 2 + 5, seed=7)
+    gate = asyncio.Event()
+
+    async def slow() -> AsyncIterator[bytes]:
+        yield first[:PART + 1]
+        await gate.wait()
+        yield first[PART + 1:]
+
+    task = asyncio.create_task(put(proxy, "race", slow()))
+    await asyncio.sleep(0.5)  # the first upload is now past its pre-body check
+    status, _ = await put(proxy, "race", b"winner")
+    assert status == 201
+    gate.set()
+    status, reply = await task
+    assert status == 409 and reply["code"] == "ERR_KEY_EXISTS"
+    assert (await get_object(s3, f"{proxy.prefix}race"))[0] == b"winner"
+    assert await s3.list_multipart(proxy.prefix) == []
+
+
+async def test_declared_too_large_with_expect_never_sends_body(start_proxy: StartProxy,
+                                                               s3: S3Storage) -> None:
+    proxy = await start_proxy(upload={"max_upload_size": "1MiB"})
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    writer.write(b"PUT /uploads/huge HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n"
+                 b"Expect: 100-continue\r\n\r\n")
+    await writer.drain()
+    status_line = await asyncio.wait_for(reader.readline(), 5)
+    assert status_line.startswith(b"HTTP/1.1 413"), status_line  # not 100 Continue
+    writer.close()
+    await assert_nothing_left(s3, proxy.prefix)
+
+
+async def test_declared_too_large_without_expect(start_proxy: StartProxy, s3: S3Storage) -> None:
+    proxy = await start_proxy(upload={"max_upload_size": "1MiB"})
+    status, reply = await put(proxy, "huge", payload(MiB + 1))
+    assert status == 413 and reply["code"] == "ERR_TOO_LARGE"
+    await assert_nothing_left(s3, proxy.prefix)
+
+
+async def test_chunked_body_growing_past_limit_is_cut_off(start_proxy: StartProxy,
+                                                           s3: S3Storage) -> None:
+    proxy = await start_proxy(upload={"max_upload_size": "12MiB"})
+    status, reply = await put(proxy, "grows", chunked(payload(13 * MiB), MiB))
+    assert status == 413 and reply["code"] == "ERR_TOO_LARGE"
+    await assert_nothing_left(s3, proxy.prefix)
+
+
+@pytest.mark.parametrize("header", ["Content-MD5", "Repr-Digest", "X-Content-SHA256"])
+@pytest.mark.parametrize("size", [10, 2 * PART + 1])
+async def test_client_digest_verified(start_proxy: StartProxy, s3: S3Storage, header: str,
+                                      size: int) -> None:
+    proxy = await start_proxy()
+    data = payload(size, seed=5)
+    def value(d: bytes) -> str:
+        if header == "Content-MD5":
+            return base64.b64encode(hashlib.md5(d).digest()).decode()
+        if header == "Repr-Digest":
+            return f"sha-256=:{base64.b64encode(hashlib.sha256(d).digest()).decode()}:"
+        return hashlib.sha256(d).hexdigest()
+
+    status, reply = await put(proxy, "bad", data, headers={header: value(data + b"x")})
+    assert status == 400 and reply["code"] == "ERR_CHECKSUM_MISMATCH"
+    await assert_nothing_left(s3, proxy.prefix)
+    status, reply = await put(proxy, "good", data, headers={header: value(data)})
+    assert status == 201, reply
+    await check_stored(s3, reply["key"], data, reply)
+
+
+async def test_malformed_digest_header(start_proxy: StartProxy, s3: S3Storage) -> None:
+    proxy = await start_proxy()
+    status, reply = await put(proxy, "x", b"abc", headers={"Content-MD5": "nope"})
+    assert status == 400 and reply["code"] == "ERR_BAD_DIGEST"
+    await assert_nothing_left(s3, proxy.prefix)
+
+
+@pytest.mark.parametrize("sent", [100, PART + 100, 2 * PART + 100])
+async def test_truncated_body_leaves_nothing(start_proxy: StartProxy, s3: S3Storage,
+                                             sent: int) -> None:
+    """Content-Length promises more than arrives, then the client goes away."""
+    proxy = await start_proxy()
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    writer.write(f"PUT /uploads/trunc HTTP/1.1\r\nHost: x\r\nContent-Length: {3 * PART}\r\n\r\n"
+                 .encode())
+    writer.write(payload(sent))
+    await writer.drain()
+    await asyncio.sleep(0.3)
+    writer.close()
+    await wait_idle(proxy)
+    await assert_nothing_left(s3, proxy.prefix)
+
+
+async def test_chunked_client_disconnect_leaves_nothing(start_proxy: StartProxy,
+                                                        s3: S3Storage) -> None:
+    proxy = await start_proxy()
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    writer.write(b"PUT /uploads/gone HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+    block = payload(MiB)
+    for _ in range(12):
+        writer.write(b"%x\r\n" % len(block) + block + b"\r\n")
+    await writer.drain()
+    await asyncio.sleep(0.3)
+    writer.transport.abort()  # reset, not a clean end
+    await wait_idle(proxy)
+    await assert_nothing_left(s3, proxy.prefix)
+
+
+async def test_malformed_chunked_body(start_proxy: StartProxy, s3: S3Storage) -> None:
+    proxy = await start_proxy()
+    status, reply = await raw_request(
+        proxy, "PUT /uploads/m HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"5\r\nhello\r\nZZ\r\n")
+    assert status == 400
+    assert reply.get("code") in ("ERR_INCOMPLETE_BODY", "ERR_BAD_REQUEST")
+    await wait_idle(proxy)
+    await assert_nothing_left(s3, proxy.prefix)
+
+
+async def test_idle_client_times_out(start_proxy: StartProxy, s3: S3Storage) -> None:
+    proxy = await start_proxy(upload={"idle_timeout_s": 0.5})
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    writer.write(f"PUT /uploads/slow HTTP/1.1\r\nHost: x\r\nContent-Length: {2 * PART}\r\n\r\n"
+                 .encode() + payload(PART + 10))
+    await writer.drain()
+    status_line = await asyncio.wait_for(reader.readline(), 10)
+    assert b" 408 " in status_line
+    writer.close()
+    await wait_idle(proxy)
+    await assert_nothing_left(s3, proxy.prefix)
+
+
+async def wait_idle(proxy: Proxy, timeout: float = 10) -> None:
+    """Until no part buffer is leased: every upload has finished its clean-up."""
+    from proxy.http_upload import UPLOADS  # noqa: F401 - documents where the pool lives
+
+    pool = proxy.runtime.pool
+    assert pool is not None
+    async with asyncio.timeout(timeout):
+        while pool.in_use_bytes:
+            await asyncio.sleep(0.05)
+    await asyncio.sleep(0.2)
