@@ -103,6 +103,7 @@ class BufferPool:
     def release(self, buf: bytearray) -> None:
         size = len(buf)
         self._in_use -= size
+        assert self._in_use >= 0, "buffer released twice"
         if size == self.part_size_bytes and len(self._idle) < self._keep_idle:
             self._idle.append(buf)
         self._wake()

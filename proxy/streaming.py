@@ -148,6 +148,7 @@ class PartStreamer:
         self._parts: list[CompletedPart] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._last_hash: asyncio.Future[Any] | None = None
+        self._failure: BaseException | None = None
         self._loop = asyncio.get_running_loop()
         self.received_bytes = 0
 
@@ -178,6 +179,7 @@ class PartStreamer:
                 headers={"Retry-After": str(max(1, round(self._settings.admission_timeout_s)))},
             ) from None
         filled = 0
+        owned: bytearray | None = buf  # None while the buffer belongs to a part task
         try:
             async for chunk in chunks:
                 n = len(chunk)
@@ -194,14 +196,17 @@ class PartStreamer:
                 while off < n:
                     if filled == len(buf):
                         # More bytes are coming, so this full buffer is not the last part.
+                        owned = None
                         await self._dispatch(buf, filled)
                         buf, filled = await self._pool.acquire(), 0
+                        owned = buf
                     take = min(n - off, len(buf) - filled)
                     buf[filled : filled + take] = view[off : off + take]
                     filled += take
                     off += take
         except BaseException:
-            self._pool.release(buf)
+            if owned is not None:
+                self._pool.release(owned)
             raise
         if self._upload_id is None:
             return await self._single_put(buf, filled)
@@ -242,11 +247,9 @@ class PartStreamer:
                     content_type=self._spec.content_type,
                 )
             while len(self._tasks) >= self._settings.parts_in_flight:
-                done, _ = await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
-                for t in done:
-                    t.result()  # re-raise a part's failure here, in the reading task
-            for t in [t for t in self._tasks if t.done()]:
-                t.result()
+                self._raise_failure()
+                await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+            self._raise_failure()
             number = len(self._parts) + 1
             self._parts.append(CompletedPart(number, ""))
             task = asyncio.create_task(self._send_part(number, buf, filled))
@@ -254,7 +257,17 @@ class PartStreamer:
             self._pool.release(buf)
             raise
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._part_done)
+
+    def _part_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None and self._failure is None:
+            self._failure = task.exception()
+
+    def _raise_failure(self) -> None:
+        """Re-raise a part's failure in the reading task, where it ends the upload."""
+        if self._failure is not None:
+            raise self._failure
 
     async def _send_part(self, number: int, buf: bytearray, filled: int) -> None:
         assert self._upload_id is not None
@@ -314,9 +327,11 @@ class PartStreamer:
 
     async def _complete(self) -> StreamResult:
         if self._tasks:
-            await asyncio.gather(*self._tasks)
+            await asyncio.wait(self._tasks)
+        self._raise_failure()
         if self._last_hash is not None:
             await self._last_hash
+        assert all(p.etag for p in self._parts), "completing with a part that was never stored"
         sha256 = self._verify()
         assert self._upload_id is not None
         etag = await self._storage.complete_multipart(

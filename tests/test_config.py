@@ -1,0 +1,85 @@
+"""Config loading: the shipped file is valid; every problem is reported at once; exit 78."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from proxy.__main__ import EX_CONFIG, main
+from proxy.config import ConfigError, from_dict, load, parse_size
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_shipped_config_loads_with_documented_defaults() -> None:
+    cfg = load(ROOT / "config.toml")
+    assert cfg.server.listen_host == "127.0.0.1" and cfg.server.listen_port == 8080
+    assert cfg.storage.backend == "embedded"
+    assert cfg.upload.part_size_bytes == 8 * 1024 * 1024
+    assert cfg.upload.memory_budget_bytes == 256 * 1024 * 1024
+    assert cfg.storage.embedded.data_dir == ROOT / "data" / "seaweedfs"
+
+
+def test_shipped_config_documents_every_key() -> None:
+    """Every key in config.toml has a comment line right above it (or above its group)."""
+    lines = (ROOT / "config.toml").read_text().splitlines()
+    for i, line in enumerate(lines):
+        if "=" in line and not line.startswith("#"):
+            above = [x for x in lines[max(0, i - 12):i] if x.strip()]
+            assert any(x.startswith("#") for x in above), f"undocumented key: {line}"
+
+
+def test_every_problem_reported_at_once() -> None:
+    with pytest.raises(ConfigError) as e:
+        from_dict({
+            "server": {"listen": "nope", "bogus": 1},
+            "upload": {"part_size": "1MiB", "parts_in_flight": 0, "part_checksum": "xxh3",
+                       "memory_budget": "lots"},
+            "storage": {"bucket": "b1", "endpoint_url": "ftp://x"},
+            "extra": {},
+        })
+    text = "\n".join(e.value.problems)
+    for fragment in ["server.listen", "server.bogus: unknown key", "upload.part_size",
+                     "upload.parts_in_flight", "upload.part_checksum", "upload.memory_budget",
+                     "storage.bucket", "storage.endpoint_url", "extra: unknown section"]:
+        assert fragment in text
+    assert len(e.value.problems) == 10  # plus max_upload_size, which 1MiB parts cannot reach
+
+
+def test_wrong_types_are_reported() -> None:
+    with pytest.raises(ConfigError) as e:
+        from_dict({"upload": {"overwrite": "yes", "admission_timeout_s": "5"}})
+    assert len(e.value.problems) == 2
+
+
+@pytest.mark.parametrize(("text", "size"), [
+    (5, 5), ("8MiB", 8 << 20), ("1.5GiB", 3 << 29), ("100MB", 100_000_000), ("7 kib", 7168),
+])
+def test_parse_size(text: object, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("bad", ["", "MiB", "-1", "1XB", True, -3, 1.5])
+def test_parse_size_rejects(bad: object) -> None:
+    with pytest.raises(ValueError):
+        parse_size(bad)
+
+
+def test_bad_config_exits_78(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "c.toml"
+    bad.write_text('[upload]\npart_size = "1KiB"\nnope = 1\n')
+    assert main(["-c", str(bad)]) == EX_CONFIG
+    err = capsys.readouterr().err
+    assert "upload.part_size" in err and "upload.nope: unknown key" in err
+
+
+def test_check_config_subprocess() -> None:
+    r = subprocess.run([sys.executable, "-m", "proxy", "--check-config", "-c",
+                        str(ROOT / "config.toml")], capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-m", "proxy", "-c", "/nonexistent.toml"],
+                       capture_output=True, text=True, check=False)
+    assert r.returncode == EX_CONFIG

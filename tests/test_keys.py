@@ -1,0 +1,50 @@
+"""Key validation and generation, including property tests over arbitrary text."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from proxy.errors import InvalidKey
+from proxy.keys import MAX_KEY_BYTES, full_key, generated_key, safe_extension, validate_key
+
+
+@pytest.mark.parametrize("key", ["a", "dir/file.txt", "ünï/cødé", "a.b/c..d", "x" * 1024])
+def test_valid(key: str) -> None:
+    assert validate_key(key) == key
+
+
+@pytest.mark.parametrize("key", ["", "/abs", "a/../b", "..", ".", "a/./b", "a//b", "a\nb",
+                                 "a\x00b", "a\x7fb", "x" * 1025, "é" * 513])
+def test_invalid(key: str) -> None:
+    with pytest.raises(InvalidKey):
+        validate_key(key)
+
+
+@given(st.text(max_size=300))
+def test_any_text_is_either_rejected_or_safe(key: str) -> None:
+    try:
+        stored = full_key("pre/", key)
+    except InvalidKey:
+        return
+    assert stored.startswith("pre/")
+    parts = stored.split("/")
+    assert ".." not in parts and "." not in parts
+    assert all(ord(c) >= 0x20 and ord(c) != 0x7F for c in stored)
+    assert len(stored.encode()) <= MAX_KEY_BYTES
+
+
+@pytest.mark.parametrize(("name", "ext"), [
+    ("a.JPG", ".jpg"), ("../../x.tar.gz", ".gz"), ("noext", ""), ("a.", ""), (None, ""),
+    ("evil.ph p", ""), ("x.verylongextensionname1", ""), ("c:\\dir\\f.Txt", ".txt"),
+])
+def test_safe_extension(name: str | None, ext: str) -> None:
+    assert safe_extension(name) == ext
+
+
+@given(st.text(max_size=200))
+def test_generated_keys_stay_under_prefix(name: str) -> None:
+    key = generated_key("in/", name)
+    assert key.startswith("in/") and "/" not in key[3:]
+    validate_key(key)

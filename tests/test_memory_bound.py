@@ -1,0 +1,100 @@
+"""The daemon's RSS does not grow with file size (a real subprocess, real SeaweedFS)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import psutil
+import pytest
+
+from conftest import BUCKET, MiB
+from proxy.storage.seaweed import EmbeddedSeaweed, free_port
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def daemon(seaweed: EmbeddedSeaweed, tmp_path: Path) -> Iterator[tuple[str, psutil.Process]]:
+    port = free_port()
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f"""
+[server]
+listen = "127.0.0.1:{port}"
+[upload]
+key_prefix = "rss/"
+overwrite = true
+memory_budget = "64MiB"
+[storage]
+backend = "s3"
+bucket = "{BUCKET}"
+endpoint_url = "{seaweed.endpoint_url}"
+""")
+    env = dict(os.environ, AWS_ACCESS_KEY_ID=seaweed.credentials.access_key,
+               AWS_SECRET_ACCESS_KEY=seaweed.credentials.secret_key)
+    proc = subprocess.Popen([sys.executable, "-m", "proxy", "-c", str(cfg)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        yield f"http://127.0.0.1:{port}", psutil.Process(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+async def wait_up(url: str) -> None:
+    async with asyncio.timeout(30), aiohttp.ClientSession() as s:
+        while True:
+            try:
+                async with s.get(f"{url}/healthz") as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.2)
+
+
+async def upload_measuring(url: str, key: str, size: int, proc: psutil.Process) -> int:
+    """Stream ``size`` bytes; return the daemon's peak RSS seen meanwhile."""
+    peak = proc.memory_info().rss
+    done = asyncio.Event()
+
+    async def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, proc.memory_info().rss)
+            await asyncio.sleep(0.02)
+
+    async def body() -> AsyncIterator[bytes]:
+        block = os.urandom(MiB)
+        for _ in range(size // MiB):
+            yield block
+
+    sampler = asyncio.create_task(sample())
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.put(f"{url}/uploads/{key}", data=body()) as r:
+                assert r.status == 201, await r.text()
+                assert (await r.json())["size"] == size
+    finally:
+        done.set()
+        await sampler
+    return peak
+
+
+async def test_rss_growth_is_flat_in_file_size(daemon: tuple[str, psutil.Process]) -> None:
+    url, proc = daemon
+    await wait_up(url)
+    await upload_measuring(url, "warm", 32 * MiB, proc)  # load code paths, fill the pool once
+    base = proc.memory_info().rss
+    peak_small = await upload_measuring(url, "small", 64 * MiB, proc)
+    peak_large = await upload_measuring(url, "large", 512 * MiB, proc)
+    growth_small, growth_large = peak_small - base, peak_large - base
+    print(f"rss base={base / MiB:.0f}MiB growth 64MiB-upload={growth_small / MiB:.1f}MiB "
+          f"512MiB-upload={growth_large / MiB:.1f}MiB")
+    assert growth_large < 64 * MiB, "streaming 512 MiB grew RSS by more than the budget"
+    assert growth_large < growth_small + 16 * MiB, "RSS grows with file size"

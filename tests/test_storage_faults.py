@@ -1,0 +1,156 @@
+"""S3 failures: transient ones are retried, others fail cleanly; a dead S3 fails in bounded time."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+from botocore.exceptions import ClientError, EndpointConnectionError
+
+from conftest import MiB, StartProxy, assert_nothing_left, get_object, s3_for
+from proxy.storage.s3 import S3Storage
+from proxy.storage.seaweed import EmbeddedSeaweed
+
+PART = 5 * MiB
+
+
+class FlakyClient:
+    """Wraps the real aiobotocore client; fails chosen upload_part calls, passes the rest."""
+
+    def __init__(self, client: Any, fail_parts: dict[int, list[Exception]]) -> None:
+        self._client = client
+        self._fail = fail_parts
+        self.calls: list[int] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    async def upload_part(self, **kw: Any) -> Any:
+        n = kw["PartNumber"]
+        self.calls.append(n)
+        if self._fail.get(n):
+            raise self._fail[n].pop(0)
+        return await self._client.upload_part(**kw)
+
+
+async def flaky_storage(seaweed: EmbeddedSeaweed, fail: dict[int, list[Exception]]
+                        ) -> tuple[S3Storage, FlakyClient]:
+    storage = await s3_for(seaweed, retry_attempts=3, retry_base_delay_s=0.01).open()
+    flaky = FlakyClient(storage._client, fail)
+    storage._client = flaky
+    return storage, flaky
+
+
+def server_error(code: str, status: int) -> ClientError:
+    return ClientError({"Error": {"Code": code, "Message": "injected"},
+                        "ResponseMetadata": {"HTTPStatusCode": status}}, "UploadPart")
+
+
+async def put(url: str, data: Any) -> tuple[int, dict[str, Any], float]:
+    t0 = time.monotonic()
+    async with aiohttp.ClientSession() as s:
+        async with s.put(url, data=data) as r:
+            return r.status, await r.json(), time.monotonic() - t0
+
+
+async def test_transient_part_errors_are_retried(start_proxy: StartProxy, seaweed: EmbeddedSeaweed,
+                                                 s3: S3Storage) -> None:
+    storage, flaky = await flaky_storage(seaweed, {
+        2: [EndpointConnectionError(endpoint_url="x"), server_error("SlowDown", 503)],
+    })
+    try:
+        proxy = await start_proxy(storage=storage)
+        data = hashlib.shake_256(b"t").digest(3 * PART + 5)
+        status, reply, _ = await put(f"{proxy.url}/uploads/retry", data)
+        assert status == 201, reply
+        assert flaky.calls.count(2) == 3  # two failures, then success from the same buffer
+        stored, meta = await get_object(s3, reply["key"])
+        assert stored == data and meta["sha256"] == hashlib.sha256(data).hexdigest()
+    finally:
+        await storage.close()
+
+
+async def test_permanent_part_error_aborts(start_proxy: StartProxy, seaweed: EmbeddedSeaweed,
+                                           s3: S3Storage) -> None:
+    storage, flaky = await flaky_storage(seaweed, {2: [server_error("AccessDenied", 403)]})
+    try:
+        proxy = await start_proxy(storage=storage)
+        data = hashlib.shake_256(b"p").digest(3 * PART + 5)
+        status, reply, _ = await put(f"{proxy.url}/uploads/denied", data)
+        assert status == 502 and reply["code"] == "ERR_STORAGE", reply
+        assert "injected" not in reply["message"]
+        assert flaky.calls.count(2) == 1
+        await asyncio.sleep(0.2)
+        await assert_nothing_left(s3, proxy.prefix)
+    finally:
+        await storage.close()
+
+
+async def test_persistent_outage_mid_upload_gives_503_and_aborts(
+    start_proxy: StartProxy, seaweed: EmbeddedSeaweed, s3: S3Storage
+) -> None:
+    storage, _ = await flaky_storage(seaweed, {
+        3: [EndpointConnectionError(endpoint_url="x") for _ in range(3)],
+    })
+    try:
+        proxy = await start_proxy(storage=storage)
+
+        async def body() -> AsyncIterator[bytes]:
+            for _ in range(6):
+                yield b"z" * PART
+
+        status, reply, _ = await put(f"{proxy.url}/uploads/outage", body())
+        assert status == 503 and reply["code"] == "ERR_STORAGE_UNAVAILABLE"
+        await asyncio.sleep(0.2)
+        await assert_nothing_left(s3, proxy.prefix)
+    finally:
+        await storage.close()
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_unreachable_s3_gives_503_in_bounded_time(start_proxy: StartProxy) -> None:
+    storage = await S3Storage(bucket="test-uploads", endpoint_url=f"http://127.0.0.1:{closed_port()}",
+                              access_key="k", secret_key="s", retry_attempts=3,
+                              retry_base_delay_s=0.05, connect_timeout_s=1).open()
+    try:
+        proxy = await start_proxy(storage=storage)
+        status, reply, seconds = await put(f"{proxy.url}/uploads/x", b"a" * 1000)
+        assert status == 503 and reply["code"] == "ERR_STORAGE_UNAVAILABLE"
+        assert seconds < 20  # a bound, not a speed: 3 attempts x 1 s connect timeout + backoff
+    finally:
+        await storage.close()
+
+
+async def test_silent_s3_gives_503_in_bounded_time(start_proxy: StartProxy) -> None:
+    """S3 accepts connections but never answers (a hung server): read timeouts bound the wait."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def hold(_: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        accepted.append(w)
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    storage = await S3Storage(bucket="test-uploads", endpoint_url=f"http://127.0.0.1:{port}",
+                              access_key="k", secret_key="s", retry_attempts=2,
+                              retry_base_delay_s=0.05, read_timeout_s=1).open()
+    try:
+        proxy = await start_proxy(storage=storage)
+        status, reply, seconds = await put(f"{proxy.url}/uploads/x", b"a" * 1000)
+        assert status == 503 and reply["code"] == "ERR_STORAGE_UNAVAILABLE"
+        assert seconds < 20
+        assert accepted
+    finally:
+        await storage.close()
+        server.close()
+        for w in accepted:
+            w.close()
