@@ -97,7 +97,10 @@ async def start_proxy(seaweed: EmbeddedSeaweed, prefix: str) -> AsyncIterator[St
     """Start a proxy on a free port; keyword sections override the test config."""
     runners: list[web.AppRunner] = []
 
-    async def start(*, storage: Any = None, pool: Any = None, **sections: dict[str, Any]) -> Proxy:
+    async def start(
+        *, storage: Any = None, pool: Any = None, memory_reader: Any = None,
+        **sections: dict[str, Any],
+    ) -> Proxy:
         config = make_config(seaweed, prefix, **sections)
         owned = None
         if storage is None:
@@ -105,7 +108,8 @@ async def start_proxy(seaweed: EmbeddedSeaweed, prefix: str) -> AsyncIterator[St
                 seaweed, retry_attempts=config.storage.retry_attempts,
                 retry_base_delay_s=config.storage.retry_base_delay_s,
             ).open()
-        runtime = Runtime(config, storage=storage, pool=pool)
+        extra = {} if memory_reader is None else {"memory_reader": memory_reader}
+        runtime = Runtime(config, storage=storage, pool=pool, **extra)
         app = build_app(runtime)
         if owned is not None:
             async def close_owned(_: web.Application) -> None:
