@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG ?= config.toml
 
-.PHONY: install run test test-fast lint bench clean
+.PHONY: install tools run test test-fast lint bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,23 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python -m proxy -c $(CONFIG)
 
+## promtool (Debian's prometheus package) for the contrib/ checks in the suite: installed
+## when missing and we are root; otherwise those tests skip and say so.  On a machine
+## with systemd the package also enables a local Prometheus service; containers and CI
+## runners do not start it.
+tools:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing promtool (apt-get install prometheus)"; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	      apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } \
+	    || echo "apt-get failed: the promtool checks will be skipped"; \
+	  else \
+	    echo "promtool missing and not root: the promtool checks will be skipped"; \
+	  fi; }
+
 ## The whole test suite, against a real SeaweedFS the tests start on loopback.
-test: $(STAMP)
+test: $(STAMP) tools
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 test-fast: $(STAMP)

@@ -10,6 +10,8 @@ import sys
 import time
 from typing import Any
 
+import prometheus_client
+
 from proxy import __version__
 from proxy.config import ConfigError, LoggingConfig, load
 
@@ -65,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.config}: ok")
         return 0
     setup_logging(config.logging)
+    # The *_created series double the count of every counter and histogram for a
+    # timestamp nobody graphs; a Raspberry Pi's Prometheus is better off without them.
+    prometheus_client.disable_created_metrics()
     try:
         import uvloop
 

@@ -9,12 +9,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
-from proxy import __version__
+from proxy import __version__, http_ops
 from proxy.buffers import BufferPool
 from proxy.config import Config
-from proxy.errors import ProxyError, StorageError, StorageUnavailable
+from proxy.errors import REASONS, ProxyError, StorageError, StorageUnavailable
+from proxy.http_ops import MetricsHooks, Ops, Readiness, samplers_ctx
 from proxy.http_upload import UPLOADS, UploadContext, UploadHooks, add_routes
+from proxy.memory import MemoryMonitor, MemoryReader, read_memory
+from proxy.metrics import Metrics
 from proxy.responses import error_response
 from proxy.storage.base import Storage
 from proxy.storage.s3 import S3Storage
@@ -36,13 +40,33 @@ HTTP_CODES = {
 
 @dataclass
 class Runtime:
-    """What the running app holds; tests may hand in their own storage."""
+    """What the running app holds; tests may hand in their own storage, registry and
+    memory reader."""
 
     config: Config
     storage: Storage | None = None
     embedded: EmbeddedSeaweed | None = None
-    hooks: UploadHooks = field(default_factory=UploadHooks)
+    # None: the upload handlers report into the metrics.
+    hooks: UploadHooks | None = None
     pool: BufferPool | None = None
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    memory_reader: MemoryReader = read_memory
+    ops: Ops = field(init=False)
+
+    def __post_init__(self) -> None:
+        uc = self.config.upload
+        metrics = Metrics(
+            self.registry,
+            reasons=REASONS,
+            # Uploads that can hold a full part at once: beyond that, live series would
+            # only grow with clients queueing for a buffer.
+            live_uploads_max=uc.memory_budget_bytes // uc.part_size_bytes,
+            version=__version__,
+        )
+        memory = MemoryMonitor(self.config.memory, self.memory_reader)
+        self.ops = Ops(
+            metrics, memory, Readiness(lambda: self.storage, memory), pool=lambda: self.pool
+        )
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
@@ -134,6 +158,8 @@ async def _storage_ctx(app: web.Application) -> AsyncIterator[None]:
     if rt.storage is None:
         owned, rt.embedded = await open_storage(rt.config)
         rt.storage = owned
+    if isinstance(rt.storage, S3Storage):
+        rt.storage.set_observer(rt.ops.metrics.storage_op)
     try:
         yield
     finally:
@@ -155,18 +181,18 @@ async def _uploads_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
 
 
-async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok", "version": __version__})
-
-
 def build_app(runtime: Runtime) -> web.Application:
     app = web.Application(middlewares=[error_middleware])
     app[RUNTIME] = runtime
     app[UPLOADS] = UploadContext(
-        config=runtime.config.upload, bucket=runtime.config.storage.bucket, hooks=runtime.hooks
+        config=runtime.config.upload,
+        bucket=runtime.config.storage.bucket,
+        hooks=runtime.hooks or MetricsHooks(runtime.ops.metrics),
+        admit=runtime.ops.memory.check_admission,
     )
     app.cleanup_ctx.append(_storage_ctx)
     app.cleanup_ctx.append(_uploads_ctx)
+    app.cleanup_ctx.append(samplers_ctx)
     add_routes(app)
-    app.router.add_get("/healthz", healthz)
+    http_ops.add_routes(app, runtime.ops)
     return app

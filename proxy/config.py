@@ -70,6 +70,8 @@ class ServerConfig:
     listen_port: int = 8080
     drain_timeout_s: float = 30.0
     lingering_time_s: float = 5.0
+    # None: /metrics is served on the main listener only.
+    metrics_listen: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,14 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class MemoryConfig:
+    limit_bytes: int | None = None
+    warning_ratio: float = 0.80
+    critical_ratio: float = 0.95
+    sample_interval_s: float = 5.0
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str = "info"
     format: str = "text"
@@ -124,6 +134,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     upload: UploadConfig = field(default_factory=UploadConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -203,11 +214,23 @@ def _server(r: _Reader) -> ServerConfig:
         host, port = _split_listen(listen)
     except ValueError as e:
         r.check(False, "listen", str(e))
+    metrics_listen = None
+    if value := r.get("metrics_listen", str, ""):
+        try:
+            metrics_listen = _split_listen(value)
+        except ValueError as e:
+            r.check(False, "metrics_listen", str(e))
     cfg = ServerConfig(
         listen_host=host,
         listen_port=port,
         drain_timeout_s=r.positive("drain_timeout_s", float, d.drain_timeout_s, allow_zero=True),
         lingering_time_s=r.positive("lingering_time_s", float, d.lingering_time_s, allow_zero=True),
+        metrics_listen=metrics_listen,
+    )
+    r.check(
+        metrics_listen != (host, port) or port == 0,
+        "metrics_listen",
+        "must differ from listen (/metrics is served there anyway)",
     )
     r.finish()
     return cfg
@@ -308,6 +331,31 @@ def _storage(r: _Reader, base: Path) -> StorageConfig:
     return cfg
 
 
+def _memory(r: _Reader, budget_bytes: int) -> MemoryConfig:
+    d = MemoryConfig()
+    limit = r.size("limit", 0)
+    cfg = MemoryConfig(
+        limit_bytes=limit or None,
+        warning_ratio=r.positive("warning_ratio", float, d.warning_ratio),
+        critical_ratio=r.positive("critical_ratio", float, d.critical_ratio),
+        sample_interval_s=r.positive("sample_interval_s", float, d.sample_interval_s),
+    )
+    r.check(
+        cfg.warning_ratio < cfg.critical_ratio <= 1.0,
+        "critical_ratio",
+        f"need warning_ratio < critical_ratio <= 1; got {cfg.warning_ratio} and "
+        f"{cfg.critical_ratio}",
+    )
+    r.check(
+        limit == 0 or limit > budget_bytes,
+        "limit",
+        f"must exceed upload.memory_budget ({budget_bytes} bytes): the part buffers alone "
+        f"would reach it; got {limit}",
+    )
+    r.finish()
+    return cfg
+
+
 def _logging(r: _Reader) -> LoggingConfig:
     d = LoggingConfig()
     cfg = LoggingConfig(
@@ -328,10 +376,12 @@ def from_dict(data: dict[str, Any], *, base_dir: Path | None = None, source: str
     }
     for key in sorted(top.table):
         problems.append(f"{key}: unknown section")
+    upload = _upload(section["upload"])
     cfg = Config(
         server=_server(section["server"]),
-        upload=_upload(section["upload"]),
+        upload=upload,
         storage=_storage(section["storage"], base),
+        memory=_memory(section["memory"], upload.memory_budget_bytes),
         logging=_logging(section["logging"]),
     )
     if problems:

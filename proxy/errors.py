@@ -3,10 +3,28 @@
 Everything that can go wrong with an upload is raised as a :class:`ProxyError`
 (or a subclass) and rendered to JSON in exactly one place (``proxy.app``).
 The ``code`` strings are part of the public API: clients and dashboards match
-on them, so never rename one.  ``reason`` is the bounded metrics label.
+on them, so never rename one.  ``reason`` is the bounded metrics label: every
+value used anywhere must be listed in :data:`REASONS` (metrics files anything
+else under ``other``, so a typo cannot mint new series).
 """
 
 from __future__ import annotations
+
+REASONS = (
+    "bad_request",
+    "busy",
+    "cancelled",
+    "checksum_mismatch",
+    "client_disconnect",
+    "client_timeout",
+    "conflict",
+    "internal",
+    "memory_pressure",
+    "storage_error",
+    "storage_unavailable",
+    "too_large",
+    "unauthorized",
+)
 
 
 class ProxyError(Exception):
@@ -85,6 +103,14 @@ class Busy(ProxyError):
     code = "ERR_BUSY"
     status = 503
     reason = "busy"
+
+
+class MemoryPressure(ProxyError):
+    """The process or the machine is close to its memory limit: new uploads wait outside."""
+
+    code = "ERR_MEMORY_PRESSURE"
+    status = 503
+    reason = "memory_pressure"
 
 
 class StorageError(ProxyError):

@@ -2,8 +2,8 @@
 
 Everything that can be decided from the headers is decided before the first
 body byte is read, and, when the client sent ``Expect: 100-continue``, before we
-tell it to send the body at all: bad key, declared size over the limit, existing
-key.  The body itself is handed to :class:`~proxy.streaming.PartStreamer`.
+tell it to send the body at all: memory pressure, bad key, declared size over the
+limit, existing key.  The body itself is handed to :class:`~proxy.streaming.PartStreamer`.
 """
 
 from __future__ import annotations
@@ -46,13 +46,22 @@ from proxy.streaming import (
 
 log = logging.getLogger(__name__)
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 READ_CHUNK_BYTES = 1024 * 1024
 MAX_FORM_FIELD_BYTES = 64 * 1024
 _REPR_DIGEST_RE = re.compile(r"(?:^|,)\s*sha-256\s*=\s*:([A-Za-z0-9+/=]*):\s*(?:;[^,]*)?(?=,|$)")
 
 
 class UploadHooks:
-    """What the upload handlers report; metrics plug in here.  The default does nothing."""
+    """What the upload handlers report; metrics plug in here.  The default does nothing.
+
+    Every upload request ends in exactly one report: ``rejected`` when it was refused
+    before its body streaming began, else ``started`` followed by ``finished`` for each
+    object (a form may carry several).
+    """
+
+    def rejected(self, error: ProxyError) -> None:
+        pass
 
     def started(self, upload_id: str, key: str) -> StreamObserver | None:
         return None
@@ -62,13 +71,22 @@ class UploadHooks:
         pass
 
 
+def admit_all() -> None:
+    """The admission check when nothing limits new uploads."""
+
+
 @dataclass
 class UploadContext:
-    """What the upload handlers use.  Storage and pool are filled in at start-up."""
+    """What the upload handlers use.  Storage and pool are filled in at start-up.
+
+    ``admit`` raises a :class:`ProxyError` when no new upload may start now (memory
+    pressure); it runs before anything else, the Expect handler included.
+    """
 
     config: UploadConfig
     bucket: str
     hooks: UploadHooks
+    admit: Callable[[], None] = admit_all
     _storage: Storage | None = None
     _pool: BufferPool | None = None
 
@@ -99,6 +117,7 @@ class UploadContext:
 
 UPLOADS = web.AppKey("uploads", UploadContext)
 _PREFLIGHT = web.RequestKey("preflight", tuple)
+_STREAMED = web.RequestKey("streamed", bool)
 
 
 def _b64(value: str, size: int, what: str) -> bytes:
@@ -175,6 +194,7 @@ async def _preflight_put(request: web.Request) -> tuple[str, int | None]:
     if cached is not None:
         return cached  # type: ignore[no-any-return]
     ctx = request.app[UPLOADS]
+    ctx.admit()
     key = full_key(ctx.config.key_prefix, request.match_info["key"])
     size = _declared_size(request, ctx.config.max_upload_size_bytes)
     expected_digests(request.headers)
@@ -190,8 +210,18 @@ async def expect_put(request: web.Request) -> web.StreamResponse | None:
 
 
 async def expect_post(request: web.Request) -> web.StreamResponse | None:
+    return await _expect(request, _preflight_post)
+
+
+def _preflight_post(request: web.Request) -> int | None:
+    cached = request.get(_PREFLIGHT)
+    if cached is not None:
+        return cached[1]  # type: ignore[no-any-return]
     ctx = request.app[UPLOADS]
-    return await _expect(request, lambda r: _declared_size(r, ctx.config.max_upload_size_bytes))
+    ctx.admit()
+    size = _declared_size(request, ctx.config.max_upload_size_bytes)
+    request[_PREFLIGHT] = (None, size)
+    return size
 
 
 async def _expect(request: web.Request, check: Callable[[web.Request], Any]) -> web.StreamResponse | None:
@@ -203,6 +233,7 @@ async def _expect(request: web.Request, check: Callable[[web.Request], Any]) -> 
         if asyncio.iscoroutine(result):
             await result
     except ProxyError as e:
+        request.app[UPLOADS].hooks.rejected(e)
         return error_response(e, close=True)
     if request.version >= (1, 1):
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -218,6 +249,7 @@ async def _stream_one(
     """Stream one object, with one log line and one hooks report for its outcome."""
     ctx = request.app[UPLOADS]
     upload_id = uuid.uuid4().hex[:16]
+    request[_STREAMED] = True
     observer = ctx.hooks.started(upload_id, spec.key)
     streamer = PartStreamer(ctx.storage, ctx.pool, ctx.settings, spec, observer)
     started = time.monotonic()
@@ -278,7 +310,7 @@ async def put_upload(request: web.Request) -> web.StreamResponse:
 async def post_upload(request: web.Request) -> web.StreamResponse:
     ctx = request.app[UPLOADS]
     limit = ctx.config.max_upload_size_bytes
-    size = _declared_size(request, limit)
+    size = _preflight_post(request)
     if request.content_type == "multipart/form-data":
         return await _post_form(request, ctx)
     filename = _disposition_filename(request)
@@ -360,6 +392,22 @@ def _ascii(value: str) -> str:
     return "".join(c if 0x20 <= ord(c) < 0x7F else "?" for c in value)[:255]
 
 
+def _reported(handler: Handler) -> Handler:
+    """Report a request that failed before any body streaming began as rejected."""
+
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ProxyError as e:
+            if not request.get(_STREAMED):
+                request.app[UPLOADS].hooks.rejected(e)
+            raise
+
+    return wrapped
+
+
 def add_routes(app: web.Application) -> None:
-    app.router.add_route("PUT", "/uploads/{key:[\\s\\S]+}", put_upload, expect_handler=expect_put)
-    app.router.add_route("POST", "/uploads", post_upload, expect_handler=expect_post)
+    app.router.add_route(
+        "PUT", "/uploads/{key:[\\s\\S]+}", _reported(put_upload), expect_handler=expect_put
+    )
+    app.router.add_route("POST", "/uploads", _reported(post_upload), expect_handler=expect_post)

@@ -17,6 +17,7 @@ from aiohttp.web_server import Server as _AioServer
 from proxy.app import HTTP_CODES, Runtime, build_app
 from proxy.config import Config, ServerConfig
 from proxy.errors import ProxyError
+from proxy.http_ops import build_metrics_app
 from proxy.responses import error_response
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,9 @@ class Server:
         self._stop = asyncio.Event()
         self._signals = 0
         self.port: int | None = None
+        self.metrics_port: int | None = None
+        # Set once every listener is bound: ports are known from then on.
+        self.listening = asyncio.Event()
 
     def _on_signal(self, signum: int) -> None:
         self._signals += 1
@@ -107,15 +111,34 @@ class Server:
         sc = self.config.server
         runner = make_runner(build_app(self.runtime), sc)
         await runner.setup()
+        metrics_runner: web.AppRunner | None = None
         try:
-            site = web.TCPSite(runner, sc.listen_host, sc.listen_port, reuse_address=True)
-            await site.start()
-            server = getattr(site, "_server", None)
-            if server is not None and server.sockets:
-                self.port = int(server.sockets[0].getsockname()[1])
-            log.info("listening on http://%s:%s", sc.listen_host, self.port or sc.listen_port)
+            self.port = await _start_site(runner, sc.listen_host, sc.listen_port)
+            log.info("listening on http://%s:%s", sc.listen_host, self.port)
+            if sc.metrics_listen is not None:
+                metrics_runner = web.AppRunner(
+                    build_metrics_app(self.runtime.ops), handle_signals=False, access_log=None
+                )
+                await metrics_runner.setup()
+                host, port = sc.metrics_listen
+                self.metrics_port = await _start_site(metrics_runner, host, port)
+                log.info("metrics on http://%s:%s/metrics", host, self.metrics_port)
+            self.listening.set()
             await self._stop.wait()
             log.info("stopping: waiting up to %.0fs for running uploads", sc.drain_timeout_s)
         finally:
             await runner.cleanup()
+            # Last, so a scraper still sees the drain.
+            if metrics_runner is not None:
+                await metrics_runner.cleanup()
             log.info("stopped")
+
+
+async def _start_site(runner: web.AppRunner, host: str, port: int) -> int:
+    """Bind and serve; return the port actually bound (``port`` may be 0)."""
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    await site.start()
+    server = getattr(site, "_server", None)
+    if server is not None and server.sockets:
+        return int(server.sockets[0].getsockname()[1])
+    return port

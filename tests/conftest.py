@@ -69,8 +69,9 @@ def prefix() -> str:
 def make_config(sw: EmbeddedSeaweed, prefix: str, **sections: dict[str, Any]) -> Config:
     data: dict[str, Any] = {
         "server": {"listen": "127.0.0.1:0", "drain_timeout_s": 5},
+        # 5 MiB parts allow at most ~48 GiB in 10000 parts.
         "upload": {"key_prefix": prefix, "part_size": "5MiB", "memory_budget": "64MiB",
-                   "part_checksum": "crc32", "max_upload_size": "10GiB"},
+                   "max_upload_size": "40GiB", "part_checksum": "crc32"},
         "storage": {"backend": "s3", "bucket": BUCKET, "endpoint_url": sw.endpoint_url,
                     "retry_attempts": 2, "retry_base_delay_s": 0.05},
     }
@@ -97,7 +98,10 @@ async def start_proxy(seaweed: EmbeddedSeaweed, prefix: str) -> AsyncIterator[St
     """Start a proxy on a free port; keyword sections override the test config."""
     runners: list[web.AppRunner] = []
 
-    async def start(*, storage: Any = None, pool: Any = None, **sections: dict[str, Any]) -> Proxy:
+    async def start(
+        *, storage: Any = None, pool: Any = None, memory_reader: Any = None,
+        **sections: dict[str, Any],
+    ) -> Proxy:
         config = make_config(seaweed, prefix, **sections)
         owned = None
         if storage is None:
@@ -105,7 +109,8 @@ async def start_proxy(seaweed: EmbeddedSeaweed, prefix: str) -> AsyncIterator[St
                 seaweed, retry_attempts=config.storage.retry_attempts,
                 retry_base_delay_s=config.storage.retry_base_delay_s,
             ).open()
-        runtime = Runtime(config, storage=storage, pool=pool)
+        extra = {} if memory_reader is None else {"memory_reader": memory_reader}
+        runtime = Runtime(config, storage=storage, pool=pool, **extra)
         app = build_app(runtime)
         if owned is not None:
             async def close_owned(_: web.Application) -> None:

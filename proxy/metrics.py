@@ -1,0 +1,340 @@
+"""Prometheus metrics: one :class:`Metrics` object over an injected ``CollectorRegistry``.
+
+A leaf module: it imports nothing of ours.  What it needs from the pool, the
+memory monitor and the readiness probe it describes as small protocols and reads
+at scrape time, so gauges are never stale and nothing has to push updates.
+
+Labels are bounded: ``reason`` comes from a fixed list (anything else is filed
+under ``other``), ``operation`` from the storage backend's fixed set of calls.  The
+one exception is ``upload`` on the ``proxy_active_upload_*`` series: they exist
+only while an upload runs, at most ``live_uploads_max`` of them, and vanish when it
+ends, so their number stays under the concurrency the buffer pool allows.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Protocol
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+KiB = 1024
+SIZE_BUCKETS_BYTES = tuple(float(KiB * 4**i) for i in range(14))  # 1 KiB .. 64 GiB
+UPLOAD_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+HASH_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+STORAGE_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+OTHER_REASON = "other"
+
+
+class PoolFigures(Protocol):
+    """What :class:`proxy.buffers.BufferPool` exposes."""
+
+    @property
+    def in_use_bytes(self) -> int: ...
+    @property
+    def budget_bytes(self) -> int: ...
+    @property
+    def idle_bytes(self) -> int: ...
+    @property
+    def waiting(self) -> int: ...
+    @property
+    def peak_in_use_bytes(self) -> int: ...
+
+
+class MemoryFigures(Protocol):
+    """What :class:`proxy.memory.MemoryState` exposes."""
+
+    @property
+    def rss_bytes(self) -> int: ...
+    @property
+    def peak_rss_bytes(self) -> int: ...
+    @property
+    def system_total_bytes(self) -> int: ...
+    @property
+    def system_available_bytes(self) -> int: ...
+    @property
+    def cgroup_limit_bytes(self) -> int | None: ...
+    @property
+    def cgroup_usage_bytes(self) -> int | None: ...
+    @property
+    def limit_bytes(self) -> int: ...
+    @property
+    def used_ratio(self) -> float: ...
+    @property
+    def level(self) -> int: ...
+
+
+class UploadProgress:
+    """One running upload: the stream observer of its body, and what /status shows of it."""
+
+    __slots__ = (
+        "_metrics",
+        "key",
+        "received_bytes",
+        "started",
+        "started_unix",
+        "stored_bytes",
+        "upload_id",
+    )
+
+    def __init__(self, metrics: Metrics, upload_id: str, key: str) -> None:
+        self._metrics = metrics
+        self.upload_id = upload_id
+        self.key = key
+        self.started = metrics.clock()
+        self.started_unix = time.time()
+        self.received_bytes = 0
+        self.stored_bytes = 0
+
+    def received(self, nbytes: int) -> None:
+        self.received_bytes += nbytes
+        self._metrics.received_bytes.inc(nbytes)
+
+    def hashed(self, nbytes: int, seconds: float) -> None:
+        self._metrics.hashed_bytes.inc(nbytes)
+        self._metrics.hash_seconds.observe(seconds)
+
+    def stored(self, nbytes: int) -> None:
+        self.stored_bytes += nbytes
+        self._metrics.stored_bytes.inc(nbytes)
+
+    def age_s(self) -> float:
+        return self._metrics.clock() - self.started
+
+
+class Metrics:
+    """Every metric the proxy exports, registered on ``registry``."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        reasons: Iterable[str],
+        live_uploads_max: int,
+        version: str,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if live_uploads_max < 0:
+            raise ValueError("live_uploads_max must be >= 0")
+        self.registry = registry
+        self.clock = clock
+        self.live_uploads_max = live_uploads_max
+        self.reasons = frozenset(reasons) | {OTHER_REASON}
+        self._active: dict[str, UploadProgress] = {}
+        self._pool: PoolFigures | None = None
+        self._memory: Callable[[], MemoryFigures | None] = lambda: None
+        self._ready: Callable[[], bool | None] = lambda: None
+
+        def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
+            return Counter(name, doc, labels, registry=registry)
+
+        self.received_bytes = counter("proxy_received_bytes", "Upload body bytes received.")
+        self.stored_bytes = counter("proxy_stored_bytes", "Upload body bytes stored to S3.")
+        self.hashed_bytes = counter("proxy_hashed_bytes", "Upload body bytes hashed.")
+        self.started = counter("proxy_uploads_started", "Uploads whose body streaming began.")
+        self.completed = counter("proxy_uploads_completed", "Uploads stored as an object.")
+        self.failed = counter(
+            "proxy_uploads_failed", "Uploads that began streaming and failed.", ("reason",)
+        )
+        self.rejected = counter(
+            "proxy_uploads_rejected",
+            "Upload requests refused before any body byte was read.",
+            ("reason",),
+        )
+        self.storage_errors = counter(
+            "proxy_storage_errors", "Failed S3 request attempts.", ("operation",)
+        )
+        self.upload_size = Histogram(
+            "proxy_upload_size_bytes",
+            "Size of stored objects.",
+            buckets=SIZE_BUCKETS_BYTES,
+            registry=registry,
+        )
+        self.upload_seconds = Histogram(
+            "proxy_upload_duration_seconds",
+            "Time from the first body byte to the outcome.",
+            ("outcome",),
+            buckets=UPLOAD_BUCKETS_S,
+            registry=registry,
+        )
+        self.hash_seconds = Histogram(
+            "proxy_hash_duration_seconds",
+            "Time spent hashing one part.",
+            buckets=HASH_BUCKETS_S,
+            registry=registry,
+        )
+        self.storage_seconds = Histogram(
+            "proxy_storage_request_duration_seconds",
+            "Time of one S3 request attempt, failed ones included.",
+            ("operation",),
+            buckets=STORAGE_BUCKETS_S,
+            registry=registry,
+        )
+        # Every reason and outcome exists from the start, so rate() sees the first failure.
+        for reason in sorted(self.reasons):
+            self.failed.labels(reason)
+            self.rejected.labels(reason)
+        for outcome in ("completed", "failed"):
+            self.upload_seconds.labels(outcome)
+        Info("proxy_build", "Version of the running proxy.", registry=registry).info(
+            {"version": version}
+        )
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+        registry.register(_Sampled(self))
+
+    def bind_pool(self, pool: PoolFigures) -> None:
+        self._pool = pool
+
+    def bind_memory(self, source: Callable[[], MemoryFigures | None]) -> None:
+        self._memory = source
+
+    def bind_ready(self, source: Callable[[], bool | None]) -> None:
+        self._ready = source
+
+    def _reason(self, reason: str) -> str:
+        return reason if reason in self.reasons else OTHER_REASON
+
+    def upload_started(self, upload_id: str, key: str) -> UploadProgress:
+        progress = UploadProgress(self, upload_id, key)
+        self._active[upload_id] = progress
+        self.started.inc()
+        return progress
+
+    def upload_finished(
+        self, upload_id: str, *, reason: str | None, seconds: float, size_bytes: int
+    ) -> None:
+        """``reason`` None means the object was stored."""
+        self._active.pop(upload_id, None)
+        if reason is None:
+            self.completed.inc()
+            self.upload_size.observe(size_bytes)
+            self.upload_seconds.labels("completed").observe(seconds)
+        else:
+            self.failed.labels(self._reason(reason)).inc()
+            self.upload_seconds.labels("failed").observe(seconds)
+
+    def upload_rejected(self, reason: str) -> None:
+        self.rejected.labels(self._reason(reason)).inc()
+
+    def storage_op(self, operation: str, seconds: float, error: str | None) -> None:
+        """The storage backend's ``OpObserver``: one call per S3 request attempt."""
+        self.storage_seconds.labels(operation).observe(seconds)
+        if error is not None:
+            self.storage_errors.labels(operation).inc()
+
+    def active(self) -> list[UploadProgress]:
+        """Running uploads, oldest first."""
+        return list(self._active.values())
+
+    def collect_sampled(self) -> Iterator[Metric]:
+        active = self.active()
+        yield GaugeMetricFamily("proxy_uploads_in_flight", "Uploads streaming now.", len(active))
+        yield from _live_series(active[: self.live_uploads_max])
+        if self._pool is not None:
+            yield from _gauges(_POOL_GAUGES, self._pool)
+        memory = self._memory()
+        if memory is not None:
+            yield from _gauges(_MEMORY_GAUGES, memory)
+        ready = self._ready()
+        if ready is not None:
+            yield GaugeMetricFamily(
+                "proxy_ready", "1 when the last readiness check passed, else 0.", int(ready)
+            )
+
+
+def _live_series(uploads: list[UploadProgress]) -> Iterator[Metric]:
+    received = CounterMetricFamily(
+        "proxy_active_upload_received_bytes",
+        "Body bytes received so far by a running upload (gone once it ends).",
+        labels=["upload"],
+    )
+    stored = CounterMetricFamily(
+        "proxy_active_upload_stored_bytes",
+        "Body bytes stored so far by a running upload (gone once it ends).",
+        labels=["upload"],
+    )
+    start = GaugeMetricFamily(
+        "proxy_active_upload_start_time_seconds",
+        "Unix time a running upload began (gone once it ends).",
+        labels=["upload"],
+    )
+    for u in uploads:
+        received.add_metric([u.upload_id], u.received_bytes)
+        stored.add_metric([u.upload_id], u.stored_bytes)
+        start.add_metric([u.upload_id], u.started_unix)
+    yield from (received, stored, start)
+
+
+# (name, attribute of the bound object, help); a None attribute leaves the series out.
+_POOL_GAUGES = (
+    ("proxy_buffer_pool_in_use_bytes", "in_use_bytes", "Part-buffer bytes leased now."),
+    ("proxy_buffer_pool_budget_bytes", "budget_bytes", "Cap on part-buffer bytes."),
+    ("proxy_buffer_pool_idle_bytes", "idle_bytes", "Free part buffers kept for reuse."),
+    ("proxy_buffer_pool_peak_in_use_bytes", "peak_in_use_bytes", "Most bytes ever leased."),
+    ("proxy_buffer_pool_waiting", "waiting", "Requests waiting for a part buffer."),
+)
+_MEMORY_GAUGES = (
+    ("proxy_memory_rss_bytes", "rss_bytes", "Resident memory of the process."),
+    ("proxy_memory_peak_rss_bytes", "peak_rss_bytes", "Highest resident memory of the process."),
+    ("proxy_memory_system_total_bytes", "system_total_bytes", "Physical memory."),
+    (
+        "proxy_memory_system_available_bytes",
+        "system_available_bytes",
+        "Memory the machine can still hand out without swapping.",
+    ),
+    ("proxy_memory_cgroup_limit_bytes", "cgroup_limit_bytes", "cgroup v2 memory.max."),
+    (
+        "proxy_memory_cgroup_usage_bytes",
+        "cgroup_usage_bytes",
+        "cgroup v2 memory.current less inactive page cache.",
+    ),
+    (
+        "proxy_memory_limit_bytes",
+        "limit_bytes",
+        "Effective memory limit: the smallest of config, cgroup and physical RAM.",
+    ),
+    (
+        "proxy_memory_used_ratio",
+        "used_ratio",
+        "Usage over limit for the limit closest to being reached.",
+    ),
+    (
+        "proxy_memory_pressure_level",
+        "level",
+        "Memory pressure: 0 normal, 1 warning, 2 critical (new uploads refused).",
+    ),
+)
+
+
+def _gauges(table: tuple[tuple[str, str, str], ...], source: object) -> Iterator[Metric]:
+    for name, attribute, doc in table:
+        value = getattr(source, attribute)
+        if value is not None:
+            yield GaugeMetricFamily(name, doc, value)
+
+
+class _Sampled(Collector):
+    """Series read at scrape time from the live objects."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        return self._metrics.collect_sampled()
+
+    def describe(self) -> Iterable[Metric]:
+        # Described as empty: the set of series depends on what is bound and running.
+        return []

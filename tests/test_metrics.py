@@ -1,0 +1,272 @@
+"""/metrics after known uploads, against the real S3 server: exact counter and histogram values."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import os
+from collections.abc import AsyncIterator
+
+import aiohttp
+from conftest import StartProxy, assert_nothing_left, make_config, s3_for
+from obs_helpers import (
+    MiB,
+    RawRequest,
+    Samples,
+    bucket,
+    eventually,
+    put_head,
+    run_promtool,
+    scrape,
+    scrape_text,
+    series,
+    value,
+)
+
+from proxy.app import Runtime
+from proxy.errors import REASONS
+from proxy.server import Server
+from proxy.storage.s3 import S3Storage
+from proxy.storage.seaweed import EmbeddedSeaweed
+
+UPLOAD_OPS = (
+    "head_object",
+    "create_multipart_upload",
+    "upload_part",
+    "complete_multipart_upload",
+    "abort_multipart_upload",
+    "copy_object",
+    "put_object",
+)
+
+
+def storage_calls(samples: Samples) -> dict[str, float]:
+    """Attempts per upload operation (the readiness probe's head_bucket left out)."""
+    out = {}
+    for op in UPLOAD_OPS:
+        n = value(samples, "proxy_storage_request_duration_seconds_count", operation=op)
+        if n:
+            out[op] = n
+    return out
+
+
+def failures(samples: Samples, name: str = "proxy_uploads_failed_total") -> dict[str, float]:
+    """The non-zero reasons of a by-reason counter; every reason must be exported."""
+    by_reason = {dict(labels)["reason"]: v for labels, v in series(samples, name).items()}
+    assert set(REASONS) <= set(by_reason), "every reason is exported from the start"
+    return {r: v for r, v in by_reason.items() if v}
+
+
+def totals(samples: Samples) -> dict[str, float]:
+    """The non-zero upload totals (each must be exported, zero or not)."""
+    names = (
+        "proxy_uploads_started_total",
+        "proxy_uploads_completed_total",
+        "proxy_received_bytes_total",
+        "proxy_stored_bytes_total",
+        "proxy_hashed_bytes_total",
+        "proxy_hash_duration_seconds_count",
+        "proxy_upload_size_bytes_count",
+        "proxy_upload_size_bytes_sum",
+        "proxy_uploads_in_flight",
+    )
+    found = {n.removeprefix("proxy_"): value(samples, n) for n in names}
+    assert None not in found.values(), found
+    return {n: v for n, v in found.items() if v}
+
+
+async def test_successful_upload_counts_every_byte_and_call(start_proxy: StartProxy) -> None:
+    proxy = await start_proxy()
+    body = os.urandom(12 * MiB)
+    async with aiohttp.ClientSession() as s:
+        async with s.put(f"{proxy.url}/uploads/ok.bin", data=body) as r:
+            assert r.status == 201, await r.text()
+    m = await scrape(proxy.url)
+    assert totals(m) == {
+        "uploads_started_total": 1,
+        "uploads_completed_total": 1,
+        "received_bytes_total": 12 * MiB,
+        "stored_bytes_total": 12 * MiB,
+        "hashed_bytes_total": 12 * MiB,
+        "hash_duration_seconds_count": 3,  # 5 + 5 + 2 MiB parts
+        "upload_size_bytes_count": 1,
+        "upload_size_bytes_sum": 12 * MiB,
+    }
+    assert failures(m) == {} and failures(m, "proxy_uploads_rejected_total") == {}
+    assert bucket(m, "proxy_upload_size_bytes", 4 * MiB) == 0
+    assert bucket(m, "proxy_upload_size_bytes", 16 * MiB) == 1
+    assert value(m, "proxy_upload_duration_seconds_count", outcome="completed") == 1
+    assert value(m, "proxy_upload_duration_seconds_count", outcome="failed") == 0
+    assert storage_calls(m) == {
+        "head_object": 1,
+        "create_multipart_upload": 1,
+        "upload_part": 3,
+        "complete_multipart_upload": 1,
+        "copy_object": 1,
+    }
+    assert series(m, "proxy_storage_errors_total") == {}
+    assert series(m, "proxy_active_upload_received_bytes_total") == {}
+
+
+async def test_bad_checksum_counts_stored_parts_and_the_abort(
+    start_proxy: StartProxy, s3: S3Storage
+) -> None:
+    proxy = await start_proxy()
+    body = os.urandom(6 * MiB)
+    wrong = base64.b64encode(hashlib.sha256(b"something else").digest()).decode()
+    async with aiohttp.ClientSession() as s:
+        headers = {"X-Content-SHA256": wrong}
+        async with s.put(f"{proxy.url}/uploads/bad.bin", data=body, headers=headers) as r:
+            assert r.status == 400
+            assert (await r.json())["code"] == "ERR_CHECKSUM_MISMATCH"
+    m = await scrape(proxy.url)
+    assert totals(m) == {
+        "uploads_started_total": 1,
+        "received_bytes_total": 6 * MiB,
+        "stored_bytes_total": 6 * MiB,  # both parts reached S3 before the digest was known
+        "hashed_bytes_total": 6 * MiB,
+        "hash_duration_seconds_count": 2,
+    }
+    assert failures(m) == {"checksum_mismatch": 1}
+    assert value(m, "proxy_upload_duration_seconds_count", outcome="failed") == 1
+    assert storage_calls(m) == {
+        "head_object": 1,
+        "create_multipart_upload": 1,
+        "upload_part": 2,
+        "abort_multipart_upload": 1,
+    }
+    await assert_nothing_left(s3, proxy.prefix)
+
+
+async def test_client_disconnect_counts_the_bytes_that_arrived(
+    start_proxy: StartProxy, s3: S3Storage
+) -> None:
+    proxy = await start_proxy()
+    req = await RawRequest.open(proxy.host, proxy.port, put_head(proxy.host, "gone.bin", 3 * MiB))
+    await req.send(os.urandom(MiB))
+    req.close()
+    m = await eventually(proxy.url, lambda m: bool(failures(m)))
+    assert failures(m) == {"client_disconnect": 1}
+    assert totals(m) == {"uploads_started_total": 1, "received_bytes_total": MiB}
+    assert storage_calls(m) == {"head_object": 1}
+    await assert_nothing_left(s3, proxy.prefix)
+
+
+async def test_too_large_declared_is_rejected_and_streamed_is_failed(
+    start_proxy: StartProxy, s3: S3Storage
+) -> None:
+    proxy = await start_proxy(upload={"max_upload_size": "1MiB"})
+
+    async def chunked() -> AsyncIterator[bytes]:
+        for _ in range(8):
+            yield os.urandom(256 * 1024)
+
+    async with aiohttp.ClientSession() as s:
+        async with s.put(f"{proxy.url}/uploads/big.bin", data=os.urandom(2 * MiB)) as r:
+            assert r.status == 413
+        try:
+            async with s.put(f"{proxy.url}/uploads/big2.bin", data=chunked()) as r:
+                assert r.status == 413
+        except aiohttp.ClientError:
+            pass  # the server may close while we are still sending: the metrics tell
+    m = await eventually(proxy.url, lambda m: bool(failures(m)))
+    assert failures(m, "proxy_uploads_rejected_total") == {"too_large": 1}
+    assert failures(m) == {"too_large": 1}
+    t = totals(m)
+    assert MiB < t.pop("received_bytes_total") <= 2 * MiB
+    assert t == {"uploads_started_total": 1}  # the declared one never started
+    # The declared size is refused before the existence check: only the chunked one asks S3.
+    assert storage_calls(m) == {"head_object": 1}
+    await assert_nothing_left(s3, proxy.prefix)
+
+
+async def test_live_progress_series_exist_only_while_the_upload_runs(
+    start_proxy: StartProxy,
+) -> None:
+    proxy = await start_proxy()
+    size = 8 * MiB
+    req = await RawRequest.open(proxy.host, proxy.port, put_head(proxy.host, "live.bin", size))
+    try:
+        await req.send(os.urandom(6 * MiB))
+
+        def progressed(m: Samples) -> bool:
+            stored = series(m, "proxy_active_upload_stored_bytes_total")
+            return list(stored.values()) == [5 * MiB]
+
+        m = await eventually(proxy.url, progressed)
+        ((labels, received),) = series(m, "proxy_active_upload_received_bytes_total").items()
+        upload_id = dict(labels)["upload"]
+        assert received == 6 * MiB
+        assert value(m, "proxy_active_upload_start_time_seconds", upload=upload_id)
+        assert value(m, "proxy_uploads_in_flight") == 1
+
+        async with aiohttp.ClientSession() as s, s.get(f"{proxy.url}/status") as r:
+            status = await r.json()
+        (active,) = status["uploads"]
+        assert active["id"] == upload_id
+        assert active["key"] == f"{proxy.prefix}live.bin"
+        assert active["received_bytes"] == 6 * MiB and active["stored_bytes"] == 5 * MiB
+        assert active["age_s"] > 0 and active["rate_bytes_per_s"] > 0
+
+        await req.send(os.urandom(size - 6 * MiB))
+        code, _, _ = await req.response()
+        assert code == 201
+    finally:
+        req.close()
+    m = await scrape(proxy.url)
+    for name in (
+        "proxy_active_upload_received_bytes_total",
+        "proxy_active_upload_stored_bytes_total",
+        "proxy_active_upload_start_time_seconds",
+    ):
+        assert series(m, name) == {}, name
+    assert value(m, "proxy_uploads_in_flight") == 0
+
+
+async def test_exposition_passes_promtool_check_metrics(start_proxy: StartProxy) -> None:
+    proxy = await start_proxy()
+    async with aiohttp.ClientSession() as s:
+        async with s.put(f"{proxy.url}/uploads/a.bin", data=os.urandom(6 * MiB)) as r:
+            assert r.status == 201
+        async with s.put(f"{proxy.url}/uploads/a.bin", data=b"again") as r:
+            assert r.status == 409
+    text = await scrape_text(proxy.url)
+    assert "proxy_buffer_pool_budget_bytes" in text and "process_resident_memory_bytes" in text
+    code, out = await run_promtool("check", "metrics", stdin=text)
+    assert code == 0, out
+
+
+async def test_metrics_listen_serves_metrics_without_upload_routes(
+    seaweed: EmbeddedSeaweed, prefix: str
+) -> None:
+    config = make_config(seaweed, prefix, server={"metrics_listen": "127.0.0.1:0"})
+    async with s3_for(seaweed) as storage:
+        server = Server(config, Runtime(config, storage=storage))
+        task = asyncio.create_task(server.serve(install_signals=False))
+        try:
+            async with asyncio.timeout(10):
+                await server.listening.wait()
+            main = f"http://127.0.0.1:{server.port}"
+            side = f"http://127.0.0.1:{server.metrics_port}"
+            assert server.metrics_port != server.port
+            async with aiohttp.ClientSession() as s:
+                async with s.put(f"{main}/uploads/m.bin", data=b"x" * 1000) as r:
+                    assert r.status == 201
+                for path, want in (
+                    ("/metrics", 200),
+                    ("/readyz", 200),
+                    ("/healthz", 200),
+                    ("/status", 404),
+                    ("/uploads/m.bin", 404),
+                ):
+                    async with s.get(f"{side}{path}") as r:
+                        assert r.status == want, path
+                async with s.put(f"{side}/uploads/x.bin", data=b"x") as r:
+                    assert r.status in (404, 405)
+            # Both listeners read the same registry.
+            for url in (main, side):
+                assert value(await scrape(url), "proxy_uploads_completed_total") == 1
+        finally:
+            server.request_stop()
+            await task
