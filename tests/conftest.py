@@ -18,6 +18,7 @@ from aiohttp import web
 
 from proxy.app import Runtime, build_app
 from proxy.config import Config, from_dict
+from proxy.server import runner_kwargs
 from proxy.storage.s3 import S3Storage
 from proxy.storage.seaweed import Credentials, EmbeddedSeaweed
 
@@ -69,9 +70,12 @@ def make_config(sw: EmbeddedSeaweed, prefix: str, **sections: dict[str, Any]) ->
     data: dict[str, Any] = {
         "server": {"listen": "127.0.0.1:0", "drain_timeout_s": 5},
         "upload": {"key_prefix": prefix, "part_size": "5MiB", "memory_budget": "64MiB",
+                   "max_upload_size": "1GiB",
                    "part_checksum": "crc32"},
         "storage": {"backend": "s3", "bucket": BUCKET, "endpoint_url": sw.endpoint_url,
                     "retry_attempts": 2, "retry_base_delay_s": 0.05},
+        # Tests that are not about auth run open; tests/test_auth.py turns it on.
+        "auth": {"mode": "none"},
     }
     for name, values in sections.items():
         data.setdefault(name, {}).update(values)
@@ -110,8 +114,7 @@ async def start_proxy(seaweed: EmbeddedSeaweed, prefix: str) -> AsyncIterator[St
             async def close_owned(_: web.Application) -> None:
                 await owned.close()
             app.on_cleanup.append(close_owned)
-        runner = web.AppRunner(app, shutdown_timeout=config.server.drain_timeout_s,
-                               lingering_time=config.server.lingering_time_s)
+        runner = web.AppRunner(app, **runner_kwargs(config))
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
