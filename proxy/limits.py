@@ -4,12 +4,13 @@
   the TCP peer is a configured trusted proxy; otherwise anyone could pick the address
   the per-client limit counts against.
 * :class:`UploadSlots` caps uploads in total (503, the server is full) and per client
-  (429, this client is asking for too much).
+  (429, this client is asking for too much), and drains them on shutdown.
 * :class:`ContentPolicy` is the content-type and extension allowlist (415).
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -89,12 +90,25 @@ class ClientLimit(ProxyError):
     reason = "client_limit"
 
 
+class ShuttingDown(ProxyError):
+    code = "ERR_SHUTTING_DOWN"
+    status = 503
+    reason = "shutting_down"
+
+
 class UploadSlots:
-    """Counts running uploads, in total and per client address.
+    """Counts running uploads, in total and per client address, and drains them.
 
     ``check`` is for the Expect handler (nothing is held yet); ``hold`` re-checks and
     takes the slot in one synchronous step, so the two can race only in the harmless
     direction (a 100 Continue followed by a 429).
+
+    Why the drain is ours and not aiohttp's: once its shutdown starts, aiohttp drops
+    every byte that arrives on open connections (``RequestHandler.data_received``
+    returns early when closing), so an upload in flight can never finish inside
+    ``AppRunner(shutdown_timeout=...)``.  :meth:`drain` runs *before* the runner's
+    cleanup, while connections still read: it refuses new uploads, waits for the
+    running ones, and cancels (so aborts) the rest when the drain timeout is up.
     """
 
     def __init__(self, total: int, per_client: int, retry_after_s: int = 5) -> None:
@@ -104,9 +118,18 @@ class UploadSlots:
         self.per_client = per_client
         self._retry_after = str(retry_after_s)
         self._by_client: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[object]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
         self.in_use = 0
+        self.closed = False
 
     def check(self, client: str) -> None:
+        if self.closed:
+            raise ShuttingDown(
+                "the server is shutting down; retry shortly",
+                headers={"Retry-After": self._retry_after},
+            )
         if self.in_use >= self.total:
             raise TooManyUploads(
                 f"the server runs {self.total} uploads already; retry later",
@@ -121,17 +144,43 @@ class UploadSlots:
     @contextmanager
     def hold(self, client: str) -> Iterator[None]:
         self.check(client)
+        task = asyncio.current_task()
         self.in_use += 1
         self._by_client[client] = self._by_client.get(client, 0) + 1
+        self._idle.clear()
+        if task is not None:
+            self._tasks.add(task)
         try:
             yield
         finally:
+            if task is not None:
+                self._tasks.discard(task)
             self.in_use -= 1
+            if not self.in_use:
+                self._idle.set()
             left = self._by_client[client] - 1
             if left:
                 self._by_client[client] = left
             else:
                 del self._by_client[client]  # the map never outgrows the running uploads
+
+    async def drain(self, timeout_s: float, cancel_grace_s: float) -> int:
+        """Refuse new uploads, wait up to ``timeout_s`` for the running ones, then cancel
+        the rest and give their aborts ``cancel_grace_s``.  Returns how many were cancelled."""
+        self.closed = True
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
+            return 0
+        except TimeoutError:
+            pass
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            # The tasks abort their multipart uploads (shielded) while unwinding.
+            await asyncio.wait(tasks, timeout=cancel_grace_s)
+        return len(tasks)
 
 
 class NotAllowed(ProxyError):

@@ -32,6 +32,11 @@ MAX_HEADERS = 128
 # N connections x this stays negligible next to the part-buffer budget.
 READ_BUFSIZE = 256 * 1024
 STORAGE_CHECK_TIMEOUT_S = 10.0
+# After the drain, uploads still running are cancelled; this is how long their
+# multipart aborts may take (streaming.ABORT_TIMEOUT_S bounds each one).
+ABORT_GRACE_S = 35.0
+# What aiohttp's own shutdown still waits for: only non-upload requests are left then.
+RUNNER_SHUTDOWN_TIMEOUT_S = 5.0
 
 
 def runner_kwargs(config: Config) -> dict[str, Any]:
@@ -39,7 +44,7 @@ def runner_kwargs(config: Config) -> dict[str, Any]:
     sc = config.server
     return {
         "access_log": None,
-        "shutdown_timeout": sc.drain_timeout_s,
+        "shutdown_timeout": RUNNER_SHUTDOWN_TIMEOUT_S,
         "lingering_time": sc.lingering_time_s,
         # Larger headers are refused (400/431) by aiohttp's parser (slow-loris with headers).  The
         # request line carries signed-URL fields and up to 1 KiB of key, hence both.
@@ -102,6 +107,21 @@ class Server:
             last_bytes, last_t = nbytes, now
             self.notifier.status(status_line(ctx, rate))
 
+    async def _drain(self, ctx: UploadContext, site: web.BaseSite) -> None:
+        """Stop listening, let running uploads finish, cancel (abort) the rest."""
+        sc = self.config.server
+        server = getattr(site, "_server", None)
+        if server is not None:
+            # Only the listening socket closes; open connections keep reading bodies.
+            server.close()
+        cancelled = await ctx.slots.drain(sc.drain_timeout_s, ABORT_GRACE_S)
+        if cancelled:
+            log.warning(
+                "drain timeout (%.0fs) reached: aborted %d running uploads",
+                sc.drain_timeout_s,
+                cancelled,
+            )
+
     async def serve(self, install_signals: bool = True) -> None:
         loop = asyncio.get_running_loop()
         if install_signals:
@@ -139,6 +159,7 @@ class Server:
                 sc.drain_timeout_s,
                 in_flight,
             )
+            await self._drain(app[UPLOADS], site)
         finally:
             # The watchdog keeps pinging through the drain: TimeoutStopSec bounds it instead.
             await runner.cleanup()

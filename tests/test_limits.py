@@ -31,7 +31,7 @@ def test_client_info(remote: str, xff: str | None, proto: str | None, want: Clie
     assert client_info(remote, xff, proto, "http", LOOPBACK) == want
 
 
-def test_slots_release_and_forget_clients() -> None:
+async def test_slots_release_and_forget_clients() -> None:
     slots = UploadSlots(total=2, per_client=1)
     with slots.hold("a"):
         with pytest.raises(Exception, match="per client"):
@@ -39,6 +39,31 @@ def test_slots_release_and_forget_clients() -> None:
         with slots.hold("b"), pytest.raises(Exception, match="retry later"):
             slots.check("c")
     assert slots.in_use == 0 and not slots._by_client
+    assert await slots.drain(timeout_s=0.1, cancel_grace_s=1) == 0  # idle: nothing to cancel
+    with pytest.raises(Exception, match="shutting down"):
+        slots.check("a")
+
+
+async def test_drain_cancels_what_outlives_the_timeout() -> None:
+    slots = UploadSlots(total=4, per_client=4)
+    unwound = asyncio.Event()
+
+    async def quick() -> None:
+        with slots.hold("a"):
+            await asyncio.sleep(0.05)
+
+    async def stuck() -> None:
+        with slots.hold("b"):
+            try:
+                await asyncio.sleep(60)
+            finally:
+                unwound.set()
+
+    tasks = [asyncio.create_task(quick()), asyncio.create_task(stuck())]
+    await asyncio.sleep(0.01)
+    assert await slots.drain(timeout_s=0.3, cancel_grace_s=1) == 1
+    assert unwound.is_set() and tasks[0].done() and not tasks[0].cancelled()
+    assert tasks[1].cancelled() and slots.in_use == 0
 
 
 def test_content_policy() -> None:
@@ -67,7 +92,7 @@ class Trickle:
 async def running(p: Any, n: int) -> None:
     """Wait until the proxy counts ``n`` running uploads."""
     async with asyncio.timeout(5):
-        while p.runtime.uploads.slots.in_use < n:  # noqa: ASYNC110 - no event to wait on
+        while p.runtime.uploads.slots.in_use < n:
             await asyncio.sleep(0.01)
 
 
