@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG ?= config.toml
 
-.PHONY: install run test test-fast lint bench clean
+.PHONY: install run test test-fast test-deps check-systemd lint bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,11 +19,27 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python -m proxy -c $(CONFIG)
 
+## System packages the tests run for real: nginx (in front of the proxy) and
+## systemd-analyze (unit checks).  Installed with apt when missing and we are root;
+## otherwise the tests that need them say so and skip.
+test-deps:
+	@missing=""; \
+	command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing="$$missing nginx"; \
+	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	elif [ -n "$$missing" ]; then echo "not installed (tests will skip):$$missing"; fi
+
 ## The whole test suite, against a real SeaweedFS the tests start on loopback.
-test: $(STAMP)
+test: $(STAMP) test-deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-test-fast: $(STAMP)
+## systemd-analyze verify + security (exposure <= 2.0) on systemd/upload-proxy.service.
+check-systemd: $(STAMP) test-deps
+	systemd/check-unit.sh systemd/upload-proxy.service $(abspath $(BIN))/upload-proxy 2.0
+
+test-fast: $(STAMP) test-deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
 
 lint: $(STAMP)
