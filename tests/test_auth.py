@@ -7,6 +7,7 @@ import logging
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 import aiohttp
 import pytest
@@ -134,8 +135,13 @@ async def test_expect_100_continue_refused_before_body(
 
 
 async def test_signed_url_scope_size_expiry(
-    start_proxy: StartProxy, s3: Any, prefix: str, tmp_path: Path
+    start_proxy: StartProxy,
+    s3: Any,
+    prefix: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.DEBUG)
     p = await start_proxy(auth=auth_section(tmp_path))
     secret = SECRET.encode()
     q = sign_url(secret, "PUT", key="photos/a.jpg", max_size_bytes=6 * MiB)
@@ -170,6 +176,8 @@ async def test_signed_url_scope_size_expiry(
     assert (status, body["code"]) == (413, "ERR_TOO_LARGE")
     assert await s3.list_multipart(prefix) == []
     assert await s3.head(f"{prefix}big.bin") is None
+    sigs = [v for k, v in parse_qsl(q + "&" + q2) if k == "sig"]
+    assert sigs and not any(sig in caplog.text for sig in sigs)
 
 
 async def test_signed_prefix_post_puts_keys_under_prefix(
