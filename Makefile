@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG ?= config.toml
 
-.PHONY: install tools run test test-fast lint bench clean
+.PHONY: install run test test-fast test-deps check-systemd lint bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,26 +19,32 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python -m proxy -c $(CONFIG)
 
-## promtool (Debian's prometheus package) for the contrib/ checks in the suite: installed
-## when missing and we are root; otherwise those tests skip and say so.  On a machine
-## with systemd the package also enables a local Prometheus service; containers and CI
-## runners do not start it.
-tools:
-	@command -v promtool >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing promtool (apt-get install prometheus)"; \
-	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-	      apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } \
-	    || echo "apt-get failed: the promtool checks will be skipped"; \
-	  else \
-	    echo "promtool missing and not root: the promtool checks will be skipped"; \
-	  fi; }
+## System packages the tests run for real: nginx (in front of the proxy), systemd-analyze
+## (unit checks) and promtool (Debian's prometheus package: metrics, rules, dashboard checks).
+## Installed with apt when missing and we are root; otherwise the tests that need them say
+## so and skip.  On a machine with systemd the prometheus package also enables a local
+## Prometheus service; containers and CI runners do not start it.
+test-deps:
+	@missing=""; \
+	command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing="$$missing nginx"; \
+	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
+	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing:$$missing"; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		  apt-get install -y -qq --no-install-recommends $$missing >/dev/null; } \
+		|| echo "apt-get failed: tests needing$$missing will skip"; \
+	elif [ -n "$$missing" ]; then echo "not installed (tests will skip):$$missing"; fi
 
 ## The whole test suite, against a real SeaweedFS the tests start on loopback.
-test: $(STAMP) tools
+test: $(STAMP) test-deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-test-fast: $(STAMP)
+## systemd-analyze verify + security (exposure <= 2.0) on systemd/upload-proxy.service.
+check-systemd: $(STAMP) test-deps
+	systemd/check-unit.sh systemd/upload-proxy.service $(abspath $(BIN))/upload-proxy 2.0
+
+test-fast: $(STAMP) test-deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
 
 lint: $(STAMP)

@@ -189,6 +189,8 @@ part_checksum = "{args.part_checksum}"
 hash_in_thread = {"false" if args.no_hash_thread else "true"}
 memory_budget = "{args.memory_budget}"
 admission_timeout_s = 60
+[auth]
+mode = "none"
 [storage]
 backend = "s3"
 bucket = "{BUCKET}"

@@ -1,4 +1,9 @@
-"""argv -> config -> run.  Exit codes: 0 clean stop, 1 failure, 2 usage, 78 bad config."""
+"""argv -> config -> run.  Exit codes: 0 clean stop, 1 failure, 2 usage, 78 bad config.
+
+Subcommands for operators: ``sign`` mints a signed upload URL with the configured
+secret; ``hash-token`` turns a bearer token (read from stdin, so it stays out of
+shell history and ``ps``) into the ``sha256:...`` form config.toml stores.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from typing import Any
 import prometheus_client
 
 from proxy import __version__
-from proxy.config import ConfigError, LoggingConfig, load
+from proxy.config import Config, ConfigError, LoggingConfig, load, parse_size
 
 EX_CONFIG = 78
 
@@ -51,18 +56,72 @@ def setup_logging(cfg: LoggingConfig) -> None:
     logging.getLogger("aiobotocore").setLevel(max(logging.INFO, root.level))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="upload-proxy", description=__doc__)
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="upload-proxy", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", default="config.toml", help="path to config.toml")
     parser.add_argument("--check-config", action="store_true",
                         help="validate the config and exit (0 ok, 78 bad)")
     parser.add_argument("--version", action="version", version=__version__)
-    args = parser.parse_args(argv)
+    sub = parser.add_subparsers(dest="command")
+    sign = sub.add_parser("sign", help="print a signed upload URL")
+    # SUPPRESS: "upload-proxy sign -c X" and "upload-proxy -c X sign" both work.
+    sign.add_argument("-c", "--config", default=argparse.SUPPRESS, help="path to config.toml")
+    scope = sign.add_mutually_exclusive_group(required=True)
+    scope.add_argument("--key", help="allow exactly this key (PUT /uploads/<key>)")
+    scope.add_argument("--prefix", help="allow keys under this prefix (must end with '/')")
+    sign.add_argument("--method", default=None, choices=("PUT", "POST"),
+                      help="default: PUT for --key, POST for --prefix")
+    sign.add_argument("--expires-in", type=float, default=3600, help="seconds (default 3600)")
+    sign.add_argument("--max-size", default=None, help="largest body, e.g. 100MiB")
+    sign.add_argument("--base-url", default="http://127.0.0.1:8080",
+                      help="public URL of the proxy, e.g. https://uploads.example.org")
+    sub.add_parser("hash-token", help="read a bearer token on stdin, print its sha256: form")
+    return parser
+
+
+def _sign(args: argparse.Namespace, config: Config) -> int:
+    from urllib.parse import quote
+
+    from proxy.auth import sign_url
+
+    if not config.auth.signing_secret:
+        print("upload-proxy: auth.signing_secret_file is not set", file=sys.stderr)
+        return EX_CONFIG
+    method = args.method or ("PUT" if args.key is not None else "POST")
+    try:
+        max_size = parse_size(args.max_size) if args.max_size else None
+        query = sign_url(config.auth.signing_secret, method, key=args.key, prefix=args.prefix,
+                         expires_in_s=args.expires_in, max_size_bytes=max_size)
+    except ValueError as e:
+        print(f"upload-proxy sign: {e}", file=sys.stderr)
+        return 2
+    path = f"/uploads/{quote(args.key)}" if method == "PUT" and args.key else "/uploads"
+    if method == "PUT" and args.key is None:
+        path = "/uploads/<key under the prefix>"
+    print(f"{method} {args.base_url.rstrip('/')}{path}?{query}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "hash-token":
+        from proxy.auth import hash_token
+
+        token = sys.stdin.readline().strip()
+        if len(token) < 16:
+            print("upload-proxy hash-token: a token needs at least 16 characters",
+                  file=sys.stderr)
+            return 2
+        print(hash_token(token))
+        return 0
     try:
         config = load(args.config)
     except ConfigError as e:
         print(f"upload-proxy: bad configuration\n{e}", file=sys.stderr)
         return EX_CONFIG
+    if args.command == "sign":
+        return _sign(args, config)
     if args.check_config:
         print(f"{args.config}: ok")
         return 0
@@ -76,10 +135,11 @@ def main(argv: list[str] | None = None) -> int:
         runner: Any = uvloop.run
     except ImportError:  # pragma: no cover - uvloop is a dependency; stay usable without it
         runner = asyncio.run
+    from proxy.sdnotify import Notifier
     from proxy.server import Server
 
     try:
-        runner(Server(config).serve())
+        runner(Server(config, notifier=Notifier.from_environ()).serve())
     except Exception:
         logging.getLogger(__name__).exception("fatal error")
         return 1

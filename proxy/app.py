@@ -12,17 +12,20 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from proxy import __version__, http_ops
+from proxy.auth import Authenticator
 from proxy.buffers import BufferPool
 from proxy.config import Config
 from proxy.errors import REASONS, ProxyError, StorageError, StorageUnavailable
 from proxy.http_ops import MetricsHooks, Ops, Readiness, samplers_ctx
 from proxy.http_upload import UPLOADS, UploadContext, UploadHooks, add_routes
+from proxy.limits import ContentPolicy, UploadSlots
 from proxy.memory import MemoryMonitor, MemoryReader, read_memory
 from proxy.metrics import Metrics
 from proxy.responses import error_response
-from proxy.storage.base import Storage
+from proxy.storage.base import OpenMultipart, Storage
 from proxy.storage.s3 import S3Storage
 from proxy.storage.seaweed import EmbeddedSeaweed, load_or_create_credentials
+from proxy.sweeper import LiveUploadPredicate, StaleSweeper
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,13 @@ class Runtime:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     memory_reader: MemoryReader = read_memory
     ops: Ops = field(init=False)
+
+    # "Is this open multipart upload owned by a live tus upload?"  The stale sweeper
+    # never aborts one it claims.  None: no such uploads (tus is not mounted).
+    upload_is_live: LiveUploadPredicate | None = None
+    sweeper: StaleSweeper | None = None
+    # Set by build_app: what the upload handlers share (slots, stats), for status reports.
+    uploads: UploadContext | None = None
 
     def __post_init__(self) -> None:
         uc = self.config.upload
@@ -181,17 +191,49 @@ async def _uploads_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
 
 
+async def _sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
+    rt = app[RUNTIME]
+    uc = rt.config.upload
+    if uc.stale_upload_after_s <= 0:
+        yield
+        return
+    assert rt.storage is not None
+    ctx = app[UPLOADS]
+
+    def live(upload: OpenMultipart) -> bool:
+        # Read upload_is_live at call time so a tus layer may plug in after start-up.
+        if upload.key in ctx.active_keys:
+            return True
+        return rt.upload_is_live is not None and rt.upload_is_live(upload)
+
+    rt.sweeper = StaleSweeper(rt.storage, uc.key_prefix, older_than_s=uc.stale_upload_after_s,
+                              is_live=live)
+    task = asyncio.create_task(rt.sweeper.run(uc.sweep_interval_s), name="stale-sweeper")
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 def build_app(runtime: Runtime) -> web.Application:
     app = web.Application(middlewares=[error_middleware])
     app[RUNTIME] = runtime
-    app[UPLOADS] = UploadContext(
-        config=runtime.config.upload,
-        bucket=runtime.config.storage.bucket,
+    cfg = runtime.config
+    app[UPLOADS] = runtime.uploads = UploadContext(
+        config=cfg.upload,
+        bucket=cfg.storage.bucket,
         hooks=runtime.hooks or MetricsHooks(runtime.ops.metrics),
         admit=runtime.ops.memory.check_admission,
+        auth=Authenticator(enabled=cfg.auth.enabled, token_sha256=cfg.auth.token_sha256,
+                           signing_secret=cfg.auth.signing_secret),
+        slots=UploadSlots(cfg.limits.max_concurrent_uploads, cfg.limits.max_uploads_per_client),
+        policy=ContentPolicy(cfg.limits.allowed_content_types, cfg.limits.allowed_extensions),
+        trusted_proxies=cfg.server.trusted_proxies,
     )
     app.cleanup_ctx.append(_storage_ctx)
     app.cleanup_ctx.append(_uploads_ctx)
+    app.cleanup_ctx.append(_sweeper_ctx)
     app.cleanup_ctx.append(samplers_ctx)
     add_routes(app)
     http_ops.add_routes(app, runtime.ops)

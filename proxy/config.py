@@ -8,6 +8,8 @@ operator fixes the file in one go.  ``python -m proxy`` exits 78 (EX_CONFIG) on 
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import re
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -25,6 +27,12 @@ BACKENDS = ("embedded", "s3")
 ADDRESSING_STYLES = ("path", "virtual", "auto")
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+AUTH_MODES = ("required", "none")
+# A token hash as written in config.toml / a token file: "sha256:" + 64 hex digits.
+_TOKEN_HASH_RE = re.compile(r"^sha256:([0-9a-f]{64})$")
+MIN_SECRET_BYTES = 32
+_MEDIA_TYPE_RE = re.compile(r"^[a-z0-9!#$&^_.+-]+/(?:\*|[a-z0-9!#$&^_.+-]+)$")
+_EXTENSION_RE = re.compile(r"^\.[a-z0-9]{1,16}$")
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {
@@ -72,6 +80,9 @@ class ServerConfig:
     lingering_time_s: float = 5.0
     # None: /metrics is served on the main listener only.
     metrics_listen: tuple[str, int] | None = None
+    max_header_bytes: int = 16 * 1024
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    status_interval_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -86,6 +97,8 @@ class UploadConfig:
     idle_timeout_s: float = 60.0
     part_checksum: str = "none"
     hash_in_thread: bool = True
+    stale_upload_after_s: float = 86400.0
+    sweep_interval_s: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -124,6 +137,27 @@ class MemoryConfig:
 
 
 @dataclass(frozen=True)
+class AuthConfig:
+    """Who may upload.  Only hashes of tokens are kept; the secret never appears in a repr."""
+
+    mode: str = "required"
+    token_sha256: tuple[bytes, ...] = field(default=(), repr=False)
+    signing_secret: bytes = field(default=b"", repr=False)
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_concurrent_uploads: int = 64
+    max_uploads_per_client: int = 8
+    allowed_content_types: tuple[str, ...] = ()
+    allowed_extensions: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str = "info"
     format: str = "text"
@@ -135,6 +169,8 @@ class Config:
     upload: UploadConfig = field(default_factory=UploadConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -183,6 +219,14 @@ class _Reader:
             return default
         return value
 
+    def strings(self, key: str) -> list[str]:
+        # No value is echoed: a list of tokens typed as one string must not reach a log.
+        value = self.table.pop(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            self._bad(key, "expected a list of strings")
+            return []
+        return value
+
     def table_of(self, key: str) -> dict[str, Any]:
         value = self.table.pop(key, {})
         if not isinstance(value, dict):
@@ -226,14 +270,32 @@ def _server(r: _Reader) -> ServerConfig:
         drain_timeout_s=r.positive("drain_timeout_s", float, d.drain_timeout_s, allow_zero=True),
         lingering_time_s=r.positive("lingering_time_s", float, d.lingering_time_s, allow_zero=True),
         metrics_listen=metrics_listen,
+        max_header_bytes=r.size("max_header_bytes", d.max_header_bytes),
+        trusted_proxies=tuple(_networks(r, "trusted_proxies")),
+        status_interval_s=r.positive("status_interval_s", float, d.status_interval_s),
     )
     r.check(
         metrics_listen != (host, port) or port == 0,
         "metrics_listen",
         "must differ from listen (/metrics is served there anyway)",
     )
+    r.check(
+        1024 <= cfg.max_header_bytes <= 1024 * 1024,
+        "max_header_bytes",
+        f"must be between 1KiB and 1MiB; got {cfg.max_header_bytes}",
+    )
     r.finish()
     return cfg
+
+
+def _networks(r: _Reader, key: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    out = []
+    for value in r.strings(key):
+        try:
+            out.append(ipaddress.ip_network(value, strict=False))
+        except ValueError:
+            r.check(False, key, f"not an IP address or CIDR: {value!r}")
+    return out
 
 
 def _upload(r: _Reader) -> UploadConfig:
@@ -249,6 +311,14 @@ def _upload(r: _Reader) -> UploadConfig:
         idle_timeout_s=r.positive("idle_timeout_s", float, d.idle_timeout_s),
         part_checksum=r.choice("part_checksum", PART_CHECKSUMS, d.part_checksum),
         hash_in_thread=r.get("hash_in_thread", bool, d.hash_in_thread),
+        stale_upload_after_s=r.positive("stale_upload_after_s", float, d.stale_upload_after_s,
+                                        allow_zero=True),
+        sweep_interval_s=r.positive("sweep_interval_s", float, d.sweep_interval_s),
+    )
+    r.check(
+        cfg.stale_upload_after_s == 0 or cfg.stale_upload_after_s >= 60,
+        "stale_upload_after_s",
+        "must be 0 (sweeper off) or at least 60: a younger upload may still be running",
     )
     part = cfg.part_size_bytes
     r.check(
@@ -356,6 +426,89 @@ def _memory(r: _Reader, budget_bytes: int) -> MemoryConfig:
     return cfg
 
 
+def _read_secret_file(r: _Reader, key: str, path_str: str) -> str:
+    try:
+        return Path(path_str).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        # The message names the file, never its content.
+        r.check(False, key, f"cannot read {path_str}: {getattr(e, 'strerror', None) or e}")
+        return ""
+
+
+def _token_hash(r: _Reader, key: str, entry: str, *, plain_ok: bool) -> bytes | None:
+    m = _TOKEN_HASH_RE.match(entry.strip().lower())
+    if m:
+        return bytes.fromhex(m.group(1))
+    if plain_ok and len(entry.strip()) >= 16 and not entry.strip().startswith("sha256:"):
+        # A plain token in a token file is hashed at once; only the hash is kept.
+        return hashlib.sha256(entry.strip().encode()).digest()
+    what = "a \"sha256:<64 hex>\" hash or a plain token of >= 16 characters" if plain_ok \
+        else "a \"sha256:<64 hex>\" hash (upload-proxy hash-token makes one)"
+    # Never echo the entry: it may be a token pasted in the wrong place.
+    r.check(False, key, f"an entry is not {what}")
+    return None
+
+
+def _auth(r: _Reader, base: Path) -> AuthConfig:
+    d = AuthConfig()
+    mode = r.choice("mode", AUTH_MODES, d.mode)
+    hashes: list[bytes] = []
+    for entry in r.strings("tokens"):
+        h = _token_hash(r, "tokens", entry, plain_ok=False)
+        if h is not None:
+            hashes.append(h)
+    token_file = r.get("token_file", str, "")
+    if token_file:
+        path = Path(token_file) if Path(token_file).is_absolute() else base / token_file
+        for line in _read_secret_file(r, "token_file", str(path)).splitlines():
+            if line.strip() and not line.lstrip().startswith("#"):
+                h = _token_hash(r, "token_file", line, plain_ok=True)
+                if h is not None:
+                    hashes.append(h)
+    secret = b""
+    secret_file = r.get("signing_secret_file", str, "")
+    if secret_file:
+        path = Path(secret_file) if Path(secret_file).is_absolute() else base / secret_file
+        secret = _read_secret_file(r, "signing_secret_file", str(path)).strip().encode()
+        r.check(
+            not path.is_file() or len(secret) >= MIN_SECRET_BYTES,
+            "signing_secret_file",
+            f"the secret must be at least {MIN_SECRET_BYTES} bytes "
+            "(e.g. openssl rand -hex 32)",
+        )
+    r.check(
+        mode == "none" or bool(hashes) or bool(secret),
+        "mode",
+        "\"required\" needs tokens, a token_file or a signing_secret_file; "
+        "set mode = \"none\" to accept uploads from anyone who can reach the port",
+    )
+    r.finish()
+    return AuthConfig(mode=mode, token_sha256=tuple(hashes), signing_secret=secret)
+
+
+def _limits(r: _Reader) -> LimitsConfig:
+    d = LimitsConfig()
+    types = [t.strip().lower() for t in r.strings("allowed_content_types")]
+    for t in types:
+        r.check(_MEDIA_TYPE_RE.match(t) is not None, "allowed_content_types",
+                f"not a media type such as \"image/png\" or \"image/*\": {t!r}")
+    exts = [e.strip().lower() for e in r.strings("allowed_extensions")]
+    exts = [e if e.startswith(".") else "." + e for e in exts]
+    for e in exts:
+        r.check(_EXTENSION_RE.match(e) is not None, "allowed_extensions",
+                f"not an extension such as \".jpg\" (1-16 letters or digits): {e!r}")
+    cfg = LimitsConfig(
+        max_concurrent_uploads=r.positive("max_concurrent_uploads", int,
+                                          d.max_concurrent_uploads),
+        max_uploads_per_client=r.positive("max_uploads_per_client", int,
+                                          d.max_uploads_per_client),
+        allowed_content_types=tuple(types),
+        allowed_extensions=tuple(exts),
+    )
+    r.finish()
+    return cfg
+
+
 def _logging(r: _Reader) -> LoggingConfig:
     d = LoggingConfig()
     cfg = LoggingConfig(
@@ -382,6 +535,8 @@ def from_dict(data: dict[str, Any], *, base_dir: Path | None = None, source: str
         upload=upload,
         storage=_storage(section["storage"], base),
         memory=_memory(section["memory"], upload.memory_budget_bytes),
+        auth=_auth(section["auth"], base),
+        limits=_limits(section["limits"]),
         logging=_logging(section["logging"]),
     )
     if problems:

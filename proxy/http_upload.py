@@ -4,6 +4,11 @@ Everything that can be decided from the headers is decided before the first
 body byte is read, and, when the client sent ``Expect: 100-continue``, before we
 tell it to send the body at all: memory pressure, bad key, declared size over the
 limit, existing key.  The body itself is handed to :class:`~proxy.streaming.PartStreamer`.
+
+Those checks live in one preflight function per route, run by the Expect handler
+(aiohttp calls it *before* any middleware) and again, from its cached result, by the
+handler for requests without ``Expect``: authentication first (a stranger learns
+nothing about keys), then key, scope, size, content policy, concurrency, existence.
 """
 
 from __future__ import annotations
@@ -11,17 +16,20 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import logging
 import re
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from proxy.auth import Authenticator, Forbidden, Grant
 from proxy.buffers import BufferPool
 from proxy.config import UploadConfig
 from proxy.errors import (
@@ -33,6 +41,14 @@ from proxy.errors import (
     TooLarge,
 )
 from proxy.keys import full_key, generated_key
+from proxy.limits import (
+    ClientInfo,
+    ContentPolicy,
+    Network,
+    UploadSlots,
+    UploadStats,
+    client_info,
+)
 from proxy.responses import error_response
 from proxy.storage.base import Storage
 from proxy.streaming import (
@@ -75,18 +91,46 @@ def admit_all() -> None:
     """The admission check when nothing limits new uploads."""
 
 
+class _Counting:
+    """Adds received bytes to the shared stats, then passes every event on."""
+
+    def __init__(self, stats: UploadStats, inner: StreamObserver | None) -> None:
+        self._stats = stats
+        self._inner = inner
+
+    def received(self, nbytes: int) -> None:
+        self._stats.received_bytes += nbytes
+        if self._inner is not None:
+            self._inner.received(nbytes)
+
+    def hashed(self, nbytes: int, seconds: float) -> None:
+        if self._inner is not None:
+            self._inner.hashed(nbytes, seconds)
+
+    def stored(self, nbytes: int) -> None:
+        if self._inner is not None:
+            self._inner.stored(nbytes)
+
+
 @dataclass
 class UploadContext:
     """What the upload handlers use.  Storage and pool are filled in at start-up.
 
     ``admit`` raises a :class:`ProxyError` when no new upload may start now (memory
-    pressure); it runs before anything else, the Expect handler included.
+    pressure); it runs right after authentication, the Expect handler included.
     """
 
     config: UploadConfig
     bucket: str
     hooks: UploadHooks
+    auth: Authenticator
+    slots: UploadSlots
     admit: Callable[[], None] = admit_all
+    policy: ContentPolicy = field(default_factory=ContentPolicy)
+    trusted_proxies: tuple[Network, ...] = ()
+    stats: UploadStats = field(default_factory=UploadStats)
+    # Keys with a plain upload running in this process: the stale sweeper spares them.
+    active_keys: Counter[str] = field(default_factory=Counter)
     _storage: Storage | None = None
     _pool: BufferPool | None = None
 
@@ -116,8 +160,44 @@ class UploadContext:
 
 
 UPLOADS = web.AppKey("uploads", UploadContext)
-_PREFLIGHT = web.RequestKey("preflight", tuple)
+_PREFLIGHT = web.RequestKey("preflight", "Preflight")
+_CLIENT = web.RequestKey("client", ClientInfo)
+_GRANT = web.RequestKey("grant", Grant)
 _STREAMED = web.RequestKey("streamed", bool)
+
+
+def request_client(request: web.Request) -> ClientInfo:
+    """The real client behind trusted proxies (cached per request)."""
+    info = request.get(_CLIENT)
+    if info is None:
+        info = client_info(request.remote, request.headers.get("X-Forwarded-For"),
+                           request.headers.get("X-Forwarded-Proto"), request.scheme,
+                           request.app[UPLOADS].trusted_proxies)
+        request[_CLIENT] = info
+    assert isinstance(info, ClientInfo)
+    return info
+
+
+def authorize(request: web.Request) -> Grant:
+    """Authenticate once per request; raises 401/403 as a ProxyError."""
+    grant = request.get(_GRANT)
+    if grant is None:
+        grant = request.app[UPLOADS].auth.authenticate(request.method, request.headers,
+                                                      request.query)
+        request[_GRANT] = grant
+    assert isinstance(grant, Grant)
+    return grant
+
+
+@dataclass(frozen=True)
+class Preflight:
+    """What the header checks decided; ``key`` is None where the server generates keys."""
+
+    key: str | None
+    size: int | None
+    limit_bytes: int
+    grant: Grant
+    client: ClientInfo
 
 
 def _b64(value: str, size: int, what: str) -> bytes:
@@ -188,20 +268,48 @@ def _content_type(request: web.Request) -> str:
     return ct if ct and len(ct) <= 255 else "application/octet-stream"
 
 
-async def _preflight_put(request: web.Request) -> tuple[str, int | None]:
+async def _preflight_put(request: web.Request) -> Preflight:
     """Checks that need no body; cached so the Expect handler and the handler share them."""
     cached = request.get(_PREFLIGHT)
     if cached is not None:
-        return cached  # type: ignore[no-any-return]
+        return cached
     ctx = request.app[UPLOADS]
+    grant = authorize(request)
     ctx.admit()
-    key = full_key(ctx.config.key_prefix, request.match_info["key"])
-    size = _declared_size(request, ctx.config.max_upload_size_bytes)
+    client_key = request.match_info["key"]
+    key = full_key(ctx.config.key_prefix, client_key)
+    grant.check_key(client_key)
+    limit = grant.limit(ctx.config.max_upload_size_bytes)
+    size = _declared_size(request, limit)
+    ctx.policy.check(request.headers.get("Content-Type"), client_key)
     expected_digests(request.headers)
+    client = request_client(request)
+    ctx.slots.check(client.ip)
     if not ctx.config.overwrite and await ctx.storage.head(key) is not None:
         raise KeyExists(f"an object with key {key!r} already exists")
-    request[_PREFLIGHT] = (key, size)
-    return key, size
+    request[_PREFLIGHT] = pre = Preflight(key, size, limit, grant, client)
+    return pre
+
+
+async def _preflight_post(request: web.Request) -> Preflight:
+    cached = request.get(_PREFLIGHT)
+    if cached is not None:
+        return cached
+    ctx = request.app[UPLOADS]
+    grant = authorize(request)
+    ctx.admit()
+    if grant.key is not None:
+        raise Forbidden("a signed URL for one key allows PUT /uploads/<key> only",
+                        code="ERR_KEY_NOT_ALLOWED")
+    limit = grant.limit(ctx.config.max_upload_size_bytes)
+    size = _declared_size(request, limit)
+    if request.content_type != "multipart/form-data":
+        # Form parts carry their own type and name; they are checked as they arrive.
+        ctx.policy.check(request.headers.get("Content-Type"), _disposition_filename(request))
+    client = request_client(request)
+    ctx.slots.check(client.ip)
+    request[_PREFLIGHT] = pre = Preflight(None, size, limit, grant, client)
+    return pre
 
 
 async def expect_put(request: web.Request) -> web.StreamResponse | None:
@@ -211,17 +319,6 @@ async def expect_put(request: web.Request) -> web.StreamResponse | None:
 
 async def expect_post(request: web.Request) -> web.StreamResponse | None:
     return await _expect(request, _preflight_post)
-
-
-def _preflight_post(request: web.Request) -> int | None:
-    cached = request.get(_PREFLIGHT)
-    if cached is not None:
-        return cached[1]  # type: ignore[no-any-return]
-    ctx = request.app[UPLOADS]
-    ctx.admit()
-    size = _declared_size(request, ctx.config.max_upload_size_bytes)
-    request[_PREFLIGHT] = (None, size)
-    return size
 
 
 async def _expect(request: web.Request, check: Callable[[web.Request], Any]) -> web.StreamResponse | None:
@@ -250,11 +347,12 @@ async def _stream_one(
     ctx = request.app[UPLOADS]
     upload_id = uuid.uuid4().hex[:16]
     request[_STREAMED] = True
-    observer = ctx.hooks.started(upload_id, spec.key)
+    observer = _Counting(ctx.stats, ctx.hooks.started(upload_id, spec.key))
     streamer = PartStreamer(ctx.storage, ctx.pool, ctx.settings, spec, observer)
     started = time.monotonic()
     result: StreamResult | None = None
     error: ProxyError | None = None
+    ctx.active_keys[spec.key] += 1
     try:
         result = await streamer.run(chunks)
         return result
@@ -269,6 +367,13 @@ async def _stream_one(
         error = ProxyError("internal error")
         raise error from e
     finally:
+        ctx.active_keys[spec.key] -= 1
+        if ctx.active_keys[spec.key] <= 0:
+            del ctx.active_keys[spec.key]
+        if error is None:
+            ctx.stats.completed += 1
+        else:
+            ctx.stats.failed += 1
         seconds = time.monotonic() - started
         nbytes = streamer.received_bytes
         rate = nbytes / seconds / 2**20 if seconds > 0 else 0.0
@@ -280,7 +385,7 @@ async def _stream_one(
                 "id": upload_id, "key": spec.key, "bytes": nbytes,
                 "sha256": result.sha256 if result else None, "duration_s": round(seconds, 3),
                 "rate_mib_s": round(rate, 2), "result": "ok" if error is None else error.code,
-                "remote": request.remote,
+                "remote": request_client(request).ip, "auth": authorize(request).via,
             }},
         )
         ctx.hooks.finished(upload_id, result, error, seconds, nbytes)
@@ -293,37 +398,44 @@ def _result_json(ctx: UploadContext, r: StreamResult, **extra: Any) -> dict[str,
 
 async def put_upload(request: web.Request) -> web.StreamResponse:
     ctx = request.app[UPLOADS]
-    key, size = await _preflight_put(request)
+    pre = await _preflight_put(request)
+    assert pre.key is not None
     spec = UploadSpec(
-        key=key,
-        max_size_bytes=ctx.config.max_upload_size_bytes,
-        declared_size=size,
+        key=pre.key,
+        max_size_bytes=pre.limit_bytes,
+        declared_size=pre.size,
         content_type=_content_type(request),
         create_only=not ctx.config.overwrite,
         expected=expected_digests(request.headers),
     )
-    chunks = body_chunks(request.content, ctx.config.idle_timeout_s)
-    result = await _stream_one(request, spec, chunks)
+    with ctx.slots.hold(pre.client.ip):
+        chunks = body_chunks(request.content, ctx.config.idle_timeout_s)
+        result = await _stream_one(request, spec, chunks)
     return web.json_response(_result_json(ctx, result), status=201)
+
+
+def _new_key(ctx: UploadContext, grant: Grant, filename: str | None) -> str:
+    """A generated key, under the signed prefix when there is one (validated like any key)."""
+    return full_key(ctx.config.key_prefix, (grant.prefix or "") + generated_key("", filename))
 
 
 async def post_upload(request: web.Request) -> web.StreamResponse:
     ctx = request.app[UPLOADS]
-    limit = ctx.config.max_upload_size_bytes
-    size = _preflight_post(request)
-    if request.content_type == "multipart/form-data":
-        return await _post_form(request, ctx)
-    filename = _disposition_filename(request)
-    spec = UploadSpec(
-        key=generated_key(ctx.config.key_prefix, filename),
-        max_size_bytes=limit,
-        declared_size=size,
-        content_type=_content_type(request),
-        create_only=True,
-        expected=expected_digests(request.headers),
-    )
-    chunks = body_chunks(request.content, ctx.config.idle_timeout_s)
-    result = await _stream_one(request, spec, chunks)
+    pre = await _preflight_post(request)
+    with ctx.slots.hold(pre.client.ip):
+        if request.content_type == "multipart/form-data":
+            return await _post_form(request, ctx, pre)
+        filename = _disposition_filename(request)
+        spec = UploadSpec(
+            key=_new_key(ctx, pre.grant, filename),
+            max_size_bytes=pre.limit_bytes,
+            declared_size=pre.size,
+            content_type=_content_type(request),
+            create_only=True,
+            expected=expected_digests(request.headers),
+        )
+        chunks = body_chunks(request.content, ctx.config.idle_timeout_s)
+        result = await _stream_one(request, spec, chunks)
     return web.json_response(_result_json(ctx, result), status=201)
 
 
@@ -335,13 +447,14 @@ def _disposition_filename(request: web.Request) -> str | None:
     return m.group(1) if m else None
 
 
-async def _post_form(request: web.Request, ctx: UploadContext) -> web.StreamResponse:
+async def _post_form(request: web.Request, ctx: UploadContext,
+                     pre: Preflight) -> web.StreamResponse:
     """Each file field of the form becomes its own object; all or none are kept."""
     try:
         reader = await request.multipart()
     except (ValueError, AssertionError, KeyError) as e:
         raise BadRequest(f"malformed multipart/form-data: {e}", code="ERR_BAD_FORM") from None
-    limit = ctx.config.max_upload_size_bytes
+    limit = pre.limit_bytes
     stored: list[dict[str, Any]] = []
     try:
         while True:
@@ -357,16 +470,17 @@ async def _post_form(request: web.Request, ctx: UploadContext) -> web.StreamResp
             if part.filename is None:
                 await _skip_field(part, ctx.config.idle_timeout_s)
                 continue
+            ctx.policy.check(part.headers.get("Content-Type"), part.filename)
             used = sum(int(s["size"]) for s in stored)
             spec = UploadSpec(
-                key=generated_key(ctx.config.key_prefix, part.filename),
+                key=_new_key(ctx, pre.grant, part.filename),
                 max_size_bytes=limit - used,
                 content_type=part.headers.get("Content-Type", "application/octet-stream"),
                 metadata={"filename": _ascii(part.filename)},
                 create_only=True,
             )
             chunks = body_chunks(part, ctx.config.idle_timeout_s,
-                                 read=lambda p=part: p.read_chunk(READ_CHUNK_BYTES))
+                                 read=functools.partial(part.read_chunk, READ_CHUNK_BYTES))
             result = await _stream_one(request, spec, chunks)
             stored.append(_result_json(ctx, result, field=part.name, filename=part.filename))
     except BaseException:

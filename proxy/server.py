@@ -1,11 +1,19 @@
-"""Owns the lifecycle: bind, serve, graceful drain with a timeout, a second signal exits at once."""
+"""Owns the lifecycle: bind, serve, graceful drain with a timeout, a second signal exits at once.
+
+It also speaks to systemd (``proxy.sdnotify``): ``READY=1`` once the socket listens
+and storage was checked, a ``STATUS=`` line every ``status_interval_s``,
+``WATCHDOG=1`` from the event loop, ``STOPPING=1`` when the drain begins.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
+import time
+from typing import Any
 
 from typing import Any
 
@@ -15,19 +23,50 @@ from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server as _AioServer
 
 from proxy.app import HTTP_CODES, Runtime, build_app
-from proxy.config import Config, ServerConfig
+from proxy.config import Config
 from proxy.errors import ProxyError
 from proxy.http_ops import build_metrics_app
+from proxy.http_upload import UPLOADS, UploadContext
 from proxy.responses import error_response
+from proxy.sdnotify import Notifier
 
 log = logging.getLogger(__name__)
 
-# Headers larger than this are refused with 431 by aiohttp's parser (slow-loris with headers).
-MAX_FIELD_BYTES = 16 * 1024
+# Header count limit of aiohttp's parser; the byte limit is server.max_header_bytes.
+MAX_HEADERS = 128
 # How much of a body aiohttp buffers per connection before it stops reading the socket.
 # Bigger than the default 64 KiB so one read hands us a useful chunk; small enough that
 # N connections x this stays negligible next to the part-buffer budget.
 READ_BUFSIZE = 256 * 1024
+STORAGE_CHECK_TIMEOUT_S = 10.0
+# After the drain, uploads still running are cancelled; this is how long their
+# multipart aborts may take (streaming.ABORT_TIMEOUT_S bounds each one).
+ABORT_GRACE_S = 35.0
+# What aiohttp's own shutdown still waits for: only non-upload requests are left then.
+RUNNER_SHUTDOWN_TIMEOUT_S = 5.0
+
+
+def runner_kwargs(config: Config) -> dict[str, Any]:
+    """AppRunner settings; tests start their runners with these too."""
+    sc = config.server
+    return {
+        "access_log": None,
+        "shutdown_timeout": RUNNER_SHUTDOWN_TIMEOUT_S,
+        "lingering_time": sc.lingering_time_s,
+        # Larger headers are refused (400/431) by aiohttp's parser (slow-loris with headers).  The
+        # request line carries signed-URL fields and up to 1 KiB of key, hence both.
+        "max_line_size": sc.max_header_bytes,
+        "max_field_size": sc.max_header_bytes,
+        "max_headers": MAX_HEADERS,
+        "read_bufsize": READ_BUFSIZE,
+    }
+
+
+def status_line(ctx: UploadContext, rate_mib_s: float) -> str:
+    return (
+        f"{ctx.slots.in_use} uploads in flight, {rate_mib_s:.1f} MiB/s, "
+        f"{ctx.stats.completed} done, {ctx.stats.failed} failed"
+    )
 
 
 class _JsonErrorRequestHandler(RequestHandler):
@@ -67,23 +106,17 @@ class ProxyRunner(web.AppRunner):
         return server
 
 
-def make_runner(app: web.Application, sc: ServerConfig, **kwargs: Any) -> ProxyRunner:
-    return ProxyRunner(
-        app,
-        handle_signals=False,
-        access_log=None,
-        shutdown_timeout=sc.drain_timeout_s,
-        lingering_time=sc.lingering_time_s,
-        max_field_size=MAX_FIELD_BYTES,
-        read_bufsize=READ_BUFSIZE,
-        **kwargs,
-    )
+def make_runner(app: web.Application, config: Config) -> ProxyRunner:
+    return ProxyRunner(app, handle_signals=False, **runner_kwargs(config))
 
 
 class Server:
-    def __init__(self, config: Config, runtime: Runtime | None = None) -> None:
+    def __init__(
+        self, config: Config, runtime: Runtime | None = None, notifier: Notifier | None = None
+    ) -> None:
         self.config = config
         self.runtime = runtime or Runtime(config)
+        self.notifier = notifier or Notifier(None)
         self._stop = asyncio.Event()
         self._signals = 0
         self.port: int | None = None
@@ -103,17 +136,62 @@ class Server:
     def request_stop(self) -> None:
         self._stop.set()
 
+    async def _storage_state(self) -> str:
+        storage = self.runtime.storage
+        if storage is None:
+            return "storage not open"
+        try:
+            async with asyncio.timeout(STORAGE_CHECK_TIMEOUT_S):
+                await storage.check()
+        except (ProxyError, TimeoutError) as e:
+            # Ready anyway: a store that is down at boot is not a reason to crash-loop.
+            return f"storage unreachable ({getattr(e, 'code', 'timeout')})"
+        return "storage ok"
+
+    async def _report_status(self, ctx: UploadContext) -> None:
+        interval = self.config.server.status_interval_s
+        last_bytes, last_t = ctx.stats.received_bytes, time.monotonic()
+        while True:
+            await asyncio.sleep(interval)
+            now, nbytes = time.monotonic(), ctx.stats.received_bytes
+            rate = (nbytes - last_bytes) / max(now - last_t, 1e-9) / 2**20
+            last_bytes, last_t = nbytes, now
+            self.notifier.status(status_line(ctx, rate))
+
+    async def _drain(self, ctx: UploadContext, site: web.BaseSite) -> None:
+        """Stop listening, let running uploads finish, cancel (abort) the rest."""
+        sc = self.config.server
+        server = getattr(site, "_server", None)
+        if server is not None:
+            # Only the listening socket closes; open connections keep reading bodies.
+            server.close()
+        cancelled = await ctx.slots.drain(sc.drain_timeout_s, ABORT_GRACE_S)
+        if cancelled:
+            log.warning(
+                "drain timeout (%.0fs) reached: aborted %d running uploads",
+                sc.drain_timeout_s,
+                cancelled,
+            )
+
     async def serve(self, install_signals: bool = True) -> None:
         loop = asyncio.get_running_loop()
         if install_signals:
             for s in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(s, self._on_signal, s)
         sc = self.config.server
-        runner = make_runner(build_app(self.runtime), sc)
+        if not self.config.auth.enabled:
+            log.warning(
+                'auth.mode = "none": anyone who can reach %s:%s may upload',
+                sc.listen_host,
+                sc.listen_port,
+            )
+        app = build_app(self.runtime)
+        runner = make_runner(app, self.config)
         await runner.setup()
         metrics_runner: web.AppRunner | None = None
+        tasks: list[asyncio.Task[None]] = []
         try:
-            self.port = await _start_site(runner, sc.listen_host, sc.listen_port)
+            site, self.port = await _start_site(runner, sc.listen_host, sc.listen_port)
             log.info("listening on http://%s:%s", sc.listen_host, self.port)
             if sc.metrics_listen is not None:
                 metrics_runner = web.AppRunner(
@@ -121,24 +199,44 @@ class Server:
                 )
                 await metrics_runner.setup()
                 host, port = sc.metrics_listen
-                self.metrics_port = await _start_site(metrics_runner, host, port)
+                _, self.metrics_port = await _start_site(metrics_runner, host, port)
                 log.info("metrics on http://%s:%s/metrics", host, self.metrics_port)
             self.listening.set()
+            state = await self._storage_state()
+            self.notifier.ready(f"listening on {sc.listen_host}:{self.port}, {state}")
+            tasks.append(asyncio.create_task(self.notifier.run_watchdog(), name="watchdog"))
+            tasks.append(asyncio.create_task(self._report_status(app[UPLOADS]), name="status"))
             await self._stop.wait()
-            log.info("stopping: waiting up to %.0fs for running uploads", sc.drain_timeout_s)
+            in_flight = app[UPLOADS].slots.in_use
+            self.notifier.stopping(
+                f"draining {in_flight} uploads for up to {sc.drain_timeout_s:.0f}s"
+            )
+            log.info(
+                "stopping: waiting up to %.0fs for %d running uploads",
+                sc.drain_timeout_s,
+                in_flight,
+            )
+            await self._drain(app[UPLOADS], site)
         finally:
+            # The watchdog keeps pinging through the drain: TimeoutStopSec bounds it instead.
             await runner.cleanup()
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
             # Last, so a scraper still sees the drain.
             if metrics_runner is not None:
                 await metrics_runner.cleanup()
+            self.notifier.close()
             log.info("stopped")
 
 
-async def _start_site(runner: web.AppRunner, host: str, port: int) -> int:
-    """Bind and serve; return the port actually bound (``port`` may be 0)."""
+async def _start_site(runner: web.AppRunner, host: str, port: int) -> tuple[web.TCPSite, int]:
+    """Bind and serve; return the site and the port actually bound (``port`` may be 0)."""
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()
     server = getattr(site, "_server", None)
     if server is not None and server.sockets:
-        return int(server.sockets[0].getsockname()[1])
-    return port
+        return site, int(server.sockets[0].getsockname()[1])
+    return site, port

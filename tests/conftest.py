@@ -74,6 +74,8 @@ def make_config(sw: EmbeddedSeaweed, prefix: str, **sections: dict[str, Any]) ->
                    "max_upload_size": "40GiB", "part_checksum": "crc32"},
         "storage": {"backend": "s3", "bucket": BUCKET, "endpoint_url": sw.endpoint_url,
                     "retry_attempts": 2, "retry_base_delay_s": 0.05},
+        # Tests that are not about auth run open; tests/test_auth.py turns it on.
+        "auth": {"mode": "none"},
     }
     for name, values in sections.items():
         data.setdefault(name, {}).update(values)
@@ -116,7 +118,7 @@ async def start_proxy(seaweed: EmbeddedSeaweed, prefix: str) -> AsyncIterator[St
             async def close_owned(_: web.Application) -> None:
                 await owned.close()
             app.on_cleanup.append(close_owned)
-        runner = make_runner(app, config.server)
+        runner = make_runner(app, config)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()

@@ -40,6 +40,7 @@ def test_every_problem_reported_at_once() -> None:
                        "memory_budget": "lots"},
             "storage": {"bucket": "b1", "endpoint_url": "ftp://x"},
             "extra": {},
+            "auth": {"mode": "none"},
         })
     text = "\n".join(e.value.problems)
     for fragment in ["server.listen", "server.bogus: unknown key", "upload.part_size",
@@ -51,7 +52,8 @@ def test_every_problem_reported_at_once() -> None:
 
 def test_wrong_types_are_reported() -> None:
     with pytest.raises(ConfigError) as e:
-        from_dict({"upload": {"overwrite": "yes", "admission_timeout_s": "5"}})
+        from_dict({"upload": {"overwrite": "yes", "admission_timeout_s": "5"},
+                   "auth": {"mode": "none"}})
     assert len(e.value.problems) == 2
 
 

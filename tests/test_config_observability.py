@@ -10,10 +10,13 @@ from proxy.config import ConfigError, MemoryConfig, from_dict, load
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Auth is required unless said otherwise; these tests are about other sections.
+OPEN = {"auth": {"mode": "none"}}
+
 
 def test_defaults_match_the_shipped_reference() -> None:
     shipped = load(ROOT / "config.toml")
-    assert shipped.memory == MemoryConfig() == from_dict({}).memory
+    assert shipped.memory == MemoryConfig() == from_dict(OPEN).memory
     assert shipped.server.metrics_listen is None
     text = (ROOT / "config.toml").read_text()
     for key in ("metrics_listen", "limit", "warning_ratio", "critical_ratio", "sample_interval_s"):
@@ -22,7 +25,7 @@ def test_defaults_match_the_shipped_reference() -> None:
 
 def test_values_are_parsed() -> None:
     cfg = from_dict(
-        {
+        {**OPEN, 
             "server": {"metrics_listen": "[::1]:9108"},
             "memory": {
                 "limit": "1GiB",
@@ -39,7 +42,7 @@ def test_values_are_parsed() -> None:
 def test_every_problem_is_reported_at_once() -> None:
     with pytest.raises(ConfigError) as e:
         from_dict(
-            {
+            {**OPEN, 
                 "server": {"listen": "127.0.0.1:9000", "metrics_listen": "127.0.0.1:9000"},
                 "upload": {"memory_budget": "256MiB"},
                 "memory": {
@@ -65,5 +68,5 @@ def test_every_problem_is_reported_at_once() -> None:
 
 def test_a_bad_metrics_address_is_named() -> None:
     with pytest.raises(ConfigError) as e:
-        from_dict({"server": {"metrics_listen": "9108"}})
+        from_dict({**OPEN, "server": {"metrics_listen": "9108"}})
     assert e.value.problems == ["server.metrics_listen: expected HOST:PORT, got '9108'"]

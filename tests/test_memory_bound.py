@@ -30,6 +30,8 @@ listen = "127.0.0.1:{port}"
 key_prefix = "rss/"
 overwrite = true
 memory_budget = "64MiB"
+[auth]
+mode = "none"
 [storage]
 backend = "s3"
 bucket = "{BUCKET}"

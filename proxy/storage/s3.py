@@ -18,6 +18,7 @@ translated here into :mod:`proxy.errors`; nothing above this module sees it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -396,14 +397,15 @@ class S3Storage:
                 end = min(start + _COPY_PART_BYTES, size) - 1
                 r = await self._call(
                     "upload_part_copy",
-                    lambda n=number, s=start, e=end: self._client.upload_part_copy(
+                    functools.partial(
+                        self._client.upload_part_copy,
                         Bucket=self.bucket,
                         Key=key,
                         UploadId=upload_id,
-                        PartNumber=n,
+                        PartNumber=number,
                         CopySource={"Bucket": self.bucket, "Key": key},
                         CopySourceIfMatch=etag,
-                        CopySourceRange=f"bytes={s}-{e}",
+                        CopySourceRange=f"bytes={start}-{end}",
                     ),
                 )
                 parts.append(CompletedPart(number, str(r["CopyPartResult"]["ETag"])))
@@ -423,7 +425,8 @@ class S3Storage:
         while True:
             r = await self._call(
                 "list_multipart_uploads",
-                lambda kw=dict(kwargs): self._client.list_multipart_uploads(**kw),
+                # partial copies kwargs now: the markers change on the next page.
+                functools.partial(self._client.list_multipart_uploads, **kwargs),
             )
             for u in r.get("Uploads", []) or []:
                 out.append(OpenMultipart(u["Key"], u["UploadId"], u["Initiated"]))

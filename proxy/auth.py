@@ -1,0 +1,221 @@
+"""Who may upload: bearer tokens and HMAC-signed upload URLs.  No HTTP framework here.
+
+Bearer tokens are kept only as SHA-256 hashes.  A presented token is hashed and
+compared with every stored hash using :func:`hmac.compare_digest`, without an early
+exit, so neither the comparison nor the number of hashes tried leaks which bytes
+matched.  (Hashing first also makes the comparison length-independent.)
+
+A signed upload URL is our answer to S3 presigned URLs: a web app that holds the
+signing secret hands a browser a URL that allows one method, on one key or under
+one prefix (both relative to the proxy's ``key_prefix``), up to a size, until a
+time.  The query carries::
+
+    expires=<unix seconds>&key=<k> | prefix=<p>[&max_size=<bytes>]&sig=<hex>
+
+and ``sig`` is HMAC-SHA256 over :func:`canonical` of those fields and the method.
+:func:`sign_url` mints one (``upload-proxy sign`` on the command line).
+
+Every failure is a :class:`~proxy.errors.ProxyError` whose message names no
+secret, token or signature.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import quote, urlencode
+
+from proxy.errors import ProxyError, TooLarge
+
+SIGNED_FIELDS = ("expires", "key", "prefix", "max_size", "sig")
+_SIG_HEX_LEN = 64
+# expires and max_size are decimal; 20 digits hold any 64-bit value.
+_MAX_NUMBER_LEN = 20
+
+
+class Unauthorized(ProxyError):
+    """No usable credentials: the client should authenticate."""
+
+    code = "ERR_UNAUTHORIZED"
+    status = 401
+    reason = "unauthorized"
+
+    def __init__(self, message: str, *, error: str | None = None) -> None:
+        challenge = 'Bearer realm="upload-proxy"' + (f', error="{error}"' if error else "")
+        super().__init__(message, headers={"WWW-Authenticate": challenge})
+
+
+class Forbidden(ProxyError):
+    """Credentials were presented and are valid, or carry a signature, but do not allow this."""
+
+    code = "ERR_FORBIDDEN"
+    status = 403
+    reason = "forbidden"
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What an authenticated request may do.  ``None`` fields mean "no restriction"."""
+
+    via: str  # "none", "token" or "signed": safe to log
+    key: str | None = None
+    prefix: str | None = None
+    max_size_bytes: int | None = None
+
+    def check_key(self, client_key: str) -> None:
+        """Raise unless ``client_key`` (before the proxy's key_prefix) is allowed."""
+        if self.key is not None and client_key != self.key:
+            raise Forbidden("this signed URL is for another key", code="ERR_KEY_NOT_ALLOWED")
+        if self.prefix is not None and not client_key.startswith(self.prefix):
+            raise Forbidden("this signed URL is for another prefix", code="ERR_KEY_NOT_ALLOWED")
+
+    def check_size(self, declared: int | None) -> None:
+        if declared is not None and self.max_size_bytes is not None:
+            if declared > self.max_size_bytes:
+                raise TooLarge(
+                    f"declared body of {declared} bytes exceeds the signed limit of "
+                    f"{self.max_size_bytes} bytes"
+                )
+
+    def limit(self, configured_bytes: int) -> int:
+        if self.max_size_bytes is None:
+            return configured_bytes
+        return min(configured_bytes, self.max_size_bytes)
+
+
+OPEN = Grant(via="none")
+
+
+def hash_token(token: str) -> str:
+    """The form config.toml stores: ``sha256:<hex>``."""
+    return "sha256:" + hashlib.sha256(token.encode()).hexdigest()
+
+
+def canonical(
+    method: str, expires: str, key: str | None, prefix: str | None, max_size: str
+) -> bytes:
+    """The signed string.  Each field is on its own line and key/prefix are tagged, so no
+    value can be shifted into another field (newlines are refused in :func:`sign_url`, and
+    a forged value with one cannot produce a valid signature anyway)."""
+    scope = f"key:{key}" if key is not None else f"prefix:{prefix}"
+    return "\n".join(("upload-proxy-v1", method.upper(), expires, scope, max_size)).encode()
+
+
+def _mac(secret: bytes, message: bytes) -> str:
+    return hmac.new(secret, message, hashlib.sha256).hexdigest()
+
+
+def sign_url(
+    secret: bytes,
+    method: str,
+    *,
+    key: str | None = None,
+    prefix: str | None = None,
+    expires_in_s: float = 3600,
+    max_size_bytes: int | None = None,
+    now: float | None = None,
+) -> str:
+    """Query string (without ``?``) of a signed upload URL for ``method``.
+
+    ``key`` allows exactly that key (``PUT /uploads/<key>``); ``prefix`` allows any key
+    under it (``PUT``) or generated keys under it (``POST /uploads``).  A prefix must end
+    with "/" so "user1/" does not also allow "user10/...".
+    """
+    if (key is None) == (prefix is None):
+        raise ValueError("give exactly one of key or prefix")
+    if prefix is not None and not prefix.endswith("/"):
+        raise ValueError("a prefix must end with '/'")
+    if any("\n" in v for v in (key or "", prefix or "")):
+        raise ValueError("key and prefix must not contain newlines")
+    if expires_in_s <= 0:
+        raise ValueError("expires_in_s must be > 0")
+    expires = str(int((time.time() if now is None else now) + expires_in_s))
+    max_size = "" if max_size_bytes is None else str(int(max_size_bytes))
+    params: dict[str, str] = {"expires": expires}
+    if key is not None:
+        params["key"] = key
+    else:
+        params["prefix"] = prefix or ""
+    if max_size:
+        params["max_size"] = max_size
+    params["sig"] = _mac(secret, canonical(method, expires, key, prefix, max_size))
+    return urlencode(params, quote_via=quote)
+
+
+class Authenticator:
+    """Turns a request's method, headers and query into a :class:`Grant`, or raises."""
+
+    def __init__(
+        self, *, enabled: bool, token_sha256: tuple[bytes, ...] = (), signing_secret: bytes = b""
+    ) -> None:
+        self.enabled = enabled
+        self._hashes = token_sha256
+        self._secret = signing_secret
+
+    def __repr__(self) -> str:
+        return (
+            f"Authenticator(enabled={self.enabled}, tokens={len(self._hashes)}, "
+            f"signed_urls={bool(self._secret)})"
+        )
+
+    def authenticate(
+        self,
+        method: str,
+        headers: Mapping[str, str],
+        query: Mapping[str, str],
+        now: float | None = None,
+    ) -> Grant:
+        if not self.enabled:
+            return OPEN
+        auth = headers.get("Authorization")
+        if auth is not None:
+            return self._bearer(auth)
+        if "sig" in query:
+            return self._signed(method, query, time.time() if now is None else now)
+        raise Unauthorized("authentication required: a bearer token or a signed URL")
+
+    def _bearer(self, header: str) -> Grant:
+        scheme, _, token = header.strip().partition(" ")
+        if scheme.lower() != "bearer" or not token.strip() or not self._hashes:
+            raise Unauthorized(
+                "the Authorization header is not an accepted bearer token", error="invalid_token"
+            )
+        presented = hashlib.sha256(token.strip().encode("utf-8", "surrogateescape")).digest()
+        ok = False
+        for stored in self._hashes:
+            # Accumulate instead of returning early: the time taken does not say which matched.
+            ok |= hmac.compare_digest(presented, stored)
+        if not ok:
+            raise Unauthorized("the bearer token is not valid", error="invalid_token")
+        return Grant(via="token")
+
+    def _signed(self, method: str, query: Mapping[str, str], now: float) -> Grant:
+        if not self._secret:
+            raise Forbidden("signed URLs are not enabled here", code="ERR_BAD_SIGNATURE")
+        sig = query.get("sig", "")
+        expires = query.get("expires", "")
+        key, prefix = query.get("key"), query.get("prefix")
+        max_size = query.get("max_size", "")
+        if (
+            (key is None) == (prefix is None)
+            or len(sig) != _SIG_HEX_LEN
+            or len(expires) > _MAX_NUMBER_LEN
+            or len(max_size) > _MAX_NUMBER_LEN
+            or any("\n" in v for v in (expires, key or "", prefix or "", max_size))
+        ):
+            # Cheap refusals before any MAC work; newlines could shift fields in canonical().
+            raise Forbidden("the signed URL is malformed", code="ERR_BAD_SIGNATURE")
+        expected = _mac(self._secret, canonical(method, expires, key, prefix, max_size))
+        if not hmac.compare_digest(expected.encode(), sig.lower().encode("ascii", "replace")):
+            raise Forbidden("the signature does not match", code="ERR_BAD_SIGNATURE")
+        # Fields are trusted only after the signature checks out; then they were ours.
+        if not (expires.isascii() and expires.isdigit()) or int(expires) < now:
+            raise Forbidden("the signed URL has expired", code="ERR_URL_EXPIRED")
+        if max_size and not (max_size.isascii() and max_size.isdigit()):
+            raise Forbidden("the signed URL is malformed", code="ERR_BAD_SIGNATURE")
+        return Grant(
+            via="signed", key=key, prefix=prefix, max_size_bytes=int(max_size) if max_size else None
+        )

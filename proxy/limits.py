@@ -1,0 +1,222 @@
+"""Abuse limits that need no body: who the client is, how many uploads it runs, what it sends.
+
+* :func:`client_info` believes ``X-Forwarded-For`` / ``X-Forwarded-Proto`` only when
+  the TCP peer is a configured trusted proxy; otherwise anyone could pick the address
+  the per-client limit counts against.
+* :class:`UploadSlots` caps uploads in total (503, the server is full) and per client
+  (429, this client is asking for too much), and drains them on shutdown.
+* :class:`ContentPolicy` is the content-type and extension allowlist (415).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from proxy.errors import ProxyError
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# Beyond this many X-Forwarded-For hops we stop walking: a long header is an attack, not a path.
+MAX_FORWARDED_HOPS = 16
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    ip: str
+    scheme: str
+
+
+def _address(value: str) -> Address | None:
+    value = value.strip()
+    if value.startswith("[") and "]" in value:  # "[::1]:1234" as some proxies write it
+        value = value[1 : value.index("]")]
+    try:
+        return ipaddress.ip_address(value)
+    except ValueError:
+        return None
+
+
+def _trusted(addr: Address | None, trusted: tuple[Network, ...]) -> bool:
+    if addr is None:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return any(addr.version == net.version and addr in net for net in trusted)
+
+
+def client_info(
+    remote: str | None,
+    forwarded_for: str | None,
+    forwarded_proto: str | None,
+    scheme: str,
+    trusted: tuple[Network, ...],
+) -> ClientInfo:
+    """The real client address and scheme, honouring forwarded headers from trusted peers.
+
+    X-Forwarded-For is read right to left: each trusted hop vouches for the address to
+    its left; the first untrusted address is the client.  Entries further left were
+    written by the client itself and mean nothing.
+    """
+    peer = remote or "unknown"
+    if not _trusted(_address(peer), trusted):
+        return ClientInfo(peer, scheme)
+    client = peer
+    if forwarded_for:
+        for hop in reversed(forwarded_for.split(",")[-MAX_FORWARDED_HOPS:]):
+            addr = _address(hop)
+            if addr is None:
+                break  # garbage: keep the last address a trusted hop vouched for
+            client = str(addr)
+            if not _trusted(addr, trusted):
+                break
+    proto = (forwarded_proto or "").split(",")[0].strip().lower()
+    return ClientInfo(client, proto if proto in ("http", "https") else scheme)
+
+
+class TooManyUploads(ProxyError):
+    code = "ERR_TOO_MANY_UPLOADS"
+    status = 503
+    reason = "busy"
+
+
+class ClientLimit(ProxyError):
+    code = "ERR_CLIENT_LIMIT"
+    status = 429
+    reason = "client_limit"
+
+
+class ShuttingDown(ProxyError):
+    code = "ERR_SHUTTING_DOWN"
+    status = 503
+    reason = "shutting_down"
+
+
+class UploadSlots:
+    """Counts running uploads, in total and per client address, and drains them.
+
+    ``check`` is for the Expect handler (nothing is held yet); ``hold`` re-checks and
+    takes the slot in one synchronous step, so the two can race only in the harmless
+    direction (a 100 Continue followed by a 429).
+
+    Why the drain is ours and not aiohttp's: once its shutdown starts, aiohttp drops
+    every byte that arrives on open connections (``RequestHandler.data_received``
+    returns early when closing), so an upload in flight can never finish inside
+    ``AppRunner(shutdown_timeout=...)``.  :meth:`drain` runs *before* the runner's
+    cleanup, while connections still read: it refuses new uploads, waits for the
+    running ones, and cancels (so aborts) the rest when the drain timeout is up.
+    """
+
+    def __init__(self, total: int, per_client: int, retry_after_s: int = 5) -> None:
+        if total < 1 or per_client < 1:
+            raise ValueError("limits must be >= 1")
+        self.total = total
+        self.per_client = per_client
+        self._retry_after = str(retry_after_s)
+        self._by_client: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[object]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.in_use = 0
+        self.closed = False
+
+    def check(self, client: str) -> None:
+        if self.closed:
+            raise ShuttingDown(
+                "the server is shutting down; retry shortly",
+                headers={"Retry-After": self._retry_after},
+            )
+        if self.in_use >= self.total:
+            raise TooManyUploads(
+                f"the server runs {self.total} uploads already; retry later",
+                headers={"Retry-After": self._retry_after},
+            )
+        if self._by_client.get(client, 0) >= self.per_client:
+            raise ClientLimit(
+                f"at most {self.per_client} concurrent uploads per client",
+                headers={"Retry-After": self._retry_after},
+            )
+
+    @contextmanager
+    def hold(self, client: str) -> Iterator[None]:
+        self.check(client)
+        task = asyncio.current_task()
+        self.in_use += 1
+        self._by_client[client] = self._by_client.get(client, 0) + 1
+        self._idle.clear()
+        if task is not None:
+            self._tasks.add(task)
+        try:
+            yield
+        finally:
+            if task is not None:
+                self._tasks.discard(task)
+            self.in_use -= 1
+            if not self.in_use:
+                self._idle.set()
+            left = self._by_client[client] - 1
+            if left:
+                self._by_client[client] = left
+            else:
+                del self._by_client[client]  # the map never outgrows the running uploads
+
+    async def drain(self, timeout_s: float, cancel_grace_s: float) -> int:
+        """Refuse new uploads, wait up to ``timeout_s`` for the running ones, then cancel
+        the rest and give their aborts ``cancel_grace_s``.  Returns how many were cancelled."""
+        self.closed = True
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
+            return 0
+        except TimeoutError:
+            pass
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            # The tasks abort their multipart uploads (shielded) while unwinding.
+            await asyncio.wait(tasks, timeout=cancel_grace_s)
+        return len(tasks)
+
+
+class NotAllowed(ProxyError):
+    code = "ERR_UNSUPPORTED_MEDIA_TYPE"
+    status = 415
+    reason = "not_allowed"
+
+
+class ContentPolicy:
+    """Allowlists of media types (``image/*`` wildcards) and file extensions; empty allows all."""
+
+    def __init__(
+        self, content_types: tuple[str, ...] = (), extensions: tuple[str, ...] = ()
+    ) -> None:
+        self._types = frozenset(t.lower() for t in content_types)
+        self._exts = tuple(e.lower() for e in extensions)
+
+    def check(self, content_type: str | None, name: str | None) -> None:
+        """``content_type`` as sent (parameters ignored); ``name`` a key or a file name."""
+        if self._types:
+            media = (content_type or "").split(";")[0].strip().lower()
+            wildcard = media.split("/")[0] + "/*"
+            if media not in self._types and wildcard not in self._types:
+                raise NotAllowed("this content type is not accepted here")
+        if self._exts:
+            base = (name or "").replace("\\", "/").rsplit("/", 1)[-1].lower()
+            if not base.endswith(self._exts):
+                raise NotAllowed(
+                    "this file extension is not accepted here", code="ERR_EXTENSION_NOT_ALLOWED"
+                )
+
+
+@dataclass
+class UploadStats:
+    """Plain counters the status line (sd_notify) and /status can read."""
+
+    received_bytes: int = 0
+    completed: int = 0
+    failed: int = 0

@@ -1,0 +1,80 @@
+"""Stale multipart uploads are swept; live ones (tus predicate, running uploads) are not."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aiohttp
+
+from proxy.storage.base import OpenMultipart
+from proxy.sweeper import StaleSweeper
+from tests.conftest import MiB, StartProxy, assert_nothing_left
+
+LATER = timedelta(hours=2)
+
+
+async def open_uploads(s3: Any, prefix: str) -> dict[str, str]:
+    return {u.upload_id: u.key for u in await s3.list_multipart(prefix)}
+
+
+async def test_sweeps_stale_and_spares_live_tus_upload(s3: Any, prefix: str) -> None:
+    crashed = await s3.create_multipart(f"{prefix}crashed.bin", metadata={}, content_type="x/y")
+    tus_owned = await s3.create_multipart(f"{prefix}tus/abc", metadata={}, content_type="x/y")
+    outside = await s3.create_multipart(f"other-{prefix}x", metadata={}, content_type="x/y")
+    claimed: list[OpenMultipart] = []
+
+    def tus_live(upload: OpenMultipart) -> bool:
+        claimed.append(upload)
+        return upload.upload_id == tus_owned
+
+    try:
+        sweeper = StaleSweeper(s3, prefix, older_than_s=3600, is_live=tus_live)
+        # Young uploads are never touched, whatever the predicate says.
+        assert await sweeper.sweep_once() == []
+        assert set(await open_uploads(s3, prefix)) == {crashed, tus_owned}
+        aborted = await sweeper.sweep_once(now=datetime.now(UTC) + LATER)
+        assert [u.upload_id for u in aborted] == [crashed]
+        assert set(await open_uploads(s3, prefix)) == {tus_owned}
+        assert {u.upload_id for u in claimed} == {crashed, tus_owned}
+        assert outside in await open_uploads(s3, f"other-{prefix}")  # not our prefix
+    finally:
+        await s3.abort_multipart(f"{prefix}tus/abc", tus_owned)
+        await s3.abort_multipart(f"other-{prefix}x", outside)
+    await assert_nothing_left(s3, prefix)
+
+
+async def test_app_sweeper_spares_running_upload_and_runtime_predicate(
+    start_proxy: StartProxy, s3: Any, prefix: str
+) -> None:
+    p = await start_proxy(upload={"stale_upload_after_s": 600, "sweep_interval_s": 3600})
+    assert p.runtime.sweeper is not None
+    stale = await s3.create_multipart(f"{prefix}stale", metadata={}, content_type="x/y")
+    tus = await s3.create_multipart(f"{prefix}tus-live", metadata={}, content_type="x/y")
+    p.runtime.upload_is_live = lambda u: u.key == f"{prefix}tus-live"
+
+    go = asyncio.Event()
+
+    async def body() -> Any:
+        yield b"a" * (6 * MiB)  # more than one 5 MiB part: the multipart upload exists
+        await go.wait()
+        yield b"b"
+
+    async def put() -> int:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.put(f"{p.url}/uploads/running", data=body()) as r,
+        ):
+            return r.status
+
+    task = asyncio.create_task(put())
+    async with asyncio.timeout(10):
+        while not any(k.endswith("running") for k in (await open_uploads(s3, prefix)).values()):
+            await asyncio.sleep(0.05)
+    aborted = await p.runtime.sweeper.sweep_once(now=datetime.now(UTC) + LATER)
+    assert [u.upload_id for u in aborted] == [stale]
+    go.set()
+    assert await task == 201
+    await s3.abort_multipart(f"{prefix}tus-live", tus)
+    assert await s3.list_multipart(prefix) == []
