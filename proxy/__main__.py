@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(config.logging)
     # The *_created series double the count of every counter and histogram for a
     # timestamp nobody graphs; a Raspberry Pi's Prometheus is better off without them.
-    prometheus_client.disable_created_metrics()
+    prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
     try:
         import uvloop
 

@@ -160,7 +160,6 @@ class UploadContext:
 
 
 UPLOADS = web.AppKey("uploads", UploadContext)
-_PREFLIGHT = web.RequestKey("preflight", "Preflight")
 _CLIENT = web.RequestKey("client", ClientInfo)
 _GRANT = web.RequestKey("grant", Grant)
 _STREAMED = web.RequestKey("streamed", bool)
@@ -198,6 +197,9 @@ class Preflight:
     limit_bytes: int
     grant: Grant
     client: ClientInfo
+
+
+_PREFLIGHT = web.RequestKey("preflight", Preflight)
 
 
 def _b64(value: str, size: int, what: str) -> bytes:
@@ -270,9 +272,8 @@ def _content_type(request: web.Request) -> str:
 
 async def _preflight_put(request: web.Request) -> Preflight:
     """Checks that need no body; cached so the Expect handler and the handler share them."""
-    cached = request.get(_PREFLIGHT)
-    if cached is not None:
-        return cached
+    if _PREFLIGHT in request:
+        return request[_PREFLIGHT]
     ctx = request.app[UPLOADS]
     grant = authorize(request)
     ctx.admit()
@@ -292,9 +293,8 @@ async def _preflight_put(request: web.Request) -> Preflight:
 
 
 async def _preflight_post(request: web.Request) -> Preflight:
-    cached = request.get(_PREFLIGHT)
-    if cached is not None:
-        return cached
+    if _PREFLIGHT in request:
+        return request[_PREFLIGHT]
     ctx = request.app[UPLOADS]
     grant = authorize(request)
     ctx.admit()
