@@ -162,7 +162,7 @@ def main() -> None:
     ap.add_argument("--big", action="store_true", help="add put-4g")
     ap.add_argument("--part-size", default="8MiB")
     ap.add_argument("--parts-in-flight", type=int, default=2)
-    ap.add_argument("--part-checksum", default="crc32")
+    ap.add_argument("--part-checksum", default="none")
     ap.add_argument("--no-hash-thread", action="store_true")
     ap.add_argument("--memory-budget", default="256MiB")
     ap.add_argument("--repeat", type=int, default=1)
