@@ -76,7 +76,7 @@ class ServerConfig:
 class UploadConfig:
     key_prefix: str = ""
     overwrite: bool = False
-    max_upload_size_bytes: int = 100 * GiB
+    max_upload_size_bytes: int = 64 * GiB
     part_size_bytes: int = 8 * MiB
     parts_in_flight: int = 2
     memory_budget_bytes: int = 256 * MiB

@@ -68,8 +68,9 @@ def prefix() -> str:
 def make_config(sw: EmbeddedSeaweed, prefix: str, **sections: dict[str, Any]) -> Config:
     data: dict[str, Any] = {
         "server": {"listen": "127.0.0.1:0", "drain_timeout_s": 5},
+        # 5 MiB parts allow at most ~48 GiB in 10000 parts.
         "upload": {"key_prefix": prefix, "part_size": "5MiB", "memory_budget": "64MiB",
-                   "part_checksum": "crc32"},
+                   "max_upload_size": "40GiB", "part_checksum": "crc32"},
         "storage": {"backend": "s3", "bucket": BUCKET, "endpoint_url": sw.endpoint_url,
                     "retry_attempts": 2, "retry_base_delay_s": 0.05},
     }
