@@ -10,7 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy import __version__
+from proxy import __version__, tus
 from proxy.buffers import BufferPool
 from proxy.config import Config
 from proxy.errors import ProxyError, StorageError, StorageUnavailable
@@ -152,6 +152,8 @@ async def _uploads_ctx(app: web.Application) -> AsyncIterator[None]:
                              keep_idle=uc.parts_in_flight + 1)
     assert rt.storage is not None
     app[UPLOADS].bind(rt.storage, rt.pool)
+    if rt.config.tus.enabled:
+        tus.bind(app, rt.storage)
     yield
 
 
@@ -168,5 +170,8 @@ def build_app(runtime: Runtime) -> web.Application:
     app.cleanup_ctx.append(_storage_ctx)
     app.cleanup_ctx.append(_uploads_ctx)
     add_routes(app)
+    if runtime.config.tus.enabled:
+        tus.add_routes(app, runtime.config.tus)
+        app.cleanup_ctx.append(tus.sweeper_ctx)
     app.router.add_get("/healthz", healthz)
     return app
