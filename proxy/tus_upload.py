@@ -25,13 +25,12 @@ from dataclasses import dataclass, replace
 
 from proxy.config import TusConfig
 from proxy.errors import (
-    ClientTimeout,
     ConditionFailed,
-    IncompleteBody,
     ObjectExists,
     ProxyError,
     StorageError,
     StorageUnavailable,
+    TooLarge,
 )
 from proxy.http_upload import UploadContext
 from proxy.keys import safe_filename
@@ -174,13 +173,13 @@ class TusService:
                 await writer.drain()
             except BaseException as e:
                 await keeper.stop()
-                # A body that merely broke off keeps its tail; with a checksum nothing is
-                # kept, as the chunk cannot be verified.
-                broke_off = isinstance(e, IncompleteBody | ClientTimeout)
+                # Whatever ended the body (a reset, a stall, a shutdown), the bytes before
+                # it are the client's and are kept; after too many bytes only whole parts
+                # are (the tail could reach the length without the upload completing).
+                # With Upload-Checksum nothing is: an incomplete chunk cannot be verified.
+                keep_tail = not isinstance(e, TooLarge)
                 await self._shielded(
-                    self._salvage(
-                        lease, writer, info, broke_off and not checksum, commit=checksum is None
-                    ),
+                    self._salvage(lease, writer, info, keep_tail, commit=checksum is None),
                     "commit",
                 )
                 raise

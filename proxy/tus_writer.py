@@ -304,8 +304,8 @@ class PatchWriter:
         return await self._result(keep_tail=True)
 
     async def salvage(self, *, keep_tail: bool) -> PatchResult:
-        """After a failure: what made it to storage, in order; the tail too if asked and
-        every part before it made it."""
+        """After a failure: the parts that made it to storage, in order, and (if asked)
+        the tail, when every part before it made it."""
         await self._settle()
         return await self._result(keep_tail=keep_tail and not self._part_failed)
 

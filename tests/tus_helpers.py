@@ -85,3 +85,8 @@ def service_for(proxy: Any) -> TusService:
     )
     store = TusStore(proxy.runtime.storage, cfg.tus.state_prefix, cfg.tus.lock_lease_s)
     return TusService(cfg.tus, uploads, store)
+
+
+def store_for(s3: S3Storage, prefix: str) -> TusStore:
+    """The state store of a proxy started with tus_sections(prefix), to inspect its state."""
+    return TusStore(s3, f"{prefix}.tus/", 30)
