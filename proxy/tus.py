@@ -26,7 +26,7 @@ from aiohttp import web
 from proxy.config import TusConfig
 from proxy.errors import BadRequest, NotFound, ProxyError, TooLarge
 from proxy.http_upload import UPLOADS, body_chunks
-from proxy.storage.base import Storage
+from proxy.storage.base import OpenMultipart, Storage
 from proxy.tus_state import TusStore, UploadInfo, release_quietly, valid_id
 from proxy.tus_upload import Checksum, NewUpload, TusService
 
@@ -67,6 +67,10 @@ class TusContext:
     async def owns_multipart(self, key: str, multipart_id: str) -> bool:
         """For a stale-multipart sweeper: is this multipart upload a live tus upload's?"""
         return await self.svc.store.owns_multipart(key, multipart_id)
+
+    def claims_multipart(self, upload: OpenMultipart) -> bool:
+        """The same, synchronously and conservatively (see TusService.claims_multipart)."""
+        return self.svc.claims_multipart(upload)
 
 
 TUS = web.AppKey("tus", TusContext)

@@ -34,9 +34,17 @@ from proxy.errors import (
 )
 from proxy.http_upload import UploadContext
 from proxy.keys import safe_filename
-from proxy.storage.base import CompletedPart
+from proxy.storage.base import CompletedPart, OpenMultipart
 from proxy.tus_hash import resume_sha256
-from proxy.tus_state import Lease, LeaseLost, TusStore, UploadInfo, new_id, release_quietly
+from proxy.tus_state import (
+    Lease,
+    LeaseLost,
+    TusStore,
+    UploadInfo,
+    new_id,
+    release_quietly,
+    valid_id,
+)
 from proxy.tus_writer import PatchResult, PatchTarget, PatchWriter
 
 log = logging.getLogger(__name__)
@@ -72,6 +80,8 @@ class TusService:
         self.config = config
         self.uploads = uploads
         self.store = store
+        # (taken at, multipart ids of live uploads) from the last complete sweep.
+        self._live: tuple[float, frozenset[str]] | None = None
 
     @property
     def max_size_bytes(self) -> int:
@@ -349,6 +359,9 @@ class TusService:
     async def sweep_once(self) -> int:
         """Expire old uploads and finish interrupted completions; return how many were handled."""
         handled = 0
+        started = time.time()
+        live: set[str] = set()
+        complete_view = True
         for upload_id in await self.store.list_ids():
             try:
                 loaded = await self.store.load(upload_id)
@@ -356,6 +369,8 @@ class TusService:
                     continue
                 info = loaded[0]
                 now = time.time()
+                if not info.expired(now):
+                    live.add(info.multipart_id)
                 if info.leased(now) or not (info.completing or info.expired(now)):
                     continue
                 lease = await self.store.acquire(upload_id, allow_expired=True)
@@ -372,8 +387,29 @@ class TusService:
             except asyncio.CancelledError:
                 raise
             except (ProxyError, LeaseLost, ConditionFailed) as e:
+                complete_view = False
                 log.warning("tus sweeper: upload %s: %s", upload_id, e)
+        if complete_view:
+            self._live = (started, frozenset(live))
         return handled
+
+    def claims_multipart(self, upload: OpenMultipart) -> bool:
+        """Synchronous "is this multipart upload a live tus upload's?" for a stale-multipart
+        sweeper that cannot wait on S3.  Answers from the last complete sweep of this
+        instance and errs on the side of "yes": a tus-shaped key (a tus id as a whole
+        segment) is claimed when no sweep has run, the last one is older than three
+        intervals, or the upload started after it.  :meth:`TusStore.owns_multipart` is the
+        exact (async) answer."""
+        if not any(valid_id(segment) for segment in upload.key.split("/")):
+            return False
+        if self._live is None:
+            return True
+        taken_at, live = self._live
+        if time.time() - taken_at > 3 * max(self.config.sweep_interval_s, 1.0):
+            return True
+        if upload.initiated.timestamp() >= taken_at:
+            return True
+        return upload.upload_id in live
 
     async def sweep_forever(self) -> None:
         while True:

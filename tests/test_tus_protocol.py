@@ -306,3 +306,105 @@ async def test_expired_upload_is_410_before_the_sweep(proxy, http, s3, prefix) -
     assert (await patch(http, url, 0, b"y")).status == 410
     assert await svc.sweep_once() == 1
     await assert_nothing_left(s3, prefix)
+
+
+async def test_cors(start_proxy, http, prefix) -> None:
+    proxy = await start_proxy(
+        **tus_sections(prefix, cors_allow_origins=["https://app.example.com"], cors_max_age_s=60)
+    )
+    preflight = {
+        "Origin": "https://app.example.com",
+        "Access-Control-Request-Method": "PATCH",
+        "Access-Control-Request-Headers": "tus-resumable,upload-offset,content-type",
+    }
+    async with http.options(f"{proxy.url}/files/{'a' * 32}", headers=preflight) as r:
+        assert r.status == 204
+        assert r.headers["Access-Control-Allow-Origin"] == "https://app.example.com"
+        assert "PATCH" in r.headers["Access-Control-Allow-Methods"]
+        allowed = r.headers["Access-Control-Allow-Headers"].lower()
+        for h in (
+            "tus-resumable",
+            "upload-offset",
+            "upload-length",
+            "upload-metadata",
+            "upload-checksum",
+            "upload-defer-length",
+            "content-type",
+        ):
+            assert h in allowed
+        assert r.headers["Access-Control-Max-Age"] == "60"
+    headers = {**TUS, "Origin": "https://app.example.com", "Upload-Length": "3"}
+    async with http.post(f"{proxy.url}/files/", headers=headers) as r:
+        assert r.status == 201
+        assert r.headers["Access-Control-Allow-Origin"] == "https://app.example.com"
+        exposed = {h.strip().lower() for h in r.headers["Access-Control-Expose-Headers"].split(",")}
+        assert {
+            "location",
+            "upload-offset",
+            "upload-length",
+            "tus-resumable",
+            "upload-expires",
+            "upload-metadata",
+        } <= exposed
+    # Errors carry them too, or the browser hides the status from the client.
+    headers = {**OCTET, "Origin": "https://app.example.com", "Upload-Offset": "0"}
+    async with http.patch(f"{proxy.url}/files/{'0' * 32}", headers=headers, data=b"x") as r:
+        assert r.status == 404
+        assert r.headers["Access-Control-Allow-Origin"] == "https://app.example.com"
+    other = {**preflight, "Origin": "https://evil.example.com"}
+    async with http.options(f"{proxy.url}/files/", headers=other) as r:
+        assert "Access-Control-Allow-Origin" not in r.headers
+        assert "Access-Control-Allow-Methods" not in r.headers
+
+
+async def test_multipart_ownership_predicates(proxy, http, s3, prefix) -> None:
+    """What a stale-multipart sweeper asks before aborting an open multipart upload."""
+    svc = service_for(proxy)
+    url = await create(http, proxy.url, 20 * MiB)
+    open_uploads = await s3.list_multipart(prefix)
+    assert len(open_uploads) == 1
+    mpu = open_uploads[0]
+    assert await svc.store.owns_multipart(mpu.key, mpu.upload_id)
+    assert not await svc.store.owns_multipart(mpu.key, "someone-elses-id")
+    assert not await svc.store.owns_multipart(f"{prefix}plain-upload.bin", mpu.upload_id)
+    assert svc.claims_multipart(mpu)  # no sweep yet: cannot tell, so claim it
+    await svc.sweep_once()
+    assert svc.claims_multipart(mpu)
+    assert not svc.claims_multipart(replace(mpu, upload_id="stale", initiated=_long_ago()))
+    assert not svc.claims_multipart(replace(mpu, key=f"{prefix}plain.bin"))
+    async with http.delete(url, headers=TUS) as r:
+        assert r.status == 204
+    assert not await svc.store.owns_multipart(mpu.key, mpu.upload_id)
+
+
+def _long_ago():  # type: ignore[no-untyped-def]
+    from datetime import UTC, datetime
+
+    return datetime(2000, 1, 1, tzinfo=UTC)
+
+
+async def test_method_override(proxy, http) -> None:
+    url = await create(http, proxy.url, 5)
+    headers = {**OCTET, "Upload-Offset": "0", "X-HTTP-Method-Override": "PATCH"}
+    async with http.post(url, data=b"ab", headers=headers) as r:
+        assert r.status == 204 and r.headers["Upload-Offset"] == "2"
+    async with http.post(url, headers={**TUS, "X-HTTP-Method-Override": "DELETE"}) as r:
+        assert r.status == 204
+    async with http.head(url, headers=TUS) as r:
+        assert r.status == 404
+
+
+async def test_tiny_patches_keep_few_pending_segments(proxy, http, s3, prefix) -> None:
+    from proxy.tus_writer import MAX_PENDING_SEGMENTS
+
+    data = os.urandom(40 * 1000)
+    url = await create(http, proxy.url, len(data))
+    most = 0
+    for off in range(0, len(data), 1000):
+        r = await patch(http, url, off, data[off : off + 1000])
+        assert r.status == 204
+        most = max(most, len(await state_keys(s3, prefix)) - 1)  # minus the info object
+    assert 1 < most <= MAX_PENDING_SEGMENTS  # merged, never more
+    key = f"{prefix}{url.rsplit('/', 1)[1]}"
+    body, meta = await get_object(s3, key)
+    assert body == data and meta["sha256"] == sha256_hex(data)
