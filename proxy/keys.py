@@ -59,7 +59,7 @@ _UNSAFE_NAME_RE = re.compile(r"[^\w .()+,=@~-]")
 
 
 def safe_filename(filename: str | None, max_bytes: int = 200) -> str:
-    """One key segment from a client's file name: ``"../a/b\\Ho:li*day.JPG"`` -> ``"Ho_li_day.JPG"``.
+    """One key segment from a client's file name: ``"../a\\Ho:li*day.JPG"`` -> ``"Ho_li_day.JPG"``.
 
     The last path component only, characters outside letters, digits and ``.()+,=@~ -``
     replaced, no leading or trailing dots or spaces (so never ``.`` or ``..``), at most

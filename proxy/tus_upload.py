@@ -100,14 +100,7 @@ class TusService:
         now = time.time()
         if new.length == 0:
             # Complete on arrival: the object, and no state at all.
-            await storage.put_object(
-                new.key,
-                b"",
-                metadata={**new.object_metadata, "sha256": EMPTY_SHA256},
-                content_type=new.content_type,
-                checksum=None,
-                if_none_match=True,
-            )
+            await self._put_empty(new.key, new.content_type, new.object_metadata)
             log.info(
                 "tus upload id=%s key=%s bytes=0 sha256=%s result=ok", new.id, new.key, EMPTY_SHA256
             )
@@ -225,6 +218,7 @@ class TusService:
             await release_quietly(lease)
             raise
         finally:
+            await keeper.stop()  # already stopped on every path; this makes sure of it
             writer.close()
 
     async def _salvage(
@@ -276,17 +270,7 @@ class TusService:
         length = info.offset
         if not info.parts:
             await storage.abort_multipart(info.key, info.multipart_id)
-            try:
-                await storage.put_object(
-                    info.key,
-                    b"",
-                    metadata={**info.object_metadata, "sha256": EMPTY_SHA256},
-                    content_type=info.content_type,
-                    checksum=None,
-                    if_none_match=True,
-                )
-            except ObjectExists:
-                pass  # an earlier attempt got this far
+            await self._put_empty(info.key, info.content_type, info.object_metadata)
             sha256 = EMPTY_SHA256
         else:
             etag = await self._complete_multipart(info)
@@ -318,6 +302,19 @@ class TusService:
             },
         )
         return replace(info, sha256_hex=sha256)
+
+    async def _put_empty(self, key: str, content_type: str, metadata: dict[str, str]) -> None:
+        try:
+            await self.uploads.storage.put_object(
+                key,
+                b"",
+                metadata={**metadata, "sha256": EMPTY_SHA256},
+                content_type=content_type,
+                checksum=None,
+                if_none_match=True,
+            )
+        except ObjectExists:
+            pass  # the key holds the tus id: only an earlier attempt of ours can have made it
 
     async def _complete_multipart(self, info: UploadInfo) -> str:
         storage = self.uploads.storage
@@ -480,7 +477,7 @@ class _LeaseKeeper:
             except LeaseLost:
                 log.error("tus upload %s: lease lost mid-PATCH", self._info.id)
                 return
-            except ProxyError as e:
+            except Exception as e:  # try again next round; the lease lasts 3 rounds
                 log.warning("tus upload %s: lease renewal failed: %s", self._info.id, e)
 
     async def stop(self) -> None:
