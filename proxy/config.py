@@ -356,12 +356,13 @@ def _tus(r: _Reader) -> TusConfig:
         "state_prefix",
         f"must end with '/', not start with '/' nor contain '..'; got {cfg.state_prefix!r}",
     )
+    origin_re = re.compile(r"\*|https?://[^/\s]+")
     r.check(
-        all(isinstance(o, str) and (o == "*" or re.fullmatch(r"https?://[^/\s]+", o)) for o in origins),
+        all(isinstance(o, str) and origin_re.fullmatch(o) for o in origins),
         "cors_allow_origins",
         f'must list "*" or origins like "https://app.example.com" (no path); got {origins!r}',
     )
-    r.check(cfg.lock_lease_s >= 3, "lock_lease_s", f"must be >= 3 seconds; got {cfg.lock_lease_s}")
+    r.check(cfg.lock_lease_s >= 3, "lock_lease_s", f"must be >= 3 s; got {cfg.lock_lease_s}")
     r.finish()
     return cfg
 

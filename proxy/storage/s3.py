@@ -18,6 +18,7 @@ translated here into :mod:`proxy.errors`; nothing above this module sees it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -449,14 +450,13 @@ class S3Storage:
     async def list_objects(self, prefix: str) -> list[ObjectInfo]:
         out: list[ObjectInfo] = []
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+
+        async def page(kw: dict[str, Any]) -> dict[str, Any]:
+            r: dict[str, Any] = await self._client.list_objects_v2(**kw)
+            return r
+
         while True:
-            page = dict(kwargs)
-
-            async def go() -> dict[str, Any]:
-                r: dict[str, Any] = await self._client.list_objects_v2(**page)
-                return r
-
-            r = await self._call("list_objects_v2", go)
+            r = await self._call("list_objects_v2", functools.partial(page, dict(kwargs)))
             for o in r.get("Contents", []) or []:
                 out.append(ObjectInfo(str(o["Key"]), int(o.get("Size", 0)), str(o.get("ETag", ""))))
             if not r.get("IsTruncated"):
