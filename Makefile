@@ -5,7 +5,12 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG ?= config.toml
 
-.PHONY: install run test test-fast test-deps check-systemd lint bench clean
+.PHONY: install run test test-fast test-deps check-systemd lint bench bench-tus clean
+
+# tus-js-client for tests/test_tus_clients.py, exactly as tests/js/package-lock.json pins it.
+JS_DEPS := tests/js/node_modules/.package-lock.json
+$(JS_DEPS): tests/js/package.json tests/js/package-lock.json
+	cd tests/js && npm ci --no-audit --no-fund
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,14 +42,14 @@ test-deps:
 	elif [ -n "$$missing" ]; then echo "not installed (tests will skip):$$missing"; fi
 
 ## The whole test suite, against a real SeaweedFS the tests start on loopback.
-test: $(STAMP) test-deps
+test: $(STAMP) test-deps $(JS_DEPS)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 ## systemd-analyze verify + security (exposure <= 2.0) on systemd/upload-proxy.service.
 check-systemd: $(STAMP) test-deps
 	systemd/check-unit.sh systemd/upload-proxy.service $(abspath $(BIN))/upload-proxy 2.0
 
-test-fast: $(STAMP) test-deps
+test-fast: $(STAMP) test-deps $(JS_DEPS)
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
 
 lint: $(STAMP)
@@ -55,6 +60,10 @@ lint: $(STAMP)
 ## Throughput / CPU / RSS figures (not a test): see bench/README.md.
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+
+## tus figures (1 GiB in one PATCH and in 8 MiB chunks); SIZE=256MiB for a quicker run.
+bench-tus: $(STAMP)
+	$(BIN)/python bench/tus_bench.py $(if $(SIZE),--size $(SIZE))
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache

@@ -11,7 +11,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from proxy import __version__, http_ops
+from proxy import __version__, http_ops, tus
 from proxy.auth import Authenticator
 from proxy.buffers import BufferPool
 from proxy.config import Config
@@ -25,7 +25,7 @@ from proxy.responses import error_response
 from proxy.storage.base import OpenMultipart, Storage
 from proxy.storage.s3 import S3Storage
 from proxy.storage.seaweed import EmbeddedSeaweed, load_or_create_credentials
-from proxy.sweeper import LiveUploadPredicate, StaleSweeper
+from proxy.sweeper import LiveUploadPredicate, StaleSweeper, resolve
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +188,8 @@ async def _uploads_ctx(app: web.Application) -> AsyncIterator[None]:
                              keep_idle=uc.parts_in_flight + 1)
     assert rt.storage is not None
     app[UPLOADS].bind(rt.storage, rt.pool)
+    if rt.config.tus.enabled:
+        tus.bind(app, rt.storage)
     yield
 
 
@@ -200,11 +202,11 @@ async def _sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
     assert rt.storage is not None
     ctx = app[UPLOADS]
 
-    def live(upload: OpenMultipart) -> bool:
+    async def live(upload: OpenMultipart) -> bool:
         # Read upload_is_live at call time so a tus layer may plug in after start-up.
         if upload.key in ctx.active_keys:
             return True
-        return rt.upload_is_live is not None and rt.upload_is_live(upload)
+        return rt.upload_is_live is not None and await resolve(rt.upload_is_live(upload))
 
     rt.sweeper = StaleSweeper(rt.storage, uc.key_prefix, older_than_s=uc.stale_upload_after_s,
                               is_live=live)
@@ -237,4 +239,13 @@ def build_app(runtime: Runtime) -> web.Application:
     app.cleanup_ctx.append(samplers_ctx)
     add_routes(app)
     http_ops.add_routes(app, runtime.ops)
+    if runtime.config.tus.enabled:
+        tus.add_routes(app, runtime.config.tus)
+        app.cleanup_ctx.append(tus.sweeper_ctx)
+        app[UPLOADS].reserved_prefixes = (runtime.config.tus.state_prefix,)
+        if runtime.upload_is_live is None:
+            # The stale-multipart sweeper must never abort a live tus upload's parts:
+            # ask the upload's state in S3 (exact, and right across instances).
+            tus_ctx = app[tus.TUS]
+            runtime.upload_is_live = lambda u: tus_ctx.owns_multipart(u.key, u.upload_id)
     return app

@@ -164,6 +164,18 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class TusConfig:
+    enabled: bool = True
+    base_path: str = "/files/"
+    state_prefix: str = ".tus/"
+    expire_after_s: float = 86400.0
+    sweep_interval_s: float = 600.0
+    lock_lease_s: float = 30.0
+    cors_allow_origins: tuple[str, ...] = ()
+    cors_max_age_s: int = 86400
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     upload: UploadConfig = field(default_factory=UploadConfig)
@@ -172,6 +184,7 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    tus: TusConfig = field(default_factory=TusConfig)
 
 
 class _Reader:
@@ -519,6 +532,42 @@ def _logging(r: _Reader) -> LoggingConfig:
     return cfg
 
 
+def _tus(r: _Reader) -> TusConfig:
+    d = TusConfig()
+    origins: list[Any] = r.get("cors_allow_origins", list, list(d.cors_allow_origins))
+    cfg = TusConfig(
+        enabled=r.get("enabled", bool, d.enabled),
+        base_path=r.get("base_path", str, d.base_path),
+        state_prefix=r.get("state_prefix", str, d.state_prefix),
+        expire_after_s=r.positive("expire_after_s", float, d.expire_after_s),
+        sweep_interval_s=r.positive("sweep_interval_s", float, d.sweep_interval_s, allow_zero=True),
+        lock_lease_s=r.positive("lock_lease_s", float, d.lock_lease_s),
+        cors_allow_origins=tuple(str(o) for o in origins),
+        cors_max_age_s=r.positive("cors_max_age_s", int, d.cors_max_age_s, allow_zero=True),
+    )
+    r.check(
+        re.fullmatch(r"/(?:[A-Za-z0-9._~-]+/)*", cfg.base_path) is not None,
+        "base_path",
+        f"must start and end with '/' and hold only URL-safe path segments; got {cfg.base_path!r}",
+    )
+    r.check(
+        cfg.state_prefix.endswith("/")
+        and not cfg.state_prefix.startswith("/")
+        and ".." not in cfg.state_prefix,
+        "state_prefix",
+        f"must end with '/', not start with '/' nor contain '..'; got {cfg.state_prefix!r}",
+    )
+    origin_re = re.compile(r"\*|https?://[^/\s]+")
+    r.check(
+        all(isinstance(o, str) and origin_re.fullmatch(o) for o in origins),
+        "cors_allow_origins",
+        f'must list "*" or origins like "https://app.example.com" (no path); got {origins!r}',
+    )
+    r.check(cfg.lock_lease_s >= 3, "lock_lease_s", f"must be >= 3 s; got {cfg.lock_lease_s}")
+    r.finish()
+    return cfg
+
+
 def from_dict(data: dict[str, Any], *, base_dir: Path | None = None, source: str = "config") -> Config:
     """Build a validated :class:`Config`; raise one :class:`ConfigError` listing every problem."""
     problems: list[str] = []
@@ -538,6 +587,7 @@ def from_dict(data: dict[str, Any], *, base_dir: Path | None = None, source: str
         auth=_auth(section["auth"], base),
         limits=_limits(section["limits"]),
         logging=_logging(section["logging"]),
+        tus=_tus(section["tus"]),
     )
     if problems:
         raise ConfigError(problems, source)

@@ -16,10 +16,17 @@ REASONS = (
     "cancelled",
     "checksum_mismatch",
     "client_disconnect",
+    "client_limit",
     "client_timeout",
     "conflict",
+    "forbidden",
+    "gone",
     "internal",
+    "locked",
     "memory_pressure",
+    "not_allowed",
+    "not_found",
+    "shutting_down",
     "storage_error",
     "storage_unavailable",
     "too_large",
@@ -135,3 +142,31 @@ class ObjectExists(StorageError):
     code = "ERR_KEY_EXISTS"
     status = 409
     reason = "conflict"
+
+
+class ConditionFailed(ObjectExists):
+    """A conditional write (If-Match / If-None-Match) lost: someone else wrote first."""
+
+    code = "ERR_CONFLICT"
+
+
+class NotFound(ProxyError):
+    code = "ERR_NOT_FOUND"
+    status = 404
+    reason = "not_found"
+
+
+class Gone(ProxyError):
+    """The resource existed but has expired."""
+
+    code = "ERR_GONE"
+    status = 410
+    reason = "gone"
+
+
+class Locked(ProxyError):
+    """Another request (on this or another instance) holds the resource."""
+
+    code = "ERR_LOCKED"
+    status = 423
+    reason = "locked"

@@ -33,6 +33,7 @@ from proxy.auth import Authenticator, Forbidden, Grant
 from proxy.buffers import BufferPool
 from proxy.config import UploadConfig
 from proxy.errors import (
+    InvalidKey,
     BadRequest,
     ClientTimeout,
     IncompleteBody,
@@ -131,6 +132,8 @@ class UploadContext:
     stats: UploadStats = field(default_factory=UploadStats)
     # Keys with a plain upload running in this process: the stale sweeper spares them.
     active_keys: Counter[str] = field(default_factory=Counter)
+    # Key prefixes plain uploads may not write to (the tus state objects live there).
+    reserved_prefixes: tuple[str, ...] = ()
     _storage: Storage | None = None
     _pool: BufferPool | None = None
 
@@ -278,7 +281,7 @@ async def _preflight_put(request: web.Request) -> Preflight:
     grant = authorize(request)
     ctx.admit()
     client_key = request.match_info["key"]
-    key = full_key(ctx.config.key_prefix, client_key)
+    key = _unreserved(ctx, full_key(ctx.config.key_prefix, client_key))
     grant.check_key(client_key)
     limit = grant.limit(ctx.config.max_upload_size_bytes)
     size = _declared_size(request, limit)
@@ -314,14 +317,17 @@ async def _preflight_post(request: web.Request) -> Preflight:
 
 async def expect_put(request: web.Request) -> web.StreamResponse | None:
     """Answer ``Expect: 100-continue`` only when the upload can be accepted."""
-    return await _expect(request, _preflight_put)
+    return await expect_with(request, _preflight_put)
 
 
 async def expect_post(request: web.Request) -> web.StreamResponse | None:
-    return await _expect(request, _preflight_post)
+    return await expect_with(request, _preflight_post)
 
 
-async def _expect(request: web.Request, check: Callable[[web.Request], Any]) -> web.StreamResponse | None:
+async def expect_with(
+    request: web.Request, check: Callable[[web.Request], Any]
+) -> web.StreamResponse | None:
+    """Run the pre-body ``check``; answer 100 Continue only if it passes."""
     if request.headers.get("Expect", "").lower() != "100-continue":
         return error_response(ProxyError("unsupported Expect header", code="ERR_EXPECTATION",
                                          status=417, reason="bad_request"))
@@ -416,7 +422,15 @@ async def put_upload(request: web.Request) -> web.StreamResponse:
 
 def _new_key(ctx: UploadContext, grant: Grant, filename: str | None) -> str:
     """A generated key, under the signed prefix when there is one (validated like any key)."""
-    return full_key(ctx.config.key_prefix, (grant.prefix or "") + generated_key("", filename))
+    return _unreserved(
+        ctx, full_key(ctx.config.key_prefix, (grant.prefix or "") + generated_key("", filename))
+    )
+
+
+def _unreserved(ctx: UploadContext, key: str) -> str:
+    if key.startswith(ctx.reserved_prefixes):
+        raise InvalidKey("this key prefix is reserved for the proxy's own state")
+    return key
 
 
 async def post_upload(request: web.Request) -> web.StreamResponse:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 import uuid
 
 from proxy.errors import InvalidKey
@@ -52,3 +53,22 @@ def safe_extension(filename: str | None) -> str:
 
 def generated_key(prefix: str, filename: str | None = None) -> str:
     return f"{prefix}{uuid.uuid4().hex}{safe_extension(filename)}"
+
+
+_UNSAFE_NAME_RE = re.compile(r"[^\w .()+,=@~-]")
+
+
+def safe_filename(filename: str | None, max_bytes: int = 200) -> str:
+    """One key segment from a client's file name: ``"../a\\Ho:li*day.JPG"`` -> ``"Ho_li_day.JPG"``.
+
+    The last path component only, characters outside letters, digits and ``.()+,=@~ -``
+    replaced, no leading or trailing dots or spaces (so never ``.`` or ``..``), at most
+    ``max_bytes`` of UTF-8.  Empty when nothing usable is left.
+    """
+    if not filename:
+        return ""
+    base = unicodedata.normalize("NFC", filename.replace("\\", "/").rsplit("/", 1)[-1])
+    name = _UNSAFE_NAME_RE.sub("_", base).strip(" .")
+    while len(name.encode("utf-8")) > max_bytes:
+        name = name[:-1].rstrip(" .")
+    return name

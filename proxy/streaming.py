@@ -369,3 +369,9 @@ class PartStreamer:
             raise
         except Exception as e:
             log.error("abort of multipart upload for %s failed: %s", self._spec.key, e)
+
+
+# Shared with the tus PATCH writer (proxy.tus_writer), which lays parts out differently
+# (pending bytes first, a tail kept in S3) but must checksum and release them the same way.
+part_checksum = _part_checksum
+release_view = _release

@@ -13,8 +13,9 @@ of defence for the time this daemon does not run at all (see the deployment docs
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -25,9 +26,10 @@ log = logging.getLogger(__name__)
 
 
 class LiveUploadPredicate(Protocol):
-    """True if this open multipart upload belongs to an upload that is still wanted."""
+    """True if this open multipart upload belongs to an upload that is still wanted.
+    May answer asynchronously (tus asks S3 for the upload's state)."""
 
-    def __call__(self, upload: OpenMultipart) -> bool: ...
+    def __call__(self, upload: OpenMultipart) -> bool | Awaitable[bool]: ...
 
 
 def never_live(upload: OpenMultipart) -> bool:
@@ -37,10 +39,17 @@ def never_live(upload: OpenMultipart) -> bool:
 def any_live(*predicates: LiveUploadPredicate) -> LiveUploadPredicate:
     """One predicate that is true when any of ``predicates`` is."""
 
-    def live(upload: OpenMultipart) -> bool:
-        return any(p(upload) for p in predicates)
+    async def live(upload: OpenMultipart) -> bool:
+        for p in predicates:
+            if await resolve(p(upload)):
+                return True
+        return False
 
     return live
+
+
+async def resolve(answer: bool | Awaitable[bool]) -> bool:
+    return await answer if inspect.isawaitable(answer) else answer
 
 
 class StaleSweeper:
@@ -77,7 +86,7 @@ class StaleSweeper:
             # someone else's uploads.
             if not upload.key.startswith(self._prefix) or not self._is_stale(upload, now):
                 continue
-            if self._is_live(upload):
+            if await resolve(self._is_live(upload)):
                 continue
             await self._storage.abort_multipart(upload.key, upload.upload_id)
             aborted.append(upload)

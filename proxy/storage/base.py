@@ -9,7 +9,7 @@ translates its own failures into :mod:`proxy.errors` at this boundary
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol, TypeAlias
@@ -108,3 +108,25 @@ class Storage(Protocol):
 
     async def list_multipart(self, prefix: str = "") -> list[OpenMultipart]:
         """Open multipart uploads under ``prefix``."""
+
+    # Small-object and listing operations: the tus layer keeps its upload state in the
+    # bucket with them, so any instance sharing the bucket can continue an upload.
+
+    async def get_small(self, key: str, max_bytes: int) -> tuple[bytes, str] | None:
+        """The whole body and etag of an object of at most ``max_bytes``, or None if absent.
+
+        A larger object is a :class:`~proxy.errors.StorageError` (it is not one of ours)."""
+
+    async def put_conditional(
+        self, key: str, body: Body, *, if_match: str | None = None, if_none_match: bool = False
+    ) -> str:
+        """Write a small object only if its etag is ``if_match`` / only if it does not exist;
+        return the new etag.  A lost condition raises :class:`~proxy.errors.ConditionFailed`."""
+
+    def iter_object(self, key: str, *, chunk_bytes: int) -> AsyncIterator[bytes]:
+        """The object's bytes in chunks of at most ``chunk_bytes`` (bounded memory).
+
+        A missing object or a read that breaks off raises a storage error."""
+
+    async def list_objects(self, prefix: str) -> list[ObjectInfo]:
+        """Every object under ``prefix`` (key, size, etag), in key order."""

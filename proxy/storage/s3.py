@@ -22,7 +22,7 @@ import functools
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import Any, TypeVar
 
@@ -32,7 +32,13 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession, get_session
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-from proxy.errors import ObjectExists, ProxyError, StorageError, StorageUnavailable
+from proxy.errors import (
+    ConditionFailed,
+    ObjectExists,
+    ProxyError,
+    StorageError,
+    StorageUnavailable,
+)
 from proxy.storage.base import Body, CompletedPart, ObjectInfo, OpenMultipart, OpObserver, PartChecksum
 
 log = logging.getLogger(__name__)
@@ -56,6 +62,7 @@ _TRANSIENT_CODES = frozenset(
     }
 )
 _CHECKSUM_ARGS = {"md5": "ContentMD5", "crc32": "ChecksumCRC32", "sha256": "ChecksumSHA256"}
+_MISSING_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
 
 
 class _PartBody:
@@ -434,3 +441,76 @@ class S3Storage:
                 return out
             kwargs["KeyMarker"] = r.get("NextKeyMarker", "")
             kwargs["UploadIdMarker"] = r.get("NextUploadIdMarker", "")
+
+    async def get_small(self, key: str, max_bytes: int) -> tuple[bytes, str] | None:
+        async def go() -> tuple[bytes, str] | None:
+            try:
+                r = await self._client.get_object(Bucket=self.bucket, Key=key)
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") in _MISSING_CODES:
+                    return None
+                raise
+            async with r["Body"] as body:
+                if int(r.get("ContentLength", 0)) > max_bytes:
+                    raise StorageError(f"{key} is larger than {max_bytes} bytes")
+                data: bytes = await body.read()
+            return data, str(r.get("ETag", ""))
+
+        return await self._call("get_object", go)
+
+    async def put_conditional(
+        self, key: str, body: Body, *, if_match: str | None = None, if_none_match: bool = False
+    ) -> str:
+        extra: dict[str, str] = {}
+        if if_match is not None:
+            extra["IfMatch"] = if_match
+        if if_none_match:
+            extra["IfNoneMatch"] = "*"
+        try:
+            r = await self._call(
+                "put_object",
+                lambda: self._client.put_object(
+                    Bucket=self.bucket, Key=key, Body=body, ContentLength=len(body), **extra
+                ),
+            )
+        except ObjectExists as e:
+            # 412 on If-Match means "changed since you read it", not "key taken".
+            raise ConditionFailed(f"{key} was changed by someone else") from e
+        return str(r["ETag"])
+
+    async def iter_object(self, key: str, *, chunk_bytes: int) -> AsyncIterator[bytes]:
+        # Only opening the object is retried: a body that breaks off half-way cannot be
+        # rewound without the caller knowing, so it surfaces as StorageUnavailable.
+        r = await self._call(
+            "get_object", lambda: self._client.get_object(Bucket=self.bucket, Key=key)
+        )
+        async with r["Body"] as body:
+            while True:
+                try:
+                    chunk: bytes = await body.read(chunk_bytes)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    outcome = _classify(exc)
+                    if isinstance(outcome, ProxyError):
+                        raise outcome from exc
+                    raise StorageUnavailable(f"reading {key} broke off ({outcome.code})") from exc
+                if not chunk:
+                    return
+                yield chunk
+
+    async def list_objects(self, prefix: str) -> list[ObjectInfo]:
+        out: list[ObjectInfo] = []
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+
+        async def page(kw: dict[str, Any]) -> dict[str, Any]:
+            r: dict[str, Any] = await self._client.list_objects_v2(**kw)
+            return r
+
+        while True:
+            r = await self._call("list_objects_v2", functools.partial(page, dict(kwargs)))
+            for o in r.get("Contents", []) or []:
+                out.append(ObjectInfo(str(o["Key"]), int(o.get("Size", 0)), str(o.get("ETag", ""))))
+            if not r.get("IsTruncated"):
+                return out
+            kwargs["ContinuationToken"] = r["NextContinuationToken"]

@@ -1,0 +1,474 @@
+"""tus 1.0.0 over HTTP: core (HEAD, PATCH, OPTIONS) and the extensions creation,
+creation-with-upload, creation-defer-length, termination, expiration and checksum.
+
+Only headers and statuses live here; the upload lifecycle is :mod:`proxy.tus_upload`,
+the state :mod:`proxy.tus_state`.  Errors are :class:`~proxy.errors.ProxyError`, rendered
+as JSON ``{"code", "message"}`` by the app's one error middleware (HEAD answers carry no
+body, as HTTP wants).  One ``on_response_prepare`` hook adds ``Tus-Resumable`` and the
+CORS headers to every answer under the base path, errors and 404/405 included.
+Concatenation is not implemented, so it is not advertised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import email.utils
+import logging
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from urllib.parse import quote
+
+from aiohttp import web
+
+from proxy.config import TusConfig
+from proxy.errors import BadRequest, NotFound, ProxyError, TooLarge
+from proxy.auth import Forbidden, Grant
+from proxy.http_upload import UPLOADS, authorize, body_chunks, expect_with, request_client
+from proxy.storage.base import OpenMultipart, Storage
+from proxy.tus_state import TusStore, UploadInfo, release_quietly, valid_id
+from proxy.tus_upload import Checksum, NewUpload, TusService
+
+log = logging.getLogger(__name__)
+
+TUS_VERSION = "1.0.0"
+EXTENSIONS = "creation,creation-with-upload,creation-defer-length,termination,expiration,checksum"
+CHECKSUM_ALGORITHMS = {"sha1": 20, "md5": 16, "sha256": 32}
+OFFSET_CONTENT_TYPE = "application/offset+octet-stream"
+MAX_METADATA_HEADER_BYTES = 8 * 1024
+# S3 allows 2 KiB of user metadata; keep room for our sha256 entry.
+MAX_OBJECT_METADATA_BYTES = 1800
+_ALLOW_HEADERS = (
+    "Authorization, Origin, X-Requested-With, X-Request-ID, X-HTTP-Method-Override, "
+    "Content-Type, Upload-Length, Upload-Offset, Tus-Resumable, Upload-Metadata, "
+    "Upload-Defer-Length, Upload-Checksum"
+)
+_EXPOSE_HEADERS = (
+    "Upload-Offset, Location, Upload-Length, Tus-Version, Tus-Resumable, Tus-Max-Size, "
+    "Tus-Extension, Tus-Checksum-Algorithm, Upload-Metadata, Upload-Defer-Length, "
+    "Upload-Expires"
+)
+_ALLOW_METHODS = "POST, HEAD, PATCH, DELETE, OPTIONS"
+_METADATA_KEY_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_MIME_RE = re.compile(r"[A-Za-z0-9][\w.+-]*/[\w.+-]+(\s*;\s*[\w.+-]+=[\w.+\"-]+)*")
+
+
+@dataclass
+class TusContext:
+    config: TusConfig
+    service: TusService | None = None
+
+    @property
+    def svc(self) -> TusService:
+        assert self.service is not None, "tus is not set up yet"
+        return self.service
+
+    async def owns_multipart(self, key: str, multipart_id: str) -> bool:
+        """For a stale-multipart sweeper: is this multipart upload a live tus upload's?"""
+        return await self.svc.store.owns_multipart(key, multipart_id)
+
+    def claims_multipart(self, upload: OpenMultipart) -> bool:
+        """The same, synchronously and conservatively (see TusService.claims_multipart)."""
+        return self.svc.claims_multipart(upload)
+
+
+TUS = web.AppKey("tus", TusContext)
+
+
+# -- header parsing ---------------------------------------------------------------------
+
+
+def _check_version(request: web.Request) -> None:
+    if request.headers.get("Tus-Resumable") != TUS_VERSION:
+        raise ProxyError(
+            f"Tus-Resumable must be {TUS_VERSION}",
+            code="ERR_TUS_VERSION",
+            status=412,
+            reason="bad_request",
+            headers={"Tus-Version": TUS_VERSION},
+        )
+
+
+def _non_negative(request: web.Request, name: str) -> int | None:
+    value = request.headers.get(name)
+    if value is None:
+        return None
+    if not value.isdigit() or len(value) > 19:
+        raise BadRequest(f"{name} must be a non-negative integer", code="ERR_BAD_HEADER")
+    return int(value)
+
+
+def parse_metadata(header: str) -> dict[str, bytes]:
+    """``Upload-Metadata``: comma-separated ``key base64value`` (value optional), keys unique."""
+    if len(header) > MAX_METADATA_HEADER_BYTES:
+        raise BadRequest("Upload-Metadata is too long", code="ERR_BAD_METADATA")
+    out: dict[str, bytes] = {}
+    if not header.strip():
+        return out
+    for pair in header.split(","):
+        fields = pair.strip().split(" ")
+        key = fields[0]
+        if not key or len(fields) > 2 or not key.isascii() or not key.isprintable():
+            raise BadRequest(
+                f"malformed Upload-Metadata pair {pair.strip()!r}", code="ERR_BAD_METADATA"
+            )
+        if key in out:
+            raise BadRequest(f"Upload-Metadata key {key!r} repeated", code="ERR_BAD_METADATA")
+        try:
+            out[key] = base64.b64decode(fields[1], validate=True) if len(fields) == 2 else b""
+        except (binascii.Error, ValueError):
+            raise BadRequest(
+                f"Upload-Metadata value of {key!r} is not base64", code="ERR_BAD_METADATA"
+            ) from None
+    return out
+
+
+def _header_safe(value: str) -> str:
+    """S3 metadata travels in HTTP headers: printable ASCII as is, the rest percent-encoded."""
+    if value.isascii() and value.isprintable() and "%" not in value:
+        return value
+    return quote(value, safe=" !\"#$&'()*+,-./:;<=>?@[]^_`{|}~")
+
+
+def new_upload(ctx: TusService, header: str, length: int | None) -> NewUpload:
+    """Key, content type and object metadata from ``Upload-Metadata``."""
+    meta = parse_metadata(header)
+    text = {k: v.decode("utf-8", errors="replace") for k, v in meta.items()}
+    filename = text.get("filename") or text.get("name")
+    ctype = text.get("filetype") or text.get("type") or ""
+    if not (_MIME_RE.fullmatch(ctype) and len(ctype) <= 255):
+        ctype = "application/octet-stream"
+    upload_id = ctx.new_id()
+    obj_meta = {
+        k.lower(): _header_safe(v) for k, v in text.items() if _METADATA_KEY_RE.fullmatch(k)
+    }
+    obj_meta["tus-id"] = upload_id
+    if sum(len(k) + len(v) for k, v in obj_meta.items()) > MAX_OBJECT_METADATA_BYTES:
+        raise BadRequest(
+            f"Upload-Metadata exceeds the {MAX_OBJECT_METADATA_BYTES} bytes kept with the object",
+            code="ERR_BAD_METADATA",
+        )
+    return NewUpload(
+        id=upload_id,
+        key=ctx.object_key(upload_id, filename),
+        content_type=ctype,
+        metadata_header=header.strip(),
+        object_metadata=obj_meta,
+        length=length,
+        filename=filename,
+    )
+
+
+def _checksum(request: web.Request) -> Checksum | None:
+    value = request.headers.get("Upload-Checksum")
+    if value is None:
+        return None
+    algorithm, _, encoded = value.strip().partition(" ")
+    size = CHECKSUM_ALGORITHMS.get(algorithm)
+    if size is None:
+        raise BadRequest(
+            f"unsupported Upload-Checksum algorithm {algorithm!r}", code="ERR_CHECKSUM_ALGORITHM"
+        )
+    try:
+        digest = base64.b64decode(encoded.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        digest = b""
+    if len(digest) != size:
+        raise BadRequest(
+            f"Upload-Checksum is not a base64 {algorithm} digest", code="ERR_BAD_DIGEST"
+        )
+    return Checksum(algorithm, digest)
+
+
+def _http_date(epoch_s: float) -> str:
+    return email.utils.formatdate(epoch_s, usegmt=True)
+
+
+def _upload_headers(info: UploadInfo) -> dict[str, str]:
+    headers = {"Upload-Offset": str(info.offset)}
+    if not info.completing:
+        headers["Upload-Expires"] = _http_date(info.expires_s)
+    return headers
+
+
+def _chunks(request: web.Request) -> AsyncIterator[bytes]:
+    return body_chunks(request.content, request.app[UPLOADS].config.idle_timeout_s)
+
+
+# -- handlers ---------------------------------------------------------------------------
+
+
+def _guard(request: web.Request) -> Grant:
+    """Who may touch tus uploads: the same credentials as plain uploads, checked before
+    any body byte.  Signed URLs are bound to one method and one key, which tus (POST,
+    then PATCHes to a URL we choose) cannot honour: tus takes bearer tokens."""
+    grant = authorize(request)
+    if grant.via == "signed":
+        raise Forbidden(
+            "signed URLs are for /uploads; tus uploads take a bearer token",
+            code="ERR_SIGNED_URL_NOT_FOR_TUS",
+        )
+    return grant
+
+
+def _guard_body(request: web.Request) -> Grant:
+    """As :func:`_guard`, for requests that carry a body: also memory admission."""
+    grant = _guard(request)
+    request.app[UPLOADS].admit()
+    return grant
+
+
+async def _expect(request: web.Request) -> web.StreamResponse | None:
+    return await expect_with(request, _guard_body)
+
+
+def _svc(request: web.Request) -> TusService:
+    return request.app[TUS].svc
+
+
+def _upload_id(request: web.Request) -> str:
+    upload_id = request.match_info["id"]
+    if not valid_id(upload_id):
+        raise NotFound("no such upload")
+    return upload_id
+
+
+async def options(request: web.Request) -> web.Response:
+    # Tus-Resumable is not required on OPTIONS (spec: for discovery and CORS preflights).
+    cfg = request.app[TUS].config
+    headers = {
+        "Tus-Version": TUS_VERSION,
+        "Tus-Extension": EXTENSIONS,
+        "Tus-Max-Size": str(request.app[UPLOADS].config.max_upload_size_bytes),
+        "Tus-Checksum-Algorithm": ",".join(CHECKSUM_ALGORITHMS),
+    }
+    if _allowed_origin(cfg, request) and "Access-Control-Request-Method" in request.headers:
+        headers["Access-Control-Allow-Methods"] = _ALLOW_METHODS
+        headers["Access-Control-Allow-Headers"] = _ALLOW_HEADERS
+        headers["Access-Control-Max-Age"] = str(cfg.cors_max_age_s)
+    return web.Response(status=204, headers=headers)
+
+
+async def create(request: web.Request) -> web.StreamResponse:
+    _check_version(request)
+    _guard_body(request)
+    svc = _svc(request)
+    length = _non_negative(request, "Upload-Length")
+    defer = request.headers.get("Upload-Defer-Length")
+    if defer is not None and (defer != "1" or length is not None):
+        raise BadRequest(
+            "Upload-Defer-Length must be 1, and only without Upload-Length", code="ERR_BAD_HEADER"
+        )
+    if length is None and defer is None:
+        raise BadRequest(
+            "Upload-Length or Upload-Defer-Length: 1 is required", code="ERR_LENGTH_REQUIRED"
+        )
+    if length is not None and length > svc.max_size_bytes:
+        raise TooLarge(f"Upload-Length exceeds Tus-Max-Size ({svc.max_size_bytes})")
+    declared = request.content_length
+    with_body = request.headers.get("Content-Type", "").split(";")[0].strip() == OFFSET_CONTENT_TYPE
+    if not with_body and declared:
+        raise ProxyError(
+            f"an upload body needs Content-Type: {OFFSET_CONTENT_TYPE}",
+            code="ERR_CONTENT_TYPE",
+            status=415,
+            reason="bad_request",
+        )
+    checksum = _checksum(request) if with_body else None
+    new = new_upload(svc, request.headers.get("Upload-Metadata", ""), length)
+    info, lease = await svc.create(new, leased=with_body and new.length != 0)
+    if lease is not None:
+        try:
+            with request.app[UPLOADS].slots.hold(request_client(request).ip):
+                info = await svc.write(
+                    lease, _chunks(request), declared_bytes=declared, checksum=checksum
+                )
+        except BaseException:
+            # Without our answer the client never learns the URL: nothing can resume it.
+            await _terminate_quietly(svc, info.id)
+            raise
+    location = request.app[TUS].config.base_path + info.id
+    headers = {"Location": location, **_upload_headers(info)}
+    if not with_body:
+        headers.pop("Upload-Offset")
+    log.info(
+        "tus create id=%s key=%s length=%s",
+        info.id,
+        info.key,
+        "deferred" if info.length is None else info.length,
+    )
+    return web.Response(status=201, headers=headers)
+
+
+async def _terminate_quietly(svc: TusService, upload_id: str) -> None:
+    async def go() -> None:
+        lease = await svc.store.acquire(upload_id, allow_expired=True)
+        await svc.terminate(lease)
+
+    try:
+        await asyncio.shield(asyncio.wait_for(go(), 30))
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:
+        log.warning("tus: could not remove the failed new upload %s: %s", upload_id, e)
+
+
+async def head(request: web.Request) -> web.Response:
+    _check_version(request)
+    _guard(request)
+    info = await _svc(request).store.get(_upload_id(request))
+    headers = {**_upload_headers(info), "Cache-Control": "no-store"}
+    if info.length is None:
+        headers["Upload-Defer-Length"] = "1"
+    else:
+        headers["Upload-Length"] = str(info.length)
+    if info.metadata_header:
+        headers["Upload-Metadata"] = info.metadata_header
+    return web.Response(status=200, headers=headers)
+
+
+async def patch(request: web.Request) -> web.Response:
+    _check_version(request)
+    _guard_body(request)
+    svc = _svc(request)
+    upload_id = _upload_id(request)
+    ctype = request.headers.get("Content-Type", "").split(";")[0].strip()
+    if ctype != OFFSET_CONTENT_TYPE:
+        raise ProxyError(
+            f"PATCH needs Content-Type: {OFFSET_CONTENT_TYPE}",
+            code="ERR_CONTENT_TYPE",
+            status=415,
+            reason="bad_request",
+        )
+    offset = _non_negative(request, "Upload-Offset")
+    if offset is None:
+        raise BadRequest("Upload-Offset is required", code="ERR_BAD_HEADER")
+    length = _non_negative(request, "Upload-Length")
+    checksum = _checksum(request)
+    lease = await svc.store.acquire(upload_id)
+    try:
+        info = lease.info
+        if info.completing and offset == info.offset:
+            info = await svc.resume_completion(lease)
+            return web.Response(status=204, headers=_upload_headers(info))
+        if offset != info.offset:
+            raise ProxyError(
+                f"Upload-Offset {offset} does not match the upload's offset {info.offset}",
+                code="ERR_OFFSET_MISMATCH",
+                status=409,
+                reason="conflict",
+            )
+        if length is not None:
+            if info.length is not None and length != info.length:
+                raise BadRequest("Upload-Length cannot change once set", code="ERR_BAD_HEADER")
+            if length < info.offset:
+                raise BadRequest(
+                    "Upload-Length is below the upload's offset", code="ERR_BAD_HEADER"
+                )
+            if length > svc.max_size_bytes:
+                raise TooLarge(f"Upload-Length exceeds Tus-Max-Size ({svc.max_size_bytes})")
+            if info.length is None:
+                lease.info = info = replace(info, length=length)
+        room = (info.length if info.length is not None else svc.max_size_bytes) - info.offset
+        declared = request.content_length
+        if declared is not None and declared > room:
+            raise TooLarge(f"the PATCH body ({declared} bytes) exceeds the {room} bytes left")
+        client_ip = request_client(request).ip
+        request.app[UPLOADS].slots.check(client_ip)
+    except BaseException:
+        await release_quietly(lease)
+        raise
+    # The slot check ran (and would have released the lease) above; hold re-checks
+    # synchronously, so it cannot fail here.
+    with request.app[UPLOADS].slots.hold(client_ip):
+        info = await svc.write(
+            lease, _chunks(request), declared_bytes=declared, checksum=checksum
+        )
+    return web.Response(status=204, headers=_upload_headers(info))
+
+
+async def delete(request: web.Request) -> web.Response:
+    _check_version(request)
+    _guard(request)
+    svc = _svc(request)
+    lease = await svc.store.acquire(_upload_id(request), allow_expired=True)
+    try:
+        await svc.terminate(lease)
+    except BaseException:
+        await release_quietly(lease)
+        raise
+    return web.Response(status=204)
+
+
+async def method_override(request: web.Request) -> web.StreamResponse:
+    """POST with X-HTTP-Method-Override, for clients behind proxies that drop PATCH/DELETE."""
+    method = request.headers.get("X-HTTP-Method-Override", "").upper()
+    handler = {"PATCH": patch, "DELETE": delete, "HEAD": head}.get(method)
+    if handler is None:
+        raise web.HTTPMethodNotAllowed("POST", ["HEAD", "PATCH", "DELETE", "OPTIONS"])
+    return await handler(request)
+
+
+# -- CORS and the tus headers on every answer ------------------------------------------
+
+
+def _allowed_origin(cfg: TusConfig, request: web.Request) -> str | None:
+    origin = request.headers.get("Origin")
+    if not origin or not cfg.cors_allow_origins:
+        return None
+    if "*" in cfg.cors_allow_origins:
+        return "*"
+    return origin if origin in cfg.cors_allow_origins else None
+
+
+async def _on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    cfg = request.app[TUS].config
+    if not (request.path + "/").startswith(cfg.base_path):
+        return
+    response.headers["Tus-Resumable"] = TUS_VERSION
+    origin = _allowed_origin(cfg, request)
+    if origin is not None:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = _EXPOSE_HEADERS
+        if origin != "*":
+            response.headers["Vary"] = "Origin"
+
+
+# -- wiring -----------------------------------------------------------------------------
+
+
+def bind(app: web.Application, storage: Storage) -> None:
+    """Create the service once storage is open (called from the app's cleanup_ctx)."""
+    ctx = app[TUS]
+    store = TusStore(storage, ctx.config.state_prefix, ctx.config.lock_lease_s)
+    ctx.service = TusService(ctx.config, app[UPLOADS], store)
+
+
+async def sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
+    ctx = app[TUS]
+    task = None
+    if ctx.config.sweep_interval_s > 0:
+        task = asyncio.create_task(ctx.svc.sweep_forever())
+    try:
+        yield
+    finally:
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+def add_routes(app: web.Application, config: TusConfig) -> None:
+    app[TUS] = TusContext(config)
+    base = config.base_path
+    item = base + "{id}"
+    for path in {base, base.rstrip("/") or "/"}:
+        app.router.add_route("POST", path, create, expect_handler=_expect)
+        app.router.add_route("OPTIONS", path, options)
+    app.router.add_route("HEAD", item, head)
+    app.router.add_route("PATCH", item, patch, expect_handler=_expect)
+    app.router.add_route("DELETE", item, delete)
+    app.router.add_route("OPTIONS", item, options)
+    app.router.add_route("POST", item, method_override)
+    app.on_response_prepare.append(_on_prepare)

@@ -1,0 +1,287 @@
+"""tus upload state kept in the bucket, so any instance sharing it can continue an upload.
+
+Layout under ``state_prefix`` (``.tus/`` by default), one folder per upload id::
+
+    <id>/info               JSON: length, parts, pending segments, hash state, expiry, lease
+    <id>/pending-<o>-<rnd>  bytes received after the last full part, from offset <o>
+
+Every write of ``info`` is conditional (If-None-Match on creation, If-Match on the etag
+read before), and every write bumps ``rev`` so two writes never share an etag.  That makes
+the lease in ``info`` a lock across instances: a PATCH, DELETE or the sweeper takes it by
+writing its own lease over an absent or expired one; whoever loses the write gets 423.
+A lease holder writes only through its :class:`Lease`, which fails once someone else wrote.
+
+The offset is derived (parts + pending), never stored on its own: it is exactly what the
+info object says is durable, which is what HEAD must report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from proxy.errors import ConditionFailed, Gone, Locked, NotFound, StorageError
+from proxy.storage.base import Storage
+
+log = logging.getLogger(__name__)
+
+MAX_INFO_BYTES = 4 * 1024 * 1024  # 10000 parts of ~60 bytes of JSON, with room to spare
+FORMAT_VERSION = 1
+ID_HEX_CHARS = 32
+
+
+@dataclass(frozen=True)
+class Part:
+    etag: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Segment:
+    key: str
+    size: int
+
+
+@dataclass(frozen=True)
+class UploadInfo:
+    id: str
+    key: str
+    content_type: str
+    metadata_header: str  # Upload-Metadata as the client sent it, echoed by HEAD
+    object_metadata: dict[str, str]
+    length: int | None  # None: deferred (creation-defer-length)
+    multipart_id: str
+    expires_s: float
+    parts: tuple[Part, ...] = ()
+    pending: tuple[Segment, ...] = ()
+    sha256_state: str | None = None  # proxy.tus_hash export after the parts' bytes
+    sha256_hex: str | None = None  # set once the last part is in: the upload is completing
+    completing: bool = False
+    rev: int = 0
+    lease_owner: str | None = None
+    lease_until_s: float = 0.0
+    created_s: float = field(default_factory=time.time)
+
+    @property
+    def parts_bytes(self) -> int:
+        return sum(p.size for p in self.parts)
+
+    @property
+    def offset(self) -> int:
+        return self.parts_bytes + sum(s.size for s in self.pending)
+
+    def expired(self, now_s: float) -> bool:
+        return not self.completing and now_s >= self.expires_s
+
+    def leased(self, now_s: float) -> bool:
+        return self.lease_owner is not None and now_s < self.lease_until_s
+
+    def to_json(self) -> bytes:
+        d = asdict(self)
+        d["v"] = FORMAT_VERSION
+        d["parts"] = [[p.etag, p.size] for p in self.parts]
+        d["pending"] = [[s.key, s.size] for s in self.pending]
+        return json.dumps(d, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> UploadInfo:
+        d: dict[str, Any] = json.loads(raw)
+        if d.pop("v", None) != FORMAT_VERSION:
+            raise ValueError("unknown tus info format")
+        d["parts"] = tuple(Part(str(e), int(n)) for e, n in d["parts"])
+        d["pending"] = tuple(Segment(str(k), int(n)) for k, n in d["pending"])
+        d["object_metadata"] = {str(k): str(v) for k, v in d["object_metadata"].items()}
+        return cls(**d)
+
+
+def valid_id(upload_id: str) -> bool:
+    return len(upload_id) == ID_HEX_CHARS and all(c in "0123456789abcdef" for c in upload_id)
+
+
+def new_id() -> str:
+    return secrets.token_hex(ID_HEX_CHARS // 2)
+
+
+class LeaseLost(Locked):
+    """Our lease was taken over (it expired): stop writing to this upload."""
+
+    code = "ERR_LEASE_LOST"
+
+
+class TusStore:
+    """Reads and conditionally writes upload state; hands out leases."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        state_prefix: str,
+        lease_s: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.storage = storage
+        self.prefix = state_prefix
+        self.lease_s = lease_s
+        self.clock = clock
+
+    def folder(self, upload_id: str) -> str:
+        return f"{self.prefix}{upload_id}/"
+
+    def info_key(self, upload_id: str) -> str:
+        return f"{self.folder(upload_id)}info"
+
+    def segment_key(self, upload_id: str, start: int) -> str:
+        # Unique per write: a PATCH that is discarded never clobbers the segments in use.
+        return f"{self.folder(upload_id)}pending-{start}-{secrets.token_hex(4)}"
+
+    async def load(self, upload_id: str) -> tuple[UploadInfo, str] | None:
+        if not valid_id(upload_id):
+            return None
+        got = await self.storage.get_small(self.info_key(upload_id), MAX_INFO_BYTES)
+        if got is None:
+            return None
+        raw, etag = got
+        try:
+            return UploadInfo.from_json(raw), etag
+        except (ValueError, KeyError, TypeError) as e:
+            raise StorageError(f"tus state of {upload_id} is unreadable: {e}") from None
+
+    async def get(self, upload_id: str) -> UploadInfo:
+        """The upload as HEAD sees it: 404 if unknown, 410 if expired."""
+        loaded = await self.load(upload_id)
+        if loaded is None:
+            raise NotFound("no such upload")
+        info = loaded[0]
+        if info.expired(self.clock()):
+            raise Gone("the upload has expired")
+        return info
+
+    async def create(self, info: UploadInfo, owner: str) -> Lease:
+        leased = replace(info, lease_owner=owner, lease_until_s=self.clock() + self.lease_s)
+        etag = await self.storage.put_conditional(
+            self.info_key(info.id), leased.to_json(), if_none_match=True
+        )
+        return Lease(self, leased, etag, owner)
+
+    async def create_unleased(self, info: UploadInfo) -> None:
+        await self.storage.put_conditional(
+            self.info_key(info.id), info.to_json(), if_none_match=True
+        )
+
+    async def acquire(self, upload_id: str, *, allow_expired: bool = False) -> Lease:
+        """Take the upload's lease: 404 unknown, 410 expired, 423 held by someone else."""
+        loaded = await self.load(upload_id)
+        if loaded is None:
+            raise NotFound("no such upload")
+        info, etag = loaded
+        now = self.clock()
+        if info.expired(now) and not allow_expired:
+            raise Gone("the upload has expired")
+        if info.leased(now):
+            raise Locked("the upload is in use by another request; retry later")
+        owner = secrets.token_hex(8)
+        taken = replace(info, rev=info.rev + 1, lease_owner=owner, lease_until_s=now + self.lease_s)
+        try:
+            etag = await self.storage.put_conditional(
+                self.info_key(upload_id), taken.to_json(), if_match=etag
+            )
+        except ConditionFailed:
+            raise Locked("the upload is in use by another request; retry later") from None
+        return Lease(self, taken, etag, owner)
+
+    async def delete_all(self, upload_id: str) -> None:
+        """Every state object of the upload; info last, so a crash half-way leaves it findable."""
+        folder = self.folder(upload_id)
+        info_key = self.info_key(upload_id)
+        for obj in await self.storage.list_objects(folder):
+            if obj.key != info_key:
+                await self.storage.delete_object(obj.key)
+        await self.storage.delete_object(info_key)
+
+    async def list_ids(self) -> list[str]:
+        ids = []
+        for obj in await self.storage.list_objects(self.prefix):
+            rest = obj.key[len(self.prefix) :]
+            upload_id, _, name = rest.partition("/")
+            if name == "info" and valid_id(upload_id):
+                ids.append(upload_id)
+        return ids
+
+    async def owns_multipart(self, key: str, multipart_id: str) -> bool:
+        """Is S3 multipart upload ``multipart_id`` at ``key`` owned by a live tus upload?
+
+        For a stale-multipart sweeper: False means no live tus upload will ever complete
+        it.  tus object keys always hold the tus id as a whole path segment
+        (``<key_prefix><id>[/<filename>]``), so this reads at most a few info objects.
+        Storage errors propagate: "cannot tell" must not be taken for "no"."""
+        now = self.clock()
+        for segment in key.split("/"):
+            if not valid_id(segment):
+                continue
+            loaded = await self.load(segment)
+            if loaded is not None and loaded[0].multipart_id == multipart_id:
+                return not loaded[0].expired(now)
+        return False
+
+
+class Lease:
+    """The right to change one upload, until ``lease_s`` after the last write."""
+
+    def __init__(self, store: TusStore, info: UploadInfo, etag: str, owner: str) -> None:
+        self.store = store
+        self.info = info
+        self._etag = etag
+        self.owner = owner
+        self._lock = asyncio.Lock()  # renewal and the final write must not interleave
+        self.lost = False
+        self.released = False
+
+    async def save(self, info: UploadInfo, *, keep: bool = True) -> UploadInfo:
+        """Write ``info``, our lease renewed (dropped unless ``keep``); return what was written."""
+        async with self._lock:
+            if self.lost:
+                raise LeaseLost("the upload was taken over by another request")
+            if self.released:
+                raise RuntimeError("lease already released")
+            now = self.store.clock()
+            new = replace(
+                info,
+                rev=self.info.rev + 1,
+                lease_owner=self.owner if keep else None,
+                lease_until_s=now + self.store.lease_s if keep else 0.0,
+            )
+            try:
+                self._etag = await self.store.storage.put_conditional(
+                    self.store.info_key(info.id), new.to_json(), if_match=self._etag
+                )
+            except ConditionFailed:
+                self.lost = True
+                raise LeaseLost("the upload was taken over by another request") from None
+            self.info = new
+            self.released = not keep
+            return new
+
+    async def release(self, info: UploadInfo | None = None) -> UploadInfo:
+        return await self.save(info or self.info, keep=False)
+
+    async def drop(self) -> None:
+        """The upload is gone (completed or terminated): nothing more to write."""
+        async with self._lock:
+            self.released = True
+
+
+async def release_quietly(lease: Lease) -> None:
+    """Give the lease back on a failure path; if that fails it simply expires."""
+    if lease.released or lease.lost:
+        return
+    try:
+        await asyncio.shield(lease.release())
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:
+        log.warning("could not release the lease on tus upload %s: %s", lease.info.id, e)

@@ -1,0 +1,486 @@
+"""tus upload lifecycle on the storage interface: create, write a PATCH, finish, terminate, sweep.
+
+No HTTP here (that is :mod:`proxy.tus`); every step keeps the state in the bucket
+(:mod:`proxy.tus_state`) so a restart or another instance can carry on:
+
+* create: the multipart upload is started at the final key and the info object written;
+* write: under the upload's lease, the body goes through :class:`~proxy.tus_writer.PatchWriter`;
+  a lease keeper renews the lease and, when the PATCH has no ``Upload-Checksum`` to honour,
+  checkpoints the parts stored so far, so a daemon that dies mid-PATCH loses at most a
+  few parts.  Whatever ends the PATCH, what is durable is committed and the lease released;
+* finish: first the decision is made durable (``completing`` with the final digest in the
+  info object, so HEAD reports the full offset), then completion runs in idempotent steps
+  that the sweeper, or a retried PATCH, redoes if they were interrupted;
+* terminate and expiry: abort the multipart upload, then delete the state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, replace
+
+from proxy.config import TusConfig
+from proxy.errors import (
+    ConditionFailed,
+    ObjectExists,
+    ProxyError,
+    StorageError,
+    StorageUnavailable,
+    TooLarge,
+)
+from proxy.http_upload import UploadContext
+from proxy.keys import safe_filename
+from proxy.storage.base import CompletedPart, OpenMultipart
+from proxy.tus_hash import resume_sha256
+from proxy.tus_state import (
+    Lease,
+    LeaseLost,
+    TusStore,
+    UploadInfo,
+    new_id,
+    release_quietly,
+    valid_id,
+)
+from proxy.tus_writer import PatchResult, PatchTarget, PatchWriter
+
+log = logging.getLogger(__name__)
+
+REHASH_CHUNK_BYTES = 1024 * 1024
+CLEANUP_TIMEOUT_S = 30.0
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+
+
+@dataclass(frozen=True)
+class Checksum:
+    """An ``Upload-Checksum``: the digest the PATCH body must have."""
+
+    algorithm: str
+    digest: bytes
+
+
+@dataclass(frozen=True)
+class NewUpload:
+    id: str
+    key: str
+    content_type: str
+    metadata_header: str
+    object_metadata: dict[str, str]
+    length: int | None
+    filename: str | None
+
+
+class TusService:
+    """The tus operations of one daemon instance."""
+
+    def __init__(self, config: TusConfig, uploads: UploadContext, store: TusStore) -> None:
+        self.config = config
+        self.uploads = uploads
+        self.store = store
+        # (taken at, multipart ids of live uploads) from the last complete sweep.
+        self._live: tuple[float, frozenset[str]] | None = None
+
+    @property
+    def max_size_bytes(self) -> int:
+        return self.uploads.config.max_upload_size_bytes
+
+    def object_key(self, upload_id: str, filename: str | None) -> str:
+        # The tus id is always a whole key segment: TusStore.owns_multipart relies on it.
+        name = safe_filename(filename)
+        prefix = self.uploads.config.key_prefix
+        return f"{prefix}{upload_id}/{name}" if name else f"{prefix}{upload_id}"
+
+    # -- create ------------------------------------------------------------------------
+
+    async def create(self, new: NewUpload, *, leased: bool) -> tuple[UploadInfo, Lease | None]:
+        storage = self.uploads.storage
+        now = time.time()
+        if new.length == 0:
+            # Complete on arrival: the object, and no state at all.
+            await self._put_empty(new.key, new.content_type, new.object_metadata)
+            log.info(
+                "tus upload id=%s key=%s bytes=0 sha256=%s result=ok", new.id, new.key, EMPTY_SHA256
+            )
+            info = self._info(new, "", now)
+            return replace(info, completing=True, sha256_hex=EMPTY_SHA256), None
+        mpu = await storage.create_multipart(
+            new.key, metadata=new.object_metadata, content_type=new.content_type
+        )
+        info = self._info(new, mpu, now)
+        try:
+            if leased:
+                lease = await self.store.create(info, owner=new.id)
+                return lease.info, lease
+            await self.store.create_unleased(info)
+            return info, None
+        except BaseException:
+            await self._shielded(storage.abort_multipart(new.key, mpu), "abort")
+            raise
+
+    def _info(self, new: NewUpload, mpu: str, now: float) -> UploadInfo:
+        return UploadInfo(
+            id=new.id,
+            key=new.key,
+            content_type=new.content_type,
+            metadata_header=new.metadata_header,
+            object_metadata=new.object_metadata,
+            length=new.length,
+            multipart_id=mpu,
+            expires_s=now + self.config.expire_after_s,
+            created_s=now,
+        )
+
+    @staticmethod
+    def new_id() -> str:
+        return new_id()
+
+    # -- write -------------------------------------------------------------------------
+
+    async def write(
+        self,
+        lease: Lease,
+        chunks: AsyncIterator[bytes],
+        *,
+        declared_bytes: int | None,
+        checksum: Checksum | None,
+    ) -> UploadInfo:
+        """Stream one PATCH body at the upload's offset; commit; finish when it is the last."""
+        info = lease.info
+        room = self.max_size_bytes if info.length is None else info.length
+        target = PatchTarget(
+            key=info.key,
+            multipart_id=info.multipart_id,
+            parts_before=len(info.parts),
+            pending=info.pending,
+            offset=info.offset,
+            limit_bytes=room - info.offset,
+            segment_key=lambda offset: self.store.segment_key(info.id, offset),
+        )
+        writer = PatchWriter(
+            self.uploads.storage,
+            self.uploads.pool,
+            self.uploads.settings,
+            target,
+            resume_sha256(info.sha256_state, info.parts_bytes),
+            hashlib.new(checksum.algorithm) if checksum else None,
+            lease_lost=lambda: lease.lost,
+        )
+        keeper = _LeaseKeeper(lease, writer, info, checkpoint=checksum is None)
+        started = time.monotonic()
+        try:
+            try:
+                await writer.run(chunks, declared_bytes)
+                await writer.drain()
+            except BaseException as e:
+                await keeper.stop()
+                # Whatever ended the body (a reset, a stall, a shutdown), the bytes before
+                # it are the client's and are kept; after too many bytes only whole parts
+                # are (the tail could reach the length without the upload completing).
+                # With Upload-Checksum nothing is: an incomplete chunk cannot be verified.
+                keep_tail = not isinstance(e, TooLarge)
+                await self._shielded(
+                    self._salvage(lease, writer, info, keep_tail, commit=checksum is None),
+                    "commit",
+                )
+                raise
+            if checksum is not None and writer.checksum_digest() != checksum.digest:
+                await keeper.stop()
+                await release_quietly(lease)
+                raise ProxyError(
+                    f"the PATCH body does not match its {checksum.algorithm} Upload-Checksum; "
+                    "it was discarded",
+                    code="ERR_CHECKSUM_MISMATCH",
+                    status=460,
+                    reason="checksum_mismatch",
+                )
+            final = info.length is not None and info.offset + writer.received_bytes == info.length
+            try:
+                result = await writer.commit(final=final)
+            finally:
+                await keeper.stop()
+            new_info = self._apply(info, result)
+            if final:
+                return await self._finish(lease, new_info, result)
+            committed = await lease.release(new_info)
+            await self._delete_quietly(result.obsolete)
+            log.info(
+                "tus patch id=%s offset=%d bytes=%d duration_s=%.3f result=ok",
+                info.id,
+                committed.offset,
+                writer.received_bytes,
+                time.monotonic() - started,
+            )
+            return committed
+        except BaseException:
+            await release_quietly(lease)
+            raise
+        finally:
+            await keeper.stop()  # already stopped on every path; this makes sure of it
+            writer.close()
+
+    async def _salvage(
+        self, lease: Lease, writer: PatchWriter, info: UploadInfo, keep_tail: bool, *, commit: bool
+    ) -> None:
+        if not commit or lease.lost:
+            await lease.release()
+            return
+        result = await writer.salvage(keep_tail=keep_tail)
+        committed = await lease.release(self._apply(info, result))
+        await self._delete_quietly(result.obsolete)
+        log.info("tus patch id=%s offset=%d kept after a failed PATCH", info.id, committed.offset)
+
+    def _apply(self, info: UploadInfo, result: PatchResult) -> UploadInfo:
+        """``info`` with the result's parts, pending segments and hash state; expiry pushed back."""
+        return replace(
+            info,
+            parts=info.parts + result.new_parts,
+            pending=result.pending,
+            sha256_state=result.sha256.export(),
+            expires_s=time.time() + self.config.expire_after_s,
+        )
+
+    # -- finish ------------------------------------------------------------------------
+
+    async def _finish(self, lease: Lease, info: UploadInfo, result: PatchResult) -> UploadInfo:
+        digest = result.sha256.digest()
+        info = replace(
+            info,
+            completing=True,
+            sha256_state=None,
+            sha256_hex=digest.hex() if digest is not None else None,
+        )
+        info = await lease.save(info)  # from here on HEAD reports the full length
+        done = await self.complete(info)
+        await lease.drop()
+        return done
+
+    async def resume_completion(self, lease: Lease) -> UploadInfo:
+        """A PATCH on an upload whose completion was interrupted: finish it now."""
+        done = await self.complete(lease.info)
+        await lease.drop()
+        return done
+
+    async def complete(self, info: UploadInfo) -> UploadInfo:
+        """Make the object appear with its sha256 and drop the state.  Idempotent: each step
+        can be redone after an interruption (the caller holds the lease)."""
+        storage = self.uploads.storage
+        length = info.offset
+        if not info.parts:
+            await storage.abort_multipart(info.key, info.multipart_id)
+            await self._put_empty(info.key, info.content_type, info.object_metadata)
+            sha256 = EMPTY_SHA256
+        else:
+            etag = await self._complete_multipart(info)
+            sha256 = info.sha256_hex or await self._rehash(info.key)
+            await storage.replace_metadata(
+                info.key,
+                etag=etag,
+                size=length,
+                metadata={**info.object_metadata, "sha256": sha256},
+                content_type=info.content_type,
+            )
+        await self.store.delete_all(info.id)
+        log.info(
+            "tus upload id=%s key=%s bytes=%d sha256=%s parts=%d result=ok",
+            info.id,
+            info.key,
+            length,
+            sha256,
+            len(info.parts),
+            extra={
+                "upload": {
+                    "id": info.id,
+                    "key": info.key,
+                    "bytes": length,
+                    "sha256": sha256,
+                    "result": "ok",
+                    "protocol": "tus",
+                }
+            },
+        )
+        return replace(info, sha256_hex=sha256)
+
+    async def _put_empty(self, key: str, content_type: str, metadata: dict[str, str]) -> None:
+        try:
+            await self.uploads.storage.put_object(
+                key,
+                b"",
+                metadata={**metadata, "sha256": EMPTY_SHA256},
+                content_type=content_type,
+                checksum=None,
+                if_none_match=True,
+            )
+        except ObjectExists:
+            pass  # the key holds the tus id: only an earlier attempt of ours can have made it
+
+    async def _complete_multipart(self, info: UploadInfo) -> str:
+        storage = self.uploads.storage
+        parts = [CompletedPart(n, p.etag) for n, p in enumerate(info.parts, start=1)]
+        try:
+            return await storage.complete_multipart(
+                info.key, info.multipart_id, parts, if_none_match=True
+            )
+        except StorageUnavailable:
+            raise
+        except StorageError:
+            # Already completed by an earlier, interrupted attempt?
+            obj = await storage.head(info.key)
+            if obj is not None and obj.size == info.offset:
+                return obj.etag
+            raise
+
+    async def _rehash(self, key: str) -> str:
+        """The SHA-256 of a stored object, read back in bounded chunks.  Only for uploads
+        whose hash state could not be carried over (see :mod:`proxy.tus_hash`)."""
+        started = time.monotonic()
+        h = hashlib.sha256()
+        loop = asyncio.get_running_loop()
+        async for chunk in self.uploads.storage.iter_object(key, chunk_bytes=REHASH_CHUNK_BYTES):
+            await loop.run_in_executor(None, h.update, chunk)
+        log.info("tus: re-read %s to hash it in %.2fs", key, time.monotonic() - started)
+        return h.hexdigest()
+
+    # -- terminate and sweep ---------------------------------------------------------------
+
+    async def terminate(self, lease: Lease) -> None:
+        info = lease.info
+        if info.multipart_id:
+            await self.uploads.storage.abort_multipart(info.key, info.multipart_id)
+        await self.store.delete_all(info.id)
+        await lease.drop()
+        log.info("tus upload id=%s key=%s terminated at offset %d", info.id, info.key, info.offset)
+
+    async def sweep_once(self) -> int:
+        """Expire old uploads and finish interrupted completions; return how many were handled."""
+        handled = 0
+        started = time.time()
+        live: set[str] = set()
+        complete_view = True
+        for upload_id in await self.store.list_ids():
+            try:
+                loaded = await self.store.load(upload_id)
+                if loaded is None:
+                    continue
+                info = loaded[0]
+                now = time.time()
+                if not info.expired(now):
+                    live.add(info.multipart_id)
+                if info.leased(now) or not (info.completing or info.expired(now)):
+                    continue
+                lease = await self.store.acquire(upload_id, allow_expired=True)
+                try:
+                    if lease.info.completing:
+                        await self.complete(lease.info)
+                        await lease.drop()
+                    else:
+                        await self.terminate(lease)
+                        log.info("tus upload id=%s expired", upload_id)
+                finally:
+                    await release_quietly(lease)
+                handled += 1
+            except asyncio.CancelledError:
+                raise
+            except (ProxyError, LeaseLost, ConditionFailed) as e:
+                complete_view = False
+                log.warning("tus sweeper: upload %s: %s", upload_id, e)
+        if complete_view:
+            self._live = (started, frozenset(live))
+        return handled
+
+    def claims_multipart(self, upload: OpenMultipart) -> bool:
+        """Synchronous "is this multipart upload a live tus upload's?" for a stale-multipart
+        sweeper that cannot wait on S3.  Answers from the last complete sweep of this
+        instance and errs on the side of "yes": a tus-shaped key (a tus id as a whole
+        segment) is claimed when no sweep has run, the last one is older than three
+        intervals, or the upload started after it.  :meth:`TusStore.owns_multipart` is the
+        exact (async) answer."""
+        if not any(valid_id(segment) for segment in upload.key.split("/")):
+            return False
+        if self._live is None:
+            return True
+        taken_at, live = self._live
+        if time.time() - taken_at > 3 * max(self.config.sweep_interval_s, 1.0):
+            return True
+        if upload.initiated.timestamp() >= taken_at:
+            return True
+        return upload.upload_id in live
+
+    async def sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.sweep_interval_s)
+            try:
+                await self.sweep_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("tus sweeper run failed; trying again next interval")
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    async def _delete_quietly(self, keys: tuple[str, ...]) -> None:
+        # Segments no longer referenced; one left behind is removed with its upload's folder.
+        for key in keys:
+            try:
+                await self.uploads.storage.delete_object(key)
+            except ProxyError as e:
+                log.warning("tus: could not delete %s: %s", key, e)
+
+    @staticmethod
+    async def _shielded(aw: Awaitable[None], what: str) -> None:
+        """Run a cleanup step to its end even if our caller is cancelled, with its own timeout."""
+        fut = asyncio.ensure_future(asyncio.wait_for(aw, CLEANUP_TIMEOUT_S))
+        try:
+            await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.error("tus %s failed: %s", what, e)
+
+
+class _LeaseKeeper:
+    """Renews a PATCH's lease every third of its length and, when allowed, checkpoints the
+    parts stored so far (so they survive a crash of this daemon)."""
+
+    def __init__(
+        self, lease: Lease, writer: PatchWriter, info: UploadInfo, *, checkpoint: bool
+    ) -> None:
+        self._lease = lease
+        self._writer = writer
+        self._info = info
+        self._checkpoint = checkpoint
+        self._stop = asyncio.Event()
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        interval = self._lease.store.lease_s / 3
+        while True:
+            try:
+                await asyncio.wait_for(self._stop.wait(), interval)
+                return
+            except TimeoutError:
+                pass
+            info = self._lease.info
+            if self._checkpoint:
+                parts, sha = self._writer.durable()
+                if parts and sha is not None:
+                    info = replace(
+                        self._info,
+                        parts=self._info.parts + parts,
+                        pending=(),
+                        sha256_state=sha.export(),
+                    )
+            try:
+                await self._lease.save(info)
+            except LeaseLost:
+                log.error("tus upload %s: lease lost mid-PATCH", self._info.id)
+                return
+            except Exception as e:  # try again next round; the lease lasts 3 rounds
+                log.warning("tus upload %s: lease renewal failed: %s", self._info.id, e)
+
+    async def stop(self) -> None:
+        # Never cancel a save half-way (its etag would be unknown): ask, and wait for it.
+        self._stop.set()
+        await asyncio.shield(self._task)

@@ -1,0 +1,337 @@
+"""One PATCH body -> parts of the upload's S3 multipart upload; the tail kept in S3.
+
+Like :class:`proxy.streaming.PartStreamer`, body chunks are copied into part buffers
+leased from the shared :class:`~proxy.buffers.BufferPool` (the daemon's memory bound), a
+full buffer becomes a part sent while the next fills (at most ``parts_in_flight`` per
+upload), and each part is hashed exactly once, in order, in a worker thread when
+``hash_in_thread``: the whole-upload SHA-256, the per-part checksum S3 verifies, and the
+PATCH's own ``Upload-Checksum``.  What differs for tus:
+
+* bytes received by earlier PATCHes after their last full part ("pending segments",
+  small S3 objects) go in front of this PATCH's bytes.  Their room is kept at the start
+  of the first buffer and they are fetched only when that buffer becomes a part, so a
+  PATCH that does not fill a part costs a write of its own bytes, not a re-read;
+* the tail of a non-final PATCH is stored as a new pending segment instead of a part;
+* a failure does not abort the multipart upload: the parts that made it, in order, plus
+  (when the body merely broke off) the tail, are what the caller commits, so a resumed
+  upload continues from there.  The SHA-256 state after each part is snapshotted so the
+  committed state covers exactly the committed parts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.buffers import BufferPool, PoolTimeout
+from proxy.errors import Busy, ProxyError, StorageError, TooLarge
+from proxy.storage.base import PartChecksum, Storage
+from proxy.streaming import (
+    NullObserver,
+    StreamObserver,
+    StreamSettings,
+    part_checksum,
+    release_view,
+)
+from proxy.tus_hash import Sha256
+from proxy.tus_state import LeaseLost, Part, Segment
+
+log = logging.getLogger(__name__)
+
+# Past this many pending segments a non-final PATCH merges them into one (one read and
+# write of < one part), so clients sending tiny chunks cannot make the next part need
+# thousands of GETs.  16 keeps the merge cost at 1/16 of re-writing on every PATCH.
+MAX_PENDING_SEGMENTS = 16
+SETTLE_TIMEOUT_S = 60.0
+READ_CHUNK_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class PatchTarget:
+    """Where this PATCH's bytes go and what came before them."""
+
+    key: str
+    multipart_id: str
+    parts_before: int  # parts already committed; ours are numbered from parts_before + 1
+    pending: tuple[Segment, ...]  # committed bytes after the last part
+    offset: int  # upload offset of this PATCH's first byte
+    limit_bytes: int  # most bytes this PATCH may carry
+    segment_key: Callable[[int], str]  # upload offset -> a fresh pending-segment key
+
+
+@dataclass(frozen=True)
+class PatchResult:
+    new_parts: tuple[Part, ...]  # durable, in order, after the committed ones
+    sha256: Sha256  # state after all committed and new parts
+    pending: tuple[Segment, ...]  # the pending segments after this PATCH
+    obsolete: tuple[str, ...]  # segment keys no longer referenced once this is committed
+
+    @property
+    def new_bytes(self) -> int:
+        return sum(p.size for p in self.new_parts) + sum(s.size for s in self.pending)
+
+
+class PatchWriter:
+    """Carries one PATCH body into storage.  ``run``, then ``drain``, then ``commit``
+    (or ``salvage`` after a failure); ``close`` always."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        pool: BufferPool,
+        settings: StreamSettings,
+        target: PatchTarget,
+        sha256: Sha256,
+        checksum: Any | None = None,
+        observer: StreamObserver | None = None,
+        lease_lost: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self._storage = storage
+        self._lease_lost = lease_lost
+        self._pool = pool
+        self._settings = settings
+        self._t = target
+        self._sha = sha256
+        self._sha_start = sha256.copy()  # the state to commit if no new part makes it
+        self._checksum = checksum  # a hashlib object for Upload-Checksum, or None
+        self._obs: StreamObserver = observer or NullObserver()
+        self._pending_bytes = sum(s.size for s in target.pending)
+        self._buf: bytearray | None = None
+        self._filled = 0
+        self._unloaded = 0  # bytes at the front of _buf still to be fetched from segments
+        self._skip = 0  # bytes at the front of _buf that are not this PATCH's (checksum)
+        self._next_number = target.parts_before + 1
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._done: dict[int, tuple[Part, Sha256]] = {}
+        self._part_failed = False
+        self._part_error: BaseException | None = None
+        self._last_hash: asyncio.Future[None] | None = None
+        self._loop = asyncio.get_running_loop()
+        self.received_bytes = 0
+
+    # -- receiving ---------------------------------------------------------------------
+
+    async def run(self, chunks: AsyncIterator[bytes], declared_bytes: int | None) -> None:
+        part = self._settings.part_size_bytes
+        if self._pending_bytes >= part:
+            raise ProxyError(
+                f"pending bytes ({self._pending_bytes}) exceed part_size; part_size was lowered "
+                "while this upload ran: raise it back to finish the upload",
+                code="ERR_PART_SIZE_CHANGED",
+            )
+        first = part
+        if declared_bytes is not None:
+            first = min(part, self._pending_bytes + declared_bytes)
+        try:
+            self._buf = await self._pool.acquire(
+                max(first, 1), timeout=self._settings.admission_timeout_s
+            )
+        except PoolTimeout:
+            raise Busy(
+                "all upload buffers are in use; retry later",
+                headers={"Retry-After": str(max(1, round(self._settings.admission_timeout_s)))},
+            ) from None
+        self._filled = self._unloaded = self._skip = self._pending_bytes
+        async for chunk in chunks:
+            n = len(chunk)
+            if not n:
+                continue
+            self.received_bytes += n
+            self._obs.received(n)
+            if self.received_bytes > self._t.limit_bytes:
+                raise TooLarge(f"the PATCH carries more than the {self._t.limit_bytes} bytes left")
+            view = memoryview(chunk)
+            off = 0
+            while off < n:
+                if self._filled == len(self._buf):
+                    # More bytes are coming, so this full buffer is not the last part.
+                    await self._dispatch()
+                    self._buf = await self._pool.acquire()
+                take = min(n - off, len(self._buf) - self._filled)
+                self._buf[self._filled : self._filled + take] = view[off : off + take]
+                self._filled += take
+                off += take
+
+    async def _load_pending(self) -> None:
+        """Fetch the pending segments into the room kept for them at the buffer's start."""
+        assert self._buf is not None
+        pos = 0
+        for seg in self._t.pending:
+            end = pos + seg.size
+            async for chunk in self._storage.iter_object(seg.key, chunk_bytes=READ_CHUNK_BYTES):
+                if pos + len(chunk) > end:
+                    raise StorageError(f"pending segment {seg.key} is larger than recorded")
+                self._buf[pos : pos + len(chunk)] = chunk
+                pos += len(chunk)
+            if pos != end:
+                raise StorageError(f"pending segment {seg.key} is shorter than recorded")
+        self._unloaded = 0
+
+    # -- parts ---------------------------------------------------------------------------
+
+    async def _dispatch(self) -> None:
+        """Turn the current buffer into the next part, once a sending slot is free."""
+        assert self._buf is not None
+        if self._lease_lost():
+            # Someone took the upload over: sending parts now could overwrite theirs.
+            raise LeaseLost("the upload was taken over by another request")
+        if self._unloaded:
+            await self._load_pending()
+        while len(self._tasks) >= self._settings.parts_in_flight:
+            await asyncio.wait(self._tasks.values(), return_when=asyncio.FIRST_COMPLETED)
+        if self._part_failed:
+            self._raise_part_failure()
+        buf, filled, skip = self._buf, self._filled, self._skip
+        self._buf, self._filled, self._skip = None, 0, 0
+        number = self._next_number
+        self._next_number += 1
+        # Chain the hashes here, in dispatch order: each waits for the previous one.
+        prev, self._last_hash = self._last_hash, self._loop.create_future()
+        task = asyncio.create_task(self._send(number, buf, filled, skip, prev, self._last_hash))
+        self._tasks[number] = task
+        task.add_done_callback(self._part_done)
+
+    def _part_done(self, task: asyncio.Task[None]) -> None:
+        for number, t in list(self._tasks.items()):
+            if t is task:
+                del self._tasks[number]
+        if not task.cancelled() and task.exception() is not None and self._part_error is None:
+            self._part_error = task.exception()
+
+    def _raise_part_failure(self) -> None:
+        if isinstance(self._part_error, ProxyError):
+            raise self._part_error
+        raise StorageError("a part could not be stored") from self._part_error
+
+    async def _send(
+        self,
+        number: int,
+        buf: bytearray,
+        filled: int,
+        skip: int,
+        prev: asyncio.Future[None] | None,
+        mine: asyncio.Future[None],
+    ) -> None:
+        data = memoryview(buf)[:filled]
+        try:
+            try:
+                if prev is not None:
+                    await asyncio.shield(prev)
+                checksum, snapshot = await self._hash(data, skip)
+            finally:
+                if not mine.done():
+                    mine.set_result(None)
+            etag = await self._storage.upload_part(
+                self._t.key, self._t.multipart_id, number, data, checksum
+            )
+            self._done[number] = (Part(etag, filled), snapshot)
+            self._obs.stored(filled)
+        except BaseException:
+            self._part_failed = True
+            raise
+        finally:
+            release_view(data)
+            self._pool.release(buf)
+
+    async def _hash(self, data: memoryview, skip: int) -> tuple[PartChecksum | None, Sha256]:
+        def work() -> tuple[PartChecksum | None, Sha256, float]:
+            t0 = time.perf_counter()
+            self._sha.update(data)
+            if self._checksum is not None:
+                self._checksum.update(data[skip:])
+            cs = part_checksum(self._settings.part_checksum, data)
+            return cs, self._sha.copy(), time.perf_counter() - t0
+
+        if self._settings.hash_in_thread and len(data) >= 65536:
+            cs, snap, seconds = await self._loop.run_in_executor(None, work)
+        else:
+            cs, snap, seconds = work()
+        self._obs.hashed(len(data), seconds)
+        return cs, snap
+
+    async def _settle(self) -> None:
+        """Wait for the parts in flight; they are not cancelled, so what they stored counts."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks.values()), timeout=SETTLE_TIMEOUT_S)
+        for t in list(self._tasks.values()):
+            if not t.done():
+                t.cancel()  # still running after the timeout: give up on it
+                self._part_failed = True
+
+    def durable(self) -> tuple[tuple[Part, ...], Sha256 | None]:
+        parts: list[Part] = []
+        snap: Sha256 | None = None
+        n = self._t.parts_before + 1
+        while n in self._done:
+            part, snap = self._done[n]
+            parts.append(part)
+            n += 1
+        return tuple(parts), snap
+
+    # -- ending ----------------------------------------------------------------------
+
+    async def drain(self) -> None:
+        """The body is in: settle the parts and finish the ``Upload-Checksum`` digest."""
+        await self._settle()
+        if self._part_failed or len(self._done) != self._next_number - self._t.parts_before - 1:
+            self._raise_part_failure()
+        if self._checksum is not None and self._buf is not None and self._filled > self._skip:
+            tail = memoryview(self._buf)[self._skip : self._filled]
+            try:
+                if self._settings.hash_in_thread and len(tail) >= 65536:
+                    await self._loop.run_in_executor(None, self._checksum.update, tail)
+                else:
+                    self._checksum.update(tail)
+            finally:
+                release_view(tail)
+
+    def checksum_digest(self) -> bytes | None:
+        return None if self._checksum is None else bytes(self._checksum.digest())
+
+    async def commit(self, *, final: bool) -> PatchResult:
+        """After ``drain`` (and a checksum check): store the tail as the last part (``final``)
+        or as a pending segment, and say what the info object must now hold."""
+        part = self._settings.part_size_bytes
+        if self._buf is not None and (final or self._filled == part) and self._filled:
+            await self._dispatch()
+            await self._settle()
+            if self._part_failed:
+                self._raise_part_failure()
+        return await self._result(keep_tail=True)
+
+    async def salvage(self, *, keep_tail: bool) -> PatchResult:
+        """After a failure: the parts that made it to storage, in order, and (if asked)
+        the tail, when every part before it made it."""
+        await self._settle()
+        return await self._result(keep_tail=keep_tail and not self._part_failed)
+
+    async def _result(self, *, keep_tail: bool) -> PatchResult:
+        parts, snap = self.durable()
+        consumed = bool(parts)  # the first new part carries the old pending bytes
+        pending = () if consumed else self._t.pending
+        obsolete: tuple[str, ...] = tuple(s.key for s in self._t.pending) if consumed else ()
+        buf = self._buf
+        if keep_tail and buf is not None and self._filled > self._skip:
+            start = self._skip
+            if not consumed and len(pending) + 1 > MAX_PENDING_SEGMENTS:
+                await self._load_pending()
+                obsolete, pending, start = tuple(s.key for s in pending), (), 0
+            # Upload offset of buf[start]: what precedes the buffer, then ``start``.
+            offset = self._t.offset - self._pending_bytes + sum(p.size for p in parts) + start
+            key = self._t.segment_key(offset)
+            view = memoryview(buf)[start : self._filled]
+            try:
+                await self._storage.put_conditional(key, view, if_none_match=True)
+            finally:
+                release_view(view)
+            pending = (*pending, Segment(key, self._filled - start))
+        return PatchResult(parts, snap or self._sha_start, pending, obsolete)
+
+    def close(self) -> None:
+        buf, self._buf = self._buf, None
+        if buf is not None:
+            self._pool.release(buf)
