@@ -34,8 +34,8 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from proxy.storage.s3 import S3Storage  # noqa: E402
-from proxy.storage.seaweed import Credentials, EmbeddedSeaweed, free_port  # noqa: E402
+from proxy.storage.s3 import S3Storage
+from proxy.storage.seaweed import Credentials, EmbeddedSeaweed, free_port
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -53,9 +53,12 @@ class Figures:
 
     def row(self) -> str:
         gib = self.nbytes / GiB
-        return (f"{self.name:<12} {self.nbytes / MiB:>8.0f} MiB {self.nbytes / MiB / self.seconds:>8.1f} MiB/s"
-                f" {self.peak_rss / MiB:>8.1f} MiB {self.cpu_s / gib:>8.2f} s/GiB"
-                f" {self.disk_write:>10d} B")
+        return (
+            f"{self.name:<12} {self.nbytes / MiB:>8.0f} MiB"
+            f" {self.nbytes / MiB / self.seconds:>8.1f} MiB/s"
+            f" {self.peak_rss / MiB:>8.1f} MiB {self.cpu_s / gib:>8.2f} s/GiB"
+            f" {self.disk_write:>10d} B"
+        )
 
 
 class Sampler:
@@ -123,10 +126,15 @@ def wait_all(procs: list[subprocess.Popen[bytes]]) -> None:
             raise SystemExit(f"curl failed with {p.returncode}")
 
 
-async def direct_upload(endpoint: str, creds: Credentials, path: Path, part: int,
-                        in_flight: int) -> None:
-    async with S3Storage(bucket=BUCKET, endpoint_url=endpoint, access_key=creds.access_key,
-                         secret_key=creds.secret_key) as s3:
+async def direct_upload(
+    endpoint: str, creds: Credentials, path: Path, part: int, in_flight: int
+) -> None:
+    async with S3Storage(
+        bucket=BUCKET,
+        endpoint_url=endpoint,
+        access_key=creds.access_key,
+        secret_key=creds.secret_key,
+    ) as s3:
         key = f"direct-{time.time_ns()}"
         uid = await s3.create_multipart(key, metadata={}, content_type="application/octet-stream")
         sem = asyncio.Semaphore(in_flight)
@@ -152,8 +160,9 @@ async def direct_upload(endpoint: str, creds: Credentials, path: Path, part: int
         await asyncio.gather(*tasks)
         from proxy.storage.base import CompletedPart
 
-        await s3.complete_multipart(key, uid, [CompletedPart(i, parts[i]) for i in sorted(parts)],
-                                    if_none_match=False)
+        await s3.complete_multipart(
+            key, uid, [CompletedPart(i, parts[i]) for i in sorted(parts)], if_none_match=False
+        )
 
 
 def main() -> None:
@@ -198,14 +207,26 @@ endpoint_url = "{sw.endpoint_url}"
 [logging]
 level = "warning"
 """)
-    env = dict(os.environ, AWS_ACCESS_KEY_ID=creds.access_key,
-               AWS_SECRET_ACCESS_KEY=creds.secret_key)
+    env = dict(
+        os.environ, AWS_ACCESS_KEY_ID=creds.access_key, AWS_SECRET_ACCESS_KEY=creds.secret_key
+    )
     daemon = subprocess.Popen([sys.executable, "-m", "proxy", "-c", str(cfg)], env=env)
     url = f"http://127.0.0.1:{port}/uploads"
     try:
         for _ in range(300):
-            r = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
-                                f"http://127.0.0.1:{port}/healthz"], capture_output=True, text=True)
+            r = subprocess.run(
+                [
+                    "curl",
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    f"http://127.0.0.1:{port}/healthz",
+                ],
+                capture_output=True,
+                text=True,
+            )
             if r.stdout == "200":
                 break
             time.sleep(0.1)
@@ -215,27 +236,44 @@ level = "warning"
         f1g = make_file(work / "1g.bin", GiB)
         f128 = make_file(work / "128m.bin", 128 * MiB)
         part = int(args.part_size.removesuffix("MiB")) * MiB
-        print(f"# proxy idle RSS {idle_rss / MiB:.1f} MiB; part_size={args.part_size} "
-              f"parts_in_flight={args.parts_in_flight} part_checksum={args.part_checksum} "
-              f"hash_in_thread={not args.no_hash_thread} cpus={os.cpu_count()}")
-        print(f"{'scenario':<12} {'size':>12} {'rate':>13} {'peak RSS':>12} {'CPU':>14} "
-              f"{'disk writes':>12}")
+        print(
+            f"# proxy idle RSS {idle_rss / MiB:.1f} MiB; part_size={args.part_size} "
+            f"parts_in_flight={args.parts_in_flight} part_checksum={args.part_checksum} "
+            f"hash_in_thread={not args.no_hash_thread} cpus={os.cpu_count()}"
+        )
+        print(
+            f"{'scenario':<12} {'size':>12} {'rate':>13} {'peak RSS':>12} {'CPU':>14} "
+            f"{'disk writes':>12}"
+        )
         for _ in range(args.repeat):
             for sc in scenarios:
                 if sc == "put-1g":
-                    fig = measure(sc, GiB, proxy,
-                                  lambda: wait_all([curl_put(f"{url}/b/1g", f1g)]))
+                    fig = measure(sc, GiB, proxy, lambda: wait_all([curl_put(f"{url}/b/1g", f1g)]))
                 elif sc == "direct-1g":
-                    fig = measure(sc, GiB, me, lambda: loop.run_until_complete(direct_upload(
-                        sw.endpoint_url, creds, f1g, part, args.parts_in_flight)))
+                    fig = measure(
+                        sc,
+                        GiB,
+                        me,
+                        lambda: loop.run_until_complete(
+                            direct_upload(sw.endpoint_url, creds, f1g, part, args.parts_in_flight)
+                        ),
+                    )
                     fig.peak_rss = 0  # the bench process itself: not comparable
                 elif sc == "8x128m":
-                    fig = measure(sc, 8 * 128 * MiB, proxy, lambda: wait_all(
-                        [curl_put(f"{url}/b/c{i}", f128) for i in range(8)]))
+                    fig = measure(
+                        sc,
+                        8 * 128 * MiB,
+                        proxy,
+                        lambda: wait_all([curl_put(f"{url}/b/c{i}", f128) for i in range(8)]),
+                    )
                 elif sc == "put-4g":
                     f4g = make_file(work / "4g.bin", 4 * GiB)
-                    fig = measure(sc, 4 * GiB, proxy,
-                                  lambda: wait_all([curl_put(f"{url}/b/4g", f4g)]))
+                    fig = measure(
+                        sc,
+                        4 * GiB,
+                        proxy,
+                        lambda f=f4g: wait_all([curl_put(f"{url}/b/4g", f)]),  # type: ignore[misc]
+                    )
                 else:
                     raise SystemExit(f"unknown scenario {sc}")
                 print(fig.row(), flush=True)

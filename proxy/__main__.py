@@ -57,11 +57,15 @@ def setup_logging(cfg: LoggingConfig) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="upload-proxy", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="upload-proxy",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("-c", "--config", default="config.toml", help="path to config.toml")
-    parser.add_argument("--check-config", action="store_true",
-                        help="validate the config and exit (0 ok, 78 bad)")
+    parser.add_argument(
+        "--check-config", action="store_true", help="validate the config and exit (0 ok, 78 bad)"
+    )
     parser.add_argument("--version", action="version", version=__version__)
     sub = parser.add_subparsers(dest="command")
     sign = sub.add_parser("sign", help="print a signed upload URL")
@@ -70,12 +74,19 @@ def _parser() -> argparse.ArgumentParser:
     scope = sign.add_mutually_exclusive_group(required=True)
     scope.add_argument("--key", help="allow exactly this key (PUT /uploads/<key>)")
     scope.add_argument("--prefix", help="allow keys under this prefix (must end with '/')")
-    sign.add_argument("--method", default=None, choices=("PUT", "POST"),
-                      help="default: PUT for --key, POST for --prefix")
+    sign.add_argument(
+        "--method",
+        default=None,
+        choices=("PUT", "POST"),
+        help="default: PUT for --key, POST for --prefix",
+    )
     sign.add_argument("--expires-in", type=float, default=3600, help="seconds (default 3600)")
     sign.add_argument("--max-size", default=None, help="largest body, e.g. 100MiB")
-    sign.add_argument("--base-url", default="http://127.0.0.1:8080",
-                      help="public URL of the proxy, e.g. https://uploads.example.org")
+    sign.add_argument(
+        "--base-url",
+        default="http://127.0.0.1:8080",
+        help="public URL of the proxy, e.g. https://uploads.example.org",
+    )
     sub.add_parser("hash-token", help="read a bearer token on stdin, print its sha256: form")
     return parser
 
@@ -91,8 +102,14 @@ def _sign(args: argparse.Namespace, config: Config) -> int:
     method = args.method or ("PUT" if args.key is not None else "POST")
     try:
         max_size = parse_size(args.max_size) if args.max_size else None
-        query = sign_url(config.auth.signing_secret, method, key=args.key, prefix=args.prefix,
-                         expires_in_s=args.expires_in, max_size_bytes=max_size)
+        query = sign_url(
+            config.auth.signing_secret,
+            method,
+            key=args.key,
+            prefix=args.prefix,
+            expires_in_s=args.expires_in,
+            max_size_bytes=max_size,
+        )
     except ValueError as e:
         print(f"upload-proxy sign: {e}", file=sys.stderr)
         return 2
@@ -110,8 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
         token = sys.stdin.readline().strip()
         if len(token) < 16:
-            print("upload-proxy hash-token: a token needs at least 16 characters",
-                  file=sys.stderr)
+            print("upload-proxy hash-token: a token needs at least 16 characters", file=sys.stderr)
             return 2
         print(hash_token(token))
         return 0

@@ -91,8 +91,9 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
     except ProxyError as e:
         body_left = not request.content.is_eof()
         if e.status >= 500:
-            log.warning("%s %s -> %d %s: %s", request.method, request.path, e.status, e.code,
-                        e.message)
+            log.warning(
+                "%s %s -> %d %s: %s", request.method, request.path, e.status, e.code, e.message
+            )
         return error_response(e, close=body_left)
     except web.HTTPException as e:
         if e.status < 400:
@@ -184,8 +185,9 @@ async def _uploads_ctx(app: web.Application) -> AsyncIterator[None]:
     rt = app[RUNTIME]
     uc = rt.config.upload
     if rt.pool is None:
-        rt.pool = BufferPool(uc.memory_budget_bytes, uc.part_size_bytes,
-                             keep_idle=uc.parts_in_flight + 1)
+        rt.pool = BufferPool(
+            uc.memory_budget_bytes, uc.part_size_bytes, keep_idle=uc.parts_in_flight + 1
+        )
     assert rt.storage is not None
     app[UPLOADS].bind(rt.storage, rt.pool)
     if rt.config.tus.enabled:
@@ -208,8 +210,9 @@ async def _sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
             return True
         return rt.upload_is_live is not None and await resolve(rt.upload_is_live(upload))
 
-    rt.sweeper = StaleSweeper(rt.storage, uc.key_prefix, older_than_s=uc.stale_upload_after_s,
-                              is_live=live)
+    rt.sweeper = StaleSweeper(
+        rt.storage, uc.key_prefix, older_than_s=uc.stale_upload_after_s, is_live=live
+    )
     task = asyncio.create_task(rt.sweeper.run(uc.sweep_interval_s), name="stale-sweeper")
     try:
         yield
@@ -227,8 +230,11 @@ def build_app(runtime: Runtime) -> web.Application:
         bucket=cfg.storage.bucket,
         hooks=runtime.hooks or MetricsHooks(runtime.ops.metrics),
         admit=runtime.ops.memory.check_admission,
-        auth=Authenticator(enabled=cfg.auth.enabled, token_sha256=cfg.auth.token_sha256,
-                           signing_secret=cfg.auth.signing_secret),
+        auth=Authenticator(
+            enabled=cfg.auth.enabled,
+            token_sha256=cfg.auth.token_sha256,
+            signing_secret=cfg.auth.signing_secret,
+        ),
         slots=UploadSlots(cfg.limits.max_concurrent_uploads, cfg.limits.max_uploads_per_client),
         policy=ContentPolicy(cfg.limits.allowed_content_types, cfg.limits.allowed_extensions),
         trusted_proxies=cfg.server.trusted_proxies,

@@ -57,7 +57,7 @@ class BufferPool:
             return None
         return self._take(size)
 
-    async def acquire(self, size: int | None = None, timeout: float | None = None) -> bytearray:
+    async def acquire(self, size: int | None = None, timeout_s: float | None = None) -> bytearray:
         """A buffer of ``size`` bytes (default: one part).  Waits while the budget is spent."""
         size = self.part_size_bytes if size is None else size
         if size > self.part_size_bytes:
@@ -69,7 +69,7 @@ class BufferPool:
         entry = (size, fut)
         self._waiters.append(entry)
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(timeout_s):
                 await fut
         except BaseException as exc:
             if fut.done() and not fut.cancelled():
@@ -83,7 +83,7 @@ class BufferPool:
                     pass
                 self._wake()
             if isinstance(exc, TimeoutError):
-                raise PoolTimeout(f"no {size}-byte buffer free within {timeout}s") from None
+                raise PoolTimeout(f"no {size}-byte buffer free within {timeout_s}s") from None
             raise
         return self._materialise(size)
 

@@ -59,7 +59,7 @@ class ConfigError(Exception):
 def parse_size(value: object) -> int:
     """``8388608``, ``"8MiB"``, ``"1.5GiB"``, ``"100MB"`` -> bytes."""
     if isinstance(value, bool):
-        raise ValueError("expected a size such as 8388608 or \"8MiB\"")
+        raise ValueError('expected a size such as 8388608 or "8MiB"')
     if isinstance(value, int):
         if value < 0:
             raise ValueError("must not be negative")
@@ -69,7 +69,7 @@ def parse_size(value: object) -> int:
         if m:
             unit = (m.group(2) or "b").lower()
             return int(float(m.group(1)) * _UNITS[unit])
-    raise ValueError(f"expected a size such as 8388608 or \"8MiB\", got {value!r}")
+    raise ValueError(f'expected a size such as 8388608 or "8MiB", got {value!r}')
 
 
 @dataclass(frozen=True)
@@ -324,8 +324,9 @@ def _upload(r: _Reader) -> UploadConfig:
         idle_timeout_s=r.positive("idle_timeout_s", float, d.idle_timeout_s),
         part_checksum=r.choice("part_checksum", PART_CHECKSUMS, d.part_checksum),
         hash_in_thread=r.get("hash_in_thread", bool, d.hash_in_thread),
-        stale_upload_after_s=r.positive("stale_upload_after_s", float, d.stale_upload_after_s,
-                                        allow_zero=True),
+        stale_upload_after_s=r.positive(
+            "stale_upload_after_s", float, d.stale_upload_after_s, allow_zero=True
+        ),
         sweep_interval_s=r.positive("sweep_interval_s", float, d.sweep_interval_s),
     )
     r.check(
@@ -455,8 +456,11 @@ def _token_hash(r: _Reader, key: str, entry: str, *, plain_ok: bool) -> bytes | 
     if plain_ok and len(entry.strip()) >= 16 and not entry.strip().startswith("sha256:"):
         # A plain token in a token file is hashed at once; only the hash is kept.
         return hashlib.sha256(entry.strip().encode()).digest()
-    what = "a \"sha256:<64 hex>\" hash or a plain token of >= 16 characters" if plain_ok \
-        else "a \"sha256:<64 hex>\" hash (upload-proxy hash-token makes one)"
+    what = (
+        'a "sha256:<64 hex>" hash or a plain token of >= 16 characters'
+        if plain_ok
+        else 'a "sha256:<64 hex>" hash (upload-proxy hash-token makes one)'
+    )
     # Never echo the entry: it may be a token pasted in the wrong place.
     r.check(False, key, f"an entry is not {what}")
     return None
@@ -486,14 +490,13 @@ def _auth(r: _Reader, base: Path) -> AuthConfig:
         r.check(
             not path.is_file() or len(secret) >= MIN_SECRET_BYTES,
             "signing_secret_file",
-            f"the secret must be at least {MIN_SECRET_BYTES} bytes "
-            "(e.g. openssl rand -hex 32)",
+            f"the secret must be at least {MIN_SECRET_BYTES} bytes (e.g. openssl rand -hex 32)",
         )
     r.check(
         mode == "none" or bool(hashes) or bool(secret),
         "mode",
-        "\"required\" needs tokens, a token_file or a signing_secret_file; "
-        "set mode = \"none\" to accept uploads from anyone who can reach the port",
+        '"required" needs tokens, a token_file or a signing_secret_file; '
+        'set mode = "none" to accept uploads from anyone who can reach the port',
     )
     r.finish()
     return AuthConfig(mode=mode, token_sha256=tuple(hashes), signing_secret=secret)
@@ -503,18 +506,22 @@ def _limits(r: _Reader) -> LimitsConfig:
     d = LimitsConfig()
     types = [t.strip().lower() for t in r.strings("allowed_content_types")]
     for t in types:
-        r.check(_MEDIA_TYPE_RE.match(t) is not None, "allowed_content_types",
-                f"not a media type such as \"image/png\" or \"image/*\": {t!r}")
+        r.check(
+            _MEDIA_TYPE_RE.match(t) is not None,
+            "allowed_content_types",
+            f'not a media type such as "image/png" or "image/*": {t!r}',
+        )
     exts = [e.strip().lower() for e in r.strings("allowed_extensions")]
     exts = [e if e.startswith(".") else "." + e for e in exts]
     for e in exts:
-        r.check(_EXTENSION_RE.match(e) is not None, "allowed_extensions",
-                f"not an extension such as \".jpg\" (1-16 letters or digits): {e!r}")
+        r.check(
+            _EXTENSION_RE.match(e) is not None,
+            "allowed_extensions",
+            f'not an extension such as ".jpg" (1-16 letters or digits): {e!r}',
+        )
     cfg = LimitsConfig(
-        max_concurrent_uploads=r.positive("max_concurrent_uploads", int,
-                                          d.max_concurrent_uploads),
-        max_uploads_per_client=r.positive("max_uploads_per_client", int,
-                                          d.max_uploads_per_client),
+        max_concurrent_uploads=r.positive("max_concurrent_uploads", int, d.max_concurrent_uploads),
+        max_uploads_per_client=r.positive("max_uploads_per_client", int, d.max_uploads_per_client),
         allowed_content_types=tuple(types),
         allowed_extensions=tuple(exts),
     )
@@ -568,14 +575,14 @@ def _tus(r: _Reader) -> TusConfig:
     return cfg
 
 
-def from_dict(data: dict[str, Any], *, base_dir: Path | None = None, source: str = "config") -> Config:
+def from_dict(
+    data: dict[str, Any], *, base_dir: Path | None = None, source: str = "config"
+) -> Config:
     """Build a validated :class:`Config`; raise one :class:`ConfigError` listing every problem."""
     problems: list[str] = []
     base = base_dir or Path.cwd()
     top = _Reader(data, "", problems)
-    section = {
-        f.name: _Reader(top.table_of(f.name), f.name, problems) for f in fields(Config)
-    }
+    section = {f.name: _Reader(top.table_of(f.name), f.name, problems) for f in fields(Config)}
     for key in sorted(top.table):
         problems.append(f"{key}: unknown section")
     upload = _upload(section["upload"])

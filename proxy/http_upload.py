@@ -33,10 +33,10 @@ from proxy.auth import Authenticator, Forbidden, Grant
 from proxy.buffers import BufferPool
 from proxy.config import UploadConfig
 from proxy.errors import (
-    InvalidKey,
     BadRequest,
     ClientTimeout,
     IncompleteBody,
+    InvalidKey,
     KeyExists,
     ProxyError,
     TooLarge,
@@ -83,8 +83,14 @@ class UploadHooks:
     def started(self, upload_id: str, key: str) -> StreamObserver | None:
         return None
 
-    def finished(self, upload_id: str, result: StreamResult | None, error: ProxyError | None,
-                 seconds: float, received_bytes: int) -> None:
+    def finished(
+        self,
+        upload_id: str,
+        result: StreamResult | None,
+        error: ProxyError | None,
+        seconds: float,
+        received_bytes: int,
+    ) -> None:
         pass
 
 
@@ -172,9 +178,13 @@ def request_client(request: web.Request) -> ClientInfo:
     """The real client behind trusted proxies (cached per request)."""
     info = request.get(_CLIENT)
     if info is None:
-        info = client_info(request.remote, request.headers.get("X-Forwarded-For"),
-                           request.headers.get("X-Forwarded-Proto"), request.scheme,
-                           request.app[UPLOADS].trusted_proxies)
+        info = client_info(
+            request.remote,
+            request.headers.get("X-Forwarded-For"),
+            request.headers.get("X-Forwarded-Proto"),
+            request.scheme,
+            request.app[UPLOADS].trusted_proxies,
+        )
         request[_CLIENT] = info
     assert isinstance(info, ClientInfo)
     return info
@@ -184,8 +194,9 @@ def authorize(request: web.Request) -> Grant:
     """Authenticate once per request; raises 401/403 as a ProxyError."""
     grant = request.get(_GRANT)
     if grant is None:
-        grant = request.app[UPLOADS].auth.authenticate(request.method, request.headers,
-                                                      request.query)
+        grant = request.app[UPLOADS].auth.authenticate(
+            request.method, request.headers, request.query
+        )
         request[_GRANT] = grant
     assert isinstance(grant, Grant)
     return grant
@@ -231,8 +242,9 @@ def expected_digests(headers: Any) -> ExpectedDigests:
         try:
             own = bytes.fromhex(v) if len(v) == 64 else _b64(v, 32, "X-Content-SHA256")
         except ValueError:
-            raise BadRequest("X-Content-SHA256 is not hex or base64 SHA-256",
-                             code="ERR_BAD_DIGEST") from None
+            raise BadRequest(
+                "X-Content-SHA256 is not hex or base64 SHA-256", code="ERR_BAD_DIGEST"
+            ) from None
         if sha256 is not None and own != sha256:
             raise BadRequest("Repr-Digest and X-Content-SHA256 disagree", code="ERR_BAD_DIGEST")
         sha256 = own
@@ -302,8 +314,9 @@ async def _preflight_post(request: web.Request) -> Preflight:
     grant = authorize(request)
     ctx.admit()
     if grant.key is not None:
-        raise Forbidden("a signed URL for one key allows PUT /uploads/<key> only",
-                        code="ERR_KEY_NOT_ALLOWED")
+        raise Forbidden(
+            "a signed URL for one key allows PUT /uploads/<key> only", code="ERR_KEY_NOT_ALLOWED"
+        )
     limit = grant.limit(ctx.config.max_upload_size_bytes)
     size = _declared_size(request, limit)
     if request.content_type != "multipart/form-data":
@@ -329,8 +342,14 @@ async def expect_with(
 ) -> web.StreamResponse | None:
     """Run the pre-body ``check``; answer 100 Continue only if it passes."""
     if request.headers.get("Expect", "").lower() != "100-continue":
-        return error_response(ProxyError("unsupported Expect header", code="ERR_EXPECTATION",
-                                         status=417, reason="bad_request"))
+        return error_response(
+            ProxyError(
+                "unsupported Expect header",
+                code="ERR_EXPECTATION",
+                status=417,
+                reason="bad_request",
+            )
+        )
     try:
         result = check(request)
         if asyncio.iscoroutine(result):
@@ -366,8 +385,7 @@ async def _stream_one(
         error = e
         raise
     except asyncio.CancelledError:
-        error = ProxyError("upload cancelled", code="ERR_CANCELLED", status=503,
-                           reason="cancelled")
+        error = ProxyError("upload cancelled", code="ERR_CANCELLED", status=503, reason="cancelled")
         raise
     except Exception as e:
         error = ProxyError("internal error")
@@ -385,21 +403,39 @@ async def _stream_one(
         rate = nbytes / seconds / 2**20 if seconds > 0 else 0.0
         log.info(
             "upload id=%s key=%s bytes=%d sha256=%s duration_s=%.3f rate_mib_s=%.1f result=%s",
-            upload_id, spec.key, nbytes, result.sha256 if result else "-", seconds, rate,
+            upload_id,
+            spec.key,
+            nbytes,
+            result.sha256 if result else "-",
+            seconds,
+            rate,
             "ok" if error is None else error.code,
-            extra={"upload": {
-                "id": upload_id, "key": spec.key, "bytes": nbytes,
-                "sha256": result.sha256 if result else None, "duration_s": round(seconds, 3),
-                "rate_mib_s": round(rate, 2), "result": "ok" if error is None else error.code,
-                "remote": request_client(request).ip, "auth": authorize(request).via,
-            }},
+            extra={
+                "upload": {
+                    "id": upload_id,
+                    "key": spec.key,
+                    "bytes": nbytes,
+                    "sha256": result.sha256 if result else None,
+                    "duration_s": round(seconds, 3),
+                    "rate_mib_s": round(rate, 2),
+                    "result": "ok" if error is None else error.code,
+                    "remote": request_client(request).ip,
+                    "auth": authorize(request).via,
+                }
+            },
         )
         ctx.hooks.finished(upload_id, result, error, seconds, nbytes)
 
 
 def _result_json(ctx: UploadContext, r: StreamResult, **extra: Any) -> dict[str, Any]:
-    return {"bucket": ctx.bucket, "key": r.key, "size": r.size, "sha256": r.sha256,
-            "etag": r.etag, **extra}
+    return {
+        "bucket": ctx.bucket,
+        "key": r.key,
+        "size": r.size,
+        "sha256": r.sha256,
+        "etag": r.etag,
+        **extra,
+    }
 
 
 async def put_upload(request: web.Request) -> web.StreamResponse:
@@ -461,8 +497,9 @@ def _disposition_filename(request: web.Request) -> str | None:
     return m.group(1) if m else None
 
 
-async def _post_form(request: web.Request, ctx: UploadContext,
-                     pre: Preflight) -> web.StreamResponse:
+async def _post_form(
+    request: web.Request, ctx: UploadContext, pre: Preflight
+) -> web.StreamResponse:
     """Each file field of the form becomes its own object; all or none are kept."""
     try:
         reader = await request.multipart()
@@ -475,8 +512,9 @@ async def _post_form(request: web.Request, ctx: UploadContext,
             try:
                 part = await reader.next()
             except (ValueError, AssertionError, HttpProcessingError, ConnectionError) as e:
-                raise BadRequest(f"malformed multipart/form-data: {e}",
-                                 code="ERR_BAD_FORM") from None
+                raise BadRequest(
+                    f"malformed multipart/form-data: {e}", code="ERR_BAD_FORM"
+                ) from None
             if part is None:
                 break
             if not isinstance(part, BodyPartReader):
@@ -493,8 +531,11 @@ async def _post_form(request: web.Request, ctx: UploadContext,
                 metadata={"filename": _ascii(part.filename)},
                 create_only=True,
             )
-            chunks = body_chunks(part, ctx.config.idle_timeout_s,
-                                 read=functools.partial(part.read_chunk, READ_CHUNK_BYTES))
+            chunks = body_chunks(
+                part,
+                ctx.config.idle_timeout_s,
+                read=functools.partial(part.read_chunk, READ_CHUNK_BYTES),
+            )
             result = await _stream_one(request, spec, chunks)
             stored.append(_result_json(ctx, result, field=part.name, filename=part.filename))
     except BaseException:
@@ -511,8 +552,10 @@ async def _skip_field(part: BodyPartReader, idle_timeout_s: float) -> None:
     async for chunk in body_chunks(part, idle_timeout_s, read=lambda: part.read_chunk(8192)):
         seen += len(chunk)
         if seen > MAX_FORM_FIELD_BYTES:
-            raise BadRequest(f"form field {part.name!r} exceeds {MAX_FORM_FIELD_BYTES} bytes",
-                             code="ERR_BAD_FORM")
+            raise BadRequest(
+                f"form field {part.name!r} exceeds {MAX_FORM_FIELD_BYTES} bytes",
+                code="ERR_BAD_FORM",
+            )
 
 
 def _ascii(value: str) -> str:

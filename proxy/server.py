@@ -15,8 +15,6 @@ import signal
 import time
 from typing import Any
 
-from typing import Any
-
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
@@ -85,10 +83,18 @@ class _JsonErrorRequestHandler(RequestHandler):
         if status >= 500:
             self.log_exception("Error handling request from %s", request.remote, exc_info=exc)
         else:
-            log.info("rejected malformed request from %s: %d %s", request.remote, status,
-                     getattr(exc, "message", exc))
+            log.info(
+                "rejected malformed request from %s: %d %s",
+                request.remote,
+                status,
+                getattr(exc, "message", exc),
+            )
         code = HTTP_CODES.get(status, f"ERR_HTTP_{status}")
-        text = "internal error" if status >= 500 else f"malformed request: {getattr(exc, 'message', '') or message or status}"
+        text = (
+            "internal error"
+            if status >= 500
+            else f"malformed request: {getattr(exc, 'message', '') or message or status}"
+        )
         return error_response(ProxyError(text, code=code, status=status), close=True)
 
 

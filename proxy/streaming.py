@@ -25,7 +25,7 @@ import hashlib
 import logging
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -171,7 +171,7 @@ class PartStreamer:
     async def _run(self, chunks: AsyncIterator[bytes]) -> StreamResult:
         try:
             buf = await self._pool.acquire(
-                self._first_buffer_size(), timeout=self._settings.admission_timeout_s
+                self._first_buffer_size(), timeout_s=self._settings.admission_timeout_s
             )
         except PoolTimeout:
             raise Busy(
@@ -188,9 +188,7 @@ class PartStreamer:
                 self.received_bytes += n
                 self._obs.received(n)
                 if self.received_bytes > self._spec.max_size_bytes:
-                    raise TooLarge(
-                        f"body exceeds the limit of {self._spec.max_size_bytes} bytes"
-                    )
+                    raise TooLarge(f"body exceeds the limit of {self._spec.max_size_bytes} bytes")
                 view = memoryview(chunk)
                 off = 0
                 while off < n:
@@ -220,11 +218,10 @@ class PartStreamer:
         try:
             if prev is not None:
                 await asyncio.shield(prev)
-            fn: Callable[[], tuple[PartChecksum | None, float]] = lambda: self._hash_part(data)
             if self._settings.hash_in_thread and len(data) >= 65536:
-                checksum, seconds = await self._loop.run_in_executor(None, fn)
+                checksum, seconds = await self._loop.run_in_executor(None, self._hash_part, data)
             else:
-                checksum, seconds = fn()
+                checksum, seconds = self._hash_part(data)
             self._obs.hashed(len(data), seconds)
             return checksum
         finally:

@@ -23,9 +23,9 @@ from urllib.parse import quote
 
 from aiohttp import web
 
+from proxy.auth import Forbidden, Grant
 from proxy.config import TusConfig
 from proxy.errors import BadRequest, NotFound, ProxyError, TooLarge
-from proxy.auth import Forbidden, Grant
 from proxy.http_upload import UPLOADS, authorize, body_chunks, expect_with, request_client
 from proxy.storage.base import OpenMultipart, Storage
 from proxy.tus_state import TusStore, UploadInfo, release_quietly, valid_id
@@ -383,9 +383,7 @@ async def patch(request: web.Request) -> web.Response:
     # The slot check ran (and would have released the lease) above; hold re-checks
     # synchronously, so it cannot fail here.
     with request.app[UPLOADS].slots.hold(client_ip):
-        info = await svc.write(
-            lease, _chunks(request), declared_bytes=declared, checksum=checksum
-        )
+        info = await svc.write(lease, _chunks(request), declared_bytes=declared, checksum=checksum)
     return web.Response(status=204, headers=_upload_headers(info))
 
 

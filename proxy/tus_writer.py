@@ -128,7 +128,7 @@ class PatchWriter:
             first = min(part, self._pending_bytes + declared_bytes)
         try:
             self._buf = await self._pool.acquire(
-                max(first, 1), timeout=self._settings.admission_timeout_s
+                max(first, 1), timeout_s=self._settings.admission_timeout_s
             )
         except PoolTimeout:
             raise Busy(

@@ -70,10 +70,20 @@ def make_config(sw: EmbeddedSeaweed, prefix: str, **sections: dict[str, Any]) ->
     data: dict[str, Any] = {
         "server": {"listen": "127.0.0.1:0", "drain_timeout_s": 5},
         # 5 MiB parts allow at most ~48 GiB in 10000 parts.
-        "upload": {"key_prefix": prefix, "part_size": "5MiB", "memory_budget": "64MiB",
-                   "max_upload_size": "40GiB", "part_checksum": "crc32"},
-        "storage": {"backend": "s3", "bucket": BUCKET, "endpoint_url": sw.endpoint_url,
-                    "retry_attempts": 2, "retry_base_delay_s": 0.05},
+        "upload": {
+            "key_prefix": prefix,
+            "part_size": "5MiB",
+            "memory_budget": "64MiB",
+            "max_upload_size": "40GiB",
+            "part_checksum": "crc32",
+        },
+        "storage": {
+            "backend": "s3",
+            "bucket": BUCKET,
+            "endpoint_url": sw.endpoint_url,
+            "retry_attempts": 2,
+            "retry_base_delay_s": 0.05,
+        },
         # Tests that are not about auth run open; tests/test_auth.py turns it on.
         "auth": {"mode": "none"},
     }
@@ -101,22 +111,28 @@ async def start_proxy(seaweed: EmbeddedSeaweed, prefix: str) -> AsyncIterator[St
     runners: list[web.AppRunner] = []
 
     async def start(
-        *, storage: Any = None, pool: Any = None, memory_reader: Any = None,
+        *,
+        storage: Any = None,
+        pool: Any = None,
+        memory_reader: Any = None,
         **sections: dict[str, Any],
     ) -> Proxy:
         config = make_config(seaweed, prefix, **sections)
         owned = None
         if storage is None:
             owned = storage = await s3_for(
-                seaweed, retry_attempts=config.storage.retry_attempts,
+                seaweed,
+                retry_attempts=config.storage.retry_attempts,
                 retry_base_delay_s=config.storage.retry_base_delay_s,
             ).open()
         extra = {} if memory_reader is None else {"memory_reader": memory_reader}
         runtime = Runtime(config, storage=storage, pool=pool, **extra)
         app = build_app(runtime)
         if owned is not None:
+
             async def close_owned(_: web.Application) -> None:
                 await owned.close()
+
             app.on_cleanup.append(close_owned)
         runner = make_runner(app, config)
         await runner.setup()

@@ -29,22 +29,31 @@ class GatedStorage:
     async def head(self, key: str) -> ObjectInfo | None:
         return self.objects.get(key)
 
-    async def put_object(self, key: str, body: Body, *, metadata: dict[str, str],
-                         content_type: str, checksum: PartChecksum | None,
-                         if_none_match: bool) -> str:
+    async def put_object(
+        self,
+        key: str,
+        body: Body,
+        *,
+        metadata: dict[str, str],
+        content_type: str,
+        checksum: PartChecksum | None,
+        if_none_match: bool,
+    ) -> str:
         await self.gate.wait()
         self.objects[key] = ObjectInfo(key, len(body), "etag", content_type, dict(metadata))
         return "etag"
 
-    async def create_multipart(self, key: str, *, metadata: dict[str, str],
-                               content_type: str) -> str:
+    async def create_multipart(
+        self, key: str, *, metadata: dict[str, str], content_type: str
+    ) -> str:
         self._ids += 1
         uid = f"u{self._ids}"
         self.parts[uid] = {}
         return uid
 
-    async def upload_part(self, key: str, upload_id: str, number: int, body: Body,
-                          checksum: PartChecksum | None) -> str:
+    async def upload_part(
+        self, key: str, upload_id: str, number: int, body: Body, checksum: PartChecksum | None
+    ) -> str:
         self.sending += 1
         self.max_sending = max(self.max_sending, self.sending)
         try:
@@ -55,8 +64,9 @@ class GatedStorage:
             self.sending -= 1
         return f"e{number}"
 
-    async def complete_multipart(self, key: str, upload_id: str, parts: list[CompletedPart], *,
-                                 if_none_match: bool) -> str:
+    async def complete_multipart(
+        self, key: str, upload_id: str, parts: list[CompletedPart], *, if_none_match: bool
+    ) -> str:
         size = sum(self.parts[upload_id][p.number][0] for p in parts)
         del self.parts[upload_id]
         self.objects[key] = ObjectInfo(key, size, "etag-mp")
@@ -66,8 +76,9 @@ class GatedStorage:
         self.aborted.append(upload_id)
         self.parts.pop(upload_id, None)
 
-    async def replace_metadata(self, key: str, *, etag: str, size: int,
-                               metadata: dict[str, str], content_type: str) -> None:
+    async def replace_metadata(
+        self, key: str, *, etag: str, size: int, metadata: dict[str, str], content_type: str
+    ) -> None:
         info = self.objects[key]
         self.objects[key] = ObjectInfo(key, info.size, info.etag, content_type, dict(metadata))
 

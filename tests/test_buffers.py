@@ -35,11 +35,11 @@ async def test_timeout_raises_and_leaves_no_reservation() -> None:
     pool = BufferPool(budget_bytes=100, part_size_bytes=100)
     buf = await pool.acquire()
     with pytest.raises(PoolTimeout):
-        await pool.acquire(timeout=0.05)
+        await pool.acquire(timeout_s=0.05)
     assert pool.waiting == 0
     pool.release(buf)
     assert pool.in_use_bytes == 0
-    assert len(await pool.acquire(timeout=0.05)) == 100
+    assert len(await pool.acquire(timeout_s=0.05)) == 100
 
 
 async def test_cancelled_waiter_does_not_leak() -> None:

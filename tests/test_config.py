@@ -28,38 +28,60 @@ def test_shipped_config_documents_every_key() -> None:
     lines = (ROOT / "config.toml").read_text().splitlines()
     for i, line in enumerate(lines):
         if "=" in line and not line.startswith("#"):
-            above = [x for x in lines[max(0, i - 12):i] if x.strip()]
+            above = [x for x in lines[max(0, i - 12) : i] if x.strip()]
             assert any(x.startswith("#") for x in above), f"undocumented key: {line}"
 
 
 def test_every_problem_reported_at_once() -> None:
     with pytest.raises(ConfigError) as e:
-        from_dict({
-            "server": {"listen": "nope", "bogus": 1},
-            "upload": {"part_size": "1MiB", "parts_in_flight": 0, "part_checksum": "xxh3",
-                       "memory_budget": "lots"},
-            "storage": {"bucket": "b1", "endpoint_url": "ftp://x"},
-            "extra": {},
-            "auth": {"mode": "none"},
-        })
+        from_dict(
+            {
+                "server": {"listen": "nope", "bogus": 1},
+                "upload": {
+                    "part_size": "1MiB",
+                    "parts_in_flight": 0,
+                    "part_checksum": "xxh3",
+                    "memory_budget": "lots",
+                },
+                "storage": {"bucket": "b1", "endpoint_url": "ftp://x"},
+                "extra": {},
+                "auth": {"mode": "none"},
+            }
+        )
     text = "\n".join(e.value.problems)
-    for fragment in ["server.listen", "server.bogus: unknown key", "upload.part_size",
-                     "upload.parts_in_flight", "upload.part_checksum", "upload.memory_budget",
-                     "storage.bucket", "storage.endpoint_url", "extra: unknown section"]:
+    for fragment in [
+        "server.listen",
+        "server.bogus: unknown key",
+        "upload.part_size",
+        "upload.parts_in_flight",
+        "upload.part_checksum",
+        "upload.memory_budget",
+        "storage.bucket",
+        "storage.endpoint_url",
+        "extra: unknown section",
+    ]:
         assert fragment in text
     assert len(e.value.problems) == 10  # plus max_upload_size, which 1MiB parts cannot reach
 
 
 def test_wrong_types_are_reported() -> None:
     with pytest.raises(ConfigError) as e:
-        from_dict({"upload": {"overwrite": "yes", "admission_timeout_s": "5"},
-                   "auth": {"mode": "none"}})
+        from_dict(
+            {"upload": {"overwrite": "yes", "admission_timeout_s": "5"}, "auth": {"mode": "none"}}
+        )
     assert len(e.value.problems) == 2
 
 
-@pytest.mark.parametrize(("text", "size"), [
-    (5, 5), ("8MiB", 8 << 20), ("1.5GiB", 3 << 29), ("100MB", 100_000_000), ("7 kib", 7168),
-])
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        (5, 5),
+        ("8MiB", 8 << 20),
+        ("1.5GiB", 3 << 29),
+        ("100MB", 100_000_000),
+        ("7 kib", 7168),
+    ],
+)
 def test_parse_size(text: object, size: int) -> None:
     assert parse_size(text) == size
 
@@ -79,9 +101,17 @@ def test_bad_config_exits_78(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 
 
 def test_check_config_subprocess() -> None:
-    r = subprocess.run([sys.executable, "-m", "proxy", "--check-config", "-c",
-                        str(ROOT / "config.toml")], capture_output=True, text=True, check=False)
+    r = subprocess.run(
+        [sys.executable, "-m", "proxy", "--check-config", "-c", str(ROOT / "config.toml")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr
-    r = subprocess.run([sys.executable, "-m", "proxy", "-c", "/nonexistent.toml"],
-                       capture_output=True, text=True, check=False)
+    r = subprocess.run(
+        [sys.executable, "-m", "proxy", "-c", "/nonexistent.toml"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert r.returncode == EX_CONFIG

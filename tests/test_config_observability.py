@@ -25,7 +25,8 @@ def test_defaults_match_the_shipped_reference() -> None:
 
 def test_values_are_parsed() -> None:
     cfg = from_dict(
-        {**OPEN, 
+        {
+            **OPEN,
             "server": {"metrics_listen": "[::1]:9108"},
             "memory": {
                 "limit": "1GiB",
@@ -42,7 +43,8 @@ def test_values_are_parsed() -> None:
 def test_every_problem_is_reported_at_once() -> None:
     with pytest.raises(ConfigError) as e:
         from_dict(
-            {**OPEN, 
+            {
+                **OPEN,
                 "server": {"listen": "127.0.0.1:9000", "metrics_listen": "127.0.0.1:9000"},
                 "upload": {"memory_budget": "256MiB"},
                 "memory": {

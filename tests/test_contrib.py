@@ -9,7 +9,6 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from obs_helpers import parse, promtool
 from prometheus_client import CollectorRegistry, generate_latest
 
 from proxy import __version__
@@ -18,6 +17,8 @@ from proxy.config import MemoryConfig
 from proxy.errors import REASONS
 from proxy.memory import MemoryReading, judge
 from proxy.metrics import Metrics
+
+from obs_helpers import parse, promtool
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "contrib/grafana/upload-proxy.json"

@@ -10,13 +10,14 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import BUCKET, StartProxy, assert_nothing_left, s3_for
-from obs_helpers import MiB, RawRequest, eventually, put_head, scrape, series, value
 
 from proxy import __version__
 from proxy.memory import MemoryReading
 from proxy.storage.s3 import S3Storage
 from proxy.storage.seaweed import Credentials, EmbeddedSeaweed
+
+from conftest import BUCKET, StartProxy, assert_nothing_left, s3_for
+from obs_helpers import MiB, RawRequest, eventually, put_head, scrape, series, value
 
 
 async def get_json(url: str) -> tuple[int, Any]:

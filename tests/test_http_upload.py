@@ -12,8 +12,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from conftest import MiB, Proxy, StartProxy, assert_nothing_left, get_object
 from proxy.storage.s3 import S3Storage
+
+from conftest import MiB, Proxy, StartProxy, assert_nothing_left, get_object
 
 PART = 5 * MiB
 SIZES = [0, 1, 100, 8192, 8193, MiB, PART - 1, PART, PART + 1, 3 * PART + 17]
@@ -88,7 +89,7 @@ async def test_form_with_two_files(start_proxy: StartProxy, s3: S3Storage) -> No
             reply = await r.json()
     assert [x["field"] for x in reply] == ["first", "second"]
     assert reply[0]["key"].startswith(proxy.prefix) and reply[0]["key"].endswith(".jpg")
-    assert reply[1]["key"].endswith(".gz") and "/" not in reply[1]["key"][len(proxy.prefix):]
+    assert reply[1]["key"].endswith(".gz") and "/" not in reply[1]["key"][len(proxy.prefix) :]
     await check_stored(s3, reply[0]["key"], a, reply[0])
     await check_stored(s3, reply[1]["key"], b, reply[1])
     head = await s3.head(reply[0]["key"])
@@ -99,8 +100,11 @@ async def test_raw_post_gets_generated_key(start_proxy: StartProxy, s3: S3Storag
     proxy = await start_proxy()
     data = payload(3000)
     async with aiohttp.ClientSession() as s:
-        async with s.post(f"{proxy.url}/uploads", data=data,
-                          headers={"Content-Disposition": 'attachment; filename="x.PDF"'}) as r:
+        async with s.post(
+            f"{proxy.url}/uploads",
+            data=data,
+            headers={"Content-Disposition": 'attachment; filename="x.PDF"'},
+        ) as r:
             assert r.status == 201
             reply = await r.json()
     assert reply["key"].startswith(proxy.prefix) and reply["key"].endswith(".pdf")
@@ -111,20 +115,24 @@ async def test_raw_post_gets_generated_key(start_proxy: StartProxy, s3: S3Storag
     "key",
     ["a/../b", "..", "./x", "a//b", "%2Fabs", "bad%0Akey", "del%7Fx", "k" * 1025, "%C3%A9" * 513],
 )
-async def test_bad_keys_rejected_before_body(start_proxy: StartProxy, s3: S3Storage,
-                                             key: str) -> None:
+async def test_bad_keys_rejected_before_body(
+    start_proxy: StartProxy, s3: S3Storage, key: str
+) -> None:
     proxy = await start_proxy()
     status, reply = await raw_request(
-        proxy, f"PUT /uploads/{key} HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n"
-        "Expect: 100-continue\r\n\r\n")
+        proxy,
+        f"PUT /uploads/{key} HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n"
+        "Expect: 100-continue\r\n\r\n",
+    )
     assert status == 400 and reply["code"] == "ERR_INVALID_KEY", reply
     await assert_nothing_left(s3, proxy.prefix)
 
 
 async def test_raw_control_char_in_url_gets_json_400(start_proxy: StartProxy) -> None:
     proxy = await start_proxy()
-    status, reply = await raw_request(proxy, "PUT /uploads/ok\x01 HTTP/1.1\r\nHost: x\r\n"
-                                      "Content-Length: 1\r\n\r\n", b"x")
+    status, reply = await raw_request(
+        proxy, "PUT /uploads/ok\x01 HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\n", b"x"
+    )
     assert status == 400 and reply["code"] == "ERR_BAD_REQUEST"
 
 
@@ -169,9 +177,9 @@ async def test_conflict_detected_at_completion(start_proxy: StartProxy, s3: S3St
     gate = asyncio.Event()
 
     async def slow() -> AsyncIterator[bytes]:
-        yield first[:PART + 1]
+        yield first[: PART + 1]
         await gate.wait()
-        yield first[PART + 1:]
+        yield first[PART + 1 :]
 
     task = asyncio.create_task(put(proxy, "race", slow()))
     await asyncio.sleep(0.5)  # the first upload is now past its pre-body check
@@ -184,12 +192,15 @@ async def test_conflict_detected_at_completion(start_proxy: StartProxy, s3: S3St
     assert await s3.list_multipart(proxy.prefix) == []
 
 
-async def test_declared_too_large_with_expect_never_sends_body(start_proxy: StartProxy,
-                                                               s3: S3Storage) -> None:
+async def test_declared_too_large_with_expect_never_sends_body(
+    start_proxy: StartProxy, s3: S3Storage
+) -> None:
     proxy = await start_proxy(upload={"max_upload_size": "1MiB"})
     reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
-    writer.write(b"PUT /uploads/huge HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n"
-                 b"Expect: 100-continue\r\n\r\n")
+    writer.write(
+        b"PUT /uploads/huge HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n"
+        b"Expect: 100-continue\r\n\r\n"
+    )
     await writer.drain()
     status_line = await asyncio.wait_for(reader.readline(), 5)
     assert status_line.startswith(b"HTTP/1.1 413"), status_line  # not 100 Continue
@@ -204,8 +215,9 @@ async def test_declared_too_large_without_expect(start_proxy: StartProxy, s3: S3
     await assert_nothing_left(s3, proxy.prefix)
 
 
-async def test_chunked_body_growing_past_limit_is_cut_off(start_proxy: StartProxy,
-                                                           s3: S3Storage) -> None:
+async def test_chunked_body_growing_past_limit_is_cut_off(
+    start_proxy: StartProxy, s3: S3Storage
+) -> None:
     proxy = await start_proxy(upload={"max_upload_size": "12MiB"})
     status, reply = await put(proxy, "grows", chunked(payload(13 * MiB), MiB))
     assert status == 413 and reply["code"] == "ERR_TOO_LARGE"
@@ -214,10 +226,12 @@ async def test_chunked_body_growing_past_limit_is_cut_off(start_proxy: StartProx
 
 @pytest.mark.parametrize("header", ["Content-MD5", "Repr-Digest", "X-Content-SHA256"])
 @pytest.mark.parametrize("size", [10, 2 * PART + 1])
-async def test_client_digest_verified(start_proxy: StartProxy, s3: S3Storage, header: str,
-                                      size: int) -> None:
+async def test_client_digest_verified(
+    start_proxy: StartProxy, s3: S3Storage, header: str, size: int
+) -> None:
     proxy = await start_proxy()
     data = payload(size, seed=5)
+
     def value(d: bytes) -> str:
         if header == "Content-MD5":
             return base64.b64encode(hashlib.md5(d).digest()).decode()
@@ -241,13 +255,15 @@ async def test_malformed_digest_header(start_proxy: StartProxy, s3: S3Storage) -
 
 
 @pytest.mark.parametrize("sent", [100, PART + 100, 2 * PART + 100])
-async def test_truncated_body_leaves_nothing(start_proxy: StartProxy, s3: S3Storage,
-                                             sent: int) -> None:
+async def test_truncated_body_leaves_nothing(
+    start_proxy: StartProxy, s3: S3Storage, sent: int
+) -> None:
     """Content-Length promises more than arrives, then the client goes away."""
     proxy = await start_proxy()
-    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
-    writer.write(f"PUT /uploads/trunc HTTP/1.1\r\nHost: x\r\nContent-Length: {3 * PART}\r\n\r\n"
-                 .encode())
+    _, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    writer.write(
+        f"PUT /uploads/trunc HTTP/1.1\r\nHost: x\r\nContent-Length: {3 * PART}\r\n\r\n".encode()
+    )
     writer.write(payload(sent))
     await writer.drain()
     await asyncio.sleep(0.3)
@@ -256,10 +272,11 @@ async def test_truncated_body_leaves_nothing(start_proxy: StartProxy, s3: S3Stor
     await assert_nothing_left(s3, proxy.prefix)
 
 
-async def test_chunked_client_disconnect_leaves_nothing(start_proxy: StartProxy,
-                                                        s3: S3Storage) -> None:
+async def test_chunked_client_disconnect_leaves_nothing(
+    start_proxy: StartProxy, s3: S3Storage
+) -> None:
     proxy = await start_proxy()
-    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    _, writer = await asyncio.open_connection(proxy.host, proxy.port)
     writer.write(b"PUT /uploads/gone HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
     block = payload(MiB)
     for _ in range(12):
@@ -274,8 +291,10 @@ async def test_chunked_client_disconnect_leaves_nothing(start_proxy: StartProxy,
 async def test_malformed_chunked_body(start_proxy: StartProxy, s3: S3Storage) -> None:
     proxy = await start_proxy()
     status, reply = await raw_request(
-        proxy, "PUT /uploads/m HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
-        b"5\r\nhello\r\nZZ\r\n")
+        proxy,
+        "PUT /uploads/m HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"5\r\nhello\r\nZZ\r\n",
+    )
     assert status == 400
     assert reply.get("code") in ("ERR_INCOMPLETE_BODY", "ERR_BAD_REQUEST")
     await wait_idle(proxy)
@@ -285,8 +304,10 @@ async def test_malformed_chunked_body(start_proxy: StartProxy, s3: S3Storage) ->
 async def test_idle_client_times_out(start_proxy: StartProxy, s3: S3Storage) -> None:
     proxy = await start_proxy(upload={"idle_timeout_s": 0.5})
     reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
-    writer.write(f"PUT /uploads/slow HTTP/1.1\r\nHost: x\r\nContent-Length: {2 * PART}\r\n\r\n"
-                 .encode() + payload(PART + 10))
+    writer.write(
+        f"PUT /uploads/slow HTTP/1.1\r\nHost: x\r\nContent-Length: {2 * PART}\r\n\r\n".encode()
+        + payload(PART + 10)
+    )
     await writer.drain()
     status_line = await asyncio.wait_for(reader.readline(), 10)
     assert b" 408 " in status_line
@@ -295,13 +316,12 @@ async def test_idle_client_times_out(start_proxy: StartProxy, s3: S3Storage) -> 
     await assert_nothing_left(s3, proxy.prefix)
 
 
-async def wait_idle(proxy: Proxy, timeout: float = 10) -> None:
+async def wait_idle(proxy: Proxy, timeout_s: float = 10) -> None:
     """Until no part buffer is leased: every upload has finished its clean-up."""
-    from proxy.http_upload import UPLOADS  # noqa: F401 - documents where the pool lives
 
     pool = proxy.runtime.pool
     assert pool is not None
-    async with asyncio.timeout(timeout):
+    async with asyncio.timeout(timeout_s):
         while pool.in_use_bytes:
             await asyncio.sleep(0.05)
     await asyncio.sleep(0.2)

@@ -15,8 +15,23 @@ def test_valid(key: str) -> None:
     assert validate_key(key) == key
 
 
-@pytest.mark.parametrize("key", ["", "/abs", "a/../b", "..", ".", "a/./b", "a//b", "a\nb",
-                                 "a\x00b", "a\x7fb", "x" * 1025, "é" * 513])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "",
+        "/abs",
+        "a/../b",
+        "..",
+        ".",
+        "a/./b",
+        "a//b",
+        "a\nb",
+        "a\x00b",
+        "a\x7fb",
+        "x" * 1025,
+        "é" * 513,
+    ],
+)
 def test_invalid(key: str) -> None:
     with pytest.raises(InvalidKey):
         validate_key(key)
@@ -35,10 +50,19 @@ def test_any_text_is_either_rejected_or_safe(key: str) -> None:
     assert len(stored.encode()) <= MAX_KEY_BYTES
 
 
-@pytest.mark.parametrize(("name", "ext"), [
-    ("a.JPG", ".jpg"), ("../../x.tar.gz", ".gz"), ("noext", ""), ("a.", ""), (None, ""),
-    ("evil.ph p", ""), ("x.verylongextensionname1", ""), ("c:\\dir\\f.Txt", ".txt"),
-])
+@pytest.mark.parametrize(
+    ("name", "ext"),
+    [
+        ("a.JPG", ".jpg"),
+        ("../../x.tar.gz", ".gz"),
+        ("noext", ""),
+        ("a.", ""),
+        (None, ""),
+        ("evil.ph p", ""),
+        ("x.verylongextensionname1", ""),
+        ("c:\\dir\\f.Txt", ".txt"),
+    ],
+)
 def test_safe_extension(name: str | None, ext: str) -> None:
     assert safe_extension(name) == ext
 

@@ -13,8 +13,9 @@ import aiohttp
 import psutil
 import pytest
 
-from conftest import BUCKET, MiB
 from proxy.storage.seaweed import EmbeddedSeaweed, free_port
+
+from conftest import BUCKET, MiB
 
 pytestmark = pytest.mark.slow
 
@@ -37,10 +38,17 @@ backend = "s3"
 bucket = "{BUCKET}"
 endpoint_url = "{seaweed.endpoint_url}"
 """)
-    env = dict(os.environ, AWS_ACCESS_KEY_ID=seaweed.credentials.access_key,
-               AWS_SECRET_ACCESS_KEY=seaweed.credentials.secret_key)
-    proc = subprocess.Popen([sys.executable, "-m", "proxy", "-c", str(cfg)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = dict(
+        os.environ,
+        AWS_ACCESS_KEY_ID=seaweed.credentials.access_key,
+        AWS_SECRET_ACCESS_KEY=seaweed.credentials.secret_key,
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "-c", str(cfg)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         yield f"http://127.0.0.1:{port}", psutil.Process(proc.pid)
     finally:
@@ -96,7 +104,9 @@ async def test_rss_growth_is_flat_in_file_size(daemon: tuple[str, psutil.Process
     peak_small = await upload_measuring(url, "small", 64 * MiB, proc)
     peak_large = await upload_measuring(url, "large", 512 * MiB, proc)
     growth_small, growth_large = peak_small - base, peak_large - base
-    print(f"rss base={base / MiB:.0f}MiB growth 64MiB-upload={growth_small / MiB:.1f}MiB "
-          f"512MiB-upload={growth_large / MiB:.1f}MiB")
+    print(
+        f"rss base={base / MiB:.0f}MiB growth 64MiB-upload={growth_small / MiB:.1f}MiB "
+        f"512MiB-upload={growth_large / MiB:.1f}MiB"
+    )
     assert growth_large < 64 * MiB, "streaming 512 MiB grew RSS by more than the budget"
     assert growth_large < growth_small + 16 * MiB, "RSS grows with file size"

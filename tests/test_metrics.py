@@ -9,6 +9,13 @@ import os
 from collections.abc import AsyncIterator
 
 import aiohttp
+
+from proxy.app import Runtime
+from proxy.errors import REASONS
+from proxy.server import Server
+from proxy.storage.s3 import S3Storage
+from proxy.storage.seaweed import EmbeddedSeaweed
+
 from conftest import StartProxy, assert_nothing_left, make_config, s3_for
 from obs_helpers import (
     MiB,
@@ -23,12 +30,6 @@ from obs_helpers import (
     series,
     value,
 )
-
-from proxy.app import Runtime
-from proxy.errors import REASONS
-from proxy.server import Server
-from proxy.storage.s3 import S3Storage
-from proxy.storage.seaweed import EmbeddedSeaweed
 
 UPLOAD_OPS = (
     "head_object",

@@ -12,9 +12,10 @@ from typing import Any
 import aiohttp
 from botocore.exceptions import ClientError, EndpointConnectionError
 
-from conftest import MiB, StartProxy, assert_nothing_left, get_object, s3_for
 from proxy.storage.s3 import S3Storage
 from proxy.storage.seaweed import EmbeddedSeaweed
+
+from conftest import MiB, StartProxy, assert_nothing_left, get_object, s3_for
 
 PART = 5 * MiB
 
@@ -38,8 +39,9 @@ class FlakyClient:
         return await self._client.upload_part(**kw)
 
 
-async def flaky_storage(seaweed: EmbeddedSeaweed, fail: dict[int, list[Exception]]
-                        ) -> tuple[S3Storage, FlakyClient]:
+async def flaky_storage(
+    seaweed: EmbeddedSeaweed, fail: dict[int, list[Exception]]
+) -> tuple[S3Storage, FlakyClient]:
     storage = await s3_for(seaweed, retry_attempts=3, retry_base_delay_s=0.01).open()
     flaky = FlakyClient(storage._client, fail)
     storage._client = flaky
@@ -47,8 +49,13 @@ async def flaky_storage(seaweed: EmbeddedSeaweed, fail: dict[int, list[Exception
 
 
 def server_error(code: str, status: int) -> ClientError:
-    return ClientError({"Error": {"Code": code, "Message": "injected"},
-                        "ResponseMetadata": {"HTTPStatusCode": status}}, "UploadPart")
+    return ClientError(
+        {
+            "Error": {"Code": code, "Message": "injected"},
+            "ResponseMetadata": {"HTTPStatusCode": status},
+        },
+        "UploadPart",
+    )
 
 
 async def put(url: str, data: Any) -> tuple[int, dict[str, Any], float]:
@@ -58,11 +65,15 @@ async def put(url: str, data: Any) -> tuple[int, dict[str, Any], float]:
             return r.status, await r.json(), time.monotonic() - t0
 
 
-async def test_transient_part_errors_are_retried(start_proxy: StartProxy, seaweed: EmbeddedSeaweed,
-                                                 s3: S3Storage) -> None:
-    storage, flaky = await flaky_storage(seaweed, {
-        2: [EndpointConnectionError(endpoint_url="x"), server_error("SlowDown", 503)],
-    })
+async def test_transient_part_errors_are_retried(
+    start_proxy: StartProxy, seaweed: EmbeddedSeaweed, s3: S3Storage
+) -> None:
+    storage, flaky = await flaky_storage(
+        seaweed,
+        {
+            2: [EndpointConnectionError(endpoint_url="x"), server_error("SlowDown", 503)],
+        },
+    )
     try:
         proxy = await start_proxy(storage=storage)
         data = hashlib.shake_256(b"t").digest(3 * PART + 5)
@@ -75,8 +86,9 @@ async def test_transient_part_errors_are_retried(start_proxy: StartProxy, seawee
         await storage.close()
 
 
-async def test_permanent_part_error_aborts(start_proxy: StartProxy, seaweed: EmbeddedSeaweed,
-                                           s3: S3Storage) -> None:
+async def test_permanent_part_error_aborts(
+    start_proxy: StartProxy, seaweed: EmbeddedSeaweed, s3: S3Storage
+) -> None:
     storage, flaky = await flaky_storage(seaweed, {2: [server_error("AccessDenied", 403)]})
     try:
         proxy = await start_proxy(storage=storage)
@@ -94,9 +106,12 @@ async def test_permanent_part_error_aborts(start_proxy: StartProxy, seaweed: Emb
 async def test_persistent_outage_mid_upload_gives_503_and_aborts(
     start_proxy: StartProxy, seaweed: EmbeddedSeaweed, s3: S3Storage
 ) -> None:
-    storage, _ = await flaky_storage(seaweed, {
-        3: [EndpointConnectionError(endpoint_url="x") for _ in range(3)],
-    })
+    storage, _ = await flaky_storage(
+        seaweed,
+        {
+            3: [EndpointConnectionError(endpoint_url="x") for _ in range(3)],
+        },
+    )
     try:
         proxy = await start_proxy(storage=storage)
 
@@ -119,9 +134,15 @@ def closed_port() -> int:
 
 
 async def test_unreachable_s3_gives_503_in_bounded_time(start_proxy: StartProxy) -> None:
-    storage = await S3Storage(bucket="test-uploads", endpoint_url=f"http://127.0.0.1:{closed_port()}",
-                              access_key="k", secret_key="s", retry_attempts=3,
-                              retry_base_delay_s=0.05, connect_timeout_s=1).open()
+    storage = await S3Storage(
+        bucket="test-uploads",
+        endpoint_url=f"http://127.0.0.1:{closed_port()}",
+        access_key="k",
+        secret_key="s",
+        retry_attempts=3,
+        retry_base_delay_s=0.05,
+        connect_timeout_s=1,
+    ).open()
     try:
         proxy = await start_proxy(storage=storage)
         status, reply, seconds = await put(f"{proxy.url}/uploads/x", b"a" * 1000)
@@ -140,9 +161,15 @@ async def test_silent_s3_gives_503_in_bounded_time(start_proxy: StartProxy) -> N
 
     server = await asyncio.start_server(hold, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    storage = await S3Storage(bucket="test-uploads", endpoint_url=f"http://127.0.0.1:{port}",
-                              access_key="k", secret_key="s", retry_attempts=2,
-                              retry_base_delay_s=0.05, read_timeout_s=1).open()
+    storage = await S3Storage(
+        bucket="test-uploads",
+        endpoint_url=f"http://127.0.0.1:{port}",
+        access_key="k",
+        secret_key="s",
+        retry_attempts=2,
+        retry_base_delay_s=0.05,
+        read_timeout_s=1,
+    ).open()
     try:
         proxy = await start_proxy(storage=storage)
         status, reply, seconds = await put(f"{proxy.url}/uploads/x", b"a" * 1000)

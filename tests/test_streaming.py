@@ -11,18 +11,22 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import MiB, StartProxy, get_object
-from fakes import GatedStorage
 from proxy.buffers import BufferPool
 from proxy.storage.s3 import S3Storage
 from proxy.streaming import PartStreamer, StreamSettings, UploadSpec
+
+from conftest import MiB, StartProxy, get_object
+from fakes import GatedStorage
 
 PART = 5 * MiB
 
 
 def settings_(**kw: object) -> StreamSettings:
-    base: dict[str, object] = {"part_size_bytes": PART, "parts_in_flight": 2,
-                               "admission_timeout_s": 1.0}
+    base: dict[str, object] = {
+        "part_size_bytes": PART,
+        "parts_in_flight": 2,
+        "admission_timeout_s": 1.0,
+    }
     base.update(kw)
     return StreamSettings(**base)  # type: ignore[arg-type]
 
@@ -38,8 +42,7 @@ async def test_http_backpressure_bounds_buffered_bytes_and_stalls_client(
     proxy = await start_proxy(storage=storage, pool=pool, upload={"memory_budget": "20MiB"})
     total = 200 * MiB
     reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
-    writer.write(f"PUT /uploads/bp HTTP/1.1\r\nHost: x\r\nContent-Length: {total}\r\n\r\n"
-                 .encode())
+    writer.write(f"PUT /uploads/bp HTTP/1.1\r\nHost: x\r\nContent-Length: {total}\r\n\r\n".encode())
     block = b"\xab" * (256 * 1024)
     written = 0
     stalled = False
@@ -80,9 +83,15 @@ async def test_many_uploads_share_one_budget() -> None:
         for _ in range(4):
             yield b"x" * PART
 
-    streamers = [PartStreamer(storage, pool, settings_(admission_timeout_s=30),
-                              UploadSpec(key=f"k{i}", max_size_bytes=1 << 40))
-                 for i in range(5)]
+    streamers = [
+        PartStreamer(
+            storage,
+            pool,
+            settings_(admission_timeout_s=30),
+            UploadSpec(key=f"k{i}", max_size_bytes=1 << 40),
+        )
+        for i in range(5)
+    ]
     tasks = [asyncio.create_task(s.run(body())) for s in streamers]
     await asyncio.sleep(0.3)
     assert pool.in_use_bytes <= 3 * PART and pool.waiting >= 1
@@ -102,8 +111,9 @@ async def test_admission_timeout_gives_busy() -> None:
     async def body() -> AsyncIterator[bytes]:
         yield b"data"
 
-    s = PartStreamer(storage, pool, settings_(admission_timeout_s=0.1),
-                     UploadSpec(key="k", max_size_bytes=100))
+    s = PartStreamer(
+        storage, pool, settings_(admission_timeout_s=0.1), UploadSpec(key="k", max_size_bytes=100)
+    )
     with pytest.raises(Busy) as e:
         await s.run(body())
     assert e.value.status == 503 and "Retry-After" in e.value.headers
@@ -124,9 +134,12 @@ async def test_cancellation_aborts_and_frees_buffers(hash_in_thread: bool, check
                 got_far.set()
             yield b"y" * PART
 
-    s = PartStreamer(storage, pool,
-                     settings_(hash_in_thread=hash_in_thread, part_checksum=checksum),
-                     UploadSpec(key="k", max_size_bytes=1 << 40))
+    s = PartStreamer(
+        storage,
+        pool,
+        settings_(hash_in_thread=hash_in_thread, part_checksum=checksum),
+        UploadSpec(key="k", max_size_bytes=1 << 40),
+    )
     task = asyncio.create_task(s.run(body()))
     await asyncio.wait_for(got_far.wait(), 5)
     await asyncio.sleep(0.05)
@@ -138,14 +151,18 @@ async def test_cancellation_aborts_and_frees_buffers(hash_in_thread: bool, check
     assert "k" not in storage.objects
 
 
-@settings(max_examples=8, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=8,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(
     size=st.sampled_from([0, 1, 4097, PART - 1, PART, PART + 1, 2 * PART + 333]),
     cuts=st.lists(st.integers(min_value=1, max_value=3 * MiB), min_size=1, max_size=12),
 )
-async def test_any_chunking_gives_the_same_object(start_proxy: StartProxy, s3: S3Storage,
-                                                  size: int, cuts: list[int]) -> None:
+async def test_any_chunking_gives_the_same_object(
+    start_proxy: StartProxy, s3: S3Storage, size: int, cuts: list[int]
+) -> None:
     """Real S3: however the body is cut into chunks, the stored object and sha256 are the same."""
     proxy = await start_proxy(upload={"overwrite": True})
     data = hashlib.shake_256(b"prop").digest(size) if size else b""
@@ -154,7 +171,7 @@ async def test_any_chunking_gives_the_same_object(start_proxy: StartProxy, s3: S
         off, i = 0, 0
         while off < len(data):
             n = cuts[i % len(cuts)]
-            yield data[off:off + n]
+            yield data[off : off + n]
             off += n
             i += 1
 

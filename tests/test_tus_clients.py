@@ -12,9 +12,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import MiB, data_path, get_object
 from tus_helpers import only_objects, tus_sections
 from tusclient.client import TusClient
+
+from conftest import MiB, data_path, get_object
 
 JS_DIR = Path(__file__).parent / "js"
 SIZES = [0, 1, 777_777, 11 * MiB + 12_345]  # the last spans three 5 MiB parts

@@ -10,18 +10,19 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-
-from conftest import MiB, StartProxy, get_object
 from test_auth import SECRET, TOKEN, auth_section
 from tus_helpers import TUS, create, head_offset, patch, tus_sections
 
 from proxy.auth import sign_url
 
+from conftest import MiB, StartProxy, get_object
+
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
 
 
-async def test_tus_requires_credentials(start_proxy: StartProxy, tmp_path: Path,
-                                        s3: Any, prefix: str) -> None:
+async def test_tus_requires_credentials(
+    start_proxy: StartProxy, tmp_path: Path, s3: Any, prefix: str
+) -> None:
     p = await start_proxy(auth=auth_section(tmp_path), **tus_sections(prefix))
     async with aiohttp.ClientSession() as s:
         h = {**TUS, "Upload-Length": "10"}
@@ -44,16 +45,19 @@ async def test_tus_requires_credentials(start_proxy: StartProxy, tmp_path: Path,
     assert any(upload_id in o.key and ".tus/" not in o.key for o in await s3.list_objects(prefix))
 
 
-async def test_tus_patch_with_expect_refused_before_body(start_proxy: StartProxy, tmp_path: Path,
-                                                         prefix: str) -> None:
+async def test_tus_patch_with_expect_refused_before_body(
+    start_proxy: StartProxy, tmp_path: Path, prefix: str
+) -> None:
     p = await start_proxy(auth=auth_section(tmp_path), **tus_sections(prefix))
     async with aiohttp.ClientSession() as s:
         url = await create(s, p.url, 5, **BEARER)
-    path = url[len(p.url):]
+    path = url[len(p.url) :]
     reader, writer = await asyncio.open_connection(p.host, p.port)
-    writer.write(f"PATCH {path} HTTP/1.1\r\nHost: x\r\nTus-Resumable: 1.0.0\r\n"
-                 "Content-Type: application/offset+octet-stream\r\nUpload-Offset: 0\r\n"
-                 "Content-Length: 5\r\nExpect: 100-continue\r\n\r\n".encode())
+    writer.write(
+        f"PATCH {path} HTTP/1.1\r\nHost: x\r\nTus-Resumable: 1.0.0\r\n"
+        "Content-Type: application/offset+octet-stream\r\nUpload-Offset: 0\r\n"
+        "Content-Length: 5\r\nExpect: 100-continue\r\n\r\n".encode()
+    )
     await writer.drain()
     status = await asyncio.wait_for(reader.readline(), 5)
     writer.close()
@@ -67,14 +71,15 @@ async def test_plain_uploads_cannot_write_tus_state(start_proxy: StartProxy, pre
             assert r.status == 400 and (await r.json())["code"] == "ERR_INVALID_KEY"
 
 
-async def test_stale_sweeper_spares_a_live_tus_upload(start_proxy: StartProxy, s3: Any,
-                                                       prefix: str) -> None:
-    p = await start_proxy(upload={"stale_upload_after_s": 600, "sweep_interval_s": 3600},
-                          **tus_sections(prefix))
+async def test_stale_sweeper_spares_a_live_tus_upload(
+    start_proxy: StartProxy, s3: Any, prefix: str
+) -> None:
+    p = await start_proxy(
+        upload={"stale_upload_after_s": 600, "sweep_interval_s": 3600}, **tus_sections(prefix)
+    )
     assert p.runtime.sweeper is not None
     data = hashlib.shake_256(b"tus-sweep").digest(6 * MiB + 3)
-    stale = await s3.create_multipart(f"{prefix}crashed-plain", metadata={},
-                                      content_type="x/y")
+    stale = await s3.create_multipart(f"{prefix}crashed-plain", metadata={}, content_type="x/y")
     async with aiohttp.ClientSession() as s:
         url = await create(s, p.url, len(data))
         r = await patch(s, url, 0, data[: 5 * MiB + 1])  # one part stored: a multipart is open

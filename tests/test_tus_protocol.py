@@ -11,7 +11,6 @@ from dataclasses import replace
 
 import aiohttp
 import pytest
-from conftest import MiB, assert_nothing_left, get_object
 from tus_helpers import (
     OCTET,
     TUS,
@@ -25,6 +24,8 @@ from tus_helpers import (
     state_keys,
     tus_sections,
 )
+
+from conftest import MiB, assert_nothing_left, get_object
 
 
 @pytest.fixture

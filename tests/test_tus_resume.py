@@ -11,7 +11,6 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import MiB, data_path, get_object, make_config, s3_for
 from tus_helpers import (
     OCTET,
     TUS,
@@ -26,6 +25,8 @@ from tusclient.client import TusClient
 
 from proxy import tus_hash
 from proxy.app import Runtime, build_app
+
+from conftest import MiB, data_path, get_object, make_config, s3_for
 
 SIZE = 13 * MiB + 4321  # two 5 MiB parts and a tail
 CUT_AT = 7 * MiB + 99  # one part stored, 2 MiB + 99 bytes of tail when the cut comes

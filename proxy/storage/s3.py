@@ -39,7 +39,14 @@ from proxy.errors import (
     StorageError,
     StorageUnavailable,
 )
-from proxy.storage.base import Body, CompletedPart, ObjectInfo, OpenMultipart, OpObserver, PartChecksum
+from proxy.storage.base import (
+    Body,
+    CompletedPart,
+    ObjectInfo,
+    OpenMultipart,
+    OpObserver,
+    PartChecksum,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -237,7 +244,9 @@ class S3Storage:
                 if isinstance(outcome, ProxyError):
                     raise outcome from exc
                 last = outcome.code
-                log.warning("s3 %s failed (%s), attempt %d/%d", op, last, attempt + 1, self._attempts)
+                log.warning(
+                    "s3 %s failed (%s), attempt %d/%d", op, last, attempt + 1, self._attempts
+                )
                 continue
             self._observe(op, started, None)
             return result
@@ -257,7 +266,9 @@ class S3Storage:
         try:
             await self.check()
         except StorageError:
-            await self._call("create_bucket", lambda: self._client.create_bucket(Bucket=self.bucket))
+            await self._call(
+                "create_bucket", lambda: self._client.create_bucket(Bucket=self.bucket)
+            )
 
     async def head(self, key: str) -> ObjectInfo | None:
         async def go() -> dict[str, Any] | None:
@@ -357,7 +368,9 @@ class S3Storage:
                 Bucket=self.bucket,
                 Key=key,
                 UploadId=upload_id,
-                MultipartUpload={"Parts": [{"PartNumber": p.number, "ETag": p.etag} for p in parts]},
+                MultipartUpload={
+                    "Parts": [{"PartNumber": p.number, "ETag": p.etag} for p in parts]
+                },
                 **extra,
             ),
         )
@@ -392,7 +405,9 @@ class S3Storage:
                 ),
             )
             return
-        await self._multipart_copy(key, etag=etag, size=size, metadata=metadata, content_type=content_type)
+        await self._multipart_copy(
+            key, etag=etag, size=size, metadata=metadata, content_type=content_type
+        )
 
     async def _multipart_copy(
         self, key: str, *, etag: str, size: int, metadata: dict[str, str], content_type: str
