@@ -86,6 +86,8 @@ async def start_daemon(
             "retry_base_delay_s": 0.05,
         },
         "auth": {"mode": "none"},
+        # tus state under the test's prefix too, so tests sharing the bucket stay apart.
+        "tus": {"state_prefix": f"{prefix}.tus/"},
     }
     for name, values in overrides.items():
         sections.setdefault(name, {}).update(values)

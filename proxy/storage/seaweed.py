@@ -10,6 +10,7 @@ which would collide with us), telemetry is off, and the child dies with us
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import json
 import logging
@@ -189,7 +190,8 @@ class EmbeddedSeaweed:
             await asyncio.wait_for(proc.wait(), timeout_s)
         except TimeoutError:
             log.warning("SeaweedFS did not stop within %.0fs; killing it", timeout_s)
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):  # it may exit just now
+                proc.kill()
             await proc.wait()
 
     def kill(self) -> None:
