@@ -50,6 +50,15 @@ class MetricsHooks(UploadHooks):
     def started(self, upload_id: str, key: str) -> StreamObserver | None:
         return self._metrics.upload_started(upload_id, key)
 
+    def created(self, upload_id: str, key: str) -> None:
+        self._metrics.upload_created()
+
+    def transfer_started(self, upload_id: str, key: str) -> StreamObserver | None:
+        return self._metrics.transfer_started(upload_id, key)
+
+    def transfer_finished(self, upload_id: str) -> None:
+        self._metrics.transfer_finished(upload_id)
+
     def finished(
         self,
         upload_id: str,

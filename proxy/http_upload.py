@@ -22,7 +22,8 @@ import re
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,6 +84,16 @@ class UploadHooks:
     def started(self, upload_id: str, key: str) -> StreamObserver | None:
         return None
 
+    def created(self, upload_id: str, key: str) -> None:
+        """A multi-request upload (tus) was created; ``finished`` reports its completion."""
+
+    def transfer_started(self, upload_id: str, key: str) -> StreamObserver | None:
+        """One body of a multi-request upload (a tus PATCH) begins streaming."""
+        return None
+
+    def transfer_finished(self, upload_id: str) -> None:
+        pass
+
     def finished(
         self,
         upload_id: str,
@@ -117,6 +128,16 @@ class _Counting:
     def stored(self, nbytes: int) -> None:
         if self._inner is not None:
             self._inner.stored(nbytes)
+
+
+@contextmanager
+def transfer(ctx: UploadContext, upload_id: str, key: str) -> Iterator[StreamObserver]:
+    """Observer for one body of a multi-request upload: live progress, byte counters and
+    the status line's byte count, without counting it as an upload."""
+    try:
+        yield _Counting(ctx.stats, ctx.hooks.transfer_started(upload_id, key))
+    finally:
+        ctx.hooks.transfer_finished(upload_id)
 
 
 @dataclass

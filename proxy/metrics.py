@@ -213,6 +213,21 @@ class Metrics:
         self.started.inc()
         return progress
 
+    def upload_created(self) -> None:
+        """An upload that will arrive over several requests (tus) was created: it counts as
+        started now, and as completed when its last PATCH completes it."""
+        self.started.inc()
+
+    def transfer_started(self, upload_id: str, key: str) -> UploadProgress:
+        """A body that is one piece of an upload (a tus PATCH): live progress and byte
+        counters, but not counted as an upload of its own."""
+        progress = UploadProgress(self, upload_id, key)
+        self._active[upload_id] = progress
+        return progress
+
+    def transfer_finished(self, upload_id: str) -> None:
+        self._active.pop(upload_id, None)
+
     def upload_finished(
         self, upload_id: str, *, reason: str | None, seconds: float, size_bytes: int
     ) -> None:

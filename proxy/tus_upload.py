@@ -32,9 +32,10 @@ from proxy.errors import (
     StorageUnavailable,
     TooLarge,
 )
-from proxy.http_upload import UploadContext
+from proxy.http_upload import UploadContext, transfer
 from proxy.keys import safe_filename
 from proxy.storage.base import CompletedPart, OpenMultipart
+from proxy.streaming import StreamObserver, StreamResult
 from proxy.tus_hash import resume_sha256
 from proxy.tus_state import (
     Lease,
@@ -97,6 +98,7 @@ class TusService:
 
     async def create(self, new: NewUpload, *, leased: bool) -> tuple[UploadInfo, Lease | None]:
         storage = self.uploads.storage
+        self.uploads.hooks.created(new.id, new.key)
         now = time.time()
         if new.length == 0:
             # Complete on arrival: the object, and no state at all.
@@ -159,6 +161,21 @@ class TusService:
             limit_bytes=room - info.offset,
             segment_key=lambda offset: self.store.segment_key(info.id, offset),
         )
+        with transfer(self.uploads, info.id, info.key) as observer:
+            return await self._write(
+                lease, info, target, chunks, declared_bytes, checksum, observer
+            )
+
+    async def _write(
+        self,
+        lease: Lease,
+        info: UploadInfo,
+        target: PatchTarget,
+        chunks: AsyncIterator[bytes],
+        declared_bytes: int | None,
+        checksum: Checksum | None,
+        observer: StreamObserver,
+    ) -> UploadInfo:
         writer = PatchWriter(
             self.uploads.storage,
             self.uploads.pool,
@@ -167,6 +184,7 @@ class TusService:
             resume_sha256(info.sha256_state, info.parts_bytes),
             hashlib.new(checksum.algorithm) if checksum else None,
             lease_lost=lambda: lease.lost,
+            observer=observer,
         )
         keeper = _LeaseKeeper(lease, writer, info, checkpoint=checksum is None)
         started = time.monotonic()
@@ -283,6 +301,13 @@ class TusService:
                 content_type=info.content_type,
             )
         await self.store.delete_all(info.id)
+        self.uploads.hooks.finished(
+            info.id,
+            StreamResult(info.key, length, sha256, "", len(info.parts)),
+            None,
+            time.time() - info.created_s,
+            length,
+        )
         log.info(
             "tus upload id=%s key=%s bytes=%d sha256=%s parts=%d result=ok",
             info.id,

@@ -271,3 +271,27 @@ async def test_metrics_listen_serves_metrics_without_upload_routes(
         finally:
             server.request_stop()
             await task
+
+
+async def test_tus_upload_counts_once_and_its_bytes(start_proxy: StartProxy, prefix: str) -> None:
+    """A tus upload over two PATCHes: started and completed once, every byte counted once,
+    and live progress only while a PATCH streams."""
+    from tus_helpers import create, patch, tus_sections
+
+    proxy = await start_proxy(**tus_sections(prefix))
+    body = os.urandom(7 * MiB)
+    async with aiohttp.ClientSession() as s:
+        url = await create(s, proxy.url, len(body))
+        assert (await patch(s, url, 0, body[: 3 * MiB])).status == 204
+        m = await scrape(proxy.url)
+        t = totals(m)
+        assert t["uploads_started_total"] == 1 and "uploads_completed_total" not in t
+        assert t["received_bytes_total"] == 3 * MiB
+        assert series(m, "proxy_active_upload_received_bytes_total") == {}
+        assert (await patch(s, url, 3 * MiB, body[3 * MiB :])).status == 204
+    m = await scrape(proxy.url)
+    t = totals(m)
+    assert t["uploads_started_total"] == 1 and t["uploads_completed_total"] == 1
+    assert t["received_bytes_total"] == 7 * MiB
+    assert t["upload_size_bytes_sum"] == 7 * MiB
+    assert series(m, "proxy_active_upload_received_bytes_total") == {}
