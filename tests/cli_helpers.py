@@ -32,10 +32,16 @@ def resume_entries(tmp_path: Path) -> list[dict[str, Any]]:
 
 async def start_cli(tmp_path: Path, *args: str, **env: str) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "upload", *args,
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, env=cli_env(tmp_path, **env),
-    )  # fmt: skip
+        sys.executable,
+        "-m",
+        "proxy",
+        "upload",
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=cli_env(tmp_path, **env),
+    )
 
 
 async def run_cli(

@@ -37,9 +37,20 @@ async def test_several_files_at_once_put_and_tus(
     for name, path in files.items():
         named.append(path.rename(tmp_path / name))
     rc, out, err = await run_cli(
-        tmp_path, *map(str, named), "--url", p.url, "--jobs", "3", "--json",
-        "--tus-threshold", "8MiB", "--chunk-size", "5MiB", "--key-prefix", "batch/",
-    )  # fmt: skip
+        tmp_path,
+        *map(str, named),
+        "--url",
+        p.url,
+        "--jobs",
+        "3",
+        "--json",
+        "--tus-threshold",
+        "8MiB",
+        "--chunk-size",
+        "5MiB",
+        "--key-prefix",
+        "batch/",
+    )
     assert rc == 0, (out, err)
     results, summary = json_results(out)
     assert summary["files"] == summary["ok"] == 5 and summary["failed"] == 0
@@ -68,9 +79,19 @@ async def test_line_output_is_parseable(
     p = await start_proxy(**tus_sections(prefix))
     path = data_path(tmp_path, 12 * MiB)
     rc, out, err = await run_cli(
-        tmp_path, str(path), "--url", p.url, "--tus-threshold", "1MiB", "--chunk-size", "4MiB",
-        "--limit-rate", "8MiB", "--progress-interval", "0.2",
-    )  # fmt: skip
+        tmp_path,
+        str(path),
+        "--url",
+        p.url,
+        "--tus-threshold",
+        "1MiB",
+        "--chunk-size",
+        "4MiB",
+        "--limit-rate",
+        "8MiB",
+        "--progress-interval",
+        "0.2",
+    )
     assert rc == 0, (out, err)
     events = [parse_line(line) for line in out.splitlines()]
     progress = [f for e, f in events if e == "progress"]
