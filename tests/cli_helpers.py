@@ -64,14 +64,10 @@ def parse_line(text: str) -> tuple[str, dict[str, Any]]:
             fields[key] = json.loads(raw)
         elif raw == "-":
             fields[key] = None
-        else:
-            try:
-                fields[key] = int(raw)
-            except ValueError:
-                try:
-                    fields[key] = float(raw)
-                except ValueError:
-                    fields[key] = raw
+        elif re.fullmatch(r"-?\d+", raw):
+            fields[key] = int(raw)
+        else:  # the format allows only numbers bare: strings are always JSON-quoted
+            fields[key] = float(raw)
     return m.group(1), fields
 
 

@@ -101,8 +101,9 @@ async def test_line_output_is_parseable(
     assert sent == sorted(sent) and 0 < sent[-1] <= path.stat().st_size
     assert all(f["path"] == str(path) and f["size"] == path.stat().st_size for f in progress)
     assert all(0 <= f["pct"] <= 100 for f in progress)
-    # 8 MiB/s is the cap; the measured rate must say so (within sampling slack).
-    assert 4 < max(f["rate_mib_s"] for f in progress) < 10
+    # 8 MiB/s is the cap (after a first second of burst); the reported rate must say so.
+    rates = sorted(f["rate_mib_s"] for f in progress)
+    assert 3 < rates[len(rates) // 2] < 10
     (ok,) = [f for e, f in events if e == "ok"]
     assert ok["sha256"] == file_sha256(path) and ok["protocol"] == "tus"
     assert ok["sent"] == ok["size"] == path.stat().st_size and ok["resumed_from"] == 0

@@ -5,17 +5,18 @@ timer (``tick``) and is told about retries and outcomes.  So the display costs n
 per chunk, and a slow terminal cannot slow an upload.
 
 Line format (stdout is not a TTY, e.g. CI logs): one event per line, a word then
-``key=value`` fields.  A value is either a bare token without spaces or quotes (numbers,
-codes, ``-`` for unknown) or a JSON string (always used for paths, keys and messages), so
-``(\\w+)=("(?:[^"\\\\]|\\\\.)*"|\\S+)`` splits a line and ``json.loads`` reads quoted values::
+``key=value`` fields.  Numbers are bare, ``-`` means unknown, and every string (paths,
+keys, codes, messages) is a JSON string, so ``(\\w+)=("(?:[^"\\\\]|\\\\.)*"|\\S+)`` splits a line
+and ``json.loads`` reads quoted values::
 
     progress path="a.iso" sent=10485760 size=104857600 pct=10.0 rate_mib_s=12.50 eta_s=7
     total sent=10485760 size=115343360 pct=9.1 rate_mib_s=12.50 eta_s=8 done=0 files=2
-    retry path="a.iso" attempt=2 delay_s=1.30 code=ERR_NETWORK status=- message="..."
-    ok path="a.iso" protocol=tus key=- url="http://h/files/0f3c..." size=104857600
-       sha256=9f86... resumed_from=0 sent=104857600 attempts=1 seconds=8.20   (one line)
-    failed path="b.bin" protocol=put code=ERR_UNAUTHORIZED status=401 attempts=1 message="..."
-    summary files=2 ok=1 failed=1 bytes=104857600 seconds=8.3 rate_mib_s=12.05
+    retry path="a.iso" attempt=2 delay_s=1.30 code="ERR_NETWORK" status=- message="..."
+    ok path="a.iso" protocol="tus" key=- url="http://h/files/0f3c..." size=104857600
+       sha256="9f86..." resumed_from=0 sent=104857600 attempts=1 seconds=8.20   (one line)
+    failed path="b.bin" protocol="put" code="ERR_UNAUTHORIZED" status=401 attempts=1
+       message="401 the bearer token is not valid"                        (one line)
+    summary files=2 ok=1 failed=1 bytes=104857600 seconds=8.30 rate_mib_s=12.05
 
 ``progress`` and ``total`` come every ``--progress-interval`` seconds while something
 moves; ``sent`` is the file's bytes the server has or is receiving (it can go back after
@@ -283,8 +284,6 @@ class TtyReporter(Reporter):
             Progress,
             TaskID,
             TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
         )
 
         super().__init__(files, err)
@@ -294,13 +293,14 @@ class TtyReporter(Reporter):
             TextColumn("{task.description}", markup=False),
             BarColumn(),
             DownloadColumn(binary_units=True),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
+            # Our rate and ETA, not rich's: the wire rate, which a resumed upload's jump to
+            # the server's offset does not inflate (and the same figures as the lines).
+            TextColumn("{task.fields[rate]:>11} {task.fields[eta]:>8}"),
             console=self.console,
             auto_refresh=False,
         )
         total = sum(f.size for f in files)
-        self._total = self.bars.add_task(self._overall(), total=total)
+        self._total = self.bars.add_task(self._overall(), total=total, rate="", eta="")
         self._tasks: dict[int, TaskID] = {}
         self._started = time.monotonic()
         self.bars.start()
@@ -314,10 +314,15 @@ class TtyReporter(Reporter):
             if f.started_s is None or f.done:
                 continue
             if i not in self._tasks:
-                self._tasks[i] = self.bars.add_task(_short(f.path), total=f.size)
-            self.bars.update(self._tasks[i], completed=f.position)
+                self._tasks[i] = self.bars.add_task(_short(f.path), total=f.size, rate="", eta="")
+            rate, eta = _rate_eta(f.size - f.position, f.rate_bytes_s())
+            self.bars.update(self._tasks[i], completed=f.position, rate=rate, eta=eta)
         pos = sum(f.size if f.done else f.position for f in self.files)
-        self.bars.update(self._total, completed=pos, description=self._overall())
+        size = sum(f.size for f in self.files)
+        rate, eta = _rate_eta(size - pos, sum(f.rate_bytes_s() for f in self.files if not f.done))
+        self.bars.update(
+            self._total, completed=pos, description=self._overall(), rate=rate, eta=eta
+        )
         self.bars.refresh()
 
     def retry(self, f: FileProgress, attempt: int, delay_s: float, error: Any) -> None:
@@ -357,6 +362,12 @@ class TtyReporter(Reporter):
             f"({summary.rate_mib_s():.1f} MiB/s)",
             highlight=False,
         )
+
+
+def _rate_eta(left: int, rate: float) -> tuple[str, str]:
+    eta = _eta_s(left, rate)
+    shown = "-" if eta is None else time.strftime("%H:%M:%S", time.gmtime(eta))
+    return f"{rate / MiB:.1f} MiB/s", shown
 
 
 def _short(path: str, width: int = 30) -> str:

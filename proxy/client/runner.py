@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import IO
 
@@ -23,6 +24,13 @@ from proxy.client.source import RateLimit
 from proxy.client.transfer import Options, Uploader
 
 CONNECT_TIMEOUT_S = 30.0
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0  # reported as this file's failure when its turn comes
 
 
 def make_reporter(
@@ -48,7 +56,8 @@ async def upload_all(
     progress_interval_s: float = 5.0,
     store: ResumeStore | None = None,
 ) -> list[FileResult]:
-    files = [FileProgress(path, 0) for path in paths]
+    # Sizes up front: the overall bar and the total lines need every file's from the start.
+    files = [FileProgress(path, _size(path)) for path in paths]
     reporter = make_reporter(mode, files, out, progress_interval_s)
     rate = RateLimit(limit_rate) if limit_rate else None
     # No total or read timeout: a big PATCH on a slow link legitimately takes hours.  The
