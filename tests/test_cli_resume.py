@@ -69,15 +69,27 @@ async def test_cli_killed_and_rerun_continues_from_the_server_offset(
     path = data_path(tmp_path, 24 * MiB + 11)
     size = path.stat().st_size
     common = ("--url", p.url, "--tus-threshold", "1MiB", "--chunk-size", "64MiB")
-    proc = await start_cli(
-        tmp_path, str(path), *common, "--limit-rate", "8MiB", "--progress-interval", "0.2"
-    )
-    await read_until(proc, 8 * MiB)
+    slow = ("--limit-rate", "8MiB", "--progress-interval", "0.2")
+    # Ctrl-C first: a clean stop that keeps the resume entry.
+    proc = await start_cli(tmp_path, str(path), *common, *slow)
+    await read_until(proc, 4 * MiB)
+    proc.send_signal(signal.SIGINT)
+    async with asyncio.timeout(10):
+        _, err = await proc.communicate()
+    assert proc.returncode == 130, err
+    assert b"run the same command again" in err
+    (entry,) = resume_entries(tmp_path)
+    first = await settled_offset(entry["upload_url"])
+    assert 2 * MiB <= first < size
+
+    proc = await start_cli(tmp_path, str(path), *common, *slow)
+    lines = await read_until(proc, first + 6 * MiB)
     proc.kill()  # SIGKILL: no clean-up of any kind in the client
     await proc.wait()
-    (entry,) = resume_entries(tmp_path)
+    assert parse_line(lines[0])[1]["sent"] >= first  # it went on from the server's offset
+    assert resume_entries(tmp_path) == [entry]
     offset = await settled_offset(entry["upload_url"])
-    assert 6 * MiB <= offset < size  # the server kept what arrived before the kill
+    assert first + 4 * MiB <= offset < size  # the server kept what arrived before the kill
 
     rc, out, err = await run_cli(tmp_path, str(path), *common, "--json")
     assert rc == 0, (out, err)
