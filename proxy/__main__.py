@@ -2,7 +2,8 @@
 
 Subcommands for operators: ``sign`` mints a signed upload URL with the configured
 secret; ``hash-token`` turns a bearer token (read from stdin, so it stays out of
-shell history and ``ps``) into the ``sha256:...`` form config.toml stores.
+shell history and ``ps``) into the ``sha256:...`` form config.toml stores.  For users:
+``upload`` is the client (:mod:`proxy.client`); it needs no config.toml.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import prometheus_client
 
 from proxy import __version__
+from proxy.client.cli import add_parser as add_upload_parser
 from proxy.config import Config, ConfigError, LoggingConfig, load, parse_size
 
 EX_CONFIG = 78
@@ -88,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
         help="public URL of the proxy, e.g. https://uploads.example.org",
     )
     sub.add_parser("hash-token", help="read a bearer token on stdin, print its sha256: form")
+    add_upload_parser(sub)
     return parser
 
 
@@ -122,6 +125,10 @@ def _sign(args: argparse.Namespace, config: Config) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "upload":
+        from proxy.client.cli import run as run_upload
+
+        return run_upload(args)
     if args.command == "hash-token":
         from proxy.auth import hash_token
 

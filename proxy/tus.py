@@ -6,7 +6,8 @@ the state :mod:`proxy.tus_state`.  Errors are :class:`~proxy.errors.ProxyError`,
 as JSON ``{"code", "message"}`` by the app's one error middleware (HEAD answers carry no
 body, as HTTP wants).  One ``on_response_prepare`` hook adds ``Tus-Resumable`` and the
 CORS headers to every answer under the base path, errors and 404/405 included.
-Concatenation is not implemented, so it is not advertised.
+Concatenation is not implemented, so it is not advertised.  One header is our own:
+answers about a completed upload carry ``Upload-SHA256`` (hex), the stored object's digest.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ TUS_VERSION = "1.0.0"
 EXTENSIONS = "creation,creation-with-upload,creation-defer-length,termination,expiration,checksum"
 CHECKSUM_ALGORITHMS = {"sha1": 20, "md5": 16, "sha256": 32}
 OFFSET_CONTENT_TYPE = "application/offset+octet-stream"
+# Hex SHA-256 of the whole object, on answers about a complete(-ing) upload.
+SHA256_HEADER = "Upload-SHA256"
 MAX_METADATA_HEADER_BYTES = 8 * 1024
 # S3 allows 2 KiB of user metadata; keep room for our sha256 entry.
 MAX_OBJECT_METADATA_BYTES = 1800
@@ -48,7 +51,7 @@ _ALLOW_HEADERS = (
 _EXPOSE_HEADERS = (
     "Upload-Offset, Location, Upload-Length, Tus-Version, Tus-Resumable, Tus-Max-Size, "
     "Tus-Extension, Tus-Checksum-Algorithm, Upload-Metadata, Upload-Defer-Length, "
-    "Upload-Expires"
+    "Upload-Expires, Upload-SHA256"
 )
 _ALLOW_METHODS = "POST, HEAD, PATCH, DELETE, OPTIONS"
 _METADATA_KEY_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -190,6 +193,10 @@ def _upload_headers(info: UploadInfo) -> dict[str, str]:
     headers = {"Upload-Offset": str(info.offset)}
     if not info.completing:
         headers["Upload-Expires"] = _http_date(info.expires_s)
+    elif info.sha256_hex:
+        # Proxy-specific: the completing PATCH has no body to answer with, and the state
+        # is gone right after it, so this header is how a client verifies end to end.
+        headers[SHA256_HEADER] = info.sha256_hex
     return headers
 
 

@@ -307,7 +307,15 @@ class PatchWriter:
         """After a failure: the parts that made it to storage, in order, and (if asked)
         the tail, when every part before it made it."""
         await self._settle()
-        return await self._result(keep_tail=keep_tail and not self._part_failed)
+        keep_tail = keep_tail and not self._part_failed
+        if keep_tail and self._buf is not None and self._filled == self._settings.part_size_bytes:
+            # The body broke right when the buffer filled (clients sending aligned chunks
+            # stop there often).  As a pending segment it would be part-sized, which every
+            # later PATCH refuses; it is a whole part, so store it as one.
+            await self._dispatch()
+            await self._settle()
+            keep_tail = not self._part_failed
+        return await self._result(keep_tail=keep_tail)
 
     async def _result(self, *, keep_tail: bool) -> PatchResult:
         parts, snap = self.durable()

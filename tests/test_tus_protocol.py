@@ -90,6 +90,9 @@ async def test_create_head_patch_complete(proxy, http, s3, prefix) -> None:
         if b < len(data):
             assert await head_offset(http, url) == b
             assert "Upload-Expires" in r.headers
+            assert "Upload-SHA256" not in r.headers
+        else:  # the completing PATCH tells the client what was stored
+            assert r.headers["Upload-SHA256"] == sha256_hex(data)
     upload_id = url.rsplit("/", 1)[1]
     key = f"{prefix}{upload_id}/Holiday_ photo.jpg"
     body, meta_out = await get_object(s3, key)
@@ -253,7 +256,11 @@ async def test_creation_with_upload_checksum_mismatch_leaves_nothing(
 
 
 async def test_zero_length_upload_completes_on_creation(proxy, http, s3, prefix) -> None:
-    url = await create(http, proxy.url, 0, **{"Upload-Metadata": metadata(filename="empty.txt")})
+    headers = {**TUS, "Upload-Length": "0", "Upload-Metadata": metadata(filename="empty.txt")}
+    async with http.post(f"{proxy.url}/files/", headers=headers) as r:
+        assert r.status == 201
+        assert r.headers["Upload-SHA256"] == sha256_hex(b"")
+        url = proxy.url + r.headers["Location"]
     key = f"{prefix}{url.rsplit('/', 1)[1]}/empty.txt"
     body, meta = await get_object(s3, key)
     assert body == b"" and meta["sha256"] == sha256_hex(b"")

@@ -99,6 +99,24 @@ async def test_resume_on_the_same_daemon(start_proxy, http, s3, prefix, tmp_path
     await check_stored(s3, prefix, url, data)
 
 
+async def test_a_cut_right_at_a_part_boundary_still_resumes(
+    start_proxy, http, s3, prefix, tmp_path
+) -> None:
+    """A body that ends exactly when the part buffer is full (clients sending MiB-aligned
+    chunks stop there often) must not leave a part-sized pending segment, which every
+    following PATCH would refuse."""
+    proxy = await start_proxy(**tus_sections(prefix))
+    path = data_path(tmp_path, SIZE, seed=4)
+    data = path.read_bytes()
+    url = await create(http, proxy.url, SIZE)
+    await cut_patch(url, 0, SIZE, data[: 2 * MiB])  # a pending segment of 2 MiB
+    await wait_offset(http, url, 2 * MiB)
+    await cut_patch(url, 2 * MiB, SIZE - 2 * MiB, data[2 * MiB : 5 * MiB])  # buffer full
+    await wait_offset(http, url, 5 * MiB)
+    await asyncio.to_thread(tuspy_resume, url, path, 4 * MiB)
+    await check_stored(s3, prefix, url, data)
+
+
 async def test_resume_after_a_restart(seaweed, http, s3, prefix, tmp_path) -> None:
     path = data_path(tmp_path, SIZE, seed=2)
     data = path.read_bytes()
