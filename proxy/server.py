@@ -57,6 +57,10 @@ def runner_kwargs(config: Config) -> dict[str, Any]:
         "max_field_size": sc.max_header_bytes,
         "max_headers": MAX_HEADERS,
         "read_bufsize": READ_BUFSIZE,
+        # Store bodies exactly as sent, like S3 does: a Content-Encoding: gzip body stays
+        # gzip.  Decompressing would also break every size decision made from
+        # Content-Length (part sizes, limits, tus offsets).
+        "auto_decompress": False,
     }
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from proxy.buffers import BufferPool, PoolTimeout
-from proxy.errors import Busy, ChecksumMismatch, TooLarge
+from proxy.errors import Busy, ChecksumMismatch, ObjectExists, TooLarge
 from proxy.storage.base import CompletedPart, PartChecksum, Storage
 
 log = logging.getLogger(__name__)
@@ -332,7 +332,11 @@ class PartStreamer:
         sha256 = self._verify()
         assert self._upload_id is not None
         etag = await self._storage.complete_multipart(
-            self._spec.key, self._upload_id, self._parts, if_none_match=self._spec.create_only
+            self._spec.key,
+            self._upload_id,
+            self._parts,
+            if_none_match=self._spec.create_only,
+            size_bytes=self.received_bytes,
         )
         self._upload_id = None  # completed: nothing left to abort
         try:
@@ -343,6 +347,12 @@ class PartStreamer:
                 metadata=self._final_metadata(sha256),
                 content_type=self._spec.content_type,
             )
+        except ObjectExists:
+            # The copy's If-Match failed: a concurrent upload (overwrite = true) replaced
+            # the object after ours completed.  The key holds their object now: keep it.
+            raise ObjectExists(
+                "the object was replaced by a concurrent upload to the same key"
+            ) from None
         except BaseException:
             # Without its sha256 the object would break our promise; take it back.
             log.error("could not set metadata on %s; deleting it", self._spec.key)

@@ -475,5 +475,5 @@ def add_routes(app: web.Application, config: TusConfig) -> None:
     app.router.add_route("PATCH", item, patch, expect_handler=_expect)
     app.router.add_route("DELETE", item, delete)
     app.router.add_route("OPTIONS", item, options)
-    app.router.add_route("POST", item, method_override)
+    app.router.add_route("POST", item, method_override, expect_handler=_expect)
     app.on_response_prepare.append(_on_prepare)

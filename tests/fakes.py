@@ -65,7 +65,13 @@ class GatedStorage:
         return f"e{number}"
 
     async def complete_multipart(
-        self, key: str, upload_id: str, parts: list[CompletedPart], *, if_none_match: bool
+        self,
+        key: str,
+        upload_id: str,
+        parts: list[CompletedPart],
+        *,
+        if_none_match: bool,
+        size_bytes: int | None = None,
     ) -> str:
         size = sum(self.parts[upload_id][p.number][0] for p in parts)
         del self.parts[upload_id]

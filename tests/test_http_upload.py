@@ -325,3 +325,15 @@ async def wait_idle(proxy: Proxy, timeout_s: float = 10) -> None:
         while pool.in_use_bytes:
             await asyncio.sleep(0.05)
     await asyncio.sleep(0.2)
+
+
+async def test_compressed_body_is_stored_as_sent(start_proxy: StartProxy, s3: S3Storage) -> None:
+    """Content-Encoding: gzip is stored byte for byte, as S3 would (no size surprises)."""
+    import gzip
+
+    proxy = await start_proxy()
+    raw = payload(3 * PART, seed=9)
+    body = gzip.compress(raw, compresslevel=1)
+    status, reply = await put(proxy, "z.gz", body, headers={"Content-Encoding": "gzip"})
+    assert status == 201, reply
+    await check_stored(s3, reply["key"], body, reply)

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-from botocore.exceptions import ClientError, EndpointConnectionError
+import pytest
+from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 
+from proxy.buffers import BufferPool
+from proxy.errors import ObjectExists
 from proxy.storage.s3 import S3Storage
 from proxy.storage.seaweed import EmbeddedSeaweed
+from proxy.streaming import PartStreamer, StreamSettings, UploadSpec
 
 from conftest import MiB, StartProxy, assert_nothing_left, get_object, s3_for
 
@@ -181,3 +186,100 @@ async def test_silent_s3_gives_503_in_bounded_time(start_proxy: StartProxy) -> N
         server.close()
         for w in accepted:
             w.close()
+
+
+SETTINGS = StreamSettings(part_size_bytes=PART, parts_in_flight=2, admission_timeout_s=1.0)
+
+
+async def chunks_of(data: bytes) -> AsyncIterator[bytes]:
+    for i in range(0, len(data), MiB):
+        yield data[i : i + MiB]
+
+
+class GatedMetadata:
+    """Real storage whose first replace_metadata waits for ``go`` (a completed, not yet
+    labelled object)."""
+
+    def __init__(self, inner: S3Storage) -> None:
+        self.inner = inner
+        self.bucket = inner.bucket
+        self.go = asyncio.Event()
+        self.first_completed = asyncio.Event()
+        self.calls = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def replace_metadata(self, key: str, **kw: Any) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            self.first_completed.set()
+            await self.go.wait()
+        await self.inner.replace_metadata(key, **kw)
+
+
+async def test_overwrite_race_keeps_the_winner(s3: S3Storage, prefix: str) -> None:
+    """overwrite = true, two multipart uploads to one key: B completes and labels its object
+    while A is between completing and labelling.  A fails; B's object stays, with B's sha256."""
+    key = f"{prefix}same"
+    gate = GatedMetadata(s3)
+    pool = BufferPool(64 * MiB, PART)
+    a_data, b_data = os.urandom(6 * MiB), os.urandom(7 * MiB)
+    spec = UploadSpec(key=key, max_size_bytes=1 << 40, create_only=False)
+    a = asyncio.create_task(PartStreamer(gate, pool, SETTINGS, spec).run(chunks_of(a_data)))  # type: ignore[arg-type]
+    await asyncio.wait_for(gate.first_completed.wait(), 10)
+    b = await PartStreamer(gate, pool, SETTINGS, spec).run(chunks_of(b_data))  # type: ignore[arg-type]
+    gate.go.set()
+    with pytest.raises(ObjectExists):
+        await a
+    stored, meta = await get_object(s3, key)
+    assert stored == b_data and meta["sha256"] == b.sha256 == hashlib.sha256(b_data).hexdigest()
+    assert await s3.list_multipart(prefix) == []
+
+
+class LoseFirstAnswer:
+    """Wraps the real client: the first call of ``op`` is carried out, its answer lost."""
+
+    def __init__(self, client: Any, op: str) -> None:
+        self._client = client
+        self._op = op
+        self.calls = 0
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if name != self._op:
+            return attr
+
+        async def call(**kw: Any) -> Any:
+            self.calls += 1
+            result = await attr(**kw)
+            if self.calls == 1:
+                raise ReadTimeoutError(endpoint_url="x")
+            return result
+
+        return call
+
+
+@pytest.mark.parametrize(
+    ("op", "size"), [("complete_multipart_upload", 6 * MiB), ("put_object", 1000)]
+)
+async def test_lost_answer_is_recognised_not_left_behind(
+    seaweed: EmbeddedSeaweed, s3: S3Storage, prefix: str, op: str, size: int
+) -> None:
+    """The store did the work but the answer was lost: the retry fails (no such upload /
+    precondition failed), yet the upload succeeds because we recognise our own object."""
+    storage = await s3_for(seaweed, retry_attempts=3, retry_base_delay_s=0.01).open()
+    try:
+        lossy = LoseFirstAnswer(storage._client, op)
+        storage._client = lossy
+        data = os.urandom(size)
+        spec = UploadSpec(key=f"{prefix}lost", max_size_bytes=1 << 40, create_only=True)
+        result = await PartStreamer(storage, BufferPool(64 * MiB, PART), SETTINGS, spec).run(
+            chunks_of(data)
+        )
+        assert lossy.calls == 2
+        stored, meta = await get_object(s3, f"{prefix}lost")
+        assert stored == data and meta["sha256"] == result.sha256
+        assert await s3.list_multipart(prefix) == []
+    finally:
+        await storage.close()

@@ -91,9 +91,16 @@ class Storage(Protocol):
         """Store part ``number`` (1-based); return its etag.  Transient errors are retried here."""
 
     async def complete_multipart(
-        self, key: str, upload_id: str, parts: list[CompletedPart], *, if_none_match: bool
+        self,
+        key: str,
+        upload_id: str,
+        parts: list[CompletedPart],
+        *,
+        if_none_match: bool,
+        size_bytes: int | None = None,
     ) -> str:
-        """Make the object appear; return its etag."""
+        """Make the object appear; return its etag.  With ``size_bytes`` a retry after a
+        lost answer recognises its own completed object instead of failing."""
 
     async def abort_multipart(self, key: str, upload_id: str) -> None:
         """Drop a multipart upload and its parts.  Succeeds if it is already gone."""

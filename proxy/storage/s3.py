@@ -18,7 +18,9 @@ translated here into :mod:`proxy.errors`; nothing above this module sees it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import hashlib
 import logging
 import random
 import time
@@ -146,6 +148,17 @@ def _classify(exc: BaseException) -> ProxyError | _Transient:
     return StorageError(f"unexpected storage failure ({type(exc).__name__})")
 
 
+def multipart_etag(parts: list[CompletedPart]) -> str:
+    """The ETag S3 gives an object completed from ``parts``: the MD5 of the parts' MD5s,
+    then "-" and the part count (for parts stored without SSE-KMS/-C)."""
+    digests = b"".join(bytes.fromhex(p.etag.strip('"')) for p in parts)
+    return f"{hashlib.md5(digests).hexdigest()}-{len(parts)}"
+
+
+async def _none() -> None:
+    return None
+
+
 class S3Storage:
     """:class:`proxy.storage.base.Storage` over any S3-compatible endpoint."""
 
@@ -226,8 +239,20 @@ class S3Storage:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def _call(self, op: str, fn: Callable[[], Awaitable[T]]) -> T:
-        """Run one S3 operation with bounded, jittered retries; translate every failure."""
+    async def _call(
+        self,
+        op: str,
+        fn: Callable[[], Awaitable[T]],
+        recover: Callable[[], Awaitable[T | None]] | None = None,
+    ) -> T:
+        """Run one S3 operation with bounded, jittered retries; translate every failure.
+
+        A request that timed out or lost its connection may still have been carried out.
+        For operations that are not idempotent (a conditional PUT, CompleteMultipartUpload)
+        the retry then fails ("precondition failed", "no such upload") although the work
+        is done.  ``recover`` checks for that after a failed attempt and returns the
+        result the lost answer would have carried, or None.
+        """
         last = "unknown"
         for attempt in range(self._attempts):
             if attempt:
@@ -242,6 +267,9 @@ class S3Storage:
                 outcome = _classify(exc)
                 self._observe(op, started, getattr(outcome, "code", "error"))
                 if isinstance(outcome, ProxyError):
+                    if attempt and recover is not None and (done := await recover()) is not None:
+                        log.warning("s3 %s: an earlier attempt had succeeded", op)
+                        return done
                     raise outcome from exc
                 last = outcome.code
                 log.warning(
@@ -250,10 +278,30 @@ class S3Storage:
                 continue
             self._observe(op, started, None)
             return result
+        if recover is not None:
+            with contextlib.suppress(ProxyError):
+                if (done := await recover()) is not None:
+                    return done
         raise StorageUnavailable(
             f"storage did not answer {op} after {self._attempts} attempts ({last})",
             headers={"Retry-After": "5"},
         )
+
+    async def _stored_as(
+        self, key: str, size: int, etag: str | None = None, metadata: dict[str, str] | None = None
+    ) -> dict[str, Any] | None:
+        """``{"ETag": ...}`` if ``key`` holds exactly what we sent (by multipart ETag, or by
+        size and our own metadata, which carries the body's SHA-256), else None."""
+        obj = await self.head(key)
+        if obj is None or obj.size != size:
+            return None
+        if etag is not None and obj.etag.strip('"') != etag:
+            return None
+        if metadata is not None and (
+            not metadata or any(obj.metadata.get(k) != v for k, v in metadata.items())
+        ):
+            return None
+        return {"ETag": obj.etag}
 
     def _observe(self, op: str, started: float, error: str | None) -> None:
         if self._observer is not None:
@@ -321,6 +369,7 @@ class S3Storage:
                 ContentType=content_type,
                 **extra,
             ),
+            recover=lambda: self._stored_as(key, len(body), metadata=metadata),
         )
         return str(r["ETag"])
 
@@ -359,7 +408,13 @@ class S3Storage:
         return str(r["ETag"])
 
     async def complete_multipart(
-        self, key: str, upload_id: str, parts: list[CompletedPart], *, if_none_match: bool
+        self,
+        key: str,
+        upload_id: str,
+        parts: list[CompletedPart],
+        *,
+        if_none_match: bool,
+        size_bytes: int | None = None,
     ) -> str:
         extra = {"IfNoneMatch": "*"} if if_none_match else {}
         r = await self._call(
@@ -372,6 +427,11 @@ class S3Storage:
                     "Parts": [{"PartNumber": p.number, "ETag": p.etag} for p in parts]
                 },
                 **extra,
+            ),
+            recover=lambda: (
+                self._stored_as(key, size_bytes, etag=multipart_etag(parts))
+                if size_bytes is not None
+                else _none()
             ),
         )
         return str(r["ETag"])
