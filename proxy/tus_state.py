@@ -76,6 +76,11 @@ class UploadInfo:
     def offset(self) -> int:
         return self.parts_bytes + sum(s.size for s in self.pending)
 
+    @property
+    def reached_length(self) -> bool:
+        """Every byte is durable: the upload only has to be completed (or is completing)."""
+        return self.length is not None and self.offset == self.length
+
     def expired(self, now_s: float) -> bool:
         return not self.completing and now_s >= self.expires_s
 

@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 from proxy.config import TusConfig
 from proxy.errors import (
@@ -36,7 +37,7 @@ from proxy.http_upload import UploadContext, transfer
 from proxy.keys import safe_filename
 from proxy.storage.base import CompletedPart, OpenMultipart
 from proxy.streaming import StreamObserver, StreamResult
-from proxy.tus_hash import resume_sha256
+from proxy.tus_hash import Sha256, resume_sha256
 from proxy.tus_state import (
     Lease,
     LeaseLost,
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 REHASH_CHUNK_BYTES = 1024 * 1024
 CLEANUP_TIMEOUT_S = 30.0
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -186,7 +188,12 @@ class TusService:
             lease_lost=lambda: lease.lost,
             observer=observer,
         )
-        keeper = _LeaseKeeper(lease, writer, info, checkpoint=checksum is None)
+        keeper = _LeaseKeeper(
+            lease,
+            writer,
+            info,
+            checkpoint=checksum is None,
+        )
         started = time.monotonic()
         try:
             try:
@@ -199,11 +206,21 @@ class TusService:
                 # are (the tail could reach the length without the upload completing).
                 # With Upload-Checksum nothing is: an incomplete chunk cannot be verified.
                 keep_tail = not isinstance(e, TooLarge)
-                await self._shielded(
+                kept = await self._shielded(
                     self._salvage(lease, writer, info, keep_tail, commit=checksum is None),
                     "commit",
                 )
-                raise
+                if kept is None or not kept.completing or lease.released:
+                    raise
+                # The body broke (or stalled, or the daemon is draining) after its last
+                # byte: every byte of the upload is durable, so it is complete, and a
+                # client that sees Upload-Offset == Upload-Length stops.  Finish it now;
+                # if that fails, the state says ``completing`` and the sweeper or the
+                # client's next PATCH finishes it.
+                done = await self._shielded(self._complete_leased(lease, kept), "completion")
+                if done is None or isinstance(e, asyncio.CancelledError):
+                    raise
+                return done
             if checksum is not None and writer.checksum_digest() != checksum.digest:
                 await keeper.stop()
                 await release_quietly(lease)
@@ -241,14 +258,21 @@ class TusService:
 
     async def _salvage(
         self, lease: Lease, writer: PatchWriter, info: UploadInfo, keep_tail: bool, *, commit: bool
-    ) -> None:
+    ) -> UploadInfo:
+        """Commit what a failed PATCH left durable and release the lease, unless that
+        brought the upload to its length: then it is saved ``completing`` (lease kept)."""
         if not commit or lease.lost:
-            await lease.release()
-            return
-        result = await writer.salvage(keep_tail=keep_tail)
-        committed = await lease.release(self._apply(info, result))
+            return await lease.release()
+        final = info.length is not None and info.offset + writer.received_bytes == info.length
+        result = await writer.salvage(keep_tail=keep_tail, final=final)
+        kept = self._apply(info, result)
+        if kept.reached_length and not kept.pending:
+            log.info("tus patch id=%s: the PATCH failed after its last byte", info.id)
+            return await lease.save(self._completing(kept, result.sha256))
+        committed = await lease.release(kept)
         await self._delete_quietly(result.obsolete)
         log.info("tus patch id=%s offset=%d kept after a failed PATCH", info.id, committed.offset)
+        return committed
 
     def _apply(self, info: UploadInfo, result: PatchResult) -> UploadInfo:
         """``info`` with the result's parts, pending segments and hash state; expiry pushed back."""
@@ -262,24 +286,30 @@ class TusService:
 
     # -- finish ------------------------------------------------------------------------
 
-    async def _finish(self, lease: Lease, info: UploadInfo, result: PatchResult) -> UploadInfo:
-        digest = result.sha256.digest()
-        info = replace(
+    @staticmethod
+    def _completing(info: UploadInfo, sha256: Sha256) -> UploadInfo:
+        """``info`` (every byte in its parts) as decided complete, with its final digest."""
+        digest = sha256.digest()
+        return replace(
             info,
             completing=True,
             sha256_state=None,
             sha256_hex=digest.hex() if digest is not None else None,
         )
-        info = await lease.save(info)  # from here on HEAD reports the full length
+
+    async def _finish(self, lease: Lease, info: UploadInfo, result: PatchResult) -> UploadInfo:
+        # From this save on, HEAD reports the full length and a retry only completes.
+        info = await lease.save(self._completing(info, result.sha256))
+        return await self._complete_leased(lease, info)
+
+    async def _complete_leased(self, lease: Lease, info: UploadInfo) -> UploadInfo:
         done = await self.complete(info)
         await lease.drop()
         return done
 
     async def resume_completion(self, lease: Lease) -> UploadInfo:
         """A PATCH on an upload whose completion was interrupted: finish it now."""
-        done = await self.complete(lease.info)
-        await lease.drop()
-        return done
+        return await self._complete_leased(lease, lease.info)
 
     async def complete(self, info: UploadInfo) -> UploadInfo:
         """Make the object appear with its sha256 and drop the state.  Idempotent: each step
@@ -454,15 +484,17 @@ class TusService:
                 log.warning("tus: could not delete %s: %s", key, e)
 
     @staticmethod
-    async def _shielded(aw: Awaitable[None], what: str) -> None:
-        """Run a cleanup step to its end even if our caller is cancelled, with its own timeout."""
+    async def _shielded(aw: Awaitable[T], what: str) -> T | None:
+        """Run a cleanup step to its end even if our caller is cancelled, with its own
+        timeout; its result, or None if it failed."""
         fut = asyncio.ensure_future(asyncio.wait_for(aw, CLEANUP_TIMEOUT_S))
         try:
-            await asyncio.shield(fut)
+            return await asyncio.shield(fut)
         except asyncio.CancelledError:
             raise
         except Exception as e:
             log.error("tus %s failed: %s", what, e)
+            return None
 
 
 class _LeaseKeeper:
@@ -470,7 +502,12 @@ class _LeaseKeeper:
     parts stored so far (so they survive a crash of this daemon)."""
 
     def __init__(
-        self, lease: Lease, writer: PatchWriter, info: UploadInfo, *, checkpoint: bool
+        self,
+        lease: Lease,
+        writer: PatchWriter,
+        info: UploadInfo,
+        *,
+        checkpoint: bool,
     ) -> None:
         self._lease = lease
         self._writer = writer
