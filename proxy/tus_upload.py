@@ -20,7 +20,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
@@ -193,6 +193,7 @@ class TusService:
             writer,
             info,
             checkpoint=checksum is None,
+            completing=self._completing,
         )
         started = time.monotonic()
         try:
@@ -423,13 +424,20 @@ class TusService:
                 now = time.time()
                 if not info.expired(now):
                     live.add(info.multipart_id)
-                if info.leased(now) or not (info.completing or info.expired(now)):
+                finish = info.completing or info.reached_length
+                if info.leased(now) or not (finish or info.expired(now)):
                     continue
                 lease = await self.store.acquire(upload_id, allow_expired=True)
                 try:
                     if lease.info.completing:
                         await self.complete(lease.info)
                         await lease.drop()
+                    elif lease.info.reached_length:
+                        # Every byte is durable but completion was never decided (a final
+                        # PATCH that failed after setting a deferred length, or state from
+                        # an older version): clients see offset == length and stop, so
+                        # finish it as the empty PATCH the spec allows at that offset would.
+                        await self.write(lease, _no_bytes(), declared_bytes=0, checksum=None)
                     else:
                         await self.terminate(lease)
                         log.info("tus upload id=%s expired", upload_id)
@@ -497,6 +505,12 @@ class TusService:
             return None
 
 
+async def _no_bytes() -> AsyncIterator[bytes]:
+    empty: tuple[bytes, ...] = ()
+    for chunk in empty:
+        yield chunk
+
+
 class _LeaseKeeper:
     """Renews a PATCH's lease every third of its length and, when allowed, checkpoints the
     parts stored so far (so they survive a crash of this daemon)."""
@@ -508,11 +522,13 @@ class _LeaseKeeper:
         info: UploadInfo,
         *,
         checkpoint: bool,
+        completing: Callable[[UploadInfo, Sha256], UploadInfo],
     ) -> None:
         self._lease = lease
         self._writer = writer
         self._info = info
         self._checkpoint = checkpoint
+        self._completing = completing
         self._stop = asyncio.Event()
         self._task = asyncio.create_task(self._run())
 
@@ -534,6 +550,11 @@ class _LeaseKeeper:
                         pending=(),
                         sha256_state=sha.export(),
                     )
+                    if info.reached_length:
+                        # The last part is in (``commit(final=True)`` is running): never
+                        # save "every byte, not completing", which a crash would leave
+                        # as offset == length with no object and nothing to finish it.
+                        info = self._completing(info, sha)
             try:
                 await self._lease.save(info)
             except LeaseLost:

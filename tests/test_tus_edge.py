@@ -11,6 +11,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
@@ -19,6 +21,7 @@ from test_tus_resume import check_stored, cut_patch, serve, wait_offset
 from tus_helpers import (
     TUS,
     create,
+    head_offset,
     patch,
     service_for,
     sha256_hex,
@@ -29,6 +32,7 @@ from tus_helpers import (
 from proxy.errors import StorageUnavailable
 from proxy.tus_state import UploadInfo
 from proxy.tus_upload import TusService
+from proxy.tus_writer import PatchWriter
 
 from conftest import MiB, data_path
 
@@ -186,6 +190,70 @@ async def test_a_failed_completion_after_the_last_byte_can_be_finished(
     async with http.head(url, headers=TUS) as r:
         assert r.status == 200 and r.headers["Upload-Offset"] == str(size)
         assert r.headers["Upload-SHA256"] == sha256_hex(data)
+    if finisher == "sweeper":
+        assert await service_for(proxy).sweep_once() == 1
+    else:
+        r = await patch(http, url, size, b"")
+        assert r.status == 204 and r.headers["Upload-SHA256"] == sha256_hex(data)
+    await check_stored(s3, prefix, url, data)
+
+
+async def test_a_crash_while_the_last_part_is_stored_leaves_a_completable_upload(
+    start_proxy, http, s3, prefix, tmp_path, monkeypatch
+) -> None:
+    """The lease keeper checkpoints while ``commit(final=True)`` stores the last part.  It
+    must not save "every part, not completing": a daemon dying right then would leave
+    offset == length, no object, and nothing that ever completes it."""
+    proxy = await start_proxy(**tus_sections(prefix, lock_lease_s=3))
+    size = 6 * MiB + 3
+    data = data_path(tmp_path, size, seed=15).read_bytes()
+    commit = PatchWriter.commit
+    crash = asyncio.Event()
+
+    async def commit_then_die(self: PatchWriter, *, final: bool) -> Any:
+        await commit(self, final=final)
+        await crash.wait()  # the keeper runs every second meanwhile
+        raise RuntimeError("injected: the daemon dies here")
+
+    monkeypatch.setattr(PatchWriter, "commit", commit_then_die)
+    url = await create(http, proxy.url, size)
+    sent = asyncio.ensure_future(patch(http, url, 0, data))
+    info = await wait_state(s3, prefix, url, lambda i: i.parts_bytes == size)
+    assert info.completing and info.sha256_hex == sha256_hex(data) and info.lease_owner
+    # The daemon "dies": what is in the bucket is exactly ``info``, its lease held by a
+    # process that is gone.  (Our fake death writes a release; put the crash image back.)
+    crash.set()
+    assert (await sent).status == 500
+    monkeypatch.undo()
+    key = store_for(s3, prefix).info_key(info.id)
+    await s3.delete_object(key)
+    await s3.put_conditional(key, info.to_json(), if_none_match=True)
+    assert await head_offset(http, url) == size
+    await asyncio.sleep(max(0.0, info.lease_until_s - time.time()) + 0.1)
+    assert await service_for(proxy).sweep_once() == 1
+    await check_stored(s3, prefix, url, data)
+
+
+@pytest.mark.parametrize("finisher", ["empty PATCH", "sweeper"])
+async def test_an_upload_left_at_its_length_without_completing_is_finished(
+    start_proxy, http, s3, prefix, tmp_path, finisher
+) -> None:
+    """State as the bugs above left it before the fix (and as a final PATCH that set a
+    deferred length and then failed still can): every byte durable, the last ones in a
+    pending segment, not completing.  The sweeper must complete it, not let it expire."""
+    proxy = await start_proxy(**tus_sections(prefix))
+    size = 5 * MiB + 1000
+    data = data_path(tmp_path, size, seed=16).read_bytes()
+    url = await create(http, proxy.url, None)
+    assert (await patch(http, url, 0, data)).status == 204  # length still deferred
+    store = store_for(s3, prefix)
+    loaded = await store.load(upload_id(url))
+    assert loaded is not None
+    assert loaded[0].parts and loaded[0].pending and loaded[0].offset == size
+    stuck = replace(loaded[0], length=size, rev=loaded[0].rev + 1)
+    await s3.put_conditional(store.info_key(stuck.id), stuck.to_json(), if_match=loaded[1])
+    async with http.head(url, headers=TUS) as r:
+        assert r.status == 200 and r.headers["Upload-Offset"] == r.headers["Upload-Length"]
     if finisher == "sweeper":
         assert await service_for(proxy).sweep_once() == 1
     else:
