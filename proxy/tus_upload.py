@@ -193,6 +193,7 @@ class TusService:
             writer,
             info,
             checkpoint=checksum is None,
+            expire_after_s=self.config.expire_after_s,
             completing=self._completing,
         )
         started = time.monotonic()
@@ -410,7 +411,10 @@ class TusService:
         log.info("tus upload id=%s key=%s terminated at offset %d", info.id, info.key, info.offset)
 
     async def sweep_once(self) -> int:
-        """Expire old uploads and finish interrupted completions; return how many were handled."""
+        """Expire old uploads and finish interrupted completions; return how many were handled.
+
+        An upload whose lease is held is being written: it is live and left alone
+        (:meth:`UploadInfo.expired`), here and in :meth:`TusStore.owns_multipart`."""
         handled = 0
         started = time.time()
         live: set[str] = set()
@@ -513,7 +517,13 @@ async def _no_bytes() -> AsyncIterator[bytes]:
 
 class _LeaseKeeper:
     """Renews a PATCH's lease every third of its length and, when allowed, checkpoints the
-    parts stored so far (so they survive a crash of this daemon)."""
+    parts stored so far (so they survive a crash of this daemon).
+
+    Every renewal also pushes ``expires_s`` to ``expire_after_s`` from now.  A held lease
+    alone already keeps the upload live (:meth:`UploadInfo.expired`); the push is for the
+    time after the lease lapses (renewals failing for a while, this daemon killed): the
+    upload then expires ``expire_after_s`` after its last sign of life, as it would after
+    a PATCH that ended, not at a deadline set before a PATCH that ran for a day."""
 
     def __init__(
         self,
@@ -522,12 +532,14 @@ class _LeaseKeeper:
         info: UploadInfo,
         *,
         checkpoint: bool,
+        expire_after_s: float,
         completing: Callable[[UploadInfo, Sha256], UploadInfo],
     ) -> None:
         self._lease = lease
         self._writer = writer
         self._info = info
         self._checkpoint = checkpoint
+        self._expire_after_s = expire_after_s
         self._completing = completing
         self._stop = asyncio.Event()
         self._task = asyncio.create_task(self._run())
@@ -555,6 +567,7 @@ class _LeaseKeeper:
                         # save "every byte, not completing", which a crash would leave
                         # as offset == length with no object and nothing to finish it.
                         info = self._completing(info, sha)
+            info = replace(info, expires_s=max(info.expires_s, time.time() + self._expire_after_s))
             try:
                 await self._lease.save(info)
             except LeaseLost:

@@ -13,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
 import pytest
-from test_tus_resume import check_stored, cut_patch, serve, wait_offset
+from test_tus_resume import check_stored, cut_patch, serve, slow_body, wait_offset
 from tus_helpers import (
+    OCTET,
     TUS,
     create,
     head_offset,
@@ -259,4 +261,47 @@ async def test_an_upload_left_at_its_length_without_completing_is_finished(
     else:
         r = await patch(http, url, size, b"")
         assert r.status == 204 and r.headers["Upload-SHA256"] == sha256_hex(data)
+    await check_stored(s3, prefix, url, data)
+
+
+# -- a PATCH running past the upload's expiry ---------------------------------------------
+
+
+async def test_a_patch_running_past_the_expiry_is_live_for_both_sweepers(
+    start_proxy, http, s3, prefix
+) -> None:
+    """tus-js-client sends a file in one PATCH: it may run longer than expire_after_s.  A
+    held lease makes the upload live (HEAD, the stale-multipart sweeper, the tus sweeper
+    of any instance), and every renewal pushes the expiry forward."""
+    proxy = await start_proxy(**tus_sections(prefix, lock_lease_s=3, expire_after_s=2))
+    data = bytes(range(256)) * 4096 * 6  # 6 MiB: one part stored, then the PATCH stalls
+    url = await create(http, proxy.url, len(data))
+    created = await wait_state(s3, prefix, url, lambda i: True)
+    release = asyncio.Event()
+    headers = {**OCTET, "Upload-Offset": "0", "Content-Length": str(len(data))}
+    sent = asyncio.ensure_future(
+        http.patch(
+            url, data=slow_body(data[: 5 * MiB + 1], release, data[5 * MiB + 1 :]), headers=headers
+        )
+    )
+    try:
+        await wait_offset(http, url, 5 * MiB)  # the keeper checkpointed the part
+        await asyncio.sleep(max(0.0, created.expires_s - time.time()) + 0.5)
+        # Past the expiry set at creation, the PATCH still streaming:
+        async with http.head(url, headers=TUS) as r:
+            assert r.status == 200
+        running = await wait_state(s3, prefix, url, lambda i: True)
+        assert running.expires_s > time.time() and running.expires_s > created.expires_s
+        assert proxy.runtime.sweeper is not None
+        later = datetime.now(UTC) + timedelta(days=2)  # the multipart upload looks stale
+        assert await proxy.runtime.sweeper.sweep_once(now=later) == []
+        other = service_for(proxy)  # the tus sweeper of another instance
+        assert await other.sweep_once() == 0
+        (mpu,) = await s3.list_multipart(prefix)
+        assert other.claims_multipart(mpu)
+    finally:
+        release.set()
+        r = await sent
+    assert r.status == 204 and r.headers["Upload-Offset"] == str(len(data))
+    r.release()
     await check_stored(s3, prefix, url, data)
