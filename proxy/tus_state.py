@@ -76,8 +76,16 @@ class UploadInfo:
     def offset(self) -> int:
         return self.parts_bytes + sum(s.size for s in self.pending)
 
+    @property
+    def reached_length(self) -> bool:
+        """Every byte is durable: the upload only has to be completed (or is completing)."""
+        return self.length is not None and self.offset == self.length
+
     def expired(self, now_s: float) -> bool:
-        return not self.completing and now_s >= self.expires_s
+        # A held lease means a request is writing the upload right now (a single PATCH
+        # may stream for longer than expire_after_s): that upload is live, whatever
+        # expires_s says, for HEAD, for both sweepers and on every instance.
+        return not self.completing and not self.leased(now_s) and now_s >= self.expires_s
 
     def leased(self, now_s: float) -> bool:
         return self.lease_owner is not None and now_s < self.lease_until_s
@@ -216,9 +224,10 @@ class TusStore:
         """Is S3 multipart upload ``multipart_id`` at ``key`` owned by a live tus upload?
 
         For a stale-multipart sweeper: False means no live tus upload will ever complete
-        it.  tus object keys always hold the tus id as a whole path segment
-        (``<key_prefix><id>[/<filename>]``), so this reads at most a few info objects.
-        Storage errors propagate: "cannot tell" must not be taken for "no"."""
+        it.  An upload being written (lease held) is live even past its expiry (see
+        :meth:`UploadInfo.expired`).  tus object keys always hold the tus id as a whole
+        path segment (``<key_prefix><id>[/<filename>]``), so this reads at most a few
+        info objects.  Storage errors propagate: "cannot tell" must not be taken for "no"."""
         now = self.clock()
         for segment in key.split("/"):
             if not valid_id(segment):

@@ -20,8 +20,9 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 from proxy.config import TusConfig
 from proxy.errors import (
@@ -36,7 +37,7 @@ from proxy.http_upload import UploadContext, transfer
 from proxy.keys import safe_filename
 from proxy.storage.base import CompletedPart, OpenMultipart
 from proxy.streaming import StreamObserver, StreamResult
-from proxy.tus_hash import resume_sha256
+from proxy.tus_hash import Sha256, resume_sha256
 from proxy.tus_state import (
     Lease,
     LeaseLost,
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 REHASH_CHUNK_BYTES = 1024 * 1024
 CLEANUP_TIMEOUT_S = 30.0
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -186,7 +188,14 @@ class TusService:
             lease_lost=lambda: lease.lost,
             observer=observer,
         )
-        keeper = _LeaseKeeper(lease, writer, info, checkpoint=checksum is None)
+        keeper = _LeaseKeeper(
+            lease,
+            writer,
+            info,
+            checkpoint=checksum is None,
+            expire_after_s=self.config.expire_after_s,
+            completing=self._completing,
+        )
         started = time.monotonic()
         try:
             try:
@@ -199,11 +208,21 @@ class TusService:
                 # are (the tail could reach the length without the upload completing).
                 # With Upload-Checksum nothing is: an incomplete chunk cannot be verified.
                 keep_tail = not isinstance(e, TooLarge)
-                await self._shielded(
+                kept = await self._shielded(
                     self._salvage(lease, writer, info, keep_tail, commit=checksum is None),
                     "commit",
                 )
-                raise
+                if kept is None or not kept.completing or lease.released:
+                    raise
+                # The body broke (or stalled, or the daemon is draining) after its last
+                # byte: every byte of the upload is durable, so it is complete, and a
+                # client that sees Upload-Offset == Upload-Length stops.  Finish it now;
+                # if that fails, the state says ``completing`` and the sweeper or the
+                # client's next PATCH finishes it.
+                done = await self._shielded(self._complete_leased(lease, kept), "completion")
+                if done is None or isinstance(e, asyncio.CancelledError):
+                    raise
+                return done
             if checksum is not None and writer.checksum_digest() != checksum.digest:
                 await keeper.stop()
                 await release_quietly(lease)
@@ -241,14 +260,21 @@ class TusService:
 
     async def _salvage(
         self, lease: Lease, writer: PatchWriter, info: UploadInfo, keep_tail: bool, *, commit: bool
-    ) -> None:
+    ) -> UploadInfo:
+        """Commit what a failed PATCH left durable and release the lease, unless that
+        brought the upload to its length: then it is saved ``completing`` (lease kept)."""
         if not commit or lease.lost:
-            await lease.release()
-            return
-        result = await writer.salvage(keep_tail=keep_tail)
-        committed = await lease.release(self._apply(info, result))
+            return await lease.release()
+        final = info.length is not None and info.offset + writer.received_bytes == info.length
+        result = await writer.salvage(keep_tail=keep_tail, final=final)
+        kept = self._apply(info, result)
+        if kept.reached_length and not kept.pending:
+            log.info("tus patch id=%s: the PATCH failed after its last byte", info.id)
+            return await lease.save(self._completing(kept, result.sha256))
+        committed = await lease.release(kept)
         await self._delete_quietly(result.obsolete)
         log.info("tus patch id=%s offset=%d kept after a failed PATCH", info.id, committed.offset)
+        return committed
 
     def _apply(self, info: UploadInfo, result: PatchResult) -> UploadInfo:
         """``info`` with the result's parts, pending segments and hash state; expiry pushed back."""
@@ -262,24 +288,30 @@ class TusService:
 
     # -- finish ------------------------------------------------------------------------
 
-    async def _finish(self, lease: Lease, info: UploadInfo, result: PatchResult) -> UploadInfo:
-        digest = result.sha256.digest()
-        info = replace(
+    @staticmethod
+    def _completing(info: UploadInfo, sha256: Sha256) -> UploadInfo:
+        """``info`` (every byte in its parts) as decided complete, with its final digest."""
+        digest = sha256.digest()
+        return replace(
             info,
             completing=True,
             sha256_state=None,
             sha256_hex=digest.hex() if digest is not None else None,
         )
-        info = await lease.save(info)  # from here on HEAD reports the full length
+
+    async def _finish(self, lease: Lease, info: UploadInfo, result: PatchResult) -> UploadInfo:
+        # From this save on, HEAD reports the full length and a retry only completes.
+        info = await lease.save(self._completing(info, result.sha256))
+        return await self._complete_leased(lease, info)
+
+    async def _complete_leased(self, lease: Lease, info: UploadInfo) -> UploadInfo:
         done = await self.complete(info)
         await lease.drop()
         return done
 
     async def resume_completion(self, lease: Lease) -> UploadInfo:
         """A PATCH on an upload whose completion was interrupted: finish it now."""
-        done = await self.complete(lease.info)
-        await lease.drop()
-        return done
+        return await self._complete_leased(lease, lease.info)
 
     async def complete(self, info: UploadInfo) -> UploadInfo:
         """Make the object appear with its sha256 and drop the state.  Idempotent: each step
@@ -379,7 +411,10 @@ class TusService:
         log.info("tus upload id=%s key=%s terminated at offset %d", info.id, info.key, info.offset)
 
     async def sweep_once(self) -> int:
-        """Expire old uploads and finish interrupted completions; return how many were handled."""
+        """Expire old uploads and finish interrupted completions; return how many were handled.
+
+        An upload whose lease is held is being written: it is live and left alone
+        (:meth:`UploadInfo.expired`), here and in :meth:`TusStore.owns_multipart`."""
         handled = 0
         started = time.time()
         live: set[str] = set()
@@ -393,13 +428,20 @@ class TusService:
                 now = time.time()
                 if not info.expired(now):
                     live.add(info.multipart_id)
-                if info.leased(now) or not (info.completing or info.expired(now)):
+                finish = info.completing or info.reached_length
+                if info.leased(now) or not (finish or info.expired(now)):
                     continue
                 lease = await self.store.acquire(upload_id, allow_expired=True)
                 try:
                     if lease.info.completing:
                         await self.complete(lease.info)
                         await lease.drop()
+                    elif lease.info.reached_length:
+                        # Every byte is durable but completion was never decided (a final
+                        # PATCH that failed after setting a deferred length, or state from
+                        # an older version): clients see offset == length and stop, so
+                        # finish it as the empty PATCH the spec allows at that offset would.
+                        await self.write(lease, _no_bytes(), declared_bytes=0, checksum=None)
                     else:
                         await self.terminate(lease)
                         log.info("tus upload id=%s expired", upload_id)
@@ -454,28 +496,51 @@ class TusService:
                 log.warning("tus: could not delete %s: %s", key, e)
 
     @staticmethod
-    async def _shielded(aw: Awaitable[None], what: str) -> None:
-        """Run a cleanup step to its end even if our caller is cancelled, with its own timeout."""
+    async def _shielded(aw: Awaitable[T], what: str) -> T | None:
+        """Run a cleanup step to its end even if our caller is cancelled, with its own
+        timeout; its result, or None if it failed."""
         fut = asyncio.ensure_future(asyncio.wait_for(aw, CLEANUP_TIMEOUT_S))
         try:
-            await asyncio.shield(fut)
+            return await asyncio.shield(fut)
         except asyncio.CancelledError:
             raise
         except Exception as e:
             log.error("tus %s failed: %s", what, e)
+            return None
+
+
+async def _no_bytes() -> AsyncIterator[bytes]:
+    empty: tuple[bytes, ...] = ()
+    for chunk in empty:
+        yield chunk
 
 
 class _LeaseKeeper:
     """Renews a PATCH's lease every third of its length and, when allowed, checkpoints the
-    parts stored so far (so they survive a crash of this daemon)."""
+    parts stored so far (so they survive a crash of this daemon).
+
+    Every renewal also pushes ``expires_s`` to ``expire_after_s`` from now.  A held lease
+    alone already keeps the upload live (:meth:`UploadInfo.expired`); the push is for the
+    time after the lease lapses (renewals failing for a while, this daemon killed): the
+    upload then expires ``expire_after_s`` after its last sign of life, as it would after
+    a PATCH that ended, not at a deadline set before a PATCH that ran for a day."""
 
     def __init__(
-        self, lease: Lease, writer: PatchWriter, info: UploadInfo, *, checkpoint: bool
+        self,
+        lease: Lease,
+        writer: PatchWriter,
+        info: UploadInfo,
+        *,
+        checkpoint: bool,
+        expire_after_s: float,
+        completing: Callable[[UploadInfo, Sha256], UploadInfo],
     ) -> None:
         self._lease = lease
         self._writer = writer
         self._info = info
         self._checkpoint = checkpoint
+        self._expire_after_s = expire_after_s
+        self._completing = completing
         self._stop = asyncio.Event()
         self._task = asyncio.create_task(self._run())
 
@@ -497,6 +562,12 @@ class _LeaseKeeper:
                         pending=(),
                         sha256_state=sha.export(),
                     )
+                    if info.reached_length:
+                        # The last part is in (``commit(final=True)`` is running): never
+                        # save "every byte, not completing", which a crash would leave
+                        # as offset == length with no object and nothing to finish it.
+                        info = self._completing(info, sha)
+            info = replace(info, expires_s=max(info.expires_s, time.time() + self._expire_after_s))
             try:
                 await self._lease.save(info)
             except LeaseLost:

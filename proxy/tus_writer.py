@@ -303,15 +303,21 @@ class PatchWriter:
                 self._raise_part_failure()
         return await self._result(keep_tail=True)
 
-    async def salvage(self, *, keep_tail: bool) -> PatchResult:
+    async def salvage(self, *, keep_tail: bool, final: bool = False) -> PatchResult:
         """After a failure: the parts that made it to storage, in order, and (if asked)
-        the tail, when every part before it made it."""
+        the tail, when every part before it made it.  ``final``: the bytes received
+        reach the upload's length, so a kept tail is its last part, as in ``commit``."""
         await self._settle()
         keep_tail = keep_tail and not self._part_failed
-        if keep_tail and self._buf is not None and self._filled == self._settings.part_size_bytes:
+        full = self._filled == self._settings.part_size_bytes
+        if keep_tail and self._buf is not None and self._filled and (full or final):
             # The body broke right when the buffer filled (clients sending aligned chunks
             # stop there often).  As a pending segment it would be part-sized, which every
-            # later PATCH refuses; it is a whole part, so store it as one.
+            # later PATCH refuses; it is a whole part, so store it as one.  Or it broke
+            # after its last byte (a chunked body without its last-chunk marker, a stall,
+            # a drain): as a pending segment the tail would bring the offset to the length
+            # with nothing left to send that completes the upload; as the last part, the
+            # caller completes it.
             await self._dispatch()
             await self._settle()
             keep_tail = not self._part_failed
