@@ -20,6 +20,10 @@ def validate_key(key: str) -> str:
         raise InvalidKey("the key must not start with '/'")
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in key):
         raise InvalidKey("the key must not contain control characters")
+    if "\\" in key:
+        # Some stores (SeaweedFS) turn "\" into "/": "a\..\..\x" would then climb out
+        # of the key prefix.  S3 allows it, but no one needs it in an upload key.
+        raise InvalidKey("the key must not contain '\\'")
     segments = key.split("/")
     if any(s in (".", "..") for s in segments):
         raise InvalidKey("the key must not contain '.' or '..' segments")

@@ -113,7 +113,18 @@ async def test_raw_post_gets_generated_key(start_proxy: StartProxy, s3: S3Storag
 
 @pytest.mark.parametrize(
     "key",
-    ["a/../b", "..", "./x", "a//b", "%2Fabs", "bad%0Akey", "del%7Fx", "k" * 1025, "%C3%A9" * 513],
+    [
+        "a/../b",
+        "..",
+        "./x",
+        "a//b",
+        "%2Fabs",
+        "bad%0Akey",
+        "del%7Fx",
+        "k" * 1025,
+        "%C3%A9" * 513,
+        "a%5C..%5C..%5Cescape",
+    ],
 )
 async def test_bad_keys_rejected_before_body(
     start_proxy: StartProxy, s3: S3Storage, key: str

@@ -28,6 +28,8 @@ def test_valid(key: str) -> None:
         "a\nb",
         "a\x00b",
         "a\x7fb",
+        "a\\..\\..\\x",
+        "win\\path",
         "x" * 1025,
         "é" * 513,
     ],
@@ -47,6 +49,7 @@ def test_any_text_is_either_rejected_or_safe(key: str) -> None:
     parts = stored.split("/")
     assert ".." not in parts and "." not in parts
     assert all(ord(c) >= 0x20 and ord(c) != 0x7F for c in stored)
+    assert "\\" not in stored
     assert len(stored.encode()) <= MAX_KEY_BYTES
 
 
