@@ -15,6 +15,7 @@ The declared size of an upload never matters here: memory does not grow with it.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
 import logging
 import math
@@ -261,3 +262,22 @@ class MemoryMonitor:
             except Exception:
                 log.exception("memory sample failed")
             await asyncio.sleep(self.config.sample_interval_s)
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def pin_mmap_threshold(threshold_bytes: int = 1024 * 1024) -> bool:
+    """Make every allocation >= ``threshold_bytes`` (every part buffer) an mmap of its own.
+
+    glibc raises its mmap threshold each time a large mmapped block is freed (up to
+    32 MiB), after which 8 MiB part buffers come from the heap, whose freed holes are
+    rarely given back: after a burst of concurrent uploads RSS would stay near the
+    budget for good.  A fixed threshold turns that adjustment off, so a freed buffer
+    is unmapped at once.  Returns False where there is no glibc ``mallopt``.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold_bytes))
+    except (OSError, AttributeError):
+        return False
