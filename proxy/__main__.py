@@ -149,9 +149,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.config}: ok")
         return 0
     setup_logging(config.logging)
-    from proxy.memory import pin_mmap_threshold
-
-    pin_mmap_threshold()
     # The *_created series double the count of every counter and histogram for a
     # timestamp nobody graphs; a Raspberry Pi's Prometheus is better off without them.
     prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]

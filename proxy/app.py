@@ -19,7 +19,7 @@ from proxy.errors import REASONS, ProxyError, StorageError, StorageUnavailable
 from proxy.http_ops import MetricsHooks, Ops, Readiness, samplers_ctx
 from proxy.http_upload import UPLOADS, UploadContext, UploadHooks, add_routes
 from proxy.limits import ContentPolicy, UploadSlots
-from proxy.memory import MemoryMonitor, MemoryReader, read_memory
+from proxy.memory import HeapTrimmer, MemoryMonitor, MemoryReader, read_memory
 from proxy.metrics import Metrics
 from proxy.responses import error_response
 from proxy.storage.base import OpenMultipart, Storage
@@ -186,7 +186,10 @@ async def _uploads_ctx(app: web.Application) -> AsyncIterator[None]:
     uc = rt.config.upload
     if rt.pool is None:
         rt.pool = BufferPool(
-            uc.memory_budget_bytes, uc.part_size_bytes, keep_idle=uc.parts_in_flight + 1
+            uc.memory_budget_bytes,
+            uc.part_size_bytes,
+            keep_idle=uc.parts_in_flight + 1,
+            on_idle=HeapTrimmer(),
         )
     assert rt.storage is not None
     app[UPLOADS].bind(rt.storage, rt.pool)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 
 
 class PoolTimeout(Exception):
@@ -22,7 +23,13 @@ class PoolTimeout(Exception):
 
 
 class BufferPool:
-    def __init__(self, budget_bytes: int, part_size_bytes: int, keep_idle: int = 4) -> None:
+    def __init__(
+        self,
+        budget_bytes: int,
+        part_size_bytes: int,
+        keep_idle: int = 4,
+        on_idle: Callable[[], None] | None = None,
+    ) -> None:
         if part_size_bytes <= 0:
             raise ValueError("part_size_bytes must be > 0")
         if budget_bytes < part_size_bytes:
@@ -30,6 +37,8 @@ class BufferPool:
         self.budget_bytes = budget_bytes
         self.part_size_bytes = part_size_bytes
         self._keep_idle = keep_idle
+        # Called when the last leased buffer comes back (e.g. to trim the heap).
+        self._on_idle = on_idle
         self._in_use = 0
         self._idle: list[bytearray] = []
         self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
@@ -107,6 +116,8 @@ class BufferPool:
         if size == self.part_size_bytes and len(self._idle) < self._keep_idle:
             self._idle.append(buf)
         self._wake()
+        if not self._in_use and self._on_idle is not None:
+            self._on_idle()
 
     def _wake(self) -> None:
         # Grant in order; reserve the bytes now so a later try_acquire cannot take them.

@@ -110,3 +110,23 @@ async def test_rss_growth_is_flat_in_file_size(daemon: tuple[str, psutil.Process
     )
     assert growth_large < 64 * MiB, "streaming 512 MiB grew RSS by more than the budget"
     assert growth_large < growth_small + 16 * MiB, "RSS grows with file size"
+
+
+async def test_rss_falls_back_after_a_burst(daemon: tuple[str, psutil.Process]) -> None:
+    """A burst of concurrent uploads fills the 64 MiB pool; once it is idle the heap is
+    trimmed, so the daemon does not keep the burst's memory for good."""
+    url, proc = daemon
+    await wait_up(url)
+    await upload_measuring(url, "warm", 32 * MiB, proc)
+    base = proc.memory_info().rss
+    peaks = await asyncio.gather(
+        *(upload_measuring(url, f"burst{i}", 48 * MiB, proc) for i in range(8))
+    )
+    await asyncio.sleep(0.5)
+    after = proc.memory_info().rss
+    print(
+        f"rss base={base / MiB:.0f}MiB burst peak={max(peaks) / MiB:.0f}MiB "
+        f"after={after / MiB:.0f}MiB"
+    )
+    assert max(peaks) - base > 32 * MiB, "the burst did not fill the pool: test too weak"
+    assert after - base < 10 * MiB, "memory of the burst was kept after it ended"
