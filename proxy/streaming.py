@@ -106,6 +106,18 @@ def _part_checksum(algorithm: str, data: memoryview) -> PartChecksum | None:
     return PartChecksum(algorithm, base64.b64encode(raw).decode())
 
 
+async def admit(pool: BufferPool, size: int, settings: StreamSettings) -> bytearray:
+    """A new upload's first buffer, or 503 ERR_BUSY if none frees up within the
+    admission timeout (later buffers are waited for: that wait is the back-pressure)."""
+    try:
+        return await pool.acquire(size, timeout_s=settings.admission_timeout_s)
+    except PoolTimeout:
+        raise Busy(
+            "all upload buffers are in use; retry later",
+            headers={"Retry-After": str(max(1, round(settings.admission_timeout_s)))},
+        ) from None
+
+
 def _release(view: memoryview) -> None:
     try:
         view.release()
@@ -169,15 +181,7 @@ class PartStreamer:
         return part if declared is None else min(declared, part)
 
     async def _run(self, chunks: AsyncIterator[bytes]) -> StreamResult:
-        try:
-            buf = await self._pool.acquire(
-                self._first_buffer_size(), timeout_s=self._settings.admission_timeout_s
-            )
-        except PoolTimeout:
-            raise Busy(
-                "all upload buffers are in use; retry later",
-                headers={"Retry-After": str(max(1, round(self._settings.admission_timeout_s)))},
-            ) from None
+        buf = await admit(self._pool, self._first_buffer_size(), self._settings)
         filled = 0
         owned: bytearray | None = buf  # None while the buffer belongs to a part task
         try:

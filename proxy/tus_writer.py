@@ -27,13 +27,14 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.buffers import BufferPool, PoolTimeout
-from proxy.errors import Busy, ProxyError, StorageError, TooLarge
+from proxy.buffers import BufferPool
+from proxy.errors import ProxyError, StorageError, TooLarge
 from proxy.storage.base import PartChecksum, Storage
 from proxy.streaming import (
     NullObserver,
     StreamObserver,
     StreamSettings,
+    admit,
     part_checksum,
     release_view,
 )
@@ -126,15 +127,7 @@ class PatchWriter:
         first = part
         if declared_bytes is not None:
             first = min(part, self._pending_bytes + declared_bytes)
-        try:
-            self._buf = await self._pool.acquire(
-                max(first, 1), timeout_s=self._settings.admission_timeout_s
-            )
-        except PoolTimeout:
-            raise Busy(
-                "all upload buffers are in use; retry later",
-                headers={"Retry-After": str(max(1, round(self._settings.admission_timeout_s)))},
-            ) from None
+        self._buf = await admit(self._pool, max(first, 1), self._settings)
         self._filled = self._unloaded = self._skip = self._pending_bytes
         async for chunk in chunks:
             n = len(chunk)
