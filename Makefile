@@ -5,12 +5,17 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG ?= config.toml
 
-.PHONY: install run test test-fast test-deps check-systemd lint bench bench-tus clean
+.PHONY: install run test test-fast test-deps check-systemd lint bench bench-quick clean
 
 # tus-js-client for tests/test_tus_clients.py, exactly as tests/js/package-lock.json pins it.
 JS_DEPS := tests/js/node_modules/.package-lock.json
 $(JS_DEPS): tests/js/package.json tests/js/package-lock.json
 	cd tests/js && npm ci --no-audit --no-fund
+
+# The bench's tus client and its peer (@tus/server + @tus/s3-store), as bench/js/package-lock.json pins them.
+BENCH_JS_DEPS := bench/js/node_modules/.package-lock.json
+$(BENCH_JS_DEPS): bench/js/package.json bench/js/package-lock.json
+	cd bench/js && npm ci --no-audit --no-fund
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,13 +62,15 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check proxy tests bench
 	$(BIN)/mypy
 
-## Throughput / CPU / RSS figures (not a test): see bench/README.md.
-bench: $(STAMP)
-	$(BIN)/python bench/run.py
+## The benchmark (not a test): every row at 1 GiB, one table, the ratios against the
+## performance targets, raw figures in bench/results/<UTC time>.json.  BENCH_ARGS adds
+## options, e.g. BENCH_ARGS="--repeat 3 --big --compare bench/results/OLD.json".
+bench: $(STAMP) $(BENCH_JS_DEPS)
+	$(BIN)/python bench/bench.py $(BENCH_ARGS)
 
-## tus figures (1 GiB in one PATCH and in 8 MiB chunks); SIZE=256MiB for a quicker run.
-bench-tus: $(STAMP)
-	$(BIN)/python bench/tus_bench.py $(if $(SIZE),--size $(SIZE))
+## The same at 128 MiB per upload (8 x 16 MiB concurrent): a check that every row runs.
+bench-quick: $(STAMP) $(BENCH_JS_DEPS)
+	$(BIN)/python bench/bench.py --size 128MiB $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache
