@@ -59,8 +59,27 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from measure import Service, Watch, load_average, machine
-from report import GiB, MiB, Sample, checks, compare, median, ops_per_patch, table, write_json
+from measure import (
+    Service,
+    Watch,
+    git_revision,
+    load_average,
+    machine,
+    node_version,
+    npm_versions,
+)
+from report import (
+    GiB,
+    MiB,
+    Sample,
+    checks,
+    compare,
+    header,
+    median,
+    ops_per_patch,
+    table,
+    write_json,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -502,19 +521,6 @@ def selected_rows(args: argparse.Namespace) -> list[str]:
     return [r for r in ROWS if r in wanted]
 
 
-def npm_versions() -> dict[str, str]:
-    lock = json.loads((JS / "package-lock.json").read_text())["packages"]
-    names = ("tus-js-client", "@tus/server", "@tus/s3-store")
-    return {n: lock[f"node_modules/{n}"]["version"] for n in names}
-
-
-def git_revision() -> str:
-    r = subprocess.run(
-        ["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True, text=True
-    )
-    return r.stdout.strip()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rows = selected_rows(args)
@@ -536,29 +542,6 @@ def main(argv: list[str] | None = None) -> int:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
     return finish(args, bench, rounds, started, load_start)
-
-
-def header(doc: dict[str, Any], seconds: float) -> str:
-    m, st, v = doc["machine"], doc["settings"], doc["versions"]
-    rounds = f"median of {st['repeat']} rounds" if st["repeat"] > 1 else "one round"
-    idle = statistics.median(st["idle_rss_bytes"]) / MiB
-    when = doc["started"][:16].replace("T", " ")
-    return (
-        f"# upload-proxy bench {when} UTC on {m['cpu_model']}, {m['cores']}"
-        f" cores, {m['memory_bytes'] / GiB:.0f} GiB; load average"
-        f" {' '.join(map(str, m['load_average_start']))} at start,"
-        f" {' '.join(map(str, m['load_average_end']))} at the end; took {seconds:.0f} s"
-        "\n# Figures are the server process's own (proxy or peer; direct: the uploader's);"
-        " the client (curl / node) and SeaweedFS share the same cores."
-        f"\n# {st['size_bytes'] / MiB:g} MiB per upload, concurrent {CONCURRENT} x"
-        f" {st['concurrent_size_bytes'] / MiB:g} MiB; part_size {st['part_size_bytes'] / MiB:g}"
-        f" MiB, parts_in_flight {st['parts_in_flight']} (direct: {st['direct_in_flight']}),"
-        f" part_checksum {st['part_checksum']}, memory_budget"
-        f" {st['memory_budget_bytes'] / MiB:g} MiB; daemon idle RSS {idle:.1f} MiB; {rounds}"
-        f"\n# proxy {v['proxy']}; node {v['node']}; tus-js-client {v['tus-js-client']};"
-        f" peer @tus/server {v['@tus/server']} + @tus/s3-store {v['@tus/s3-store']}"
-        f" (partSize {st['part_size_bytes'] / MiB:g} MiB)"
-    )
 
 
 def finish(
@@ -583,10 +566,14 @@ def finish(
             "load_average_start": load_start,
             "load_average_end": load_average(),
         },
-        "versions": {**npm_versions(), "node": node_version(), "proxy": git_revision()},
+        "versions": {
+            **npm_versions(JS / "package-lock.json"),
+            "node": node_version(),
+            "proxy": git_revision(ROOT),
+        },
         "settings": {
             "size_bytes": bench.size,
-            "concurrent_size_bytes": bench.concurrent_size,
+            "concurrent": [CONCURRENT, bench.concurrent_size],
             "repeat": args.repeat,
             "part_size_bytes": bench.part_bytes,
             "parts_in_flight": bench.parts_in_flight,
@@ -618,11 +605,6 @@ def finish(
     if wrong:
         print(f"\nWRONG SHA-256 of the stored object: {', '.join(wrong)}")
     return 1 if bench.failures or wrong else 0
-
-
-def node_version() -> str:
-    r = subprocess.run(["node", "--version"], capture_output=True, text=True)
-    return r.stdout.strip()
 
 
 if __name__ == "__main__":

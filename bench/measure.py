@@ -5,13 +5,14 @@
 * :class:`Service`: a server started as a child process (the daemon, the peer), its output
   kept in memory (a log file would itself be a disk write of the process), ready once an
   HTTP URL answers.
-* :func:`machine`: what the figures were measured on.
+* :func:`machine` and the ``*_version`` helpers: what the figures were measured on and with.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import os
 import platform
 import subprocess
@@ -209,3 +210,21 @@ def machine() -> dict[str, object]:
 
 def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
+
+
+def npm_versions(package_lock: Path) -> dict[str, str]:
+    lock = json.loads(package_lock.read_text())["packages"]
+    names = ("tus-js-client", "@tus/server", "@tus/s3-store")
+    return {n: lock[f"node_modules/{n}"]["version"] for n in names}
+
+
+def git_revision(repo: Path) -> str:
+    r = subprocess.run(
+        ["git", "-C", str(repo), "describe", "--always", "--dirty"], capture_output=True, text=True
+    )
+    return r.stdout.strip()
+
+
+def node_version() -> str:
+    r = subprocess.run(["node", "--version"], capture_output=True, text=True)
+    return r.stdout.strip()

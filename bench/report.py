@@ -254,3 +254,27 @@ def compare(rows: dict[str, Sample], old_path: Path) -> str:
 def write_json(path: Path, document: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(document, indent=1, ensure_ascii=False) + "\n")
+
+
+def header(doc: dict[str, Any], seconds: float) -> str:
+    """The lines above the table: when, on what, with what settings and versions."""
+    m, st, v = doc["machine"], doc["settings"], doc["versions"]
+    rounds = f"median of {st['repeat']} rounds" if st["repeat"] > 1 else "one round"
+    idle = statistics.median(st["idle_rss_bytes"]) / MiB
+    when = doc["started"][:16].replace("T", " ")
+    return (
+        f"# upload-proxy bench {when} UTC on {m['cpu_model']}, {m['cores']}"
+        f" cores, {m['memory_bytes'] / GiB:.0f} GiB; load average"
+        f" {' '.join(map(str, m['load_average_start']))} at start,"
+        f" {' '.join(map(str, m['load_average_end']))} at the end; took {seconds:.0f} s"
+        "\n# Figures are the server process's own (proxy or peer; direct: the uploader's);"
+        " the client (curl / node) and SeaweedFS share the same cores."
+        f"\n# {st['size_bytes'] / MiB:g} MiB per upload, concurrent {st['concurrent'][0]} x"
+        f" {st['concurrent'][1] / MiB:g} MiB; part_size {st['part_size_bytes'] / MiB:g}"
+        f" MiB, parts_in_flight {st['parts_in_flight']} (direct: {st['direct_in_flight']}),"
+        f" part_checksum {st['part_checksum']}, memory_budget"
+        f" {st['memory_budget_bytes'] / MiB:g} MiB; daemon idle RSS {idle:.1f} MiB; {rounds}"
+        f"\n# proxy {v['proxy']}; node {v['node']}; tus-js-client {v['tus-js-client']};"
+        f" peer @tus/server {v['@tus/server']} + @tus/s3-store {v['@tus/s3-store']}"
+        f" (partSize {st['part_size_bytes'] / MiB:g} MiB)"
+    )
