@@ -31,8 +31,8 @@ Rows (--only takes these names):
 
 Columns: MiB/s (the client's transfer time: curl's process, tus-js-client's start to
 success; 8x: first start to last end), CPU seconds per GiB, peak RSS, bytes written to
-disk (/proc/PID/io write_bytes) and the largest size of every file seen in its temp dir
-($TMPDIR), all of the server process (proxy or peer; direct: the uploader's own) and not
+disk (/proc/PID/io write_bytes) and the bytes files grew by in its temp dir ($TMPDIR,
+sampled every 10 ms), all of the server process (proxy or peer; direct: the uploader's own) and not
 of the client or SeaweedFS, which share the same cores.  Each stored object's SHA-256 is
 checked afterwards (proxy: its sha256 metadata; direct and peer: a GET re-hash), outside
 the figures, and deleted.  With --repeat N every figure is the median of N rounds.
@@ -267,7 +267,7 @@ class Bench:
         peer.wait_ready()
         self.peer = peer
         result = self.tus(peer.ready_url, self.files["warm-up"], None, 1)
-        self.delete_peer_upload(result)
+        self.peer_keys(result, keep_objects=False)
         return peer
 
     # -- clients -------------------------------------------------------------------------
@@ -320,6 +320,9 @@ class Bench:
         async def all_ok() -> bool:
             return all([await self._check(k, size, digest, rehash) for k in keys])
 
+        if not keys:
+            return False  # nothing stored: not a vacuous pass
+
         return self.loop.run_until_complete(all_ok())
 
     def tus_keys(self, result: dict[str, Any]) -> list[str]:
@@ -332,14 +335,14 @@ class Bench:
             keys += [o.key for o in found]
         return keys
 
-    def delete_peer_upload(self, result: dict[str, Any]) -> list[str]:
-        """@tus/s3-store stores an upload as <id> beside <id>.info: the info goes, the
-        object's key is returned (or deleted too, for a warm-up)."""
+    def peer_keys(self, result: dict[str, Any], *, keep_objects: bool) -> list[str]:
+        """@tus/s3-store stores an upload as <id> beside <id>.info: the infos are deleted,
+        the objects' keys returned (the objects kept to be checked, or deleted too)."""
         assert self.s3 is not None
         ids = [url.rstrip("/").rsplit("/", 1)[1] for url in result["urls"]]
         for upload_id in ids:
             self.loop.run_until_complete(self.s3.delete_object(f"{upload_id}.info"))
-            if "verify" not in result:
+            if not keep_objects:
                 self.loop.run_until_complete(self.s3.delete_object(upload_id))
         return ids
 
@@ -383,7 +386,12 @@ class Bench:
 
         def client(daemon: Service) -> dict[str, Any]:
             result = self.tus(self.tus_endpoint(daemon), path, chunk, count)
-            result["verified"] = lambda: self.check(self.tus_keys(result), size, digest)
+
+            def verified() -> bool:
+                keys = self.tus_keys(result)  # one object per upload, or it is wrong
+                return len(keys) == count and self.check(keys, size, digest)
+
+            result["verified"] = verified
             return result
 
         return self.proxy_row(name, size * count, client)
@@ -420,8 +428,7 @@ class Bench:
         endpoint = peer.ready_url
         with Watch(peer.proc, peer.temp_dir) as w:
             result = self.tus(endpoint, path, None, 1)
-        result["verify"] = True
-        keys = self.delete_peer_upload(result)
+        keys = self.peer_keys(result, keep_objects=True)
         verified = self.check(keys, self.size, self.digests[path], rehash=True)
         return Sample(
             "peer-tus-server",
@@ -464,8 +471,9 @@ class Bench:
             for row in rows:
                 try:
                     sample = self.run_row(row)
-                except (RuntimeError, OSError, subprocess.SubprocessError, ValueError) as e:
-                    # One broken row (a client error, a dead server) must not lose the others.
+                except Exception as e:
+                    # One broken row (a client error, a dead server, a storage error while
+                    # checking) must not lose the others; it is reported and fails the run.
                     self.failures.append(f"round {self.round + 1} {row}: {e}")
                     print(f"  round {self.round + 1} {row} FAILED: {e}", flush=True)
                     continue
