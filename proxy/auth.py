@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from urllib.parse import quote, urlencode
 
 from proxy.errors import ProxyError, TooLarge
+from proxy.headers import ascii_uint
 
 SIGNED_FIELDS = ("expires", "key", "prefix", "max_size", "sig")
 _SIG_HEX_LEN = 64
@@ -212,10 +213,10 @@ class Authenticator:
         if not hmac.compare_digest(expected.encode(), sig.lower().encode("ascii", "replace")):
             raise Forbidden("the signature does not match", code="ERR_BAD_SIGNATURE")
         # Fields are trusted only after the signature checks out; then they were ours.
-        if not (expires.isascii() and expires.isdigit()) or int(expires) < now:
+        expires_s = ascii_uint(expires, max_digits=_MAX_NUMBER_LEN)
+        if expires_s is None or expires_s < now:
             raise Forbidden("the signed URL has expired", code="ERR_URL_EXPIRED")
-        if max_size and not (max_size.isascii() and max_size.isdigit()):
+        max_size_bytes = ascii_uint(max_size, max_digits=_MAX_NUMBER_LEN) if max_size else None
+        if max_size and max_size_bytes is None:
             raise Forbidden("the signed URL is malformed", code="ERR_BAD_SIGNATURE")
-        return Grant(
-            via="signed", key=key, prefix=prefix, max_size_bytes=int(max_size) if max_size else None
-        )
+        return Grant(via="signed", key=key, prefix=prefix, max_size_bytes=max_size_bytes)

@@ -27,6 +27,7 @@ from aiohttp import web
 from proxy.auth import Forbidden, Grant
 from proxy.config import TusConfig
 from proxy.errors import BadRequest, NotFound, ProxyError, TooLarge
+from proxy.headers import ascii_uint
 from proxy.http_upload import UPLOADS, authorize, body_chunks, expect_with, request_client
 from proxy.storage.base import OpenMultipart, Storage
 from proxy.tus_state import TusStore, UploadInfo, release_quietly, valid_id
@@ -98,9 +99,12 @@ def _non_negative(request: web.Request, name: str) -> int | None:
     value = request.headers.get(name)
     if value is None:
         return None
-    if not value.isdigit() or len(value) > 19:
-        raise BadRequest(f"{name} must be a non-negative integer", code="ERR_BAD_HEADER")
-    return int(value)
+    number = ascii_uint(value)
+    if number is None:
+        raise BadRequest(
+            f"{name} must be a non-negative integer of ASCII digits", code="ERR_BAD_HEADER"
+        )
+    return number
 
 
 def parse_metadata(header: str) -> dict[str, bytes]:

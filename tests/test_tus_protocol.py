@@ -6,6 +6,7 @@ import asyncio
 import base64
 import hashlib
 import itertools
+import logging
 import os
 from dataclasses import replace
 
@@ -131,6 +132,28 @@ async def test_creation_errors(proxy, http) -> None:
             body = await r.json()
             assert set(body) == {"code", "message"}
             assert r.headers["Tus-Resumable"] == "1.0.0"
+
+
+@pytest.mark.parametrize("value", ["\u00b2", "\u0661\u0662", "1_0", "+5", "-0", "0x5", "1" * 20])
+async def test_integer_headers_are_ascii_digits_only(
+    proxy, http, s3, prefix, value, caplog
+) -> None:
+    """Upload-Length / Upload-Offset are 1*DIGIT (ASCII).  "\u00b2" passed str.isdigit but
+    broke int(): a 500 with a traceback; Arabic-Indic "\u0661\u0662" was taken as 12."""
+    caplog.set_level(logging.DEBUG)
+    async with http.post(f"{proxy.url}/files/", headers={**TUS, "Upload-Length": value}) as r:
+        assert r.status == 400, (value, r.status)
+        assert (await r.json())["code"] == "ERR_BAD_HEADER"
+    url = await create(http, proxy.url, 12)
+    r = await patch(http, url, 0, b"x", **{"Upload-Offset": value})
+    assert r.status == 400, (value, r.status)
+    r = await patch(http, url, 0, b"x", **{"Upload-Length": value})
+    assert r.status == 400, (value, r.status)
+    assert await head_offset(http, url) == 0
+    assert "Traceback" not in caplog.text and "unhandled error" not in caplog.text
+    async with http.delete(url, headers=TUS) as r:
+        assert r.status == 204
+    await assert_nothing_left(s3, prefix)
 
 
 async def test_patch_errors(proxy, http, s3, prefix) -> None:
