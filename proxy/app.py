@@ -21,7 +21,7 @@ from proxy.http_upload import UPLOADS, UploadContext, UploadHooks, add_routes
 from proxy.limits import ContentPolicy, UploadSlots
 from proxy.memory import HeapTrimmer, MemoryMonitor, MemoryReader, read_memory
 from proxy.metrics import Metrics
-from proxy.responses import error_response
+from proxy.responses import error_response, hide_server_banner
 from proxy.storage.base import OpenMultipart, Storage
 from proxy.storage.s3 import S3Storage
 from proxy.storage.seaweed import EmbeddedSeaweed, load_or_create_credentials
@@ -92,7 +92,7 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         body_left = not request.content.is_eof()
         if e.status >= 500:
             log.warning(
-                "%s %s -> %d %s: %s", request.method, request.path, e.status, e.code, e.message
+                "%s %r -> %d %s: %r", request.method, request.path, e.status, e.code, e.message
             )
         return error_response(e, close=body_left)
     except web.HTTPException as e:
@@ -103,7 +103,7 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         err.headers.update({k: v for k, v in e.headers.items() if k.lower() == "allow"})
         return error_response(err, close=not request.content.is_eof())
     except Exception:
-        log.exception("unhandled error in %s %s", request.method, request.path)
+        log.exception("unhandled error in %s %r", request.method, request.path)
         return error_response(ProxyError("internal error"), close=True)
 
 
@@ -226,6 +226,7 @@ async def _sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def build_app(runtime: Runtime) -> web.Application:
     app = web.Application(middlewares=[error_middleware])
+    app.on_response_prepare.append(hide_server_banner)
     app[RUNTIME] = runtime
     cfg = runtime.config
     app[UPLOADS] = runtime.uploads = UploadContext(

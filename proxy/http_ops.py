@@ -26,6 +26,7 @@ from proxy.errors import ProxyError
 from proxy.http_upload import UploadHooks
 from proxy.memory import Level, MemoryMonitor
 from proxy.metrics import Metrics
+from proxy.responses import hide_server_banner
 from proxy.storage.base import Storage
 from proxy.streaming import StreamObserver, StreamResult
 
@@ -225,5 +226,6 @@ def add_routes(app: web.Application, ops: Ops, *, with_status: bool = True) -> N
 def build_metrics_app(ops: Ops) -> web.Application:
     """The app for ``metrics_listen``: /metrics, /healthz and /readyz only."""
     app = web.Application()
+    app.on_response_prepare.append(hide_server_banner)
     add_routes(app, ops, with_status=False)
     return app

@@ -305,7 +305,7 @@ async def create(request: web.Request) -> web.StreamResponse:
     if not with_body:
         headers.pop("Upload-Offset")
     log.info(
-        "tus create id=%s key=%s length=%s",
+        "tus create id=%s key=%r length=%s",
         info.id,
         info.key,
         "deferred" if info.length is None else info.length,

@@ -106,7 +106,7 @@ class TusService:
             # Complete on arrival: the object, and no state at all.
             await self._put_empty(new.key, new.content_type, new.object_metadata)
             log.info(
-                "tus upload id=%s key=%s bytes=0 sha256=%s result=ok", new.id, new.key, EMPTY_SHA256
+                "tus upload id=%s key=%r bytes=0 sha256=%s result=ok", new.id, new.key, EMPTY_SHA256
             )
             info = self._info(new, "", now)
             return replace(info, completing=True, sha256_hex=EMPTY_SHA256), None
@@ -341,7 +341,7 @@ class TusService:
             length,
         )
         log.info(
-            "tus upload id=%s key=%s bytes=%d sha256=%s parts=%d result=ok",
+            "tus upload id=%s key=%r bytes=%d sha256=%s parts=%d result=ok",
             info.id,
             info.key,
             length,
@@ -397,7 +397,7 @@ class TusService:
         loop = asyncio.get_running_loop()
         async for chunk in self.uploads.storage.iter_object(key, chunk_bytes=REHASH_CHUNK_BYTES):
             await loop.run_in_executor(None, h.update, chunk)
-        log.info("tus: re-read %s to hash it in %.2fs", key, time.monotonic() - started)
+        log.info("tus: re-read %r to hash it in %.2fs", key, time.monotonic() - started)
         return h.hexdigest()
 
     # -- terminate and sweep ---------------------------------------------------------------
@@ -408,7 +408,7 @@ class TusService:
             await self.uploads.storage.abort_multipart(info.key, info.multipart_id)
         await self.store.delete_all(info.id)
         await lease.drop()
-        log.info("tus upload id=%s key=%s terminated at offset %d", info.id, info.key, info.offset)
+        log.info("tus upload id=%s key=%r terminated at offset %d", info.id, info.key, info.offset)
 
     async def sweep_once(self) -> int:
         """Expire old uploads and finish interrupted completions; return how many were handled.
@@ -493,7 +493,7 @@ class TusService:
             try:
                 await self.uploads.storage.delete_object(key)
             except ProxyError as e:
-                log.warning("tus: could not delete %s: %s", key, e)
+                log.warning("tus: could not delete %r: %s", key, e)
 
     @staticmethod
     async def _shielded(aw: Awaitable[T], what: str) -> T | None:

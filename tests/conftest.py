@@ -7,6 +7,7 @@ assert "no object and no open multipart upload" under their prefix.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -148,6 +149,27 @@ async def start_proxy(seaweed: EmbeddedSeaweed, prefix: str) -> AsyncIterator[St
     yield start
     for r in runners:
         await r.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    sw: EmbeddedSeaweed, prefix: str, **sections: dict[str, Any]
+) -> AsyncIterator[Any]:
+    """The whole :class:`proxy.server.Server` (main and ``metrics_listen`` listeners), on
+    the test config with ``sections`` over it, until the block ends."""
+    from proxy.server import Server
+
+    config = make_config(sw, prefix, **sections)
+    async with s3_for(sw) as storage:
+        server = Server(config, Runtime(config, storage=storage))
+        task = asyncio.create_task(server.serve(install_signals=False))
+        try:
+            async with asyncio.timeout(10):
+                await server.listening.wait()
+            yield server
+        finally:
+            server.request_stop()
+            await task
 
 
 async def assert_nothing_left(s3: S3Storage, prefix: str) -> None:
