@@ -238,6 +238,7 @@ def build_app(runtime: Runtime) -> web.Application:
             enabled=cfg.auth.enabled,
             token_sha256=cfg.auth.token_sha256,
             signing_secret=cfg.auth.signing_secret,
+            max_url_lifetime_s=cfg.auth.signed_url_max_lifetime_s,
         ),
         slots=UploadSlots(cfg.limits.max_concurrent_uploads, cfg.limits.max_uploads_per_client),
         policy=ContentPolicy(cfg.limits.allowed_content_types, cfg.limits.allowed_extensions),

@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import quote, urlencode
 
+from proxy.config import AuthConfig
 from proxy.errors import ProxyError, TooLarge
 from proxy.headers import ascii_uint
 
@@ -150,11 +151,17 @@ class Authenticator:
     """Turns a request's method, headers and query into a :class:`Grant`, or raises."""
 
     def __init__(
-        self, *, enabled: bool, token_sha256: tuple[bytes, ...] = (), signing_secret: bytes = b""
+        self,
+        *,
+        enabled: bool,
+        token_sha256: tuple[bytes, ...] = (),
+        signing_secret: bytes = b"",
+        max_url_lifetime_s: float = AuthConfig.signed_url_max_lifetime_s,
     ) -> None:
         self.enabled = enabled
         self._hashes = token_sha256
         self._secret = signing_secret
+        self._max_lifetime_s = max_url_lifetime_s
 
     def __repr__(self) -> str:
         return (
@@ -216,6 +223,20 @@ class Authenticator:
         expires_s = ascii_uint(expires, max_digits=_MAX_NUMBER_LEN)
         if expires_s is None or expires_s < now:
             raise Forbidden("the signed URL has expired", code="ERR_URL_EXPIRED")
+        if expires_s - now > self._max_lifetime_s:
+            # The URL carries no issue time, so "lives at most N" is "expires within N":
+            # a leaked URL (browser history, a proxy log) is good for at most that long.
+            raise Forbidden(
+                f"the signed URL expires more than {self._max_lifetime_s:.0f} s from now, "
+                "beyond auth.signed_url_max_lifetime_s",
+                code="ERR_URL_LIFETIME",
+            )
+        if prefix is not None and not (prefix and prefix.endswith("/")):
+            # sign_url never mints one, but a web app with the secret may sign its own: a
+            # prefix "user1" would allow "user10/...", and "" every key.
+            raise Forbidden(
+                "the signed prefix must be non-empty and end with '/'", code="ERR_BAD_SIGNATURE"
+            )
         max_size_bytes = ascii_uint(max_size, max_digits=_MAX_NUMBER_LEN) if max_size else None
         if max_size and max_size_bytes is None:
             raise Forbidden("the signed URL is malformed", code="ERR_BAD_SIGNATURE")

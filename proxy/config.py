@@ -143,6 +143,8 @@ class AuthConfig:
     mode: str = "required"
     token_sha256: tuple[bytes, ...] = field(default=(), repr=False)
     signing_secret: bytes = field(default=b"", repr=False)
+    # A week: the longest an S3 (SigV4) presigned URL lives.
+    signed_url_max_lifetime_s: float = 7 * 86400.0
 
     @property
     def enabled(self) -> bool:
@@ -498,8 +500,14 @@ def _auth(r: _Reader, base: Path) -> AuthConfig:
         '"required" needs tokens, a token_file or a signing_secret_file; '
         'set mode = "none" to accept uploads from anyone who can reach the port',
     )
+    lifetime = r.positive("signed_url_max_lifetime_s", float, AuthConfig.signed_url_max_lifetime_s)
     r.finish()
-    return AuthConfig(mode=mode, token_sha256=tuple(hashes), signing_secret=secret)
+    return AuthConfig(
+        mode=mode,
+        token_sha256=tuple(hashes),
+        signing_secret=secret,
+        signed_url_max_lifetime_s=lifetime,
+    )
 
 
 def _limits(r: _Reader) -> LimitsConfig:
