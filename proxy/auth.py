@@ -59,6 +59,40 @@ class Forbidden(ProxyError):
 
 
 @dataclass(frozen=True)
+class Principal:
+    """Who made a request: the owner recorded on what it creates (a tus upload), which
+    only the same principal may touch again.
+
+    A small value, safe to store next to the upload and to log: ``kind`` is how the
+    request authenticated (``anonymous`` when auth is off, ``token``, ``signed``) and
+    ``ref`` (16 hex digits; empty for anonymous) tells principals of one kind apart.  For
+    a bearer token it is a hash of the token's stored SHA-256, for a signed URL a hash of
+    its signature: neither gives back the credential, nor anything that would pass as it.
+    Later kinds (upload links, scoped tokens) are new ``kind`` values.
+    """
+
+    kind: str
+    ref: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.ref}" if self.ref else self.kind
+
+    def owns(self, recorded: str) -> bool:
+        """Is ``recorded`` (``str`` of a principal, as stored) this principal?  In constant
+        time: how long the answer takes says nothing about how much of it matched."""
+        return hmac.compare_digest(str(self).encode(), recorded.encode("utf-8", "surrogateescape"))
+
+
+ANONYMOUS = Principal("anonymous")
+_PRINCIPAL_DOMAIN = b"upload-proxy principal v1\0"
+
+
+def _principal(kind: str, material: bytes) -> Principal:
+    digest = hashlib.sha256(_PRINCIPAL_DOMAIN + kind.encode() + b"\0" + material).hexdigest()
+    return Principal(kind, digest[:16])
+
+
+@dataclass(frozen=True)
 class Grant:
     """What an authenticated request may do.  ``None`` fields mean "no restriction"."""
 
@@ -66,6 +100,7 @@ class Grant:
     key: str | None = None
     prefix: str | None = None
     max_size_bytes: int | None = None
+    principal: Principal = ANONYMOUS
 
     def check_key(self, client_key: str) -> None:
         """Raise unless ``client_key`` (before the proxy's key_prefix) is allowed."""
@@ -198,7 +233,8 @@ class Authenticator:
             ok |= hmac.compare_digest(presented, stored)
         if not ok:
             raise Unauthorized("the bearer token is not valid", error="invalid_token")
-        return Grant(via="token")
+        # presented equals the stored hash that matched: the principal is a hash of it.
+        return Grant(via="token", principal=_principal("token", presented))
 
     def _signed(self, method: str, query: Mapping[str, str], now: float) -> Grant:
         if not self._secret:
@@ -240,4 +276,10 @@ class Authenticator:
         max_size_bytes = ascii_uint(max_size, max_digits=_MAX_NUMBER_LEN) if max_size else None
         if max_size and max_size_bytes is None:
             raise Forbidden("the signed URL is malformed", code="ERR_BAD_SIGNATURE")
-        return Grant(via="signed", key=key, prefix=prefix, max_size_bytes=max_size_bytes)
+        return Grant(
+            via="signed",
+            key=key,
+            prefix=prefix,
+            max_size_bytes=max_size_bytes,
+            principal=_principal("signed", sig.lower().encode("ascii")),
+        )

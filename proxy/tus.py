@@ -24,7 +24,7 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from proxy.auth import Forbidden, Grant
+from proxy.auth import Forbidden, Grant, Principal
 from proxy.config import TusConfig
 from proxy.errors import BadRequest, NotFound, ProxyError, TooLarge
 from proxy.headers import ascii_uint
@@ -139,7 +139,7 @@ def _header_safe(value: str) -> str:
     return quote(value, safe=" !\"#$&'()*+,-./:;<=>?@[]^_`{|}~")
 
 
-def new_upload(ctx: TusService, header: str, length: int | None) -> NewUpload:
+def new_upload(ctx: TusService, header: str, length: int | None, principal: Principal) -> NewUpload:
     """Key, content type and object metadata from ``Upload-Metadata``."""
     meta = parse_metadata(header)
     text = {k: v.decode("utf-8", errors="replace") for k, v in meta.items()}
@@ -165,6 +165,7 @@ def new_upload(ctx: TusService, header: str, length: int | None) -> NewUpload:
         object_metadata=obj_meta,
         length=length,
         filename=filename,
+        principal=principal,
     )
 
 
@@ -214,7 +215,12 @@ def _chunks(request: web.Request) -> AsyncIterator[bytes]:
 def _guard(request: web.Request) -> Grant:
     """Who may touch tus uploads: the same credentials as plain uploads, checked before
     any body byte.  Signed URLs are bound to one method and one key, which tus (POST,
-    then PATCHes to a URL we choose) cannot honour: tus takes bearer tokens."""
+    then PATCHes to a URL we choose) cannot honour: tus takes bearer tokens.
+
+    Whose upload: the grant's principal is recorded at creation, and every later request
+    (HEAD, PATCH, DELETE, the method-override POST) passes it to the state store, which
+    answers someone else's upload with the 404 of an unknown id (``TusStore._load_for``).
+    With auth off every request is "anonymous": whoever holds the id may touch it."""
     grant = authorize(request)
     if grant.via == "signed":
         raise Forbidden(
@@ -264,7 +270,7 @@ async def options(request: web.Request) -> web.Response:
 
 async def create(request: web.Request) -> web.StreamResponse:
     _check_version(request)
-    _guard_body(request)
+    grant = _guard_body(request)
     svc = _svc(request)
     length = _non_negative(request, "Upload-Length")
     defer = request.headers.get("Upload-Defer-Length")
@@ -288,7 +294,7 @@ async def create(request: web.Request) -> web.StreamResponse:
             reason="bad_request",
         )
     checksum = _checksum(request) if with_body else None
-    new = new_upload(svc, request.headers.get("Upload-Metadata", ""), length)
+    new = new_upload(svc, request.headers.get("Upload-Metadata", ""), length, grant.principal)
     info, lease = await svc.create(new, leased=with_body and new.length != 0)
     if lease is not None:
         try:
@@ -315,7 +321,7 @@ async def create(request: web.Request) -> web.StreamResponse:
 
 async def _terminate_quietly(svc: TusService, upload_id: str) -> None:
     async def go() -> None:
-        lease = await svc.store.acquire(upload_id, allow_expired=True)
+        lease = await svc.store.acquire(upload_id, by=None, allow_expired=True)
         await svc.terminate(lease)
 
     try:
@@ -328,8 +334,8 @@ async def _terminate_quietly(svc: TusService, upload_id: str) -> None:
 
 async def head(request: web.Request) -> web.Response:
     _check_version(request)
-    _guard(request)
-    info = await _svc(request).store.get(_upload_id(request))
+    grant = _guard(request)
+    info = await _svc(request).store.get(_upload_id(request), by=grant.principal)
     headers = {**_upload_headers(info), "Cache-Control": "no-store"}
     if info.length is None:
         headers["Upload-Defer-Length"] = "1"
@@ -342,7 +348,7 @@ async def head(request: web.Request) -> web.Response:
 
 async def patch(request: web.Request) -> web.Response:
     _check_version(request)
-    _guard_body(request)
+    grant = _guard_body(request)
     svc = _svc(request)
     upload_id = _upload_id(request)
     ctype = request.headers.get("Content-Type", "").split(";")[0].strip()
@@ -358,7 +364,7 @@ async def patch(request: web.Request) -> web.Response:
         raise BadRequest("Upload-Offset is required", code="ERR_BAD_HEADER")
     length = _non_negative(request, "Upload-Length")
     checksum = _checksum(request)
-    lease = await svc.store.acquire(upload_id)
+    lease = await svc.store.acquire(upload_id, by=grant.principal)
     try:
         info = lease.info
         if info.completing and offset == info.offset:
@@ -400,9 +406,9 @@ async def patch(request: web.Request) -> web.Response:
 
 async def delete(request: web.Request) -> web.Response:
     _check_version(request)
-    _guard(request)
+    grant = _guard(request)
     svc = _svc(request)
-    lease = await svc.store.acquire(_upload_id(request), allow_expired=True)
+    lease = await svc.store.acquire(_upload_id(request), by=grant.principal, allow_expired=True)
     try:
         await svc.terminate(lease)
     except BaseException:

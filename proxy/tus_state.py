@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from proxy.auth import ANONYMOUS, Principal
 from proxy.errors import ConditionFailed, Gone, Locked, NotFound, StorageError
 from proxy.storage.base import Storage
 
@@ -67,6 +68,11 @@ class UploadInfo:
     lease_owner: str | None = None
     lease_until_s: float = 0.0
     created_s: float = field(default_factory=time.time)
+    # Who created the upload (str of a proxy.auth.Principal); only they may touch it.
+    # Info objects written before this field existed load as "anonymous": reachable
+    # with auth.mode = "none" only, as when they were made (with auth on they simply
+    # expire).
+    principal: str = str(ANONYMOUS)
 
     @property
     def parts_bytes(self) -> int:
@@ -159,12 +165,20 @@ class TusStore:
         except (ValueError, KeyError, TypeError) as e:
             raise StorageError(f"tus state of {upload_id} is unreadable: {e}") from None
 
-    async def get(self, upload_id: str) -> UploadInfo:
-        """The upload as HEAD sees it: 404 if unknown, 410 if expired."""
+    async def _load_for(self, upload_id: str, by: Principal | None) -> tuple[UploadInfo, str]:
+        """The upload if ``by`` may touch it (None: the proxy itself, e.g. the sweeper).
+
+        Someone else's upload is exactly as unknown as an id that does not exist: the
+        same 404 after the same S3 read, checked before expiry (410) and lease (423),
+        which would confirm that the id exists."""
         loaded = await self.load(upload_id)
-        if loaded is None:
+        if loaded is None or (by is not None and not by.owns(loaded[0].principal)):
             raise NotFound("no such upload")
-        info = loaded[0]
+        return loaded
+
+    async def get(self, upload_id: str, *, by: Principal) -> UploadInfo:
+        """The upload as HEAD sees it: 404 if unknown or not ``by``'s, 410 if expired."""
+        info, _ = await self._load_for(upload_id, by)
         if info.expired(self.clock()):
             raise Gone("the upload has expired")
         return info
@@ -181,12 +195,12 @@ class TusStore:
             self.info_key(info.id), info.to_json(), if_none_match=True
         )
 
-    async def acquire(self, upload_id: str, *, allow_expired: bool = False) -> Lease:
-        """Take the upload's lease: 404 unknown, 410 expired, 423 held by someone else."""
-        loaded = await self.load(upload_id)
-        if loaded is None:
-            raise NotFound("no such upload")
-        info, etag = loaded
+    async def acquire(
+        self, upload_id: str, *, by: Principal | None, allow_expired: bool = False
+    ) -> Lease:
+        """Take the upload's lease: 404 unknown or not ``by``'s (None: the proxy itself),
+        410 expired, 423 held by someone else."""
+        info, etag = await self._load_for(upload_id, by)
         now = self.clock()
         if info.expired(now) and not allow_expired:
             raise Gone("the upload has expired")

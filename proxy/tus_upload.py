@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
+from proxy.auth import Principal
 from proxy.config import TusConfig
 from proxy.errors import (
     ConditionFailed,
@@ -74,6 +75,7 @@ class NewUpload:
     object_metadata: dict[str, str]
     length: int | None
     filename: str | None
+    principal: Principal  # the creator: the only one who may touch the upload again
 
 
 class TusService:
@@ -135,6 +137,7 @@ class TusService:
             multipart_id=mpu,
             expires_s=now + self.config.expire_after_s,
             created_s=now,
+            principal=str(new.principal),
         )
 
     @staticmethod
@@ -431,7 +434,7 @@ class TusService:
                 finish = info.completing or info.reached_length
                 if info.leased(now) or not (finish or info.expired(now)):
                     continue
-                lease = await self.store.acquire(upload_id, allow_expired=True)
+                lease = await self.store.acquire(upload_id, by=None, allow_expired=True)
                 try:
                     if lease.info.completing:
                         await self.complete(lease.info)
