@@ -12,7 +12,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from proxy import __version__, http_ops, tus
-from proxy.auth import Authenticator
+from proxy.auth import Authenticator, TokenSet
 from proxy.buffers import BufferPool
 from proxy.config import Config
 from proxy.errors import REASONS, ProxyError, StorageError, StorageUnavailable
@@ -75,7 +75,11 @@ class Runtime:
         )
         memory = MemoryMonitor(self.config.memory, self.memory_reader)
         self.ops = Ops(
-            metrics, memory, Readiness(lambda: self.storage, memory), pool=lambda: self.pool
+            metrics,
+            memory,
+            Readiness(lambda: self.storage, memory),
+            pool=lambda: self.pool,
+            operators=TokenSet(self.config.auth.operator_token_sha256),
         )
 
 

@@ -1,9 +1,8 @@
 """Who may upload: bearer tokens and HMAC-signed upload URLs.  No HTTP framework here.
 
-Bearer tokens are kept only as SHA-256 hashes.  A presented token is hashed and
-compared with every stored hash using :func:`hmac.compare_digest`, without an early
-exit, so neither the comparison nor the number of hashes tried leaks which bytes
-matched.  (Hashing first also makes the comparison length-independent.)
+Bearer tokens are kept only as SHA-256 hashes and compared in constant time
+(:class:`TokenSet`): upload tokens here, operator tokens (``/status`` details) in
+:mod:`proxy.http_ops`.
 
 A signed upload URL is our answer to S3 presigned URLs: a web app that holds the
 signing secret hands a browser a URL that allows one method, on one key or under
@@ -182,6 +181,40 @@ def sign_url(
     return urlencode(params, quote_via=quote)
 
 
+def bearer_token(authorization: str) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header; None for anything else."""
+    scheme, _, token = authorization.strip().partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+class TokenSet:
+    """Bearer tokens, kept only as SHA-256 hashes.
+
+    A presented token is hashed and compared with every stored hash using
+    :func:`hmac.compare_digest`, without an early exit, so neither the comparison nor
+    the number of hashes tried leaks which bytes matched.  (Hashing first also makes
+    the comparison length-independent.)"""
+
+    def __init__(self, token_sha256: tuple[bytes, ...] = ()) -> None:
+        self._hashes = token_sha256
+
+    def __len__(self) -> int:
+        return len(self._hashes)
+
+    def __repr__(self) -> str:
+        return f"TokenSet({len(self._hashes)} hashes)"
+
+    def match(self, token: str) -> bytes | None:
+        """The token's SHA-256 if it is one of ours, else None."""
+        presented = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+        ok = False
+        for stored in self._hashes:
+            # Accumulate instead of returning early: the time taken does not say which matched.
+            ok |= hmac.compare_digest(presented, stored)
+        return presented if ok else None
+
+
 class Authenticator:
     """Turns a request's method, headers and query into a :class:`Grant`, or raises."""
 
@@ -194,13 +227,13 @@ class Authenticator:
         max_url_lifetime_s: float = AuthConfig.signed_url_max_lifetime_s,
     ) -> None:
         self.enabled = enabled
-        self._hashes = token_sha256
+        self._tokens = TokenSet(token_sha256)
         self._secret = signing_secret
         self._max_lifetime_s = max_url_lifetime_s
 
     def __repr__(self) -> str:
         return (
-            f"Authenticator(enabled={self.enabled}, tokens={len(self._hashes)}, "
+            f"Authenticator(enabled={self.enabled}, tokens={len(self._tokens)}, "
             f"signed_urls={bool(self._secret)})"
         )
 
@@ -221,17 +254,13 @@ class Authenticator:
         raise Unauthorized("authentication required: a bearer token or a signed URL")
 
     def _bearer(self, header: str) -> Grant:
-        scheme, _, token = header.strip().partition(" ")
-        if scheme.lower() != "bearer" or not token.strip() or not self._hashes:
+        token = bearer_token(header)
+        if token is None or not self._tokens:
             raise Unauthorized(
                 "the Authorization header is not an accepted bearer token", error="invalid_token"
             )
-        presented = hashlib.sha256(token.strip().encode("utf-8", "surrogateescape")).digest()
-        ok = False
-        for stored in self._hashes:
-            # Accumulate instead of returning early: the time taken does not say which matched.
-            ok |= hmac.compare_digest(presented, stored)
-        if not ok:
+        presented = self._tokens.match(token)
+        if presented is None:
             raise Unauthorized("the bearer token is not valid", error="invalid_token")
         # presented equals the stored hash that matched: the principal is a hash of it.
         return Grant(via="token", principal=_principal("token", presented))

@@ -143,6 +143,8 @@ class AuthConfig:
     mode: str = "required"
     token_sha256: tuple[bytes, ...] = field(default=(), repr=False)
     signing_secret: bytes = field(default=b"", repr=False)
+    # Tokens that may read /status in full (upload ids and keys); never upload tokens.
+    operator_token_sha256: tuple[bytes, ...] = field(default=(), repr=False)
     # A week: the longest an S3 (SigV4) presigned URL lives.
     signed_url_max_lifetime_s: float = 7 * 86400.0
 
@@ -468,22 +470,34 @@ def _token_hash(r: _Reader, key: str, entry: str, *, plain_ok: bool) -> bytes | 
     return None
 
 
+def _token_hashes(r: _Reader, base: Path, list_key: str, file_key: str) -> list[bytes]:
+    """Hashes from a list of ``sha256:`` entries and from a token file (hashes or plain)."""
+    hashes: list[bytes] = []
+    for entry in r.strings(list_key):
+        h = _token_hash(r, list_key, entry, plain_ok=False)
+        if h is not None:
+            hashes.append(h)
+    token_file = r.get(file_key, str, "")
+    if token_file:
+        path = Path(token_file) if Path(token_file).is_absolute() else base / token_file
+        for line in _read_secret_file(r, file_key, str(path)).splitlines():
+            if line.strip() and not line.lstrip().startswith("#"):
+                h = _token_hash(r, file_key, line, plain_ok=True)
+                if h is not None:
+                    hashes.append(h)
+    return hashes
+
+
 def _auth(r: _Reader, base: Path) -> AuthConfig:
     d = AuthConfig()
     mode = r.choice("mode", AUTH_MODES, d.mode)
-    hashes: list[bytes] = []
-    for entry in r.strings("tokens"):
-        h = _token_hash(r, "tokens", entry, plain_ok=False)
-        if h is not None:
-            hashes.append(h)
-    token_file = r.get("token_file", str, "")
-    if token_file:
-        path = Path(token_file) if Path(token_file).is_absolute() else base / token_file
-        for line in _read_secret_file(r, "token_file", str(path)).splitlines():
-            if line.strip() and not line.lstrip().startswith("#"):
-                h = _token_hash(r, "token_file", line, plain_ok=True)
-                if h is not None:
-                    hashes.append(h)
+    hashes = _token_hashes(r, base, "tokens", "token_file")
+    operators = _token_hashes(r, base, "operator_tokens", "operator_token_file")
+    r.check(
+        not set(hashes) & set(operators),
+        "operator_tokens",
+        "a token is both an upload token and an operator token; give operators their own",
+    )
     secret = b""
     secret_file = r.get("signing_secret_file", str, "")
     if secret_file:
@@ -506,6 +520,7 @@ def _auth(r: _Reader, base: Path) -> AuthConfig:
         mode=mode,
         token_sha256=tuple(hashes),
         signing_secret=secret,
+        operator_token_sha256=tuple(operators),
         signed_url_max_lifetime_s=lifetime,
     )
 

@@ -273,3 +273,39 @@ def test_sign_command_holds_to_the_lifetime_cap(
     assert "sig=" in capsys.readouterr().out
     assert main(["-c", str(cfg), "sign", "--key", "a.jpg", "--expires-in", "601"]) == 2
     assert "signed_url_max_lifetime_s" in capsys.readouterr().err
+
+
+def test_operator_tokens_config(tmp_path: Path) -> None:
+    op_file = tmp_path / "operators"
+    op_file.write_text(f"# ops\nplain-operator-token-0123\n{hash_token('other-operator-token')}\n")
+    cfg = from_dict(
+        {
+            "auth": {
+                "mode": "none",
+                "operator_tokens": [hash_token("operator-token-0123456789")],
+                "operator_token_file": str(op_file),
+            }
+        }
+    )
+    assert len(cfg.auth.operator_token_sha256) == 3
+    assert cfg.auth.operator_token_sha256[0].hex() not in repr(cfg.auth)
+    with pytest.raises(ConfigError, match=r"auth\.operator_tokens: .*both"):
+        from_dict({"auth": {"tokens": [hash_token(TOKEN)], "operator_tokens": [hash_token(TOKEN)]}})
+    with pytest.raises(ConfigError) as e:
+        from_dict({"auth": {"mode": "none", "operator_tokens": ["plain-operator-token-0123"]}})
+    assert "plain-operator-token" not in str(e.value)  # a pasted token is never echoed
+
+
+async def test_operator_token_is_not_an_upload_token(
+    start_proxy: StartProxy, s3: Any, prefix: str, tmp_path: Path
+) -> None:
+    op = "operator-token-0123456789"
+    p = await start_proxy(auth=auth_section(tmp_path, operator_tokens=[hash_token(op)]))
+    status, _, body = await put(f"{p.url}/uploads/a.bin", headers={"Authorization": f"Bearer {op}"})
+    assert (status, body["code"]) == (401, "ERR_UNAUTHORIZED")
+    for token, want in ((op, 200), (TOKEN, 401)):
+        headers = {"Authorization": f"Bearer {token}"}
+        async with aiohttp.ClientSession() as s, s.get(f"{p.url}/status", headers=headers) as r:
+            assert r.status == want
+            assert ("uploads" in await r.json()) == (want == 200)
+    await assert_nothing_left(s3, prefix)
