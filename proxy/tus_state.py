@@ -57,6 +57,8 @@ class UploadInfo:
     metadata_header: str  # Upload-Metadata as the client sent it, echoed by HEAD
     object_metadata: dict[str, str]
     length: int | None  # None: deferred (creation-defer-length)
+    # "" until the first full part creates the multipart upload.  Parts but no multipart
+    # id: the upload was stored whole by one PutObject (it ended below one part size).
     multipart_id: str
     expires_s: float
     parts: tuple[Part, ...] = ()
@@ -241,14 +243,23 @@ class TusStore:
         it.  An upload being written (lease held) is live even past its expiry (see
         :meth:`UploadInfo.expired`).  tus object keys always hold the tus id as a whole
         path segment (``<key_prefix><id>[/<filename>]``), so this reads at most a few
-        info objects.  Storage errors propagate: "cannot tell" must not be taken for "no"."""
+        info objects.  Storage errors propagate: "cannot tell" must not be taken for "no".
+        Multipart uploads are created lazily by a PATCH and their id saved after: one a
+        crashed PATCH created but never saved is not claimed, and so is swept."""
         now = self.clock()
         for segment in key.split("/"):
             if not valid_id(segment):
                 continue
             loaded = await self.load(segment)
-            if loaded is not None and loaded[0].multipart_id == multipart_id:
-                return not loaded[0].expired(now)
+            if loaded is None:
+                continue
+            info = loaded[0]
+            if info.multipart_id == multipart_id:
+                return not info.expired(now)
+            if not info.multipart_id and info.leased(now):
+                # A PATCH is running and may have just created this multipart upload (its
+                # id is saved at the next lease renewal): cannot tell yet, so claim it.
+                return True
         return False
 
 

@@ -3,7 +3,8 @@
 No HTTP here (that is :mod:`proxy.tus`); every step keeps the state in the bucket
 (:mod:`proxy.tus_state`) so a restart or another instance can carry on:
 
-* create: the multipart upload is started at the final key and the info object written;
+* create: the info object is written; nothing else (the multipart upload is created by
+  the first PATCH that fills a part, see :mod:`proxy.tus_writer`);
 * write: under the upload's lease, the body goes through :class:`~proxy.tus_writer.PatchWriter`;
   a lease keeper renews the lease and, when the PATCH has no ``Upload-Checksum`` to honour,
   checkpoints the parts stored so far, so a daemon that dies mid-PATCH loses at most a
@@ -101,7 +102,6 @@ class TusService:
     # -- create ------------------------------------------------------------------------
 
     async def create(self, new: NewUpload, *, leased: bool) -> tuple[UploadInfo, Lease | None]:
-        storage = self.uploads.storage
         self.uploads.hooks.created(new.id, new.key)
         now = time.time()
         if new.length == 0:
@@ -112,19 +112,13 @@ class TusService:
             )
             info = self._info(new, "", now)
             return replace(info, completing=True, sha256_hex=EMPTY_SHA256), None
-        mpu = await storage.create_multipart(
-            new.key, metadata=new.object_metadata, content_type=new.content_type
-        )
-        info = self._info(new, mpu, now)
-        try:
-            if leased:
-                lease = await self.store.create(info, owner=new.id)
-                return lease.info, lease
-            await self.store.create_unleased(info)
-            return info, None
-        except BaseException:
-            await self._shielded(storage.abort_multipart(new.key, mpu), "abort")
-            raise
+        # No multipart upload yet: a creation alone costs S3 one small state object.
+        info = self._info(new, "", now)
+        if leased:
+            lease = await self.store.create(info, owner=new.id)
+            return lease.info, lease
+        await self.store.create_unleased(info)
+        return info, None
 
     def _info(self, new: NewUpload, mpu: str, now: float) -> UploadInfo:
         return UploadInfo(
@@ -165,6 +159,8 @@ class TusService:
             offset=info.offset,
             limit_bytes=room - info.offset,
             segment_key=lambda offset: self.store.segment_key(info.id, offset),
+            content_type=info.content_type,
+            metadata=info.object_metadata,
         )
         with transfer(self.uploads, info.id, info.key) as observer:
             return await self._write(
@@ -228,6 +224,9 @@ class TusService:
                 return done
             if checksum is not None and writer.checksum_digest() != checksum.digest:
                 await keeper.stop()
+                # The chunk is dropped, but a multipart upload it created is kept for the
+                # next PATCH (not orphaned until the stale sweeper finds it).
+                lease.info = replace(lease.info, multipart_id=writer.multipart_id)
                 await release_quietly(lease)
                 raise ProxyError(
                     f"the PATCH body does not match its {checksum.algorithm} Upload-Checksum; "
@@ -267,7 +266,8 @@ class TusService:
         """Commit what a failed PATCH left durable and release the lease, unless that
         brought the upload to its length: then it is saved ``completing`` (lease kept)."""
         if not commit or lease.lost:
-            return await lease.release()
+            # Nothing kept, but a multipart upload this PATCH created is, for the next one.
+            return await lease.release(replace(lease.info, multipart_id=writer.multipart_id))
         final = info.length is not None and info.offset + writer.received_bytes == info.length
         result = await writer.salvage(keep_tail=keep_tail, final=final)
         kept = self._apply(info, result)
@@ -283,6 +283,7 @@ class TusService:
         """``info`` with the result's parts, pending segments and hash state; expiry pushed back."""
         return replace(
             info,
+            multipart_id=result.multipart_id,
             parts=info.parts + result.new_parts,
             pending=result.pending,
             sha256_state=result.sha256.export(),
@@ -322,9 +323,14 @@ class TusService:
         storage = self.uploads.storage
         length = info.offset
         if not info.parts:
-            await storage.abort_multipart(info.key, info.multipart_id)
+            if info.multipart_id:
+                await storage.abort_multipart(info.key, info.multipart_id)
             await self._put_empty(info.key, info.content_type, info.object_metadata)
             sha256 = EMPTY_SHA256
+        elif not info.multipart_id:
+            # Below one part size: stored whole, sha256 included, by one PutObject
+            # (PatchWriter._put_whole); there is no multipart upload to complete.
+            sha256 = info.sha256_hex or await self._rehash(info.key)
         else:
             etag = await self._complete_multipart(info)
             sha256 = info.sha256_hex or await self._rehash(info.key)
@@ -429,7 +435,7 @@ class TusService:
                     continue
                 info = loaded[0]
                 now = time.time()
-                if not info.expired(now):
+                if not info.expired(now) and info.multipart_id:
                     live.add(info.multipart_id)
                 finish = info.completing or info.reached_length
                 if info.leased(now) or not (finish or info.expired(now)):
@@ -555,12 +561,15 @@ class _LeaseKeeper:
                 return
             except TimeoutError:
                 pass
-            info = self._lease.info
+            # Always the writer's multipart id: one it created is then saved within a
+            # renewal, even by a PATCH whose parts cannot be checkpointed (Upload-Checksum).
+            info = replace(self._lease.info, multipart_id=self._writer.multipart_id)
             if self._checkpoint:
                 parts, sha = self._writer.durable()
                 if parts and sha is not None:
                     info = replace(
                         self._info,
+                        multipart_id=self._writer.multipart_id,
                         parts=self._info.parts + parts,
                         pending=(),
                         sha256_state=sha.export(),

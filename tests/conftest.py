@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -61,6 +62,13 @@ def s3_for(sw: EmbeddedSeaweed, **kw: Any) -> S3Storage:
 async def s3(seaweed: EmbeddedSeaweed) -> AsyncIterator[S3Storage]:
     async with s3_for(seaweed) as client:
         yield client
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client session for the test, closed after it."""
+    async with aiohttp.ClientSession() as session:
+        yield session
 
 
 @pytest.fixture

@@ -33,12 +33,6 @@ async def proxy(start_proxy: StartProxy, prefix: str) -> Any:
     return await start_proxy(auth=auth, **tus_sections(prefix))
 
 
-@pytest.fixture
-async def http() -> Any:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
 async def answers(http: aiohttp.ClientSession, url: str, offset: int) -> list[tuple[Any, ...]]:
     """Status, tus-relevant headers and body of every way to touch an upload, as B."""
     out = []

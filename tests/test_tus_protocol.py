@@ -10,7 +10,6 @@ import logging
 import os
 from dataclasses import replace
 
-import aiohttp
 import pytest
 from tus_helpers import (
     OCTET,
@@ -32,12 +31,6 @@ from conftest import MiB, assert_nothing_left, get_object
 @pytest.fixture
 async def proxy(start_proxy, prefix):  # type: ignore[no-untyped-def]
     return await start_proxy(**tus_sections(prefix))
-
-
-@pytest.fixture
-async def http():  # type: ignore[no-untyped-def]
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def test_options_advertises_what_works(proxy, http) -> None:
@@ -392,6 +385,8 @@ async def test_multipart_ownership_predicates(proxy, http, s3, prefix) -> None:
     """What a stale-multipart sweeper asks before aborting an open multipart upload."""
     svc = service_for(proxy)
     url = await create(http, proxy.url, 20 * MiB)
+    r = await patch(http, url, 0, os.urandom(6 * MiB))  # the first part creates the multipart
+    assert r.status == 204
     open_uploads = await s3.list_multipart(prefix)
     assert len(open_uploads) == 1
     mpu = open_uploads[0]
