@@ -177,6 +177,7 @@ class TusConfig:
     lock_lease_s: float = 30.0
     cors_allow_origins: tuple[str, ...] = ()
     cors_max_age_s: int = 86400
+    max_unfinished_per_principal: int = 20  # 0: no cap
 
 
 @dataclass(frozen=True)
@@ -574,6 +575,9 @@ def _tus(r: _Reader) -> TusConfig:
         lock_lease_s=r.positive("lock_lease_s", float, d.lock_lease_s),
         cors_allow_origins=tuple(str(o) for o in origins),
         cors_max_age_s=r.positive("cors_max_age_s", int, d.cors_max_age_s, allow_zero=True),
+        max_unfinished_per_principal=r.positive(
+            "max_unfinished_per_principal", int, d.max_unfinished_per_principal, allow_zero=True
+        ),
     )
     r.check(
         re.fullmatch(r"/(?:[A-Za-z0-9._~-]+/)*", cfg.base_path) is not None,

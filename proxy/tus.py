@@ -31,7 +31,7 @@ from proxy.headers import ascii_uint
 from proxy.http_upload import UPLOADS, authorize, body_chunks, expect_with, request_client
 from proxy.storage.base import OpenMultipart, Storage
 from proxy.tus_state import TusStore, UploadInfo, release_quietly, valid_id
-from proxy.tus_upload import Checksum, NewUpload, TusService
+from proxy.tus_upload import Checksum, NewUpload, TusService, quota_of
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,9 @@ def _header_safe(value: str) -> str:
     return quote(value, safe=" !\"#$&'()*+,-./:;<=>?@[]^_`{|}~")
 
 
-def new_upload(ctx: TusService, header: str, length: int | None, principal: Principal) -> NewUpload:
+def new_upload(
+    ctx: TusService, header: str, length: int | None, principal: Principal, quota: str
+) -> NewUpload:
     """Key, content type and object metadata from ``Upload-Metadata``."""
     meta = parse_metadata(header)
     text = {k: v.decode("utf-8", errors="replace") for k, v in meta.items()}
@@ -166,6 +168,7 @@ def new_upload(ctx: TusService, header: str, length: int | None, principal: Prin
         length=length,
         filename=filename,
         principal=principal,
+        quota=quota,
     )
 
 
@@ -294,7 +297,10 @@ async def create(request: web.Request) -> web.StreamResponse:
             reason="bad_request",
         )
     checksum = _checksum(request) if with_body else None
-    new = new_upload(svc, request.headers.get("Upload-Metadata", ""), length, grant.principal)
+    quota = quota_of(grant.principal, request_client(request).ip)
+    new = new_upload(
+        svc, request.headers.get("Upload-Metadata", ""), length, grant.principal, quota
+    )
     info, lease = await svc.create(new, leased=with_body and new.length != 0)
     if lease is not None:
         try:

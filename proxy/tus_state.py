@@ -4,6 +4,9 @@ Layout under ``state_prefix`` (``.tus/`` by default), one folder per upload id::
 
     <id>/info               JSON: length, parts, pending segments, hash state, expiry, lease
     <id>/pending-<o>-<rnd>  bytes received after the last full part, from offset <o>
+    owners/<quota>/<created>-<id>
+                            empty: one per unfinished upload of a principal (a client
+                            address with auth off), listed to cap how many it may have
 
 Every write of ``info`` is conditional (If-None-Match on creation, If-Match on the etag
 read before), and every write bumps ``rev`` so two writes never share an etag.  That makes
@@ -33,6 +36,10 @@ from proxy.storage.base import Storage
 log = logging.getLogger(__name__)
 
 MAX_INFO_BYTES = 4 * 1024 * 1024  # 10000 parts of ~60 bytes of JSON, with room to spare
+OWNERS = "owners/"
+# A creation writes its marker, then its info object, within seconds; a marker this old
+# without an info object is left over.
+MARKER_GRACE_S = 600.0
 FORMAT_VERSION = 1
 ID_HEX_CHARS = 32
 
@@ -75,6 +82,8 @@ class UploadInfo:
     # with auth.mode = "none" only, as when they were made (with auth on they simply
     # expire).
     principal: str = str(ANONYMOUS)
+    # Whose quota the upload counts against (its marker's folder); "" for none.
+    quota: str = ""
 
     @property
     def parts_bytes(self) -> int:
@@ -218,14 +227,56 @@ class TusStore:
             raise Locked("the upload is in use by another request; retry later") from None
         return Lease(self, taken, etag, owner)
 
-    async def delete_all(self, upload_id: str) -> None:
-        """Every state object of the upload; info last, so a crash half-way leaves it findable."""
-        folder = self.folder(upload_id)
-        info_key = self.info_key(upload_id)
+    async def delete_all(self, info: UploadInfo) -> None:
+        """Every state object of the upload; info last, so a crash half-way leaves it findable
+        (a marker left behind by one is pruned by :meth:`stale_markers`)."""
+        folder = self.folder(info.id)
+        info_key = self.info_key(info.id)
         for obj in await self.storage.list_objects(folder):
             if obj.key != info_key:
                 await self.storage.delete_object(obj.key)
+        if (marker := self.marker_key(info)) is not None:
+            await self.storage.delete_object(marker)
         await self.storage.delete_object(info_key)
+
+    # -- quota: unfinished uploads per principal ---------------------------------------------
+
+    def quota_folder(self, quota: str) -> str:
+        return f"{self.prefix}{OWNERS}{quota}/"
+
+    def marker_key(self, info: UploadInfo) -> str | None:
+        if not info.quota:
+            return None
+        return f"{self.quota_folder(info.quota)}{int(info.created_s)}-{info.id}"
+
+    async def reserve(self, info: UploadInfo, limit: int) -> bool:
+        """Count ``info`` against its quota; False, and nothing kept, if that makes more
+        than ``limit`` unfinished uploads.
+
+        The marker is written first and the folder listed after, so two creations racing
+        for the last place both see each other: at worst both are refused (and retry),
+        never both admitted.  State in the bucket, so the cap holds across instances."""
+        marker = self.marker_key(info)
+        assert marker is not None
+        await self.storage.put_conditional(marker, b"", if_none_match=True)
+        if len(await self.storage.list_objects(self.quota_folder(info.quota))) <= limit:
+            return True
+        await self.storage.delete_object(marker)
+        return False
+
+    async def stale_markers(self, live_ids: set[str]) -> list[str]:
+        """Markers whose upload has no state (a crash between the marker and the info, or
+        in the middle of :meth:`delete_all`), older than :data:`MARKER_GRACE_S` so that a
+        creation in progress (marker written, info not yet) is never among them."""
+        stale = []
+        now = self.clock()
+        for obj in await self.storage.list_objects(f"{self.prefix}{OWNERS}"):
+            created, _, upload_id = obj.key.rpartition("/")[2].partition("-")
+            if upload_id in live_ids or not created.isdigit():
+                continue
+            if now - int(created) > MARKER_GRACE_S:
+                stale.append(obj.key)
+        return stale
 
     async def list_ids(self) -> list[str]:
         ids = []

@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
-from proxy.auth import Principal
+from proxy.auth import ANONYMOUS, Principal
 from proxy.config import TusConfig
 from proxy.errors import (
     ConditionFailed,
@@ -34,6 +34,7 @@ from proxy.errors import (
     StorageError,
     StorageUnavailable,
     TooLarge,
+    TooManyUnfinished,
 )
 from proxy.http_upload import UploadContext, transfer
 from proxy.keys import safe_filename
@@ -54,6 +55,8 @@ from proxy.tus_writer import PatchResult, PatchTarget, PatchWriter
 log = logging.getLogger(__name__)
 
 REHASH_CHUNK_BYTES = 1024 * 1024
+# Retry-After of a 429 ERR_TOO_MANY_UNFINISHED_UPLOADS: places free up as uploads finish.
+QUOTA_RETRY_AFTER_S = 60
 CLEANUP_TIMEOUT_S = 30.0
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 T = TypeVar("T")
@@ -77,6 +80,16 @@ class NewUpload:
     length: int | None
     filename: str | None
     principal: Principal  # the creator: the only one who may touch the upload again
+    quota: str  # whose cap on unfinished uploads it counts against (quota_of)
+
+
+def quota_of(principal: Principal, client_ip: str) -> str:
+    """Whose cap on unfinished uploads a creation counts against: the principal's, or with
+    auth off (everyone is "anonymous") the client address's.  A path segment of the
+    marker keys; the address is hashed so the key holds only [a-z0-9-]."""
+    if principal == ANONYMOUS:
+        return "addr-" + hashlib.sha256(client_ip.encode()).hexdigest()[:16]
+    return f"{principal.kind}-{principal.ref}"
 
 
 class TusService:
@@ -112,13 +125,29 @@ class TusService:
             )
             info = self._info(new, "", now)
             return replace(info, completing=True, sha256_hex=EMPTY_SHA256), None
-        # No multipart upload yet: a creation alone costs S3 one small state object.
+        # No multipart upload yet: a creation costs S3 one small state object (and one
+        # marker, listed, when unfinished uploads are capped).
         info = self._info(new, "", now)
-        if leased:
-            lease = await self.store.create(info, owner=new.id)
-            return lease.info, lease
-        await self.store.create_unleased(info)
-        return info, None
+        limit = self.config.max_unfinished_per_principal
+        if limit:
+            if not await self.store.reserve(info, limit):
+                raise TooManyUnfinished(
+                    f"{limit} uploads of yours are unfinished already: complete or delete "
+                    "one, or wait for it to expire",
+                    headers={"Retry-After": str(QUOTA_RETRY_AFTER_S)},
+                )
+        else:
+            info = replace(info, quota="")
+        try:
+            if leased:
+                lease = await self.store.create(info, owner=new.id)
+                return lease.info, lease
+            await self.store.create_unleased(info)
+            return info, None
+        except BaseException:
+            if (marker := self.store.marker_key(info)) is not None:
+                await self._shielded(self.uploads.storage.delete_object(marker), "unreserve")
+            raise
 
     def _info(self, new: NewUpload, mpu: str, now: float) -> UploadInfo:
         return UploadInfo(
@@ -132,6 +161,7 @@ class TusService:
             expires_s=now + self.config.expire_after_s,
             created_s=now,
             principal=str(new.principal),
+            quota=new.quota,
         )
 
     @staticmethod
@@ -341,7 +371,7 @@ class TusService:
                 metadata={**info.object_metadata, "sha256": sha256},
                 content_type=info.content_type,
             )
-        await self.store.delete_all(info.id)
+        await self.store.delete_all(info)
         self.uploads.hooks.finished(
             info.id,
             StreamResult(info.key, length, sha256, "", len(info.parts)),
@@ -415,7 +445,7 @@ class TusService:
         info = lease.info
         if info.multipart_id:
             await self.uploads.storage.abort_multipart(info.key, info.multipart_id)
-        await self.store.delete_all(info.id)
+        await self.store.delete_all(info)
         await lease.drop()
         log.info("tus upload id=%s key=%r terminated at offset %d", info.id, info.key, info.offset)
 
@@ -428,7 +458,8 @@ class TusService:
         started = time.time()
         live: set[str] = set()
         complete_view = True
-        for upload_id in await self.store.list_ids():
+        ids = await self.store.list_ids()
+        for upload_id in ids:
             try:
                 loaded = await self.store.load(upload_id)
                 if loaded is None:
@@ -464,6 +495,7 @@ class TusService:
                 log.warning("tus sweeper: upload %s: %s", upload_id, e)
         if complete_view:
             self._live = (started, frozenset(live))
+        await self._delete_quietly(tuple(await self.store.stale_markers(set(ids))))
         return handled
 
     def claims_multipart(self, upload: OpenMultipart) -> bool:

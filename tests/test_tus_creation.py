@@ -8,6 +8,7 @@ import asyncio
 import base64
 import hashlib
 import os
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -15,6 +16,7 @@ import pytest
 from tus_helpers import (
     TUS,
     create,
+    marker_keys,
     metadata,
     only_objects,
     patch,
@@ -25,6 +27,8 @@ from tus_helpers import (
     tus_sections,
 )
 
+from proxy.auth import hash_token
+from proxy.config import ConfigError, from_dict
 from proxy.sweeper import StaleSweeper
 
 from conftest import MiB, StartProxy, assert_nothing_left, get_object
@@ -49,6 +53,7 @@ async def test_creation_opens_no_multipart_upload(
     urls = [await create(http, proxy.url, 100 * MiB) for _ in range(5)]
     assert await s3.list_multipart(prefix) == []
     assert len(await state_keys(s3, prefix)) == 5  # the info objects, nothing else
+    assert len(await marker_keys(s3, prefix)) == 5  # and their places under the cap
     assert await s3_calls(proxy.url, "create_multipart_upload") == 0
     r = await patch(http, urls[0], 0, os.urandom(MiB))  # a pending tail: still no part
     assert r.status == 204
@@ -192,3 +197,116 @@ async def test_a_running_patch_saves_the_multipart_id_it_created(
     assert (await get_object(s3, key))[0] == data
     await s3.delete_object(key)
     await assert_nothing_left(s3, prefix)
+
+
+# -- the cap on unfinished uploads --------------------------------------------------------
+
+TOKEN_A = "alice-token-0123456789abcdef"
+TOKEN_B = "bob-token-0123456789abcdef00"
+A = {"Authorization": f"Bearer {TOKEN_A}"}
+B = {"Authorization": f"Bearer {TOKEN_B}"}
+
+
+def capped(prefix: str, cap: int, **auth: Any) -> dict[str, Any]:
+    tokens = [hash_token(TOKEN_A), hash_token(TOKEN_B)]
+    return {
+        "auth": {"mode": "required", "tokens": tokens, **auth},
+        **tus_sections(prefix, max_unfinished_per_principal=cap),
+    }
+
+
+async def post(http: Any, base: str, headers: dict[str, str]) -> tuple[int, Any, Any]:
+    h = {**TUS, "Upload-Length": "100", **headers}
+    async with http.post(f"{base}/files/", headers=h) as r:
+        body = await r.json() if r.status >= 400 else None
+        return r.status, r.headers, body if body is not None else r.headers.get("Location")
+
+
+async def test_unfinished_uploads_are_capped_per_token_across_instances(
+    start_proxy: StartProxy, http: Any, s3: Any, prefix: str
+) -> None:
+    one = await start_proxy(**capped(prefix, 3))
+    two = await start_proxy(**capped(prefix, 3))  # another instance on the same bucket
+    urls = [
+        f"{one.url}{(await post(http, one.url, A))[2]}",
+        f"{two.url}{(await post(http, two.url, A))[2]}",
+        f"{one.url}{(await post(http, one.url, A))[2]}",
+    ]
+    for base in (one.url, two.url):
+        status, headers, body = await post(http, base, A)
+        assert (status, body["code"]) == (429, "ERR_TOO_MANY_UNFINISHED_UPLOADS")
+        assert int(headers["Retry-After"]) > 0
+    assert (await post(http, one.url, B))[0] == 201  # B has a cap of its own
+    # A zero-length upload is complete on arrival: it takes no place.
+    assert (await post(http, one.url, {**A, "Upload-Length": "0"}))[0] == 201
+    # Terminating or completing an upload frees its place.
+    async with http.delete(urls[0], headers={**TUS, **A}) as r:
+        assert r.status == 204
+    urls[0] = f"{two.url}{(await post(http, two.url, A))[2]}"
+    assert (await post(http, one.url, A))[0] == 429
+    r = await patch(http, urls[1], 0, b"x" * 100, **A)
+    assert r.status == 204
+    assert (await post(http, one.url, A))[0] == 201
+    for key in [o.key for o in await s3.list_objects(prefix) if "/.tus/" not in o.key]:
+        await s3.delete_object(key)  # the completed uploads
+    for upload_id in await store_for(s3, prefix).list_ids():
+        await service_for(one).terminate(await service_for(one).store.acquire(upload_id, by=None))
+    await assert_nothing_left(s3, prefix)  # every marker went with its upload
+
+
+async def test_a_burst_of_creations_never_passes_the_cap(
+    start_proxy: StartProxy, http: Any, s3: Any, prefix: str
+) -> None:
+    """The issue's flood (it left an open multipart upload per POST), with the shipped
+    cap of 20 and auth off: concurrent creations racing for the last places, never more
+    than the cap admitted, no multipart upload opened."""
+    proxy = await start_proxy(**tus_sections(prefix))
+    results = await asyncio.gather(*(post(http, proxy.url, {}) for _ in range(30)))
+    statuses = sorted(r[0] for r in results)
+    admitted = statuses.count(201)
+    assert 1 <= admitted <= 20 and statuses.count(429) == 30 - admitted, statuses
+    assert len(await store_for(s3, prefix).list_ids()) == admitted
+    assert await s3.list_multipart(prefix) == []
+
+
+async def test_with_auth_off_the_cap_is_per_client_address(
+    start_proxy: StartProxy, http: Any, prefix: str
+) -> None:
+    proxy = await start_proxy(
+        server={"trusted_proxies": ["127.0.0.1/32"]},
+        **tus_sections(prefix, max_unfinished_per_principal=1),
+    )
+    first = {"X-Forwarded-For": "192.0.2.1"}
+    second = {"X-Forwarded-For": "192.0.2.2"}
+    assert (await post(http, proxy.url, first))[0] == 201
+    assert (await post(http, proxy.url, first))[0] == 429
+    assert (await post(http, proxy.url, second))[0] == 201
+
+
+async def test_the_sweeper_prunes_markers_left_without_an_upload(
+    start_proxy: StartProxy, http: Any, s3: Any, prefix: str
+) -> None:
+    proxy = await start_proxy(**capped(prefix, 3))
+    url = f"{proxy.url}{(await post(http, proxy.url, A))[2]}"
+    store = store_for(s3, prefix)
+    (live_marker,) = await marker_keys(s3, prefix)
+    folder = live_marker.rsplit("/", 1)[0]
+    old = f"{folder}/{int(time.time() - 3600)}-{'a' * 32}"  # a crash before the info write
+    young = f"{folder}/{int(time.time())}-{'b' * 32}"  # a creation in progress
+    for key in (old, young):
+        await s3.put_conditional(key, b"", if_none_match=True)
+    await service_for(proxy).sweep_once()
+    left = set(await marker_keys(s3, prefix))
+    assert left == {live_marker, young}
+    await s3.delete_object(young)
+    async with http.delete(url, headers={**TUS, **A}) as r:
+        assert r.status == 204
+    assert await store.list_ids() == []
+    await assert_nothing_left(s3, prefix)
+
+
+def test_cap_config() -> None:
+    assert from_dict({"auth": {"mode": "none"}}).tus.max_unfinished_per_principal == 20
+    assert from_dict({"tus": {"max_unfinished_per_principal": 0}, "auth": {"mode": "none"}})
+    with pytest.raises(ConfigError, match="max_unfinished_per_principal"):
+        from_dict({"tus": {"max_unfinished_per_principal": -1}, "auth": {"mode": "none"}})

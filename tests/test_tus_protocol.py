@@ -299,16 +299,19 @@ async def test_termination_leaves_nothing(proxy, http, s3, prefix) -> None:
 
 
 async def test_expiry_and_sweeper(start_proxy, http, s3, prefix) -> None:
-    proxy = await start_proxy(**tus_sections(prefix, expire_after_s=1, sweep_interval_s=0.3))
+    # The sweeper's first run (4 s after start) comes after the checks at ~2 s: while it
+    # terminates the upload it holds its lease, and HEAD / PATCH then (rightly) answer 200
+    # / 423.  2 s of expiry leave a loaded machine time to create and PATCH first.
+    proxy = await start_proxy(**tus_sections(prefix, expire_after_s=2, sweep_interval_s=4))
     url = await create(http, proxy.url, 100)
     r = await patch(http, url, 0, b"x" * 10)
     assert r.status == 204
     assert "GMT" in r.headers["Upload-Expires"]
-    await asyncio.sleep(1.1)
+    await asyncio.sleep(2.1)
     async with http.head(url, headers=TUS) as r:
         assert r.status in (404, 410)
     assert (await patch(http, url, 10, b"y")).status in (404, 410)
-    for _ in range(50):  # the sweeper runs every 0.3 s in this proxy
+    for _ in range(100):  # the sweeper runs every 4 s in this proxy
         if not (await state_keys(s3, prefix) or await s3.list_multipart(prefix)):
             break
         await asyncio.sleep(0.2)
