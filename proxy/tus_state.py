@@ -31,6 +31,7 @@ from typing import Any
 
 from proxy.auth import ANONYMOUS, Principal
 from proxy.errors import ConditionFailed, Gone, Locked, NotFound, StorageError
+from proxy.headers import ascii_uint
 from proxy.storage.base import Storage
 
 log = logging.getLogger(__name__)
@@ -272,9 +273,10 @@ class TusStore:
         now = self.clock()
         for obj in await self.storage.list_objects(f"{self.prefix}{OWNERS}"):
             created, _, upload_id = obj.key.rpartition("/")[2].partition("-")
-            if upload_id in live_ids or not created.isdigit():
+            created_s = ascii_uint(created)
+            if upload_id in live_ids or created_s is None:
                 continue
-            if now - int(created) > MARKER_GRACE_S:
+            if now - created_s > MARKER_GRACE_S:
                 stale.append(obj.key)
         return stale
 
