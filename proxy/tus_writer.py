@@ -31,8 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -233,7 +232,8 @@ class PatchWriter:
         prev: asyncio.Future[None] | None,
         mine: asyncio.Future[None],
     ) -> None:
-        with self._storing(buf, filled) as data:
+        data = memoryview(buf)[:filled]
+        try:
             try:
                 if prev is not None:
                     await asyncio.shield(prev)
@@ -244,14 +244,6 @@ class PatchWriter:
             etag = await self._storage.upload_part(self._t.key, self._mpu, number, data, checksum)
             self._done[number] = (Part(etag, filled), snapshot)
             self._obs.stored(filled)
-
-    @contextmanager
-    def _storing(self, buf: bytearray, filled: int) -> Iterator[memoryview]:
-        """The buffer's bytes while they are hashed and stored; a failure marks the PATCH's
-        parts failed; the buffer goes back to the pool either way."""
-        data = memoryview(buf)[:filled]
-        try:
-            yield data
         except BaseException:
             self._part_failed = True
             raise
@@ -349,7 +341,9 @@ class PatchWriter:
         self._buf, self._filled, self._skip = None, 0, 0
         number = self._next_number
         self._next_number += 1
-        with self._storing(buf, filled) as data:
+        # A failure here is raised to commit / salvage directly: no part state to mark.
+        data = memoryview(buf)[:filled]
+        try:
             checksum, snapshot = await self._hash(data, skip)
             digest = snapshot.digest()
             # A fresh hash (no part before), so never the unsaveable kind; checked anyway.
@@ -367,8 +361,11 @@ class PatchWriter:
                 )
             except ObjectExists:
                 etag = await self._stored_before(filled, metadata)
-            self._done[number] = (Part(etag, filled), snapshot)
-            self._obs.stored(filled)
+        finally:
+            release_view(data)
+            self._pool.release(buf)
+        self._done[number] = (Part(etag, filled), snapshot)
+        self._obs.stored(filled)
 
     async def _stored_before(self, size: int, metadata: dict[str, str]) -> str:
         obj = await self._storage.head(self._t.key)
