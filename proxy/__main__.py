@@ -103,6 +103,13 @@ def _sign(args: argparse.Namespace, config: Config) -> int:
         print("upload-proxy: auth.signing_secret_file is not set", file=sys.stderr)
         return EX_CONFIG
     method = args.method or ("PUT" if args.key is not None else "POST")
+    if args.expires_in > config.auth.signed_url_max_lifetime_s:
+        print(
+            f"upload-proxy sign: --expires-in is above auth.signed_url_max_lifetime_s "
+            f"({config.auth.signed_url_max_lifetime_s:.0f}); the proxy would refuse the URL",
+            file=sys.stderr,
+        )
+        return 2
     try:
         max_size = parse_size(args.max_size) if args.max_size else None
         query = sign_url(

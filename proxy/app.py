@@ -12,7 +12,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from proxy import __version__, http_ops, tus
-from proxy.auth import Authenticator
+from proxy.auth import Authenticator, TokenSet
 from proxy.buffers import BufferPool
 from proxy.config import Config
 from proxy.errors import REASONS, ProxyError, StorageError, StorageUnavailable
@@ -21,7 +21,7 @@ from proxy.http_upload import UPLOADS, UploadContext, UploadHooks, add_routes
 from proxy.limits import ContentPolicy, UploadSlots
 from proxy.memory import HeapTrimmer, MemoryMonitor, MemoryReader, read_memory
 from proxy.metrics import Metrics
-from proxy.responses import error_response
+from proxy.responses import error_response, hide_server_banner
 from proxy.storage.base import OpenMultipart, Storage
 from proxy.storage.s3 import S3Storage
 from proxy.storage.seaweed import EmbeddedSeaweed, load_or_create_credentials
@@ -75,7 +75,11 @@ class Runtime:
         )
         memory = MemoryMonitor(self.config.memory, self.memory_reader)
         self.ops = Ops(
-            metrics, memory, Readiness(lambda: self.storage, memory), pool=lambda: self.pool
+            metrics,
+            memory,
+            Readiness(lambda: self.storage, memory),
+            pool=lambda: self.pool,
+            operators=TokenSet(self.config.auth.operator_token_sha256),
         )
 
 
@@ -92,7 +96,7 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         body_left = not request.content.is_eof()
         if e.status >= 500:
             log.warning(
-                "%s %s -> %d %s: %s", request.method, request.path, e.status, e.code, e.message
+                "%s %r -> %d %s: %r", request.method, request.path, e.status, e.code, e.message
             )
         return error_response(e, close=body_left)
     except web.HTTPException as e:
@@ -103,7 +107,7 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         err.headers.update({k: v for k, v in e.headers.items() if k.lower() == "allow"})
         return error_response(err, close=not request.content.is_eof())
     except Exception:
-        log.exception("unhandled error in %s %s", request.method, request.path)
+        log.exception("unhandled error in %s %r", request.method, request.path)
         return error_response(ProxyError("internal error"), close=True)
 
 
@@ -226,6 +230,7 @@ async def _sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def build_app(runtime: Runtime) -> web.Application:
     app = web.Application(middlewares=[error_middleware])
+    app.on_response_prepare.append(hide_server_banner)
     app[RUNTIME] = runtime
     cfg = runtime.config
     app[UPLOADS] = runtime.uploads = UploadContext(
@@ -237,6 +242,7 @@ def build_app(runtime: Runtime) -> web.Application:
             enabled=cfg.auth.enabled,
             token_sha256=cfg.auth.token_sha256,
             signing_secret=cfg.auth.signing_secret,
+            max_url_lifetime_s=cfg.auth.signed_url_max_lifetime_s,
         ),
         slots=UploadSlots(cfg.limits.max_concurrent_uploads, cfg.limits.max_uploads_per_client),
         policy=ContentPolicy(cfg.limits.allowed_content_types, cfg.limits.allowed_extensions),

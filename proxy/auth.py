@@ -1,9 +1,8 @@
 """Who may upload: bearer tokens and HMAC-signed upload URLs.  No HTTP framework here.
 
-Bearer tokens are kept only as SHA-256 hashes.  A presented token is hashed and
-compared with every stored hash using :func:`hmac.compare_digest`, without an early
-exit, so neither the comparison nor the number of hashes tried leaks which bytes
-matched.  (Hashing first also makes the comparison length-independent.)
+Bearer tokens are kept only as SHA-256 hashes and compared in constant time
+(:class:`TokenSet`): upload tokens here, operator tokens (``/status`` details) in
+:mod:`proxy.http_ops`.
 
 A signed upload URL is our answer to S3 presigned URLs: a web app that holds the
 signing secret hands a browser a URL that allows one method, on one key or under
@@ -28,7 +27,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import quote, urlencode
 
+from proxy.config import AuthConfig
 from proxy.errors import ProxyError, TooLarge
+from proxy.headers import ascii_uint
 
 SIGNED_FIELDS = ("expires", "key", "prefix", "max_size", "sig")
 _SIG_HEX_LEN = 64
@@ -57,6 +58,40 @@ class Forbidden(ProxyError):
 
 
 @dataclass(frozen=True)
+class Principal:
+    """Who made a request: the owner recorded on what it creates (a tus upload), which
+    only the same principal may touch again.
+
+    A small value, safe to store next to the upload and to log: ``kind`` is how the
+    request authenticated (``anonymous`` when auth is off, ``token``, ``signed``) and
+    ``ref`` (16 hex digits; empty for anonymous) tells principals of one kind apart.  For
+    a bearer token it is a hash of the token's stored SHA-256, for a signed URL a hash of
+    its signature: neither gives back the credential, nor anything that would pass as it.
+    Later kinds (upload links, scoped tokens) are new ``kind`` values.
+    """
+
+    kind: str
+    ref: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.ref}" if self.ref else self.kind
+
+    def owns(self, recorded: str) -> bool:
+        """Is ``recorded`` (``str`` of a principal, as stored) this principal?  In constant
+        time: how long the answer takes says nothing about how much of it matched."""
+        return hmac.compare_digest(str(self).encode(), recorded.encode("utf-8", "surrogateescape"))
+
+
+ANONYMOUS = Principal("anonymous")
+_PRINCIPAL_DOMAIN = b"upload-proxy principal v1\0"
+
+
+def _principal(kind: str, material: bytes) -> Principal:
+    digest = hashlib.sha256(_PRINCIPAL_DOMAIN + kind.encode() + b"\0" + material).hexdigest()
+    return Principal(kind, digest[:16])
+
+
+@dataclass(frozen=True)
 class Grant:
     """What an authenticated request may do.  ``None`` fields mean "no restriction"."""
 
@@ -64,6 +99,7 @@ class Grant:
     key: str | None = None
     prefix: str | None = None
     max_size_bytes: int | None = None
+    principal: Principal = ANONYMOUS
 
     def check_key(self, client_key: str) -> None:
         """Raise unless ``client_key`` (before the proxy's key_prefix) is allowed."""
@@ -145,19 +181,59 @@ def sign_url(
     return urlencode(params, quote_via=quote)
 
 
+def bearer_token(authorization: str) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header; None for anything else."""
+    scheme, _, token = authorization.strip().partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+class TokenSet:
+    """Bearer tokens, kept only as SHA-256 hashes.
+
+    A presented token is hashed and compared with every stored hash using
+    :func:`hmac.compare_digest`, without an early exit, so neither the comparison nor
+    the number of hashes tried leaks which bytes matched.  (Hashing first also makes
+    the comparison length-independent.)"""
+
+    def __init__(self, token_sha256: tuple[bytes, ...] = ()) -> None:
+        self._hashes = token_sha256
+
+    def __len__(self) -> int:
+        return len(self._hashes)
+
+    def __repr__(self) -> str:
+        return f"TokenSet({len(self._hashes)} hashes)"
+
+    def match(self, token: str) -> bytes | None:
+        """The token's SHA-256 if it is one of ours, else None."""
+        presented = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+        ok = False
+        for stored in self._hashes:
+            # Accumulate instead of returning early: the time taken does not say which matched.
+            ok |= hmac.compare_digest(presented, stored)
+        return presented if ok else None
+
+
 class Authenticator:
     """Turns a request's method, headers and query into a :class:`Grant`, or raises."""
 
     def __init__(
-        self, *, enabled: bool, token_sha256: tuple[bytes, ...] = (), signing_secret: bytes = b""
+        self,
+        *,
+        enabled: bool,
+        token_sha256: tuple[bytes, ...] = (),
+        signing_secret: bytes = b"",
+        max_url_lifetime_s: float = AuthConfig.signed_url_max_lifetime_s,
     ) -> None:
         self.enabled = enabled
-        self._hashes = token_sha256
+        self._tokens = TokenSet(token_sha256)
         self._secret = signing_secret
+        self._max_lifetime_s = max_url_lifetime_s
 
     def __repr__(self) -> str:
         return (
-            f"Authenticator(enabled={self.enabled}, tokens={len(self._hashes)}, "
+            f"Authenticator(enabled={self.enabled}, tokens={len(self._tokens)}, "
             f"signed_urls={bool(self._secret)})"
         )
 
@@ -178,19 +254,16 @@ class Authenticator:
         raise Unauthorized("authentication required: a bearer token or a signed URL")
 
     def _bearer(self, header: str) -> Grant:
-        scheme, _, token = header.strip().partition(" ")
-        if scheme.lower() != "bearer" or not token.strip() or not self._hashes:
+        token = bearer_token(header)
+        if token is None or not self._tokens:
             raise Unauthorized(
                 "the Authorization header is not an accepted bearer token", error="invalid_token"
             )
-        presented = hashlib.sha256(token.strip().encode("utf-8", "surrogateescape")).digest()
-        ok = False
-        for stored in self._hashes:
-            # Accumulate instead of returning early: the time taken does not say which matched.
-            ok |= hmac.compare_digest(presented, stored)
-        if not ok:
+        presented = self._tokens.match(token)
+        if presented is None:
             raise Unauthorized("the bearer token is not valid", error="invalid_token")
-        return Grant(via="token")
+        # presented equals the stored hash that matched: the principal is a hash of it.
+        return Grant(via="token", principal=_principal("token", presented))
 
     def _signed(self, method: str, query: Mapping[str, str], now: float) -> Grant:
         if not self._secret:
@@ -212,10 +285,30 @@ class Authenticator:
         if not hmac.compare_digest(expected.encode(), sig.lower().encode("ascii", "replace")):
             raise Forbidden("the signature does not match", code="ERR_BAD_SIGNATURE")
         # Fields are trusted only after the signature checks out; then they were ours.
-        if not (expires.isascii() and expires.isdigit()) or int(expires) < now:
+        expires_s = ascii_uint(expires, max_digits=_MAX_NUMBER_LEN)
+        if expires_s is None or expires_s < now:
             raise Forbidden("the signed URL has expired", code="ERR_URL_EXPIRED")
-        if max_size and not (max_size.isascii() and max_size.isdigit()):
+        if expires_s - now > self._max_lifetime_s:
+            # The URL carries no issue time, so "lives at most N" is "expires within N":
+            # a leaked URL (browser history, a proxy log) is good for at most that long.
+            raise Forbidden(
+                f"the signed URL expires more than {self._max_lifetime_s:.0f} s from now, "
+                "beyond auth.signed_url_max_lifetime_s",
+                code="ERR_URL_LIFETIME",
+            )
+        if prefix is not None and not (prefix and prefix.endswith("/")):
+            # sign_url never mints one, but a web app with the secret may sign its own: a
+            # prefix "user1" would allow "user10/...", and "" every key.
+            raise Forbidden(
+                "the signed prefix must be non-empty and end with '/'", code="ERR_BAD_SIGNATURE"
+            )
+        max_size_bytes = ascii_uint(max_size, max_digits=_MAX_NUMBER_LEN) if max_size else None
+        if max_size and max_size_bytes is None:
             raise Forbidden("the signed URL is malformed", code="ERR_BAD_SIGNATURE")
         return Grant(
-            via="signed", key=key, prefix=prefix, max_size_bytes=int(max_size) if max_size else None
+            via="signed",
+            key=key,
+            prefix=prefix,
+            max_size_bytes=max_size_bytes,
+            principal=_principal("signed", sig.lower().encode("ascii")),
         )

@@ -143,6 +143,10 @@ class AuthConfig:
     mode: str = "required"
     token_sha256: tuple[bytes, ...] = field(default=(), repr=False)
     signing_secret: bytes = field(default=b"", repr=False)
+    # Tokens that may read /status in full (upload ids and keys); never upload tokens.
+    operator_token_sha256: tuple[bytes, ...] = field(default=(), repr=False)
+    # A week: the longest an S3 (SigV4) presigned URL lives.
+    signed_url_max_lifetime_s: float = 7 * 86400.0
 
     @property
     def enabled(self) -> bool:
@@ -173,6 +177,7 @@ class TusConfig:
     lock_lease_s: float = 30.0
     cors_allow_origins: tuple[str, ...] = ()
     cors_max_age_s: int = 86400
+    max_unfinished_per_principal: int = 20  # 0: no cap
 
 
 @dataclass(frozen=True)
@@ -466,22 +471,34 @@ def _token_hash(r: _Reader, key: str, entry: str, *, plain_ok: bool) -> bytes | 
     return None
 
 
+def _token_hashes(r: _Reader, base: Path, list_key: str, file_key: str) -> list[bytes]:
+    """Hashes from a list of ``sha256:`` entries and from a token file (hashes or plain)."""
+    hashes: list[bytes] = []
+    for entry in r.strings(list_key):
+        h = _token_hash(r, list_key, entry, plain_ok=False)
+        if h is not None:
+            hashes.append(h)
+    token_file = r.get(file_key, str, "")
+    if token_file:
+        path = Path(token_file) if Path(token_file).is_absolute() else base / token_file
+        for line in _read_secret_file(r, file_key, str(path)).splitlines():
+            if line.strip() and not line.lstrip().startswith("#"):
+                h = _token_hash(r, file_key, line, plain_ok=True)
+                if h is not None:
+                    hashes.append(h)
+    return hashes
+
+
 def _auth(r: _Reader, base: Path) -> AuthConfig:
     d = AuthConfig()
     mode = r.choice("mode", AUTH_MODES, d.mode)
-    hashes: list[bytes] = []
-    for entry in r.strings("tokens"):
-        h = _token_hash(r, "tokens", entry, plain_ok=False)
-        if h is not None:
-            hashes.append(h)
-    token_file = r.get("token_file", str, "")
-    if token_file:
-        path = Path(token_file) if Path(token_file).is_absolute() else base / token_file
-        for line in _read_secret_file(r, "token_file", str(path)).splitlines():
-            if line.strip() and not line.lstrip().startswith("#"):
-                h = _token_hash(r, "token_file", line, plain_ok=True)
-                if h is not None:
-                    hashes.append(h)
+    hashes = _token_hashes(r, base, "tokens", "token_file")
+    operators = _token_hashes(r, base, "operator_tokens", "operator_token_file")
+    r.check(
+        not set(hashes) & set(operators),
+        "operator_tokens",
+        "a token is both an upload token and an operator token; give operators their own",
+    )
     secret = b""
     secret_file = r.get("signing_secret_file", str, "")
     if secret_file:
@@ -498,8 +515,15 @@ def _auth(r: _Reader, base: Path) -> AuthConfig:
         '"required" needs tokens, a token_file or a signing_secret_file; '
         'set mode = "none" to accept uploads from anyone who can reach the port',
     )
+    lifetime = r.positive("signed_url_max_lifetime_s", float, AuthConfig.signed_url_max_lifetime_s)
     r.finish()
-    return AuthConfig(mode=mode, token_sha256=tuple(hashes), signing_secret=secret)
+    return AuthConfig(
+        mode=mode,
+        token_sha256=tuple(hashes),
+        signing_secret=secret,
+        operator_token_sha256=tuple(operators),
+        signed_url_max_lifetime_s=lifetime,
+    )
 
 
 def _limits(r: _Reader) -> LimitsConfig:
@@ -551,6 +575,9 @@ def _tus(r: _Reader) -> TusConfig:
         lock_lease_s=r.positive("lock_lease_s", float, d.lock_lease_s),
         cors_allow_origins=tuple(str(o) for o in origins),
         cors_max_age_s=r.positive("cors_max_age_s", int, d.cors_max_age_s, allow_zero=True),
+        max_unfinished_per_principal=r.positive(
+            "max_unfinished_per_principal", int, d.max_unfinished_per_principal, allow_zero=True
+        ),
     )
     r.check(
         re.fullmatch(r"/(?:[A-Za-z0-9._~-]+/)*", cfg.base_path) is not None,

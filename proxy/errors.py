@@ -164,6 +164,14 @@ class Gone(ProxyError):
     reason = "gone"
 
 
+class TooManyUnfinished(ProxyError):
+    """The principal already has ``tus.max_unfinished_per_principal`` uploads unfinished."""
+
+    code = "ERR_TOO_MANY_UNFINISHED_UPLOADS"
+    status = 429
+    reason = "client_limit"
+
+
 class Locked(ProxyError):
     """Another request (on this or another instance) holds the resource."""
 

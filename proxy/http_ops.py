@@ -5,6 +5,11 @@ where the background samplers (memory, readiness) run.  The same handlers serve
 the main app and, when ``metrics_listen`` is set, a small app on its own address
 that carries no upload routes and no object keys, so it can face a scraper
 without exposing anything else.
+
+Upload ids are credentials (with auth off the id alone lets anyone continue or delete
+a tus upload) and keys name other people's files, so neither appears in ``/metrics``
+and ``/status`` shows them only to a caller with an operator token
+(``auth.operator_tokens``); everyone else gets aggregate figures.
 """
 
 from __future__ import annotations
@@ -21,11 +26,13 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy import __version__
+from proxy.auth import TokenSet, Unauthorized, bearer_token
 from proxy.buffers import BufferPool
 from proxy.errors import ProxyError
 from proxy.http_upload import UploadHooks
 from proxy.memory import Level, MemoryMonitor
 from proxy.metrics import Metrics
+from proxy.responses import hide_server_banner
 from proxy.storage.base import Storage
 from proxy.streaming import StreamObserver, StreamResult
 
@@ -131,6 +138,8 @@ class Ops:
     memory: MemoryMonitor
     readiness: Readiness
     pool: Callable[[], BufferPool | None]
+    # Who may see /status in full (ids and keys of running uploads).
+    operators: TokenSet = field(default_factory=TokenSet)
     started_unix: float = field(default_factory=time.time)
     started: float = field(default_factory=time.monotonic)
 
@@ -152,10 +161,20 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-async def status(request: web.Request) -> web.Response:
-    ops = request.app[OPS]
-    state = ops.memory.state
-    memory = asdict(state) | {"level": state.level.label, "used_ratio": round(state.used_ratio, 4)}
+def _operator(request: web.Request) -> bool:
+    """True for a valid operator token; no Authorization header is an anonymous caller
+    (aggregate view); any other credential is refused, so a mistyped token is noticed."""
+    header = request.headers.get("Authorization")
+    if header is None:
+        return False
+    token = bearer_token(header)
+    if token is None or request.app[OPS].operators.match(token) is None:
+        raise Unauthorized("not an operator token", error="invalid_token")
+    return True
+
+
+def _running(ops: Ops) -> list[dict[str, Any]]:
+    """Each running upload, with its id and key: for operators only."""
     uploads = []
     for u in ops.metrics.active():
         age = u.age_s()
@@ -163,12 +182,27 @@ async def status(request: web.Request) -> web.Response:
             {
                 "id": u.upload_id,
                 "key": u.key,
+                "slot": u.slot,
                 "received_bytes": u.received_bytes,
                 "stored_bytes": u.stored_bytes,
                 "age_s": round(age, 3),
                 "rate_bytes_per_s": round(u.received_bytes / age) if age > 0 else 0,
             }
         )
+    return uploads
+
+
+async def status(request: web.Request) -> web.Response:
+    ops = request.app[OPS]
+    operator = _operator(request)
+    state = ops.memory.state
+    memory = asdict(state) | {"level": state.level.label, "used_ratio": round(state.used_ratio, 4)}
+    active = ops.metrics.active()
+    in_flight = {
+        "uploads": len(active),
+        "received_bytes": sum(u.received_bytes for u in active),
+        "stored_bytes": sum(u.stored_bytes for u in active),
+    }
     pool = ops.pool()
     buffers = None
     if pool is not None:
@@ -179,17 +213,19 @@ async def status(request: web.Request) -> web.Response:
             "peak_in_use_bytes": pool.peak_in_use_bytes,
             "waiting": pool.waiting,
         }
-    return web.json_response(
-        {
-            "version": __version__,
-            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ops.started_unix)),
-            "uptime_s": round(time.monotonic() - ops.started, 3),
-            "ready": ops.readiness.last,
-            "uploads": uploads,
-            "memory": memory,
-            "buffers": buffers,
-        }
-    )
+    report: dict[str, Any] = {
+        "version": __version__,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ops.started_unix)),
+        "uptime_s": round(time.monotonic() - ops.started, 3),
+        "ready": ops.readiness.last,
+        "in_flight": in_flight,
+        "memory": memory,
+        "buffers": buffers,
+    }
+    if operator:
+        report["uploads"] = _running(ops)
+    # Cache-Control: an operator's answer must not be kept by a proxy for the next caller.
+    return web.json_response(report, headers={"Cache-Control": "no-store"})
 
 
 async def samplers_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -225,5 +261,6 @@ def add_routes(app: web.Application, ops: Ops, *, with_status: bool = True) -> N
 def build_metrics_app(ops: Ops) -> web.Application:
     """The app for ``metrics_listen``: /metrics, /healthz and /readyz only."""
     app = web.Application()
+    app.on_response_prepare.append(hide_server_banner)
     add_routes(app, ops, with_status=False)
     return app

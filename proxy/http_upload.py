@@ -423,7 +423,7 @@ async def _stream_one(
         nbytes = streamer.received_bytes
         rate = nbytes / seconds / 2**20 if seconds > 0 else 0.0
         log.info(
-            "upload id=%s key=%s bytes=%d sha256=%s duration_s=%.3f rate_mib_s=%.1f result=%s",
+            "upload id=%s key=%r bytes=%d sha256=%s duration_s=%.3f rate_mib_s=%.1f result=%s",
             upload_id,
             spec.key,
             nbytes,

@@ -11,6 +11,36 @@ from proxy.errors import InvalidKey
 MAX_KEY_BYTES = 1024
 _EXT_RE = re.compile(r"\.([A-Za-z0-9]{1,16})$")
 
+# Characters that change how the text around them is shown, split or compared, so a key
+# holding one looks like another key in a listing, a browser or a log line:
+# * C0 and C1 controls and DEL (C1 includes NEL, U+0085, a line break to some tools);
+# * line and paragraph separators (U+2028, U+2029: line breaks to JavaScript and editors);
+# * the bidirectional embeddings, overrides, isolates and marks ("Trojan Source",
+#   CVE-2021-42574): "invoice\u202egpj.exe" shows as "invoiceexe.jpg";
+# * invisible format characters that make two different keys look the same: zero width
+#   space, word joiner and the invisible operators, the deprecated format characters,
+#   the BOM, interlinear annotation marks.
+# Zero width (non-)joiners (U+200C, U+200D) stay allowed: Persian, Indic scripts and
+# emoji sequences need them.
+_UNSAFE_CODEPOINTS = frozenset(
+    [
+        *range(0x00, 0x20),
+        *range(0x7F, 0xA0),
+        0x061C,  # Arabic letter mark
+        0x200B,  # zero width space
+        0x200E,  # left-to-right mark
+        0x200F,  # right-to-left mark
+        0x2028,  # line separator
+        0x2029,  # paragraph separator
+        *range(0x202A, 0x202F),  # LRE, RLE, PDF, LRO, RLO
+        *range(0x2060, 0x2065),  # word joiner, invisible operators
+        *range(0x2066, 0x206A),  # LRI, RLI, FSI, PDI
+        *range(0x206A, 0x2070),  # deprecated format characters
+        0xFEFF,  # BOM / zero width no-break space
+        *range(0xFFF9, 0xFFFC),  # interlinear annotation
+    ]
+)
+
 
 def validate_key(key: str) -> str:
     """Return ``key`` if it is safe to use as an object key; raise :class:`InvalidKey`."""
@@ -18,8 +48,11 @@ def validate_key(key: str) -> str:
         raise InvalidKey("the key is empty")
     if key.startswith("/"):
         raise InvalidKey("the key must not start with '/'")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in key):
-        raise InvalidKey("the key must not contain control characters")
+    if any(ord(c) in _UNSAFE_CODEPOINTS for c in key):
+        raise InvalidKey(
+            "the key must not contain control, line-separator, bidirectional or invisible "
+            "format characters"
+        )
     if "\\" in key:
         # Some stores (SeaweedFS) turn "\" into "/": "a\..\..\x" would then climb out
         # of the key prefix.  S3 allows it, but no one needs it in an upload key.

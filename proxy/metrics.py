@@ -5,10 +5,13 @@ memory monitor and the readiness probe it describes as small protocols and reads
 at scrape time, so gauges are never stale and nothing has to push updates.
 
 Labels are bounded: ``reason`` comes from a fixed list (anything else is filed
-under ``other``), ``operation`` from the storage backend's fixed set of calls.  The
-one exception is ``upload`` on the ``proxy_active_upload_*`` series: they exist
-only while an upload runs, at most ``live_uploads_max`` of them, and vanish when it
-ends, so their number stays under the concurrency the buffer pool allows.
+under ``other``), ``operation`` from the storage backend's fixed set of calls, and
+``slot`` on the ``proxy_active_upload_*`` series is a number below
+``live_uploads_max``: a running upload takes the lowest free slot and gives it back
+when it ends (uploads beyond that many have no live series).  No label carries an
+upload id, a key or anything derived from them: a tus id in a label would be a
+credential (with auth off, the id alone lets anyone continue or delete the upload),
+and ``/metrics`` may be served to a scraper on another machine.
 """
 
 from __future__ import annotations
@@ -82,6 +85,7 @@ class UploadProgress:
         "_metrics",
         "key",
         "received_bytes",
+        "slot",
         "started",
         "started_unix",
         "stored_bytes",
@@ -92,6 +96,7 @@ class UploadProgress:
         self._metrics = metrics
         self.upload_id = upload_id
         self.key = key
+        self.slot: int | None = None  # the live series' label, while it holds one
         self.started = metrics.clock()
         self.started_unix = time.time()
         self.received_bytes = 0
@@ -132,6 +137,7 @@ class Metrics:
         self.live_uploads_max = live_uploads_max
         self.reasons = frozenset(reasons) | {OTHER_REASON}
         self._active: dict[str, UploadProgress] = {}
+        self._slots: list[UploadProgress | None] = [None] * live_uploads_max
         self._pool: PoolFigures | None = None
         self._memory: Callable[[], MemoryFigures | None] = lambda: None
         self._ready: Callable[[], bool | None] = lambda: None
@@ -207,9 +213,23 @@ class Metrics:
     def _reason(self, reason: str) -> str:
         return reason if reason in self.reasons else OTHER_REASON
 
-    def upload_started(self, upload_id: str, key: str) -> UploadProgress:
+    def _track(self, upload_id: str, key: str) -> UploadProgress:
+        self._untrack(upload_id)
         progress = UploadProgress(self, upload_id, key)
         self._active[upload_id] = progress
+        for n, holder in enumerate(self._slots):
+            if holder is None:
+                self._slots[n], progress.slot = progress, n
+                break
+        return progress
+
+    def _untrack(self, upload_id: str) -> None:
+        progress = self._active.pop(upload_id, None)
+        if progress is not None and progress.slot is not None:
+            self._slots[progress.slot] = None
+
+    def upload_started(self, upload_id: str, key: str) -> UploadProgress:
+        progress = self._track(upload_id, key)
         self.started.inc()
         return progress
 
@@ -221,18 +241,16 @@ class Metrics:
     def transfer_started(self, upload_id: str, key: str) -> UploadProgress:
         """A body that is one piece of an upload (a tus PATCH): live progress and byte
         counters, but not counted as an upload of its own."""
-        progress = UploadProgress(self, upload_id, key)
-        self._active[upload_id] = progress
-        return progress
+        return self._track(upload_id, key)
 
     def transfer_finished(self, upload_id: str) -> None:
-        self._active.pop(upload_id, None)
+        self._untrack(upload_id)
 
     def upload_finished(
         self, upload_id: str, *, reason: str | None, seconds: float, size_bytes: int
     ) -> None:
         """``reason`` None means the object was stored."""
-        self._active.pop(upload_id, None)
+        self._untrack(upload_id)
         if reason is None:
             self.completed.inc()
             self.upload_size.observe(size_bytes)
@@ -257,7 +275,7 @@ class Metrics:
     def collect_sampled(self) -> Iterator[Metric]:
         active = self.active()
         yield GaugeMetricFamily("proxy_uploads_in_flight", "Uploads streaming now.", len(active))
-        yield from _live_series(active[: self.live_uploads_max])
+        yield from _live_series([u for u in self._slots if u is not None])
         if self._pool is not None:
             yield from _gauges(_POOL_GAUGES, self._pool)
         memory = self._memory()
@@ -273,23 +291,24 @@ class Metrics:
 def _live_series(uploads: list[UploadProgress]) -> Iterator[Metric]:
     received = CounterMetricFamily(
         "proxy_active_upload_received_bytes",
-        "Body bytes received so far by a running upload (gone once it ends).",
-        labels=["upload"],
+        "Body bytes received so far by the upload running in a slot (gone once it ends).",
+        labels=["slot"],
     )
     stored = CounterMetricFamily(
         "proxy_active_upload_stored_bytes",
-        "Body bytes stored so far by a running upload (gone once it ends).",
-        labels=["upload"],
+        "Body bytes stored so far by the upload running in a slot (gone once it ends).",
+        labels=["slot"],
     )
     start = GaugeMetricFamily(
         "proxy_active_upload_start_time_seconds",
-        "Unix time a running upload began (gone once it ends).",
-        labels=["upload"],
+        "Unix time the upload running in a slot began (a new value: another upload).",
+        labels=["slot"],
     )
     for u in uploads:
-        received.add_metric([u.upload_id], u.received_bytes)
-        stored.add_metric([u.upload_id], u.stored_bytes)
-        start.add_metric([u.upload_id], u.started_unix)
+        slot = [str(u.slot)]
+        received.add_metric(slot, u.received_bytes)
+        stored.add_metric(slot, u.stored_bytes)
+        start.add_metric(slot, u.started_unix)
     yield from (received, stored, start)
 
 

@@ -88,7 +88,7 @@ class _JsonErrorRequestHandler(RequestHandler):
             self.log_exception("Error handling request from %s", request.remote, exc_info=exc)
         else:
             log.info(
-                "rejected malformed request from %s: %d %s",
+                "rejected malformed request from %s: %d %r",
                 request.remote,
                 status,
                 getattr(exc, "message", exc),
@@ -204,7 +204,8 @@ class Server:
             site, self.port = await _start_site(runner, sc.listen_host, sc.listen_port)
             log.info("listening on http://%s:%s", sc.listen_host, self.port)
             if sc.metrics_listen is not None:
-                metrics_runner = web.AppRunner(
+                # A ProxyRunner too: its parser errors are JSON without aiohttp's banner.
+                metrics_runner = ProxyRunner(
                     build_metrics_app(self.runtime.ops), handle_signals=False, access_log=None
                 )
                 await metrics_runner.setup()

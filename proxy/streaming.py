@@ -359,7 +359,7 @@ class PartStreamer:
             ) from None
         except BaseException:
             # Without its sha256 the object would break our promise; take it back.
-            log.error("could not set metadata on %s; deleting it", self._spec.key)
+            log.error("could not set metadata on %r; deleting it", self._spec.key)
             await asyncio.shield(self._storage.delete_object(self._spec.key))
             raise
         return StreamResult(self._spec.key, self.received_bytes, sha256, etag, len(self._parts))
@@ -379,7 +379,7 @@ class PartStreamer:
             # Our caller is being cancelled; the shielded abort carries on regardless.
             raise
         except Exception as e:
-            log.error("abort of multipart upload for %s failed: %s", self._spec.key, e)
+            log.error("abort of multipart upload for %r failed: %s", self._spec.key, e)
 
 
 # Shared with the tus PATCH writer (proxy.tus_writer), which lays parts out differently

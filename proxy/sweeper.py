@@ -91,7 +91,7 @@ class StaleSweeper:
             await self._storage.abort_multipart(upload.key, upload.upload_id)
             aborted.append(upload)
             log.info(
-                "aborted stale multipart upload key=%s initiated=%s",
+                "aborted stale multipart upload key=%r initiated=%s",
                 upload.key,
                 upload.initiated.isoformat(),
             )

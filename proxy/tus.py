@@ -24,13 +24,14 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from proxy.auth import Forbidden, Grant
+from proxy.auth import Forbidden, Grant, Principal
 from proxy.config import TusConfig
 from proxy.errors import BadRequest, NotFound, ProxyError, TooLarge
+from proxy.headers import ascii_uint
 from proxy.http_upload import UPLOADS, authorize, body_chunks, expect_with, request_client
 from proxy.storage.base import OpenMultipart, Storage
 from proxy.tus_state import TusStore, UploadInfo, release_quietly, valid_id
-from proxy.tus_upload import Checksum, NewUpload, TusService
+from proxy.tus_upload import Checksum, NewUpload, TusService, quota_of
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +99,12 @@ def _non_negative(request: web.Request, name: str) -> int | None:
     value = request.headers.get(name)
     if value is None:
         return None
-    if not value.isdigit() or len(value) > 19:
-        raise BadRequest(f"{name} must be a non-negative integer", code="ERR_BAD_HEADER")
-    return int(value)
+    number = ascii_uint(value)
+    if number is None:
+        raise BadRequest(
+            f"{name} must be a non-negative integer of ASCII digits", code="ERR_BAD_HEADER"
+        )
+    return number
 
 
 def parse_metadata(header: str) -> dict[str, bytes]:
@@ -135,7 +139,9 @@ def _header_safe(value: str) -> str:
     return quote(value, safe=" !\"#$&'()*+,-./:;<=>?@[]^_`{|}~")
 
 
-def new_upload(ctx: TusService, header: str, length: int | None) -> NewUpload:
+def new_upload(
+    ctx: TusService, header: str, length: int | None, principal: Principal, quota: str
+) -> NewUpload:
     """Key, content type and object metadata from ``Upload-Metadata``."""
     meta = parse_metadata(header)
     text = {k: v.decode("utf-8", errors="replace") for k, v in meta.items()}
@@ -161,6 +167,8 @@ def new_upload(ctx: TusService, header: str, length: int | None) -> NewUpload:
         object_metadata=obj_meta,
         length=length,
         filename=filename,
+        principal=principal,
+        quota=quota,
     )
 
 
@@ -210,7 +218,12 @@ def _chunks(request: web.Request) -> AsyncIterator[bytes]:
 def _guard(request: web.Request) -> Grant:
     """Who may touch tus uploads: the same credentials as plain uploads, checked before
     any body byte.  Signed URLs are bound to one method and one key, which tus (POST,
-    then PATCHes to a URL we choose) cannot honour: tus takes bearer tokens."""
+    then PATCHes to a URL we choose) cannot honour: tus takes bearer tokens.
+
+    Whose upload: the grant's principal is recorded at creation, and every later request
+    (HEAD, PATCH, DELETE, the method-override POST) passes it to the state store, which
+    answers someone else's upload with the 404 of an unknown id (``TusStore._load_for``).
+    With auth off every request is "anonymous": whoever holds the id may touch it."""
     grant = authorize(request)
     if grant.via == "signed":
         raise Forbidden(
@@ -260,7 +273,7 @@ async def options(request: web.Request) -> web.Response:
 
 async def create(request: web.Request) -> web.StreamResponse:
     _check_version(request)
-    _guard_body(request)
+    grant = _guard_body(request)
     svc = _svc(request)
     length = _non_negative(request, "Upload-Length")
     defer = request.headers.get("Upload-Defer-Length")
@@ -284,7 +297,10 @@ async def create(request: web.Request) -> web.StreamResponse:
             reason="bad_request",
         )
     checksum = _checksum(request) if with_body else None
-    new = new_upload(svc, request.headers.get("Upload-Metadata", ""), length)
+    quota = quota_of(grant.principal, request_client(request).ip)
+    new = new_upload(
+        svc, request.headers.get("Upload-Metadata", ""), length, grant.principal, quota
+    )
     info, lease = await svc.create(new, leased=with_body and new.length != 0)
     if lease is not None:
         try:
@@ -301,7 +317,7 @@ async def create(request: web.Request) -> web.StreamResponse:
     if not with_body:
         headers.pop("Upload-Offset")
     log.info(
-        "tus create id=%s key=%s length=%s",
+        "tus create id=%s key=%r length=%s",
         info.id,
         info.key,
         "deferred" if info.length is None else info.length,
@@ -311,7 +327,7 @@ async def create(request: web.Request) -> web.StreamResponse:
 
 async def _terminate_quietly(svc: TusService, upload_id: str) -> None:
     async def go() -> None:
-        lease = await svc.store.acquire(upload_id, allow_expired=True)
+        lease = await svc.store.acquire(upload_id, by=None, allow_expired=True)
         await svc.terminate(lease)
 
     try:
@@ -324,8 +340,8 @@ async def _terminate_quietly(svc: TusService, upload_id: str) -> None:
 
 async def head(request: web.Request) -> web.Response:
     _check_version(request)
-    _guard(request)
-    info = await _svc(request).store.get(_upload_id(request))
+    grant = _guard(request)
+    info = await _svc(request).store.get(_upload_id(request), by=grant.principal)
     headers = {**_upload_headers(info), "Cache-Control": "no-store"}
     if info.length is None:
         headers["Upload-Defer-Length"] = "1"
@@ -338,7 +354,7 @@ async def head(request: web.Request) -> web.Response:
 
 async def patch(request: web.Request) -> web.Response:
     _check_version(request)
-    _guard_body(request)
+    grant = _guard_body(request)
     svc = _svc(request)
     upload_id = _upload_id(request)
     ctype = request.headers.get("Content-Type", "").split(";")[0].strip()
@@ -354,7 +370,7 @@ async def patch(request: web.Request) -> web.Response:
         raise BadRequest("Upload-Offset is required", code="ERR_BAD_HEADER")
     length = _non_negative(request, "Upload-Length")
     checksum = _checksum(request)
-    lease = await svc.store.acquire(upload_id)
+    lease = await svc.store.acquire(upload_id, by=grant.principal)
     try:
         info = lease.info
         if info.completing and offset == info.offset:
@@ -396,9 +412,9 @@ async def patch(request: web.Request) -> web.Response:
 
 async def delete(request: web.Request) -> web.Response:
     _check_version(request)
-    _guard(request)
+    grant = _guard(request)
     svc = _svc(request)
-    lease = await svc.store.acquire(_upload_id(request), allow_expired=True)
+    lease = await svc.store.acquire(_upload_id(request), by=grant.principal, allow_expired=True)
     try:
         await svc.terminate(lease)
     except BaseException:

@@ -4,6 +4,9 @@ Layout under ``state_prefix`` (``.tus/`` by default), one folder per upload id::
 
     <id>/info               JSON: length, parts, pending segments, hash state, expiry, lease
     <id>/pending-<o>-<rnd>  bytes received after the last full part, from offset <o>
+    owners/<quota>/<created>-<id>
+                            empty: one per unfinished upload of a principal (a client
+                            address with auth off), listed to cap how many it may have
 
 Every write of ``info`` is conditional (If-None-Match on creation, If-Match on the etag
 read before), and every write bumps ``rev`` so two writes never share an etag.  That makes
@@ -26,12 +29,18 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from proxy.auth import ANONYMOUS, Principal
 from proxy.errors import ConditionFailed, Gone, Locked, NotFound, StorageError
+from proxy.headers import ascii_uint
 from proxy.storage.base import Storage
 
 log = logging.getLogger(__name__)
 
 MAX_INFO_BYTES = 4 * 1024 * 1024  # 10000 parts of ~60 bytes of JSON, with room to spare
+OWNERS = "owners/"
+# A creation writes its marker, then its info object, within seconds; a marker this old
+# without an info object is left over.
+MARKER_GRACE_S = 600.0
 FORMAT_VERSION = 1
 ID_HEX_CHARS = 32
 
@@ -56,6 +65,8 @@ class UploadInfo:
     metadata_header: str  # Upload-Metadata as the client sent it, echoed by HEAD
     object_metadata: dict[str, str]
     length: int | None  # None: deferred (creation-defer-length)
+    # "" until the first full part creates the multipart upload.  Parts but no multipart
+    # id: the upload was stored whole by one PutObject (it ended below one part size).
     multipart_id: str
     expires_s: float
     parts: tuple[Part, ...] = ()
@@ -67,6 +78,13 @@ class UploadInfo:
     lease_owner: str | None = None
     lease_until_s: float = 0.0
     created_s: float = field(default_factory=time.time)
+    # Who created the upload (str of a proxy.auth.Principal); only they may touch it.
+    # Info objects written before this field existed load as "anonymous": reachable
+    # with auth.mode = "none" only, as when they were made (with auth on they simply
+    # expire).
+    principal: str = str(ANONYMOUS)
+    # Whose quota the upload counts against (its marker's folder); "" for none.
+    quota: str = ""
 
     @property
     def parts_bytes(self) -> int:
@@ -159,12 +177,20 @@ class TusStore:
         except (ValueError, KeyError, TypeError) as e:
             raise StorageError(f"tus state of {upload_id} is unreadable: {e}") from None
 
-    async def get(self, upload_id: str) -> UploadInfo:
-        """The upload as HEAD sees it: 404 if unknown, 410 if expired."""
+    async def _load_for(self, upload_id: str, by: Principal | None) -> tuple[UploadInfo, str]:
+        """The upload if ``by`` may touch it (None: the proxy itself, e.g. the sweeper).
+
+        Someone else's upload is exactly as unknown as an id that does not exist: the
+        same 404 after the same S3 read, checked before expiry (410) and lease (423),
+        which would confirm that the id exists."""
         loaded = await self.load(upload_id)
-        if loaded is None:
+        if loaded is None or (by is not None and not by.owns(loaded[0].principal)):
             raise NotFound("no such upload")
-        info = loaded[0]
+        return loaded
+
+    async def get(self, upload_id: str, *, by: Principal) -> UploadInfo:
+        """The upload as HEAD sees it: 404 if unknown or not ``by``'s, 410 if expired."""
+        info, _ = await self._load_for(upload_id, by)
         if info.expired(self.clock()):
             raise Gone("the upload has expired")
         return info
@@ -181,12 +207,12 @@ class TusStore:
             self.info_key(info.id), info.to_json(), if_none_match=True
         )
 
-    async def acquire(self, upload_id: str, *, allow_expired: bool = False) -> Lease:
-        """Take the upload's lease: 404 unknown, 410 expired, 423 held by someone else."""
-        loaded = await self.load(upload_id)
-        if loaded is None:
-            raise NotFound("no such upload")
-        info, etag = loaded
+    async def acquire(
+        self, upload_id: str, *, by: Principal | None, allow_expired: bool = False
+    ) -> Lease:
+        """Take the upload's lease: 404 unknown or not ``by``'s (None: the proxy itself),
+        410 expired, 423 held by someone else."""
+        info, etag = await self._load_for(upload_id, by)
         now = self.clock()
         if info.expired(now) and not allow_expired:
             raise Gone("the upload has expired")
@@ -202,14 +228,57 @@ class TusStore:
             raise Locked("the upload is in use by another request; retry later") from None
         return Lease(self, taken, etag, owner)
 
-    async def delete_all(self, upload_id: str) -> None:
-        """Every state object of the upload; info last, so a crash half-way leaves it findable."""
-        folder = self.folder(upload_id)
-        info_key = self.info_key(upload_id)
+    async def delete_all(self, info: UploadInfo) -> None:
+        """Every state object of the upload; info last, so a crash half-way leaves it findable
+        (a marker left behind by one is pruned by :meth:`stale_markers`)."""
+        folder = self.folder(info.id)
+        info_key = self.info_key(info.id)
         for obj in await self.storage.list_objects(folder):
             if obj.key != info_key:
                 await self.storage.delete_object(obj.key)
+        if (marker := self.marker_key(info)) is not None:
+            await self.storage.delete_object(marker)
         await self.storage.delete_object(info_key)
+
+    # -- quota: unfinished uploads per principal ---------------------------------------------
+
+    def quota_folder(self, quota: str) -> str:
+        return f"{self.prefix}{OWNERS}{quota}/"
+
+    def marker_key(self, info: UploadInfo) -> str | None:
+        if not info.quota:
+            return None
+        return f"{self.quota_folder(info.quota)}{int(info.created_s)}-{info.id}"
+
+    async def reserve(self, info: UploadInfo, limit: int) -> bool:
+        """Count ``info`` against its quota; False, and nothing kept, if that makes more
+        than ``limit`` unfinished uploads.
+
+        The marker is written first and the folder listed after, so two creations racing
+        for the last place both see each other: at worst both are refused (and retry),
+        never both admitted.  State in the bucket, so the cap holds across instances."""
+        marker = self.marker_key(info)
+        assert marker is not None
+        await self.storage.put_conditional(marker, b"", if_none_match=True)
+        if len(await self.storage.list_objects(self.quota_folder(info.quota))) <= limit:
+            return True
+        await self.storage.delete_object(marker)
+        return False
+
+    async def stale_markers(self, live_ids: set[str]) -> list[str]:
+        """Markers whose upload has no state (a crash between the marker and the info, or
+        in the middle of :meth:`delete_all`), older than :data:`MARKER_GRACE_S` so that a
+        creation in progress (marker written, info not yet) is never among them."""
+        stale = []
+        now = self.clock()
+        for obj in await self.storage.list_objects(f"{self.prefix}{OWNERS}"):
+            created, _, upload_id = obj.key.rpartition("/")[2].partition("-")
+            created_s = ascii_uint(created)
+            if upload_id in live_ids or created_s is None:
+                continue
+            if now - created_s > MARKER_GRACE_S:
+                stale.append(obj.key)
+        return stale
 
     async def list_ids(self) -> list[str]:
         ids = []
@@ -227,14 +296,23 @@ class TusStore:
         it.  An upload being written (lease held) is live even past its expiry (see
         :meth:`UploadInfo.expired`).  tus object keys always hold the tus id as a whole
         path segment (``<key_prefix><id>[/<filename>]``), so this reads at most a few
-        info objects.  Storage errors propagate: "cannot tell" must not be taken for "no"."""
+        info objects.  Storage errors propagate: "cannot tell" must not be taken for "no".
+        Multipart uploads are created lazily by a PATCH and their id saved after: one a
+        crashed PATCH created but never saved is not claimed, and so is swept."""
         now = self.clock()
         for segment in key.split("/"):
             if not valid_id(segment):
                 continue
             loaded = await self.load(segment)
-            if loaded is not None and loaded[0].multipart_id == multipart_id:
-                return not loaded[0].expired(now)
+            if loaded is None:
+                continue
+            info = loaded[0]
+            if info.multipart_id == multipart_id:
+                return not info.expired(now)
+            if not info.multipart_id and info.leased(now):
+                # A PATCH is running and may have just created this multipart upload (its
+                # id is saved at the next lease renewal): cannot tell yet, so claim it.
+                return True
         return False
 
 

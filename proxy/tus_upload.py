@@ -3,7 +3,8 @@
 No HTTP here (that is :mod:`proxy.tus`); every step keeps the state in the bucket
 (:mod:`proxy.tus_state`) so a restart or another instance can carry on:
 
-* create: the multipart upload is started at the final key and the info object written;
+* create: the info object is written; nothing else (the multipart upload is created by
+  the first PATCH that fills a part, see :mod:`proxy.tus_writer`);
 * write: under the upload's lease, the body goes through :class:`~proxy.tus_writer.PatchWriter`;
   a lease keeper renews the lease and, when the PATCH has no ``Upload-Checksum`` to honour,
   checkpoints the parts stored so far, so a daemon that dies mid-PATCH loses at most a
@@ -24,6 +25,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
+from proxy.auth import ANONYMOUS, Principal
 from proxy.config import TusConfig
 from proxy.errors import (
     ConditionFailed,
@@ -32,6 +34,7 @@ from proxy.errors import (
     StorageError,
     StorageUnavailable,
     TooLarge,
+    TooManyUnfinished,
 )
 from proxy.http_upload import UploadContext, transfer
 from proxy.keys import safe_filename
@@ -52,6 +55,8 @@ from proxy.tus_writer import PatchResult, PatchTarget, PatchWriter
 log = logging.getLogger(__name__)
 
 REHASH_CHUNK_BYTES = 1024 * 1024
+# Retry-After of a 429 ERR_TOO_MANY_UNFINISHED_UPLOADS: places free up as uploads finish.
+QUOTA_RETRY_AFTER_S = 60
 CLEANUP_TIMEOUT_S = 30.0
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 T = TypeVar("T")
@@ -74,6 +79,17 @@ class NewUpload:
     object_metadata: dict[str, str]
     length: int | None
     filename: str | None
+    principal: Principal  # the creator: the only one who may touch the upload again
+    quota: str  # whose cap on unfinished uploads it counts against (quota_of)
+
+
+def quota_of(principal: Principal, client_ip: str) -> str:
+    """Whose cap on unfinished uploads a creation counts against: the principal's, or with
+    auth off (everyone is "anonymous") the client address's.  A path segment of the
+    marker keys; the address is hashed so the key holds only [a-z0-9-]."""
+    if principal == ANONYMOUS:
+        return "addr-" + hashlib.sha256(client_ip.encode()).hexdigest()[:16]
+    return f"{principal.kind}-{principal.ref}"
 
 
 class TusService:
@@ -99,21 +115,29 @@ class TusService:
     # -- create ------------------------------------------------------------------------
 
     async def create(self, new: NewUpload, *, leased: bool) -> tuple[UploadInfo, Lease | None]:
-        storage = self.uploads.storage
         self.uploads.hooks.created(new.id, new.key)
         now = time.time()
         if new.length == 0:
             # Complete on arrival: the object, and no state at all.
             await self._put_empty(new.key, new.content_type, new.object_metadata)
             log.info(
-                "tus upload id=%s key=%s bytes=0 sha256=%s result=ok", new.id, new.key, EMPTY_SHA256
+                "tus upload id=%s key=%r bytes=0 sha256=%s result=ok", new.id, new.key, EMPTY_SHA256
             )
             info = self._info(new, "", now)
             return replace(info, completing=True, sha256_hex=EMPTY_SHA256), None
-        mpu = await storage.create_multipart(
-            new.key, metadata=new.object_metadata, content_type=new.content_type
-        )
-        info = self._info(new, mpu, now)
+        # No multipart upload yet: a creation costs S3 one small state object (and one
+        # marker, listed, when unfinished uploads are capped).
+        info = self._info(new, "", now)
+        limit = self.config.max_unfinished_per_principal
+        if limit:
+            if not await self.store.reserve(info, limit):
+                raise TooManyUnfinished(
+                    f"{limit} uploads of yours are unfinished already: complete or delete "
+                    "one, or wait for it to expire",
+                    headers={"Retry-After": str(QUOTA_RETRY_AFTER_S)},
+                )
+        else:
+            info = replace(info, quota="")
         try:
             if leased:
                 lease = await self.store.create(info, owner=new.id)
@@ -121,7 +145,8 @@ class TusService:
             await self.store.create_unleased(info)
             return info, None
         except BaseException:
-            await self._shielded(storage.abort_multipart(new.key, mpu), "abort")
+            if (marker := self.store.marker_key(info)) is not None:
+                await self._shielded(self.uploads.storage.delete_object(marker), "unreserve")
             raise
 
     def _info(self, new: NewUpload, mpu: str, now: float) -> UploadInfo:
@@ -135,6 +160,8 @@ class TusService:
             multipart_id=mpu,
             expires_s=now + self.config.expire_after_s,
             created_s=now,
+            principal=str(new.principal),
+            quota=new.quota,
         )
 
     @staticmethod
@@ -162,6 +189,8 @@ class TusService:
             offset=info.offset,
             limit_bytes=room - info.offset,
             segment_key=lambda offset: self.store.segment_key(info.id, offset),
+            content_type=info.content_type,
+            metadata=info.object_metadata,
         )
         with transfer(self.uploads, info.id, info.key) as observer:
             return await self._write(
@@ -225,6 +254,9 @@ class TusService:
                 return done
             if checksum is not None and writer.checksum_digest() != checksum.digest:
                 await keeper.stop()
+                # The chunk is dropped, but a multipart upload it created is kept for the
+                # next PATCH (not orphaned until the stale sweeper finds it).
+                lease.info = replace(lease.info, multipart_id=writer.multipart_id)
                 await release_quietly(lease)
                 raise ProxyError(
                     f"the PATCH body does not match its {checksum.algorithm} Upload-Checksum; "
@@ -264,7 +296,8 @@ class TusService:
         """Commit what a failed PATCH left durable and release the lease, unless that
         brought the upload to its length: then it is saved ``completing`` (lease kept)."""
         if not commit or lease.lost:
-            return await lease.release()
+            # Nothing kept, but a multipart upload this PATCH created is, for the next one.
+            return await lease.release(replace(lease.info, multipart_id=writer.multipart_id))
         final = info.length is not None and info.offset + writer.received_bytes == info.length
         result = await writer.salvage(keep_tail=keep_tail, final=final)
         kept = self._apply(info, result)
@@ -280,6 +313,7 @@ class TusService:
         """``info`` with the result's parts, pending segments and hash state; expiry pushed back."""
         return replace(
             info,
+            multipart_id=result.multipart_id,
             parts=info.parts + result.new_parts,
             pending=result.pending,
             sha256_state=result.sha256.export(),
@@ -319,9 +353,14 @@ class TusService:
         storage = self.uploads.storage
         length = info.offset
         if not info.parts:
-            await storage.abort_multipart(info.key, info.multipart_id)
+            if info.multipart_id:
+                await storage.abort_multipart(info.key, info.multipart_id)
             await self._put_empty(info.key, info.content_type, info.object_metadata)
             sha256 = EMPTY_SHA256
+        elif not info.multipart_id:
+            # Below one part size: stored whole, sha256 included, by one PutObject
+            # (PatchWriter._put_whole); there is no multipart upload to complete.
+            sha256 = info.sha256_hex or await self._rehash(info.key)
         else:
             etag = await self._complete_multipart(info)
             sha256 = info.sha256_hex or await self._rehash(info.key)
@@ -332,7 +371,7 @@ class TusService:
                 metadata={**info.object_metadata, "sha256": sha256},
                 content_type=info.content_type,
             )
-        await self.store.delete_all(info.id)
+        await self.store.delete_all(info)
         self.uploads.hooks.finished(
             info.id,
             StreamResult(info.key, length, sha256, "", len(info.parts)),
@@ -341,7 +380,7 @@ class TusService:
             length,
         )
         log.info(
-            "tus upload id=%s key=%s bytes=%d sha256=%s parts=%d result=ok",
+            "tus upload id=%s key=%r bytes=%d sha256=%s parts=%d result=ok",
             info.id,
             info.key,
             length,
@@ -397,7 +436,7 @@ class TusService:
         loop = asyncio.get_running_loop()
         async for chunk in self.uploads.storage.iter_object(key, chunk_bytes=REHASH_CHUNK_BYTES):
             await loop.run_in_executor(None, h.update, chunk)
-        log.info("tus: re-read %s to hash it in %.2fs", key, time.monotonic() - started)
+        log.info("tus: re-read %r to hash it in %.2fs", key, time.monotonic() - started)
         return h.hexdigest()
 
     # -- terminate and sweep ---------------------------------------------------------------
@@ -406,9 +445,9 @@ class TusService:
         info = lease.info
         if info.multipart_id:
             await self.uploads.storage.abort_multipart(info.key, info.multipart_id)
-        await self.store.delete_all(info.id)
+        await self.store.delete_all(info)
         await lease.drop()
-        log.info("tus upload id=%s key=%s terminated at offset %d", info.id, info.key, info.offset)
+        log.info("tus upload id=%s key=%r terminated at offset %d", info.id, info.key, info.offset)
 
     async def sweep_once(self) -> int:
         """Expire old uploads and finish interrupted completions; return how many were handled.
@@ -419,19 +458,20 @@ class TusService:
         started = time.time()
         live: set[str] = set()
         complete_view = True
-        for upload_id in await self.store.list_ids():
+        ids = await self.store.list_ids()
+        for upload_id in ids:
             try:
                 loaded = await self.store.load(upload_id)
                 if loaded is None:
                     continue
                 info = loaded[0]
                 now = time.time()
-                if not info.expired(now):
+                if not info.expired(now) and info.multipart_id:
                     live.add(info.multipart_id)
                 finish = info.completing or info.reached_length
                 if info.leased(now) or not (finish or info.expired(now)):
                     continue
-                lease = await self.store.acquire(upload_id, allow_expired=True)
+                lease = await self.store.acquire(upload_id, by=None, allow_expired=True)
                 try:
                     if lease.info.completing:
                         await self.complete(lease.info)
@@ -455,6 +495,7 @@ class TusService:
                 log.warning("tus sweeper: upload %s: %s", upload_id, e)
         if complete_view:
             self._live = (started, frozenset(live))
+        await self._delete_quietly(tuple(await self.store.stale_markers(set(ids))))
         return handled
 
     def claims_multipart(self, upload: OpenMultipart) -> bool:
@@ -493,7 +534,7 @@ class TusService:
             try:
                 await self.uploads.storage.delete_object(key)
             except ProxyError as e:
-                log.warning("tus: could not delete %s: %s", key, e)
+                log.warning("tus: could not delete %r: %s", key, e)
 
     @staticmethod
     async def _shielded(aw: Awaitable[T], what: str) -> T | None:
@@ -552,12 +593,15 @@ class _LeaseKeeper:
                 return
             except TimeoutError:
                 pass
-            info = self._lease.info
+            # Always the writer's multipart id: one it created is then saved within a
+            # renewal, even by a PATCH whose parts cannot be checkpointed (Upload-Checksum).
+            info = replace(self._lease.info, multipart_id=self._writer.multipart_id)
             if self._checkpoint:
                 parts, sha = self._writer.durable()
                 if parts and sha is not None:
                     info = replace(
                         self._info,
+                        multipart_id=self._writer.multipart_id,
                         parts=self._info.parts + parts,
                         pending=(),
                         sha256_state=sha.export(),

@@ -15,7 +15,15 @@ PATCH's own ``Upload-Checksum``.  What differs for tus:
 * a failure does not abort the multipart upload: the parts that made it, in order, plus
   (when the body merely broke off) the tail, are what the caller commits, so a resumed
   upload continues from there.  The SHA-256 state after each part is snapshotted so the
-  committed state covers exactly the committed parts.
+  committed state covers exactly the committed parts;
+* the multipart upload is created lazily, when the first full part is dispatched, not
+  when the upload is created: a tus creation costs S3 no multipart upload (a flood of
+  creations leaves none open), and an upload that ends below one part size is stored
+  with a single PutObject carrying its sha256 (:meth:`PatchWriter._put_whole`), with no
+  multipart upload at all.  The new multipart id is in every :class:`PatchResult` and
+  in :attr:`PatchWriter.multipart_id` for the lease keeper's checkpoints; a crash
+  before it is saved leaves an orphan that the stale-multipart sweeper removes
+  (``TusStore.owns_multipart`` does not claim it).
 """
 
 from __future__ import annotations
@@ -24,11 +32,11 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.buffers import BufferPool
-from proxy.errors import ProxyError, StorageError, TooLarge
+from proxy.errors import ObjectExists, ProxyError, StorageError, TooLarge
 from proxy.storage.base import PartChecksum, Storage
 from proxy.streaming import (
     NullObserver,
@@ -56,12 +64,14 @@ class PatchTarget:
     """Where this PATCH's bytes go and what came before them."""
 
     key: str
-    multipart_id: str
+    multipart_id: str  # "" until the upload's first full part: created then, lazily
     parts_before: int  # parts already committed; ours are numbered from parts_before + 1
     pending: tuple[Segment, ...]  # committed bytes after the last part
     offset: int  # upload offset of this PATCH's first byte
     limit_bytes: int  # most bytes this PATCH may carry
     segment_key: Callable[[int], str]  # upload offset -> a fresh pending-segment key
+    content_type: str = "application/octet-stream"  # of the object
+    metadata: dict[str, str] = field(default_factory=dict)  # the object's, without sha256
 
 
 @dataclass(frozen=True)
@@ -70,6 +80,9 @@ class PatchResult:
     sha256: Sha256  # state after all committed and new parts
     pending: tuple[Segment, ...]  # the pending segments after this PATCH
     obsolete: tuple[str, ...]  # segment keys no longer referenced once this is committed
+    # The multipart upload the parts are in: "" when there is none (nothing reached a
+    # full part, or the upload was stored whole by one PutObject).
+    multipart_id: str = ""
 
     @property
     def new_bytes(self) -> int:
@@ -92,6 +105,7 @@ class PatchWriter:
         lease_lost: Callable[[], bool] = lambda: False,
     ) -> None:
         self._storage = storage
+        self._mpu = target.multipart_id
         self._lease_lost = lease_lost
         self._pool = pool
         self._settings = settings
@@ -113,6 +127,11 @@ class PatchWriter:
         self._last_hash: asyncio.Future[None] | None = None
         self._loop = asyncio.get_running_loop()
         self.received_bytes = 0
+
+    @property
+    def multipart_id(self) -> str:
+        """The upload's multipart upload: the target's, or the one this PATCH created."""
+        return self._mpu
 
     # -- receiving ---------------------------------------------------------------------
 
@@ -172,6 +191,10 @@ class PatchWriter:
         if self._lease_lost():
             # Someone took the upload over: sending parts now could overwrite theirs.
             raise LeaseLost("the upload was taken over by another request")
+        if not self._mpu:
+            self._mpu = await self._storage.create_multipart(
+                self._t.key, metadata=self._t.metadata, content_type=self._t.content_type
+            )
         if self._unloaded:
             await self._load_pending()
         while len(self._tasks) >= self._settings.parts_in_flight:
@@ -218,9 +241,7 @@ class PatchWriter:
             finally:
                 if not mine.done():
                     mine.set_result(None)
-            etag = await self._storage.upload_part(
-                self._t.key, self._t.multipart_id, number, data, checksum
-            )
+            etag = await self._storage.upload_part(self._t.key, self._mpu, number, data, checksum)
             self._done[number] = (Part(etag, filled), snapshot)
             self._obs.stored(filled)
         except BaseException:
@@ -290,11 +311,72 @@ class PatchWriter:
         or as a pending segment, and say what the info object must now hold."""
         part = self._settings.part_size_bytes
         if self._buf is not None and (final or self._filled == part) and self._filled:
-            await self._dispatch()
-            await self._settle()
+            await self._store_last(final)
             if self._part_failed:
                 self._raise_part_failure()
         return await self._result(keep_tail=True)
+
+    async def _store_last(self, final: bool) -> None:
+        """Store the buffer, the last bytes received: the upload's whole object when it is
+        final and never needed a multipart upload, else its next part."""
+        if final and not self._mpu:
+            await self._put_whole()
+        else:
+            await self._dispatch()
+            await self._settle()
+
+    async def _put_whole(self) -> None:
+        """The whole upload, below one part size, in one PutObject with its sha256.
+
+        No part was ever dispatched (that would have created the multipart upload), so
+        the buffer holds every byte: the pending segments, then this PATCH's.  Like every
+        tus write it is create-only; an object already there is ours only if it is what
+        an earlier, interrupted attempt of this upload stored (size, sha256 and tus id)."""
+        assert self._buf is not None
+        if self._lease_lost():
+            raise LeaseLost("the upload was taken over by another request")
+        if self._unloaded:
+            await self._load_pending()
+        buf, filled, skip = self._buf, self._filled, self._skip
+        self._buf, self._filled, self._skip = None, 0, 0
+        number = self._next_number
+        self._next_number += 1
+        # A failure here is raised to commit / salvage directly: no part state to mark.
+        data = memoryview(buf)[:filled]
+        try:
+            checksum, snapshot = await self._hash(data, skip)
+            digest = snapshot.digest()
+            # A fresh hash (no part before), so never the unsaveable kind; checked anyway.
+            if digest is None:
+                raise StorageError("the upload's SHA-256 is unknown")
+            metadata = {**self._t.metadata, "sha256": digest.hex()}
+            try:
+                etag = await self._storage.put_object(
+                    self._t.key,
+                    data,
+                    metadata=metadata,
+                    content_type=self._t.content_type,
+                    checksum=checksum,
+                    if_none_match=True,
+                )
+            except ObjectExists:
+                etag = await self._stored_before(filled, metadata)
+        finally:
+            release_view(data)
+            self._pool.release(buf)
+        self._done[number] = (Part(etag, filled), snapshot)
+        self._obs.stored(filled)
+
+    async def _stored_before(self, size: int, metadata: dict[str, str]) -> str:
+        obj = await self._storage.head(self._t.key)
+        mine = ("sha256", "tus-id")
+        if (
+            obj is None
+            or obj.size != size
+            or any(obj.metadata.get(k) != metadata.get(k) for k in mine)
+        ):
+            raise ObjectExists(f"an object with key {self._t.key!r} already exists")
+        return obj.etag
 
     async def salvage(self, *, keep_tail: bool, final: bool = False) -> PatchResult:
         """After a failure: the parts that made it to storage, in order, and (if asked)
@@ -309,10 +391,9 @@ class PatchWriter:
             # later PATCH refuses; it is a whole part, so store it as one.  Or it broke
             # after its last byte (a chunked body without its last-chunk marker, a stall,
             # a drain): as a pending segment the tail would bring the offset to the length
-            # with nothing left to send that completes the upload; as the last part, the
-            # caller completes it.
-            await self._dispatch()
-            await self._settle()
+            # with nothing left to send that completes the upload; as the last part (or
+            # the whole object), the caller completes it.
+            await self._store_last(final)
             keep_tail = not self._part_failed
         return await self._result(keep_tail=keep_tail)
 
@@ -336,7 +417,7 @@ class PatchWriter:
             finally:
                 release_view(view)
             pending = (*pending, Segment(key, self._filled - start))
-        return PatchResult(parts, snap or self._sha_start, pending, obsolete)
+        return PatchResult(parts, snap or self._sha_start, pending, obsolete, self._mpu)
 
     def close(self) -> None:
         buf, self._buf = self._buf, None

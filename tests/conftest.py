@@ -7,12 +7,14 @@ assert "no object and no open multipart upload" under their prefix.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -60,6 +62,13 @@ def s3_for(sw: EmbeddedSeaweed, **kw: Any) -> S3Storage:
 async def s3(seaweed: EmbeddedSeaweed) -> AsyncIterator[S3Storage]:
     async with s3_for(seaweed) as client:
         yield client
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client session for the test, closed after it."""
+    async with aiohttp.ClientSession() as session:
+        yield session
 
 
 @pytest.fixture
@@ -148,6 +157,27 @@ async def start_proxy(seaweed: EmbeddedSeaweed, prefix: str) -> AsyncIterator[St
     yield start
     for r in runners:
         await r.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    sw: EmbeddedSeaweed, prefix: str, **sections: dict[str, Any]
+) -> AsyncIterator[Any]:
+    """The whole :class:`proxy.server.Server` (main and ``metrics_listen`` listeners), on
+    the test config with ``sections`` over it, until the block ends."""
+    from proxy.server import Server
+
+    config = make_config(sw, prefix, **sections)
+    async with s3_for(sw) as storage:
+        server = Server(config, Runtime(config, storage=storage))
+        task = asyncio.create_task(server.serve(install_signals=False))
+        try:
+            async with asyncio.timeout(10):
+                await server.listening.wait()
+            yield server
+        finally:
+            server.request_stop()
+            await task
 
 
 async def assert_nothing_left(s3: S3Storage, prefix: str) -> None:

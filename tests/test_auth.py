@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import time
 from pathlib import Path
@@ -12,7 +14,7 @@ from urllib.parse import parse_qsl
 import aiohttp
 import pytest
 
-from proxy.auth import Authenticator, Forbidden, Unauthorized, hash_token, sign_url
+from proxy.auth import Authenticator, Forbidden, Unauthorized, canonical, hash_token, sign_url
 from proxy.config import ConfigError, from_dict
 from tests.conftest import MiB, StartProxy, assert_nothing_left, get_object
 
@@ -203,3 +205,107 @@ def test_sign_url_refuses_ambiguous_scopes() -> None:
             sign_url(b"k" * 32, "PUT", **kw)
     with pytest.raises(Forbidden):
         Authenticator(enabled=True).authenticate("PUT", {}, {"sig": "0" * 64, "key": "a"})
+
+
+def forged_query(method: str, *, expires: int, prefix: str) -> dict[str, str]:
+    """A validly signed query that sign_url refuses to mint (a web app may sign its own)."""
+    sig = hmac.new(
+        SECRET.encode(), canonical(method, str(expires), None, prefix, ""), hashlib.sha256
+    ).hexdigest()
+    return {"expires": str(expires), "prefix": prefix, "sig": sig}
+
+
+@pytest.mark.parametrize("prefix", ["user1", ""])
+def test_signed_prefix_must_end_with_a_slash(prefix: str) -> None:
+    """A prefix "user1" would allow "user10/..."; "" would allow every key."""
+    a = Authenticator(enabled=True, signing_secret=SECRET.encode())
+    query = forged_query("PUT", expires=int(time.time()) + 60, prefix=prefix)
+    with pytest.raises(Forbidden) as e:
+        a.authenticate("PUT", {}, query).check_key("user10/x.bin")
+    assert e.value.code == "ERR_BAD_SIGNATURE"
+
+
+def test_signed_url_lifetime_is_capped() -> None:
+    now = 1_800_000_000.0
+    a = Authenticator(enabled=True, signing_secret=SECRET.encode(), max_url_lifetime_s=3600)
+    ok = dict(parse_qsl(sign_url(SECRET.encode(), "PUT", key="k", expires_in_s=3600, now=now)))
+    assert a.authenticate("PUT", {}, ok, now=now).key == "k"
+    long = dict(parse_qsl(sign_url(SECRET.encode(), "PUT", key="k", expires_in_s=3601, now=now)))
+    with pytest.raises(Forbidden) as e:
+        a.authenticate("PUT", {}, long, now=now)
+    assert e.value.code == "ERR_URL_LIFETIME"
+    # The same URL is good once it is within the limit of its expiry.
+    assert a.authenticate("PUT", {}, long, now=now + 1).key == "k"
+    # The default is a week.
+    week = Authenticator(enabled=True, signing_secret=SECRET.encode())
+    year = dict(parse_qsl(sign_url(SECRET.encode(), "PUT", key="k", expires_in_s=365 * 86400)))
+    with pytest.raises(Forbidden):
+        week.authenticate("PUT", {}, year)
+    assert from_dict({"auth": {"mode": "none"}}).auth.signed_url_max_lifetime_s == 7 * 86400
+
+
+async def test_signed_url_limits_over_http(
+    start_proxy: StartProxy, s3: Any, prefix: str, tmp_path: Path
+) -> None:
+    p = await start_proxy(auth=auth_section(tmp_path, signed_url_max_lifetime_s=3600))
+    bare = forged_query("PUT", expires=int(time.time()) + 60, prefix="user1")
+    status, _, body = await put(f"{p.url}/uploads/user10/x.bin", params=bare)
+    assert (status, body["code"]) == (403, "ERR_BAD_SIGNATURE")
+    q = sign_url(SECRET.encode(), "PUT", key="a.bin", expires_in_s=86400)
+    status, _, body = await put(f"{p.url}/uploads/a.bin?{q}")
+    assert (status, body["code"]) == (403, "ERR_URL_LIFETIME")
+    await assert_nothing_left(s3, prefix)
+
+
+def test_sign_command_holds_to_the_lifetime_cap(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from proxy.__main__ import main
+    from tests.daemon import write_config
+
+    secret_file = tmp_path / "signing.secret"
+    secret_file.write_text(SECRET)
+    cfg = write_config(
+        tmp_path / "c.toml",
+        {"auth": {"signing_secret_file": str(secret_file), "signed_url_max_lifetime_s": 600}},
+    )
+    assert main(["-c", str(cfg), "sign", "--key", "a.jpg", "--expires-in", "600"]) == 0
+    assert "sig=" in capsys.readouterr().out
+    assert main(["-c", str(cfg), "sign", "--key", "a.jpg", "--expires-in", "601"]) == 2
+    assert "signed_url_max_lifetime_s" in capsys.readouterr().err
+
+
+def test_operator_tokens_config(tmp_path: Path) -> None:
+    op_file = tmp_path / "operators"
+    op_file.write_text(f"# ops\nplain-operator-token-0123\n{hash_token('other-operator-token')}\n")
+    cfg = from_dict(
+        {
+            "auth": {
+                "mode": "none",
+                "operator_tokens": [hash_token("operator-token-0123456789")],
+                "operator_token_file": str(op_file),
+            }
+        }
+    )
+    assert len(cfg.auth.operator_token_sha256) == 3
+    assert cfg.auth.operator_token_sha256[0].hex() not in repr(cfg.auth)
+    with pytest.raises(ConfigError, match=r"auth\.operator_tokens: .*both"):
+        from_dict({"auth": {"tokens": [hash_token(TOKEN)], "operator_tokens": [hash_token(TOKEN)]}})
+    with pytest.raises(ConfigError) as e:
+        from_dict({"auth": {"mode": "none", "operator_tokens": ["plain-operator-token-0123"]}})
+    assert "plain-operator-token" not in str(e.value)  # a pasted token is never echoed
+
+
+async def test_operator_token_is_not_an_upload_token(
+    start_proxy: StartProxy, s3: Any, prefix: str, tmp_path: Path
+) -> None:
+    op = "operator-token-0123456789"
+    p = await start_proxy(auth=auth_section(tmp_path, operator_tokens=[hash_token(op)]))
+    status, _, body = await put(f"{p.url}/uploads/a.bin", headers={"Authorization": f"Bearer {op}"})
+    assert (status, body["code"]) == (401, "ERR_UNAUTHORIZED")
+    for token, want in ((op, 200), (TOKEN, 401)):
+        headers = {"Authorization": f"Bearer {token}"}
+        async with aiohttp.ClientSession() as s, s.get(f"{p.url}/status", headers=headers) as r:
+            assert r.status == want
+            assert ("uploads" in await r.json()) == (want == 200)
+    await assert_nothing_left(s3, prefix)

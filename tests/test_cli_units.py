@@ -53,6 +53,8 @@ def test_retry_after_forms() -> None:
         30, abs=1
     )
     assert retry_after_s("soon") is None and retry_after_s(None) is None
+    # ASCII digits only: "\u00b2" passes str.isdigit() and broke float().
+    assert retry_after_s("\u00b2") is None and retry_after_s("\u0661") is None
 
 
 def test_lines_round_trip_through_the_documented_pattern() -> None:

@@ -18,7 +18,7 @@ from proxy.errors import REASONS
 from proxy.memory import MemoryReading, judge
 from proxy.metrics import Metrics
 
-from obs_helpers import parse, promtool
+from obs_helpers import Samples, parse, promtool
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "contrib/grafana/upload-proxy.json"
@@ -47,8 +47,8 @@ def test_scrape_example_is_a_valid_prometheus_config() -> None:
     promtool_ok("check", "config", str(SCRAPE))
 
 
-def every_exported_name() -> set[str]:
-    """Sample names of an exposition with every optional source bound and an upload running."""
+def exposition() -> Samples:
+    """Samples of an exposition with every optional source bound and an upload running."""
     metrics = Metrics(CollectorRegistry(), reasons=REASONS, live_uploads_max=4, version=__version__)
     metrics.bind_pool(BufferPool(64 * MiB, 8 * MiB))
     reading = MemoryReading(100 * MiB, 120 * MiB, 4096 * MiB, 3000 * MiB, 1024 * MiB, 200 * MiB)
@@ -56,7 +56,22 @@ def every_exported_name() -> set[str]:
     metrics.bind_ready(lambda: True)
     metrics.upload_started("0123456789abcdef", "some/key").received(10)
     metrics.storage_op("upload_part", 0.2, "SlowDown")
-    return {name for name, _ in parse(generate_latest(metrics.registry).decode())}
+    return parse(generate_latest(metrics.registry).decode())
+
+
+def every_exported_name() -> set[str]:
+    return {name for name, _ in exposition()}
+
+
+def test_no_label_carries_an_upload_id_or_key() -> None:
+    """Labels are bounded and reveal nothing: the running upload's id and key appear nowhere."""
+    samples = exposition()
+    labels = {k for _, labels in samples for k, _ in labels}
+    ours = {"reason", "operation", "outcome", "slot", "le", "version"}
+    runtime = {"generation", "implementation", "major", "minor", "patchlevel"}  # python_*
+    assert labels <= ours | runtime, labels - ours - runtime
+    values = {v for _, labels in samples for _, v in labels}
+    assert not {v for v in values if "0123456789abcdef" in v or "some/key" in v}
 
 
 def exprs(node: Any) -> list[str]:
@@ -110,6 +125,15 @@ def test_dashboard_and_rules_reference_only_exported_metrics() -> None:
         "proxy_storage_errors_total",
         "proxy_ready",
     } <= used_by["alerts"]
+
+
+def test_dashboard_legends_use_exported_labels() -> None:
+    """A legend naming a label the series lacks (the old per-upload {{upload}}) shows blank."""
+    exported = {k for _, labels in exposition() for k, _ in labels} | {"job", "instance"}
+    dashboard = json.loads(DASHBOARD.read_text())
+    legends = [t.get("legendFormat", "") for p in dashboard["panels"] for t in p.get("targets", [])]
+    used = {m for legend in legends for m in re.findall(r"\{\{\s*(\w+)\s*\}\}", legend)}
+    assert used and used <= exported, used - exported
 
 
 def test_dashboard_panels_are_well_formed() -> None:

@@ -92,8 +92,13 @@ def test_signed_url_roundtrip_and_any_change_is_refused(
     a = Authenticator(enabled=True, signing_secret=SECRET)
     grant = a.authenticate("PUT", {}, query)
     assert grant == Grant(
-        "signed", key=scope.get("key"), prefix=scope.get("prefix"), max_size_bytes=max_size
+        "signed",
+        key=scope.get("key"),
+        prefix=scope.get("prefix"),
+        max_size_bytes=max_size,
+        principal=grant.principal,
     )
+    assert grant.principal.kind == "signed" and grant.principal.ref not in query["sig"]
     changed = dict(query)
     changed[field] = changed.get(field, "") + junk
     with pytest.raises(ProxyError) as e:

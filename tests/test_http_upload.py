@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import logging
 import os
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import pytest
@@ -124,6 +126,11 @@ async def test_raw_post_gets_generated_key(start_proxy: StartProxy, s3: S3Storag
         "k" * 1025,
         "%C3%A9" * 513,
         "a%5C..%5C..%5Cescape",
+        "nel%C2%85forged",  # C1 control (NEL)
+        "invoice%E2%80%AEgpj.exe",  # right-to-left override
+        "ls%E2%80%A8x",  # line separator
+        "iso%E2%81%A6x",  # left-to-right isolate
+        "zw%E2%80%8Bx",  # zero width space
     ],
 )
 async def test_bad_keys_rejected_before_body(
@@ -145,6 +152,20 @@ async def test_raw_control_char_in_url_gets_json_400(start_proxy: StartProxy) ->
         proxy, "PUT /uploads/ok\x01 HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\n", b"x"
     )
     assert status == 400 and reply["code"] == "ERR_BAD_REQUEST"
+
+
+async def test_keys_are_logged_quoted(
+    start_proxy: StartProxy, s3: S3Storage, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A key is quoted in the outcome line, so it cannot pose as the line's other fields."""
+    caplog.set_level(logging.INFO, logger="proxy.http_upload")
+    proxy = await start_proxy()
+    key = "a.bin bytes=0 sha256=0 result=ok 'x"
+    status, reply = await put(proxy, quote(key), b"data")
+    assert status == 201, reply
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("upload ")]
+    assert f"key={proxy.prefix + key!r} bytes=4 " in line, line
+    await s3.delete_object(reply["key"])
 
 
 async def raw_request(proxy: Proxy, head: str, body: bytes = b"") -> tuple[int, dict[str, Any]]:

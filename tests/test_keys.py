@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import unicodedata
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -9,8 +11,22 @@ from hypothesis import strategies as st
 from proxy.errors import InvalidKey
 from proxy.keys import MAX_KEY_BYTES, full_key, generated_key, safe_extension, validate_key
 
+# Bidi classes of the embeddings, overrides and isolates and their terminators.
+BIDI_CONTROLS = {"LRE", "RLE", "PDF", "LRO", "RLO", "LRI", "RLI", "FSI", "PDI"}
 
-@pytest.mark.parametrize("key", ["a", "dir/file.txt", "ünï/cødé", "a.b/c..d", "x" * 1024])
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "a",
+        "dir/file.txt",
+        "ünï/cødé",
+        "a.b/c..d",
+        "x" * 1024,
+        "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",  # Persian: needs ZWNJ
+        "family-\U0001f468\u200d\U0001f469\u200d\U0001f467.jpg",  # emoji: needs ZWJ
+    ],
+)
 def test_valid(key: str) -> None:
     assert validate_key(key) == key
 
@@ -32,6 +48,16 @@ def test_valid(key: str) -> None:
         "win\\path",
         "x" * 1025,
         "é" * 513,
+        "nel\x85x",
+        "c1\x9bx",
+        "invoice\u202egpj.exe",
+        "a\u2066b",
+        "a\u2069b",
+        "a\u200fb",
+        "a\u2028b",
+        "a\u2029b",
+        "a\u200bb",
+        "a\ufeffb",
     ],
 )
 def test_invalid(key: str) -> None:
@@ -48,7 +74,9 @@ def test_any_text_is_either_rejected_or_safe(key: str) -> None:
     assert stored.startswith("pre/")
     parts = stored.split("/")
     assert ".." not in parts and "." not in parts
-    assert all(ord(c) >= 0x20 and ord(c) != 0x7F for c in stored)
+    assert all(ord(c) >= 0x20 and not 0x7F <= ord(c) <= 0x9F for c in stored)
+    assert not any(unicodedata.bidirectional(c) in BIDI_CONTROLS for c in stored)
+    assert not any(unicodedata.category(c) in ("Zl", "Zp") for c in stored)
     assert "\\" not in stored
     assert len(stored.encode()) <= MAX_KEY_BYTES
 

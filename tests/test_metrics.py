@@ -2,27 +2,31 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
+import json
 import os
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
+from prometheus_client import CollectorRegistry, generate_latest
+from tus_helpers import create, metadata
 
-from proxy.app import Runtime
+from proxy.auth import hash_token
 from proxy.errors import REASONS
-from proxy.server import Server
+from proxy.metrics import Metrics
 from proxy.storage.s3 import S3Storage
 from proxy.storage.seaweed import EmbeddedSeaweed
 
-from conftest import StartProxy, assert_nothing_left, make_config, s3_for
+from conftest import StartProxy, assert_nothing_left, serving
 from obs_helpers import (
     MiB,
     RawRequest,
     Samples,
     bucket,
     eventually,
+    parse,
     put_head,
     run_promtool,
     scrape,
@@ -30,6 +34,8 @@ from obs_helpers import (
     series,
     value,
 )
+
+OPERATOR = "operator-token-0123456789"
 
 UPLOAD_OPS = (
     "head_object",
@@ -40,6 +46,13 @@ UPLOAD_OPS = (
     "copy_object",
     "put_object",
 )
+
+
+async def get_status(url: str, token: str | None = None) -> dict[str, Any]:
+    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+    async with aiohttp.ClientSession() as s, s.get(f"{url}/status", headers=headers) as r:
+        assert r.status == 200, await r.text()
+        return dict(await r.json())
 
 
 def storage_calls(samples: Samples) -> dict[str, float]:
@@ -185,7 +198,7 @@ async def test_too_large_declared_is_rejected_and_streamed_is_failed(
 async def test_live_progress_series_exist_only_while_the_upload_runs(
     start_proxy: StartProxy,
 ) -> None:
-    proxy = await start_proxy()
+    proxy = await start_proxy(auth={"mode": "none", "operator_tokens": [hash_token(OPERATOR)]})
     size = 8 * MiB
     req = await RawRequest.open(proxy.host, proxy.port, put_head(proxy.host, "live.bin", size))
     try:
@@ -197,15 +210,19 @@ async def test_live_progress_series_exist_only_while_the_upload_runs(
 
         m = await eventually(proxy.url, progressed)
         ((labels, received),) = series(m, "proxy_active_upload_received_bytes_total").items()
-        upload_id = dict(labels)["upload"]
+        assert dict(labels) == {"slot": "0"}
         assert received == 6 * MiB
-        assert value(m, "proxy_active_upload_start_time_seconds", upload=upload_id)
+        assert value(m, "proxy_active_upload_start_time_seconds", slot="0")
         assert value(m, "proxy_uploads_in_flight") == 1
 
-        async with aiohttp.ClientSession() as s, s.get(f"{proxy.url}/status") as r:
-            status = await r.json()
+        status = await get_status(proxy.url, OPERATOR)
+        assert status["in_flight"] == {
+            "uploads": 1,
+            "received_bytes": 6 * MiB,
+            "stored_bytes": 5 * MiB,
+        }
         (active,) = status["uploads"]
-        assert active["id"] == upload_id
+        assert active["slot"] == 0 and len(active["id"]) == 16
         assert active["key"] == f"{proxy.prefix}live.bin"
         assert active["received_bytes"] == 6 * MiB and active["stored_bytes"] == 5 * MiB
         assert active["age_s"] > 0 and active["rate_bytes_per_s"] > 0
@@ -241,36 +258,27 @@ async def test_exposition_passes_promtool_check_metrics(start_proxy: StartProxy)
 async def test_metrics_listen_serves_metrics_without_upload_routes(
     seaweed: EmbeddedSeaweed, prefix: str
 ) -> None:
-    config = make_config(seaweed, prefix, server={"metrics_listen": "127.0.0.1:0"})
-    async with s3_for(seaweed) as storage:
-        server = Server(config, Runtime(config, storage=storage))
-        task = asyncio.create_task(server.serve(install_signals=False))
-        try:
-            async with asyncio.timeout(10):
-                await server.listening.wait()
-            main = f"http://127.0.0.1:{server.port}"
-            side = f"http://127.0.0.1:{server.metrics_port}"
-            assert server.metrics_port != server.port
-            async with aiohttp.ClientSession() as s:
-                async with s.put(f"{main}/uploads/m.bin", data=b"x" * 1000) as r:
-                    assert r.status == 201
-                for path, want in (
-                    ("/metrics", 200),
-                    ("/readyz", 200),
-                    ("/healthz", 200),
-                    ("/status", 404),
-                    ("/uploads/m.bin", 404),
-                ):
-                    async with s.get(f"{side}{path}") as r:
-                        assert r.status == want, path
-                async with s.put(f"{side}/uploads/x.bin", data=b"x") as r:
-                    assert r.status in (404, 405)
-            # Both listeners read the same registry.
-            for url in (main, side):
-                assert value(await scrape(url), "proxy_uploads_completed_total") == 1
-        finally:
-            server.request_stop()
-            await task
+    async with serving(seaweed, prefix, server={"metrics_listen": "127.0.0.1:0"}) as server:
+        main = f"http://127.0.0.1:{server.port}"
+        side = f"http://127.0.0.1:{server.metrics_port}"
+        assert server.metrics_port != server.port
+        async with aiohttp.ClientSession() as s:
+            async with s.put(f"{main}/uploads/m.bin", data=b"x" * 1000) as r:
+                assert r.status == 201
+            for path, want in (
+                ("/metrics", 200),
+                ("/readyz", 200),
+                ("/healthz", 200),
+                ("/status", 404),
+                ("/uploads/m.bin", 404),
+            ):
+                async with s.get(f"{side}{path}") as r:
+                    assert r.status == want, path
+            async with s.put(f"{side}/uploads/x.bin", data=b"x") as r:
+                assert r.status in (404, 405)
+        # Both listeners read the same registry.
+        for url in (main, side):
+            assert value(await scrape(url), "proxy_uploads_completed_total") == 1
 
 
 async def test_tus_upload_counts_once_and_its_bytes(start_proxy: StartProxy, prefix: str) -> None:
@@ -295,3 +303,80 @@ async def test_tus_upload_counts_once_and_its_bytes(start_proxy: StartProxy, pre
     assert t["received_bytes_total"] == 7 * MiB
     assert t["upload_size_bytes_sum"] == 7 * MiB
     assert series(m, "proxy_active_upload_received_bytes_total") == {}
+
+
+async def test_upload_ids_and_keys_reach_operators_only(
+    seaweed: EmbeddedSeaweed, prefix: str
+) -> None:
+    """A tus id is a credential (with auth off it is the only one) and a key names someone's
+    file: neither is in /metrics (main or metrics_listen) nor in /status without an
+    operator token, while a PATCH streams."""
+    sections: dict[str, Any] = {
+        "server": {"metrics_listen": "127.0.0.1:0"},
+        "auth": {"mode": "none", "operator_tokens": [hash_token(OPERATOR)]},
+        "tus": {"sweep_interval_s": 0},
+    }
+    async with serving(seaweed, prefix, **sections) as server:
+        main = f"http://127.0.0.1:{server.port}"
+        side = f"http://127.0.0.1:{server.metrics_port}"
+        size = 8 * MiB
+        async with aiohttp.ClientSession() as s:
+            name = metadata(filename="private-name.bin")
+            url = await create(s, main, size, **{"Upload-Metadata": name})
+        upload_id = url.rsplit("/", 1)[1]
+        req = await RawRequest.open(
+            "127.0.0.1",
+            server.port,
+            f"PATCH /files/{upload_id} HTTP/1.1\r\nHost: x\r\nTus-Resumable: 1.0.0\r\n"
+            "Content-Type: application/offset+octet-stream\r\nUpload-Offset: 0\r\n"
+            f"Content-Length: {size}\r\n\r\n",
+        )
+        try:
+            await req.send(os.urandom(6 * MiB))
+            await eventually(
+                main,
+                lambda m: value(m, "proxy_active_upload_stored_bytes_total", slot="0") == 5 * MiB,
+            )
+            for where in (main, side):
+                text = await scrape_text(where)
+                assert upload_id not in text and "private-name" not in text, where
+                assert prefix not in text, where
+            async with aiohttp.ClientSession() as s, s.get(f"{main}/status") as r:
+                public = await r.text()
+            assert upload_id not in public and "private-name" not in public, public
+            assert json.loads(public)["in_flight"]["uploads"] == 1
+            (active,) = (await get_status(main, OPERATOR))["uploads"]
+            assert active["id"] == upload_id and active["slot"] == 0
+            assert active["key"] == f"{prefix}{upload_id}/private-name.bin"
+            bad = {"Authorization": "Bearer not-an-operator-token"}
+            async with aiohttp.ClientSession() as s, s.get(f"{main}/status", headers=bad) as r:
+                assert (r.status, (await r.json())["code"]) == (401, "ERR_UNAUTHORIZED")
+            await req.send(os.urandom(size - 6 * MiB))
+            status, _, _ = await req.response()
+            assert status == 204
+        finally:
+            req.close()
+
+
+def test_live_series_use_bounded_slots() -> None:
+    """Slots are reused: however many uploads come and go, labels stay below the bound."""
+    metrics = Metrics(CollectorRegistry(), reasons=REASONS, live_uploads_max=2, version="x")
+
+    def slots() -> set[str]:
+        m = parse(generate_latest(metrics.registry).decode())
+        return {dict(k)["slot"] for k in series(m, "proxy_active_upload_received_bytes_total")}
+
+    for n in range(3):
+        metrics.upload_started(f"id{n}", f"key{n}").received(n + 1)
+    assert slots() == {"0", "1"}  # the third upload has no live series
+    metrics.upload_finished("id0", reason=None, seconds=1, size_bytes=1)
+    metrics.transfer_started("id3", "key3")
+    assert slots() == {"0", "1"}
+    assert [(p.upload_id, p.slot) for p in metrics.active()] == [
+        ("id1", 1),
+        ("id2", None),
+        ("id3", 0),
+    ]
+    metrics.transfer_finished("id3")
+    metrics.upload_finished("id1", reason="too_large", seconds=1, size_bytes=1)
+    assert slots() == set()

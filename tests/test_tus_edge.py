@@ -27,6 +27,7 @@ from tus_helpers import (
     patch,
     service_for,
     sha256_hex,
+    state_keys,
     store_for,
     tus_sections,
 )
@@ -37,12 +38,6 @@ from proxy.tus_upload import TusService
 from proxy.tus_writer import PatchWriter
 
 from conftest import MiB, data_path
-
-
-@pytest.fixture
-async def http():  # type: ignore[no-untyped-def]
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 def upload_id(url: str) -> str:
@@ -71,12 +66,14 @@ async def hang_up(writer: asyncio.StreamWriter) -> None:
 
 
 async def wait_stored(s3: Any, prefix: str, url: str) -> None:
-    """Until the object appears (the server sees the hang-up asynchronously)."""
+    """Until the upload is complete: the object is there and its state is gone (the server
+    sees the hang-up asynchronously, and drops the state just after the object appears)."""
     for _ in range(200):
         if await s3.head(f"{prefix}{upload_id(url)}") is not None:
-            return
+            if not await state_keys(s3, prefix):
+                return
         await asyncio.sleep(0.05)
-    raise AssertionError("the object never appeared")
+    raise AssertionError("the upload never completed")
 
 
 async def wait_state(s3: Any, prefix: str, url: str, want: Any) -> UploadInfo:

@@ -6,10 +6,10 @@ import asyncio
 import base64
 import hashlib
 import itertools
+import logging
 import os
 from dataclasses import replace
 
-import aiohttp
 import pytest
 from tus_helpers import (
     OCTET,
@@ -31,12 +31,6 @@ from conftest import MiB, assert_nothing_left, get_object
 @pytest.fixture
 async def proxy(start_proxy, prefix):  # type: ignore[no-untyped-def]
     return await start_proxy(**tus_sections(prefix))
-
-
-@pytest.fixture
-async def http():  # type: ignore[no-untyped-def]
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def test_options_advertises_what_works(proxy, http) -> None:
@@ -131,6 +125,28 @@ async def test_creation_errors(proxy, http) -> None:
             body = await r.json()
             assert set(body) == {"code", "message"}
             assert r.headers["Tus-Resumable"] == "1.0.0"
+
+
+@pytest.mark.parametrize("value", ["\u00b2", "\u0661\u0662", "1_0", "+5", "-0", "0x5", "1" * 20])
+async def test_integer_headers_are_ascii_digits_only(
+    proxy, http, s3, prefix, value, caplog
+) -> None:
+    """Upload-Length / Upload-Offset are 1*DIGIT (ASCII).  "\u00b2" passed str.isdigit but
+    broke int(): a 500 with a traceback; Arabic-Indic "\u0661\u0662" was taken as 12."""
+    caplog.set_level(logging.DEBUG)
+    async with http.post(f"{proxy.url}/files/", headers={**TUS, "Upload-Length": value}) as r:
+        assert r.status == 400, (value, r.status)
+        assert (await r.json())["code"] == "ERR_BAD_HEADER"
+    url = await create(http, proxy.url, 12)
+    r = await patch(http, url, 0, b"x", **{"Upload-Offset": value})
+    assert r.status == 400, (value, r.status)
+    r = await patch(http, url, 0, b"x", **{"Upload-Length": value})
+    assert r.status == 400, (value, r.status)
+    assert await head_offset(http, url) == 0
+    assert "Traceback" not in caplog.text and "unhandled error" not in caplog.text
+    async with http.delete(url, headers=TUS) as r:
+        assert r.status == 204
+    await assert_nothing_left(s3, prefix)
 
 
 async def test_patch_errors(proxy, http, s3, prefix) -> None:
@@ -283,16 +299,19 @@ async def test_termination_leaves_nothing(proxy, http, s3, prefix) -> None:
 
 
 async def test_expiry_and_sweeper(start_proxy, http, s3, prefix) -> None:
-    proxy = await start_proxy(**tus_sections(prefix, expire_after_s=1, sweep_interval_s=0.3))
+    # The sweeper's first run (4 s after start) comes after the checks at ~2 s: while it
+    # terminates the upload it holds its lease, and HEAD / PATCH then (rightly) answer 200
+    # / 423.  2 s of expiry leave a loaded machine time to create and PATCH first.
+    proxy = await start_proxy(**tus_sections(prefix, expire_after_s=2, sweep_interval_s=4))
     url = await create(http, proxy.url, 100)
     r = await patch(http, url, 0, b"x" * 10)
     assert r.status == 204
     assert "GMT" in r.headers["Upload-Expires"]
-    await asyncio.sleep(1.1)
+    await asyncio.sleep(2.1)
     async with http.head(url, headers=TUS) as r:
         assert r.status in (404, 410)
     assert (await patch(http, url, 10, b"y")).status in (404, 410)
-    for _ in range(50):  # the sweeper runs every 0.3 s in this proxy
+    for _ in range(100):  # the sweeper runs every 4 s in this proxy
         if not (await state_keys(s3, prefix) or await s3.list_multipart(prefix)):
             break
         await asyncio.sleep(0.2)
@@ -369,6 +388,8 @@ async def test_multipart_ownership_predicates(proxy, http, s3, prefix) -> None:
     """What a stale-multipart sweeper asks before aborting an open multipart upload."""
     svc = service_for(proxy)
     url = await create(http, proxy.url, 20 * MiB)
+    r = await patch(http, url, 0, os.urandom(6 * MiB))  # the first part creates the multipart
+    assert r.status == 204
     open_uploads = await s3.list_multipart(prefix)
     assert len(open_uploads) == 1
     mpu = open_uploads[0]

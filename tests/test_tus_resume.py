@@ -9,7 +9,6 @@ import hashlib
 from pathlib import Path
 
 import aiohttp
-import pytest
 from aiohttp import web
 from tus_helpers import (
     OCTET,
@@ -30,12 +29,6 @@ from conftest import MiB, data_path, get_object, make_config, s3_for
 
 SIZE = 13 * MiB + 4321  # two 5 MiB parts and a tail
 CUT_AT = 7 * MiB + 99  # one part stored, 2 MiB + 99 bytes of tail when the cut comes
-
-
-@pytest.fixture
-async def http():  # type: ignore[no-untyped-def]
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def cut_patch(url: str, offset: int, declared: int, body: bytes) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 
 from proxy.storage.s3 import S3Storage
-from proxy.tus_state import TusStore
+from proxy.tus_state import OWNERS, TusStore
 from proxy.tus_upload import TusService
 
 TUS = {"Tus-Resumable": "1.0.0"}
@@ -60,7 +60,14 @@ async def head_offset(session: aiohttp.ClientSession, url: str) -> int:
 
 
 async def state_keys(s3: S3Storage, prefix: str) -> list[str]:
-    return [o.key for o in await s3.list_objects(f"{prefix}.tus/")]
+    """The uploads' state objects (info, pending segments), not the per-principal markers."""
+    owners = f"{prefix}.tus/{OWNERS}"
+    return [o.key for o in await s3.list_objects(f"{prefix}.tus/") if not o.key.startswith(owners)]
+
+
+async def marker_keys(s3: S3Storage, prefix: str) -> list[str]:
+    """The markers counting unfinished uploads against their principals' cap."""
+    return [o.key for o in await s3.list_objects(f"{prefix}.tus/{OWNERS}")]
 
 
 async def only_objects(s3: S3Storage, prefix: str) -> list[str]:

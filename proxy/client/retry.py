@@ -38,7 +38,7 @@ def retry_after_s(value: str | None, now_s: float | None = None) -> float | None
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # "\u00b2".isdigit() is true too
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
