@@ -3,6 +3,8 @@
 * :func:`client_info` believes ``X-Forwarded-For`` / ``X-Forwarded-Proto`` only when
   the TCP peer is a configured trusted proxy; otherwise anyone could pick the address
   the per-client limit counts against.
+* :func:`client_group` is what every per-client limit counts under (an IPv4 address, an
+  IPv6 /64).
 * :class:`UploadSlots` caps uploads in total (503, the server is full) and per client
   (429, this client is asking for too much), and drains them on shutdown.
 * :class:`ContentPolicy` is the content-type and extension allowlist (415).
@@ -41,12 +43,36 @@ def _address(value: str) -> Address | None:
         return None
 
 
+def _unmapped(addr: Address) -> Address:
+    """``::ffff:192.0.2.1`` (an IPv4 peer on a dual-stack socket) is ``192.0.2.1``."""
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
 def _trusted(addr: Address | None, trusted: tuple[Network, ...]) -> bool:
     if addr is None:
         return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
+    addr = _unmapped(addr)
     return any(addr.version == net.version and addr in net for net in trusted)
+
+
+# An ISP hands each IPv6 subscriber at least a /64 (RFC 6177), so one client can pick any
+# of 2^64 source addresses: counted one by one, a per-client limit would not limit it.
+IPV6_CLIENT_PREFIX = 64
+
+
+def client_group(ip: str) -> str:
+    """The key every per-client limit counts under: the IPv4 address (also when it comes
+    IPv4-mapped, ``::ffff:a.b.c.d``), or the /64 network of an IPv6 address.  Anything
+    that is not an address (``"unknown"``) is its own group."""
+    addr = _address(ip)
+    if addr is None:
+        return ip
+    addr = _unmapped(addr)
+    if isinstance(addr, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((addr, IPV6_CLIENT_PREFIX), strict=False))
+    return str(addr)
 
 
 def client_info(
@@ -125,6 +151,8 @@ class UploadSlots:
         self.closed = False
 
     def check(self, client: str) -> None:
+        """``client`` is an address; it counts under its :func:`client_group`."""
+        client = client_group(client)
         if self.closed:
             raise ShuttingDown(
                 "the server is shutting down; retry shortly",
@@ -144,6 +172,7 @@ class UploadSlots:
     @contextmanager
     def hold(self, client: str) -> Iterator[None]:
         self.check(client)
+        client = client_group(client)
         task = asyncio.current_task()
         self.in_use += 1
         self._by_client[client] = self._by_client.get(client, 0) + 1

@@ -10,7 +10,15 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.limits import ClientInfo, ContentPolicy, NotAllowed, UploadSlots, client_info
+from proxy.limits import (
+    ClientInfo,
+    ClientLimit,
+    ContentPolicy,
+    NotAllowed,
+    UploadSlots,
+    client_group,
+    client_info,
+)
 from tests.conftest import MiB, StartProxy, assert_nothing_left
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("10.0.0.0/8"))
@@ -193,3 +201,29 @@ async def test_oversized_header_gets_431(start_proxy: StartProxy) -> None:
         assert "2048" in await r.text()
     status, _ = await upload(f"{p.url}/uploads/h", b"x", {"X-Big": "v" * 1024})
     assert status == 201
+
+
+@pytest.mark.parametrize(
+    ("ip", "group"),
+    [
+        ("198.51.100.7", "198.51.100.7"),
+        ("::ffff:198.51.100.7", "198.51.100.7"),  # IPv4-mapped: the IPv4 client
+        ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::/64"),
+        ("2001:db8:1:3::1", "2001:db8:1:3::/64"),
+        ("unknown", "unknown"),
+    ],
+)
+def test_client_group(ip: str, group: str) -> None:
+    assert client_group(ip) == group
+
+
+async def test_slots_count_an_ipv6_64_as_one_client() -> None:
+    """One subscriber owns a whole /64: a new source address is not a new client."""
+    slots = UploadSlots(total=10, per_client=1)
+    with slots.hold("2001:db8:1:2::1"):
+        with pytest.raises(ClientLimit):
+            slots.check("2001:db8:1:2::2")
+        slots.check("2001:db8:1:3::1")  # another /64 is another client
+    with slots.hold("198.51.100.7"), pytest.raises(ClientLimit):
+        slots.check("::ffff:198.51.100.7")
