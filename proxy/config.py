@@ -155,6 +155,16 @@ class LimitsConfig:
     max_uploads_per_client: int = 8
     allowed_content_types: tuple[str, ...] = ()
     allowed_extensions: tuple[str, ...] = ()
+    # 0: default_client_buffer_bytes(upload) (from_dict fills it in).
+    max_buffer_bytes_per_client: int = 0
+
+
+def default_client_buffer_bytes(upload: UploadConfig) -> int:
+    """A quarter of the budget, but at least what one upload uses at full speed (one part
+    filling, ``parts_in_flight`` sending), and never more than the budget."""
+    full_speed = (upload.parts_in_flight + 1) * upload.part_size_bytes
+    budget = upload.memory_budget_bytes
+    return min(budget, max(budget // 4, full_speed))
 
 
 @dataclass(frozen=True)
@@ -502,7 +512,7 @@ def _auth(r: _Reader, base: Path) -> AuthConfig:
     return AuthConfig(mode=mode, token_sha256=tuple(hashes), signing_secret=secret)
 
 
-def _limits(r: _Reader) -> LimitsConfig:
+def _limits(r: _Reader, upload: UploadConfig) -> LimitsConfig:
     d = LimitsConfig()
     types = [t.strip().lower() for t in r.strings("allowed_content_types")]
     for t in types:
@@ -519,11 +529,20 @@ def _limits(r: _Reader) -> LimitsConfig:
             "allowed_extensions",
             f'not an extension such as ".jpg" (1-16 letters or digits): {e!r}',
         )
+    client_buffer_bytes = r.size("max_buffer_bytes_per_client", 0)
     cfg = LimitsConfig(
         max_concurrent_uploads=r.positive("max_concurrent_uploads", int, d.max_concurrent_uploads),
         max_uploads_per_client=r.positive("max_uploads_per_client", int, d.max_uploads_per_client),
         allowed_content_types=tuple(types),
         allowed_extensions=tuple(exts),
+        max_buffer_bytes_per_client=client_buffer_bytes or default_client_buffer_bytes(upload),
+    )
+    part, budget = upload.part_size_bytes, upload.memory_budget_bytes
+    r.check(
+        client_buffer_bytes == 0 or part <= client_buffer_bytes <= budget,
+        "max_buffer_bytes_per_client",
+        f"must be 0 (the default share) or between part_size ({part}) and memory_budget "
+        f"({budget}); got {client_buffer_bytes}",
     )
     r.finish()
     return cfg
@@ -592,7 +611,7 @@ def from_dict(
         storage=_storage(section["storage"], base),
         memory=_memory(section["memory"], upload.memory_budget_bytes),
         auth=_auth(section["auth"], base),
-        limits=_limits(section["limits"]),
+        limits=_limits(section["limits"], upload),
         logging=_logging(section["logging"]),
         tus=_tus(section["tus"]),
     )

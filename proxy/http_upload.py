@@ -31,7 +31,7 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy.auth import Authenticator, Forbidden, Grant
-from proxy.buffers import BufferPool
+from proxy.buffers import BufferPool, ClientBuffers
 from proxy.config import UploadConfig
 from proxy.errors import (
     BadRequest,
@@ -49,6 +49,7 @@ from proxy.limits import (
     Network,
     UploadSlots,
     UploadStats,
+    client_group,
     client_info,
 )
 from proxy.responses import error_response
@@ -176,6 +177,10 @@ class UploadContext:
     def pool(self) -> BufferPool:
         assert self._pool is not None, "buffer pool is not set up yet"
         return self._pool
+
+    def buffers_for(self, client_ip: str) -> ClientBuffers:
+        """The buffer pool as seen by this client's address group (its own cap)."""
+        return self.pool.client(client_group(client_ip))
 
     @property
     def settings(self) -> StreamSettings:
@@ -394,7 +399,8 @@ async def _stream_one(
     upload_id = uuid.uuid4().hex[:16]
     request[_STREAMED] = True
     observer = _Counting(ctx.stats, ctx.hooks.started(upload_id, spec.key))
-    streamer = PartStreamer(ctx.storage, ctx.pool, ctx.settings, spec, observer)
+    buffers = ctx.buffers_for(request_client(request).ip)
+    streamer = PartStreamer(ctx.storage, buffers, ctx.settings, spec, observer)
     started = time.monotonic()
     result: StreamResult | None = None
     error: ProxyError | None = None

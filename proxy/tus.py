@@ -288,9 +288,14 @@ async def create(request: web.Request) -> web.StreamResponse:
     info, lease = await svc.create(new, leased=with_body and new.length != 0)
     if lease is not None:
         try:
-            with request.app[UPLOADS].slots.hold(request_client(request).ip):
+            client_ip = request_client(request).ip
+            with request.app[UPLOADS].slots.hold(client_ip):
                 info = await svc.write(
-                    lease, _chunks(request), declared_bytes=declared, checksum=checksum
+                    lease,
+                    _chunks(request),
+                    declared_bytes=declared,
+                    checksum=checksum,
+                    client_ip=client_ip,
                 )
         except BaseException:
             # Without our answer the client never learns the URL: nothing can resume it.
@@ -390,7 +395,9 @@ async def patch(request: web.Request) -> web.Response:
     # The slot check ran (and would have released the lease) above; hold re-checks
     # synchronously, so it cannot fail here.
     with request.app[UPLOADS].slots.hold(client_ip):
-        info = await svc.write(lease, _chunks(request), declared_bytes=declared, checksum=checksum)
+        info = await svc.write(
+            lease, _chunks(request), declared_bytes=declared, checksum=checksum, client_ip=client_ip
+        )
     return web.Response(status=204, headers=_upload_headers(info))
 
 

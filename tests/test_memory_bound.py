@@ -31,6 +31,9 @@ listen = "127.0.0.1:{port}"
 key_prefix = "rss/"
 overwrite = true
 memory_budget = "64MiB"
+[limits]
+# The burst below comes from one address; let it fill the pool, not just one client's share.
+max_buffer_bytes_per_client = "64MiB"
 [auth]
 mode = "none"
 [storage]
