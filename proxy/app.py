@@ -242,6 +242,7 @@ def build_app(runtime: Runtime) -> web.Application:
         bucket=cfg.storage.bucket,
         hooks=runtime.hooks or MetricsHooks(runtime.ops.metrics),
         admit=runtime.ops.memory.check_admission,
+        limits=cfg.limits,
         auth=Authenticator(
             enabled=cfg.auth.enabled,
             token_sha256=cfg.auth.token_sha256,

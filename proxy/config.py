@@ -157,6 +157,8 @@ class LimitsConfig:
     allowed_extensions: tuple[str, ...] = ()
     # 0: default_client_buffer_bytes(upload) (from_dict fills it in).
     max_buffer_bytes_per_client: int = 0
+    min_body_rate_bytes_per_s: int = 4096
+    body_rate_grace_s: float = 30.0
 
 
 def default_client_buffer_bytes(upload: UploadConfig) -> int:
@@ -536,6 +538,8 @@ def _limits(r: _Reader, upload: UploadConfig) -> LimitsConfig:
         allowed_content_types=tuple(types),
         allowed_extensions=tuple(exts),
         max_buffer_bytes_per_client=client_buffer_bytes or default_client_buffer_bytes(upload),
+        min_body_rate_bytes_per_s=r.size("min_body_rate_bytes_per_s", d.min_body_rate_bytes_per_s),
+        body_rate_grace_s=r.positive("body_rate_grace_s", float, d.body_rate_grace_s),
     )
     part, budget = upload.part_size_bytes, upload.memory_budget_bytes
     r.check(

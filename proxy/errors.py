@@ -92,6 +92,12 @@ class ClientTimeout(ProxyError):
     reason = "client_timeout"
 
 
+class TooSlow(ClientTimeout):
+    """The body arrives below ``limits.min_body_rate_bytes_per_s`` after the grace period."""
+
+    code = "ERR_TOO_SLOW"
+
+
 class KeyExists(ProxyError):
     code = "ERR_KEY_EXISTS"
     status = 409

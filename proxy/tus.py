@@ -27,7 +27,7 @@ from aiohttp import web
 from proxy.auth import Forbidden, Grant
 from proxy.config import TusConfig
 from proxy.errors import BadRequest, NotFound, ProxyError, TooLarge
-from proxy.http_upload import UPLOADS, authorize, body_chunks, expect_with, request_client
+from proxy.http_upload import UPLOADS, authorize, expect_with, request_client
 from proxy.storage.base import OpenMultipart, Storage
 from proxy.tus_state import TusStore, UploadInfo, release_quietly, valid_id
 from proxy.tus_upload import Checksum, NewUpload, TusService
@@ -201,7 +201,7 @@ def _upload_headers(info: UploadInfo) -> dict[str, str]:
 
 
 def _chunks(request: web.Request) -> AsyncIterator[bytes]:
-    return body_chunks(request.content, request.app[UPLOADS].config.idle_timeout_s)
+    return request.app[UPLOADS].chunks(request.content)
 
 
 # -- handlers ---------------------------------------------------------------------------
