@@ -83,6 +83,9 @@ class ServerConfig:
     max_header_bytes: int = 16 * 1024
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     status_interval_s: float = 10.0
+    header_timeout_s: float = 15.0
+    keepalive_timeout_s: float = 30.0
+    max_connections: int = 256
 
 
 @dataclass(frozen=True)
@@ -298,6 +301,9 @@ def _server(r: _Reader) -> ServerConfig:
         max_header_bytes=r.size("max_header_bytes", d.max_header_bytes),
         trusted_proxies=tuple(_networks(r, "trusted_proxies")),
         status_interval_s=r.positive("status_interval_s", float, d.status_interval_s),
+        header_timeout_s=r.positive("header_timeout_s", float, d.header_timeout_s),
+        keepalive_timeout_s=r.positive("keepalive_timeout_s", float, d.keepalive_timeout_s),
+        max_connections=r.positive("max_connections", int, d.max_connections),
     )
     r.check(
         metrics_listen != (host, port) or port == 0,

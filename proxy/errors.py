@@ -98,6 +98,12 @@ class TooSlow(ClientTimeout):
     code = "ERR_TOO_SLOW"
 
 
+class HeaderTimeout(ClientTimeout):
+    """The request headers were not complete within ``server.header_timeout_s``."""
+
+    code = "ERR_HEADER_TIMEOUT"
+
+
 class KeyExists(ProxyError):
     code = "ERR_KEY_EXISTS"
     status = 409
@@ -114,6 +120,14 @@ class Busy(ProxyError):
     """No part buffer could be had within the admission timeout."""
 
     code = "ERR_BUSY"
+    status = 503
+    reason = "busy"
+
+
+class TooManyConnections(ProxyError):
+    """A listener has ``server.max_connections`` open: a new connection is answered and closed."""
+
+    code = "ERR_TOO_MANY_CONNECTIONS"
     status = 503
     reason = "busy"
 

@@ -7,18 +7,20 @@ assert "no object and no open multipart upload" under their prefix.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 
 from proxy.app import Runtime, build_app
 from proxy.config import Config, from_dict
-from proxy.server import make_runner
+from proxy.server import Server, make_runner, start_site
 from proxy.storage.s3 import S3Storage
 from proxy.storage.seaweed import Credentials, EmbeddedSeaweed
 
@@ -139,15 +141,46 @@ async def start_proxy(seaweed: EmbeddedSeaweed, prefix: str) -> AsyncIterator[St
             app.on_cleanup.append(close_owned)
         runner = make_runner(app, config)
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
+        # Behind the same connection guard as the daemon's listeners.
+        site = await start_site(runner, "127.0.0.1", 0, config)
         runners.append(runner)
-        port = runner.addresses[0][1]
+        port = site.port
         return Proxy(f"http://127.0.0.1:{port}", "127.0.0.1", port, runtime, config, prefix)
 
     yield start
     for r in runners:
         await r.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    sw: EmbeddedSeaweed, prefix: str, **sections: dict[str, Any]
+) -> AsyncIterator[Server]:
+    """The whole :class:`Server` (every listener, as the daemon runs it) in this process."""
+    config = make_config(sw, prefix, **sections)
+    async with s3_for(sw) as storage:
+        server = Server(config, Runtime(config, storage=storage))
+        task = asyncio.create_task(server.serve(install_signals=False))
+        try:
+            async with asyncio.timeout(10):
+                await server.listening.wait()
+            yield server
+        finally:
+            server.request_stop()
+            await task
+
+
+async def wait_up(url: str, timeout_s: float = 30) -> None:
+    """Poll ``url``/healthz until it answers 200."""
+    async with asyncio.timeout(timeout_s), aiohttp.ClientSession() as s:
+        while True:
+            try:
+                async with s.get(f"{url}/healthz") as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.05)
 
 
 async def assert_nothing_left(s3: S3Storage, prefix: str) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import os
@@ -10,13 +9,11 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 
-from proxy.app import Runtime
 from proxy.errors import REASONS
-from proxy.server import Server
 from proxy.storage.s3 import S3Storage
 from proxy.storage.seaweed import EmbeddedSeaweed
 
-from conftest import StartProxy, assert_nothing_left, make_config, s3_for
+from conftest import StartProxy, assert_nothing_left, serving
 from obs_helpers import (
     MiB,
     RawRequest,
@@ -241,36 +238,27 @@ async def test_exposition_passes_promtool_check_metrics(start_proxy: StartProxy)
 async def test_metrics_listen_serves_metrics_without_upload_routes(
     seaweed: EmbeddedSeaweed, prefix: str
 ) -> None:
-    config = make_config(seaweed, prefix, server={"metrics_listen": "127.0.0.1:0"})
-    async with s3_for(seaweed) as storage:
-        server = Server(config, Runtime(config, storage=storage))
-        task = asyncio.create_task(server.serve(install_signals=False))
-        try:
-            async with asyncio.timeout(10):
-                await server.listening.wait()
-            main = f"http://127.0.0.1:{server.port}"
-            side = f"http://127.0.0.1:{server.metrics_port}"
-            assert server.metrics_port != server.port
-            async with aiohttp.ClientSession() as s:
-                async with s.put(f"{main}/uploads/m.bin", data=b"x" * 1000) as r:
-                    assert r.status == 201
-                for path, want in (
-                    ("/metrics", 200),
-                    ("/readyz", 200),
-                    ("/healthz", 200),
-                    ("/status", 404),
-                    ("/uploads/m.bin", 404),
-                ):
-                    async with s.get(f"{side}{path}") as r:
-                        assert r.status == want, path
-                async with s.put(f"{side}/uploads/x.bin", data=b"x") as r:
-                    assert r.status in (404, 405)
-            # Both listeners read the same registry.
-            for url in (main, side):
-                assert value(await scrape(url), "proxy_uploads_completed_total") == 1
-        finally:
-            server.request_stop()
-            await task
+    async with serving(seaweed, prefix, server={"metrics_listen": "127.0.0.1:0"}) as server:
+        main = f"http://127.0.0.1:{server.port}"
+        side = f"http://127.0.0.1:{server.metrics_port}"
+        assert server.metrics_port != server.port
+        async with aiohttp.ClientSession() as s:
+            async with s.put(f"{main}/uploads/m.bin", data=b"x" * 1000) as r:
+                assert r.status == 201
+            for path, want in (
+                ("/metrics", 200),
+                ("/readyz", 200),
+                ("/healthz", 200),
+                ("/status", 404),
+                ("/uploads/m.bin", 404),
+            ):
+                async with s.get(f"{side}{path}") as r:
+                    assert r.status == want, path
+            async with s.put(f"{side}/uploads/x.bin", data=b"x") as r:
+                assert r.status in (404, 405)
+        # Both listeners read the same registry.
+        for url in (main, side):
+            assert value(await scrape(url), "proxy_uploads_completed_total") == 1
 
 
 async def test_tus_upload_counts_once_and_its_bytes(start_proxy: StartProxy, prefix: str) -> None:
