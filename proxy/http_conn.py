@@ -30,6 +30,7 @@ import json
 import logging
 import re
 from collections.abc import Callable
+from typing import cast
 
 from aiohttp import web
 from yarl import URL
@@ -60,7 +61,7 @@ class ConnectionGuard:
         return lambda: _Guarded(self, factory)
 
 
-def raw_error(transport: asyncio.BaseTransport, error: ProxyError) -> None:
+def raw_error(transport: asyncio.Transport, error: ProxyError) -> None:
     """Answer ``error`` as JSON and close, on a connection aiohttp has not answered on."""
     body = json.dumps(error.to_json()).encode()
     headers = {
@@ -71,7 +72,6 @@ def raw_error(transport: asyncio.BaseTransport, error: ProxyError) -> None:
     }
     head = f"HTTP/1.1 {error.status} {http.HTTPStatus(error.status).phrase}\r\n"
     head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
-    assert isinstance(transport, asyncio.WriteTransport)
     transport.write(head.encode() + body)
     transport.close()
 
@@ -83,19 +83,20 @@ class _Guarded(asyncio.Protocol):
         self._guard = guard
         self._factory = factory
         self._inner: asyncio.Protocol | None = None
-        self._transport: asyncio.BaseTransport | None = None
+        # uvloop's transports are not asyncio.Transport subclasses, only alike: cast.
+        self._transport: asyncio.Transport | None = None
         self._deadline: asyncio.TimerHandle | None = None
         self._sent_something = False
         self._tail = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport
+        self._transport = cast(asyncio.Transport, transport)
         guard = self._guard
         if guard.open >= guard.max_connections:
             guard.refused_total += 1
             log.debug("refused a connection: %d open", guard.open)
             raw_error(
-                transport,
+                self._transport,
                 TooManyConnections(
                     "too many open connections; retry shortly",
                     headers={"Retry-After": str(_RETRY_AFTER_S)},

@@ -8,11 +8,13 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from proxy.storage.seaweed import EmbeddedSeaweed
+from tests.daemon import start_daemon
 
 from conftest import MiB, StartProxy, serving, wait_up
 
@@ -153,3 +155,29 @@ async def test_the_guard_passes_uploads_through_unchanged(start_proxy: StartProx
     data = bytes(range(256)) * (24 * MiB // 256)
     async with aiohttp.ClientSession() as s, s.put(f"{p.url}/uploads/big", data=data) as r:
         assert r.status == 201 and (await r.json())["size"] == len(data)
+
+
+async def test_the_daemon_answers_on_uvloop(
+    seaweed: EmbeddedSeaweed, tmp_path: Path, prefix: str
+) -> None:
+    """The daemon runs on uvloop, whose transports are not asyncio's classes: the 408 and
+    503 written before aiohttp has a request must work there too (they did not at first)."""
+    d = await start_daemon(
+        tmp_path, seaweed, prefix, server={"header_timeout_s": 1, "max_connections": 2}
+    )
+    try:
+        slow_r, slow_w = await asyncio.open_connection("127.0.0.1", d.port)
+        slow_w.write(b"PUT /uploads/x HTTP/1.1\r\n")
+        idle_r, idle_w = await asyncio.open_connection("127.0.0.1", d.port)
+        extra_r, extra_w = await asyncio.open_connection("127.0.0.1", d.port)
+        for reader, writer, want in (
+            (extra_r, extra_w, (503, "ERR_TOO_MANY_CONNECTIONS")),
+            (slow_r, slow_w, (408, "ERR_HEADER_TIMEOUT")),
+        ):
+            _, said = await closed_after(reader)
+            writer.close()
+            assert status_and_code(said) == want
+        assert (await closed_after(idle_r))[1] == b""
+        idle_w.close()
+    finally:
+        await d.stop()
