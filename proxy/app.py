@@ -13,8 +13,8 @@ from prometheus_client import CollectorRegistry
 
 from proxy import __version__, http_ops, tus
 from proxy.auth import Authenticator, TokenSet
-from proxy.buffers import BufferPool
-from proxy.config import Config
+from proxy.buffers import BufferPool, head_bytes_for
+from proxy.config import Config, default_client_buffer_bytes
 from proxy.errors import REASONS, ProxyError, StorageError, StorageUnavailable
 from proxy.http_ops import MetricsHooks, Ops, Readiness, samplers_ctx
 from proxy.http_upload import UPLOADS, UploadContext, UploadHooks, add_routes
@@ -187,13 +187,22 @@ async def _storage_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _uploads_ctx(app: web.Application) -> AsyncIterator[None]:
     rt = app[RUNTIME]
-    uc = rt.config.upload
+    uc, lc = rt.config.upload, rt.config.limits
     if rt.pool is None:
+        client_cap = lc.max_buffer_bytes_per_client or default_client_buffer_bytes(uc)
         rt.pool = BufferPool(
             uc.memory_budget_bytes,
             uc.part_size_bytes,
             keep_idle=uc.parts_in_flight + 1,
             on_idle=HeapTrimmer(),
+            head_bytes=head_bytes_for(
+                uc.memory_budget_bytes,
+                uc.part_size_bytes,
+                lc.max_concurrent_uploads,
+                client_cap,
+                lc.max_uploads_per_client,
+            ),
+            client_cap_bytes=client_cap,
         )
     assert rt.storage is not None
     app[UPLOADS].bind(rt.storage, rt.pool)
@@ -238,6 +247,7 @@ def build_app(runtime: Runtime) -> web.Application:
         bucket=cfg.storage.bucket,
         hooks=runtime.hooks or MetricsHooks(runtime.ops.metrics),
         admit=runtime.ops.memory.check_admission,
+        limits=cfg.limits,
         auth=Authenticator(
             enabled=cfg.auth.enabled,
             token_sha256=cfg.auth.token_sha256,

@@ -83,6 +83,9 @@ class ServerConfig:
     max_header_bytes: int = 16 * 1024
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     status_interval_s: float = 10.0
+    header_timeout_s: float = 15.0
+    keepalive_timeout_s: float = 30.0
+    max_connections: int = 256
 
 
 @dataclass(frozen=True)
@@ -159,6 +162,18 @@ class LimitsConfig:
     max_uploads_per_client: int = 8
     allowed_content_types: tuple[str, ...] = ()
     allowed_extensions: tuple[str, ...] = ()
+    # 0: default_client_buffer_bytes(upload) (from_dict fills it in).
+    max_buffer_bytes_per_client: int = 0
+    min_body_rate_bytes_per_s: int = 4096
+    body_rate_grace_s: float = 30.0
+
+
+def default_client_buffer_bytes(upload: UploadConfig) -> int:
+    """A quarter of the budget, but at least what one upload uses at full speed (one part
+    filling, ``parts_in_flight`` sending), and never more than the budget."""
+    full_speed = (upload.parts_in_flight + 1) * upload.part_size_bytes
+    budget = upload.memory_budget_bytes
+    return min(budget, max(budget // 4, full_speed))
 
 
 @dataclass(frozen=True)
@@ -291,6 +306,9 @@ def _server(r: _Reader) -> ServerConfig:
         max_header_bytes=r.size("max_header_bytes", d.max_header_bytes),
         trusted_proxies=tuple(_networks(r, "trusted_proxies")),
         status_interval_s=r.positive("status_interval_s", float, d.status_interval_s),
+        header_timeout_s=r.positive("header_timeout_s", float, d.header_timeout_s),
+        keepalive_timeout_s=r.positive("keepalive_timeout_s", float, d.keepalive_timeout_s),
+        max_connections=r.positive("max_connections", int, d.max_connections),
     )
     r.check(
         metrics_listen != (host, port) or port == 0,
@@ -526,7 +544,7 @@ def _auth(r: _Reader, base: Path) -> AuthConfig:
     )
 
 
-def _limits(r: _Reader) -> LimitsConfig:
+def _limits(r: _Reader, upload: UploadConfig) -> LimitsConfig:
     d = LimitsConfig()
     types = [t.strip().lower() for t in r.strings("allowed_content_types")]
     for t in types:
@@ -543,11 +561,22 @@ def _limits(r: _Reader) -> LimitsConfig:
             "allowed_extensions",
             f'not an extension such as ".jpg" (1-16 letters or digits): {e!r}',
         )
+    client_buffer_bytes = r.size("max_buffer_bytes_per_client", 0)
     cfg = LimitsConfig(
         max_concurrent_uploads=r.positive("max_concurrent_uploads", int, d.max_concurrent_uploads),
         max_uploads_per_client=r.positive("max_uploads_per_client", int, d.max_uploads_per_client),
         allowed_content_types=tuple(types),
         allowed_extensions=tuple(exts),
+        max_buffer_bytes_per_client=client_buffer_bytes or default_client_buffer_bytes(upload),
+        min_body_rate_bytes_per_s=r.size("min_body_rate_bytes_per_s", d.min_body_rate_bytes_per_s),
+        body_rate_grace_s=r.positive("body_rate_grace_s", float, d.body_rate_grace_s),
+    )
+    part, budget = upload.part_size_bytes, upload.memory_budget_bytes
+    r.check(
+        client_buffer_bytes == 0 or part <= client_buffer_bytes <= budget,
+        "max_buffer_bytes_per_client",
+        f"must be 0 (the default share) or between part_size ({part}) and memory_budget "
+        f"({budget}); got {client_buffer_bytes}",
     )
     r.finish()
     return cfg
@@ -619,7 +648,7 @@ def from_dict(
         storage=_storage(section["storage"], base),
         memory=_memory(section["memory"], upload.memory_budget_bytes),
         auth=_auth(section["auth"], base),
-        limits=_limits(section["limits"]),
+        limits=_limits(section["limits"], upload),
         logging=_logging(section["logging"]),
         tus=_tus(section["tus"]),
     )

@@ -92,6 +92,18 @@ class ClientTimeout(ProxyError):
     reason = "client_timeout"
 
 
+class TooSlow(ClientTimeout):
+    """The body arrives below ``limits.min_body_rate_bytes_per_s`` after the grace period."""
+
+    code = "ERR_TOO_SLOW"
+
+
+class HeaderTimeout(ClientTimeout):
+    """The request headers were not complete within ``server.header_timeout_s``."""
+
+    code = "ERR_HEADER_TIMEOUT"
+
+
 class KeyExists(ProxyError):
     code = "ERR_KEY_EXISTS"
     status = 409
@@ -108,6 +120,14 @@ class Busy(ProxyError):
     """No part buffer could be had within the admission timeout."""
 
     code = "ERR_BUSY"
+    status = 503
+    reason = "busy"
+
+
+class TooManyConnections(ProxyError):
+    """A listener has ``server.max_connections`` open: a new connection is answered and closed."""
+
+    code = "ERR_TOO_MANY_CONNECTIONS"
     status = 503
     reason = "busy"
 

@@ -25,14 +25,14 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy.auth import Authenticator, Forbidden, Grant
-from proxy.buffers import BufferPool
-from proxy.config import UploadConfig
+from proxy.buffers import BufferPool, ClientBuffers
+from proxy.config import LimitsConfig, UploadConfig
 from proxy.errors import (
     BadRequest,
     ClientTimeout,
@@ -41,14 +41,17 @@ from proxy.errors import (
     KeyExists,
     ProxyError,
     TooLarge,
+    TooSlow,
 )
 from proxy.keys import full_key, generated_key
 from proxy.limits import (
+    BodyPace,
     ClientInfo,
     ContentPolicy,
     Network,
     UploadSlots,
     UploadStats,
+    client_group,
     client_info,
 )
 from proxy.responses import error_response
@@ -65,6 +68,7 @@ from proxy.streaming import (
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+T = TypeVar("T")
 READ_CHUNK_BYTES = 1024 * 1024
 MAX_FORM_FIELD_BYTES = 64 * 1024
 _REPR_DIGEST_RE = re.compile(r"(?:^|,)\s*sha-256\s*=\s*:([A-Za-z0-9+/=]*):\s*(?:;[^,]*)?(?=,|$)")
@@ -154,6 +158,7 @@ class UploadContext:
     auth: Authenticator
     slots: UploadSlots
     admit: Callable[[], None] = admit_all
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     policy: ContentPolicy = field(default_factory=ContentPolicy)
     trusted_proxies: tuple[Network, ...] = ()
     stats: UploadStats = field(default_factory=UploadStats)
@@ -176,6 +181,26 @@ class UploadContext:
     def pool(self) -> BufferPool:
         assert self._pool is not None, "buffer pool is not set up yet"
         return self._pool
+
+    def buffers_for(self, client_ip: str) -> ClientBuffers:
+        """The buffer pool as seen by this client's address group (its own cap)."""
+        return self.pool.client(client_group(client_ip))
+
+    def chunks(
+        self,
+        stream: Any,
+        pace: BodyPace | None = None,
+        read: Callable[[], Awaitable[bytes]] | None = None,
+    ) -> AsyncIterator[bytes]:
+        """A request body (or one form part of it) as chunks, under the idle timeout and
+        the minimum rate.  Pass one ``pace`` for every part of one request."""
+        if pace is None:
+            pace = self.new_pace()
+        return body_chunks(stream, self.config.idle_timeout_s, read, pace)
+
+    def new_pace(self) -> BodyPace:
+        lc = self.limits
+        return BodyPace(lc.min_body_rate_bytes_per_s, lc.body_rate_grace_s)
 
     @property
     def settings(self) -> StreamSettings:
@@ -279,26 +304,59 @@ def _declared_size(request: web.Request, limit: int) -> int | None:
     return size
 
 
+async def from_client(
+    read: Callable[[], Awaitable[T]], idle_timeout_s: float, pace: BodyPace | None
+) -> T:
+    """``read()`` (a read of the request body) under the idle timeout and ``pace``'s
+    minimum rate; the time it takes goes on the pace's clock.  Only time spent in here,
+    waiting for the client, counts: not the time the caller holds back (back-pressure)."""
+    allowance_s = float("inf") if pace is None else pace.allowance_s()
+    if pace is not None and allowance_s <= 0:
+        raise _too_slow(pace)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        async with asyncio.timeout(min(idle_timeout_s, allowance_s)):
+            return await read()
+    except TimeoutError:
+        if pace is not None and allowance_s < idle_timeout_s:
+            raise _too_slow(pace) from None
+        raise ClientTimeout(f"no body bytes for {idle_timeout_s}s") from None
+    finally:
+        if pace is not None:
+            pace.record(loop.time() - started, 0)
+
+
 async def body_chunks(
-    stream: Any, idle_timeout_s: float, read: Callable[[], Awaitable[bytes]] | None = None
+    stream: Any,
+    idle_timeout_s: float,
+    read: Callable[[], Awaitable[bytes]] | None = None,
+    pace: BodyPace | None = None,
 ) -> AsyncIterator[bytes]:
-    """The body as chunks; a stall longer than ``idle_timeout_s`` or a broken body raises."""
+    """The body as chunks; a stall longer than ``idle_timeout_s``, a rate below ``pace``'s
+    minimum or a broken body raises (see :func:`from_client`)."""
     reader = read or stream.readany
     while True:
         try:
-            async with asyncio.timeout(idle_timeout_s):
-                chunk = await reader()
-        except TimeoutError:
-            raise ClientTimeout(f"no body bytes for {idle_timeout_s}s") from None
+            chunk = await from_client(reader, idle_timeout_s, pace)
         except (HttpProcessingError, ConnectionError, EOFError) as e:
             raise IncompleteBody(f"the request body ended early ({type(e).__name__})") from None
         except Exception as e:
             if type(e).__name__ in ("ClientPayloadError", "PayloadEncodingError"):
                 raise IncompleteBody("the request body is malformed or ended early") from None
             raise
+        if pace is not None:
+            pace.record(0, len(chunk))
         if not chunk:
             return
         yield chunk
+
+
+def _too_slow(pace: BodyPace) -> TooSlow:
+    return TooSlow(
+        f"the body arrives at less than {pace.min_bytes_per_s:g} bytes/s "
+        f"(averaged over {pace.window_s:g}s)"
+    )
 
 
 def _content_type(request: web.Request) -> str:
@@ -394,7 +452,8 @@ async def _stream_one(
     upload_id = uuid.uuid4().hex[:16]
     request[_STREAMED] = True
     observer = _Counting(ctx.stats, ctx.hooks.started(upload_id, spec.key))
-    streamer = PartStreamer(ctx.storage, ctx.pool, ctx.settings, spec, observer)
+    buffers = ctx.buffers_for(request_client(request).ip)
+    streamer = PartStreamer(ctx.storage, buffers, ctx.settings, spec, observer)
     started = time.monotonic()
     result: StreamResult | None = None
     error: ProxyError | None = None
@@ -472,8 +531,7 @@ async def put_upload(request: web.Request) -> web.StreamResponse:
         expected=expected_digests(request.headers),
     )
     with ctx.slots.hold(pre.client.ip):
-        chunks = body_chunks(request.content, ctx.config.idle_timeout_s)
-        result = await _stream_one(request, spec, chunks)
+        result = await _stream_one(request, spec, ctx.chunks(request.content))
     return web.json_response(_result_json(ctx, result), status=201)
 
 
@@ -505,8 +563,7 @@ async def post_upload(request: web.Request) -> web.StreamResponse:
             create_only=True,
             expected=expected_digests(request.headers),
         )
-        chunks = body_chunks(request.content, ctx.config.idle_timeout_s)
-        result = await _stream_one(request, spec, chunks)
+        result = await _stream_one(request, spec, ctx.chunks(request.content))
     return web.json_response(_result_json(ctx, result), status=201)
 
 
@@ -527,11 +584,14 @@ async def _post_form(
     except (ValueError, AssertionError, KeyError) as e:
         raise BadRequest(f"malformed multipart/form-data: {e}", code="ERR_BAD_FORM") from None
     limit = pre.limit_bytes
+    pace = ctx.new_pace()
     stored: list[dict[str, Any]] = []
     try:
         while True:
             try:
-                part = await reader.next()
+                # The boundaries and part headers between files are the client's to send
+                # too: the same idle timeout and minimum rate hold for them.
+                part = await from_client(reader.next, ctx.config.idle_timeout_s, pace)
             except (ValueError, AssertionError, HttpProcessingError, ConnectionError) as e:
                 raise BadRequest(
                     f"malformed multipart/form-data: {e}", code="ERR_BAD_FORM"
@@ -541,7 +601,8 @@ async def _post_form(
             if not isinstance(part, BodyPartReader):
                 raise BadRequest("nested multipart bodies are not supported", code="ERR_BAD_FORM")
             if part.filename is None:
-                await _skip_field(part, ctx.config.idle_timeout_s)
+                small = functools.partial(part.read_chunk, 8192)
+                await _skip_field(part, ctx.chunks(part, pace, small))
                 continue
             ctx.policy.check(part.headers.get("Content-Type"), part.filename)
             used = sum(int(s["size"]) for s in stored)
@@ -552,11 +613,7 @@ async def _post_form(
                 metadata={"filename": _ascii(part.filename)},
                 create_only=True,
             )
-            chunks = body_chunks(
-                part,
-                ctx.config.idle_timeout_s,
-                read=functools.partial(part.read_chunk, READ_CHUNK_BYTES),
-            )
+            chunks = ctx.chunks(part, pace, functools.partial(part.read_chunk, READ_CHUNK_BYTES))
             result = await _stream_one(request, spec, chunks)
             stored.append(_result_json(ctx, result, field=part.name, filename=part.filename))
     except BaseException:
@@ -568,9 +625,9 @@ async def _post_form(
     return web.json_response(stored, status=201)
 
 
-async def _skip_field(part: BodyPartReader, idle_timeout_s: float) -> None:
+async def _skip_field(part: BodyPartReader, chunks: AsyncIterator[bytes]) -> None:
     seen = 0
-    async for chunk in body_chunks(part, idle_timeout_s, read=lambda: part.read_chunk(8192)):
+    async for chunk in chunks:
         seen += len(chunk)
         if seen > MAX_FORM_FIELD_BYTES:
             raise BadRequest(

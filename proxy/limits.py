@@ -1,17 +1,21 @@
-"""Abuse limits that need no body: who the client is, how many uploads it runs, what it sends.
+"""Abuse limits: who the client is, how many uploads it runs, what and how fast it sends.
 
 * :func:`client_info` believes ``X-Forwarded-For`` / ``X-Forwarded-Proto`` only when
   the TCP peer is a configured trusted proxy; otherwise anyone could pick the address
   the per-client limit counts against.
+* :func:`client_group` is what every per-client limit counts under (an IPv4 address, an
+  IPv6 /64).
 * :class:`UploadSlots` caps uploads in total (503, the server is full) and per client
   (429, this client is asking for too much), and drains them on shutdown.
 * :class:`ContentPolicy` is the content-type and extension allowlist (415).
+* :class:`BodyPace` is the minimum body rate (408 ``ERR_TOO_SLOW``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,12 +45,36 @@ def _address(value: str) -> Address | None:
         return None
 
 
+def _unmapped(addr: Address) -> Address:
+    """``::ffff:192.0.2.1`` (an IPv4 peer on a dual-stack socket) is ``192.0.2.1``."""
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
 def _trusted(addr: Address | None, trusted: tuple[Network, ...]) -> bool:
     if addr is None:
         return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
+    addr = _unmapped(addr)
     return any(addr.version == net.version and addr in net for net in trusted)
+
+
+# An ISP hands each IPv6 subscriber at least a /64 (RFC 6177), so one client can pick any
+# of 2^64 source addresses: counted one by one, a per-client limit would not limit it.
+IPV6_CLIENT_PREFIX = 64
+
+
+def client_group(ip: str) -> str:
+    """The key every per-client limit counts under: the IPv4 address (also when it comes
+    IPv4-mapped, ``::ffff:a.b.c.d``), or the /64 network of an IPv6 address.  Anything
+    that is not an address (``"unknown"``) is its own group."""
+    addr = _address(ip)
+    if addr is None:
+        return ip
+    addr = _unmapped(addr)
+    if isinstance(addr, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((addr, IPV6_CLIENT_PREFIX), strict=False))
+    return str(addr)
 
 
 def client_info(
@@ -125,6 +153,8 @@ class UploadSlots:
         self.closed = False
 
     def check(self, client: str) -> None:
+        """``client`` is an address; it counts under its :func:`client_group`."""
+        client = client_group(client)
         if self.closed:
             raise ShuttingDown(
                 "the server is shutting down; retry shortly",
@@ -144,6 +174,7 @@ class UploadSlots:
     @contextmanager
     def hold(self, client: str) -> Iterator[None]:
         self.check(client)
+        client = client_group(client)
         task = asyncio.current_task()
         self.in_use += 1
         self._by_client[client] = self._by_client.get(client, 0) + 1
@@ -220,3 +251,62 @@ class UploadStats:
     received_bytes: int = 0
     completed: int = 0
     failed: int = 0
+
+
+class BodyPace:
+    """The minimum body rate, on a clock that runs only while we wait for the client.
+
+    While we hold back (S3 is slow, the buffer pool is spent, a part waits for a sending
+    slot) the client's bytes pile up in socket buffers: it is not the one being slow, so
+    that time does not count.  For the first ``grace_s`` of that clock nothing is
+    enforced (TCP slow start, a client hashing its file first); after it, the bytes that
+    arrived in the last ``grace_s`` of it must average ``min_bytes_per_s``.  One pace per
+    request: the files of a form share it, so a new file does not start a new grace.
+    """
+
+    # Arrivals are counted in buckets of this much of the clock, so the window holds at
+    # most grace_s / BUCKET_S + 1 of them however many chunks arrive.  A bucket's bytes
+    # are dated at its end: a client is never cut off early, at most BUCKET_S late.
+    BUCKET_S = 0.5
+
+    def __init__(self, min_bytes_per_s: float, grace_s: float) -> None:
+        if min_bytes_per_s < 0 or grace_s <= 0:
+            raise ValueError("min_bytes_per_s must be >= 0 and grace_s > 0")
+        self.min_bytes_per_s = min_bytes_per_s
+        self.window_s = grace_s
+        self.waited_s = 0.0
+        self._recent: deque[list[float]] = deque()  # [end of the bucket, bytes]
+        self._recent_bytes = 0.0
+
+    def record(self, waited_s: float, nbytes: int) -> None:
+        """``waited_s`` more of waiting for the client, which then gave ``nbytes``."""
+        self.waited_s += waited_s
+        if nbytes:
+            end = (self.waited_s // self.BUCKET_S + 1) * self.BUCKET_S
+            if self._recent and self._recent[-1][0] == end:
+                self._recent[-1][1] += nbytes
+            else:
+                self._recent.append([end, nbytes])
+            self._recent_bytes += nbytes
+        start = self.waited_s - self.window_s
+        while self._recent and self._recent[0][0] < start:
+            self._recent_bytes -= self._recent.popleft()[1]
+
+    def allowance_s(self) -> float:
+        """How much longer we may wait for the client's next bytes before its rate falls
+        below the minimum; 0 when it already has, infinite when there is no minimum."""
+        if self.min_bytes_per_s <= 0:
+            return float("inf")
+        need = self.min_bytes_per_s * self.window_s
+        now = self.waited_s
+        at = max(now, self.window_s)  # nothing is enforced before the grace is over
+        left = self._recent_bytes
+        # Without new bytes, the buckets leave the window one by one (at their time +
+        # window); the client is too slow at the first moment what is left is too little.
+        for when, nbytes in self._recent:
+            if when + self.window_s >= at:
+                if left < need:
+                    return at - now
+                at = when + self.window_s
+            left -= nbytes
+        return at - now

@@ -55,6 +55,17 @@ class PoolFigures(Protocol):
     def peak_in_use_bytes(self) -> int: ...
 
 
+class ListenerFigures(Protocol):
+    """What :class:`proxy.http_conn.ConnectionGuard` exposes."""
+
+    @property
+    def open(self) -> int: ...
+    @property
+    def refused_total(self) -> int: ...
+    @property
+    def header_timeouts_total(self) -> int: ...
+
+
 class MemoryFigures(Protocol):
     """What :class:`proxy.memory.MemoryState` exposes."""
 
@@ -139,6 +150,7 @@ class Metrics:
         self._active: dict[str, UploadProgress] = {}
         self._slots: list[UploadProgress | None] = [None] * live_uploads_max
         self._pool: PoolFigures | None = None
+        self._listeners: dict[str, ListenerFigures] = {}
         self._memory: Callable[[], MemoryFigures | None] = lambda: None
         self._ready: Callable[[], bool | None] = lambda: None
 
@@ -203,6 +215,10 @@ class Metrics:
 
     def bind_pool(self, pool: PoolFigures) -> None:
         self._pool = pool
+
+    def bind_listener(self, name: str, listener: ListenerFigures) -> None:
+        """``name`` is a label value: one of a fixed few ("main", "metrics")."""
+        self._listeners[name] = listener
 
     def bind_memory(self, source: Callable[[], MemoryFigures | None]) -> None:
         self._memory = source
@@ -278,6 +294,8 @@ class Metrics:
         yield from _live_series([u for u in self._slots if u is not None])
         if self._pool is not None:
             yield from _gauges(_POOL_GAUGES, self._pool)
+        if self._listeners:
+            yield from _listener_series(self._listeners)
         memory = self._memory()
         if memory is not None:
             yield from _gauges(_MEMORY_GAUGES, memory)
@@ -310,6 +328,27 @@ def _live_series(uploads: list[UploadProgress]) -> Iterator[Metric]:
         stored.add_metric(slot, u.stored_bytes)
         start.add_metric(slot, u.started_unix)
     yield from (received, stored, start)
+
+
+def _listener_series(listeners: dict[str, ListenerFigures]) -> Iterator[Metric]:
+    open_ = GaugeMetricFamily(
+        "proxy_connections_open", "Open connections on a listener.", labels=["listener"]
+    )
+    refused = CounterMetricFamily(
+        "proxy_connections_refused",
+        "Connections answered 503 and closed: the listener had max_connections open.",
+        labels=["listener"],
+    )
+    late = CounterMetricFamily(
+        "proxy_connections_header_timeouts",
+        "Connections closed because their first request's headers took over header_timeout_s.",
+        labels=["listener"],
+    )
+    for name, figures in listeners.items():
+        open_.add_metric([name], figures.open)
+        refused.add_metric([name], figures.refused_total)
+        late.add_metric([name], figures.header_timeouts_total)
+    yield from (open_, refused, late)
 
 
 # (name, attribute of the bound object, help); a None attribute leaves the series out.

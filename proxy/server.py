@@ -23,6 +23,7 @@ from aiohttp.web_server import Server as _AioServer
 from proxy.app import HTTP_CODES, Runtime, build_app
 from proxy.config import Config
 from proxy.errors import ProxyError
+from proxy.http_conn import ConnectionGuard, GuardedSite
 from proxy.http_ops import build_metrics_app
 from proxy.http_upload import UPLOADS, UploadContext
 from proxy.responses import error_response
@@ -57,6 +58,10 @@ def runner_kwargs(config: Config) -> dict[str, Any]:
         "max_field_size": sc.max_header_bytes,
         "max_headers": MAX_HEADERS,
         "read_bufsize": READ_BUFSIZE,
+        # Closes a kept-alive connection that waits longer than this for its next request,
+        # headers included (aiohttp's default is an hour).  The first request's headers are
+        # timed by proxy.http_conn.
+        "keepalive_timeout": sc.keepalive_timeout_s,
         # Store bodies exactly as sent, like S3 does: a Content-Encoding: gzip body stays
         # gzip.  Decompressing would also break every size decision made from
         # Content-Length (part sizes, limits, tus offsets).
@@ -168,13 +173,11 @@ class Server:
             last_bytes, last_t = nbytes, now
             self.notifier.status(status_line(ctx, rate))
 
-    async def _drain(self, ctx: UploadContext, site: web.BaseSite) -> None:
+    async def _drain(self, ctx: UploadContext, site: GuardedSite) -> None:
         """Stop listening, let running uploads finish, cancel (abort) the rest."""
         sc = self.config.server
-        server = getattr(site, "_server", None)
-        if server is not None:
-            # Only the listening socket closes; open connections keep reading bodies.
-            server.close()
+        # Only the listening socket closes; open connections keep reading bodies.
+        site.stop_listening()
         cancelled = await ctx.slots.drain(sc.drain_timeout_s, ABORT_GRACE_S)
         if cancelled:
             log.warning(
@@ -201,16 +204,22 @@ class Server:
         metrics_runner: web.AppRunner | None = None
         tasks: list[asyncio.Task[None]] = []
         try:
-            site, self.port = await _start_site(runner, sc.listen_host, sc.listen_port)
+            site = await start_site(runner, sc.listen_host, sc.listen_port, self.config)
+            self.runtime.ops.metrics.bind_listener("main", site.guard)
+            self.port = site.port
             log.info("listening on http://%s:%s", sc.listen_host, self.port)
             if sc.metrics_listen is not None:
                 # A ProxyRunner too: its parser errors are JSON without aiohttp's banner.
                 metrics_runner = ProxyRunner(
-                    build_metrics_app(self.runtime.ops), handle_signals=False, access_log=None
+                    build_metrics_app(self.runtime.ops),
+                    handle_signals=False,
+                    **runner_kwargs(self.config),
                 )
                 await metrics_runner.setup()
                 host, port = sc.metrics_listen
-                _, self.metrics_port = await _start_site(metrics_runner, host, port)
+                metrics_site = await start_site(metrics_runner, host, port, self.config)
+                self.runtime.ops.metrics.bind_listener("metrics", metrics_site.guard)
+                self.metrics_port = metrics_site.port
                 log.info("metrics on http://%s:%s/metrics", host, self.metrics_port)
             self.listening.set()
             state = await self._storage_state()
@@ -243,11 +252,11 @@ class Server:
             log.info("stopped")
 
 
-async def _start_site(runner: web.AppRunner, host: str, port: int) -> tuple[web.TCPSite, int]:
-    """Bind and serve; return the site and the port actually bound (``port`` may be 0)."""
-    site = web.TCPSite(runner, host, port, reuse_address=True)
+async def start_site(runner: web.AppRunner, host: str, port: int, config: Config) -> GuardedSite:
+    """Bind and serve behind a connection guard (header deadline, connection cap);
+    ``site.port`` is the port actually bound (``port`` may be 0).  Tests use it too."""
+    sc = config.server
+    guard = ConnectionGuard(sc.header_timeout_s, sc.max_connections)
+    site = GuardedSite(runner, host, port, guard)
     await site.start()
-    server = getattr(site, "_server", None)
-    if server is not None and server.sockets:
-        return site, int(server.sockets[0].getsockname()[1])
-    return site, port
+    return site

@@ -3,10 +3,10 @@
 One :class:`PartStreamer` carries one object from an async iterator of byte
 chunks to a :class:`~proxy.storage.base.Storage`:
 
-* chunks are copied into part buffers leased from the shared :class:`BufferPool`;
-  a full buffer becomes a part, sent while the next one fills, with at most
-  ``parts_in_flight`` parts uploading per object; the wait for a free slot or
-  buffer is what pushes back on the client;
+* chunks are copied into parts (:class:`~proxy.buffers.PartBuffer`) whose memory is
+  leased from the shared :class:`BufferPool` only as bytes arrive; a full part is
+  sent while the next one fills, with at most ``parts_in_flight`` parts uploading
+  per object; the wait for a free slot or buffer is what pushes back on the client;
 * each full part is hashed exactly once, in order: whole-body SHA-256, plus the
   optional whole-body MD5 a client asked us to verify and the optional per-part
   checksum S3 verifies.  Hashing 8 MiB at a time (not per socket read) keeps the
@@ -29,9 +29,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from proxy.buffers import BufferPool, PoolTimeout
+from proxy.buffers import Buffers, PartBuffer, PoolTimeout
 from proxy.errors import Busy, ChecksumMismatch, ObjectExists, TooLarge
-from proxy.storage.base import CompletedPart, PartChecksum, Storage
+from proxy.storage.base import CompletedPart, PartChecksum, Pieces, Storage
 
 log = logging.getLogger(__name__)
 
@@ -94,36 +94,37 @@ class NullObserver:
         pass
 
 
-def _part_checksum(algorithm: str, data: memoryview) -> PartChecksum | None:
+def _part_checksum(algorithm: str, views: list[memoryview]) -> PartChecksum | None:
+    """The checksum of one part's bytes (its pieces, in order)."""
     if algorithm == "none":
         return None
     if algorithm == "crc32":
-        raw = zlib.crc32(data).to_bytes(4, "big")
-    elif algorithm == "md5":
-        raw = hashlib.md5(data).digest()
+        crc = 0
+        for view in views:
+            crc = zlib.crc32(view, crc)
+        raw = crc.to_bytes(4, "big")
     else:
-        raw = hashlib.sha256(data).digest()
+        h = hashlib.md5() if algorithm == "md5" else hashlib.sha256()
+        for view in views:
+            h.update(view)
+        raw = h.digest()
     return PartChecksum(algorithm, base64.b64encode(raw).decode())
 
 
-async def admit(pool: BufferPool, size: int, settings: StreamSettings) -> bytearray:
-    """A new upload's first buffer, or 503 ERR_BUSY if none frees up within the
-    admission timeout (later buffers are waited for: that wait is the back-pressure)."""
+async def lease(part: PartBuffer, settings: StreamSettings, *, admission: bool) -> None:
+    """Memory for the part's next bytes.  An upload's first lease is its admission:
+    503 ERR_BUSY if none frees up within the admission timeout.  Later leases are
+    waited for: that wait is the back-pressure."""
+    if not admission:
+        await part.lease()
+        return
     try:
-        return await pool.acquire(size, timeout_s=settings.admission_timeout_s)
+        await part.lease(timeout_s=settings.admission_timeout_s)
     except PoolTimeout:
         raise Busy(
             "all upload buffers are in use; retry later",
             headers={"Retry-After": str(max(1, round(settings.admission_timeout_s)))},
         ) from None
-
-
-def _release(view: memoryview) -> None:
-    try:
-        view.release()
-    except BufferError:
-        # A cancelled hash still reads it in a worker thread; the view dies with that call.
-        pass
 
 
 class _Digests:
@@ -133,10 +134,11 @@ class _Digests:
         self.sha256 = hashlib.sha256()
         self.md5 = hashlib.md5() if want_md5 else None
 
-    def update(self, data: memoryview) -> None:
-        self.sha256.update(data)
-        if self.md5 is not None:
-            self.md5.update(data)
+    def update(self, views: list[memoryview]) -> None:
+        for view in views:
+            self.sha256.update(view)
+            if self.md5 is not None:
+                self.md5.update(view)
 
 
 class PartStreamer:
@@ -145,7 +147,7 @@ class PartStreamer:
     def __init__(
         self,
         storage: Storage,
-        pool: BufferPool,
+        pool: Buffers,
         settings: StreamSettings,
         spec: UploadSpec,
         observer: StreamObserver | None = None,
@@ -162,6 +164,8 @@ class PartStreamer:
         self._last_hash: asyncio.Future[Any] | None = None
         self._failure: BaseException | None = None
         self._loop = asyncio.get_running_loop()
+        self._admitted = False
+        self._parted_bytes = 0  # bytes in the parts handed to _dispatch so far
         self.received_bytes = 0
 
     @property
@@ -175,15 +179,18 @@ class PartStreamer:
             await self._cleanup()
             raise
 
-    def _first_buffer_size(self) -> int:
+    def _new_part(self) -> PartBuffer:
+        """The next part, sized to what is left of a declared body (no memory yet)."""
+        size = self._settings.part_size_bytes
         declared = self._spec.declared_size
-        part = self._settings.part_size_bytes
-        return part if declared is None else min(declared, part)
+        if declared is not None and declared > self._parted_bytes:
+            size = min(size, declared - self._parted_bytes)
+        return PartBuffer(self._pool, size)
 
     async def _run(self, chunks: AsyncIterator[bytes]) -> StreamResult:
-        buf = await admit(self._pool, self._first_buffer_size(), self._settings)
-        filled = 0
-        owned: bytearray | None = buf  # None while the buffer belongs to a part task
+        # Memory is leased when bytes are in hand, never ahead of them: a client that
+        # opens an upload and sends nothing holds nothing.
+        part = self._new_part()
         try:
             async for chunk in chunks:
                 n = len(chunk)
@@ -196,50 +203,49 @@ class PartStreamer:
                 view = memoryview(chunk)
                 off = 0
                 while off < n:
-                    if filled == len(buf):
-                        # More bytes are coming, so this full buffer is not the last part.
-                        owned = None
-                        await self._dispatch(buf, filled)
-                        buf, filled = await self._pool.acquire(), 0
-                        owned = buf
-                    take = min(n - off, len(buf) - filled)
-                    buf[filled : filled + take] = view[off : off + take]
-                    filled += take
-                    off += take
+                    if part.full:
+                        # More bytes are coming, so this full part is not the last one.
+                        self._parted_bytes += part.filled
+                        full, part = part, self._new_part()
+                        await self._dispatch(full)
+                    if not part.room:
+                        await lease(part, self._settings, admission=not self._admitted)
+                        self._admitted = True
+                    off += part.write(view[off:])
         except BaseException:
-            if owned is not None:
-                self._pool.release(owned)
+            part.release()
             raise
         if self._upload_id is None:
-            return await self._single_put(buf, filled)
-        await self._dispatch(buf, filled)
+            return await self._single_put(part)
+        await self._dispatch(part)
         return await self._complete()
 
-    async def _digest(self, data: memoryview) -> PartChecksum | None:
+    async def _digest(self, views: list[memoryview]) -> PartChecksum | None:
         """Hash one part after the previous part's hash finished; return its S3 checksum."""
         prev, done = self._last_hash, self._loop.create_future()
         self._last_hash = done
+        nbytes = sum(len(v) for v in views)
         try:
             if prev is not None:
                 await asyncio.shield(prev)
-            if self._settings.hash_in_thread and len(data) >= 65536:
-                checksum, seconds = await self._loop.run_in_executor(None, self._hash_part, data)
+            if self._settings.hash_in_thread and nbytes >= 65536:
+                checksum, seconds = await self._loop.run_in_executor(None, self._hash_part, views)
             else:
-                checksum, seconds = self._hash_part(data)
-            self._obs.hashed(len(data), seconds)
+                checksum, seconds = self._hash_part(views)
+            self._obs.hashed(nbytes, seconds)
             return checksum
         finally:
             if not done.done():
                 done.set_result(None)
 
-    def _hash_part(self, data: memoryview) -> tuple[PartChecksum | None, float]:
+    def _hash_part(self, views: list[memoryview]) -> tuple[PartChecksum | None, float]:
         t0 = time.perf_counter()
-        self._digests.update(data)
-        checksum = _part_checksum(self._settings.part_checksum, data)
+        self._digests.update(views)
+        checksum = _part_checksum(self._settings.part_checksum, views)
         return checksum, time.perf_counter() - t0
 
-    async def _dispatch(self, buf: bytearray, filled: int) -> None:
-        """Hand a full buffer to a part task once fewer than ``parts_in_flight`` are sending."""
+    async def _dispatch(self, part: PartBuffer) -> None:
+        """Hand a full part to a part task once fewer than ``parts_in_flight`` are sending."""
         try:
             if self._upload_id is None:
                 self._upload_id = await self._storage.create_multipart(
@@ -253,9 +259,9 @@ class PartStreamer:
             self._raise_failure()
             number = len(self._parts) + 1
             self._parts.append(CompletedPart(number, ""))
-            task = asyncio.create_task(self._send_part(number, buf, filled))
+            task = asyncio.create_task(self._send_part(number, part))
         except BaseException:
-            self._pool.release(buf)
+            part.release()
             raise
         self._tasks.add(task)
         task.add_done_callback(self._part_done)
@@ -270,29 +276,29 @@ class PartStreamer:
         if self._failure is not None:
             raise self._failure
 
-    async def _send_part(self, number: int, buf: bytearray, filled: int) -> None:
+    async def _send_part(self, number: int, part: PartBuffer) -> None:
         assert self._upload_id is not None
-        data = memoryview(buf)[:filled]
+        views = part.views()
+        body = Pieces.of(views)
         try:
             if self._settings.part_checksum == "none":
                 # Nothing S3 needs depends on the hash: send and hash concurrently.
-                hashing = asyncio.ensure_future(self._digest(data))
+                hashing = asyncio.ensure_future(self._digest(views))
                 try:
                     etag = await self._storage.upload_part(
-                        self._spec.key, self._upload_id, number, data, None
+                        self._spec.key, self._upload_id, number, body, None
                     )
                 finally:
                     await hashing
             else:
-                checksum = await self._digest(data)
+                checksum = await self._digest(views)
                 etag = await self._storage.upload_part(
-                    self._spec.key, self._upload_id, number, data, checksum
+                    self._spec.key, self._upload_id, number, body, checksum
                 )
             self._parts[number - 1] = CompletedPart(number, etag)
-            self._obs.stored(filled)
+            self._obs.stored(part.filled)
         finally:
-            _release(data)
-            self._pool.release(buf)
+            part.release()
 
     def _verify(self) -> str:
         sha256 = self._digests.sha256.digest()
@@ -307,24 +313,23 @@ class PartStreamer:
     def _final_metadata(self, sha256: str) -> dict[str, str]:
         return {**self._spec.metadata, "sha256": sha256}
 
-    async def _single_put(self, buf: bytearray, filled: int) -> StreamResult:
-        data = memoryview(buf)[:filled]
+    async def _single_put(self, part: PartBuffer) -> StreamResult:
+        views = part.views()
         try:
-            checksum = await self._digest(data)
+            checksum = await self._digest(views)
             sha256 = self._verify()
             etag = await self._storage.put_object(
                 self._spec.key,
-                data,
+                Pieces.of(views),
                 metadata=self._final_metadata(sha256),
                 content_type=self._spec.content_type,
                 checksum=checksum,
                 if_none_match=self._spec.create_only,
             )
-            self._obs.stored(filled)
+            self._obs.stored(part.filled)
         finally:
-            _release(data)
-            self._pool.release(buf)
-        return StreamResult(self._spec.key, filled, sha256, etag, 1)
+            part.release()
+        return StreamResult(self._spec.key, part.filled, sha256, etag, 1)
 
     async def _complete(self) -> StreamResult:
         if self._tasks:
@@ -383,6 +388,5 @@ class PartStreamer:
 
 
 # Shared with the tus PATCH writer (proxy.tus_writer), which lays parts out differently
-# (pending bytes first, a tail kept in S3) but must checksum and release them the same way.
+# (pending bytes first, a tail kept in S3) but must checksum them the same way.
 part_checksum = _part_checksum
-release_view = _release

@@ -28,7 +28,7 @@ from proxy.auth import Forbidden, Grant, Principal
 from proxy.config import TusConfig
 from proxy.errors import BadRequest, NotFound, ProxyError, TooLarge
 from proxy.headers import ascii_uint
-from proxy.http_upload import UPLOADS, authorize, body_chunks, expect_with, request_client
+from proxy.http_upload import UPLOADS, authorize, expect_with, request_client
 from proxy.storage.base import OpenMultipart, Storage
 from proxy.tus_state import TusStore, UploadInfo, release_quietly, valid_id
 from proxy.tus_upload import Checksum, NewUpload, TusService, quota_of
@@ -209,7 +209,7 @@ def _upload_headers(info: UploadInfo) -> dict[str, str]:
 
 
 def _chunks(request: web.Request) -> AsyncIterator[bytes]:
-    return body_chunks(request.content, request.app[UPLOADS].config.idle_timeout_s)
+    return request.app[UPLOADS].chunks(request.content)
 
 
 # -- handlers ---------------------------------------------------------------------------
@@ -304,9 +304,14 @@ async def create(request: web.Request) -> web.StreamResponse:
     info, lease = await svc.create(new, leased=with_body and new.length != 0)
     if lease is not None:
         try:
-            with request.app[UPLOADS].slots.hold(request_client(request).ip):
+            client_ip = request_client(request).ip
+            with request.app[UPLOADS].slots.hold(client_ip):
                 info = await svc.write(
-                    lease, _chunks(request), declared_bytes=declared, checksum=checksum
+                    lease,
+                    _chunks(request),
+                    declared_bytes=declared,
+                    checksum=checksum,
+                    client_ip=client_ip,
                 )
         except BaseException:
             # Without our answer the client never learns the URL: nothing can resume it.
@@ -406,7 +411,9 @@ async def patch(request: web.Request) -> web.Response:
     # The slot check ran (and would have released the lease) above; hold re-checks
     # synchronously, so it cannot fail here.
     with request.app[UPLOADS].slots.hold(client_ip):
-        info = await svc.write(lease, _chunks(request), declared_bytes=declared, checksum=checksum)
+        info = await svc.write(
+            lease, _chunks(request), declared_bytes=declared, checksum=checksum, client_ip=client_ip
+        )
     return web.Response(status=204, headers=_upload_headers(info))
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from proxy.auth import ANONYMOUS, Principal
+from proxy.buffers import Buffers
 from proxy.config import TusConfig
 from proxy.errors import (
     ConditionFailed,
@@ -177,8 +178,11 @@ class TusService:
         *,
         declared_bytes: int | None,
         checksum: Checksum | None,
+        client_ip: str | None,
     ) -> UploadInfo:
-        """Stream one PATCH body at the upload's offset; commit; finish when it is the last."""
+        """Stream one PATCH body at the upload's offset; commit; finish when it is the last.
+        Its buffers count against ``client_ip``'s share of the pool (None: the daemon's
+        own work, e.g. the sweeper finishing an upload)."""
         info = lease.info
         room = self.max_size_bytes if info.length is None else info.length
         target = PatchTarget(
@@ -192,9 +196,12 @@ class TusService:
             content_type=info.content_type,
             metadata=info.object_metadata,
         )
+        buffers: Buffers = self.uploads.pool
+        if client_ip is not None:
+            buffers = self.uploads.buffers_for(client_ip)
         with transfer(self.uploads, info.id, info.key) as observer:
             return await self._write(
-                lease, info, target, chunks, declared_bytes, checksum, observer
+                lease, info, target, chunks, declared_bytes, checksum, observer, buffers
             )
 
     async def _write(
@@ -206,10 +213,11 @@ class TusService:
         declared_bytes: int | None,
         checksum: Checksum | None,
         observer: StreamObserver,
+        buffers: Buffers,
     ) -> UploadInfo:
         writer = PatchWriter(
             self.uploads.storage,
-            self.uploads.pool,
+            buffers,
             self.uploads.settings,
             target,
             resume_sha256(info.sha256_state, info.parts_bytes),
@@ -481,7 +489,9 @@ class TusService:
                         # PATCH that failed after setting a deferred length, or state from
                         # an older version): clients see offset == length and stop, so
                         # finish it as the empty PATCH the spec allows at that offset would.
-                        await self.write(lease, _no_bytes(), declared_bytes=0, checksum=None)
+                        await self.write(
+                            lease, _no_bytes(), declared_bytes=0, checksum=None, client_ip=None
+                        )
                     else:
                         await self.terminate(lease)
                         log.info("tus upload id=%s expired", upload_id)

@@ -1,16 +1,17 @@
 """One PATCH body -> parts of the upload's S3 multipart upload; the tail kept in S3.
 
-Like :class:`proxy.streaming.PartStreamer`, body chunks are copied into part buffers
-leased from the shared :class:`~proxy.buffers.BufferPool` (the daemon's memory bound), a
-full buffer becomes a part sent while the next fills (at most ``parts_in_flight`` per
-upload), and each part is hashed exactly once, in order, in a worker thread when
-``hash_in_thread``: the whole-upload SHA-256, the per-part checksum S3 verifies, and the
-PATCH's own ``Upload-Checksum``.  What differs for tus:
+Like :class:`proxy.streaming.PartStreamer`, body chunks are copied into parts
+(:class:`~proxy.buffers.PartBuffer`) whose memory is leased from the shared
+:class:`~proxy.buffers.BufferPool` (the daemon's memory bound) as bytes arrive, a full
+part is sent while the next fills (at most ``parts_in_flight`` per upload), and each
+part is hashed exactly once, in order, in a worker thread when ``hash_in_thread``: the
+whole-upload SHA-256, the per-part checksum S3 verifies, and the PATCH's own
+``Upload-Checksum``.  What differs for tus:
 
 * bytes received by earlier PATCHes after their last full part ("pending segments",
   small S3 objects) go in front of this PATCH's bytes.  Their room is kept at the start
-  of the first buffer and they are fetched only when that buffer becomes a part, so a
-  PATCH that does not fill a part costs a write of its own bytes, not a re-read;
+  of the first part and they are fetched only when that part is sent, so a PATCH that
+  does not fill a part costs a write of its own bytes, not a re-read;
 * the tail of a non-final PATCH is stored as a new pending segment instead of a part;
 * a failure does not abort the multipart upload: the parts that made it, in order, plus
   (when the body merely broke off) the tail, are what the caller commits, so a resumed
@@ -35,16 +36,15 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.buffers import BufferPool
+from proxy.buffers import Buffers, PartBuffer
 from proxy.errors import ObjectExists, ProxyError, StorageError, TooLarge
-from proxy.storage.base import PartChecksum, Storage
+from proxy.storage.base import PartChecksum, Pieces, Storage
 from proxy.streaming import (
     NullObserver,
     StreamObserver,
     StreamSettings,
-    admit,
+    lease,
     part_checksum,
-    release_view,
 )
 from proxy.tus_hash import Sha256
 from proxy.tus_state import LeaseLost, Part, Segment
@@ -96,7 +96,7 @@ class PatchWriter:
     def __init__(
         self,
         storage: Storage,
-        pool: BufferPool,
+        pool: Buffers,
         settings: StreamSettings,
         target: PatchTarget,
         sha256: Sha256,
@@ -115,8 +115,7 @@ class PatchWriter:
         self._checksum = checksum  # a hashlib object for Upload-Checksum, or None
         self._obs: StreamObserver = observer or NullObserver()
         self._pending_bytes = sum(s.size for s in target.pending)
-        self._buf: bytearray | None = None
-        self._filled = 0
+        self._buf: PartBuffer | None = None
         self._unloaded = 0  # bytes at the front of _buf still to be fetched from segments
         self._skip = 0  # bytes at the front of _buf that are not this PATCH's (checksum)
         self._next_number = target.parts_before + 1
@@ -135,6 +134,14 @@ class PatchWriter:
 
     # -- receiving ---------------------------------------------------------------------
 
+    def _new_part(self, declared_bytes: int | None, start: int = 0) -> PartBuffer:
+        """The next part (no memory yet), sized to what is left of a declared body."""
+        size = self._settings.part_size_bytes
+        if declared_bytes is not None:
+            parted = (self._next_number - self._t.parts_before - 1) * size
+            size = min(size, max(1, self._pending_bytes + declared_bytes - parted))
+        return PartBuffer(self._pool, size, start)
+
     async def run(self, chunks: AsyncIterator[bytes], declared_bytes: int | None) -> None:
         part = self._settings.part_size_bytes
         if self._pending_bytes >= part:
@@ -143,11 +150,11 @@ class PatchWriter:
                 "while this upload ran: raise it back to finish the upload",
                 code="ERR_PART_SIZE_CHANGED",
             )
-        first = part
-        if declared_bytes is not None:
-            first = min(part, self._pending_bytes + declared_bytes)
-        self._buf = await admit(self._pool, max(first, 1), self._settings)
-        self._filled = self._unloaded = self._skip = self._pending_bytes
+        # Memory is leased when bytes are in hand (the first byte also leases the room
+        # kept for the pending bytes), never ahead of them.
+        self._buf = self._new_part(declared_bytes, start=self._pending_bytes)
+        self._unloaded = self._skip = self._pending_bytes
+        admitted = False
         async for chunk in chunks:
             n = len(chunk)
             if not n:
@@ -159,25 +166,30 @@ class PatchWriter:
             view = memoryview(chunk)
             off = 0
             while off < n:
-                if self._filled == len(self._buf):
-                    # More bytes are coming, so this full buffer is not the last part.
+                if self._buf.full:
+                    # More bytes are coming, so this full part is not the last one.
                     await self._dispatch()
-                    self._buf = await self._pool.acquire()
-                take = min(n - off, len(self._buf) - self._filled)
-                self._buf[self._filled : self._filled + take] = view[off : off + take]
-                self._filled += take
-                off += take
+                    self._buf = self._new_part(declared_bytes)
+                if not self._buf.room:
+                    await lease(self._buf, self._settings, admission=not admitted)
+                    admitted = True
+                off += self._buf.write(view[off:])
+
+    @property
+    def _filled(self) -> int:
+        return 0 if self._buf is None else self._buf.filled
 
     async def _load_pending(self) -> None:
-        """Fetch the pending segments into the room kept for them at the buffer's start."""
+        """Fetch the pending segments into the room kept for them at the part's start."""
         assert self._buf is not None
+        await self._buf.cover()
         pos = 0
         for seg in self._t.pending:
             end = pos + seg.size
             async for chunk in self._storage.iter_object(seg.key, chunk_bytes=READ_CHUNK_BYTES):
                 if pos + len(chunk) > end:
                     raise StorageError(f"pending segment {seg.key} is larger than recorded")
-                self._buf[pos : pos + len(chunk)] = chunk
+                self._buf.write_at(pos, chunk)
                 pos += len(chunk)
             if pos != end:
                 raise StorageError(f"pending segment {seg.key} is shorter than recorded")
@@ -201,13 +213,13 @@ class PatchWriter:
             await asyncio.wait(self._tasks.values(), return_when=asyncio.FIRST_COMPLETED)
         if self._part_failed:
             self._raise_part_failure()
-        buf, filled, skip = self._buf, self._filled, self._skip
-        self._buf, self._filled, self._skip = None, 0, 0
+        buf, skip = self._buf, self._skip
+        self._buf, self._skip = None, 0
         number = self._next_number
         self._next_number += 1
         # Chain the hashes here, in dispatch order: each waits for the previous one.
         prev, self._last_hash = self._last_hash, self._loop.create_future()
-        task = asyncio.create_task(self._send(number, buf, filled, skip, prev, self._last_hash))
+        task = asyncio.create_task(self._send(number, buf, skip, prev, self._last_hash))
         self._tasks[number] = task
         task.add_done_callback(self._part_done)
 
@@ -226,45 +238,52 @@ class PatchWriter:
     async def _send(
         self,
         number: int,
-        buf: bytearray,
-        filled: int,
+        buf: PartBuffer,
         skip: int,
         prev: asyncio.Future[None] | None,
         mine: asyncio.Future[None],
     ) -> None:
-        data = memoryview(buf)[:filled]
+        views = buf.views()
         try:
             try:
                 if prev is not None:
                     await asyncio.shield(prev)
-                checksum, snapshot = await self._hash(data, skip)
+                checksum, snapshot = await self._hash(views, buf.views(skip))
             finally:
                 if not mine.done():
                     mine.set_result(None)
-            etag = await self._storage.upload_part(self._t.key, self._mpu, number, data, checksum)
-            self._done[number] = (Part(etag, filled), snapshot)
-            self._obs.stored(filled)
+            etag = await self._storage.upload_part(
+                self._t.key, self._mpu, number, Pieces.of(views), checksum
+            )
+            self._done[number] = (Part(etag, buf.filled), snapshot)
+            self._obs.stored(buf.filled)
         except BaseException:
             self._part_failed = True
             raise
         finally:
-            release_view(data)
-            self._pool.release(buf)
+            buf.release()
 
-    async def _hash(self, data: memoryview, skip: int) -> tuple[PartChecksum | None, Sha256]:
+    async def _hash(
+        self, views: list[memoryview], own: list[memoryview]
+    ) -> tuple[PartChecksum | None, Sha256]:
+        """Hash a part (``views``); ``own`` is its bytes that came with this PATCH."""
+
         def work() -> tuple[PartChecksum | None, Sha256, float]:
             t0 = time.perf_counter()
-            self._sha.update(data)
+            for view in views:
+                self._sha.update(view)
             if self._checksum is not None:
-                self._checksum.update(data[skip:])
-            cs = part_checksum(self._settings.part_checksum, data)
+                for view in own:
+                    self._checksum.update(view)
+            cs = part_checksum(self._settings.part_checksum, views)
             return cs, self._sha.copy(), time.perf_counter() - t0
 
-        if self._settings.hash_in_thread and len(data) >= 65536:
+        nbytes = sum(len(v) for v in views)
+        if self._settings.hash_in_thread and nbytes >= 65536:
             cs, snap, seconds = await self._loop.run_in_executor(None, work)
         else:
             cs, snap, seconds = work()
-        self._obs.hashed(len(data), seconds)
+        self._obs.hashed(nbytes, seconds)
         return cs, snap
 
     async def _settle(self) -> None:
@@ -294,14 +313,17 @@ class PatchWriter:
         if self._part_failed or len(self._done) != self._next_number - self._t.parts_before - 1:
             self._raise_part_failure()
         if self._checksum is not None and self._buf is not None and self._filled > self._skip:
-            tail = memoryview(self._buf)[self._skip : self._filled]
-            try:
-                if self._settings.hash_in_thread and len(tail) >= 65536:
-                    await self._loop.run_in_executor(None, self._checksum.update, tail)
-                else:
-                    self._checksum.update(tail)
-            finally:
-                release_view(tail)
+            tail = self._buf.views(self._skip)
+            checksum = self._checksum
+
+            def work() -> None:
+                for view in tail:
+                    checksum.update(view)
+
+            if self._settings.hash_in_thread and self._filled - self._skip >= 65536:
+                await self._loop.run_in_executor(None, work)
+            else:
+                work()
 
     def checksum_digest(self) -> bytes | None:
         return None if self._checksum is None else bytes(self._checksum.digest())
@@ -337,14 +359,15 @@ class PatchWriter:
             raise LeaseLost("the upload was taken over by another request")
         if self._unloaded:
             await self._load_pending()
-        buf, filled, skip = self._buf, self._filled, self._skip
-        self._buf, self._filled, self._skip = None, 0, 0
+        buf, skip = self._buf, self._skip
+        self._buf, self._skip = None, 0
+        filled = buf.filled
         number = self._next_number
         self._next_number += 1
         # A failure here is raised to commit / salvage directly: no part state to mark.
-        data = memoryview(buf)[:filled]
+        views = buf.views()
         try:
-            checksum, snapshot = await self._hash(data, skip)
+            checksum, snapshot = await self._hash(views, buf.views(skip))
             digest = snapshot.digest()
             # A fresh hash (no part before), so never the unsaveable kind; checked anyway.
             if digest is None:
@@ -353,7 +376,7 @@ class PatchWriter:
             try:
                 etag = await self._storage.put_object(
                     self._t.key,
-                    data,
+                    Pieces.of(views),
                     metadata=metadata,
                     content_type=self._t.content_type,
                     checksum=checksum,
@@ -362,8 +385,7 @@ class PatchWriter:
             except ObjectExists:
                 etag = await self._stored_before(filled, metadata)
         finally:
-            release_view(data)
-            self._pool.release(buf)
+            buf.release()
         self._done[number] = (Part(etag, filled), snapshot)
         self._obs.stored(filled)
 
@@ -411,15 +433,13 @@ class PatchWriter:
             # Upload offset of buf[start]: what precedes the buffer, then ``start``.
             offset = self._t.offset - self._pending_bytes + sum(p.size for p in parts) + start
             key = self._t.segment_key(offset)
-            view = memoryview(buf)[start : self._filled]
-            try:
-                await self._storage.put_conditional(key, view, if_none_match=True)
-            finally:
-                release_view(view)
+            await self._storage.put_conditional(
+                key, Pieces.of(buf.views(start)), if_none_match=True
+            )
             pending = (*pending, Segment(key, self._filled - start))
         return PatchResult(parts, snap or self._sha_start, pending, obsolete, self._mpu)
 
     def close(self) -> None:
         buf, self._buf = self._buf, None
         if buf is not None:
-            self._pool.release(buf)
+            buf.release()

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from proxy.app import Runtime, build_app
 from proxy.config import Config, from_dict
-from proxy.server import make_runner
+from proxy.server import Server, make_runner, start_site
 from proxy.storage.s3 import S3Storage
 from proxy.storage.seaweed import Credentials, EmbeddedSeaweed
 
@@ -148,10 +148,10 @@ async def start_proxy(seaweed: EmbeddedSeaweed, prefix: str) -> AsyncIterator[St
             app.on_cleanup.append(close_owned)
         runner = make_runner(app, config)
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
+        # Behind the same connection guard as the daemon's listeners.
+        site = await start_site(runner, "127.0.0.1", 0, config)
         runners.append(runner)
-        port = runner.addresses[0][1]
+        port = site.port
         return Proxy(f"http://127.0.0.1:{port}", "127.0.0.1", port, runtime, config, prefix)
 
     yield start
@@ -162,11 +162,9 @@ async def start_proxy(seaweed: EmbeddedSeaweed, prefix: str) -> AsyncIterator[St
 @contextlib.asynccontextmanager
 async def serving(
     sw: EmbeddedSeaweed, prefix: str, **sections: dict[str, Any]
-) -> AsyncIterator[Any]:
-    """The whole :class:`proxy.server.Server` (main and ``metrics_listen`` listeners), on
-    the test config with ``sections`` over it, until the block ends."""
-    from proxy.server import Server
-
+) -> AsyncIterator[Server]:
+    """The whole :class:`Server` (main and ``metrics_listen`` listeners, as the daemon runs
+    it) in this process, on the test config with ``sections`` over it, until the block ends."""
     config = make_config(sw, prefix, **sections)
     async with s3_for(sw) as storage:
         server = Server(config, Runtime(config, storage=storage))
@@ -178,6 +176,19 @@ async def serving(
         finally:
             server.request_stop()
             await task
+
+
+async def wait_up(url: str, timeout_s: float = 30) -> None:
+    """Poll ``url``/healthz until it answers 200."""
+    async with asyncio.timeout(timeout_s), aiohttp.ClientSession() as s:
+        while True:
+            try:
+                async with s.get(f"{url}/healthz") as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.05)
 
 
 async def assert_nothing_left(s3: S3Storage, prefix: str) -> None:

@@ -6,7 +6,22 @@ import asyncio
 import hashlib
 from datetime import UTC, datetime
 
-from proxy.storage.base import Body, CompletedPart, ObjectInfo, OpenMultipart, PartChecksum
+from proxy.storage.base import (
+    Body,
+    CompletedPart,
+    ObjectInfo,
+    OpenMultipart,
+    PartChecksum,
+    Pieces,
+)
+
+
+def sha256_of(body: Body) -> bytes:
+    """SHA-256 of a body, also when it comes in pieces (no join)."""
+    h = hashlib.sha256()
+    for piece in body.views if isinstance(body, Pieces) else (body,):
+        h.update(piece)
+    return h.digest()
 
 
 class GatedStorage:
@@ -59,7 +74,7 @@ class GatedStorage:
         try:
             await self.gate.wait()
             await asyncio.sleep(0)
-            self.parts[upload_id][number] = (len(body), hashlib.sha256(body).digest())
+            self.parts[upload_id][number] = (len(body), sha256_of(body))
         finally:
             self.sending -= 1
         return f"e{number}"

@@ -10,7 +10,16 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.limits import ClientInfo, ContentPolicy, NotAllowed, UploadSlots, client_info
+from proxy.limits import (
+    BodyPace,
+    ClientInfo,
+    ClientLimit,
+    ContentPolicy,
+    NotAllowed,
+    UploadSlots,
+    client_group,
+    client_info,
+)
 from tests.conftest import MiB, StartProxy, assert_nothing_left
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("10.0.0.0/8"))
@@ -193,3 +202,70 @@ async def test_oversized_header_gets_431(start_proxy: StartProxy) -> None:
         assert "2048" in await r.text()
     status, _ = await upload(f"{p.url}/uploads/h", b"x", {"X-Big": "v" * 1024})
     assert status == 201
+
+
+@pytest.mark.parametrize(
+    ("ip", "group"),
+    [
+        ("198.51.100.7", "198.51.100.7"),
+        ("::ffff:198.51.100.7", "198.51.100.7"),  # IPv4-mapped: the IPv4 client
+        ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::/64"),
+        ("2001:db8:1:3::1", "2001:db8:1:3::/64"),
+        ("unknown", "unknown"),
+    ],
+)
+def test_client_group(ip: str, group: str) -> None:
+    assert client_group(ip) == group
+
+
+async def test_slots_count_an_ipv6_64_as_one_client() -> None:
+    """One subscriber owns a whole /64: a new source address is not a new client."""
+    slots = UploadSlots(total=10, per_client=1)
+    with slots.hold("2001:db8:1:2::1"):
+        with pytest.raises(ClientLimit):
+            slots.check("2001:db8:1:2::2")
+        slots.check("2001:db8:1:3::1")  # another /64 is another client
+    with slots.hold("198.51.100.7"), pytest.raises(ClientLimit):
+        slots.check("::ffff:198.51.100.7")
+
+
+def test_pace_allows_the_grace_then_needs_the_rate() -> None:
+    pace = BodyPace(min_bytes_per_s=100, grace_s=10)
+    assert pace.allowance_s() == 10  # nothing is asked during the grace
+    pace.record(4, 0)
+    assert pace.allowance_s() == 6
+    pace.record(6, 0)  # a whole grace without a byte
+    assert pace.allowance_s() == 0
+
+
+def test_pace_is_a_sliding_window() -> None:
+    pace = BodyPace(min_bytes_per_s=100, grace_s=10)
+    pace.record(2, 600)  # at 2 s
+    pace.record(3, 600)  # at 5 s: 1200 bytes, 1000 needed per 10 s
+    # The first 600 leave the window at 12 s (12.5: dated at the end of their half-second
+    # bucket); the 600 left are too few from then on.
+    assert pace.allowance_s() == pytest.approx(7.5)
+    pace.record(7.5, 0)
+    assert pace.allowance_s() == 0
+
+
+def test_pace_a_trickle_does_not_keep_a_burst_in_the_window() -> None:
+    pace = BodyPace(min_bytes_per_s=100, grace_s=10)
+    pace.record(0.1, 10_000)  # a burst, then a byte every 0.2 s
+    for _ in range(100):
+        if pace.allowance_s() <= 0:
+            break
+        pace.record(0.2, 1)
+    assert pace.allowance_s() == 0 and pace.waited_s < 11
+    fast = BodyPace(min_bytes_per_s=100, grace_s=10)
+    for _ in range(30):  # 1 s, 150 bytes, for 30 s: always above the minimum
+        fast.record(1, 150)
+        assert fast.allowance_s() > 0
+    assert len(fast._recent) <= 11  # old arrivals are forgotten
+
+
+def test_pace_off() -> None:
+    pace = BodyPace(min_bytes_per_s=0, grace_s=10)
+    pace.record(1000, 0)
+    assert pace.allowance_s() == float("inf")

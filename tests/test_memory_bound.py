@@ -15,7 +15,7 @@ import pytest
 
 from proxy.storage.seaweed import EmbeddedSeaweed, free_port
 
-from conftest import BUCKET, MiB
+from conftest import BUCKET, MiB, wait_up
 
 pytestmark = pytest.mark.slow
 
@@ -31,6 +31,9 @@ listen = "127.0.0.1:{port}"
 key_prefix = "rss/"
 overwrite = true
 memory_budget = "64MiB"
+[limits]
+# The burst below comes from one address; let it fill the pool, not just one client's share.
+max_buffer_bytes_per_client = "64MiB"
 [auth]
 mode = "none"
 [storage]
@@ -54,18 +57,6 @@ endpoint_url = "{seaweed.endpoint_url}"
     finally:
         proc.terminate()
         proc.wait(30)
-
-
-async def wait_up(url: str) -> None:
-    async with asyncio.timeout(30), aiohttp.ClientSession() as s:
-        while True:
-            try:
-                async with s.get(f"{url}/healthz") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.2)
 
 
 async def upload_measuring(url: str, key: str, size: int, proc: psutil.Process) -> int:

@@ -9,12 +9,40 @@ translates its own failures into :mod:`proxy.errors` at this boundary
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol, TypeAlias
 
-Body: TypeAlias = bytes | bytearray | memoryview
+
+class Pieces:
+    """A body held in several buffers, to be sent in order and never joined: a part
+    lives in a head and the rest of the part (see :mod:`proxy.buffers`)."""
+
+    __slots__ = ("_nbytes", "views")
+
+    def __init__(self, views: Sequence[memoryview]) -> None:
+        self.views = tuple(views)
+        self._nbytes = sum(len(v) for v in self.views)
+
+    @staticmethod
+    def of(views: Sequence[memoryview]) -> Body:
+        """The simplest body for ``views``: one view as it is, several as Pieces."""
+        if len(views) == 1:
+            return views[0]
+        return Pieces(views) if views else b""
+
+    def __len__(self) -> int:
+        return self._nbytes
+
+    def __iter__(self) -> Iterator[memoryview]:
+        return iter(self.views)
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.views)
+
+
+Body: TypeAlias = bytes | bytearray | memoryview | Pieces
 
 # Called after every storage operation: (operation, seconds, error code or None).
 # Operation names are a small fixed set, so they are safe as a metrics label.

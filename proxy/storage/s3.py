@@ -48,6 +48,7 @@ from proxy.storage.base import (
     OpenMultipart,
     OpObserver,
     PartChecksum,
+    Pieces,
 )
 
 log = logging.getLogger(__name__)
@@ -81,16 +82,22 @@ class _PartBody:
     Python < 3.12.9 it does that with ``b"".join``, which copies the whole part
     (8 MiB per part: one extra part of RSS per part in flight, and the CPU of the
     copy and its page faults).  :class:`_PartPayload` writes one byte first, so the
-    join is tiny, then hands the rest to the transport as a memoryview.
+    join is tiny, then hands the rest to the transport as memoryviews, one per piece
+    of the part (:class:`~proxy.storage.base.Pieces`).
     """
 
-    __slots__ = ("view",)
+    __slots__ = ("_nbytes", "views")
 
     def __init__(self, body: Body) -> None:
-        self.view = memoryview(body).cast("B")
+        pieces = body.views if isinstance(body, Pieces) else (body,)
+        self.views = tuple(memoryview(p).cast("B") for p in pieces)
+        self._nbytes = sum(len(v) for v in self.views)
 
     def __len__(self) -> int:
-        return len(self.view)
+        return self._nbytes
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.views)
 
 
 class _PartPayload(aiohttp.payload.Payload):
@@ -102,22 +109,25 @@ class _PartPayload(aiohttp.payload.Payload):
         self._size = len(value)
 
     def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
-        return bytes(self._value.view).decode(encoding, errors)
+        return bytes(self._value).decode(encoding, errors)
 
     async def as_bytes(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
-        return bytes(self._value.view)
+        return bytes(self._value)
 
     async def write(self, writer: Any) -> None:
         await self.write_with_length(writer, None)
 
     async def write_with_length(self, writer: Any, content_length: int | None) -> None:
-        view = self._value.view
-        if content_length is not None:
-            view = view[:content_length]
-        if len(view) > 1:
-            await writer.write(view[:1])
-            view = view[1:]
-        await writer.write(view)
+        left = len(self._value) if content_length is None else content_length
+        for i, view in enumerate(v for v in self._value.views if v):
+            if left <= 0:
+                return
+            view = view[:left]
+            left -= len(view)
+            if i == 0 and len(view) > 1:
+                await writer.write(view[:1])
+                view = view[1:]
+            await writer.write(view)
 
 
 aiohttp.payload.PAYLOAD_REGISTRY.register(_PartPayload, _PartBody)
@@ -545,7 +555,11 @@ class S3Storage:
             r = await self._call(
                 "put_object",
                 lambda: self._client.put_object(
-                    Bucket=self.bucket, Key=key, Body=body, ContentLength=len(body), **extra
+                    Bucket=self.bucket,
+                    Key=key,
+                    Body=_PartBody(body),
+                    ContentLength=len(body),
+                    **extra,
                 ),
             )
         except ObjectExists as e:

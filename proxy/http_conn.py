@@ -1,0 +1,219 @@
+"""Connection limits for every listener: a header deadline and a cap on open connections.
+
+aiohttp has neither.  Its keep-alive timer (``keepalive_timeout``, set from
+``server.keepalive_timeout_s``) runs from the end of each response until the next
+request's headers are parsed, so it already closes idle kept-alive connections and
+connections that trickle the headers of a *later* request (tests/test_connections.py
+pins that).  It does not bound the *first* request of a connection on the aiohttp
+versions we accept: a connection that sends nothing, or trickles header lines, stays
+open for as long as the peer likes.  :class:`GuardedSite` wraps the protocol aiohttp
+makes for each connection so that:
+
+* a connection whose first request's headers (up to the empty line that ends them) are
+  not complete within ``header_timeout_s`` of its accept is closed, with a 408
+  ``ERR_HEADER_TIMEOUT`` answer when it sent anything;
+* at most ``max_connections`` are open per listener: one more is answered 503
+  ``ERR_TOO_MANY_CONNECTIONS`` and closed before aiohttp sees it.
+
+Why a protocol wrapper: aiohttp has no hook for either.  ``web.BaseSite`` is its public
+base for custom sites, and the wrapper only forwards ``asyncio.Protocol`` calls, so no
+private aiohttp attribute is touched (the attributes used are ``BaseSite``'s own, as
+in its subclasses).  Once the first request's headers are in, the wrapper is a
+pass-through: it never ends a connection that is streaming a body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import json
+import logging
+import re
+from collections.abc import Callable
+from typing import cast
+
+from aiohttp import web
+from yarl import URL
+
+from proxy.errors import HeaderTimeout, ProxyError, TooManyConnections
+
+log = logging.getLogger(__name__)
+
+# The empty line ending the headers: CRLF CRLF, or bare LFs as lenient parsers accept.
+_HEADERS_END = re.compile(rb"\n\r?\n")
+_RETRY_AFTER_S = 1
+
+
+class ConnectionGuard:
+    """One listener's connection count and header deadline, with counters for metrics."""
+
+    def __init__(self, header_timeout_s: float, max_connections: int) -> None:
+        if header_timeout_s <= 0 or max_connections < 1:
+            raise ValueError("header_timeout_s must be > 0 and max_connections >= 1")
+        self.header_timeout_s = header_timeout_s
+        self.max_connections = max_connections
+        self.open = 0
+        self.refused_total = 0
+        self.header_timeouts_total = 0
+
+    def wrap(self, factory: Callable[[], asyncio.BaseProtocol]) -> Callable[[], asyncio.Protocol]:
+        """A protocol factory for ``loop.create_server`` that guards ``factory``'s protocols."""
+        return lambda: _Guarded(self, factory)
+
+
+def raw_error(transport: asyncio.Transport, error: ProxyError) -> None:
+    """Answer ``error`` as JSON and close, on a connection aiohttp has not answered on."""
+    body = json.dumps(error.to_json()).encode()
+    headers = {
+        "Content-Type": "application/json; charset=utf-8",
+        "Content-Length": str(len(body)),
+        "Connection": "close",
+        **error.headers,
+    }
+    head = f"HTTP/1.1 {error.status} {http.HTTPStatus(error.status).phrase}\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+    transport.write(head.encode() + body)
+    transport.close()
+
+
+class _Guarded(asyncio.Protocol):
+    """Forwards every call to aiohttp's protocol; watches the first request's headers."""
+
+    def __init__(self, guard: ConnectionGuard, factory: Callable[[], asyncio.BaseProtocol]) -> None:
+        self._guard = guard
+        self._factory = factory
+        self._inner: asyncio.Protocol | None = None
+        # uvloop's transports are not asyncio.Transport subclasses, only alike: cast.
+        self._transport: asyncio.Transport | None = None
+        self._deadline: asyncio.TimerHandle | None = None
+        self._sent_something = False
+        self._tail = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        guard = self._guard
+        if guard.open >= guard.max_connections:
+            guard.refused_total += 1
+            log.debug("refused a connection: %d open", guard.open)
+            raw_error(
+                self._transport,
+                TooManyConnections(
+                    "too many open connections; retry shortly",
+                    headers={"Retry-After": str(_RETRY_AFTER_S)},
+                ),
+            )
+            return
+        guard.open += 1
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.call_later(guard.header_timeout_s, self._headers_late)
+        inner = self._factory()
+        assert isinstance(inner, asyncio.Protocol)
+        self._inner = inner
+        inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self._deadline is not None:
+            self._watch(data)
+        if self._inner is not None:
+            self._inner.data_received(data)
+
+    def _watch(self, data: bytes) -> None:
+        if not self._sent_something:
+            # Empty lines before the request line are allowed (RFC 9112 2.2): not an end.
+            data = data.lstrip(b"\r\n")
+            if not data:
+                return
+            self._sent_something = True
+        # The end may straddle two reads: look at the seam, then at the new bytes alone
+        # (no copy of a large first read that carries body bytes too).
+        if _HEADERS_END.search(self._tail + data[:2]) or _HEADERS_END.search(data):
+            self._deadline.cancel()  # type: ignore[union-attr]
+            self._deadline = None
+            self._tail = b""
+        else:
+            self._tail = data[-2:]
+
+    def _headers_late(self) -> None:
+        self._deadline = None
+        self._guard.header_timeouts_total += 1
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        log.debug("closed a connection: no complete request headers in time")
+        if self._sent_something:
+            raw_error(
+                transport,
+                HeaderTimeout(
+                    f"the request headers were not complete within "
+                    f"{self._guard.header_timeout_s:g}s"
+                ),
+            )
+        else:
+            transport.close()
+
+    def eof_received(self) -> bool | None:
+        return None if self._inner is None else self._inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        if self._inner is not None:
+            self._guard.open -= 1
+            self._inner.connection_lost(exc)
+            self._inner = None
+
+    def pause_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.resume_writing()
+
+
+class GuardedSite(web.BaseSite):
+    """A TCP site (like ``web.TCPSite``) whose connections pass a :class:`ConnectionGuard`."""
+
+    __slots__ = ("_bound_port", "_guard", "_host", "_port")
+
+    def __init__(
+        self, runner: web.BaseRunner, host: str, port: int, guard: ConnectionGuard
+    ) -> None:
+        super().__init__(runner)
+        self._host = host
+        self._port = port
+        self._guard = guard
+        self._bound_port: int | None = None
+
+    @property
+    def guard(self) -> ConnectionGuard:
+        return self._guard
+
+    @property
+    def port(self) -> int:
+        """The port bound (``port`` may have been 0), once started."""
+        return self._port if self._bound_port is None else self._bound_port
+
+    @property
+    def name(self) -> str:
+        return str(URL.build(scheme="http", host=self._host, port=self.port))
+
+    async def start(self) -> None:
+        await super().start()
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            self._guard.wrap(server),
+            self._host,
+            self._port,
+            backlog=self._backlog,
+            reuse_address=True,
+        )
+        if self._server.sockets:
+            self._bound_port = int(self._server.sockets[0].getsockname()[1])
+
+    def stop_listening(self) -> None:
+        """Close the listening socket only: open connections carry on (the drain)."""
+        if self._server is not None:
+            self._server.close()
