@@ -11,6 +11,11 @@ taken, and an S3 port it cannot bind makes it exit while whatever holds the port
 keeps answering.  So every port is checked before the start (a taken configured
 port stops us with a message naming it), and the store counts as started only
 once *its own process* listens on exactly the ports we gave it.
+
+Its internal ports require the credentials written by
+:mod:`proxy.storage.seaweed_security` (JWT on HTTP, mutual TLS on gRPC); its data
+dir is 0700 and it runs with umask 077, so other local users can neither reach its
+data through the ports nor read its files.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from pathlib import Path
 import psutil
 
 from proxy.errors import StartupError
+from proxy.storage.seaweed_security import write_security_config
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +118,7 @@ def load_or_create_credentials(data_dir: Path) -> Credentials:
     if path.exists():
         raw = json.loads(path.read_text())
         return Credentials(raw["access_key"], raw["secret_key"])
-    data_dir.mkdir(parents=True, exist_ok=True)
+    make_private_dir(data_dir)
     creds = Credentials("proxy" + secrets.token_hex(8), secrets.token_urlsafe(30))
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -120,7 +126,17 @@ def load_or_create_credentials(data_dir: Path) -> Credentials:
     return creds
 
 
-def _die_with_parent() -> None:
+def make_private_dir(path: Path) -> None:
+    """Create ``path`` (and parents) with the store's data dir mode, 0700; tighten it
+    if it exists (a data dir made by an older version was world-readable)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.chmod(0o700)
+
+
+def _child_setup() -> None:
+    # Files and sockets weed creates are its own: nobody else may read the data or
+    # connect to its unix sockets (it puts some in /tmp).
+    os.umask(0o077)
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -202,9 +218,11 @@ class EmbeddedSeaweed:
             ports[f"{name}.port.grpc"] = port + GRPC_PORT_OFFSET
         return ports
 
-    def _argv(self) -> list[str]:
+    def _argv(self, config_dir: Path) -> list[str]:
         argv = [
             self._weed,
+            # Where security.toml is looked for first (before ., ~/.seaweedfs, /etc/seaweedfs).
+            f"-config_dir={config_dir}",
             "mini",
             f"-dir={self.data_dir}",
             f"-ip={self.host}",
@@ -215,27 +233,37 @@ class EmbeddedSeaweed:
             "-s3.port.lance=0",
             "-webdav=false",
             "-admin.ui=false",
+            # The master's and the filer's HTTP APIs: S3 needs neither (it talks gRPC
+            # to them and HTTP to the volume server only), and the master's would hand
+            # a volume-write token to anyone who asks.
+            "-disableHttp",
         ]
         return argv + [f"-{flag}={port}" for flag, port in self.ports.items()]
 
-    async def start(self, timeout_s: float = 60.0) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.ports = self._plan_ports()
-        env = dict(os.environ)
+    def _child_env(self) -> dict[str, str]:
+        # WEED_* variables override security.toml; the store is configured by us alone.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("WEED_")}
         env["AWS_ACCESS_KEY_ID"] = self.credentials.access_key
         env["AWS_SECRET_ACCESS_KEY"] = self.credentials.secret_key
-        with self.log_path.open("ab") as logf:
+        return env
+
+    async def start(self, timeout_s: float = 60.0) -> None:
+        make_private_dir(self.data_dir)
+        config_dir = write_security_config(self.data_dir)
+        self.ports = self._plan_ports()
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "ab") as logf:
             self._proc = await asyncio.create_subprocess_exec(
-                *self._argv(),
+                *self._argv(config_dir),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=logf,
                 stderr=logf,
-                env=env,
+                env=self._child_env(),
                 cwd=self.data_dir,
                 # Its own session: a Ctrl-C in a terminal (SIGINT to the foreground
                 # process group) reaches only us; we stop the store after the drain.
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=_child_setup,
             )
         log.info("started SeaweedFS (pid %d) for S3 on %s", self._proc.pid, self.endpoint_url)
         try:
