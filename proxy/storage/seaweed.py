@@ -38,7 +38,7 @@ from pathlib import Path
 import psutil
 
 from proxy.errors import StartupError
-from proxy.storage.seaweed_security import write_security_config
+from proxy.storage.seaweed_security import SECURITY_DIR
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +249,7 @@ class EmbeddedSeaweed:
 
     async def start(self, timeout_s: float = 60.0) -> None:
         make_private_dir(self.data_dir)
-        config_dir = write_security_config(self.data_dir)
+        config_dir = await self._write_security_config()
         self.ports = self._plan_ports()
         fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         with os.fdopen(fd, "ab") as logf:
@@ -279,6 +279,23 @@ class EmbeddedSeaweed:
         except BaseException:
             await self.stop()
             raise
+
+    async def _write_security_config(self) -> Path:
+        """Fresh keys and certificates, written by a child (see seaweed_security)."""
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "proxy.storage.seaweed_security",
+            str(self.data_dir),
+            stdin=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await proc.communicate()
+        if proc.returncode != 0:
+            raise StoreStartError(
+                "could not write SeaweedFS's security.toml: " + err.decode(errors="replace")
+            )
+        return self.data_dir / SECURITY_DIR
 
     def _describe(self, ports: set[int]) -> str:
         names = {port: flag for flag, port in self.ports.items()}

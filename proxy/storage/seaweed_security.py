@@ -18,6 +18,10 @@ fresh ``security.toml`` (SeaweedFS's own mechanism, read by every component) int
 Keys are regenerated at every start: they only ever authenticate the store's
 components to one another within one run (JWTs live 10 s), so nothing persisted
 depends on them and a leaked file is worthless after a restart.
+
+The daemon runs this module as a child (``python -m proxy.storage.seaweed_security
+DIR``): importing ``cryptography`` costs ~9 MiB of RSS that a long-running daemon
+would keep for a job done once per start.
 """
 
 from __future__ import annotations
@@ -26,13 +30,8 @@ import datetime
 import ipaddress
 import os
 import secrets
+import sys
 from pathlib import Path
-
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID as EKU
-from cryptography.x509.oid import NameOID
 
 SECURITY_DIR = "security"
 CA_CERT = "ca.crt"
@@ -58,6 +57,12 @@ def _write_private(path: Path, data: bytes) -> None:
 
 def _certificates() -> tuple[bytes, bytes, bytes]:
     """(CA certificate, leaf certificate, leaf key), PEM; the CA key is dropped."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID as EKU
+    from cryptography.x509.oid import NameOID
+
     now = datetime.datetime.now(datetime.UTC)
     not_before, not_after = now - datetime.timedelta(hours=1), now + _CERT_LIFETIME
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -144,3 +149,7 @@ def write_security_config(data_dir: Path) -> Path:
         ]
     _write_private(directory / "security.toml", "\n".join(lines).encode())
     return directory
+
+
+if __name__ == "__main__":
+    write_security_config(Path(sys.argv[1]))
