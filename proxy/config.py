@@ -107,6 +107,8 @@ class EmbeddedConfig:
     s3_port: int = 8333
     weed_binary: str = ""
     start_timeout_s: float = 60.0
+    # GOMEMLIMIT for weed; None: Go's default (no limit).
+    memory_limit_bytes: int | None = 256 * MiB
 
 
 @dataclass(frozen=True)
@@ -368,8 +370,14 @@ def _embedded(r: _Reader, base: Path) -> EmbeddedConfig:
         s3_port=r.positive("s3_port", int, d.s3_port),
         weed_binary=r.get("weed_binary", str, d.weed_binary),
         start_timeout_s=r.positive("start_timeout_s", float, d.start_timeout_s),
+        memory_limit_bytes=r.size("memory_limit", d.memory_limit_bytes or 0) or None,
     )
     r.check(cfg.s3_port < 55536, "s3_port", "must be < 55536 (SeaweedFS adds 10000 for gRPC)")
+    r.check(
+        cfg.memory_limit_bytes is None or cfg.memory_limit_bytes >= 64 * MiB,
+        "memory_limit",
+        f"must be 0 (no limit) or at least 64MiB; got {cfg.memory_limit_bytes}",
+    )
     r.finish()
     return cfg
 

@@ -24,7 +24,7 @@ from proxy import __version__
 from proxy.buffers import BufferPool
 from proxy.errors import ProxyError
 from proxy.http_upload import UploadHooks
-from proxy.memory import Level, MemoryMonitor
+from proxy.memory import FIGURES, Level, MemoryMonitor
 from proxy.metrics import Metrics
 from proxy.storage.base import Storage
 from proxy.streaming import StreamObserver, StreamResult
@@ -155,7 +155,11 @@ async def metrics(request: web.Request) -> web.Response:
 async def status(request: web.Request) -> web.Response:
     ops = request.app[OPS]
     state = ops.memory.state
-    memory = asdict(state) | {"level": state.level.label, "used_ratio": round(state.used_ratio, 4)}
+    memory = asdict(state) | {
+        "level": state.level.label,
+        "used_ratio": round(state.used_ratio, 4),
+        "figures": FIGURES,
+    }
     uploads = []
     for u in ops.metrics.active():
         age = u.age_s()
