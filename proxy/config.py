@@ -171,10 +171,17 @@ class TusConfig:
     base_path: str = "/files/"
     state_prefix: str = ".tus/"
     expire_after_s: float = 86400.0
+    max_lifetime_s: float = 7 * 86400.0
     sweep_interval_s: float = 600.0
     lock_lease_s: float = 30.0
     cors_allow_origins: tuple[str, ...] = ()
     cors_max_age_s: int = 86400
+
+    def expiry_s(self, created_s: float, active_s: float) -> float:
+        """When an unfinished upload expires: ``expire_after_s`` after its last sign of
+        life (``active_s``), but never later than ``max_lifetime_s`` after its creation,
+        whatever the activity (S3 lifecycle rules count from the creation too)."""
+        return min(active_s + self.expire_after_s, created_s + self.max_lifetime_s)
 
 
 @dataclass(frozen=True)
@@ -555,6 +562,7 @@ def _tus(r: _Reader) -> TusConfig:
         base_path=r.get("base_path", str, d.base_path),
         state_prefix=r.get("state_prefix", str, d.state_prefix),
         expire_after_s=r.positive("expire_after_s", float, d.expire_after_s),
+        max_lifetime_s=r.positive("max_lifetime_s", float, d.max_lifetime_s),
         sweep_interval_s=r.positive("sweep_interval_s", float, d.sweep_interval_s, allow_zero=True),
         lock_lease_s=r.positive("lock_lease_s", float, d.lock_lease_s),
         cors_allow_origins=tuple(str(o) for o in origins),
