@@ -29,14 +29,16 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python -m proxy -c $(CONFIG)
 
-## System packages the tests run for real: nginx (in front of the proxy), systemd-analyze
-## (unit checks) and promtool (Debian's prometheus package: metrics, rules, dashboard checks).
+## System packages the tests run for real: nginx (in front of the proxy), openssl (the
+## nginx tests' self-signed certificate), systemd-analyze (unit checks) and promtool
+## (Debian's prometheus package: metrics, rules, dashboard checks).
 ## Installed with apt when missing and we are root; otherwise the tests that need them say
 ## so and skip.  On a machine with systemd the prometheus package also enables a local
 ## Prometheus service; containers and CI runners do not start it.
 test-deps:
 	@missing=""; \
 	command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing="$$missing nginx"; \
+	command -v openssl >/dev/null 2>&1 || missing="$$missing openssl"; \
 	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
 	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \

@@ -21,6 +21,7 @@ import prometheus_client
 from proxy import __version__
 from proxy.client.cli import add_parser as add_upload_parser
 from proxy.config import Config, ConfigError, LoggingConfig, load, parse_size
+from proxy.errors import StartupError
 
 EX_CONFIG = 78
 
@@ -170,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         runner(Server(config, notifier=Notifier.from_environ()).serve())
+    except StartupError as e:
+        # The message says what to change; a traceback would only bury it.
+        logging.getLogger(__name__).error("cannot start: %s", e)
+        return 1
     except Exception:
         logging.getLogger(__name__).exception("fatal error")
         return 1

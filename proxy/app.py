@@ -123,6 +123,7 @@ async def open_storage(config: Config) -> tuple[S3Storage, EmbeddedSeaweed | Non
             credentials=creds,
             s3_port=sc.embedded.s3_port,
             weed_binary=sc.embedded.weed_binary,
+            memory_limit_bytes=sc.embedded.memory_limit_bytes,
         )
         await embedded.start(sc.embedded.start_timeout_s)
         endpoint, access, secret = embedded.endpoint_url, creds.access_key, creds.secret_key
@@ -178,6 +179,9 @@ async def _storage_ctx(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        # The first context in, so the last out: the drain and its aborts, the sweepers
+        # and the other contexts are done before the store goes (systemd's KillMode=mixed
+        # leaves stopping it to us).
         if owned is not None:
             await owned.close()
             rt.storage = None

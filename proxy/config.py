@@ -110,6 +110,8 @@ class EmbeddedConfig:
     s3_port: int = 8333
     weed_binary: str = ""
     start_timeout_s: float = 60.0
+    # GOMEMLIMIT for weed; None: Go's default (no limit).
+    memory_limit_bytes: int | None = 256 * MiB
 
 
 @dataclass(frozen=True)
@@ -188,11 +190,18 @@ class TusConfig:
     base_path: str = "/files/"
     state_prefix: str = ".tus/"
     expire_after_s: float = 86400.0
+    max_lifetime_s: float = 7 * 86400.0
     sweep_interval_s: float = 600.0
     lock_lease_s: float = 30.0
     cors_allow_origins: tuple[str, ...] = ()
     cors_max_age_s: int = 86400
     max_unfinished_per_principal: int = 20  # 0: no cap
+
+    def expiry_s(self, created_s: float, active_s: float) -> float:
+        """When an unfinished upload expires: ``expire_after_s`` after its last sign of
+        life (``active_s``), but never later than ``max_lifetime_s`` after its creation,
+        whatever the activity (S3 lifecycle rules count from the creation too)."""
+        return min(active_s + self.expire_after_s, created_s + self.max_lifetime_s)
 
 
 @dataclass(frozen=True)
@@ -391,8 +400,14 @@ def _embedded(r: _Reader, base: Path) -> EmbeddedConfig:
         s3_port=r.positive("s3_port", int, d.s3_port),
         weed_binary=r.get("weed_binary", str, d.weed_binary),
         start_timeout_s=r.positive("start_timeout_s", float, d.start_timeout_s),
+        memory_limit_bytes=r.size("memory_limit", d.memory_limit_bytes or 0) or None,
     )
     r.check(cfg.s3_port < 55536, "s3_port", "must be < 55536 (SeaweedFS adds 10000 for gRPC)")
+    r.check(
+        cfg.memory_limit_bytes is None or cfg.memory_limit_bytes >= 64 * MiB,
+        "memory_limit",
+        f"must be 0 (no limit) or at least 64MiB; got {cfg.memory_limit_bytes}",
+    )
     r.finish()
     return cfg
 
@@ -600,6 +615,7 @@ def _tus(r: _Reader) -> TusConfig:
         base_path=r.get("base_path", str, d.base_path),
         state_prefix=r.get("state_prefix", str, d.state_prefix),
         expire_after_s=r.positive("expire_after_s", float, d.expire_after_s),
+        max_lifetime_s=r.positive("max_lifetime_s", float, d.max_lifetime_s),
         sweep_interval_s=r.positive("sweep_interval_s", float, d.sweep_interval_s, allow_zero=True),
         lock_lease_s=r.positive("lock_lease_s", float, d.lock_lease_s),
         cors_allow_origins=tuple(str(o) for o in origins),

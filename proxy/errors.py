@@ -198,3 +198,8 @@ class Locked(ProxyError):
     code = "ERR_LOCKED"
     status = 423
     reason = "locked"
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message tells the operator why and what to change
+    (e.g. the port and the config key).  ``python -m proxy`` prints it and exits 1."""

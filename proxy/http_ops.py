@@ -30,7 +30,7 @@ from proxy.auth import TokenSet, Unauthorized, bearer_token
 from proxy.buffers import BufferPool
 from proxy.errors import ProxyError
 from proxy.http_upload import UploadHooks
-from proxy.memory import Level, MemoryMonitor
+from proxy.memory import FIGURES, Level, MemoryMonitor
 from proxy.metrics import Metrics
 from proxy.responses import hide_server_banner
 from proxy.storage.base import Storage
@@ -196,7 +196,11 @@ async def status(request: web.Request) -> web.Response:
     ops = request.app[OPS]
     operator = _operator(request)
     state = ops.memory.state
-    memory = asdict(state) | {"level": state.level.label, "used_ratio": round(state.used_ratio, 4)}
+    memory = asdict(state) | {
+        "level": state.level.label,
+        "used_ratio": round(state.used_ratio, 4),
+        "figures": FIGURES,
+    }
     active = ops.metrics.active()
     in_flight = {
         "uploads": len(active),

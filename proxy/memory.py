@@ -7,6 +7,11 @@ it constrains (RSS, the cgroup's working set, the machine's used memory); the
 pressure level comes from whichever pair is closest to its limit, so a machine that
 runs out because of *other* processes also makes us stop taking new uploads.
 
+What each figure counts matters with the embedded store, which is a child process:
+RSS is this daemon's alone, while the cgroup (under systemd, the service's) holds the
+daemon *and* the embedded SeaweedFS, whose memory MemoryMax= has to cover too.
+:data:`FIGURES` says so in words and ``/status`` shows it next to the numbers.
+
 Only new uploads are refused at critical: a running upload's memory is already
 bounded by the buffer pool, and cutting it off would waste the bytes it has sent.
 The declared size of an upload never matters here: memory does not grow with it.
@@ -34,6 +39,27 @@ from proxy.errors import MemoryPressure
 log = logging.getLogger(__name__)
 
 DEFAULT_CGROUP_MOUNT = Path("/sys/fs/cgroup")
+
+# What each figure of the memory report counts (shown in /status as "figures").
+FIGURES = {
+    "rss_bytes": "this daemon process only (not the embedded SeaweedFS, a child process)",
+    "peak_rss_bytes": "this daemon process only: its highest RSS since start",
+    "cgroup_usage_bytes": (
+        "every process in the daemon's cgroup, under systemd the daemon and the embedded "
+        "SeaweedFS together: memory.current less inactive page cache; null without a limit"
+    ),
+    "cgroup_limit_bytes": (
+        "the smallest memory.max of the daemon's cgroup and its parents (systemd "
+        "MemoryMax=), which the daemon and the embedded SeaweedFS share"
+    ),
+    "system_total_bytes": "the machine's RAM",
+    "system_available_bytes": "the machine's available memory (all processes)",
+    "limit_bytes": (
+        "the smallest limit that applies: [memory] limit (against rss_bytes, the daemon "
+        "only), the cgroup limit (against cgroup_usage_bytes) or RAM (against used memory)"
+    ),
+    "bound_by": "which pair is closest to its limit: config, cgroup or system",
+}
 
 
 class Level(IntEnum):
@@ -220,13 +246,16 @@ class MemoryMonitor:
         before = self._state.level if self._state is not None else Level.NORMAL
         self._state = state
         if state.level != before:
+            cgroup = state.cgroup_usage_bytes
             log.warning(
-                "memory pressure %s -> %s: %.0f%% of the %s limit (rss %d MiB, limit %d MiB)",
+                "memory pressure %s -> %s: %.0f%% of the %s limit (daemon RSS %d MiB, "
+                "cgroup with the embedded store %s MiB, smallest limit %d MiB)",
                 before.label,
                 state.level.label,
                 state.used_ratio * 100,
                 state.bound_by,
                 state.rss_bytes >> 20,
+                "-" if cgroup is None else cgroup >> 20,
                 state.limit_bytes >> 20,
             )
         if state.level is Level.CRITICAL:

@@ -360,8 +360,16 @@ _POOL_GAUGES = (
     ("proxy_buffer_pool_waiting", "waiting", "Requests waiting for a part buffer."),
 )
 _MEMORY_GAUGES = (
-    ("proxy_memory_rss_bytes", "rss_bytes", "Resident memory of the process."),
-    ("proxy_memory_peak_rss_bytes", "peak_rss_bytes", "Highest resident memory of the process."),
+    (
+        "proxy_memory_rss_bytes",
+        "rss_bytes",
+        "Resident memory of the daemon process (not the embedded store).",
+    ),
+    (
+        "proxy_memory_peak_rss_bytes",
+        "peak_rss_bytes",
+        "Highest resident memory of the daemon process (not the embedded store).",
+    ),
     ("proxy_memory_system_total_bytes", "system_total_bytes", "Physical memory."),
     (
         "proxy_memory_system_available_bytes",
@@ -372,7 +380,7 @@ _MEMORY_GAUGES = (
     (
         "proxy_memory_cgroup_usage_bytes",
         "cgroup_usage_bytes",
-        "cgroup v2 memory.current less inactive page cache.",
+        "cgroup v2 memory.current less inactive page cache: daemon and embedded store.",
     ),
     (
         "proxy_memory_limit_bytes",

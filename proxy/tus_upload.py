@@ -159,7 +159,7 @@ class TusService:
             object_metadata=new.object_metadata,
             length=new.length,
             multipart_id=mpu,
-            expires_s=now + self.config.expire_after_s,
+            expires_s=self.config.expiry_s(now, now),
             created_s=now,
             principal=str(new.principal),
             quota=new.quota,
@@ -230,7 +230,7 @@ class TusService:
             writer,
             info,
             checkpoint=checksum is None,
-            expire_after_s=self.config.expire_after_s,
+            expiry=self.config.expiry_s,
             completing=self._completing,
         )
         started = time.monotonic()
@@ -325,7 +325,7 @@ class TusService:
             parts=info.parts + result.new_parts,
             pending=result.pending,
             sha256_state=result.sha256.export(),
-            expires_s=time.time() + self.config.expire_after_s,
+            expires_s=self.config.expiry_s(info.created_s, time.time()),
         )
 
     # -- finish ------------------------------------------------------------------------
@@ -570,7 +570,8 @@ class _LeaseKeeper:
     """Renews a PATCH's lease every third of its length and, when allowed, checkpoints the
     parts stored so far (so they survive a crash of this daemon).
 
-    Every renewal also pushes ``expires_s`` to ``expire_after_s`` from now.  A held lease
+    Every renewal also pushes ``expires_s`` to ``expire_after_s`` from now (never past
+    ``max_lifetime_s`` from the creation: ``TusConfig.expiry_s``).  A held lease
     alone already keeps the upload live (:meth:`UploadInfo.expired`); the push is for the
     time after the lease lapses (renewals failing for a while, this daemon killed): the
     upload then expires ``expire_after_s`` after its last sign of life, as it would after
@@ -583,14 +584,14 @@ class _LeaseKeeper:
         info: UploadInfo,
         *,
         checkpoint: bool,
-        expire_after_s: float,
+        expiry: Callable[[float, float], float],
         completing: Callable[[UploadInfo, Sha256], UploadInfo],
     ) -> None:
         self._lease = lease
         self._writer = writer
         self._info = info
         self._checkpoint = checkpoint
-        self._expire_after_s = expire_after_s
+        self._expiry = expiry
         self._completing = completing
         self._stop = asyncio.Event()
         self._task = asyncio.create_task(self._run())
@@ -621,7 +622,8 @@ class _LeaseKeeper:
                         # save "every byte, not completing", which a crash would leave
                         # as offset == length with no object and nothing to finish it.
                         info = self._completing(info, sha)
-            info = replace(info, expires_s=max(info.expires_s, time.time() + self._expire_after_s))
+            pushed = self._expiry(info.created_s, time.time())
+            info = replace(info, expires_s=max(info.expires_s, pushed))
             try:
                 await self._lease.save(info)
             except LeaseLost:

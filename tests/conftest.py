@@ -33,19 +33,22 @@ async def seaweed(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Emb
     data = tmp_path_factory.mktemp("seaweed")
     sw = EmbeddedSeaweed(data, bucket=BUCKET, credentials=Credentials("testkey", "testsecret"))
     await sw.start(timeout_s=90)
-    async with S3Storage(
-        bucket=BUCKET, endpoint_url=sw.endpoint_url, access_key="testkey", secret_key="testsecret"
-    ) as s3:
-        async with asyncio.timeout(60):
-            while True:
-                try:
-                    await s3.create_bucket()
-                    break
-                except Exception:
-                    await asyncio.sleep(0.5)
+    async with s3_for(sw) as s3:
+        await create_bucket(s3)
     yield sw
     # Its data is thrown away: no need to wait for a clean stop (~14 s) at the end.
     await sw.stop(timeout_s=5)
+
+
+async def create_bucket(s3: S3Storage, timeout_s: float = 60) -> None:
+    """Create the bucket once the fresh store serves requests (it takes a moment)."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            try:
+                await s3.create_bucket()
+                return
+            except Exception:
+                await asyncio.sleep(0.2)
 
 
 def s3_for(sw: EmbeddedSeaweed, **kw: Any) -> S3Storage:

@@ -92,13 +92,24 @@ async def start_daemon(
     for name, values in overrides.items():
         sections.setdefault(name, {}).update(values)
     cfg = write_config(tmp_path / f"daemon-{port}.toml", sections)
+    return await launch(
+        cfg,
+        port,
+        {
+            "AWS_ACCESS_KEY_ID": sw.credentials.access_key,
+            "AWS_SECRET_ACCESS_KEY": sw.credentials.secret_key,
+            **(env or {}),
+        },
+    )
+
+
+async def spawn(cfg: Path, env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
+    """``python -m proxy -c cfg`` with stderr piped; systemd's variables are not passed."""
     full_env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "WATCHDOG_"))},
-        "AWS_ACCESS_KEY_ID": sw.credentials.access_key,
-        "AWS_SECRET_ACCESS_KEY": sw.credentials.secret_key,
         **(env or {}),
     }
-    proc = await asyncio.create_subprocess_exec(
+    return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "proxy",
@@ -109,6 +120,13 @@ async def start_daemon(
         stderr=asyncio.subprocess.PIPE,
         env=full_env,
     )
+
+
+async def launch(
+    cfg: Path, port: int, env: dict[str, str] | None = None, timeout_s: float = 30
+) -> Daemon:
+    """Start the daemon on ``cfg`` and wait until it listens on ``port``."""
+    proc = await spawn(cfg, env)
     daemon = Daemon(proc, port)
     listening = asyncio.Event()
 
@@ -122,7 +140,7 @@ async def start_daemon(
 
     daemon._reader = asyncio.create_task(read_log())
     try:
-        async with asyncio.timeout(30):
+        async with asyncio.timeout(timeout_s):
             while not listening.is_set():
                 if proc.returncode is not None:
                     raise RuntimeError("daemon exited:\n" + "\n".join(daemon.log))

@@ -21,6 +21,18 @@ def test_shipped_config_loads_with_documented_defaults() -> None:
     assert cfg.upload.part_size_bytes == 8 * 1024 * 1024
     assert cfg.upload.memory_budget_bytes == 256 * 1024 * 1024
     assert cfg.storage.embedded.data_dir == ROOT / "data" / "seaweedfs"
+    assert cfg.storage.embedded.memory_limit_bytes == 256 * 1024 * 1024
+
+
+def test_embedded_memory_limit() -> None:
+    def limit(value: object) -> int | None:
+        data = {"auth": {"mode": "none"}, "storage": {"embedded": {"memory_limit": value}}}
+        return from_dict(data).storage.embedded.memory_limit_bytes
+
+    assert limit(0) is None  # Go's default: no limit
+    assert limit("192MiB") == 192 * 1024 * 1024
+    with pytest.raises(ConfigError, match=r"storage\.embedded\.memory_limit"):
+        limit("16MiB")
 
 
 def test_shipped_config_documents_every_key() -> None:

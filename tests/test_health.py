@@ -39,6 +39,13 @@ async def test_healthz_and_status_basics(start_proxy: StartProxy) -> None:
     assert memory["level"] == "normal"
     assert 0 < memory["rss_bytes"] <= memory["peak_rss_bytes"]
     assert memory["limit_bytes"] <= memory["system_total_bytes"]
+    # Each figure says what it counts: RSS is the daemon's alone, the cgroup holds the
+    # embedded store too (which MemoryMax= must cover).
+    figures = memory["figures"]
+    number_keys = {k for k, v in memory.items() if k.endswith("_bytes")}
+    assert number_keys <= set(figures), number_keys - set(figures)
+    assert "daemon process only" in figures["rss_bytes"]
+    assert "embedded SeaweedFS together" in figures["cgroup_usage_bytes"]
 
 
 async def test_readyz_reports_a_missing_bucket(

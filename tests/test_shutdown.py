@@ -1,5 +1,6 @@
 """SIGTERM during uploads, on the real daemon: short ones finish, long ones are aborted
-after the drain timeout, nothing is left open; a second signal exits at once."""
+after the drain timeout, nothing is left open; a second signal exits at once; with the
+embedded store, the store stops only after the drain's aborts."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psutil
 
-from tests.conftest import MiB, get_object
-from tests.daemon import Daemon, start_daemon
+from proxy.storage.seaweed import EmbeddedSeaweed, free_port, load_or_create_credentials
+from tests.conftest import BUCKET, MiB, create_bucket, get_object, s3_for
+from tests.daemon import Daemon, launch, start_daemon, write_config
 
 DRAIN_S = 2.0
 
@@ -92,3 +95,62 @@ async def test_second_signal_exits_at_once(
     assert [u.key for u in left] == [f"{prefix}long.bin"]
     for u in left:
         await s3.abort_multipart(u.key, u.upload_id)
+
+
+async def test_sigterm_to_the_daemon_alone_drains_before_the_store_stops(
+    prefix: str, tmp_path: Path
+) -> None:
+    """What systemd's KillMode=mixed does on stop: SIGTERM to the daemon's process only,
+    with backend = "embedded".  The drain aborts the running upload while the store still
+    serves; then the daemon stops the store; nothing is left open in it."""
+    data_dir = tmp_path / "store"
+    port, s3_port = free_port(), free_port()
+    cfg = write_config(
+        tmp_path / "embedded.toml",
+        {
+            "server": {"listen": f"127.0.0.1:{port}", "drain_timeout_s": DRAIN_S},
+            "upload": {
+                "key_prefix": prefix,
+                "part_size": "5MiB",
+                "memory_budget": "64MiB",
+                "max_upload_size": "1GiB",
+            },
+            "auth": {"mode": "none"},
+            "tus": {"enabled": False},
+            "storage": {"backend": "embedded", "bucket": BUCKET},
+            "storage.embedded": {"data_dir": str(data_dir), "s3_port": s3_port},
+        },
+    )
+    daemon = await launch(cfg, port, timeout_s=90)
+    try:
+        (weed,) = psutil.Process(daemon.proc.pid).children()
+        assert weed.name() == "weed"
+        # storage.embedded.memory_limit's default reaches Go's garbage collector.
+        assert weed.environ().get("GOMEMLIMIT") == str(256 * MiB)
+        store = EmbeddedSeaweed(
+            data_dir, bucket=BUCKET, credentials=load_or_create_credentials(data_dir)
+        )
+        store.s3_port = s3_port  # the daemon's store, seen with the daemon's own keys
+        async with s3_for(store) as s3:
+            long = asyncio.create_task(put(f"{daemon.url}/uploads/long.bin", endless_body()))
+            await wait_open_multipart(s3, prefix, "long.bin")
+            daemon.signal()  # the main process only, as KillMode=mixed does
+            assert await daemon.wait(timeout_s=60) == 0, daemon.log
+        assert await long != 201
+        assert not weed.is_running(), "the daemon exited and left its store running"
+    finally:
+        await daemon.stop()
+    log = daemon.log
+    aborted = [i for i, line in enumerate(log) if "long.bin" in line and "ERR_CANCELLED" in line]
+    stopping = [i for i, line in enumerate(log) if "stopping SeaweedFS" in line]
+    assert aborted and stopping and aborted[0] < stopping[0], "\n".join(log)
+    assert not any("abort" in line and "failed" in line for line in log), "\n".join(log)
+    # The proof is in the store: start it again on the same data and look.
+    await store.start(timeout_s=60)
+    try:
+        async with s3_for(store) as s3:
+            await create_bucket(s3)
+            assert await s3.list_multipart(prefix) == []
+            assert await s3.head(f"{prefix}long.bin") is None
+    finally:
+        await store.stop()
