@@ -5,20 +5,55 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG ?= config.toml
 
-.PHONY: install run test test-fast test-deps check-systemd lint bench bench-tus clean
+.PHONY: install lock run test test-fast test-deps check-systemd lint bench bench-tus clean dist \
+	check-aarch64 aarch64-deps install-service
+
+# What .venv and the service's venv install: exact versions with the hashes of their
+# files, so every machine runs the same code.  daemon.lock is what the daemon needs
+# (install-service puts it under /opt); dev.lock is that plus the test and dev tools, at
+# the same versions (it is compiled with daemon.lock as constraints).  The daemon relies on
+# aiohttp internals (proxy/server.py, proxy/storage/s3.py): the lock, not setup.cfg's
+# ranges, decides which aiohttp runs.  tests/test_lock.py fails when they and setup.cfg
+# disagree; `make lock` fixes that.
+LOCK     := requirements/daemon.lock
+DEV_LOCK := requirements/dev.lock
+# --universal: one lock for every platform and Python >= 3.11 (markers where they differ).
+UV_COMPILE = $(BIN)/uv pip compile --universal --python-version 3.11 --generate-hashes \
+	--quiet --custom-compile-command "make lock" $(if $(UPGRADE),--upgrade)
 
 # tus-js-client for tests/test_tus_clients.py, exactly as tests/js/package-lock.json pins it.
 JS_DEPS := tests/js/node_modules/.package-lock.json
 $(JS_DEPS): tests/js/package.json tests/js/package-lock.json
 	cd tests/js && npm ci --no-audit --no-fund
 
-$(STAMP): setup.cfg pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+# --clear: the venv holds exactly what the lock says, nothing left from an older one.
+# --no-build-isolation: the editable install is built with the locked setuptools.
+$(STAMP): setup.cfg pyproject.toml $(DEV_LOCK)
+	$(PYTHON) -m venv --clear $(VENV)
+	$(BIN)/pip install --quiet --require-hashes -r $(DEV_LOCK)
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 install: $(STAMP)
+
+## Recompile the locks from setup.cfg (and requirements/tools.in), keeping every pinned
+## version that still fits; `make lock UPGRADE=1` moves everything to the newest release.
+lock: $(STAMP)
+	$(call compile_lock,$(LOCK),setup.cfg)
+	$(call compile_lock,$(DEV_LOCK),-c $(LOCK) --extra dev setup.cfg requirements/tools.in)
+
+# Compile into a copy (uv keeps the pins it finds in its output file) and replace the lock
+# only when it changed, so an unchanged lock does not make the next `make` rebuild .venv.
+define compile_lock
+	cp $(1) $(1).new
+	$(UV_COMPILE) -o $(1).new $(2)
+	if cmp -s $(1).new $(1); then rm $(1).new; else mv $(1).new $(1); echo "$(1): updated"; fi
+endef
+
+## A wheel and an sdist in dist/ (python -m build, with the locked setuptools and wheel).
+dist: $(STAMP)
+	rm -rf dist
+	$(BIN)/python -m build --no-isolation --outdir dist .
 
 ## Run the daemon on 127.0.0.1:8080 with the embedded SeaweedFS store.
 run: $(STAMP)
@@ -66,4 +101,4 @@ bench-tus: $(STAMP)
 	$(BIN)/python bench/tus_bench.py $(if $(SIZE),--size $(SIZE))
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache build dist
