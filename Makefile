@@ -80,6 +80,32 @@ test-deps:
 test: $(STAMP) test-deps $(JS_DEPS)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
+## debootstrap and qemu-user-static (+ binfmt-support) for check-aarch64, as test-deps does.
+aarch64-deps:
+	@missing=""; \
+	command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || missing="$$missing debootstrap"; \
+	command -v qemu-aarch64-static >/dev/null 2>&1 || missing="$$missing qemu-user-static"; \
+	command -v update-binfmts >/dev/null 2>&1 || [ -x /usr/sbin/update-binfmts ] || missing="$$missing binfmt-support"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		  apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+## The lock and the daemon on a Raspberry Pi's arm64 Debian, under qemu-user-static:
+## aarch64 wheels for every locked requirement on Python 3.11-3.14, then install-service,
+## uploads and a clean stop in a debootstrap'd arm64 root (cached in .cache/aarch64).
+## Minutes, not part of `make test`: see README "Proof on aarch64".  Needs root.
+check-aarch64: dist aarch64-deps
+	PATH="$$PATH:/usr/sbin:/sbin" $(BIN)/python tools/check_aarch64.py $(if $(SUITE),--suite $(SUITE))
+
+## The daemon as a systemd service: user, /opt/upload-proxy/venv from the lock, config with
+## a generated token, the unit (see README).  DESTDIR=/tmp/stage writes into a staging root
+## only; UNINSTALL=1 removes it again (config and uploaded data stay).
+install-service: dist
+	$(BIN)/upload-proxy install-service --package dist/upload_proxy-*-py3-none-any.whl \
+		$(if $(DESTDIR),--destdir $(abspath $(DESTDIR))) $(if $(UNINSTALL),--uninstall)
+
 ## systemd-analyze verify + security (exposure <= 2.0) on systemd/upload-proxy.service.
 check-systemd: $(STAMP) test-deps
 	systemd/check-unit.sh systemd/upload-proxy.service $(abspath $(BIN))/upload-proxy 2.0
@@ -88,8 +114,8 @@ test-fast: $(STAMP) test-deps $(JS_DEPS)
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
 
 lint: $(STAMP)
-	$(BIN)/ruff check proxy tests bench
-	$(BIN)/ruff format --check proxy tests bench
+	$(BIN)/ruff check proxy tests bench tools
+	$(BIN)/ruff format --check proxy tests bench tools
 	$(BIN)/mypy
 
 ## Throughput / CPU / RSS figures (not a test): see bench/README.md.

@@ -20,6 +20,8 @@ from packaging.markers import Marker
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from tools.check_aarch64 import read_lock as lock_entries
+
 ROOT = Path(__file__).resolve().parent.parent
 DAEMON_LOCK = ROOT / "requirements" / "daemon.lock"
 DEV_LOCK = ROOT / "requirements" / "dev.lock"
@@ -35,18 +37,11 @@ class Pin:
 
 
 def read_lock(path: Path) -> dict[str, Pin]:
-    """``name==version [; marker]`` entries with their ``--hash`` options."""
-    entries = re.sub(r"\\\n", " ", path.read_text())
     pins: dict[str, Pin] = {}
-    for line in entries.splitlines():
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        hashes = tuple(re.findall(r"--hash=(sha256:[0-9a-f]{64})", line))
-        req = Requirement(re.sub(r"\s*--hash=\S+", "", line))
-        (spec,) = req.specifier  # exactly one ==, or Requirement/unpacking fails
-        assert spec.operator == "==", f"{path.name}: {line} is not pinned with =="
-        pins[canonicalize_name(req.name)] = Pin(spec.version, req.marker, hashes)
+    for req, hashes in lock_entries(path):
+        (spec,) = req.specifier
+        assert spec.operator == "==", f"{path.name}: {req} is not pinned with =="
+        pins[canonicalize_name(req.name)] = Pin(spec.version, req.marker, tuple(hashes))
     return pins
 
 
