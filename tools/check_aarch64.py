@@ -95,7 +95,7 @@ def target_env(python: str) -> dict[str, str]:
 def pure_pypi_env() -> dict[str, str]:
     """pip as a Pi would run it: PyPI only, none of this machine's pip settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
-    return {**env, "PIP_CONFIG_FILE": os.devnull}
+    return {**env, "PIP_CONFIG_FILE": os.devnull, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
 
 
 def check_wheels(python: str, wheelhouse: Path) -> None:
