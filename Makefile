@@ -60,7 +60,8 @@ run: $(STAMP)
 	$(BIN)/python -m proxy -c $(CONFIG)
 
 ## System packages the tests run for real: nginx (in front of the proxy), systemd-analyze
-## (unit checks) and promtool (Debian's prometheus package: metrics, rules, dashboard checks).
+## (unit checks), promtool (Debian's prometheus package: metrics, rules, dashboard checks)
+## and python3-venv (install-service makes the service's venv with /usr/bin/python3).
 ## Installed with apt when missing and we are root; otherwise the tests that need them say
 ## so and skip.  On a machine with systemd the prometheus package also enables a local
 ## Prometheus service; containers and CI runners do not start it.
@@ -69,6 +70,7 @@ test-deps:
 	command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing="$$missing nginx"; \
 	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
 	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	/usr/bin/python3 -c 'import ensurepip' >/dev/null 2>&1 || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 		echo "installing:$$missing"; \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
