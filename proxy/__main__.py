@@ -4,6 +4,7 @@ Subcommands for operators: ``sign`` mints a signed upload URL with the configure
 secret; ``hash-token`` turns a bearer token (read from stdin, so it stays out of
 shell history and ``ps``) into the ``sha256:...`` form config.toml stores.  For users:
 ``upload`` is the client (:mod:`proxy.client`); it needs no config.toml.
+``install-service`` installs the daemon as a systemd service (:mod:`proxy.install_service`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from proxy import __version__
 from proxy.client.cli import add_parser as add_upload_parser
 from proxy.config import Config, ConfigError, LoggingConfig, load, parse_size
 from proxy.errors import StartupError
+from proxy.install_service import add_parser as add_install_service_parser
 
 EX_CONFIG = 78
 
@@ -92,6 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub.add_parser("hash-token", help="read a bearer token on stdin, print its sha256: form")
     add_upload_parser(sub)
+    add_install_service_parser(sub)
     return parser
 
 
@@ -137,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         from proxy.client.cli import run as run_upload
 
         return run_upload(args)
+    if args.command == "install-service":
+        from proxy.install_service import run as install_service
+
+        return install_service(args)
     if args.command == "hash-token":
         from proxy.auth import hash_token
 
