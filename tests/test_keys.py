@@ -25,6 +25,8 @@ def test_valid(key: str) -> None:
         ".",
         "a/./b",
         "a//b",
+        "dir/",
+        "a/b/",
         "a\nb",
         "a\x00b",
         "a\x7fb",
@@ -50,6 +52,7 @@ def test_any_text_is_either_rejected_or_safe(key: str) -> None:
     assert ".." not in parts and "." not in parts
     assert all(ord(c) >= 0x20 and ord(c) != 0x7F for c in stored)
     assert "\\" not in stored
+    assert not stored.endswith("/")
     assert len(stored.encode()) <= MAX_KEY_BYTES
 
 
