@@ -98,6 +98,15 @@ class KeyExists(ProxyError):
     reason = "conflict"
 
 
+class KeyConflict(ProxyError):
+    """The key collides with a folder (objects exist under ``key/``) on a store that cannot
+    hold an object and a folder of the same name (SeaweedFS)."""
+
+    code = "ERR_KEY_CONFLICT"
+    status = 409
+    reason = "conflict"
+
+
 class TooLarge(ProxyError):
     code = "ERR_TOO_LARGE"
     status = 413

@@ -30,7 +30,15 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from proxy.buffers import BufferPool, PoolTimeout
-from proxy.errors import Busy, ChecksumMismatch, ObjectExists, TooLarge
+from proxy.errors import (
+    Busy,
+    ChecksumMismatch,
+    ConditionFailed,
+    ObjectExists,
+    ProxyError,
+    StorageError,
+    TooLarge,
+)
 from proxy.storage.base import CompletedPart, PartChecksum, Storage
 
 log = logging.getLogger(__name__)
@@ -324,6 +332,7 @@ class PartStreamer:
         finally:
             _release(data)
             self._pool.release(buf)
+        await verify_stored(self._storage, self._spec.key, etag=etag, size=filled, sha256=sha256)
         return StreamResult(self._spec.key, filled, sha256, etag, 1)
 
     async def _complete(self) -> StreamResult:
@@ -380,6 +389,46 @@ class PartStreamer:
             raise
         except Exception as e:
             log.error("abort of multipart upload for %s failed: %s", self._spec.key, e)
+
+
+async def verify_stored(storage: Storage, key: str, *, etag: str, size: int, sha256: str) -> None:
+    """After a single PutObject: is the object at ``key`` the one we sent?
+
+    A store can acknowledge a write and keep something else (SeaweedFS turns a key
+    ending in "/" into an empty folder and answers with the body's ETag).  One HEAD turns
+    such a silent loss into an error instead of a 201 that lies.  Another upload's object
+    (overwrite = true, written right after ours) is theirs: 409, and it stays.  A HEAD
+    that fails leaves the store's acknowledgement standing: the object is most likely
+    there, and a failure answer would send the client into a retry that finds its key
+    taken."""
+    try:
+        obj = await storage.head(key)
+    except ProxyError as e:
+        log.warning("%s: could not check the stored object (%s); taking the store's word", key, e)
+        return
+    if obj is not None and obj.size == size and obj.metadata.get("sha256") == sha256:
+        return  # our bytes (by size and SHA-256), whoever's request put them there last
+    if obj is not None and obj.etag != etag:
+        raise ObjectExists("the object was replaced by a concurrent upload to the same key")
+    log.error("%s: the store acknowledged the object but does not hold it as sent", key)
+    if obj is not None:
+        await delete_if_ours(storage, key, etag)
+    raise StorageError(f"the store did not keep {key!r} as sent")
+
+
+async def delete_if_ours(storage: Storage, key: str, etag: str) -> None:
+    """Delete the object at ``key`` only while its ETag is still ``etag`` (If-Match): an
+    object a concurrent upload put there since is theirs and stays.  Shielded and bounded;
+    a failure is logged, never raised (the caller is already failing)."""
+    delete = asyncio.ensure_future(storage.delete_object(key, if_match=etag))
+    try:
+        await asyncio.shield(asyncio.wait_for(delete, ABORT_TIMEOUT_S))
+    except asyncio.CancelledError:
+        raise  # the shielded delete carries on regardless
+    except ConditionFailed:
+        log.warning("%s was replaced by another upload meanwhile; that object stays", key)
+    except Exception as e:
+        log.error("could not delete %s: %s", key, e)
 
 
 # Shared with the tus PATCH writer (proxy.tus_writer), which lays parts out differently

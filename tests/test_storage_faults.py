@@ -13,9 +13,11 @@ from typing import Any
 import aiohttp
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
+from wrapped import Wrapped
 
 from proxy.buffers import BufferPool
 from proxy.errors import ObjectExists
+from proxy.storage.base import Body
 from proxy.storage.s3 import S3Storage
 from proxy.storage.seaweed import EmbeddedSeaweed
 from proxy.streaming import PartStreamer, StreamSettings, UploadSpec
@@ -281,5 +283,32 @@ async def test_lost_answer_is_recognised_not_left_behind(
         stored, meta = await get_object(s3, f"{prefix}lost")
         assert stored == data and meta["sha256"] == result.sha256
         assert await s3.list_multipart(prefix) == []
+    finally:
+        await storage.close()
+
+
+# -- a store that does not keep what it acknowledged -------------------------------------
+
+
+class KeepsSomethingElse(Wrapped):
+    """A store that acknowledges a PutObject but keeps an empty object under the key, with
+    the ETag it answered (as SeaweedFS does for a key ending in "/")."""
+
+    async def put_object(self, key: str, body: Body, **kw: Any) -> str:
+        self.calls["put_object"] += 1
+        return str(await self.inner.put_object(key, b"", **{**kw, "checksum": None}))
+
+
+async def test_a_put_the_store_did_not_keep_is_not_a_201(
+    start_proxy: StartProxy, seaweed: EmbeddedSeaweed, s3: S3Storage
+) -> None:
+    storage = await s3_for(seaweed).open()
+    try:
+        lying = KeepsSomethingElse(storage)
+        proxy = await start_proxy(storage=lying)
+        status, reply, _ = await put(f"{proxy.url}/uploads/small", b"x" * 1000)
+        assert lying.calls["put_object"] == 1
+        assert status == 502 and reply["code"] == "ERR_STORAGE", reply
+        await assert_nothing_left(s3, proxy.prefix)
     finally:
         await storage.close()

@@ -4,7 +4,8 @@ Handlers and the streaming layer know nothing of S3 wire details: they call
 these methods with plain bytes-like bodies and get plain values back.  A backend
 translates its own failures into :mod:`proxy.errors` at this boundary
 (``StorageUnavailable`` for "try again later", ``StorageError`` for the rest,
-``ObjectExists`` for a failed "create only" condition).
+``ObjectExists`` for a failed "create only" condition, ``KeyConflict`` when the key
+is a folder on a store that cannot hold an object and a folder of one name).
 """
 
 from __future__ import annotations
@@ -73,7 +74,9 @@ class Storage(Protocol):
         checksum: PartChecksum | None,
         if_none_match: bool,
     ) -> str:
-        """Store a small object in one request; return its etag."""
+        """Store a small object in one request; return its etag.  A key that is a folder
+        (objects exist under ``key/``) where the store cannot also hold an object there
+        raises :class:`~proxy.errors.KeyConflict`."""
 
     async def create_multipart(
         self, key: str, *, metadata: dict[str, str], content_type: str
@@ -100,7 +103,8 @@ class Storage(Protocol):
         size_bytes: int | None = None,
     ) -> str:
         """Make the object appear; return its etag.  With ``size_bytes`` a retry after a
-        lost answer recognises its own completed object instead of failing."""
+        lost answer recognises its own completed object instead of failing.  A key that
+        is a folder raises :class:`~proxy.errors.KeyConflict`, as for ``put_object``."""
 
     async def abort_multipart(self, key: str, upload_id: str) -> None:
         """Drop a multipart upload and its parts.  Succeeds if it is already gone."""
@@ -110,8 +114,10 @@ class Storage(Protocol):
     ) -> None:
         """Set metadata known only after the body was read, on the object whose etag is ``etag``."""
 
-    async def delete_object(self, key: str) -> None:
-        """Delete an object; succeeds if it does not exist."""
+    async def delete_object(self, key: str, *, if_match: str | None = None) -> None:
+        """Delete an object; succeeds if it does not exist.  With ``if_match``, only if its
+        etag is still that one: otherwise (or if it is gone) raise
+        :class:`~proxy.errors.ConditionFailed` and leave whatever is there."""
 
     async def list_multipart(self, prefix: str = "") -> list[OpenMultipart]:
         """Open multipart uploads under ``prefix``."""
