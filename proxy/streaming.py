@@ -39,7 +39,7 @@ from proxy.errors import (
     StorageError,
     TooLarge,
 )
-from proxy.storage.base import CompletedPart, PartChecksum, Storage
+from proxy.storage.base import CompletedPart, ObjectInfo, PartChecksum, Storage
 
 log = logging.getLogger(__name__)
 
@@ -353,7 +353,8 @@ class PartStreamer:
         )
         self._upload_id = None  # completed: nothing left to abort
         try:
-            await self._storage.replace_metadata(
+            await label(
+                self._storage,
                 self._spec.key,
                 etag=etag,
                 size=self.received_bytes,
@@ -361,15 +362,16 @@ class PartStreamer:
                 content_type=self._spec.content_type,
             )
         except ObjectExists:
-            # The copy's If-Match failed: a concurrent upload (overwrite = true) replaced
-            # the object after ours completed.  The key holds their object now: keep it.
+            # The copy's If-Match failed and the key holds another object: a concurrent
+            # upload (overwrite = true) replaced ours after it completed.  Keep theirs.
             raise ObjectExists(
                 "the object was replaced by a concurrent upload to the same key"
             ) from None
         except BaseException:
-            # Without its sha256 the object would break our promise; take it back.
+            # Without its sha256 the object would break our promise; take it back, but
+            # only if it is still ours (a concurrent upload may have replaced it).
             log.error("could not set metadata on %s; deleting it", self._spec.key)
-            await asyncio.shield(self._storage.delete_object(self._spec.key))
+            await delete_if_ours(self._storage, self._spec.key, etag)
             raise
         return StreamResult(self._spec.key, self.received_bytes, sha256, etag, len(self._parts))
 
@@ -389,6 +391,48 @@ class PartStreamer:
             raise
         except Exception as e:
             log.error("abort of multipart upload for %s failed: %s", self._spec.key, e)
+
+
+def _holds(obj: ObjectInfo | None, size: int, metadata: dict[str, str]) -> bool:
+    """Does ``obj`` have ``size`` bytes and every entry of ``metadata`` (which carries the
+    body's sha256)?  Then it holds exactly the bytes we sent, whoever wrote it last."""
+    return (
+        obj is not None
+        and obj.size == size
+        and bool(metadata)
+        and all(obj.metadata.get(k) == v for k, v in metadata.items())
+    )
+
+
+async def label(
+    storage: Storage,
+    key: str,
+    *,
+    etag: str,
+    size: int,
+    metadata: dict[str, str],
+    content_type: str,
+) -> None:
+    """Give the completed object ``etag`` at ``key`` its final metadata (the self-copy).
+
+    A copy whose answer was lost may still have been carried out; its retry then fails
+    (on stores where the copy changes the ETag, the If-Match no longer holds), or every
+    attempt timed out.  Either way a HEAD tells: the object has our size and our
+    metadata (with the sha256), so it is labelled, and reporting a failure would be a lie.
+    """
+    try:
+        await storage.replace_metadata(
+            key, etag=etag, size=size, metadata=metadata, content_type=content_type
+        )
+    except ProxyError:
+        try:
+            obj = await storage.head(key)
+        except ProxyError:
+            obj = None
+        if _holds(obj, size, metadata):
+            log.warning("the metadata copy of %s had been carried out; its answer was lost", key)
+            return
+        raise
 
 
 async def verify_stored(storage: Storage, key: str, *, etag: str, size: int, sha256: str) -> None:
