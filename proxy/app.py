@@ -251,7 +251,12 @@ def build_app(runtime: Runtime) -> web.Application:
     if runtime.config.tus.enabled:
         tus.add_routes(app, runtime.config.tus)
         app.cleanup_ctx.append(tus.sweeper_ctx)
-        app[UPLOADS].reserved_prefixes = (runtime.config.tus.state_prefix,)
+        # Plain uploads may write neither the tus state nor where tus objects go (a key
+        # squatted there before a tus upload completes would pass for its object).
+        app[UPLOADS].reserved_prefixes = (
+            cfg.tus.state_prefix,
+            cfg.upload.key_prefix + cfg.tus.object_prefix,
+        )
         if runtime.upload_is_live is None:
             # The stale-multipart sweeper must never abort a live tus upload's parts:
             # ask the upload's state in S3 (exact, and right across instances).

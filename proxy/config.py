@@ -168,6 +168,7 @@ class TusConfig:
     enabled: bool = True
     base_path: str = "/files/"
     state_prefix: str = ".tus/"
+    object_prefix: str = "tus/"
     expire_after_s: float = 86400.0
     sweep_interval_s: float = 600.0
     lock_lease_s: float = 30.0
@@ -546,6 +547,7 @@ def _tus(r: _Reader) -> TusConfig:
         enabled=r.get("enabled", bool, d.enabled),
         base_path=r.get("base_path", str, d.base_path),
         state_prefix=r.get("state_prefix", str, d.state_prefix),
+        object_prefix=r.get("object_prefix", str, d.object_prefix),
         expire_after_s=r.positive("expire_after_s", float, d.expire_after_s),
         sweep_interval_s=r.positive("sweep_interval_s", float, d.sweep_interval_s, allow_zero=True),
         lock_lease_s=r.positive("lock_lease_s", float, d.lock_lease_s),
@@ -563,6 +565,12 @@ def _tus(r: _Reader) -> TusConfig:
         and ".." not in cfg.state_prefix,
         "state_prefix",
         f"must end with '/', not start with '/' nor contain '..'; got {cfg.state_prefix!r}",
+    )
+    r.check(
+        re.fullmatch(r"(?:[A-Za-z0-9_~-][A-Za-z0-9._~-]*/)+", cfg.object_prefix) is not None,
+        "object_prefix",
+        "must be one or more key segments each ending with '/' (letters, digits, '._~-', "
+        f"not starting with '.'); got {cfg.object_prefix!r}",
     )
     origin_re = re.compile(r"\*|https?://[^/\s]+")
     r.check(

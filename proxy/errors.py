@@ -173,6 +173,13 @@ class Gone(ProxyError):
     reason = "gone"
 
 
+class UploadFailed(Gone):
+    """A resumable upload could not be completed as received and was discarded (its parts
+    were aborted, its state deleted): the client has to upload the file again."""
+
+    code = "ERR_UPLOAD_FAILED"
+
+
 class Locked(ProxyError):
     """Another request (on this or another instance) holds the resource."""
 

@@ -159,7 +159,7 @@ class UploadContext:
     stats: UploadStats = field(default_factory=UploadStats)
     # Keys with a plain upload running in this process: the stale sweeper spares them.
     active_keys: Counter[str] = field(default_factory=Counter)
-    # Key prefixes plain uploads may not write to (the tus state objects live there).
+    # Key prefixes plain uploads may not write to (tus state and tus objects live there).
     reserved_prefixes: tuple[str, ...] = ()
     _storage: Storage | None = None
     _pool: BufferPool | None = None
@@ -485,8 +485,12 @@ def _new_key(ctx: UploadContext, grant: Grant, filename: str | None) -> str:
 
 
 def _unreserved(ctx: UploadContext, key: str) -> str:
-    if key.startswith(ctx.reserved_prefixes):
-        raise InvalidKey("this key prefix is reserved for the proxy's own state")
+    # The folder name itself too: on some stores an object "x" and a folder "x/" exclude
+    # each other, so an object there could block the proxy's own writes.
+    if key.startswith(ctx.reserved_prefixes) or any(
+        key == p.rstrip("/") for p in ctx.reserved_prefixes
+    ):
+        raise InvalidKey("this key prefix is reserved for the proxy's own objects")
     return key
 
 

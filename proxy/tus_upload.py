@@ -27,16 +27,18 @@ from typing import TypeVar
 from proxy.config import TusConfig
 from proxy.errors import (
     ConditionFailed,
+    KeyConflict,
     ObjectExists,
     ProxyError,
     StorageError,
     StorageUnavailable,
     TooLarge,
+    UploadFailed,
 )
 from proxy.http_upload import UploadContext, transfer
 from proxy.keys import safe_filename
-from proxy.storage.base import CompletedPart, OpenMultipart
-from proxy.streaming import StreamObserver, StreamResult
+from proxy.storage.base import CompletedPart, ObjectInfo, OpenMultipart, multipart_etag
+from proxy.streaming import StreamObserver, StreamResult, delete_if_ours, label, verify_stored
 from proxy.tus_hash import Sha256, resume_sha256
 from proxy.tus_state import (
     Lease,
@@ -92,8 +94,10 @@ class TusService:
 
     def object_key(self, upload_id: str, filename: str | None) -> str:
         # The tus id is always a whole key segment: TusStore.owns_multipart relies on it.
+        # Under object_prefix, where plain uploads are refused: nobody else can put an
+        # object at the key before the upload completes.
         name = safe_filename(filename)
-        prefix = self.uploads.config.key_prefix
+        prefix = self.uploads.config.key_prefix + self.config.object_prefix
         return f"{prefix}{upload_id}/{name}" if name else f"{prefix}{upload_id}"
 
     # -- create ------------------------------------------------------------------------
@@ -305,9 +309,42 @@ class TusService:
         return await self._complete_leased(lease, info)
 
     async def _complete_leased(self, lease: Lease, info: UploadInfo) -> UploadInfo:
-        done = await self.complete(info)
+        """Complete under the lease; every path that completes goes through here.
+
+        An attempt that fails leaves the upload ``completing`` for a retry (the client's
+        PATCH, or the sweeper).  An upload that can never complete as received (its key
+        holds an object that is not its own) is failed instead: its multipart upload
+        aborted, its state deleted, the client told (410 ERR_UPLOAD_FAILED, so it starts
+        again)."""
+        try:
+            done = await self.complete(info)
+        except UploadFailed as e:
+            await self._fail(info, e)
+            await lease.drop()
+            raise
         await lease.drop()
         return done
+
+    async def _fail(self, info: UploadInfo, error: UploadFailed) -> None:
+        """Discard an upload that cannot complete: abort its parts, delete its object if
+        an attempt got that far (one without its sha256 breaks our promise), delete its
+        state.  An object at the key that is not ours stays."""
+        log.error(
+            "tus upload id=%s key=%s bytes=%d result=%s: %s",
+            info.id,
+            info.key,
+            info.offset,
+            error.code,
+            error.message,
+        )
+        storage = self.uploads.storage
+        if info.multipart_id:
+            await storage.abort_multipart(info.key, info.multipart_id)
+        obj = await storage.head(info.key)
+        if obj is not None and _tagged(obj, info.id):
+            await delete_if_ours(storage, info.key, obj.etag)
+        await self.store.delete_all(info.id)
+        self.uploads.hooks.finished(info.id, None, error, time.time() - info.created_s, info.offset)
 
     async def resume_completion(self, lease: Lease) -> UploadInfo:
         """A PATCH on an upload whose completion was interrupted: finish it now."""
@@ -325,7 +362,8 @@ class TusService:
         else:
             etag = await self._complete_multipart(info)
             sha256 = info.sha256_hex or await self._rehash(info.key)
-            await storage.replace_metadata(
+            await label(
+                storage,
                 info.key,
                 etag=etag,
                 size=length,
@@ -361,8 +399,9 @@ class TusService:
         return replace(info, sha256_hex=sha256)
 
     async def _put_empty(self, key: str, content_type: str, metadata: dict[str, str]) -> None:
+        storage = self.uploads.storage
         try:
-            await self.uploads.storage.put_object(
+            etag = await storage.put_object(
                 key,
                 b"",
                 metadata={**metadata, "sha256": EMPTY_SHA256},
@@ -370,10 +409,28 @@ class TusService:
                 checksum=None,
                 if_none_match=True,
             )
-        except ObjectExists:
-            pass  # the key holds the tus id: only an earlier attempt of ours can have made it
+        except (ObjectExists, KeyConflict) as e:
+            # An earlier attempt of ours whose answer was lost, or someone else's object:
+            # only ours carries our tus id (plain uploads cannot set it) and no bytes.
+            obj = await storage.head(key)
+            ours = (
+                obj is not None
+                and obj.size == 0
+                and _tagged(obj, metadata["tus-id"])
+                and obj.metadata.get("sha256") == EMPTY_SHA256
+            )
+            if not ours:
+                raise _key_taken(key, e) from e
+            return
+        await verify_stored(storage, key, etag=etag, size=0, sha256=EMPTY_SHA256)
 
     async def _complete_multipart(self, info: UploadInfo) -> str:
+        """CompleteMultipartUpload (create-only); the object's etag.
+
+        After a failed attempt, the object at the key is taken for ours only if it proves
+        to be: our tus id in its metadata (set at CreateMultipartUpload; plain uploads
+        cannot set it), our size, and the ETag our recorded parts make (or, once labelled,
+        our sha256: on stores where the self-copy changes the ETag)."""
         storage = self.uploads.storage
         parts = [CompletedPart(n, p.etag) for n, p in enumerate(info.parts, start=1)]
         try:
@@ -382,11 +439,13 @@ class TusService:
             )
         except StorageUnavailable:
             raise
-        except StorageError:
+        except (StorageError, KeyConflict) as e:
             # Already completed by an earlier, interrupted attempt?
             obj = await storage.head(info.key)
-            if obj is not None and obj.size == info.offset:
+            if obj is not None and _ours(info, obj, parts):
                 return obj.etag
+            if obj is not None or isinstance(e, ObjectExists | KeyConflict):
+                raise _key_taken(info.key, e) from e
             raise
 
     async def _rehash(self, key: str) -> str:
@@ -434,8 +493,7 @@ class TusService:
                 lease = await self.store.acquire(upload_id, allow_expired=True)
                 try:
                     if lease.info.completing:
-                        await self.complete(lease.info)
-                        await lease.drop()
+                        await self._complete_leased(lease, lease.info)
                     elif lease.info.reached_length:
                         # Every byte is durable but completion was never decided (a final
                         # PATCH that failed after setting a deferred length, or state from
@@ -450,6 +508,8 @@ class TusService:
                 handled += 1
             except asyncio.CancelledError:
                 raise
+            except UploadFailed:
+                handled += 1  # it could not complete: failed for good, cleaned up, logged
             except (ProxyError, LeaseLost, ConditionFailed) as e:
                 complete_view = False
                 log.warning("tus sweeper: upload %s: %s", upload_id, e)
@@ -507,6 +567,26 @@ class TusService:
         except Exception as e:
             log.error("tus %s failed: %s", what, e)
             return None
+
+
+def _tagged(obj: ObjectInfo, upload_id: str) -> bool:
+    return obj.metadata.get("tus-id") == upload_id
+
+
+def _ours(info: UploadInfo, obj: ObjectInfo, parts: list[CompletedPart]) -> bool:
+    """Is ``obj`` the object this upload's multipart upload completed to?"""
+    if not _tagged(obj, info.id) or obj.size != info.offset:
+        return False
+    if obj.etag.strip('"') == multipart_etag(parts):
+        return True
+    return info.sha256_hex is not None and obj.metadata.get("sha256") == info.sha256_hex
+
+
+def _key_taken(key: str, cause: ProxyError) -> UploadFailed:
+    what = "is a folder" if isinstance(cause, KeyConflict) else "holds another object"
+    return UploadFailed(
+        f"the upload's key {key!r} {what}; the upload was discarded: upload the file again"
+    )
 
 
 async def _no_bytes() -> AsyncIterator[bytes]:

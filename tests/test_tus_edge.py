@@ -28,6 +28,7 @@ from tus_helpers import (
     service_for,
     sha256_hex,
     store_for,
+    tus_key,
     tus_sections,
 )
 
@@ -73,7 +74,7 @@ async def hang_up(writer: asyncio.StreamWriter) -> None:
 async def wait_stored(s3: Any, prefix: str, url: str) -> None:
     """Until the object appears (the server sees the hang-up asynchronously)."""
     for _ in range(200):
-        if await s3.head(f"{prefix}{upload_id(url)}") is not None:
+        if await s3.head(tus_key(prefix, url)) is not None:
             return
         await asyncio.sleep(0.05)
     raise AssertionError("the object never appeared")

@@ -10,6 +10,7 @@ is a folder on a store that cannot hold an object and a folder of one name).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -35,6 +36,14 @@ class PartChecksum:
 class CompletedPart:
     number: int
     etag: str
+
+
+def multipart_etag(parts: list[CompletedPart]) -> str:
+    """The ETag S3 gives an object completed from ``parts``: the MD5 of the parts' MD5s,
+    then "-" and the part count (for parts stored without SSE-KMS/-C).  SeaweedFS follows
+    the same formula (tests/test_tus_integrity.py checks it)."""
+    digests = b"".join(bytes.fromhex(p.etag.strip('"')) for p in parts)
+    return f"{hashlib.md5(digests).hexdigest()}-{len(parts)}"
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
 import logging
 import random
 import time
@@ -49,6 +48,7 @@ from proxy.storage.base import (
     OpenMultipart,
     OpObserver,
     PartChecksum,
+    multipart_etag,
 )
 
 log = logging.getLogger(__name__)
@@ -152,13 +152,6 @@ def _classify(exc: BaseException) -> ProxyError | _Transient:
     if isinstance(exc, BotoCoreError | aiohttp.ClientError | asyncio.TimeoutError | OSError):
         return _Transient(type(exc).__name__)
     return StorageError(f"unexpected storage failure ({type(exc).__name__})")
-
-
-def multipart_etag(parts: list[CompletedPart]) -> str:
-    """The ETag S3 gives an object completed from ``parts``: the MD5 of the parts' MD5s,
-    then "-" and the part count (for parts stored without SSE-KMS/-C)."""
-    digests = b"".join(bytes.fromhex(p.etag.strip('"')) for p in parts)
-    return f"{hashlib.md5(digests).hexdigest()}-{len(parts)}"
 
 
 async def _none() -> None:
