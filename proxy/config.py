@@ -604,9 +604,37 @@ def from_dict(
         logging=_logging(section["logging"]),
         tus=_tus(section["tus"]),
     )
+    problems.extend(_tus_overlaps(cfg.upload, cfg.tus))
     if problems:
         raise ConfigError(problems, source)
     return cfg
+
+
+def _tus_overlaps(upload: UploadConfig, tus: TusConfig) -> list[str]:
+    """Where plain objects, tus objects and tus state live must not overlap.
+
+    The tus state of upload ``<id>`` is every object under ``<state_prefix><id>/``, all
+    deleted when the upload ends; the sweeper reads everything under ``state_prefix``.
+    A ``key_prefix`` inside (or equal to) ``state_prefix`` puts objects there, and
+    ``key_prefix + object_prefix`` (where tus objects go) overlapping ``state_prefix``
+    either way can make ``<id>/`` one folder for both: finishing an upload would delete
+    its own object.  The state prefix inside ``key_prefix`` is fine (the shipped default,
+    key_prefix = "", is that): plain uploads are refused under ``state_prefix``."""
+    problems = []
+    kp, sp = upload.key_prefix, tus.state_prefix
+    objects = kp + tus.object_prefix
+    if kp.startswith(sp):
+        problems.append(
+            f"upload.key_prefix: {kp!r} lies inside tus.state_prefix {sp!r}; the tus state "
+            "cleanup would delete uploaded objects: give them separate prefixes"
+        )
+    elif objects.startswith(sp) or sp.startswith(objects):
+        problems.append(
+            f"tus.object_prefix: tus objects ({objects!r}) and tus.state_prefix ({sp!r}) "
+            "overlap; the tus state cleanup would delete finished uploads: give them "
+            "separate prefixes"
+        )
+    return problems
 
 
 def load(path: str | Path) -> Config:
