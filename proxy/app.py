@@ -241,6 +241,9 @@ def build_app(runtime: Runtime) -> web.Application:
         slots=UploadSlots(cfg.limits.max_concurrent_uploads, cfg.limits.max_uploads_per_client),
         policy=ContentPolicy(cfg.limits.allowed_content_types, cfg.limits.allowed_extensions),
         trusted_proxies=cfg.server.trusted_proxies,
+        # The S3 client's retries end within this; the bound also covers what its socket
+        # timeouts do not (a body send that stalls).
+        part_timeout_s=cfg.storage.operation_bound_s,
     )
     app.cleanup_ctx.append(_storage_ctx)
     app.cleanup_ctx.append(_uploads_ctx)

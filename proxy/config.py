@@ -127,6 +127,14 @@ class StorageConfig:
     max_pool_connections: int = 32
     embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig)
 
+    @property
+    def operation_bound_s(self) -> float:
+        """About the longest one S3 operation runs, retries included: every attempt's connect
+        and read timeouts plus the longest backoffs between them (~262 s by default)."""
+        attempts = self.retry_attempts
+        backoff_s = self.retry_base_delay_s * ((1 << (attempts - 1)) - 1)
+        return attempts * (self.connect_timeout_s + self.read_timeout_s) + backoff_s
+
 
 @dataclass(frozen=True)
 class MemoryConfig:

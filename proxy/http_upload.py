@@ -157,6 +157,8 @@ class UploadContext:
     policy: ContentPolicy = field(default_factory=ContentPolicy)
     trusted_proxies: tuple[Network, ...] = ()
     stats: UploadStats = field(default_factory=UploadStats)
+    # Hard bound on one part upload (the tus writer's; see StreamSettings.part_timeout_s).
+    part_timeout_s: float | None = None
     # Keys with a plain upload running in this process: the stale sweeper spares them.
     active_keys: Counter[str] = field(default_factory=Counter)
     # Key prefixes plain uploads may not write to (tus state and tus objects live there).
@@ -186,6 +188,7 @@ class UploadContext:
             admission_timeout_s=c.admission_timeout_s,
             part_checksum=c.part_checksum,
             hash_in_thread=c.hash_in_thread,
+            part_timeout_s=self.part_timeout_s,
         )
 
 

@@ -53,6 +53,8 @@ class StreamSettings:
     admission_timeout_s: float
     part_checksum: str = "none"
     hash_in_thread: bool = True
+    # Longest one part upload may take, retries included (tus writer); None: unbounded.
+    part_timeout_s: float | None = None
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,10 @@ log = logging.getLogger(__name__)
 
 REHASH_CHUNK_BYTES = 1024 * 1024
 CLEANUP_TIMEOUT_S = 30.0
+# Completion attempts the store may refuse (an answer, not an outage) before the upload is
+# failed.  A refusal that repeats is not going to heal (a part the store no longer has as
+# recorded, an upload aborted under us); three lets a passing glitch and a retry through.
+MAX_COMPLETION_FAILURES = 3
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 T = TypeVar("T")
 
@@ -189,7 +193,7 @@ class TusService:
             target,
             resume_sha256(info.sha256_state, info.parts_bytes),
             hashlib.new(checksum.algorithm) if checksum else None,
-            lease_lost=lambda: lease.lost,
+            fenced=lease.fenced,
             observer=observer,
         )
         keeper = _LeaseKeeper(
@@ -312,18 +316,57 @@ class TusService:
         """Complete under the lease; every path that completes goes through here.
 
         An attempt that fails leaves the upload ``completing`` for a retry (the client's
-        PATCH, or the sweeper).  An upload that can never complete as received (its key
-        holds an object that is not its own) is failed instead: its multipart upload
-        aborted, its state deleted, the client told (410 ERR_UPLOAD_FAILED, so it starts
-        again)."""
+        PATCH, or the sweeper), with the refusal counted.  An upload that can never
+        complete as received is failed instead: its multipart upload aborted, its state
+        deleted, the client told (410 ERR_UPLOAD_FAILED, so it starts again).  That is one
+        whose key holds an object that is not its own, whose parts are not the ones
+        recorded, that the store refused MAX_COMPLETION_FAILURES times, or that has kept
+        failing for expire_after_s (a store that only ever times out on it)."""
         try:
+            if info.completion_failures >= MAX_COMPLETION_FAILURES:
+                raise UploadFailed(
+                    f"the upload could not be completed after {info.completion_failures} "
+                    "attempts and was discarded; upload the file again"
+                )
             done = await self.complete(info)
-        except UploadFailed as e:
-            await self._fail(info, e)
-            await lease.drop()
+        except asyncio.CancelledError:
             raise
+        except ProxyError as e:
+            failed = e if isinstance(e, UploadFailed) else self._give_up(info, e)
+            if failed is None:
+                await self._count_failure(lease, info, e)
+                raise
+            await self._fail(info, failed)
+            await lease.drop()
+            if failed is e:
+                raise
+            raise failed from e
         await lease.drop()
         return done
+
+    def _give_up(self, info: UploadInfo, error: ProxyError) -> UploadFailed | None:
+        """After a failed completion attempt: the failure that ends the upload, or None to
+        let it be retried."""
+        refused = not isinstance(error, StorageUnavailable)
+        if refused and info.completion_failures + 1 >= MAX_COMPLETION_FAILURES:
+            return UploadFailed(
+                f"the store refused to complete the upload {MAX_COMPLETION_FAILURES} times "
+                f"({error.message}); it was discarded: upload the file again"
+            )
+        if self.store.clock() >= info.expires_s:
+            return UploadFailed(
+                f"the upload could not be completed for {self.config.expire_after_s:.0f}s "
+                f"({error.message}); it was discarded: upload the file again"
+            )
+        return None
+
+    async def _count_failure(self, lease: Lease, info: UploadInfo, error: ProxyError) -> None:
+        if isinstance(error, StorageUnavailable):
+            return  # an outage, not a refusal: the expiry bounds those
+        try:
+            await lease.release(replace(info, completion_failures=info.completion_failures + 1))
+        except ProxyError as e:
+            log.warning("tus upload %s: could not record a failed completion: %s", info.id, e)
 
     async def _fail(self, info: UploadInfo, error: UploadFailed) -> None:
         """Discard an upload that cannot complete: abort its parts, delete its object if
@@ -425,15 +468,19 @@ class TusService:
         await verify_stored(storage, key, etag=etag, size=0, sha256=EMPTY_SHA256)
 
     async def _complete_multipart(self, info: UploadInfo) -> str:
-        """CompleteMultipartUpload (create-only); the object's etag.
+        """CompleteMultipartUpload (create-only), after checking the parts; the object's etag.
 
-        After a failed attempt, the object at the key is taken for ours only if it proves
-        to be: our tus id in its metadata (set at CreateMultipartUpload; plain uploads
-        cannot set it), our size, and the ETag our recorded parts make (or, once labelled,
-        our sha256: on stores where the self-copy changes the ETag)."""
+        The store keeps what was uploaded last under each part number: a PATCH whose lease
+        ran out may still have had a part in flight that landed over the part a later
+        PATCH recorded.  ListParts shows it before anything is completed.  After a failed
+        attempt, the object at the key is taken for ours only if it proves to be: our tus
+        id in its metadata (set at CreateMultipartUpload; plain uploads cannot set it),
+        our size, and the ETag our recorded parts make (or, once labelled, our sha256:
+        on stores where the self-copy changes the ETag)."""
         storage = self.uploads.storage
         parts = [CompletedPart(n, p.etag) for n, p in enumerate(info.parts, start=1)]
         try:
+            await self._check_parts(info)
             return await storage.complete_multipart(
                 info.key, info.multipart_id, parts, if_none_match=True
             )
@@ -447,6 +494,19 @@ class TusService:
             if obj is not None or isinstance(e, ObjectExists | KeyConflict):
                 raise _key_taken(info.key, e) from e
             raise
+
+    async def _check_parts(self, info: UploadInfo) -> None:
+        stored = {
+            (p.number, p.etag.strip('"'), p.size)
+            for p in await self.uploads.storage.list_parts(info.key, info.multipart_id)
+        }
+        for number, part in enumerate(info.parts, start=1):
+            if (number, part.etag.strip('"'), part.size) not in stored:
+                # Most likely a part of a PATCH whose lease had run out landed over it.
+                raise UploadFailed(
+                    f"the store no longer holds part {number} of the upload as it was "
+                    "received; the upload was discarded: upload the file again"
+                )
 
     async def _rehash(self, key: str) -> str:
         """The SHA-256 of a stored object, read back in bounded chunks.  Only for uploads

@@ -89,10 +89,10 @@ class PatchWriter:
         sha256: Sha256,
         checksum: Any | None = None,
         observer: StreamObserver | None = None,
-        lease_lost: Callable[[], bool] = lambda: False,
+        fenced: Callable[[], bool] = lambda: False,
     ) -> None:
         self._storage = storage
-        self._lease_lost = lease_lost
+        self._fenced = fenced  # True: start no new part (see Lease.fenced)
         self._pool = pool
         self._settings = settings
         self._t = target
@@ -169,9 +169,10 @@ class PatchWriter:
     async def _dispatch(self) -> None:
         """Turn the current buffer into the next part, once a sending slot is free."""
         assert self._buf is not None
-        if self._lease_lost():
-            # Someone took the upload over: sending parts now could overwrite theirs.
-            raise LeaseLost("the upload was taken over by another request")
+        if self._fenced():
+            # Someone took the upload over, or may soon: a part sent now could land over
+            # theirs.  The parts stored so far are committed by the caller.
+            raise LeaseLost("the upload's lease was lost or is running out; resume it")
         if self._unloaded:
             await self._load_pending()
         while len(self._tasks) >= self._settings.parts_in_flight:
@@ -218,9 +219,12 @@ class PatchWriter:
             finally:
                 if not mine.done():
                     mine.set_result(None)
-            etag = await self._storage.upload_part(
-                self._t.key, self._t.multipart_id, number, data, checksum
-            )
+            # A hard bound: a part still in flight long after its lease ended could land
+            # over a new holder's part (the completion's ListParts check catches that).
+            async with asyncio.timeout(self._settings.part_timeout_s):
+                etag = await self._storage.upload_part(
+                    self._t.key, self._t.multipart_id, number, data, checksum
+                )
             self._done[number] = (Part(etag, filled), snapshot)
             self._obs.stored(filled)
         except BaseException:
@@ -310,10 +314,13 @@ class PatchWriter:
             # after its last byte (a chunked body without its last-chunk marker, a stall,
             # a drain): as a pending segment the tail would bring the offset to the length
             # with nothing left to send that completes the upload; as the last part, the
-            # caller completes it.
-            await self._dispatch()
-            await self._settle()
-            keep_tail = not self._part_failed
+            # caller completes it.  Not under a fenced lease: the client resends it.
+            if self._fenced():
+                keep_tail = False
+            else:
+                await self._dispatch()
+                await self._settle()
+                keep_tail = not self._part_failed
         return await self._result(keep_tail=keep_tail)
 
     async def _result(self, *, keep_tail: bool) -> PatchResult:

@@ -4,13 +4,19 @@
   completion accepts an object at its key only if it proves to be its own (tus id in its
   metadata, size, multipart ETag); otherwise the upload fails honestly: 410, its parts
   aborted, its state deleted, the other object left alone.
+* A PATCH whose lease runs out starts no new part; the parts are checked with ListParts
+  before CompleteMultipartUpload; a completion the store keeps refusing ends.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
@@ -27,11 +33,13 @@ from tus_helpers import (
 )
 from wrapped import Wrapped
 
-from proxy.errors import StorageUnavailable
-from proxy.storage.base import CompletedPart, PartChecksum, multipart_etag
-from proxy.tus_state import UploadInfo
+from proxy import tus
+from proxy.errors import StorageError, StorageUnavailable
+from proxy.storage.base import Body, CompletedPart, PartChecksum, multipart_etag
+from proxy.tus_state import LeaseLost, Part, TusStore, UploadInfo
+from proxy.tus_upload import MAX_COMPLETION_FAILURES, TusService
 
-from conftest import MiB, StartProxy, get_object, s3_for
+from conftest import MiB, StartProxy, assert_nothing_left, get_object, s3_for
 
 SIZE = 6 * MiB + 7  # one 5 MiB part and a 1 MiB + 7 byte last part
 
@@ -198,3 +206,137 @@ async def test_seaweedfs_multipart_etags_follow_s3s_formula(s3: Any, prefix: str
     assert etag.strip('"') == multipart_etag(parts)
     obj = await s3.head(key)
     assert obj is not None and obj.etag.strip('"') == multipart_etag(parts)
+
+
+# -- lease loss, part checks, completion budget ----------------------------------------
+
+
+class CountParts(Wrapped):
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.numbers: list[int] = []
+        self.stored = asyncio.Event()
+
+    async def upload_part(
+        self, key: str, upload_id: str, number: int, body: Body, checksum: PartChecksum | None
+    ) -> str:
+        self.numbers.append(number)
+        etag = await self.inner.upload_part(key, upload_id, number, body, checksum)
+        self.stored.set()
+        return str(etag)
+
+
+async def test_a_writer_starts_no_part_once_its_lease_runs_out(
+    start_proxy: StartProxy, seaweed: Any, s3: Any, prefix: str
+) -> None:
+    """Renewals failing (or a stalled daemon) let the lease run out while the PATCH goes
+    on; another request may then take the upload over, and a part we start could land
+    over its part of the same number.  So no part starts in the last third of the lease:
+    the PATCH ends (423) and keeps the parts stored before."""
+    async with s3_for(seaweed) as real:
+        counting = CountParts(real)
+        proxy = await start_proxy(storage=counting, **tus_sections(prefix))
+        now = [time.time()]
+        lease_s = 300.0  # the keeper (every lease_s / 3 of real time) stays out of the way
+        store = TusStore(counting, f"{prefix}.tus/", lease_s, clock=lambda: now[0])
+        assert proxy.runtime.uploads is not None
+        svc = TusService(proxy.config.tus, proxy.runtime.uploads, store)
+        _, lease = await svc.create(tus.new_upload(svc, "", 12 * MiB), leased=True)
+        assert lease is not None
+        data = os.urandom(12 * MiB)
+
+        async def body() -> AsyncIterator[bytes]:
+            yield data[: 5 * MiB]
+            yield data[5 * MiB : 6 * MiB]  # part 1 goes out
+            await asyncio.wait_for(counting.stored.wait(), 30)
+            now[0] += lease_s * 2 / 3 + 1  # less than a third of the lease is left
+            yield data[6 * MiB :]  # fills part 2, which must not be sent
+
+        with pytest.raises(LeaseLost):
+            await svc.write(lease, body(), declared_bytes=len(data), checksum=None)
+    assert counting.numbers == [1]
+    info = await info_of(s3, prefix, lease.info.id)
+    assert [p.size for p in info.parts] == [5 * MiB] and info.lease_owner is None
+
+
+async def test_parts_not_as_recorded_fail_the_upload_before_completing(
+    start_proxy: StartProxy, http: aiohttp.ClientSession, s3: Any, prefix: str
+) -> None:
+    """A part in flight when its lease ran out can land after another request took the
+    upload over, over the part it recorded under that number (S3 keeps the last upload).
+    ListParts finds it before anything is completed: 410, aborted, state gone, instead of
+    a completion the store refuses for ever (or, where it would not check, wrong bytes)."""
+    proxy = await start_proxy(**tus_sections(prefix))
+    data = os.urandom(SIZE)
+    url = await with_a_part(http, proxy.url, data)
+    store = store_for(s3, prefix)
+    loaded = await store.load(upload_id(url))
+    assert loaded is not None
+    info, etag = loaded
+    # What the store holds as part 1 is not what the info recorded.
+    overwritten = Part(f'"{hashlib.md5(b"the late part").hexdigest()}"', info.parts[0].size)
+    tampered = replace(info, parts=(overwritten,), rev=info.rev + 1)
+    await s3.put_conditional(store.info_key(info.id), tampered.to_json(), if_match=etag)
+    assert len(await s3.list_multipart(prefix)) == 1
+    r = await patch(http, url, 5 * MiB + 1, data[5 * MiB + 1 :])
+    assert r.status == 410
+    await assert_nothing_left(s3, prefix)
+
+
+class RefuseCompletion(Wrapped):
+    def __init__(self, inner: Any, error: type[StorageError]) -> None:
+        super().__init__(inner)
+        self.error = error
+
+    async def complete_multipart(self, *a: Any, **kw: Any) -> str:
+        self.calls["complete_multipart"] += 1
+        raise self.error("injected: the store refuses to complete")
+
+
+async def last_patch(
+    start_proxy: StartProxy, storage: Any, http: aiohttp.ClientSession, prefix: str
+) -> tuple[Any, str, aiohttp.ClientResponse]:
+    """A proxy on ``storage``, and the answer to the last PATCH of an upload."""
+    proxy = await start_proxy(storage=storage, **tus_sections(prefix))
+    data = os.urandom(SIZE)
+    url = await with_a_part(http, proxy.url, data)
+    return proxy, url, await patch(http, url, 5 * MiB + 1, data[5 * MiB + 1 :])
+
+
+async def test_a_completion_the_store_keeps_refusing_ends(
+    start_proxy: StartProxy, seaweed: Any, http: aiohttp.ClientSession, s3: Any, prefix: str
+) -> None:
+    """``completing`` used to be retried for ever (every PATCH 502, every sweep): after
+    MAX_COMPLETION_FAILURES refusals the upload is failed and cleaned up."""
+    async with s3_for(seaweed) as real:
+        refusing = RefuseCompletion(real, StorageError)
+        _, url, r = await last_patch(start_proxy, refusing, http, prefix)
+        for attempt in range(1, MAX_COMPLETION_FAILURES):
+            assert r.status == 502
+            info = await info_of(s3, prefix, url)
+            assert info.completing and info.completion_failures == attempt
+            assert len(await s3.list_multipart(prefix)) == 1
+            r = await patch(http, url, SIZE, b"")
+        assert r.status == 410
+        assert refusing.calls["complete_multipart"] == MAX_COMPLETION_FAILURES
+    await assert_nothing_left(s3, prefix)
+
+
+async def test_a_completion_that_keeps_timing_out_ends_at_the_expiry(
+    start_proxy: StartProxy, seaweed: Any, http: aiohttp.ClientSession, s3: Any, prefix: str
+) -> None:
+    """Outages are not counted (a client retrying through a blip must not lose its upload),
+    but a completion that has failed for expire_after_s is given up, by the sweeper too."""
+    async with s3_for(seaweed) as real:
+        down = RefuseCompletion(real, StorageUnavailable)
+        proxy, url, r = await last_patch(start_proxy, down, http, prefix)
+        assert r.status == 503
+        for _ in range(MAX_COMPLETION_FAILURES):
+            assert (await patch(http, url, SIZE, b"")).status == 503
+        info = await info_of(s3, prefix, url)
+        assert info.completing and info.completion_failures == 0
+        later = info.expires_s + 1
+        store = TusStore(down, f"{prefix}.tus/", 30, clock=lambda: later)
+        assert proxy.runtime.uploads is not None
+        assert await TusService(proxy.config.tus, proxy.runtime.uploads, store).sweep_once() == 1
+    await assert_nothing_left(s3, prefix)

@@ -47,6 +47,15 @@ def multipart_etag(parts: list[CompletedPart]) -> str:
 
 
 @dataclass(frozen=True)
+class StoredPart:
+    """A part as the store lists it (``ListParts``)."""
+
+    number: int
+    etag: str
+    size: int
+
+
+@dataclass(frozen=True)
 class OpenMultipart:
     key: str
     upload_id: str
@@ -127,6 +136,10 @@ class Storage(Protocol):
         """Delete an object; succeeds if it does not exist.  With ``if_match``, only if its
         etag is still that one: otherwise (or if it is gone) raise
         :class:`~proxy.errors.ConditionFailed` and leave whatever is there."""
+
+    async def list_parts(self, key: str, upload_id: str) -> list[StoredPart]:
+        """The parts stored so far in a multipart upload, by part number.  A store that keeps
+        every upload of one part number (SeaweedFS) lists each of them."""
 
     async def list_multipart(self, prefix: str = "") -> list[OpenMultipart]:
         """Open multipart uploads under ``prefix``."""

@@ -48,6 +48,7 @@ from proxy.storage.base import (
     OpenMultipart,
     OpObserver,
     PartChecksum,
+    StoredPart,
     multipart_etag,
 )
 
@@ -544,6 +545,19 @@ class S3Storage:
         except ObjectExists as e:
             # 412: the object is no longer the one we meant (or is gone); it stays.
             raise ConditionFailed(f"{key} is not the object it was") from e
+
+    async def list_parts(self, key: str, upload_id: str) -> list[StoredPart]:
+        out: list[StoredPart] = []
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "UploadId": upload_id}
+        while True:
+            r = await self._call(
+                "list_parts", functools.partial(self._client.list_parts, **dict(kwargs))
+            )
+            for p in r.get("Parts", []) or []:
+                out.append(StoredPart(int(p["PartNumber"]), str(p["ETag"]), int(p["Size"])))
+            if not r.get("IsTruncated"):
+                return out
+            kwargs["PartNumberMarker"] = r.get("NextPartNumberMarker", 0)
 
     async def list_multipart(self, prefix: str = "") -> list[OpenMultipart]:
         out: list[OpenMultipart] = []
