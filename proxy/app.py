@@ -261,6 +261,9 @@ def build_app(runtime: Runtime) -> web.Application:
         slots=UploadSlots(cfg.limits.max_concurrent_uploads, cfg.limits.max_uploads_per_client),
         policy=ContentPolicy(cfg.limits.allowed_content_types, cfg.limits.allowed_extensions),
         trusted_proxies=cfg.server.trusted_proxies,
+        # The S3 client's retries end within this; the bound also covers what its socket
+        # timeouts do not (a body send that stalls).
+        part_timeout_s=cfg.storage.operation_bound_s,
     )
     app.cleanup_ctx.append(_storage_ctx)
     app.cleanup_ctx.append(_uploads_ctx)
@@ -271,7 +274,12 @@ def build_app(runtime: Runtime) -> web.Application:
     if runtime.config.tus.enabled:
         tus.add_routes(app, runtime.config.tus)
         app.cleanup_ctx.append(tus.sweeper_ctx)
-        app[UPLOADS].reserved_prefixes = (runtime.config.tus.state_prefix,)
+        # Plain uploads may write neither the tus state nor where tus objects go (a key
+        # squatted there before a tus upload completes would pass for its object).
+        app[UPLOADS].reserved_prefixes = (
+            cfg.tus.state_prefix,
+            cfg.upload.key_prefix + cfg.tus.object_prefix,
+        )
         if runtime.upload_is_live is None:
             # The stale-multipart sweeper must never abort a live tus upload's parts:
             # ask the upload's state in S3 (exact, and right across instances).

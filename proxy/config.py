@@ -132,6 +132,14 @@ class StorageConfig:
     max_pool_connections: int = 32
     embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig)
 
+    @property
+    def operation_bound_s(self) -> float:
+        """About the longest one S3 operation runs, retries included: every attempt's connect
+        and read timeouts plus the longest backoffs between them (~262 s by default)."""
+        attempts = self.retry_attempts
+        backoff_s = self.retry_base_delay_s * ((1 << (attempts - 1)) - 1)
+        return attempts * (self.connect_timeout_s + self.read_timeout_s) + backoff_s
+
 
 @dataclass(frozen=True)
 class MemoryConfig:
@@ -189,6 +197,7 @@ class TusConfig:
     enabled: bool = True
     base_path: str = "/files/"
     state_prefix: str = ".tus/"
+    object_prefix: str = "tus/"
     expire_after_s: float = 86400.0
     max_lifetime_s: float = 7 * 86400.0
     sweep_interval_s: float = 600.0
@@ -614,6 +623,7 @@ def _tus(r: _Reader) -> TusConfig:
         enabled=r.get("enabled", bool, d.enabled),
         base_path=r.get("base_path", str, d.base_path),
         state_prefix=r.get("state_prefix", str, d.state_prefix),
+        object_prefix=r.get("object_prefix", str, d.object_prefix),
         expire_after_s=r.positive("expire_after_s", float, d.expire_after_s),
         max_lifetime_s=r.positive("max_lifetime_s", float, d.max_lifetime_s),
         sweep_interval_s=r.positive("sweep_interval_s", float, d.sweep_interval_s, allow_zero=True),
@@ -635,6 +645,12 @@ def _tus(r: _Reader) -> TusConfig:
         and ".." not in cfg.state_prefix,
         "state_prefix",
         f"must end with '/', not start with '/' nor contain '..'; got {cfg.state_prefix!r}",
+    )
+    r.check(
+        re.fullmatch(r"(?:[A-Za-z0-9_~-][A-Za-z0-9._~-]*/)+", cfg.object_prefix) is not None,
+        "object_prefix",
+        "must be one or more key segments each ending with '/' (letters, digits, '._~-', "
+        f"not starting with '.'); got {cfg.object_prefix!r}",
     )
     origin_re = re.compile(r"\*|https?://[^/\s]+")
     r.check(
@@ -668,9 +684,37 @@ def from_dict(
         logging=_logging(section["logging"]),
         tus=_tus(section["tus"]),
     )
+    problems.extend(_tus_overlaps(cfg.upload, cfg.tus))
     if problems:
         raise ConfigError(problems, source)
     return cfg
+
+
+def _tus_overlaps(upload: UploadConfig, tus: TusConfig) -> list[str]:
+    """Where plain objects, tus objects and tus state live must not overlap.
+
+    The tus state of upload ``<id>`` is every object under ``<state_prefix><id>/``, all
+    deleted when the upload ends; the sweeper reads everything under ``state_prefix``.
+    A ``key_prefix`` inside (or equal to) ``state_prefix`` puts objects there, and
+    ``key_prefix + object_prefix`` (where tus objects go) overlapping ``state_prefix``
+    either way can make ``<id>/`` one folder for both: finishing an upload would delete
+    its own object.  The state prefix inside ``key_prefix`` is fine (the shipped default,
+    key_prefix = "", is that): plain uploads are refused under ``state_prefix``."""
+    problems = []
+    kp, sp = upload.key_prefix, tus.state_prefix
+    objects = kp + tus.object_prefix
+    if kp.startswith(sp):
+        problems.append(
+            f"upload.key_prefix: {kp!r} lies inside tus.state_prefix {sp!r}; the tus state "
+            "cleanup would delete uploaded objects: give them separate prefixes"
+        )
+    elif objects.startswith(sp) or sp.startswith(objects):
+        problems.append(
+            f"tus.object_prefix: tus objects ({objects!r}) and tus.state_prefix ({sp!r}) "
+            "overlap; the tus state cleanup would delete finished uploads: give them "
+            "separate prefixes"
+        )
+    return problems
 
 
 def load(path: str | Path) -> Config:

@@ -110,6 +110,15 @@ class KeyExists(ProxyError):
     reason = "conflict"
 
 
+class KeyConflict(ProxyError):
+    """The key collides with a folder (objects exist under ``key/``) on a store that cannot
+    hold an object and a folder of the same name (SeaweedFS)."""
+
+    code = "ERR_KEY_CONFLICT"
+    status = 409
+    reason = "conflict"
+
+
 class TooLarge(ProxyError):
     code = "ERR_TOO_LARGE"
     status = 413
@@ -190,6 +199,13 @@ class TooManyUnfinished(ProxyError):
     code = "ERR_TOO_MANY_UNFINISHED_UPLOADS"
     status = 429
     reason = "client_limit"
+
+
+class UploadFailed(Gone):
+    """A resumable upload could not be completed as received and was discarded (its parts
+    were aborted, its state deleted): the client has to upload the file again."""
+
+    code = "ERR_UPLOAD_FAILED"
 
 
 class Locked(ProxyError):

@@ -162,9 +162,11 @@ class UploadContext:
     policy: ContentPolicy = field(default_factory=ContentPolicy)
     trusted_proxies: tuple[Network, ...] = ()
     stats: UploadStats = field(default_factory=UploadStats)
+    # Hard bound on one part upload (the tus writer's; see StreamSettings.part_timeout_s).
+    part_timeout_s: float | None = None
     # Keys with a plain upload running in this process: the stale sweeper spares them.
     active_keys: Counter[str] = field(default_factory=Counter)
-    # Key prefixes plain uploads may not write to (the tus state objects live there).
+    # Key prefixes plain uploads may not write to (tus state and tus objects live there).
     reserved_prefixes: tuple[str, ...] = ()
     _storage: Storage | None = None
     _pool: BufferPool | None = None
@@ -211,6 +213,7 @@ class UploadContext:
             admission_timeout_s=c.admission_timeout_s,
             part_checksum=c.part_checksum,
             hash_in_thread=c.hash_in_thread,
+            part_timeout_s=self.part_timeout_s,
         )
 
 
@@ -543,8 +546,12 @@ def _new_key(ctx: UploadContext, grant: Grant, filename: str | None) -> str:
 
 
 def _unreserved(ctx: UploadContext, key: str) -> str:
-    if key.startswith(ctx.reserved_prefixes):
-        raise InvalidKey("this key prefix is reserved for the proxy's own state")
+    # The folder name itself too: on some stores an object "x" and a folder "x/" exclude
+    # each other, so an object there could block the proxy's own writes.
+    if key.startswith(ctx.reserved_prefixes) or any(
+        key == p.rstrip("/") for p in ctx.reserved_prefixes
+    ):
+        raise InvalidKey("this key prefix is reserved for the proxy's own objects")
     return key
 
 

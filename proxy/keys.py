@@ -62,6 +62,10 @@ def validate_key(key: str) -> str:
         raise InvalidKey("the key must not contain '.' or '..' segments")
     if "" in segments[:-1]:
         raise InvalidKey("the key must not contain empty segments ('//')")
+    if segments[-1] == "":
+        # S3 stores "dir/" as a folder marker: SeaweedFS keeps an empty directory entry
+        # and drops the body, so the object the client was promised would not exist.
+        raise InvalidKey("the key must not end with '/'")
     try:
         size = len(key.encode("utf-8"))
     except UnicodeEncodeError:

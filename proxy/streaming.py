@@ -30,8 +30,16 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from proxy.buffers import Buffers, PartBuffer, PoolTimeout
-from proxy.errors import Busy, ChecksumMismatch, ObjectExists, TooLarge
-from proxy.storage.base import CompletedPart, PartChecksum, Pieces, Storage
+from proxy.errors import (
+    Busy,
+    ChecksumMismatch,
+    ConditionFailed,
+    ObjectExists,
+    ProxyError,
+    StorageError,
+    TooLarge,
+)
+from proxy.storage.base import CompletedPart, ObjectInfo, PartChecksum, Pieces, Storage
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +53,8 @@ class StreamSettings:
     admission_timeout_s: float
     part_checksum: str = "none"
     hash_in_thread: bool = True
+    # Longest one part upload may take, retries included (tus writer); None: unbounded.
+    part_timeout_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -314,7 +324,7 @@ class PartStreamer:
         return {**self._spec.metadata, "sha256": sha256}
 
     async def _single_put(self, part: PartBuffer) -> StreamResult:
-        views = part.views()
+        views, filled = part.views(), part.filled
         try:
             checksum = await self._digest(views)
             sha256 = self._verify()
@@ -326,10 +336,11 @@ class PartStreamer:
                 checksum=checksum,
                 if_none_match=self._spec.create_only,
             )
-            self._obs.stored(part.filled)
+            self._obs.stored(filled)
         finally:
             part.release()
-        return StreamResult(self._spec.key, part.filled, sha256, etag, 1)
+        await verify_stored(self._storage, self._spec.key, etag=etag, size=filled, sha256=sha256)
+        return StreamResult(self._spec.key, filled, sha256, etag, 1)
 
     async def _complete(self) -> StreamResult:
         if self._tasks:
@@ -349,7 +360,8 @@ class PartStreamer:
         )
         self._upload_id = None  # completed: nothing left to abort
         try:
-            await self._storage.replace_metadata(
+            await label(
+                self._storage,
                 self._spec.key,
                 etag=etag,
                 size=self.received_bytes,
@@ -357,15 +369,16 @@ class PartStreamer:
                 content_type=self._spec.content_type,
             )
         except ObjectExists:
-            # The copy's If-Match failed: a concurrent upload (overwrite = true) replaced
-            # the object after ours completed.  The key holds their object now: keep it.
+            # The copy's If-Match failed and the key holds another object: a concurrent
+            # upload (overwrite = true) replaced ours after it completed.  Keep theirs.
             raise ObjectExists(
                 "the object was replaced by a concurrent upload to the same key"
             ) from None
         except BaseException:
-            # Without its sha256 the object would break our promise; take it back.
+            # Without its sha256 the object would break our promise; take it back, but
+            # only if it is still ours (a concurrent upload may have replaced it).
             log.error("could not set metadata on %r; deleting it", self._spec.key)
-            await asyncio.shield(self._storage.delete_object(self._spec.key))
+            await delete_if_ours(self._storage, self._spec.key, etag)
             raise
         return StreamResult(self._spec.key, self.received_bytes, sha256, etag, len(self._parts))
 
@@ -385,6 +398,88 @@ class PartStreamer:
             raise
         except Exception as e:
             log.error("abort of multipart upload for %r failed: %s", self._spec.key, e)
+
+
+def _holds(obj: ObjectInfo | None, size: int, metadata: dict[str, str]) -> bool:
+    """Does ``obj`` have ``size`` bytes and every entry of ``metadata`` (which carries the
+    body's sha256)?  Then it holds exactly the bytes we sent, whoever wrote it last."""
+    return (
+        obj is not None
+        and obj.size == size
+        and bool(metadata)
+        and all(obj.metadata.get(k) == v for k, v in metadata.items())
+    )
+
+
+async def label(
+    storage: Storage,
+    key: str,
+    *,
+    etag: str,
+    size: int,
+    metadata: dict[str, str],
+    content_type: str,
+) -> None:
+    """Give the completed object ``etag`` at ``key`` its final metadata (the self-copy).
+
+    A copy whose answer was lost may still have been carried out; its retry then fails
+    (on stores where the copy changes the ETag, the If-Match no longer holds), or every
+    attempt timed out.  Either way a HEAD tells: the object has our size and our
+    metadata (with the sha256), so it is labelled, and reporting a failure would be a lie.
+    """
+    try:
+        await storage.replace_metadata(
+            key, etag=etag, size=size, metadata=metadata, content_type=content_type
+        )
+    except ProxyError:
+        try:
+            obj = await storage.head(key)
+        except ProxyError:
+            obj = None
+        if _holds(obj, size, metadata):
+            log.warning("the metadata copy of %s had been carried out; its answer was lost", key)
+            return
+        raise
+
+
+async def verify_stored(storage: Storage, key: str, *, etag: str, size: int, sha256: str) -> None:
+    """After a single PutObject: is the object at ``key`` the one we sent?
+
+    A store can acknowledge a write and keep something else (SeaweedFS turns a key
+    ending in "/" into an empty folder and answers with the body's ETag).  One HEAD turns
+    such a silent loss into an error instead of a 201 that lies.  Another upload's object
+    (overwrite = true, written right after ours) is theirs: 409, and it stays.  A HEAD
+    that fails leaves the store's acknowledgement standing: the object is most likely
+    there, and a failure answer would send the client into a retry that finds its key
+    taken."""
+    try:
+        obj = await storage.head(key)
+    except ProxyError as e:
+        log.warning("%s: could not check the stored object (%s); taking the store's word", key, e)
+        return
+    if obj is not None and obj.size == size and obj.metadata.get("sha256") == sha256:
+        return  # our bytes (by size and SHA-256), whoever's request put them there last
+    if obj is not None and obj.etag != etag:
+        raise ObjectExists("the object was replaced by a concurrent upload to the same key")
+    log.error("%s: the store acknowledged the object but does not hold it as sent", key)
+    if obj is not None:
+        await delete_if_ours(storage, key, etag)
+    raise StorageError(f"the store did not keep {key!r} as sent")
+
+
+async def delete_if_ours(storage: Storage, key: str, etag: str) -> None:
+    """Delete the object at ``key`` only while its ETag is still ``etag`` (If-Match): an
+    object a concurrent upload put there since is theirs and stays.  Shielded and bounded;
+    a failure is logged, never raised (the caller is already failing)."""
+    delete = asyncio.ensure_future(storage.delete_object(key, if_match=etag))
+    try:
+        await asyncio.shield(asyncio.wait_for(delete, ABORT_TIMEOUT_S))
+    except asyncio.CancelledError:
+        raise  # the shielded delete carries on regardless
+    except ConditionFailed:
+        log.warning("%s was replaced by another upload meanwhile; that object stays", key)
+    except Exception as e:
+        log.error("could not delete %s: %s", key, e)
 
 
 # Shared with the tus PATCH writer (proxy.tus_writer), which lays parts out differently

@@ -78,6 +78,9 @@ class UploadInfo:
     sha256_state: str | None = None  # proxy.tus_hash export after the parts' bytes
     sha256_hex: str | None = None  # set once the last part is in: the upload is completing
     completing: bool = False
+    # Completion attempts the store refused (see TusService._complete_leased): past a few,
+    # the upload is failed instead of being retried for ever.
+    completion_failures: int = 0
     rev: int = 0
     lease_owner: str | None = None
     lease_until_s: float = 0.0
@@ -344,6 +347,16 @@ class Lease:
         self._lock = asyncio.Lock()  # renewal and the final write must not interleave
         self.lost = False
         self.released = False
+
+    def fenced(self) -> bool:
+        """Must this holder stop starting writes to the upload's parts?  Yes once the lease
+        was taken over, and also once less than a third of it is left: renewals are then
+        failing (the keeper renews every third), at its end another request may take the
+        upload over, and a part started now could land after that, over the new holder's
+        part of the same number.  Judged on our clock against the deadline we wrote."""
+        if self.lost or self.released:
+            return True
+        return self.store.clock() >= self.info.lease_until_s - self.store.lease_s / 3
 
     async def save(self, info: UploadInfo, *, keep: bool = True) -> UploadInfo:
         """Write ``info``, our lease renewed (dropped unless ``keep``); return what was written."""

@@ -30,17 +30,19 @@ from proxy.buffers import Buffers
 from proxy.config import TusConfig
 from proxy.errors import (
     ConditionFailed,
+    KeyConflict,
     ObjectExists,
     ProxyError,
     StorageError,
     StorageUnavailable,
     TooLarge,
     TooManyUnfinished,
+    UploadFailed,
 )
 from proxy.http_upload import UploadContext, transfer
 from proxy.keys import safe_filename
-from proxy.storage.base import CompletedPart, OpenMultipart
-from proxy.streaming import StreamObserver, StreamResult
+from proxy.storage.base import CompletedPart, ObjectInfo, OpenMultipart, multipart_etag
+from proxy.streaming import StreamObserver, StreamResult, delete_if_ours, label, verify_stored
 from proxy.tus_hash import Sha256, resume_sha256
 from proxy.tus_state import (
     Lease,
@@ -59,6 +61,10 @@ REHASH_CHUNK_BYTES = 1024 * 1024
 # Retry-After of a 429 ERR_TOO_MANY_UNFINISHED_UPLOADS: places free up as uploads finish.
 QUOTA_RETRY_AFTER_S = 60
 CLEANUP_TIMEOUT_S = 30.0
+# Completion attempts the store may refuse (an answer, not an outage) before the upload is
+# failed.  A refusal that repeats is not going to heal (a part the store no longer has as
+# recorded, an upload aborted under us); three lets a passing glitch and a retry through.
+MAX_COMPLETION_FAILURES = 3
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 T = TypeVar("T")
 
@@ -109,8 +115,10 @@ class TusService:
 
     def object_key(self, upload_id: str, filename: str | None) -> str:
         # The tus id is always a whole key segment: TusStore.owns_multipart relies on it.
+        # Under object_prefix, where plain uploads are refused: nobody else can put an
+        # object at the key before the upload completes.
         name = safe_filename(filename)
-        prefix = self.uploads.config.key_prefix
+        prefix = self.uploads.config.key_prefix + self.config.object_prefix
         return f"{prefix}{upload_id}/{name}" if name else f"{prefix}{upload_id}"
 
     # -- create ------------------------------------------------------------------------
@@ -222,7 +230,7 @@ class TusService:
             target,
             resume_sha256(info.sha256_state, info.parts_bytes),
             hashlib.new(checksum.algorithm) if checksum else None,
-            lease_lost=lambda: lease.lost,
+            fenced=lease.fenced,
             observer=observer,
         )
         keeper = _LeaseKeeper(
@@ -347,9 +355,81 @@ class TusService:
         return await self._complete_leased(lease, info)
 
     async def _complete_leased(self, lease: Lease, info: UploadInfo) -> UploadInfo:
-        done = await self.complete(info)
+        """Complete under the lease; every path that completes goes through here.
+
+        An attempt that fails leaves the upload ``completing`` for a retry (the client's
+        PATCH, or the sweeper), with the refusal counted.  An upload that can never
+        complete as received is failed instead: its multipart upload aborted, its state
+        deleted, the client told (410 ERR_UPLOAD_FAILED, so it starts again).  That is one
+        whose key holds an object that is not its own, whose parts are not the ones
+        recorded, that the store refused MAX_COMPLETION_FAILURES times, or that has kept
+        failing for expire_after_s (a store that only ever times out on it)."""
+        try:
+            if info.completion_failures >= MAX_COMPLETION_FAILURES:
+                raise UploadFailed(
+                    f"the upload could not be completed after {info.completion_failures} "
+                    "attempts and was discarded; upload the file again"
+                )
+            done = await self.complete(info)
+        except asyncio.CancelledError:
+            raise
+        except ProxyError as e:
+            failed = e if isinstance(e, UploadFailed) else self._give_up(info, e)
+            if failed is None:
+                await self._count_failure(lease, info, e)
+                raise
+            await self._fail(info, failed)
+            await lease.drop()
+            if failed is e:
+                raise
+            raise failed from e
         await lease.drop()
         return done
+
+    def _give_up(self, info: UploadInfo, error: ProxyError) -> UploadFailed | None:
+        """After a failed completion attempt: the failure that ends the upload, or None to
+        let it be retried."""
+        refused = not isinstance(error, StorageUnavailable)
+        if refused and info.completion_failures + 1 >= MAX_COMPLETION_FAILURES:
+            return UploadFailed(
+                f"the store refused to complete the upload {MAX_COMPLETION_FAILURES} times "
+                f"({error.message}); it was discarded: upload the file again"
+            )
+        if self.store.clock() >= info.expires_s:
+            return UploadFailed(
+                f"the upload could not be completed for {self.config.expire_after_s:.0f}s "
+                f"({error.message}); it was discarded: upload the file again"
+            )
+        return None
+
+    async def _count_failure(self, lease: Lease, info: UploadInfo, error: ProxyError) -> None:
+        if isinstance(error, StorageUnavailable):
+            return  # an outage, not a refusal: the expiry bounds those
+        try:
+            await lease.release(replace(info, completion_failures=info.completion_failures + 1))
+        except ProxyError as e:
+            log.warning("tus upload %s: could not record a failed completion: %s", info.id, e)
+
+    async def _fail(self, info: UploadInfo, error: UploadFailed) -> None:
+        """Discard an upload that cannot complete: abort its parts, delete its object if
+        an attempt got that far (one without its sha256 breaks our promise), delete its
+        state.  An object at the key that is not ours stays."""
+        log.error(
+            "tus upload id=%s key=%r bytes=%d result=%s: %s",
+            info.id,
+            info.key,
+            info.offset,
+            error.code,
+            error.message,
+        )
+        storage = self.uploads.storage
+        if info.multipart_id:
+            await storage.abort_multipart(info.key, info.multipart_id)
+        obj = await storage.head(info.key)
+        if obj is not None and _tagged(obj, info.id):
+            await delete_if_ours(storage, info.key, obj.etag)
+        await self.store.delete_all(info)
+        self.uploads.hooks.finished(info.id, None, error, time.time() - info.created_s, info.offset)
 
     async def resume_completion(self, lease: Lease) -> UploadInfo:
         """A PATCH on an upload whose completion was interrupted: finish it now."""
@@ -372,7 +452,8 @@ class TusService:
         else:
             etag = await self._complete_multipart(info)
             sha256 = info.sha256_hex or await self._rehash(info.key)
-            await storage.replace_metadata(
+            await label(
+                storage,
                 info.key,
                 etag=etag,
                 size=length,
@@ -408,8 +489,9 @@ class TusService:
         return replace(info, sha256_hex=sha256)
 
     async def _put_empty(self, key: str, content_type: str, metadata: dict[str, str]) -> None:
+        storage = self.uploads.storage
         try:
-            await self.uploads.storage.put_object(
+            etag = await storage.put_object(
                 key,
                 b"",
                 metadata={**metadata, "sha256": EMPTY_SHA256},
@@ -417,24 +499,61 @@ class TusService:
                 checksum=None,
                 if_none_match=True,
             )
-        except ObjectExists:
-            pass  # the key holds the tus id: only an earlier attempt of ours can have made it
+        except (ObjectExists, KeyConflict) as e:
+            # An earlier attempt of ours whose answer was lost, or someone else's object:
+            # only ours carries our tus id (plain uploads cannot set it) and no bytes.
+            obj = await storage.head(key)
+            ours = (
+                obj is not None
+                and obj.size == 0
+                and _tagged(obj, metadata["tus-id"])
+                and obj.metadata.get("sha256") == EMPTY_SHA256
+            )
+            if not ours:
+                raise _key_taken(key, e) from e
+            return
+        await verify_stored(storage, key, etag=etag, size=0, sha256=EMPTY_SHA256)
 
     async def _complete_multipart(self, info: UploadInfo) -> str:
+        """CompleteMultipartUpload (create-only), after checking the parts; the object's etag.
+
+        The store keeps what was uploaded last under each part number: a PATCH whose lease
+        ran out may still have had a part in flight that landed over the part a later
+        PATCH recorded.  ListParts shows it before anything is completed.  After a failed
+        attempt, the object at the key is taken for ours only if it proves to be: our tus
+        id in its metadata (set at CreateMultipartUpload; plain uploads cannot set it),
+        our size, and the ETag our recorded parts make (or, once labelled, our sha256:
+        on stores where the self-copy changes the ETag)."""
         storage = self.uploads.storage
         parts = [CompletedPart(n, p.etag) for n, p in enumerate(info.parts, start=1)]
         try:
+            await self._check_parts(info)
             return await storage.complete_multipart(
                 info.key, info.multipart_id, parts, if_none_match=True
             )
         except StorageUnavailable:
             raise
-        except StorageError:
+        except (StorageError, KeyConflict) as e:
             # Already completed by an earlier, interrupted attempt?
             obj = await storage.head(info.key)
-            if obj is not None and obj.size == info.offset:
+            if obj is not None and _ours(info, obj, parts):
                 return obj.etag
+            if obj is not None or isinstance(e, ObjectExists | KeyConflict):
+                raise _key_taken(info.key, e) from e
             raise
+
+    async def _check_parts(self, info: UploadInfo) -> None:
+        stored = {
+            (p.number, p.etag.strip('"'), p.size)
+            for p in await self.uploads.storage.list_parts(info.key, info.multipart_id)
+        }
+        for number, part in enumerate(info.parts, start=1):
+            if (number, part.etag.strip('"'), part.size) not in stored:
+                # Most likely a part of a PATCH whose lease had run out landed over it.
+                raise UploadFailed(
+                    f"the store no longer holds part {number} of the upload as it was "
+                    "received; the upload was discarded: upload the file again"
+                )
 
     async def _rehash(self, key: str) -> str:
         """The SHA-256 of a stored object, read back in bounded chunks.  Only for uploads
@@ -482,8 +601,7 @@ class TusService:
                 lease = await self.store.acquire(upload_id, by=None, allow_expired=True)
                 try:
                     if lease.info.completing:
-                        await self.complete(lease.info)
-                        await lease.drop()
+                        await self._complete_leased(lease, lease.info)
                     elif lease.info.reached_length:
                         # Every byte is durable but completion was never decided (a final
                         # PATCH that failed after setting a deferred length, or state from
@@ -500,6 +618,8 @@ class TusService:
                 handled += 1
             except asyncio.CancelledError:
                 raise
+            except UploadFailed:
+                handled += 1  # it could not complete: failed for good, cleaned up, logged
             except (ProxyError, LeaseLost, ConditionFailed) as e:
                 complete_view = False
                 log.warning("tus sweeper: upload %s: %s", upload_id, e)
@@ -558,6 +678,26 @@ class TusService:
         except Exception as e:
             log.error("tus %s failed: %s", what, e)
             return None
+
+
+def _tagged(obj: ObjectInfo, upload_id: str) -> bool:
+    return obj.metadata.get("tus-id") == upload_id
+
+
+def _ours(info: UploadInfo, obj: ObjectInfo, parts: list[CompletedPart]) -> bool:
+    """Is ``obj`` the object this upload's multipart upload completed to?"""
+    if not _tagged(obj, info.id) or obj.size != info.offset:
+        return False
+    if obj.etag.strip('"') == multipart_etag(parts):
+        return True
+    return info.sha256_hex is not None and obj.metadata.get("sha256") == info.sha256_hex
+
+
+def _key_taken(key: str, cause: ProxyError) -> UploadFailed:
+    what = "is a folder" if isinstance(cause, KeyConflict) else "holds another object"
+    return UploadFailed(
+        f"the upload's key {key!r} {what}; the upload was discarded: upload the file again"
+    )
 
 
 async def _no_bytes() -> AsyncIterator[bytes]:

@@ -102,11 +102,11 @@ class PatchWriter:
         sha256: Sha256,
         checksum: Any | None = None,
         observer: StreamObserver | None = None,
-        lease_lost: Callable[[], bool] = lambda: False,
+        fenced: Callable[[], bool] = lambda: False,
     ) -> None:
         self._storage = storage
         self._mpu = target.multipart_id
-        self._lease_lost = lease_lost
+        self._fenced = fenced  # True: start no new part (see Lease.fenced)
         self._pool = pool
         self._settings = settings
         self._t = target
@@ -200,9 +200,10 @@ class PatchWriter:
     async def _dispatch(self) -> None:
         """Turn the current buffer into the next part, once a sending slot is free."""
         assert self._buf is not None
-        if self._lease_lost():
-            # Someone took the upload over: sending parts now could overwrite theirs.
-            raise LeaseLost("the upload was taken over by another request")
+        if self._fenced():
+            # Someone took the upload over, or may soon: a part sent now could land over
+            # theirs.  The parts stored so far are committed by the caller.
+            raise LeaseLost("the upload's lease was lost or is running out; resume it")
         if not self._mpu:
             self._mpu = await self._storage.create_multipart(
                 self._t.key, metadata=self._t.metadata, content_type=self._t.content_type
@@ -252,9 +253,12 @@ class PatchWriter:
             finally:
                 if not mine.done():
                     mine.set_result(None)
-            etag = await self._storage.upload_part(
-                self._t.key, self._mpu, number, Pieces.of(views), checksum
-            )
+            # A hard bound: a part still in flight long after its lease ended could land
+            # over a new holder's part (the completion's ListParts check catches that).
+            async with asyncio.timeout(self._settings.part_timeout_s):
+                etag = await self._storage.upload_part(
+                    self._t.key, self._mpu, number, Pieces.of(views), checksum
+                )
             self._done[number] = (Part(etag, buf.filled), snapshot)
             self._obs.stored(buf.filled)
         except BaseException:
@@ -355,8 +359,8 @@ class PatchWriter:
         tus write it is create-only; an object already there is ours only if it is what
         an earlier, interrupted attempt of this upload stored (size, sha256 and tus id)."""
         assert self._buf is not None
-        if self._lease_lost():
-            raise LeaseLost("the upload was taken over by another request")
+        if self._fenced():
+            raise LeaseLost("the upload's lease was lost or is running out; resume it")
         if self._unloaded:
             await self._load_pending()
         buf, skip = self._buf, self._skip
@@ -374,14 +378,15 @@ class PatchWriter:
                 raise StorageError("the upload's SHA-256 is unknown")
             metadata = {**self._t.metadata, "sha256": digest.hex()}
             try:
-                etag = await self._storage.put_object(
-                    self._t.key,
-                    Pieces.of(views),
-                    metadata=metadata,
-                    content_type=self._t.content_type,
-                    checksum=checksum,
-                    if_none_match=True,
-                )
+                async with asyncio.timeout(self._settings.part_timeout_s):
+                    etag = await self._storage.put_object(
+                        self._t.key,
+                        Pieces.of(views),
+                        metadata=metadata,
+                        content_type=self._t.content_type,
+                        checksum=checksum,
+                        if_none_match=True,
+                    )
             except ObjectExists:
                 etag = await self._stored_before(filled, metadata)
         finally:
@@ -414,9 +419,13 @@ class PatchWriter:
             # after its last byte (a chunked body without its last-chunk marker, a stall,
             # a drain): as a pending segment the tail would bring the offset to the length
             # with nothing left to send that completes the upload; as the last part (or
-            # the whole object), the caller completes it.
-            await self._store_last(final)
-            keep_tail = not self._part_failed
+            # the whole object), the caller completes it.  Not under a fenced lease: the
+            # client resends it.
+            if self._fenced():
+                keep_tail = False
+            else:
+                await self._store_last(final)
+                keep_tail = not self._part_failed
         return await self._result(keep_tail=keep_tail)
 
     async def _result(self, *, keep_tail: bool) -> PatchResult:

@@ -87,4 +87,4 @@ def file_sha256(path: Path) -> str:
 
 def tus_key(prefix: str, upload_url: str, name: str) -> str:
     """Where the proxy stores a tus upload: ``<key_prefix><id>/<filename>``."""
-    return f"{prefix}{upload_url.rsplit('/', 1)[1]}/{name}"
+    return f"{prefix}tus/{upload_url.rsplit('/', 1)[1]}/{name}"

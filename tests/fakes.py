@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 from datetime import UTC, datetime
 
+from proxy.errors import ConditionFailed
 from proxy.storage.base import (
     Body,
     CompletedPart,
@@ -103,7 +104,9 @@ class GatedStorage:
         info = self.objects[key]
         self.objects[key] = ObjectInfo(key, info.size, info.etag, content_type, dict(metadata))
 
-    async def delete_object(self, key: str) -> None:
+    async def delete_object(self, key: str, *, if_match: str | None = None) -> None:
+        if if_match is not None and (key not in self.objects or self.objects[key].etag != if_match):
+            raise ConditionFailed(f"{key} is not the object it was")
         self.objects.pop(key, None)
 
     async def list_multipart(self, prefix: str = "") -> list[OpenMultipart]:

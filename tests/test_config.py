@@ -127,3 +127,35 @@ def test_check_config_subprocess() -> None:
         check=False,
     )
     assert r.returncode == EX_CONFIG
+
+
+@pytest.mark.parametrize(
+    ("upload", "tus", "bad"),
+    [
+        # The bug: objects under the state prefix; finishing a tus upload deleted them.
+        ('key_prefix = ".tus/"', "", "upload.key_prefix"),
+        ('key_prefix = ".tus/in/"', "", "upload.key_prefix"),
+        # tus objects (key_prefix + object_prefix) and the state in one folder tree.
+        ('key_prefix = "in/"', 'state_prefix = "in/tus/"', "tus.object_prefix"),
+        ('key_prefix = "in/"', 'state_prefix = "in/"', "upload.key_prefix"),
+        # The state inside key_prefix is fine (key_prefix = "" is that): plain uploads
+        # are refused there.
+        ('key_prefix = "in/"', 'state_prefix = "in/.tus/"', None),
+        ('key_prefix = ""', 'object_prefix = "t/"', None),
+    ],
+)
+def test_overlapping_tus_and_key_prefixes_exit_78(
+    tmp_path: Path, upload: str, tus: str, bad: str | None
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(f'[auth]\nmode = "none"\n[upload]\n{upload}\n[tus]\n{tus}\n')
+    r = subprocess.run(
+        [sys.executable, "-m", "proxy", "--check-config", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if bad is None:
+        assert r.returncode == 0, r.stderr
+    else:
+        assert r.returncode == EX_CONFIG and f"{bad}:" in r.stderr, r.stderr

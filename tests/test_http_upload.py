@@ -120,6 +120,7 @@ async def test_raw_post_gets_generated_key(start_proxy: StartProxy, s3: S3Storag
         "..",
         "./x",
         "a//b",
+        "dir/",  # SeaweedFS would keep an empty folder entry and drop the body
         "%2Fabs",
         "bad%0Akey",
         "del%7Fx",
@@ -222,6 +223,51 @@ async def test_conflict_detected_at_completion(start_proxy: StartProxy, s3: S3St
     assert status == 409 and reply["code"] == "ERR_KEY_EXISTS"
     assert (await get_object(s3, f"{proxy.prefix}race"))[0] == b"winner"
     assert await s3.list_multipart(proxy.prefix) == []
+
+
+@pytest.mark.parametrize(
+    ("size", "overwrite", "stored"),
+    [
+        (1000, False, False),  # one PutObject, If-None-Match
+        (2 * PART + 1, False, False),  # multipart, If-None-Match
+        (2 * PART + 1, True, False),
+        (1000, True, True),  # a plain PutObject over a folder: SeaweedFS keeps both
+    ],
+)
+async def test_a_key_that_is_a_folder_is_a_conflict(
+    start_proxy: StartProxy, s3: S3Storage, size: int, overwrite: bool, stored: bool
+) -> None:
+    """SeaweedFS cannot always store "a" while "a/..." exists: it refused with
+    "precondition failed" (we said ERR_KEY_EXISTS although no object "a" exists) or, for a
+    multipart completion with overwrite, a 500 that never heals (we said 503, try again).
+    The honest answer is a stable 409 ERR_KEY_CONFLICT, with nothing left behind; where
+    the store does keep both, the 201 is true."""
+    proxy = await start_proxy(upload={"overwrite": overwrite})
+    status, _ = await put(proxy, "a/inner", b"inside")
+    assert status == 201
+    data = payload(size)
+    status, reply = await put(proxy, "a", data)
+    assert await s3.list_multipart(proxy.prefix) == []
+    assert (await get_object(s3, f"{proxy.prefix}a/inner"))[0] == b"inside"
+    if stored:
+        assert status == 201
+        await check_stored(s3, f"{proxy.prefix}a", data, reply)
+        return
+    assert status == 409 and reply["code"] == "ERR_KEY_CONFLICT", reply
+    assert [o.key for o in await s3.list_objects(proxy.prefix)] == [f"{proxy.prefix}a/inner"]
+
+
+async def test_an_object_then_a_key_under_it_both_stay(
+    start_proxy: StartProxy, s3: S3Storage
+) -> None:
+    """The other order works on SeaweedFS: "b" stays itself and "b/c" is stored too (each
+    201 is true; a store that refused would give an error, not a 201)."""
+    proxy = await start_proxy()
+    for key, data in (("b", b"file"), ("b/c", payload(2 * PART + 1))):
+        status, reply = await put(proxy, key, data)
+        assert status == 201
+        await check_stored(s3, f"{proxy.prefix}{key}", data, reply)
+    assert (await get_object(s3, f"{proxy.prefix}b"))[0] == b"file"
 
 
 async def test_declared_too_large_with_expect_never_sends_body(

@@ -41,6 +41,8 @@ def test_valid(key: str) -> None:
         ".",
         "a/./b",
         "a//b",
+        "dir/",
+        "a/b/",
         "a\nb",
         "a\x00b",
         "a\x7fb",
@@ -78,6 +80,7 @@ def test_any_text_is_either_rejected_or_safe(key: str) -> None:
     assert not any(unicodedata.bidirectional(c) in BIDI_CONTROLS for c in stored)
     assert not any(unicodedata.category(c) in ("Zl", "Zp") for c in stored)
     assert "\\" not in stored
+    assert not stored.endswith("/")
     assert len(stored.encode()) <= MAX_KEY_BYTES
 
 

@@ -347,7 +347,7 @@ async def test_upload_ids_and_keys_reach_operators_only(
             assert json.loads(public)["in_flight"]["uploads"] == 1
             (active,) = (await get_status(main, OPERATOR))["uploads"]
             assert active["id"] == upload_id and active["slot"] == 0
-            assert active["key"] == f"{prefix}{upload_id}/private-name.bin"
+            assert active["key"] == f"{prefix}tus/{upload_id}/private-name.bin"
             bad = {"Authorization": "Bearer not-an-operator-token"}
             async with aiohttp.ClientSession() as s, s.get(f"{main}/status", headers=bad) as r:
                 assert (r.status, (await r.json())["code"]) == (401, "ERR_UNAUTHORIZED")

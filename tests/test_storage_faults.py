@@ -13,9 +13,11 @@ from typing import Any
 import aiohttp
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
+from wrapped import Wrapped
 
 from proxy.buffers import BufferPool
-from proxy.errors import ObjectExists
+from proxy.errors import ObjectExists, ProxyError, StorageUnavailable
+from proxy.storage.base import Body
 from proxy.storage.s3 import S3Storage
 from proxy.storage.seaweed import EmbeddedSeaweed
 from proxy.streaming import PartStreamer, StreamSettings, UploadSpec
@@ -283,3 +285,117 @@ async def test_lost_answer_is_recognised_not_left_behind(
         assert await s3.list_multipart(prefix) == []
     finally:
         await storage.close()
+
+
+# -- a store that does not keep what it acknowledged -------------------------------------
+
+
+class KeepsSomethingElse(Wrapped):
+    """A store that acknowledges a PutObject but keeps an empty object under the key, with
+    the ETag it answered (as SeaweedFS does for a key ending in "/")."""
+
+    async def put_object(self, key: str, body: Body, **kw: Any) -> str:
+        self.calls["put_object"] += 1
+        return str(await self.inner.put_object(key, b"", **{**kw, "checksum": None}))
+
+
+async def test_a_put_the_store_did_not_keep_is_not_a_201(
+    start_proxy: StartProxy, seaweed: EmbeddedSeaweed, s3: S3Storage
+) -> None:
+    storage = await s3_for(seaweed).open()
+    try:
+        lying = KeepsSomethingElse(storage)
+        proxy = await start_proxy(storage=lying)
+        status, reply, _ = await put(f"{proxy.url}/uploads/small", b"x" * 1000)
+        assert lying.calls["put_object"] == 1
+        assert status == 502 and reply["code"] == "ERR_STORAGE", reply
+        await assert_nothing_left(s3, proxy.prefix)
+    finally:
+        await storage.close()
+
+
+# -- the self-copy that adds the sha256 ---------------------------------------------------
+
+
+class CopyThen(Wrapped):
+    """replace_metadata runs ``before`` (if any), then the real copy (if ``copy``), then
+    raises ``error``: a copy whose answer was lost, or that failed."""
+
+    def __init__(
+        self, inner: S3Storage, error: ProxyError, *, copy: bool = True, before: Any = None
+    ) -> None:
+        super().__init__(inner)
+        self.error, self.copy, self.before = error, copy, before
+
+    async def replace_metadata(self, key: str, **kw: Any) -> None:
+        self.calls["replace_metadata"] += 1
+        if self.before is not None:
+            await self.before(key)
+        if self.copy:
+            await self.inner.replace_metadata(key, **kw)
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        StorageUnavailable("injected: every attempt timed out"),
+        # On a store whose copy gives the object a new ETag (AWS), the retry of a copy
+        # whose answer was lost fails its CopySourceIfMatch: "precondition failed".
+        ObjectExists("injected: precondition failed"),
+    ],
+)
+async def test_a_lost_copy_answer_is_recovered_by_head(
+    s3: S3Storage, prefix: str, error: ProxyError
+) -> None:
+    """The copy was carried out; only its answer was lost.  The object has our size and
+    sha256, so the upload succeeded: it used to be deleted (503) or reported as replaced
+    by a concurrent upload (409)."""
+    key = f"{prefix}lost-copy"
+    data = os.urandom(6 * MiB)
+    spec = UploadSpec(key=key, max_size_bytes=1 << 40, create_only=True)
+    lossy = CopyThen(s3, error)
+    pool = BufferPool(64 * MiB, PART)
+    result = await PartStreamer(lossy, pool, SETTINGS, spec).run(chunks_of(data))  # type: ignore[arg-type]
+    assert lossy.calls["replace_metadata"] == 1
+    stored, meta = await get_object(s3, key)
+    assert stored == data and meta["sha256"] == result.sha256 == hashlib.sha256(data).hexdigest()
+    assert await s3.list_multipart(prefix) == []
+
+
+async def test_a_failed_copy_never_deletes_a_concurrent_uploads_object(
+    s3: S3Storage, prefix: str
+) -> None:
+    """overwrite = true: between our completion and our failed copy another upload put its
+    object at the key.  Taking ours back must not delete theirs (If-Match on our ETag)."""
+    key = f"{prefix}contended"
+    theirs = os.urandom(1000)
+
+    async def concurrent_upload(k: str) -> None:
+        meta = {"sha256": hashlib.sha256(theirs).hexdigest()}
+        await s3.put_object(
+            k, theirs, metadata=meta, content_type="x/y", checksum=None, if_none_match=False
+        )
+
+    failing = CopyThen(
+        s3, StorageUnavailable("injected: copy failed"), copy=False, before=concurrent_upload
+    )
+    spec = UploadSpec(key=key, max_size_bytes=1 << 40, create_only=False)
+    pool = BufferPool(64 * MiB, PART)
+    with pytest.raises(StorageUnavailable):
+        await PartStreamer(failing, pool, SETTINGS, spec).run(chunks_of(os.urandom(6 * MiB)))  # type: ignore[arg-type]
+    stored, meta = await get_object(s3, key)
+    assert stored == theirs and meta["sha256"] == hashlib.sha256(theirs).hexdigest()
+    assert await s3.list_multipart(prefix) == []
+
+
+async def test_a_failed_copy_takes_our_own_object_back(s3: S3Storage, prefix: str) -> None:
+    """Without a concurrent upload, the object we completed (no sha256 yet) is deleted."""
+    key = f"{prefix}unlabelled"
+    failing = CopyThen(s3, StorageUnavailable("injected: copy failed"), copy=False)
+    spec = UploadSpec(key=key, max_size_bytes=1 << 40, create_only=True)
+    pool = BufferPool(64 * MiB, PART)
+    with pytest.raises(StorageUnavailable):
+        await PartStreamer(failing, pool, SETTINGS, spec).run(chunks_of(os.urandom(6 * MiB)))  # type: ignore[arg-type]
+    assert failing.calls["replace_metadata"] == 1
+    await assert_nothing_left(s3, prefix)

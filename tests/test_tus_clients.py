@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from tus_helpers import only_objects, tus_sections
+from tus_helpers import only_objects, tus_key, tus_sections
 from tusclient.client import TusClient
 
 from conftest import MiB, data_path, get_object
@@ -36,7 +36,7 @@ def node_client() -> Path:
 
 
 async def check(s3, prefix: str, url: str, name: str, data: bytes) -> None:  # type: ignore[no-untyped-def]
-    key = f"{prefix}{url.rsplit('/', 1)[1]}/{name}"
+    key = tus_key(prefix, url, name)
     body, meta = await get_object(s3, key)
     assert body == data
     assert meta["sha256"] == hashlib.sha256(data).hexdigest()

@@ -85,7 +85,7 @@ async def test_an_upload_below_one_part_is_one_put_object(
         assert r.status == 204, r.status
         start = end
     assert r.headers["Upload-SHA256"] == sha256_hex(data)
-    key = f"{prefix}{url.rsplit('/', 1)[1]}/small.txt"
+    key = f"{prefix}tus/{url.rsplit('/', 1)[1]}/small.txt"
     body, meta_out = await get_object(s3, key)
     assert body == data and meta_out["sha256"] == sha256_hex(data)
     assert meta_out["filename"] == "small.txt"
@@ -105,7 +105,7 @@ async def test_a_put_interrupted_before_its_state_save_is_recognised(
     data = os.urandom(1000)
     url = await create(http, proxy.url, len(data))
     upload_id = url.rsplit("/", 1)[1]
-    key = f"{prefix}{upload_id}"
+    key = f"{prefix}tus/{upload_id}"
     mine = {"tus-id": upload_id, "sha256": sha256_hex(data)}
     await s3.put_object(
         key, data, metadata=mine, content_type="x/y", checksum=None, if_none_match=True
@@ -116,7 +116,7 @@ async def test_a_put_interrupted_before_its_state_save_is_recognised(
     await s3.delete_object(key)
 
     url = await create(http, proxy.url, len(data))
-    other = f"{prefix}{url.rsplit('/', 1)[1]}"
+    other = f"{prefix}tus/{url.rsplit('/', 1)[1]}"
     await s3.put_object(
         other, b"x" * 1000, metadata={}, content_type="x/y", checksum=None, if_none_match=True
     )
@@ -137,7 +137,7 @@ async def test_an_unsaved_multipart_upload_is_swept(
     proxy = await start_proxy(**tus_sections(prefix))
     url = await create(http, proxy.url, 20 * MiB)
     upload_id = url.rsplit("/", 1)[1]
-    key = f"{prefix}{upload_id}"
+    key = f"{prefix}tus/{upload_id}"
     orphan = await s3.create_multipart(key, metadata={}, content_type="x/y")
     svc = service_for(proxy)
     lease = await svc.store.acquire(upload_id, by=None)  # as a running PATCH holds it
@@ -193,7 +193,7 @@ async def test_a_running_patch_saves_the_multipart_id_it_created(
         assert status == 204 and headers["upload-sha256"] == sha256_hex(data)
     finally:
         req.close()
-    key = f"{prefix}{upload_id}"
+    key = f"{prefix}tus/{upload_id}"
     assert (await get_object(s3, key))[0] == data
     await s3.delete_object(key)
     await assert_nothing_left(s3, prefix)

@@ -29,6 +29,7 @@ from tus_helpers import (
     sha256_hex,
     state_keys,
     store_for,
+    tus_key,
     tus_sections,
 )
 
@@ -69,7 +70,7 @@ async def wait_stored(s3: Any, prefix: str, url: str) -> None:
     """Until the upload is complete: the object is there and its state is gone (the server
     sees the hang-up asynchronously, and drops the state just after the object appears)."""
     for _ in range(200):
-        if await s3.head(f"{prefix}{upload_id(url)}") is not None:
+        if await s3.head(tus_key(prefix, url)) is not None:
             if not await state_keys(s3, prefix):
                 return
         await asyncio.sleep(0.05)

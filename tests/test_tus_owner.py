@@ -68,7 +68,7 @@ async def test_another_token_sees_only_404(proxy: Any, http: Any, s3: Any, prefi
     tail = b"0123456789"
     r = await patch(http, url, len(data), tail, **A)
     assert r.status == 204 and r.headers["Upload-SHA256"] == sha256_hex(data + tail)
-    key = f"{prefix}{url.rsplit('/', 1)[1]}"
+    key = f"{prefix}tus/{url.rsplit('/', 1)[1]}"
     assert (await get_object(s3, key))[0] == data + tail
     await s3.delete_object(key)
     await assert_nothing_left(s3, prefix)

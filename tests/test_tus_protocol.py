@@ -22,6 +22,7 @@ from tus_helpers import (
     service_for,
     sha256_hex,
     state_keys,
+    tus_key,
     tus_sections,
 )
 
@@ -88,7 +89,7 @@ async def test_create_head_patch_complete(proxy, http, s3, prefix) -> None:
         else:  # the completing PATCH tells the client what was stored
             assert r.headers["Upload-SHA256"] == sha256_hex(data)
     upload_id = url.rsplit("/", 1)[1]
-    key = f"{prefix}{upload_id}/Holiday_ photo.jpg"
+    key = f"{prefix}tus/{upload_id}/Holiday_ photo.jpg"
     body, meta_out = await get_object(s3, key)
     assert body == data
     assert meta_out["sha256"] == sha256_hex(data)
@@ -196,7 +197,7 @@ async def test_checksum(proxy, http, s3, prefix, algorithm) -> None:
     assert r.status == 460
     r = await patch(http, url, len(data), tail, **{"Upload-Checksum": header(tail)})
     assert r.status == 204
-    key = f"{prefix}{url.rsplit('/', 1)[1]}"
+    key = tus_key(prefix, url)
     body, meta = await get_object(s3, key)
     assert body == data + tail and meta["sha256"] == sha256_hex(data + tail)
     assert await only_objects(s3, prefix) == [key]
@@ -222,7 +223,7 @@ async def test_defer_length(proxy, http, s3, prefix) -> None:
     assert r.status == 400  # below the offset
     r = await patch(http, url, 6, b"world", **{"Upload-Length": "11"})
     assert r.status == 204 and r.headers["Upload-Offset"] == "11"
-    key = f"{prefix}{url.rsplit('/', 1)[1]}"
+    key = tus_key(prefix, url)
     body, meta = await get_object(s3, key)
     assert body == b"hello world" and meta["sha256"] == sha256_hex(b"hello world")
     assert await only_objects(s3, prefix) == [key]
@@ -232,7 +233,7 @@ async def test_defer_length_ending_empty(proxy, http, s3, prefix) -> None:
     url = await create(http, proxy.url, None)
     r = await patch(http, url, 0, b"", **{"Upload-Length": "0"})
     assert r.status == 204 and r.headers["Upload-Offset"] == "0"
-    key = f"{prefix}{url.rsplit('/', 1)[1]}"
+    key = tus_key(prefix, url)
     body, meta = await get_object(s3, key)
     assert body == b"" and meta["sha256"] == sha256_hex(b"")
     assert await only_objects(s3, prefix) == [key]
@@ -247,7 +248,7 @@ async def test_creation_with_upload(proxy, http, s3, prefix) -> None:
         url = proxy.url + r.headers["Location"]
     r = await patch(http, url, 1000, data[:500])
     assert r.status == 204
-    key = f"{prefix}{url.rsplit('/', 1)[1]}/a.bin"
+    key = tus_key(prefix, url, "a.bin")
     body, _ = await get_object(s3, key)
     assert body == data + data[:500]
     # A body without the tus content type is refused before anything is created.
@@ -277,7 +278,7 @@ async def test_zero_length_upload_completes_on_creation(proxy, http, s3, prefix)
         assert r.status == 201
         assert r.headers["Upload-SHA256"] == sha256_hex(b"")
         url = proxy.url + r.headers["Location"]
-    key = f"{prefix}{url.rsplit('/', 1)[1]}/empty.txt"
+    key = tus_key(prefix, url, "empty.txt")
     body, meta = await get_object(s3, key)
     assert body == b"" and meta["sha256"] == sha256_hex(b"")
     assert await only_objects(s3, prefix) == [key]
@@ -434,6 +435,6 @@ async def test_tiny_patches_keep_few_pending_segments(proxy, http, s3, prefix) -
         assert r.status == 204
         most = max(most, len(await state_keys(s3, prefix)) - 1)  # minus the info object
     assert 1 < most <= MAX_PENDING_SEGMENTS  # merged, never more
-    key = f"{prefix}{url.rsplit('/', 1)[1]}"
+    key = tus_key(prefix, url)
     body, meta = await get_object(s3, key)
     assert body == data and meta["sha256"] == sha256_hex(data)

@@ -18,6 +18,7 @@ from tus_helpers import (
     only_objects,
     service_for,
     store_for,
+    tus_key,
     tus_sections,
 )
 from tusclient.client import TusClient
@@ -64,7 +65,7 @@ def tuspy_resume(url: str, path: Path, chunk_size: int) -> None:
 
 
 async def check_stored(s3, prefix: str, url: str, data: bytes) -> None:  # type: ignore[no-untyped-def]
-    key = f"{prefix}{url.rsplit('/', 1)[1]}"
+    key = tus_key(prefix, url)
     body, meta = await get_object(s3, key)
     assert body == data
     assert meta["sha256"] == hashlib.sha256(data).hexdigest()

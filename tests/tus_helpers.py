@@ -76,6 +76,12 @@ async def only_objects(s3: S3Storage, prefix: str) -> list[str]:
     return [o.key for o in await s3.list_objects(prefix)]
 
 
+def tus_key(prefix: str, url: str, name: str | None = None) -> str:
+    """The object key of the tus upload at ``url`` (object_prefix at its default, "tus/")."""
+    upload_id = url.rsplit("/", 1)[1]
+    return f"{prefix}tus/{upload_id}/{name}" if name else f"{prefix}tus/{upload_id}"
+
+
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -4,11 +4,13 @@ Handlers and the streaming layer know nothing of S3 wire details: they call
 these methods with plain bytes-like bodies and get plain values back.  A backend
 translates its own failures into :mod:`proxy.errors` at this boundary
 (``StorageUnavailable`` for "try again later", ``StorageError`` for the rest,
-``ObjectExists`` for a failed "create only" condition).
+``ObjectExists`` for a failed "create only" condition, ``KeyConflict`` when the key
+is a folder on a store that cannot hold an object and a folder of one name).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -64,6 +66,23 @@ class CompletedPart:
     etag: str
 
 
+def multipart_etag(parts: list[CompletedPart]) -> str:
+    """The ETag S3 gives an object completed from ``parts``: the MD5 of the parts' MD5s,
+    then "-" and the part count (for parts stored without SSE-KMS/-C).  SeaweedFS follows
+    the same formula (tests/test_tus_integrity.py checks it)."""
+    digests = b"".join(bytes.fromhex(p.etag.strip('"')) for p in parts)
+    return f"{hashlib.md5(digests).hexdigest()}-{len(parts)}"
+
+
+@dataclass(frozen=True)
+class StoredPart:
+    """A part as the store lists it (``ListParts``)."""
+
+    number: int
+    etag: str
+    size: int
+
+
 @dataclass(frozen=True)
 class OpenMultipart:
     key: str
@@ -101,7 +120,9 @@ class Storage(Protocol):
         checksum: PartChecksum | None,
         if_none_match: bool,
     ) -> str:
-        """Store a small object in one request; return its etag."""
+        """Store a small object in one request; return its etag.  A key that is a folder
+        (objects exist under ``key/``) where the store cannot also hold an object there
+        raises :class:`~proxy.errors.KeyConflict`."""
 
     async def create_multipart(
         self, key: str, *, metadata: dict[str, str], content_type: str
@@ -128,7 +149,8 @@ class Storage(Protocol):
         size_bytes: int | None = None,
     ) -> str:
         """Make the object appear; return its etag.  With ``size_bytes`` a retry after a
-        lost answer recognises its own completed object instead of failing."""
+        lost answer recognises its own completed object instead of failing.  A key that
+        is a folder raises :class:`~proxy.errors.KeyConflict`, as for ``put_object``."""
 
     async def abort_multipart(self, key: str, upload_id: str) -> None:
         """Drop a multipart upload and its parts.  Succeeds if it is already gone."""
@@ -138,8 +160,14 @@ class Storage(Protocol):
     ) -> None:
         """Set metadata known only after the body was read, on the object whose etag is ``etag``."""
 
-    async def delete_object(self, key: str) -> None:
-        """Delete an object; succeeds if it does not exist."""
+    async def delete_object(self, key: str, *, if_match: str | None = None) -> None:
+        """Delete an object; succeeds if it does not exist.  With ``if_match``, only if its
+        etag is still that one: otherwise (or if it is gone) raise
+        :class:`~proxy.errors.ConditionFailed` and leave whatever is there."""
+
+    async def list_parts(self, key: str, upload_id: str) -> list[StoredPart]:
+        """The parts stored so far in a multipart upload, by part number.  A store that keeps
+        every upload of one part number (SeaweedFS) lists each of them."""
 
     async def list_multipart(self, prefix: str = "") -> list[OpenMultipart]:
         """Open multipart uploads under ``prefix``."""

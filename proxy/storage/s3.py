@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
 import logging
 import random
 import time
@@ -36,6 +35,7 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from proxy.errors import (
     ConditionFailed,
+    KeyConflict,
     ObjectExists,
     ProxyError,
     StorageError,
@@ -49,6 +49,8 @@ from proxy.storage.base import (
     OpObserver,
     PartChecksum,
     Pieces,
+    StoredPart,
+    multipart_etag,
 )
 
 log = logging.getLogger(__name__)
@@ -136,9 +138,14 @@ aiohttp.payload.PAYLOAD_REGISTRY.register(_PartPayload, _PartBody)
 class _Transient(Exception):
     """An attempt failed in a way that another attempt may fix."""
 
-    def __init__(self, code: str) -> None:
+    def __init__(self, code: str, *, answered: bool = False) -> None:
         super().__init__(code)
         self.code = code
+        self.answered = answered  # the store itself said so (5xx), not the network
+
+
+class _StoreFailing(StorageUnavailable):
+    """Every attempt was answered by the store with a server error (not a network failure)."""
 
 
 def _classify(exc: BaseException) -> ProxyError | _Transient:
@@ -149,20 +156,13 @@ def _classify(exc: BaseException) -> ProxyError | _Transient:
         if code in ("PreconditionFailed", "ConditionalRequestConflict") or status == 412:
             return ObjectExists("an object with this key already exists")
         if code in _TRANSIENT_CODES or status >= 500:
-            return _Transient(code)
+            return _Transient(code, answered=True)
         return StorageError(f"storage refused the request ({code})")
     if isinstance(exc, NoCredentialsError):
         return StorageError("no storage credentials configured", code="ERR_STORAGE_CREDENTIALS")
     if isinstance(exc, BotoCoreError | aiohttp.ClientError | asyncio.TimeoutError | OSError):
         return _Transient(type(exc).__name__)
     return StorageError(f"unexpected storage failure ({type(exc).__name__})")
-
-
-def multipart_etag(parts: list[CompletedPart]) -> str:
-    """The ETag S3 gives an object completed from ``parts``: the MD5 of the parts' MD5s,
-    then "-" and the part count (for parts stored without SSE-KMS/-C)."""
-    digests = b"".join(bytes.fromhex(p.etag.strip('"')) for p in parts)
-    return f"{hashlib.md5(digests).hexdigest()}-{len(parts)}"
 
 
 async def _none() -> None:
@@ -264,6 +264,7 @@ class S3Storage:
         result the lost answer would have carried, or None.
         """
         last = "unknown"
+        answered = False
         for attempt in range(self._attempts):
             if attempt:
                 delay = self._base_delay_s * (2 ** (attempt - 1))
@@ -281,7 +282,7 @@ class S3Storage:
                         log.warning("s3 %s: an earlier attempt had succeeded", op)
                         return done
                     raise outcome from exc
-                last = outcome.code
+                last, answered = outcome.code, outcome.answered
                 log.warning(
                     "s3 %s failed (%s), attempt %d/%d", op, last, attempt + 1, self._attempts
                 )
@@ -292,7 +293,7 @@ class S3Storage:
             with contextlib.suppress(ProxyError):
                 if (done := await recover()) is not None:
                     return done
-        raise StorageUnavailable(
+        raise (_StoreFailing if answered else StorageUnavailable)(
             f"storage did not answer {op} after {self._attempts} attempts ({last})",
             headers={"Retry-After": "5"},
         )
@@ -312,6 +313,42 @@ class S3Storage:
         ):
             return None
         return {"ETag": obj.etag}
+
+    @contextlib.asynccontextmanager
+    async def _folder_conflicts(self, key: str) -> AsyncIterator[None]:
+        """Turn a failed write to a key that is a folder into :class:`KeyConflict`.
+
+        SeaweedFS keeps ``a`` and ``a/b`` side by side only when ``a`` came first.  Writing
+        ``a`` over an existing folder ``a/`` fails as "precondition failed" with
+        If-None-Match (though HEAD finds no object) and as a 500 InternalError without
+        it, which looks transient but never heals.  Both would be a wrong answer (key
+        exists / try again later), so on failure we look: no object at the key but
+        objects under ``key/`` means the key is a folder.  Checked only after a failure,
+        so a successful write costs no extra request."""
+        try:
+            yield
+        except (ObjectExists, _StoreFailing) as e:
+            # (A store that cannot be reached is not asked again: that would double the
+            # time an outage takes to report.)
+            if isinstance(e, ConditionFailed):
+                raise
+            try:
+                folder = await self.head(key) is None and await self._has_children(key)
+            except ProxyError:
+                folder = False  # cannot tell: the original error stands
+            if folder:
+                raise KeyConflict(
+                    f"the key {key!r} is a folder (objects exist under {key + '/'!r}); "
+                    "it cannot also hold an object"
+                ) from e
+            raise
+
+    async def _has_children(self, key: str) -> bool:
+        r = await self._call(
+            "list_objects_v2",
+            lambda: self._client.list_objects_v2(Bucket=self.bucket, Prefix=key + "/", MaxKeys=1),
+        )
+        return int(r.get("KeyCount", 0) or 0) > 0
 
     def _observe(self, op: str, started: float, error: str | None) -> None:
         if self._observer is not None:
@@ -368,19 +405,20 @@ class S3Storage:
         extra = self._checksum_args(checksum)
         if if_none_match:
             extra["IfNoneMatch"] = "*"
-        r = await self._call(
-            "put_object",
-            lambda: self._client.put_object(
-                Bucket=self.bucket,
-                Key=key,
-                Body=_PartBody(body),
-                ContentLength=len(body),
-                Metadata=metadata,
-                ContentType=content_type,
-                **extra,
-            ),
-            recover=lambda: self._stored_as(key, len(body), metadata=metadata),
-        )
+        async with self._folder_conflicts(key):
+            r = await self._call(
+                "put_object",
+                lambda: self._client.put_object(
+                    Bucket=self.bucket,
+                    Key=key,
+                    Body=_PartBody(body),
+                    ContentLength=len(body),
+                    Metadata=metadata,
+                    ContentType=content_type,
+                    **extra,
+                ),
+                recover=lambda: self._stored_as(key, len(body), metadata=metadata),
+            )
         return str(r["ETag"])
 
     async def create_multipart(
@@ -427,23 +465,24 @@ class S3Storage:
         size_bytes: int | None = None,
     ) -> str:
         extra = {"IfNoneMatch": "*"} if if_none_match else {}
-        r = await self._call(
-            "complete_multipart_upload",
-            lambda: self._client.complete_multipart_upload(
-                Bucket=self.bucket,
-                Key=key,
-                UploadId=upload_id,
-                MultipartUpload={
-                    "Parts": [{"PartNumber": p.number, "ETag": p.etag} for p in parts]
-                },
-                **extra,
-            ),
-            recover=lambda: (
-                self._stored_as(key, size_bytes, etag=multipart_etag(parts))
-                if size_bytes is not None
-                else _none()
-            ),
-        )
+        async with self._folder_conflicts(key):
+            r = await self._call(
+                "complete_multipart_upload",
+                lambda: self._client.complete_multipart_upload(
+                    Bucket=self.bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    MultipartUpload={
+                        "Parts": [{"PartNumber": p.number, "ETag": p.etag} for p in parts]
+                    },
+                    **extra,
+                ),
+                recover=lambda: (
+                    self._stored_as(key, size_bytes, etag=multipart_etag(parts))
+                    if size_bytes is not None
+                    else _none()
+                ),
+            )
         return str(r["ETag"])
 
     async def abort_multipart(self, key: str, upload_id: str) -> None:
@@ -506,10 +545,29 @@ class S3Storage:
             await asyncio.shield(self.abort_multipart(key, upload_id))
             raise
 
-    async def delete_object(self, key: str) -> None:
-        await self._call(
-            "delete_object", lambda: self._client.delete_object(Bucket=self.bucket, Key=key)
-        )
+    async def delete_object(self, key: str, *, if_match: str | None = None) -> None:
+        extra = {} if if_match is None else {"IfMatch": if_match}
+        try:
+            await self._call(
+                "delete_object",
+                lambda: self._client.delete_object(Bucket=self.bucket, Key=key, **extra),
+            )
+        except ObjectExists as e:
+            # 412: the object is no longer the one we meant (or is gone); it stays.
+            raise ConditionFailed(f"{key} is not the object it was") from e
+
+    async def list_parts(self, key: str, upload_id: str) -> list[StoredPart]:
+        out: list[StoredPart] = []
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "UploadId": upload_id}
+        while True:
+            r = await self._call(
+                "list_parts", functools.partial(self._client.list_parts, **dict(kwargs))
+            )
+            for p in r.get("Parts", []) or []:
+                out.append(StoredPart(int(p["PartNumber"]), str(p["ETag"]), int(p["Size"])))
+            if not r.get("IsTruncated"):
+                return out
+            kwargs["PartNumberMarker"] = r.get("NextPartNumberMarker", 0)
 
     async def list_multipart(self, prefix: str = "") -> list[OpenMultipart]:
         out: list[OpenMultipart] = []
