@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG ?= config.toml
 
-.PHONY: install run test test-fast test-deps check-systemd lint bench bench-tus clean
+.PHONY: install run test test-fast test-deps check-systemd lint bench bench-tus clean webui webui-check
 
 # tus-js-client for tests/test_tus_clients.py, exactly as tests/js/package-lock.json pins it.
 JS_DEPS := tests/js/node_modules/.package-lock.json
@@ -64,6 +64,16 @@ bench: $(STAMP)
 ## tus figures (1 GiB in one PATCH and in 8 MiB chunks); SIZE=256MiB for a quicker run.
 bench-tus: $(STAMP)
 	$(BIN)/python bench/tus_bench.py $(if $(SIZE),--size $(SIZE))
+
+## The browser upload page: webui/ sources -> proxy/webui/static/ (index.html, app.js,
+## app.css, LICENSES.txt), after the page's unit tests.  The output is committed, so
+## `make run` and `make test` need no Node for it; run this after changing webui/.
+webui:
+	cd webui && npm ci --ignore-scripts --no-audit --no-fund && npm test && node build.mjs
+
+## Fails when proxy/webui/static/ is not what webui/ builds (stale or edited by hand).
+webui-check:
+	cd webui && npm ci --ignore-scripts --no-audit --no-fund && node build.mjs --check
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache
