@@ -25,7 +25,8 @@ run: $(STAMP)
 	$(BIN)/python -m proxy -c $(CONFIG)
 
 ## System packages the tests run for real: nginx (in front of the proxy), systemd-analyze
-## (unit checks) and promtool (Debian's prometheus package: metrics, rules, dashboard checks).
+## (unit checks), promtool (Debian's prometheus package: metrics, rules, dashboard checks)
+## and headless Chromium with its driver (the upload page, tests/browser.py).
 ## Installed with apt when missing and we are root; otherwise the tests that need them say
 ## so and skip.  On a machine with systemd the prometheus package also enables a local
 ## Prometheus service; containers and CI runners do not start it.
@@ -34,6 +35,8 @@ test-deps:
 	command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing="$$missing nginx"; \
 	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
 	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	[ -x /usr/bin/chromedriver ] || missing="$$missing chromium-driver"; \
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 		echo "installing:$$missing"; \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
