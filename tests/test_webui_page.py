@@ -151,15 +151,18 @@ async def test_two_files_end_to_end(
     # The note is text, not markup.
     assert await browser.js("return document.getElementById('link-note').textContent") == NOTE
 
-    await browser.choose_files("#picker", [small, big])
-    await wait_rows(browser, "done", 2, timeout_s=120)
+    # An empty file too: tus-js-client completes it with the creation request alone.
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    await browser.choose_files("#picker", [small, big, empty])
+    await wait_rows(browser, "done", 3, timeout_s=120)
 
-    for n, path in ((1, small), (2, big)):
+    for n, path in ((1, small), (2, big), (3, empty)):
         r = await row(browser, n)
         assert r["sha256"] == file_sha256(path), path.name
         await assert_stored(s3, p.prefix, path)
     total = await browser.js("return document.getElementById('total-text').textContent")
-    assert total.startswith("2 of 2 files sent")
+    assert total.startswith("3 of 3 files sent")
 
     # Every request the page made was to its own origin, and the CSP stopped nothing.
     assert await browser.call(browser.csp_violations) == []
