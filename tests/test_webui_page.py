@@ -275,6 +275,12 @@ async def test_limits_are_checked_before_sending_and_server_errors_explained(
     server_says_no = data_path(tmp_path, 800 * 1024, seed=7).rename(tmp_path / "log.txt")
 
     await open_page(browser, f"{p.url}/upload/#link={GRANT}")
+    # Keyboard: the first Tab reaches the button that opens the file picker.
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    await browser.call(lambda: ActionChains(browser.driver).send_keys(Keys.TAB).perform())
+    assert await browser.js("return document.activeElement.id") == "choose"
     await browser.choose_files("#picker", [too_big, wrong_type])
     await wait_rows(browser, "refused", 2, timeout_s=30)
     assert (await row(browser, 1))["code"] == "ERR_TOO_LARGE"
