@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 CONFIG ?= config.toml
 
 .PHONY: install lock run test test-fast test-deps check-systemd lint bench bench-quick clean dist \
-	check-aarch64 aarch64-deps install-service
+	check-aarch64 aarch64-deps install-service webui webui-check
 
 
 # What .venv and the service's venv install: exact versions with the hashes of their
@@ -67,8 +67,9 @@ run: $(STAMP)
 
 ## System packages the tests run for real: nginx (in front of the proxy), openssl (the
 ## nginx tests' self-signed certificate), systemd-analyze (unit checks), promtool
-## (Debian's prometheus package: metrics, rules, dashboard checks) and python3-venv
-## (install-service makes the service's venv with /usr/bin/python3).
+## (Debian's prometheus package: metrics, rules, dashboard checks), python3-venv
+## (install-service makes the service's venv with /usr/bin/python3) and headless
+## Chromium with its driver (the upload page, tests/browser.py).
 ## Installed with apt when missing and we are root; otherwise the tests that need them say
 ## so and skip.  On a machine with systemd the prometheus package also enables a local
 ## Prometheus service; containers and CI runners do not start it.
@@ -79,6 +80,8 @@ test-deps:
 	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
 	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
 	/usr/bin/python3 -c 'import ensurepip' >/dev/null 2>&1 || missing="$$missing python3-venv"; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	[ -x /usr/bin/chromedriver ] || missing="$$missing chromium-driver"; \
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 		echo "installing:$$missing"; \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
@@ -137,6 +140,16 @@ bench: $(STAMP) $(BENCH_JS_DEPS)
 ## The same at 128 MiB per upload (8 x 16 MiB concurrent): a check that every row runs.
 bench-quick: $(STAMP) $(BENCH_JS_DEPS)
 	$(BIN)/python bench/bench.py --size 128MiB $(BENCH_ARGS)
+
+## The browser upload page: webui/ sources -> proxy/webui/static/ (index.html, app.js,
+## app.css, LICENSES.txt), after the page's unit tests.  The output is committed, so
+## `make run` and `make test` need no Node for it; run this after changing webui/.
+webui:
+	cd webui && npm ci --ignore-scripts --no-audit --no-fund && npm test && node build.mjs
+
+## Fails when proxy/webui/static/ is not what webui/ builds (stale or edited by hand).
+webui-check:
+	cd webui && npm ci --ignore-scripts --no-audit --no-fund && node build.mjs --check
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache build dist

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,8 @@ from proxy.config import Config, from_dict
 from proxy.server import Server, make_runner, start_site
 from proxy.storage.s3 import S3Storage
 from proxy.storage.seaweed import Credentials, EmbeddedSeaweed
+
+from browser import Browser, start_browser
 
 BUCKET = "test-uploads"
 MiB = 1024 * 1024
@@ -122,7 +124,8 @@ StartProxy = Callable[..., Awaitable[Proxy]]
 
 @pytest.fixture
 async def start_proxy(seaweed: EmbeddedSeaweed, prefix: str) -> AsyncIterator[StartProxy]:
-    """Start a proxy on a free port; keyword sections override the test config."""
+    """Start a proxy on a free port; keyword sections override the test config.  ``routes``
+    may add test-only routes and signals to the app before it starts."""
     runners: list[web.AppRunner] = []
 
     async def start(
@@ -130,6 +133,7 @@ async def start_proxy(seaweed: EmbeddedSeaweed, prefix: str) -> AsyncIterator[St
         storage: Any = None,
         pool: Any = None,
         memory_reader: Any = None,
+        routes: Callable[[web.Application], None] | None = None,
         **sections: dict[str, Any],
     ) -> Proxy:
         config = make_config(seaweed, prefix, **sections)
@@ -143,6 +147,8 @@ async def start_proxy(seaweed: EmbeddedSeaweed, prefix: str) -> AsyncIterator[St
         extra = {} if memory_reader is None else {"memory_reader": memory_reader}
         runtime = Runtime(config, storage=storage, pool=pool, **extra)
         app = build_app(runtime)
+        if routes is not None:
+            routes(app)
         if owned is not None:
 
             async def close_owned(_: web.Application) -> None:
@@ -192,6 +198,25 @@ async def wait_up(url: str, timeout_s: float = 30) -> None:
             except aiohttp.ClientError:
                 pass
             await asyncio.sleep(0.05)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """A failed test that used a browser keeps its page: screenshot, HTML, console log."""
+    report = yield
+    b = getattr(item, "funcargs", {}).get("browser")
+    if report.failed and report.when == "call" and isinstance(b, Browser):
+        saved = b.dump(item.name)
+        report.sections.append(("browser", f"page saved in {saved}"))
+    return report
+
+
+@pytest.fixture
+def browser() -> Iterator[Browser]:
+    """A headless Chromium (tests/browser.py); skipped where none is installed."""
+    b = start_browser()
+    yield b
+    b.stop()
 
 
 async def assert_nothing_left(s3: S3Storage, prefix: str) -> None:

@@ -122,23 +122,29 @@ def test_the_venv_is_what_the_lock_says() -> None:
     assert not wrong, f"locked vs installed: {wrong}; run `make install`"
 
 
-# The npm pieces: tus-js-client for tests/test_tus_clients.py.
-JS_DIR = ROOT / "tests" / "js"
+# The npm pieces: tus-js-client for tests/test_tus_clients.py, the bench's client and
+# peer (bench/js), the upload page's build (webui).
+JS_DIRS = [ROOT / "tests" / "js", ROOT / "bench" / "js", ROOT / "webui"]
 
 
-def test_npm_lock_pins_every_package_with_an_integrity_hash() -> None:
-    lock = json.loads((JS_DIR / "package-lock.json").read_text())
-    wanted = json.loads((JS_DIR / "package.json").read_text())["dependencies"]
+@pytest.mark.parametrize("js_dir", JS_DIRS, ids=lambda d: str(d.relative_to(ROOT)))
+def test_npm_lock_pins_every_package_with_an_integrity_hash(js_dir: Path) -> None:
+    lock = json.loads((js_dir / "package-lock.json").read_text())
+    manifest = json.loads((js_dir / "package.json").read_text())
     packages = lock["packages"]
-    assert packages[""]["dependencies"] == wanted, "package-lock.json is stale: npm install"
-    deps = {k: v for k, v in packages.items() if k}
-    assert "node_modules/tus-js-client" in deps
+    for field in ("dependencies", "devDependencies"):
+        wanted = manifest.get(field, {})
+        assert packages[""].get(field, {}) == wanted, "package-lock.json is stale: npm install"
+        assert all(f"node_modules/{name}" in packages for name in wanted)
+    deps = {k: v for k, v in packages.items() if k and not v.get("link")}
+    assert deps, "nothing locked"
     loose = [k for k, v in deps.items() if not v.get("integrity", "").startswith("sha512-")]
     assert loose == [], f"no sha512 integrity for {loose}"
 
 
 def test_npm_is_only_used_through_its_lock() -> None:
-    """`npm ci` installs exactly package-lock.json; `npm install` / npx may resolve anew."""
+    """`npm ci` installs exactly package-lock.json; `npm install` / npx may resolve anew.
+    (`npm test` runs a script of the package with what `npm ci` installed.)"""
     files = [ROOT / "Makefile", ROOT / ".ci" / "run", *ROOT.glob("tests/*.py")]
     files += [*ROOT.glob("bench/*.py"), *ROOT.glob("tools/*")]
     # `npm <command>` in a shell line, or "npm", "<command>" in a Python argv list.
@@ -150,4 +156,5 @@ def test_npm_is_only_used_through_its_lock() -> None:
         for m in command.finditer(f.read_text())
     ]
     assert ("Makefile", "npm ci") in uses  # the scan sees the real use
-    assert {use for _, use in uses} <= {"npm ci", 'npm", "ci'}, f"npm without its lock: {uses}"
+    allowed = {"npm ci", 'npm", "ci', "npm test"}
+    assert {use for _, use in uses} <= allowed, f"npm without its lock: {uses}"
