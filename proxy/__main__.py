@@ -93,6 +93,11 @@ def _parser() -> argparse.ArgumentParser:
         help="public URL of the proxy, e.g. https://uploads.example.org",
     )
     sub.add_parser("hash-token", help="read a bearer token on stdin, print its sha256: form")
+    tus_id = sub.add_parser(
+        "tus-id",
+        help="print the id a tus upload is stored and logged under, from its URL or URL id",
+    )
+    tus_id.add_argument("url", help="the upload's URL (https://.../files/<id>) or just <id>")
     add_upload_parser(sub)
     add_install_service_parser(sub)
     return parser
@@ -144,6 +149,15 @@ def main(argv: list[str] | None = None) -> int:
         from proxy.install_service import run as install_service
 
         return install_service(args)
+    if args.command == "tus-id":
+        from proxy.tus_state import storage_id, valid_id
+
+        url_id = args.url.rstrip("/").rsplit("/", 1)[-1]
+        if not valid_id(url_id):
+            print("upload-proxy tus-id: not a tus upload URL or id", file=sys.stderr)
+            return 2
+        print(storage_id(url_id))
+        return 0
     if args.command == "hash-token":
         from proxy.auth import hash_token
 

@@ -30,7 +30,7 @@ from proxy.errors import BadRequest, NotFound, ProxyError, TooLarge
 from proxy.headers import ascii_uint
 from proxy.http_upload import UPLOADS, authorize, expect_with, request_client
 from proxy.storage.base import OpenMultipart, Storage
-from proxy.tus_state import TusStore, UploadInfo, release_quietly, valid_id
+from proxy.tus_state import TusStore, UploadInfo, new_id, release_quietly, storage_id, valid_id
 from proxy.tus_upload import Checksum, NewUpload, TusService, quota_of
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,8 @@ def new_upload(
     ctype = text.get("filetype") or text.get("type") or ""
     if not (_MIME_RE.fullmatch(ctype) and len(ctype) <= 255):
         ctype = "application/octet-stream"
-    upload_id = ctx.new_id()
+    url_id = new_id()
+    upload_id = storage_id(url_id)
     obj_meta = {
         k.lower(): _header_safe(v) for k, v in text.items() if _METADATA_KEY_RE.fullmatch(k)
     }
@@ -161,6 +162,7 @@ def new_upload(
         )
     return NewUpload(
         id=upload_id,
+        url_id=url_id,
         key=ctx.object_key(upload_id, filename),
         content_type=ctype,
         metadata_header=header.strip(),
@@ -249,10 +251,11 @@ def _svc(request: web.Request) -> TusService:
 
 
 def _upload_id(request: web.Request) -> str:
-    upload_id = request.match_info["id"]
-    if not valid_id(upload_id):
+    """The storage id of the upload the URL names (see :func:`storage_id`)."""
+    url_id = request.match_info["id"]
+    if not valid_id(url_id):
         raise NotFound("no such upload")
-    return upload_id
+    return storage_id(url_id)
 
 
 async def options(request: web.Request) -> web.Response:
@@ -317,7 +320,7 @@ async def create(request: web.Request) -> web.StreamResponse:
             # Without our answer the client never learns the URL: nothing can resume it.
             await _terminate_quietly(svc, info.id)
             raise
-    location = request.app[TUS].config.base_path + info.id
+    location = request.app[TUS].config.base_path + new.url_id
     headers = {"Location": location, **_upload_headers(info)}
     if not with_body:
         headers.pop("Upload-Offset")

@@ -21,6 +21,7 @@ info object says is durable, which is what HEAD must report.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import secrets
@@ -139,6 +140,22 @@ def valid_id(upload_id: str) -> bool:
 
 def new_id() -> str:
     return secrets.token_hex(ID_HEX_CHARS // 2)
+
+
+_STORAGE_ID_DOMAIN = b"upload-proxy tus storage id v1\0"
+
+
+def storage_id(url_id: str) -> str:
+    """The id an upload is stored and logged under, from the id in its URL.
+
+    The URL id is the upload's only secret when auth is off (and half of it when on):
+    whoever holds it may continue or terminate the upload.  So it is kept nowhere: the
+    state folder, the object key (``.../tus/<storage id>/<name>``), the ``tus-id``
+    metadata, the quota markers and every log line carry this one-way function of it
+    instead.  Anyone who can list the bucket or read the logs learns nothing they could
+    put in a URL; an operator holding a client's URL finds its upload by hashing it
+    (``upload-proxy tus-id URL``).  Same shape as a URL id (32 hex digits)."""
+    return hashlib.sha256(_STORAGE_ID_DOMAIN + url_id.encode()).hexdigest()[:ID_HEX_CHARS]
 
 
 class LeaseLost(Locked):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -49,7 +50,6 @@ from proxy.tus_state import (
     LeaseLost,
     TusStore,
     UploadInfo,
-    new_id,
     release_quietly,
     valid_id,
 )
@@ -79,7 +79,8 @@ class Checksum:
 
 @dataclass(frozen=True)
 class NewUpload:
-    id: str
+    id: str  # the storage id (tus_state.storage_id): what is kept and logged
+    url_id: str  # the id in the upload's URL: answered once, at creation, kept nowhere
     key: str
     content_type: str
     metadata_header: str
@@ -149,7 +150,7 @@ class TusService:
             info = replace(info, quota="")
         try:
             if leased:
-                lease = await self.store.create(info, owner=new.id)
+                lease = await self.store.create(info, owner=secrets.token_hex(8))
                 return lease.info, lease
             await self.store.create_unleased(info)
             return info, None
@@ -172,10 +173,6 @@ class TusService:
             principal=str(new.principal),
             quota=new.quota,
         )
-
-    @staticmethod
-    def new_id() -> str:
-        return new_id()
 
     # -- write -------------------------------------------------------------------------
 

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from proxy.tus_state import storage_id
+
 MiB = 1024 * 1024
 EVENT_RE = re.compile(
     r"^(progress|total|retry|ok|failed|summary)((?: \w+=(?:\"(?:[^\"\\]|\\.)*\"|\S+))*)$"
@@ -87,4 +89,4 @@ def file_sha256(path: Path) -> str:
 
 def tus_key(prefix: str, upload_url: str, name: str) -> str:
     """Where the proxy stores a tus upload: ``<key_prefix><id>/<filename>``."""
-    return f"{prefix}tus/{upload_url.rsplit('/', 1)[1]}/{name}"
+    return f"{prefix}tus/{storage_id(upload_url.rsplit('/', 1)[1])}/{name}"

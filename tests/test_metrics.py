@@ -11,7 +11,7 @@ from typing import Any
 
 import aiohttp
 from prometheus_client import CollectorRegistry, generate_latest
-from tus_helpers import create, metadata
+from tus_helpers import create, metadata, sid
 
 from proxy.auth import hash_token
 from proxy.errors import REASONS
@@ -323,11 +323,11 @@ async def test_upload_ids_and_keys_reach_operators_only(
         async with aiohttp.ClientSession() as s:
             name = metadata(filename="private-name.bin")
             url = await create(s, main, size, **{"Upload-Metadata": name})
-        upload_id = url.rsplit("/", 1)[1]
+        url_id, upload_id = url.rsplit("/", 1)[1], sid(url)
         req = await RawRequest.open(
             "127.0.0.1",
             server.port,
-            f"PATCH /files/{upload_id} HTTP/1.1\r\nHost: x\r\nTus-Resumable: 1.0.0\r\n"
+            f"PATCH /files/{url_id} HTTP/1.1\r\nHost: x\r\nTus-Resumable: 1.0.0\r\n"
             "Content-Type: application/offset+octet-stream\r\nUpload-Offset: 0\r\n"
             f"Content-Length: {size}\r\n\r\n",
         )
@@ -340,13 +340,17 @@ async def test_upload_ids_and_keys_reach_operators_only(
             for where in (main, side):
                 text = await scrape_text(where)
                 assert upload_id not in text and "private-name" not in text, where
+                assert url_id not in text, where
                 assert prefix not in text, where
             async with aiohttp.ClientSession() as s, s.get(f"{main}/status") as r:
                 public = await r.text()
             assert upload_id not in public and "private-name" not in public, public
+            assert url_id not in public, public
             assert json.loads(public)["in_flight"]["uploads"] == 1
             (active,) = (await get_status(main, OPERATOR))["uploads"]
+            # Operators see the storage id (what logs and keys carry), never the URL's.
             assert active["id"] == upload_id and active["slot"] == 0
+            assert url_id not in json.dumps(active)
             assert active["key"] == f"{prefix}tus/{upload_id}/private-name.bin"
             bad = {"Authorization": "Bearer not-an-operator-token"}
             async with aiohttp.ClientSession() as s, s.get(f"{main}/status", headers=bad) as r:

@@ -24,6 +24,7 @@ import pytest
 
 from proxy.auth import hash_token, sign_url
 from proxy.storage.seaweed import free_port
+from proxy.tus_state import storage_id
 from tests.conftest import MiB, assert_nothing_left, get_object
 from tests.daemon import Daemon, start_daemon
 from tests.tus_helpers import create, patch
@@ -330,7 +331,7 @@ async def test_tus_resumes_through_nginx(stack: Stack, s3: Any, prefix: str) -> 
         async with s.head(url, headers={"Tus-Resumable": "1.0.0", **auth}) as r:
             assert r.status == 200 and int(r.headers["Upload-Offset"]) == offset
         assert (await patch(s, url, offset, data[offset:], **auth)).status == 204
-    upload_id = url.rsplit("/", 1)[1]
+    upload_id = storage_id(url.rsplit("/", 1)[1])
     keys = [o.key for o in await s3.list_objects(prefix) if upload_id in o.key]
     assert len(keys) == 1
     stored, meta = await get_object(s3, keys[0])

@@ -22,6 +22,7 @@ from tus_helpers import (
     patch,
     service_for,
     sha256_hex,
+    sid,
     state_keys,
     store_for,
     tus_sections,
@@ -61,7 +62,7 @@ async def test_creation_opens_no_multipart_upload(
     r = await patch(http, urls[0], MiB, os.urandom(5 * MiB))  # the first full part
     assert r.status == 204
     (mpu,) = await s3.list_multipart(prefix)
-    loaded = await store_for(s3, prefix).load(urls[0].rsplit("/", 1)[1])
+    loaded = await store_for(s3, prefix).load(sid(urls[0]))
     assert loaded is not None and loaded[0].multipart_id == mpu.upload_id
     for url in urls:
         async with http.delete(url, headers=TUS) as r:
@@ -85,7 +86,7 @@ async def test_an_upload_below_one_part_is_one_put_object(
         assert r.status == 204, r.status
         start = end
     assert r.headers["Upload-SHA256"] == sha256_hex(data)
-    key = f"{prefix}tus/{url.rsplit('/', 1)[1]}/small.txt"
+    key = f"{prefix}tus/{sid(url)}/small.txt"
     body, meta_out = await get_object(s3, key)
     assert body == data and meta_out["sha256"] == sha256_hex(data)
     assert meta_out["filename"] == "small.txt"
@@ -104,7 +105,7 @@ async def test_a_put_interrupted_before_its_state_save_is_recognised(
     proxy = await start_proxy(**tus_sections(prefix))
     data = os.urandom(1000)
     url = await create(http, proxy.url, len(data))
-    upload_id = url.rsplit("/", 1)[1]
+    upload_id = sid(url)
     key = f"{prefix}tus/{upload_id}"
     mine = {"tus-id": upload_id, "sha256": sha256_hex(data)}
     await s3.put_object(
@@ -116,7 +117,7 @@ async def test_a_put_interrupted_before_its_state_save_is_recognised(
     await s3.delete_object(key)
 
     url = await create(http, proxy.url, len(data))
-    other = f"{prefix}tus/{url.rsplit('/', 1)[1]}"
+    other = f"{prefix}tus/{sid(url)}"
     await s3.put_object(
         other, b"x" * 1000, metadata={}, content_type="x/y", checksum=None, if_none_match=True
     )
@@ -136,7 +137,7 @@ async def test_an_unsaved_multipart_upload_is_swept(
     leaves an orphan: claimed while a PATCH may still save it (lease held), swept after."""
     proxy = await start_proxy(**tus_sections(prefix))
     url = await create(http, proxy.url, 20 * MiB)
-    upload_id = url.rsplit("/", 1)[1]
+    upload_id = sid(url)
     key = f"{prefix}tus/{upload_id}"
     orphan = await s3.create_multipart(key, metadata={}, content_type="x/y")
     svc = service_for(proxy)
@@ -166,12 +167,12 @@ async def test_a_running_patch_saves_the_multipart_id_it_created(
     size = 8 * MiB
     data = os.urandom(size)
     url = await create(http, proxy.url, size)
-    upload_id = url.rsplit("/", 1)[1]
+    upload_id = sid(url)
     digest = base64.b64encode(hashlib.sha1(data).digest()).decode()
     req = await RawRequest.open(
         proxy.host,
         proxy.port,
-        f"PATCH /files/{upload_id} HTTP/1.1\r\nHost: x\r\nTus-Resumable: 1.0.0\r\n"
+        f"PATCH /files/{url.rsplit('/', 1)[1]} HTTP/1.1\r\nHost: x\r\nTus-Resumable: 1.0.0\r\n"
         "Content-Type: application/offset+octet-stream\r\nUpload-Offset: 0\r\n"
         f"Upload-Checksum: sha1 {digest}\r\nContent-Length: {size}\r\n\r\n",
     )

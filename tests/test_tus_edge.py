@@ -27,6 +27,7 @@ from tus_helpers import (
     patch,
     service_for,
     sha256_hex,
+    sid,
     state_keys,
     store_for,
     tus_key,
@@ -42,7 +43,7 @@ from conftest import MiB, data_path
 
 
 def upload_id(url: str) -> str:
-    return url.rsplit("/", 1)[1]
+    return sid(url)
 
 
 async def open_chunked_patch(

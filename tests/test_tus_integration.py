@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 from test_auth import SECRET, TOKEN, auth_section
-from tus_helpers import TUS, create, head_offset, patch, tus_sections
+from tus_helpers import TUS, create, head_offset, patch, sid, tus_sections
 
 from proxy.auth import sign_url
 
@@ -42,7 +42,7 @@ async def test_tus_requires_credentials(
             assert r.status == 200 and r.headers["Upload-Offset"] == "0"
         r2 = await patch(s, url, 0, b"0123456789", **BEARER)
         assert r2.status == 204
-    upload_id = url.rsplit("/", 1)[1]
+    upload_id = sid(url)
     assert any(upload_id in o.key and ".tus/" not in o.key for o in await s3.list_objects(prefix))
 
 

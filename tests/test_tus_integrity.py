@@ -28,6 +28,7 @@ from tus_helpers import (
     metadata,
     patch,
     sha256_hex,
+    sid,
     store_for,
     tus_sections,
 )
@@ -52,11 +53,14 @@ async def http():  # type: ignore[no-untyped-def]
 
 
 def upload_id(url: str) -> str:
-    return url.rsplit("/", 1)[-1]
+    return sid(url)
 
 
 async def info_of(s3: Any, prefix: str, url_or_id: str) -> UploadInfo:
-    loaded = await store_for(s3, prefix).load(upload_id(url_or_id))
+    """The state of the upload at a URL, or under a storage id."""
+    loaded = await store_for(s3, prefix).load(
+        upload_id(url_or_id) if "/" in url_or_id else url_or_id
+    )
     assert loaded is not None
     return loaded[0]
 

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
+import subprocess
+import sys
 from dataclasses import replace
 from typing import Any
 
 import aiohttp
 import pytest
-from tus_helpers import OCTET, TUS, create, patch, sha256_hex, store_for, tus_sections
+from tus_helpers import OCTET, TUS, create, patch, sha256_hex, sid, store_for, tus_sections
 
 from proxy.auth import hash_token
 from proxy.tus_state import UploadInfo
@@ -68,7 +71,7 @@ async def test_another_token_sees_only_404(proxy: Any, http: Any, s3: Any, prefi
     tail = b"0123456789"
     r = await patch(http, url, len(data), tail, **A)
     assert r.status == 204 and r.headers["Upload-SHA256"] == sha256_hex(data + tail)
-    key = f"{prefix}tus/{url.rsplit('/', 1)[1]}"
+    key = f"{prefix}tus/{sid(url)}"
     assert (await get_object(s3, key))[0] == data + tail
     await s3.delete_object(key)
     await assert_nothing_left(s3, prefix)
@@ -107,11 +110,11 @@ async def test_foreign_expired_and_locked_uploads_are_404_too(
 ) -> None:
     """410 (expired) and 423 (a PATCH is running) are for the owner only."""
     url = await create(http, proxy.url, 2 * MiB, **A)
-    upload_id = url.rsplit("/", 1)[1]
+    upload_id = sid(url)
     running = await RawRequest.open(
         proxy.host,
         proxy.port,
-        f"PATCH /files/{upload_id} HTTP/1.1\r\nHost: {proxy.host}\r\n"
+        f"PATCH /files/{url.rsplit('/', 1)[1]} HTTP/1.1\r\nHost: {proxy.host}\r\n"
         f"Authorization: Bearer {TOKEN_A}\r\nTus-Resumable: 1.0.0\r\n"
         f"Content-Type: application/offset+octet-stream\r\nUpload-Offset: 0\r\n"
         f"Content-Length: {2 * MiB}\r\n\r\n",
@@ -136,7 +139,7 @@ async def test_foreign_expired_and_locked_uploads_are_404_too(
         running.close()
 
     url = await create(http, proxy.url, 100, **A)
-    upload_id = url.rsplit("/", 1)[1]
+    upload_id = sid(url)
     loaded = await store.load(upload_id)
     assert loaded is not None
     info, etag = loaded
@@ -160,7 +163,7 @@ async def test_state_from_before_owners_is_anonymous(
     """Info objects written before uploads had an owner load as "anonymous": with auth on,
     no token reaches them (they expire); with auth.mode = "none" they work as before."""
     url = await create(http, proxy.url, 100, **A)
-    upload_id = url.rsplit("/", 1)[1]
+    upload_id = sid(url)
     store = store_for(s3, prefix)
     loaded = await store.load(upload_id)
     assert loaded is not None and loaded[0].principal.startswith("token:")
@@ -174,6 +177,43 @@ async def test_state_from_before_owners_is_anonymous(
         async with http.head(url, headers={**TUS, **token}) as r:
             assert r.status == 404
     open_proxy = await start_proxy(auth={"mode": "none"}, **tus_sections(prefix))
-    async with http.delete(f"{open_proxy.url}/files/{upload_id}", headers=TUS) as r:
+    async with http.delete(f"{open_proxy.url}/files/{url.rsplit('/', 1)[1]}", headers=TUS) as r:
         assert r.status == 204
     await assert_nothing_left(s3, prefix)
+
+
+async def test_the_url_id_is_kept_nowhere(
+    proxy: Any, http: Any, s3: Any, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The id in an upload's URL is its secret: no state object, object key, metadata,
+    quota marker or log line holds it (they carry a one-way function of it), from the
+    creation through a resumed PATCH to the completion."""
+    caplog.set_level(logging.DEBUG)
+    data = os.urandom(6 * MiB + 100)
+    url = await create(http, proxy.url, len(data), **A, **{"Upload-Metadata": ""})
+    url_id = url.rsplit("/", 1)[1]
+    assert (await patch(http, url, 0, data[: 5 * MiB + 7], **A)).status == 204
+    seen = [o.key for o in await s3.list_objects(prefix)]
+    seen += [u.key for u in await s3.list_multipart(prefix)]
+    assert any(sid(url) in key for key in seen)  # the state is there, under the other id
+    for key in [o.key for o in await s3.list_objects(f"{prefix}.tus/")]:
+        body, _ = await get_object(s3, key)
+        assert url_id.encode() not in body, key
+    r = await patch(http, url, 5 * MiB + 7, data[5 * MiB + 7 :], **A)
+    assert r.status == 204
+    (key,) = [o.key for o in await s3.list_objects(prefix)]
+    stored, meta = await get_object(s3, key)
+    assert stored == data and meta["tus-id"] == sid(url)
+    assert all(url_id not in k for k in [*seen, key]) and url_id not in json.dumps(meta)
+    assert url_id not in caplog.text and sid(url) in caplog.text
+
+
+def test_operators_find_an_upload_from_its_url() -> None:
+    """`upload-proxy tus-id URL` prints the id logs and keys carry for that upload."""
+    url = "https://uploads.example.org/files/7500d53c9a1c36979a73a5e45bfcfb0b"
+    run = subprocess.run(
+        [sys.executable, "-m", "proxy", "tus-id", url], capture_output=True, text=True, check=True
+    )
+    assert run.stdout.strip() == sid(url) != url.rsplit("/", 1)[1]
+    bad = subprocess.run([sys.executable, "-m", "proxy", "tus-id", "x"], capture_output=True)
+    assert bad.returncode == 2

@@ -21,6 +21,7 @@ from tus_helpers import (
     patch,
     service_for,
     sha256_hex,
+    sid,
     state_keys,
     tus_key,
     tus_sections,
@@ -88,7 +89,7 @@ async def test_create_head_patch_complete(proxy, http, s3, prefix) -> None:
             assert "Upload-SHA256" not in r.headers
         else:  # the completing PATCH tells the client what was stored
             assert r.headers["Upload-SHA256"] == sha256_hex(data)
-    upload_id = url.rsplit("/", 1)[1]
+    upload_id = sid(url)
     key = f"{prefix}tus/{upload_id}/Holiday_ photo.jpg"
     body, meta_out = await get_object(s3, key)
     assert body == data
@@ -324,7 +325,7 @@ async def test_expiry_and_sweeper(start_proxy, http, s3, prefix) -> None:
 async def test_expired_upload_is_410_before_the_sweep(proxy, http, s3, prefix) -> None:
     url = await create(http, proxy.url, 100)
     svc = service_for(proxy)
-    loaded = await svc.store.load(url.rsplit("/", 1)[1])
+    loaded = await svc.store.load(sid(url))
     assert loaded is not None
     info, etag = loaded
     expired = replace(info, expires_s=0.0, rev=info.rev + 1)

@@ -17,6 +17,7 @@ from tus_helpers import (
     head_offset,
     only_objects,
     service_for,
+    sid,
     store_for,
     tus_key,
     tus_sections,
@@ -169,7 +170,7 @@ async def test_sha256_without_a_resumable_hash_rereads_the_object(
         m.setattr(tus_hash, "_LIB", None)
         await cut_patch(url, 0, SIZE, data[:CUT_AT])
         await wait_offset(http, url, CUT_AT)
-    loaded = await service_for(proxy).store.load(url.rsplit("/", 1)[1])
+    loaded = await service_for(proxy).store.load(sid(url))
     assert loaded is not None and loaded[0].parts and loaded[0].sha256_state is None
     await asyncio.to_thread(tuspy_resume, url, path, SIZE)
     await check_stored(s3, prefix, url, data)
@@ -193,7 +194,7 @@ async def test_racing_patches_one_wins_the_other_gets_423(seaweed, http, s3, pre
             http.patch(url, data=slow_body(data[:MiB], release, data[MiB:]), headers=headers)
         )
         for _ in range(100):  # until the first PATCH holds the lease
-            loaded = await store_for(s3, prefix).load(url.rsplit("/", 1)[1])
+            loaded = await store_for(s3, prefix).load(sid(url))
             if loaded and loaded[0].lease_owner:
                 break
             await asyncio.sleep(0.02)

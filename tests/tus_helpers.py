@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 
 from proxy.storage.s3 import S3Storage
-from proxy.tus_state import OWNERS, TusStore
+from proxy.tus_state import OWNERS, TusStore, storage_id
 from proxy.tus_upload import TusService
 
 TUS = {"Tus-Resumable": "1.0.0"}
@@ -76,9 +76,14 @@ async def only_objects(s3: S3Storage, prefix: str) -> list[str]:
     return [o.key for o in await s3.list_objects(prefix)]
 
 
+def sid(url: str) -> str:
+    """The id the upload at ``url`` is stored under (never the id in its URL)."""
+    return storage_id(url.rsplit("/", 1)[1])
+
+
 def tus_key(prefix: str, url: str, name: str | None = None) -> str:
     """The object key of the tus upload at ``url`` (object_prefix at its default, "tus/")."""
-    upload_id = url.rsplit("/", 1)[1]
+    upload_id = sid(url)
     return f"{prefix}tus/{upload_id}/{name}" if name else f"{prefix}tus/{upload_id}"
 
 
