@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return install_service(args)
     if args.command == "tus-id":
-        from proxy.tus_state import storage_id, valid_id
+        from proxy.tus.state import storage_id, valid_id
 
         url_id = args.url.rstrip("/").rsplit("/", 1)[-1]
         if not valid_id(url_id):
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         runner: Any = uvloop.run
     except ImportError:  # pragma: no cover - uvloop is a dependency; stay usable without it
         runner = asyncio.run
-    from proxy.sdnotify import Notifier
+    from proxy.obs.sdnotify import Notifier
     from proxy.server import Server
 
     try:

@@ -11,21 +11,23 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from proxy import __version__, http_ops, tus
+from proxy import __version__
 from proxy.auth import Authenticator, TokenSet
-from proxy.buffers import BufferPool, head_bytes_for
 from proxy.config import Config, default_client_buffer_bytes
+from proxy.engine.buffers import BufferPool, head_bytes_for
+from proxy.engine.limits import ContentPolicy, UploadSlots
 from proxy.errors import REASONS, ProxyError, StorageError, StorageUnavailable
-from proxy.http_ops import MetricsHooks, Ops, Readiness, samplers_ctx
-from proxy.http_upload import UPLOADS, UploadContext, UploadHooks, add_routes
-from proxy.limits import ContentPolicy, UploadSlots
-from proxy.memory import HeapTrimmer, MemoryMonitor, MemoryReader, read_memory
-from proxy.metrics import Metrics
-from proxy.responses import error_response, hide_server_banner
+from proxy.obs.memory import HeapTrimmer, MemoryMonitor, MemoryReader, read_memory
+from proxy.obs.metrics import Metrics
 from proxy.storage.base import OpenMultipart, Storage
 from proxy.storage.s3 import S3Storage
 from proxy.storage.seaweed import EmbeddedSeaweed, load_or_create_credentials
-from proxy.sweeper import LiveUploadPredicate, StaleSweeper, resolve
+from proxy.storage.sweeper import LiveUploadPredicate, StaleSweeper, resolve
+from proxy.web import ops as http_ops
+from proxy.web import tus
+from proxy.web.errors import error_response, hide_server_banner
+from proxy.web.ops import MetricsHooks, Ops, Readiness, samplers_ctx
+from proxy.web.uploads import UPLOADS, UploadContext, UploadHooks, add_routes
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Bearer tokens are kept only as SHA-256 hashes and compared in constant time
 (:class:`TokenSet`): upload tokens here, operator tokens (``/status`` details) in
-:mod:`proxy.http_ops`.
+:mod:`proxy.web.ops`.
 
 A signed upload URL is our answer to S3 presigned URLs: a web app that holds the
 signing secret hands a browser a URL that allows one method, on one key or under

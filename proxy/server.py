@@ -1,6 +1,6 @@
 """Owns the lifecycle: bind, serve, graceful drain with a timeout, a second signal exits at once.
 
-It also speaks to systemd (``proxy.sdnotify``): ``READY=1`` once the socket listens
+It also speaks to systemd (``proxy.obs.sdnotify``): ``READY=1`` once the socket listens
 and storage was checked, a ``STATUS=`` line every ``status_interval_s``,
 ``WATCHDOG=1`` from the event loop, ``STOPPING=1`` when the drain begins.
 """
@@ -23,11 +23,11 @@ from aiohttp.web_server import Server as _AioServer
 from proxy.app import HTTP_CODES, Runtime, build_app
 from proxy.config import Config
 from proxy.errors import ProxyError
-from proxy.http_conn import ConnectionGuard, GuardedSite
-from proxy.http_ops import build_metrics_app
-from proxy.http_upload import UPLOADS, UploadContext
-from proxy.responses import error_response
-from proxy.sdnotify import Notifier
+from proxy.obs.sdnotify import Notifier
+from proxy.web.conn import ConnectionGuard, GuardedSite
+from proxy.web.errors import error_response
+from proxy.web.ops import build_metrics_app
+from proxy.web.uploads import UPLOADS, UploadContext
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def runner_kwargs(config: Config) -> dict[str, Any]:
         "read_bufsize": READ_BUFSIZE,
         # Closes a kept-alive connection that waits longer than this for its next request,
         # headers included (aiohttp's default is an hour).  The first request's headers are
-        # timed by proxy.http_conn.
+        # timed by proxy.web.conn.
         "keepalive_timeout": sc.keepalive_timeout_s,
         # Store bodies exactly as sent, like S3 does: a Content-Encoding: gzip body stays
         # gzip.  Decompressing would also break every size decision made from

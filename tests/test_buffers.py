@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from proxy.buffers import BufferPool, Buffers, PartBuffer, PoolTimeout, head_bytes_for
+from proxy.engine.buffers import BufferPool, Buffers, PartBuffer, PoolTimeout, head_bytes_for
 
 
 async def test_budget_is_never_exceeded_and_waiters_are_fifo() -> None:

@@ -12,11 +12,11 @@ from typing import Any
 from prometheus_client import CollectorRegistry, generate_latest
 
 from proxy import __version__
-from proxy.buffers import BufferPool
 from proxy.config import MemoryConfig
+from proxy.engine.buffers import BufferPool
 from proxy.errors import REASONS
-from proxy.memory import MemoryReading, judge
-from proxy.metrics import Metrics
+from proxy.obs.memory import MemoryReading, judge
+from proxy.obs.metrics import Metrics
 
 from obs_helpers import Samples, parse, promtool
 

@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from proxy import __version__
-from proxy.memory import MemoryReading
+from proxy.obs.memory import MemoryReading
 from proxy.storage.s3 import S3Storage
 from proxy.storage.seaweed import Credentials, EmbeddedSeaweed
 

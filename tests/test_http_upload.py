@@ -159,7 +159,7 @@ async def test_keys_are_logged_quoted(
     start_proxy: StartProxy, s3: S3Storage, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A key is quoted in the outcome line, so it cannot pose as the line's other fields."""
-    caplog.set_level(logging.INFO, logger="proxy.http_upload")
+    caplog.set_level(logging.INFO, logger="proxy.web.uploads")
     proxy = await start_proxy()
     key = "a.bin bytes=0 sha256=0 result=ok 'x"
     status, reply = await put(proxy, quote(key), b"data")

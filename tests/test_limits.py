@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.limits import (
+from proxy.engine.limits import (
     BodyPace,
     ClientInfo,
     ClientLimit,

@@ -15,7 +15,7 @@ from tus_helpers import create, metadata, sid
 
 from proxy.auth import hash_token
 from proxy.errors import REASONS
-from proxy.metrics import Metrics
+from proxy.obs.metrics import Metrics
 from proxy.storage.s3 import S3Storage
 from proxy.storage.seaweed import EmbeddedSeaweed
 

@@ -24,7 +24,7 @@ import pytest
 
 from proxy.auth import hash_token, sign_url
 from proxy.storage.seaweed import free_port
-from proxy.tus_state import storage_id
+from proxy.tus.state import storage_id
 from tests.conftest import MiB, assert_nothing_left, get_object
 from tests.daemon import Daemon, start_daemon
 from tests.tus_helpers import create, patch

@@ -7,8 +7,8 @@ import asyncio
 
 import aiohttp
 
-from proxy.responses import SERVER_HEADER
 from proxy.storage.seaweed import EmbeddedSeaweed
+from proxy.web.errors import SERVER_HEADER
 
 from conftest import serving
 

@@ -15,12 +15,12 @@ import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 from wrapped import Wrapped
 
-from proxy.buffers import BufferPool
+from proxy.engine.buffers import BufferPool
+from proxy.engine.upload import PartStreamer, StreamSettings, UploadSpec
 from proxy.errors import ObjectExists, ProxyError, StorageUnavailable
 from proxy.storage.base import Body
 from proxy.storage.s3 import S3Storage
 from proxy.storage.seaweed import EmbeddedSeaweed
-from proxy.streaming import PartStreamer, StreamSettings, UploadSpec
 
 from conftest import MiB, StartProxy, assert_nothing_left, get_object, s3_for
 

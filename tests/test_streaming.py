@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.buffers import BufferPool
+from proxy.engine.buffers import BufferPool
+from proxy.engine.upload import PartStreamer, StreamSettings, UploadSpec
 from proxy.storage.s3 import S3Storage
-from proxy.streaming import PartStreamer, StreamSettings, UploadSpec
 
 from conftest import MiB, StartProxy, get_object
 from fakes import GatedStorage

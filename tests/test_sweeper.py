@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 
 from proxy.storage.base import OpenMultipart
-from proxy.sweeper import StaleSweeper
+from proxy.storage.sweeper import StaleSweeper
 from tests.conftest import MiB, StartProxy, assert_nothing_left
 
 LATER = timedelta(hours=2)

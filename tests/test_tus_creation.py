@@ -30,7 +30,7 @@ from tus_helpers import (
 
 from proxy.auth import hash_token
 from proxy.config import ConfigError, from_dict
-from proxy.sweeper import StaleSweeper
+from proxy.storage.sweeper import StaleSweeper
 
 from conftest import MiB, StartProxy, assert_nothing_left, get_object
 from obs_helpers import RawRequest, scrape, value

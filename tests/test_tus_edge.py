@@ -35,9 +35,9 @@ from tus_helpers import (
 )
 
 from proxy.errors import StorageUnavailable
-from proxy.tus_state import UploadInfo
-from proxy.tus_upload import TusService
-from proxy.tus_writer import PatchWriter
+from proxy.tus.patch import PatchWriter
+from proxy.tus.service import TusService
+from proxy.tus.state import UploadInfo
 
 from conftest import MiB, data_path
 

@@ -426,7 +426,7 @@ async def test_method_override(proxy, http) -> None:
 
 
 async def test_tiny_patches_keep_few_pending_segments(proxy, http, s3, prefix) -> None:
-    from proxy.tus_writer import MAX_PENDING_SEGMENTS
+    from proxy.tus.patch import MAX_PENDING_SEGMENTS
 
     data = os.urandom(40 * 1000)
     url = await create(http, proxy.url, len(data))

@@ -9,8 +9,8 @@ from typing import Any
 import aiohttp
 
 from proxy.storage.s3 import S3Storage
-from proxy.tus_state import OWNERS, TusStore, storage_id
-from proxy.tus_upload import TusService
+from proxy.tus.service import TusService
+from proxy.tus.state import OWNERS, TusStore, storage_id
 
 TUS = {"Tus-Resumable": "1.0.0"}
 OCTET = {**TUS, "Content-Type": "application/offset+octet-stream"}

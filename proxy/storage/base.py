@@ -19,7 +19,7 @@ from typing import Protocol, TypeAlias
 
 class Pieces:
     """A body held in several buffers, to be sent in order and never joined: a part
-    lives in a head and the rest of the part (see :mod:`proxy.buffers`)."""
+    lives in a head and the rest of the part (see :mod:`proxy.engine.buffers`)."""
 
     __slots__ = ("_nbytes", "views")
 

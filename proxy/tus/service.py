@@ -1,11 +1,11 @@
 """tus upload lifecycle on the storage interface: create, write a PATCH, finish, terminate, sweep.
 
-No HTTP here (that is :mod:`proxy.tus`); every step keeps the state in the bucket
-(:mod:`proxy.tus_state`) so a restart or another instance can carry on:
+No HTTP here (that is :mod:`proxy.web.tus`); every step keeps the state in the bucket
+(:mod:`proxy.tus.state`) so a restart or another instance can carry on:
 
 * create: the info object is written; nothing else (the multipart upload is created by
-  the first PATCH that fills a part, see :mod:`proxy.tus_writer`);
-* write: under the upload's lease, the body goes through :class:`~proxy.tus_writer.PatchWriter`;
+  the first PATCH that fills a part, see :mod:`proxy.tus.patch`);
+* write: under the upload's lease, the body goes through :class:`~proxy.tus.patch.PatchWriter`;
   a lease keeper renews the lease and, when the PATCH has no ``Upload-Checksum`` to honour,
   checkpoints the parts stored so far, so a daemon that dies mid-PATCH loses at most a
   few parts.  Whatever ends the PATCH, what is durable is committed and the lease released;
@@ -27,8 +27,9 @@ from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from proxy.auth import ANONYMOUS, Principal
-from proxy.buffers import Buffers
 from proxy.config import TusConfig
+from proxy.engine.buffers import Buffers
+from proxy.engine.upload import StreamObserver, StreamResult, delete_if_ours, label, verify_stored
 from proxy.errors import (
     ConditionFailed,
     KeyConflict,
@@ -40,12 +41,11 @@ from proxy.errors import (
     TooManyUnfinished,
     UploadFailed,
 )
-from proxy.http_upload import UploadContext, transfer
 from proxy.keys import safe_filename
 from proxy.storage.base import CompletedPart, ObjectInfo, OpenMultipart, multipart_etag
-from proxy.streaming import StreamObserver, StreamResult, delete_if_ours, label, verify_stored
-from proxy.tus_hash import Sha256, resume_sha256
-from proxy.tus_state import (
+from proxy.tus.hash import Sha256, resume_sha256
+from proxy.tus.patch import PatchResult, PatchTarget, PatchWriter
+from proxy.tus.state import (
     Lease,
     LeaseLost,
     TusStore,
@@ -53,7 +53,7 @@ from proxy.tus_state import (
     release_quietly,
     valid_id,
 )
-from proxy.tus_writer import PatchResult, PatchTarget, PatchWriter
+from proxy.web.uploads import UploadContext, transfer
 
 log = logging.getLogger(__name__)
 
@@ -554,7 +554,7 @@ class TusService:
 
     async def _rehash(self, key: str) -> str:
         """The SHA-256 of a stored object, read back in bounded chunks.  Only for uploads
-        whose hash state could not be carried over (see :mod:`proxy.tus_hash`)."""
+        whose hash state could not be carried over (see :mod:`proxy.tus.hash`)."""
         started = time.monotonic()
         h = hashlib.sha256()
         loop = asyncio.get_running_loop()

@@ -1,8 +1,8 @@
 """tus 1.0.0 over HTTP: core (HEAD, PATCH, OPTIONS) and the extensions creation,
 creation-with-upload, creation-defer-length, termination, expiration and checksum.
 
-Only headers and statuses live here; the upload lifecycle is :mod:`proxy.tus_upload`,
-the state :mod:`proxy.tus_state`.  Errors are :class:`~proxy.errors.ProxyError`, rendered
+Only headers and statuses live here; the upload lifecycle is :mod:`proxy.tus.service`,
+the state :mod:`proxy.tus.state`.  Errors are :class:`~proxy.errors.ProxyError`, rendered
 as JSON ``{"code", "message"}`` by the app's one error middleware (HEAD answers carry no
 body, as HTTP wants).  One ``on_response_prepare`` hook adds ``Tus-Resumable`` and the
 CORS headers to every answer under the base path, errors and 404/405 included.
@@ -28,10 +28,10 @@ from proxy.auth import Forbidden, Grant, Principal
 from proxy.config import TusConfig
 from proxy.errors import BadRequest, NotFound, ProxyError, TooLarge
 from proxy.headers import ascii_uint
-from proxy.http_upload import UPLOADS, authorize, expect_with, request_client
 from proxy.storage.base import OpenMultipart, Storage
-from proxy.tus_state import TusStore, UploadInfo, new_id, release_quietly, storage_id, valid_id
-from proxy.tus_upload import Checksum, NewUpload, TusService, quota_of
+from proxy.tus.service import Checksum, NewUpload, TusService, quota_of
+from proxy.tus.state import TusStore, UploadInfo, new_id, release_quietly, storage_id, valid_id
+from proxy.web.uploads import UPLOADS, authorize, expect_with, request_client
 
 log = logging.getLogger(__name__)
 

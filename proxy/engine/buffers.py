@@ -11,7 +11,7 @@ Memory follows what a client has sent, not what it has announced: a part
 first byte arrives and the *rest* of the part once the head is full.  A client that
 opens uploads and trickles bytes holds a head per upload, not a whole part.
 
-Each client (address group, see :func:`proxy.limits.client_group`) may hold at most
+Each client (address group, see :func:`proxy.engine.limits.client_group`) may hold at most
 ``client_cap_bytes`` of the pool.  A client at its cap waits in a queue of its own
 (:class:`ClientBuffers`), so its back-pressure never holds up anyone else's request.
 

@@ -41,7 +41,7 @@ OTHER_REASON = "other"
 
 
 class PoolFigures(Protocol):
-    """What :class:`proxy.buffers.BufferPool` exposes."""
+    """What :class:`proxy.engine.buffers.BufferPool` exposes."""
 
     @property
     def in_use_bytes(self) -> int: ...
@@ -56,7 +56,7 @@ class PoolFigures(Protocol):
 
 
 class ListenerFigures(Protocol):
-    """What :class:`proxy.http_conn.ConnectionGuard` exposes."""
+    """What :class:`proxy.web.conn.ConnectionGuard` exposes."""
 
     @property
     def open(self) -> int: ...
@@ -67,7 +67,7 @@ class ListenerFigures(Protocol):
 
 
 class MemoryFigures(Protocol):
-    """What :class:`proxy.memory.MemoryState` exposes."""
+    """What :class:`proxy.obs.memory.MemoryState` exposes."""
 
     @property
     def rss_bytes(self) -> int: ...

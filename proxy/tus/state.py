@@ -76,7 +76,7 @@ class UploadInfo:
     expires_s: float
     parts: tuple[Part, ...] = ()
     pending: tuple[Segment, ...] = ()
-    sha256_state: str | None = None  # proxy.tus_hash export after the parts' bytes
+    sha256_state: str | None = None  # proxy.tus.hash export after the parts' bytes
     sha256_hex: str | None = None  # set once the last part is in: the upload is completing
     completing: bool = False
     # Completion attempts the store refused (see TusService._complete_leased): past a few,

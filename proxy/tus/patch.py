@@ -1,8 +1,8 @@
 """One PATCH body -> parts of the upload's S3 multipart upload; the tail kept in S3.
 
-Like :class:`proxy.streaming.PartStreamer`, body chunks are copied into parts
-(:class:`~proxy.buffers.PartBuffer`) whose memory is leased from the shared
-:class:`~proxy.buffers.BufferPool` (the daemon's memory bound) as bytes arrive, a full
+Like :class:`proxy.engine.upload.PartStreamer`, body chunks are copied into parts
+(:class:`~proxy.engine.buffers.PartBuffer`) whose memory is leased from the shared
+:class:`~proxy.engine.buffers.BufferPool` (the daemon's memory bound) as bytes arrive, a full
 part is sent while the next fills (at most ``parts_in_flight`` per upload), and each
 part is hashed exactly once, in order, in a worker thread when ``hash_in_thread``: the
 whole-upload SHA-256, the per-part checksum S3 verifies, and the PATCH's own
@@ -36,18 +36,18 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.buffers import Buffers, PartBuffer
-from proxy.errors import ObjectExists, ProxyError, StorageError, TooLarge
-from proxy.storage.base import PartChecksum, Pieces, Storage
-from proxy.streaming import (
+from proxy.engine.buffers import Buffers, PartBuffer
+from proxy.engine.upload import (
     NullObserver,
     StreamObserver,
     StreamSettings,
     lease,
     part_checksum,
 )
-from proxy.tus_hash import Sha256
-from proxy.tus_state import LeaseLost, Part, Segment
+from proxy.errors import ObjectExists, ProxyError, StorageError, TooLarge
+from proxy.storage.base import PartChecksum, Pieces, Storage
+from proxy.tus.hash import Sha256
+from proxy.tus.state import LeaseLost, Part, Segment
 
 log = logging.getLogger(__name__)
 

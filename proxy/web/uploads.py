@@ -3,7 +3,7 @@
 Everything that can be decided from the headers is decided before the first
 body byte is read, and, when the client sent ``Expect: 100-continue``, before we
 tell it to send the body at all: memory pressure, bad key, declared size over the
-limit, existing key.  The body itself is handed to :class:`~proxy.streaming.PartStreamer`.
+limit, existing key.  The body itself is handed to :class:`~proxy.engine.upload.PartStreamer`.
 
 Those checks live in one preflight function per route, run by the Expect handler
 (aiohttp calls it *before* any middleware) and again, from its cached result, by the
@@ -31,8 +31,26 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy.auth import Authenticator, Forbidden, Grant
-from proxy.buffers import BufferPool, ClientBuffers
 from proxy.config import LimitsConfig, UploadConfig
+from proxy.engine.buffers import BufferPool, ClientBuffers
+from proxy.engine.limits import (
+    BodyPace,
+    ClientInfo,
+    ContentPolicy,
+    Network,
+    UploadSlots,
+    UploadStats,
+    client_group,
+    client_info,
+)
+from proxy.engine.upload import (
+    ExpectedDigests,
+    PartStreamer,
+    StreamObserver,
+    StreamResult,
+    StreamSettings,
+    UploadSpec,
+)
 from proxy.errors import (
     BadRequest,
     ClientTimeout,
@@ -44,26 +62,8 @@ from proxy.errors import (
     TooSlow,
 )
 from proxy.keys import full_key, generated_key
-from proxy.limits import (
-    BodyPace,
-    ClientInfo,
-    ContentPolicy,
-    Network,
-    UploadSlots,
-    UploadStats,
-    client_group,
-    client_info,
-)
-from proxy.responses import error_response
 from proxy.storage.base import Storage
-from proxy.streaming import (
-    ExpectedDigests,
-    PartStreamer,
-    StreamObserver,
-    StreamResult,
-    StreamSettings,
-    UploadSpec,
-)
+from proxy.web.errors import error_response
 
 log = logging.getLogger(__name__)
 

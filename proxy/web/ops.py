@@ -27,14 +27,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy import __version__
 from proxy.auth import TokenSet, Unauthorized, bearer_token
-from proxy.buffers import BufferPool
+from proxy.engine.buffers import BufferPool
+from proxy.engine.upload import StreamObserver, StreamResult
 from proxy.errors import ProxyError
-from proxy.http_upload import UploadHooks
-from proxy.memory import FIGURES, Level, MemoryMonitor
-from proxy.metrics import Metrics
-from proxy.responses import hide_server_banner
+from proxy.obs.memory import FIGURES, Level, MemoryMonitor
+from proxy.obs.metrics import Metrics
 from proxy.storage.base import Storage
-from proxy.streaming import StreamObserver, StreamResult
+from proxy.web.errors import hide_server_banner
+from proxy.web.uploads import UploadHooks
 
 log = logging.getLogger(__name__)
 

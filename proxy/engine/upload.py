@@ -3,7 +3,7 @@
 One :class:`PartStreamer` carries one object from an async iterator of byte
 chunks to a :class:`~proxy.storage.base.Storage`:
 
-* chunks are copied into parts (:class:`~proxy.buffers.PartBuffer`) whose memory is
+* chunks are copied into parts (:class:`~proxy.engine.buffers.PartBuffer`) whose memory is
   leased from the shared :class:`BufferPool` only as bytes arrive; a full part is
   sent while the next one fills, with at most ``parts_in_flight`` parts uploading
   per object; the wait for a free slot or buffer is what pushes back on the client;
@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from proxy.buffers import Buffers, PartBuffer, PoolTimeout
+from proxy.engine.buffers import Buffers, PartBuffer, PoolTimeout
 from proxy.errors import (
     Busy,
     ChecksumMismatch,
@@ -482,6 +482,6 @@ async def delete_if_ours(storage: Storage, key: str, etag: str) -> None:
         log.error("could not delete %s: %s", key, e)
 
 
-# Shared with the tus PATCH writer (proxy.tus_writer), which lays parts out differently
+# Shared with the tus PATCH writer (proxy.tus.patch), which lays parts out differently
 # (pending bytes first, a tail kept in S3) but must checksum them the same way.
 part_checksum = _part_checksum
