@@ -6,7 +6,6 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -16,7 +15,7 @@ from proxy.auth import Authenticator, TokenSet
 from proxy.config import Config, default_client_buffer_bytes
 from proxy.engine.buffers import BufferPool, head_bytes_for
 from proxy.engine.limits import ContentPolicy, UploadSlots
-from proxy.errors import REASONS, ProxyError, StorageError, StorageUnavailable
+from proxy.errors import REASONS, StorageError, StorageUnavailable
 from proxy.obs.memory import HeapTrimmer, MemoryMonitor, MemoryReader, read_memory
 from proxy.obs.metrics import Metrics
 from proxy.storage.base import OpenMultipart, Storage
@@ -25,22 +24,11 @@ from proxy.storage.seaweed import EmbeddedSeaweed, load_or_create_credentials
 from proxy.storage.sweeper import LiveUploadPredicate, StaleSweeper, resolve
 from proxy.web import ops as http_ops
 from proxy.web import tus
-from proxy.web.errors import error_response, hide_server_banner
+from proxy.web.errors import error_middleware, hide_server_banner
 from proxy.web.ops import MetricsHooks, Ops, Readiness, samplers_ctx
 from proxy.web.uploads import UPLOADS, UploadContext, UploadHooks, add_routes
 
 log = logging.getLogger(__name__)
-
-HTTP_CODES = {
-    400: "ERR_BAD_REQUEST",
-    404: "ERR_NOT_FOUND",
-    405: "ERR_METHOD_NOT_ALLOWED",
-    408: "ERR_CLIENT_TIMEOUT",
-    411: "ERR_LENGTH_REQUIRED",
-    413: "ERR_TOO_LARGE",
-    417: "ERR_EXPECTATION",
-    431: "ERR_HEADERS_TOO_LARGE",
-}
 
 
 @dataclass
@@ -86,31 +74,6 @@ class Runtime:
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    try:
-        return await handler(request)  # type: ignore[no-any-return]
-    except asyncio.CancelledError:
-        raise
-    except ProxyError as e:
-        body_left = not request.content.is_eof()
-        if e.status >= 500:
-            log.warning(
-                "%s %r -> %d %s: %r", request.method, request.path, e.status, e.code, e.message
-            )
-        return error_response(e, close=body_left)
-    except web.HTTPException as e:
-        if e.status < 400:
-            raise
-        code = HTTP_CODES.get(e.status, f"ERR_HTTP_{e.status}")
-        err = ProxyError(e.reason, code=code, status=e.status)
-        err.headers.update({k: v for k, v in e.headers.items() if k.lower() == "allow"})
-        return error_response(err, close=not request.content.is_eof())
-    except Exception:
-        log.exception("unhandled error in %s %r", request.method, request.path)
-        return error_response(ProxyError("internal error"), close=True)
 
 
 async def open_storage(config: Config) -> tuple[S3Storage, EmbeddedSeaweed | None]:

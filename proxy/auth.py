@@ -28,33 +28,19 @@ from dataclasses import dataclass
 from urllib.parse import quote, urlencode
 
 from proxy.config import AuthConfig
-from proxy.errors import ProxyError, TooLarge
+from proxy.errors import (
+    BadSignature,
+    KeyNotAllowed,
+    Unauthorized,
+    UrlExpired,
+    UrlLifetime,
+)
 from proxy.headers import ascii_uint
 
 SIGNED_FIELDS = ("expires", "key", "prefix", "max_size", "sig")
 _SIG_HEX_LEN = 64
 # expires and max_size are decimal; 20 digits hold any 64-bit value.
 _MAX_NUMBER_LEN = 20
-
-
-class Unauthorized(ProxyError):
-    """No usable credentials: the client should authenticate."""
-
-    code = "ERR_UNAUTHORIZED"
-    status = 401
-    reason = "unauthorized"
-
-    def __init__(self, message: str, *, error: str | None = None) -> None:
-        challenge = 'Bearer realm="upload-proxy"' + (f', error="{error}"' if error else "")
-        super().__init__(message, headers={"WWW-Authenticate": challenge})
-
-
-class Forbidden(ProxyError):
-    """Credentials were presented and are valid, or carry a signature, but do not allow this."""
-
-    code = "ERR_FORBIDDEN"
-    status = 403
-    reason = "forbidden"
 
 
 @dataclass(frozen=True)
@@ -104,17 +90,9 @@ class Grant:
     def check_key(self, client_key: str) -> None:
         """Raise unless ``client_key`` (before the proxy's key_prefix) is allowed."""
         if self.key is not None and client_key != self.key:
-            raise Forbidden("this signed URL is for another key", code="ERR_KEY_NOT_ALLOWED")
+            raise KeyNotAllowed("this signed URL is for another key")
         if self.prefix is not None and not client_key.startswith(self.prefix):
-            raise Forbidden("this signed URL is for another prefix", code="ERR_KEY_NOT_ALLOWED")
-
-    def check_size(self, declared: int | None) -> None:
-        if declared is not None and self.max_size_bytes is not None:
-            if declared > self.max_size_bytes:
-                raise TooLarge(
-                    f"declared body of {declared} bytes exceeds the signed limit of "
-                    f"{self.max_size_bytes} bytes"
-                )
+            raise KeyNotAllowed("this signed URL is for another prefix")
 
     def limit(self, configured_bytes: int) -> int:
         if self.max_size_bytes is None:
@@ -267,7 +245,7 @@ class Authenticator:
 
     def _signed(self, method: str, query: Mapping[str, str], now: float) -> Grant:
         if not self._secret:
-            raise Forbidden("signed URLs are not enabled here", code="ERR_BAD_SIGNATURE")
+            raise BadSignature("signed URLs are not enabled here")
         sig = query.get("sig", "")
         expires = query.get("expires", "")
         key, prefix = query.get("key"), query.get("prefix")
@@ -280,31 +258,28 @@ class Authenticator:
             or any("\n" in v for v in (expires, key or "", prefix or "", max_size))
         ):
             # Cheap refusals before any MAC work; newlines could shift fields in canonical().
-            raise Forbidden("the signed URL is malformed", code="ERR_BAD_SIGNATURE")
+            raise BadSignature("the signed URL is malformed")
         expected = _mac(self._secret, canonical(method, expires, key, prefix, max_size))
         if not hmac.compare_digest(expected.encode(), sig.lower().encode("ascii", "replace")):
-            raise Forbidden("the signature does not match", code="ERR_BAD_SIGNATURE")
+            raise BadSignature("the signature does not match")
         # Fields are trusted only after the signature checks out; then they were ours.
         expires_s = ascii_uint(expires, max_digits=_MAX_NUMBER_LEN)
         if expires_s is None or expires_s < now:
-            raise Forbidden("the signed URL has expired", code="ERR_URL_EXPIRED")
+            raise UrlExpired("the signed URL has expired")
         if expires_s - now > self._max_lifetime_s:
             # The URL carries no issue time, so "lives at most N" is "expires within N":
             # a leaked URL (browser history, a proxy log) is good for at most that long.
-            raise Forbidden(
+            raise UrlLifetime(
                 f"the signed URL expires more than {self._max_lifetime_s:.0f} s from now, "
-                "beyond auth.signed_url_max_lifetime_s",
-                code="ERR_URL_LIFETIME",
+                "beyond auth.signed_url_max_lifetime_s"
             )
         if prefix is not None and not (prefix and prefix.endswith("/")):
             # sign_url never mints one, but a web app with the secret may sign its own: a
             # prefix "user1" would allow "user10/...", and "" every key.
-            raise Forbidden(
-                "the signed prefix must be non-empty and end with '/'", code="ERR_BAD_SIGNATURE"
-            )
+            raise BadSignature("the signed prefix must be non-empty and end with '/'")
         max_size_bytes = ascii_uint(max_size, max_digits=_MAX_NUMBER_LEN) if max_size else None
         if max_size and max_size_bytes is None:
-            raise Forbidden("the signed URL is malformed", code="ERR_BAD_SIGNATURE")
+            raise BadSignature("the signed URL is malformed")
         return Grant(
             via="signed",
             key=key,

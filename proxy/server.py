@@ -16,16 +16,12 @@ import time
 from typing import Any
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
-from aiohttp.web_request import BaseRequest
-from aiohttp.web_server import Server as _AioServer
 
-from proxy.app import HTTP_CODES, Runtime, build_app
+from proxy.app import Runtime, build_app
 from proxy.config import Config
 from proxy.errors import ProxyError
 from proxy.obs.sdnotify import Notifier
 from proxy.web.conn import ConnectionGuard, GuardedSite
-from proxy.web.errors import error_response
 from proxy.web.ops import build_metrics_app
 from proxy.web.uploads import UPLOADS, UploadContext
 
@@ -47,10 +43,14 @@ RUNNER_SHUTDOWN_TIMEOUT_S = 5.0
 
 def runner_kwargs(config: Config) -> dict[str, Any]:
     """AppRunner settings; tests start their runners with these too."""
+    return {"shutdown_timeout": RUNNER_SHUTDOWN_TIMEOUT_S, **handler_kwargs(config)}
+
+
+def handler_kwargs(config: Config) -> dict[str, Any]:
+    """Settings of aiohttp's per-connection protocol (``web.RequestHandler``)."""
     sc = config.server
     return {
         "access_log": None,
-        "shutdown_timeout": RUNNER_SHUTDOWN_TIMEOUT_S,
         "lingering_time": sc.lingering_time_s,
         # Larger headers are refused (400/431) by aiohttp's parser (slow-loris with headers).  The
         # request line carries signed-URL fields and up to 1 KiB of key, hence both.
@@ -76,53 +76,8 @@ def status_line(ctx: UploadContext, rate_mib_s: float) -> str:
     )
 
 
-class _JsonErrorRequestHandler(RequestHandler):
-    """Errors aiohttp raises before our app sees the request (malformed request line,
-    oversized headers, bad chunk framing) get the same JSON body as every other error."""
-
-    def handle_error(
-        self,
-        request: BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        if request.writer.output_size > 0:
-            raise ConnectionError("response already started; cannot send an error")
-        if status >= 500:
-            self.log_exception("Error handling request from %s", request.remote, exc_info=exc)
-        else:
-            log.info(
-                "rejected malformed request from %s: %d %r",
-                request.remote,
-                status,
-                getattr(exc, "message", exc),
-            )
-        code = HTTP_CODES.get(status, f"ERR_HTTP_{status}")
-        text = (
-            "internal error"
-            if status >= 500
-            else f"malformed request: {getattr(exc, 'message', '') or message or status}"
-        )
-        return error_response(ProxyError(text, code=code, status=status), close=True)
-
-
-class _JsonErrorServer(_AioServer):
-    def __call__(self) -> RequestHandler:
-        return _JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
-
-
-class ProxyRunner(web.AppRunner):
-    """An AppRunner whose low-level protocol errors are rendered as our JSON errors."""
-
-    async def _make_server(self) -> _AioServer:
-        server = await super()._make_server()
-        server.__class__ = _JsonErrorServer
-        return server
-
-
-def make_runner(app: web.Application, config: Config) -> ProxyRunner:
-    return ProxyRunner(app, handle_signals=False, **runner_kwargs(config))
+def make_runner(app: web.Application, config: Config) -> web.AppRunner:
+    return web.AppRunner(app, handle_signals=False, **runner_kwargs(config))
 
 
 class Server:
@@ -177,7 +132,7 @@ class Server:
         """Stop listening, let running uploads finish, cancel (abort) the rest."""
         sc = self.config.server
         # Only the listening socket closes; open connections keep reading bodies.
-        site.stop_listening()
+        await site.stop()
         cancelled = await ctx.slots.drain(sc.drain_timeout_s, ABORT_GRACE_S)
         if cancelled:
             log.warning(
@@ -206,20 +161,15 @@ class Server:
         try:
             site = await start_site(runner, sc.listen_host, sc.listen_port, self.config)
             self.runtime.ops.metrics.bind_listener("main", site.guard)
-            self.port = site.port
+            self.port = bound_port(runner)
             log.info("listening on http://%s:%s", sc.listen_host, self.port)
             if sc.metrics_listen is not None:
-                # A ProxyRunner too: its parser errors are JSON without aiohttp's banner.
-                metrics_runner = ProxyRunner(
-                    build_metrics_app(self.runtime.ops),
-                    handle_signals=False,
-                    **runner_kwargs(self.config),
-                )
+                metrics_runner = make_runner(build_metrics_app(self.runtime.ops), self.config)
                 await metrics_runner.setup()
                 host, port = sc.metrics_listen
                 metrics_site = await start_site(metrics_runner, host, port, self.config)
                 self.runtime.ops.metrics.bind_listener("metrics", metrics_site.guard)
-                self.metrics_port = metrics_site.port
+                self.metrics_port = bound_port(metrics_runner)
                 log.info("metrics on http://%s:%s/metrics", host, self.metrics_port)
             self.listening.set()
             state = await self._storage_state()
@@ -253,10 +203,16 @@ class Server:
 
 
 async def start_site(runner: web.AppRunner, host: str, port: int, config: Config) -> GuardedSite:
-    """Bind and serve behind a connection guard (header deadline, connection cap);
-    ``site.port`` is the port actually bound (``port`` may be 0).  Tests use it too."""
+    """Bind and serve behind a connection guard (header deadline, connection cap), with
+    parser errors rendered as JSON; :func:`bound_port` tells the port (``port`` may be 0).
+    Tests use it too."""
     sc = config.server
     guard = ConnectionGuard(sc.header_timeout_s, sc.max_connections)
-    site = GuardedSite(runner, host, port, guard)
+    site = GuardedSite(runner, host, port, guard, handler_kwargs(config))
     await site.start()
     return site
+
+
+def bound_port(runner: web.BaseRunner) -> int:
+    """The port ``runner``'s (one) site listens on."""
+    return int(runner.addresses[0][1])

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from proxy.app import Runtime, build_app
 from proxy.config import Config, from_dict
-from proxy.server import Server, make_runner, start_site
+from proxy.server import Server, bound_port, make_runner, start_site
 from proxy.storage.s3 import S3Storage
 from proxy.storage.seaweed import Credentials, EmbeddedSeaweed
 
@@ -158,9 +158,9 @@ async def start_proxy(seaweed: EmbeddedSeaweed, prefix: str) -> AsyncIterator[St
         runner = make_runner(app, config)
         await runner.setup()
         # Behind the same connection guard as the daemon's listeners.
-        site = await start_site(runner, "127.0.0.1", 0, config)
+        await start_site(runner, "127.0.0.1", 0, config)
         runners.append(runner)
-        port = site.port
+        port = bound_port(runner)
         return Proxy(f"http://127.0.0.1:{port}", "127.0.0.1", port, runtime, config, prefix)
 
     yield start

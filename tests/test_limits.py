@@ -13,13 +13,12 @@ import pytest
 from proxy.engine.limits import (
     BodyPace,
     ClientInfo,
-    ClientLimit,
     ContentPolicy,
-    NotAllowed,
     UploadSlots,
     client_group,
     client_info,
 )
+from proxy.errors import ClientLimit, NotAllowed
 from tests.conftest import MiB, StartProxy, assert_nothing_left
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("10.0.0.0/8"))

@@ -35,10 +35,10 @@ from tus_helpers import (
 from wrapped import Wrapped
 
 from proxy.auth import ANONYMOUS
-from proxy.errors import StorageError, StorageUnavailable
+from proxy.errors import LeaseLost, StorageError, StorageUnavailable
 from proxy.storage.base import Body, CompletedPart, PartChecksum, multipart_etag
 from proxy.tus.service import MAX_COMPLETION_FAILURES, TusService, quota_of
-from proxy.tus.state import LeaseLost, Part, TusStore, UploadInfo
+from proxy.tus.state import Part, TusStore, UploadInfo
 from proxy.web import tus
 
 from conftest import MiB, StartProxy, assert_nothing_left, get_object, s3_for

@@ -20,7 +20,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from proxy.errors import ProxyError
+from proxy.errors import (
+    ClientLimit,
+    ExtensionNotAllowed,
+    NotAllowed,
+    ShuttingDown,
+    TooManyUploads,
+)
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -104,24 +110,6 @@ def client_info(
                 break
     proto = (forwarded_proto or "").split(",")[0].strip().lower()
     return ClientInfo(client, proto if proto in ("http", "https") else scheme)
-
-
-class TooManyUploads(ProxyError):
-    code = "ERR_TOO_MANY_UPLOADS"
-    status = 503
-    reason = "busy"
-
-
-class ClientLimit(ProxyError):
-    code = "ERR_CLIENT_LIMIT"
-    status = 429
-    reason = "client_limit"
-
-
-class ShuttingDown(ProxyError):
-    code = "ERR_SHUTTING_DOWN"
-    status = 503
-    reason = "shutting_down"
 
 
 class UploadSlots:
@@ -214,12 +202,6 @@ class UploadSlots:
         return len(tasks)
 
 
-class NotAllowed(ProxyError):
-    code = "ERR_UNSUPPORTED_MEDIA_TYPE"
-    status = 415
-    reason = "not_allowed"
-
-
 class ContentPolicy:
     """Allowlists of media types (``image/*`` wildcards) and file extensions; empty allows all."""
 
@@ -239,9 +221,7 @@ class ContentPolicy:
         if self._exts:
             base = (name or "").replace("\\", "/").rsplit("/", 1)[-1].lower()
             if not base.endswith(self._exts):
-                raise NotAllowed(
-                    "this file extension is not accepted here", code="ERR_EXTENSION_NOT_ALLOWED"
-                )
+                raise ExtensionNotAllowed("this file extension is not accepted here")
 
 
 @dataclass

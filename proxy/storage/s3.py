@@ -38,6 +38,7 @@ from proxy.errors import (
     KeyConflict,
     ObjectExists,
     ProxyError,
+    StorageCredentials,
     StorageError,
     StorageUnavailable,
 )
@@ -159,7 +160,7 @@ def _classify(exc: BaseException) -> ProxyError | _Transient:
             return _Transient(code, answered=True)
         return StorageError(f"storage refused the request ({code})")
     if isinstance(exc, NoCredentialsError):
-        return StorageError("no storage credentials configured", code="ERR_STORAGE_CREDENTIALS")
+        return StorageCredentials("no storage credentials configured")
     if isinstance(exc, BotoCoreError | aiohttp.ClientError | asyncio.TimeoutError | OSError):
         return _Transient(type(exc).__name__)
     return StorageError(f"unexpected storage failure ({type(exc).__name__})")

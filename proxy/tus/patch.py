@@ -44,10 +44,17 @@ from proxy.engine.upload import (
     lease,
     part_checksum,
 )
-from proxy.errors import ObjectExists, ProxyError, StorageError, TooLarge
+from proxy.errors import (
+    LeaseLost,
+    ObjectExists,
+    PartSizeChanged,
+    ProxyError,
+    StorageError,
+    TooLarge,
+)
 from proxy.storage.base import PartChecksum, Pieces, Storage
 from proxy.tus.hash import Sha256
-from proxy.tus.state import LeaseLost, Part, Segment
+from proxy.tus.state import Part, Segment
 
 log = logging.getLogger(__name__)
 
@@ -145,10 +152,9 @@ class PatchWriter:
     async def run(self, chunks: AsyncIterator[bytes], declared_bytes: int | None) -> None:
         part = self._settings.part_size_bytes
         if self._pending_bytes >= part:
-            raise ProxyError(
+            raise PartSizeChanged(
                 f"pending bytes ({self._pending_bytes}) exceed part_size; part_size was lowered "
-                "while this upload ran: raise it back to finish the upload",
-                code="ERR_PART_SIZE_CHANGED",
+                "while this upload ran: raise it back to finish the upload"
             )
         # Memory is leased when bytes are in hand (the first byte also leases the room
         # kept for the pending bytes), never ahead of them.

@@ -33,12 +33,14 @@ from proxy.engine.upload import StreamObserver, StreamResult, delete_if_ours, la
 from proxy.errors import (
     ConditionFailed,
     KeyConflict,
+    LeaseLost,
     ObjectExists,
     ProxyError,
     StorageError,
     StorageUnavailable,
     TooLarge,
     TooManyUnfinished,
+    UploadChecksumMismatch,
     UploadFailed,
 )
 from proxy.keys import safe_filename
@@ -47,7 +49,6 @@ from proxy.tus.hash import Sha256, resume_sha256
 from proxy.tus.patch import PatchResult, PatchTarget, PatchWriter
 from proxy.tus.state import (
     Lease,
-    LeaseLost,
     TusStore,
     UploadInfo,
     release_quietly,
@@ -271,12 +272,9 @@ class TusService:
                 # next PATCH (not orphaned until the stale sweeper finds it).
                 lease.info = replace(lease.info, multipart_id=writer.multipart_id)
                 await release_quietly(lease)
-                raise ProxyError(
+                raise UploadChecksumMismatch(
                     f"the PATCH body does not match its {checksum.algorithm} Upload-Checksum; "
-                    "it was discarded",
-                    code="ERR_CHECKSUM_MISMATCH",
-                    status=460,
-                    reason="checksum_mismatch",
+                    "it was discarded"
                 )
             final = info.length is not None and info.offset + writer.received_bytes == info.length
             try:

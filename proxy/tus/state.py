@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from proxy.auth import ANONYMOUS, Principal
-from proxy.errors import ConditionFailed, Gone, Locked, NotFound, StorageError
+from proxy.errors import ConditionFailed, Gone, LeaseLost, Locked, NotFound, StorageError
 from proxy.headers import ascii_uint
 from proxy.storage.base import Storage
 
@@ -156,12 +156,6 @@ def storage_id(url_id: str) -> str:
     put in a URL; an operator holding a client's URL finds its upload by hashing it
     (``upload-proxy tus-id URL``).  Same shape as a URL id (32 hex digits)."""
     return hashlib.sha256(_STORAGE_ID_DOMAIN + url_id.encode()).hexdigest()[:ID_HEX_CHARS]
-
-
-class LeaseLost(Locked):
-    """Our lease was taken over (it expired): stop writing to this upload."""
-
-    code = "ERR_LEASE_LOST"
 
 
 class TusStore:

@@ -17,9 +17,11 @@ makes for each connection so that:
 
 Why a protocol wrapper: aiohttp has no hook for either.  ``web.BaseSite`` is its public
 base for custom sites, and the wrapper only forwards ``asyncio.Protocol`` calls, so no
-private aiohttp attribute is touched (the attributes used are ``BaseSite``'s own, as
-in its subclasses).  Once the first request's headers are in, the wrapper is a
-pass-through: it never ends a connection that is streaming a body.
+private aiohttp attribute is read (the attributes used are ``BaseSite``'s own, as in its
+subclasses).  The protocol it wraps is aiohttp's ``web.RequestHandler``, made here as
+``web.Server`` would make it, so that its ``handle_error`` can answer in JSON.  Once the
+first request's headers are in, the wrapper is a pass-through: it never ends a
+connection that is streaming a body.
 """
 
 from __future__ import annotations
@@ -30,12 +32,13 @@ import json
 import logging
 import re
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 from aiohttp import web
 from yarl import URL
 
 from proxy.errors import HeaderTimeout, ProxyError, TooManyConnections
+from proxy.web.errors import JsonErrorRequestHandler
 
 log = logging.getLogger(__name__)
 
@@ -173,47 +176,51 @@ class _Guarded(asyncio.Protocol):
 
 
 class GuardedSite(web.BaseSite):
-    """A TCP site (like ``web.TCPSite``) whose connections pass a :class:`ConnectionGuard`."""
+    """A TCP site (like ``web.TCPSite``) whose connections pass a :class:`ConnectionGuard`
+    and are served by :class:`~proxy.web.errors.JsonErrorRequestHandler` (aiohttp's own
+    protocol, with parser errors as JSON), made with ``handler_kwargs``."""
 
-    __slots__ = ("_bound_port", "_guard", "_host", "_port")
+    __slots__ = ("_guard", "_handler_kwargs", "_host", "_port")
 
     def __init__(
-        self, runner: web.BaseRunner, host: str, port: int, guard: ConnectionGuard
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        guard: ConnectionGuard,
+        handler_kwargs: dict[str, Any],
     ) -> None:
         super().__init__(runner)
         self._host = host
         self._port = port
         self._guard = guard
-        self._bound_port: int | None = None
+        self._handler_kwargs = handler_kwargs
 
     @property
     def guard(self) -> ConnectionGuard:
         return self._guard
 
     @property
-    def port(self) -> int:
-        """The port bound (``port`` may have been 0), once started."""
-        return self._port if self._bound_port is None else self._bound_port
-
-    @property
     def name(self) -> str:
-        return str(URL.build(scheme="http", host=self._host, port=self.port))
+        return str(URL.build(scheme="http", host=self._host, port=self._port))
 
     async def start(self) -> None:
         await super().start()
         server = self._runner.server
         assert server is not None
-        self._server = await asyncio.get_running_loop().create_server(
-            self._guard.wrap(server),
+        loop = asyncio.get_running_loop()
+        kwargs = self._handler_kwargs
+
+        def protocol() -> web.RequestHandler:
+            # What aiohttp's web.Server makes per connection, with our handle_error.
+            return JsonErrorRequestHandler(server, loop=loop, **kwargs)
+
+        # BaseSite's own attribute, as TCPSite sets it: BaseSite.stop and
+        # BaseRunner.addresses read it.
+        self._server = await loop.create_server(
+            self._guard.wrap(protocol),
             self._host,
             self._port,
             backlog=self._backlog,
             reuse_address=True,
         )
-        if self._server.sockets:
-            self._bound_port = int(self._server.sockets[0].getsockname()[1])
-
-    def stop_listening(self) -> None:
-        """Close the listening socket only: open connections carry on (the drain)."""
-        if self._server is not None:
-            self._server.close()

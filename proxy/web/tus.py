@@ -24,9 +24,21 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from proxy.auth import Forbidden, Grant, Principal
+from proxy.auth import Grant, Principal
 from proxy.config import TusConfig
-from proxy.errors import BadRequest, NotFound, ProxyError, TooLarge
+from proxy.errors import (
+    BadDigest,
+    BadHeader,
+    BadMetadata,
+    ChecksumAlgorithm,
+    LengthRequired,
+    NotFound,
+    OffsetMismatch,
+    SignedUrlNotForTus,
+    TooLarge,
+    TusVersion,
+    WrongContentType,
+)
 from proxy.headers import ascii_uint
 from proxy.storage.base import OpenMultipart, Storage
 from proxy.tus.service import Checksum, NewUpload, TusService, quota_of
@@ -86,12 +98,8 @@ TUS = web.AppKey("tus", TusContext)
 
 def _check_version(request: web.Request) -> None:
     if request.headers.get("Tus-Resumable") != TUS_VERSION:
-        raise ProxyError(
-            f"Tus-Resumable must be {TUS_VERSION}",
-            code="ERR_TUS_VERSION",
-            status=412,
-            reason="bad_request",
-            headers={"Tus-Version": TUS_VERSION},
+        raise TusVersion(
+            f"Tus-Resumable must be {TUS_VERSION}", headers={"Tus-Version": TUS_VERSION}
         )
 
 
@@ -101,16 +109,14 @@ def _non_negative(request: web.Request, name: str) -> int | None:
         return None
     number = ascii_uint(value)
     if number is None:
-        raise BadRequest(
-            f"{name} must be a non-negative integer of ASCII digits", code="ERR_BAD_HEADER"
-        )
+        raise BadHeader(f"{name} must be a non-negative integer of ASCII digits")
     return number
 
 
 def parse_metadata(header: str) -> dict[str, bytes]:
     """``Upload-Metadata``: comma-separated ``key base64value`` (value optional), keys unique."""
     if len(header) > MAX_METADATA_HEADER_BYTES:
-        raise BadRequest("Upload-Metadata is too long", code="ERR_BAD_METADATA")
+        raise BadMetadata("Upload-Metadata is too long")
     out: dict[str, bytes] = {}
     if not header.strip():
         return out
@@ -118,17 +124,13 @@ def parse_metadata(header: str) -> dict[str, bytes]:
         fields = pair.strip().split(" ")
         key = fields[0]
         if not key or len(fields) > 2 or not key.isascii() or not key.isprintable():
-            raise BadRequest(
-                f"malformed Upload-Metadata pair {pair.strip()!r}", code="ERR_BAD_METADATA"
-            )
+            raise BadMetadata(f"malformed Upload-Metadata pair {pair.strip()!r}")
         if key in out:
-            raise BadRequest(f"Upload-Metadata key {key!r} repeated", code="ERR_BAD_METADATA")
+            raise BadMetadata(f"Upload-Metadata key {key!r} repeated")
         try:
             out[key] = base64.b64decode(fields[1], validate=True) if len(fields) == 2 else b""
         except (binascii.Error, ValueError):
-            raise BadRequest(
-                f"Upload-Metadata value of {key!r} is not base64", code="ERR_BAD_METADATA"
-            ) from None
+            raise BadMetadata(f"Upload-Metadata value of {key!r} is not base64") from None
     return out
 
 
@@ -156,9 +158,8 @@ def new_upload(
     }
     obj_meta["tus-id"] = upload_id
     if sum(len(k) + len(v) for k, v in obj_meta.items()) > MAX_OBJECT_METADATA_BYTES:
-        raise BadRequest(
-            f"Upload-Metadata exceeds the {MAX_OBJECT_METADATA_BYTES} bytes kept with the object",
-            code="ERR_BAD_METADATA",
+        raise BadMetadata(
+            f"Upload-Metadata exceeds the {MAX_OBJECT_METADATA_BYTES} bytes kept with the object"
         )
     return NewUpload(
         id=upload_id,
@@ -181,17 +182,13 @@ def _checksum(request: web.Request) -> Checksum | None:
     algorithm, _, encoded = value.strip().partition(" ")
     size = CHECKSUM_ALGORITHMS.get(algorithm)
     if size is None:
-        raise BadRequest(
-            f"unsupported Upload-Checksum algorithm {algorithm!r}", code="ERR_CHECKSUM_ALGORITHM"
-        )
+        raise ChecksumAlgorithm(f"unsupported Upload-Checksum algorithm {algorithm!r}")
     try:
         digest = base64.b64decode(encoded.strip(), validate=True)
     except (binascii.Error, ValueError):
         digest = b""
     if len(digest) != size:
-        raise BadRequest(
-            f"Upload-Checksum is not a base64 {algorithm} digest", code="ERR_BAD_DIGEST"
-        )
+        raise BadDigest(f"Upload-Checksum is not a base64 {algorithm} digest")
     return Checksum(algorithm, digest)
 
 
@@ -228,10 +225,7 @@ def _guard(request: web.Request) -> Grant:
     With auth off every request is "anonymous": whoever holds the id may touch it."""
     grant = authorize(request)
     if grant.via == "signed":
-        raise Forbidden(
-            "signed URLs are for /uploads; tus uploads take a bearer token",
-            code="ERR_SIGNED_URL_NOT_FOR_TUS",
-        )
+        raise SignedUrlNotForTus("signed URLs are for /uploads; tus uploads take a bearer token")
     return grant
 
 
@@ -281,24 +275,15 @@ async def create(request: web.Request) -> web.StreamResponse:
     length = _non_negative(request, "Upload-Length")
     defer = request.headers.get("Upload-Defer-Length")
     if defer is not None and (defer != "1" or length is not None):
-        raise BadRequest(
-            "Upload-Defer-Length must be 1, and only without Upload-Length", code="ERR_BAD_HEADER"
-        )
+        raise BadHeader("Upload-Defer-Length must be 1, and only without Upload-Length")
     if length is None and defer is None:
-        raise BadRequest(
-            "Upload-Length or Upload-Defer-Length: 1 is required", code="ERR_LENGTH_REQUIRED"
-        )
+        raise LengthRequired("Upload-Length or Upload-Defer-Length: 1 is required")
     if length is not None and length > svc.max_size_bytes:
         raise TooLarge(f"Upload-Length exceeds Tus-Max-Size ({svc.max_size_bytes})")
     declared = request.content_length
     with_body = request.headers.get("Content-Type", "").split(";")[0].strip() == OFFSET_CONTENT_TYPE
     if not with_body and declared:
-        raise ProxyError(
-            f"an upload body needs Content-Type: {OFFSET_CONTENT_TYPE}",
-            code="ERR_CONTENT_TYPE",
-            status=415,
-            reason="bad_request",
-        )
+        raise WrongContentType(f"an upload body needs Content-Type: {OFFSET_CONTENT_TYPE}")
     checksum = _checksum(request) if with_body else None
     quota = quota_of(grant.principal, request_client(request).ip)
     new = new_upload(
@@ -367,15 +352,10 @@ async def patch(request: web.Request) -> web.Response:
     upload_id = _upload_id(request)
     ctype = request.headers.get("Content-Type", "").split(";")[0].strip()
     if ctype != OFFSET_CONTENT_TYPE:
-        raise ProxyError(
-            f"PATCH needs Content-Type: {OFFSET_CONTENT_TYPE}",
-            code="ERR_CONTENT_TYPE",
-            status=415,
-            reason="bad_request",
-        )
+        raise WrongContentType(f"PATCH needs Content-Type: {OFFSET_CONTENT_TYPE}")
     offset = _non_negative(request, "Upload-Offset")
     if offset is None:
-        raise BadRequest("Upload-Offset is required", code="ERR_BAD_HEADER")
+        raise BadHeader("Upload-Offset is required")
     length = _non_negative(request, "Upload-Length")
     checksum = _checksum(request)
     lease = await svc.store.acquire(upload_id, by=grant.principal)
@@ -385,19 +365,14 @@ async def patch(request: web.Request) -> web.Response:
             info = await svc.resume_completion(lease)
             return web.Response(status=204, headers=_upload_headers(info))
         if offset != info.offset:
-            raise ProxyError(
-                f"Upload-Offset {offset} does not match the upload's offset {info.offset}",
-                code="ERR_OFFSET_MISMATCH",
-                status=409,
-                reason="conflict",
+            raise OffsetMismatch(
+                f"Upload-Offset {offset} does not match the upload's offset {info.offset}"
             )
         if length is not None:
             if info.length is not None and length != info.length:
-                raise BadRequest("Upload-Length cannot change once set", code="ERR_BAD_HEADER")
+                raise BadHeader("Upload-Length cannot change once set")
             if length < info.offset:
-                raise BadRequest(
-                    "Upload-Length is below the upload's offset", code="ERR_BAD_HEADER"
-                )
+                raise BadHeader("Upload-Length is below the upload's offset")
             if length > svc.max_size_bytes:
                 raise TooLarge(f"Upload-Length exceeds Tus-Max-Size ({svc.max_size_bytes})")
             if info.length is None:

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from proxy.auth import Authenticator, Forbidden, Grant
+from proxy.auth import Authenticator, Grant
 from proxy.config import LimitsConfig, UploadConfig
 from proxy.engine.buffers import BufferPool, ClientBuffers
 from proxy.engine.limits import (
@@ -52,11 +52,16 @@ from proxy.engine.upload import (
     UploadSpec,
 )
 from proxy.errors import (
-    BadRequest,
+    BadDigest,
+    BadForm,
+    Cancelled,
     ClientTimeout,
+    ExpectationFailed,
     IncompleteBody,
     InvalidKey,
     KeyExists,
+    KeyNotAllowed,
+    NoFiles,
     ProxyError,
     TooLarge,
     TooSlow,
@@ -271,7 +276,7 @@ def _b64(value: str, size: int, what: str) -> bytes:
     except (binascii.Error, ValueError):
         raw = b""
     if len(raw) != size:
-        raise BadRequest(f"{what} is not a base64 {size}-byte digest", code="ERR_BAD_DIGEST")
+        raise BadDigest(f"{what} is not a base64 {size}-byte digest")
     return raw
 
 
@@ -285,17 +290,15 @@ def expected_digests(headers: Any) -> ExpectedDigests:
         if m:
             sha256 = _b64(m.group(1), 32, "Repr-Digest sha-256")
         elif "sha-256" in v:
-            raise BadRequest("Repr-Digest sha-256 is malformed", code="ERR_BAD_DIGEST")
+            raise BadDigest("Repr-Digest sha-256 is malformed")
     if (v := headers.get("X-Content-SHA256")) is not None:
         v = v.strip()
         try:
             own = bytes.fromhex(v) if len(v) == 64 else _b64(v, 32, "X-Content-SHA256")
         except ValueError:
-            raise BadRequest(
-                "X-Content-SHA256 is not hex or base64 SHA-256", code="ERR_BAD_DIGEST"
-            ) from None
+            raise BadDigest("X-Content-SHA256 is not hex or base64 SHA-256") from None
         if sha256 is not None and own != sha256:
-            raise BadRequest("Repr-Digest and X-Content-SHA256 disagree", code="ERR_BAD_DIGEST")
+            raise BadDigest("Repr-Digest and X-Content-SHA256 disagree")
         sha256 = own
     return ExpectedDigests(md5=md5, sha256=sha256)
 
@@ -396,9 +399,7 @@ async def _preflight_post(request: web.Request) -> Preflight:
     grant = authorize(request)
     ctx.admit()
     if grant.key is not None:
-        raise Forbidden(
-            "a signed URL for one key allows PUT /uploads/<key> only", code="ERR_KEY_NOT_ALLOWED"
-        )
+        raise KeyNotAllowed("a signed URL for one key allows PUT /uploads/<key> only")
     limit = grant.limit(ctx.config.max_upload_size_bytes)
     size = _declared_size(request, limit)
     if request.content_type != "multipart/form-data":
@@ -424,14 +425,7 @@ async def expect_with(
 ) -> web.StreamResponse | None:
     """Run the pre-body ``check``; answer 100 Continue only if it passes."""
     if request.headers.get("Expect", "").lower() != "100-continue":
-        return error_response(
-            ProxyError(
-                "unsupported Expect header",
-                code="ERR_EXPECTATION",
-                status=417,
-                reason="bad_request",
-            )
-        )
+        return error_response(ExpectationFailed("unsupported Expect header"))
     try:
         result = check(request)
         if asyncio.iscoroutine(result):
@@ -468,7 +462,7 @@ async def _stream_one(
         error = e
         raise
     except asyncio.CancelledError:
-        error = ProxyError("upload cancelled", code="ERR_CANCELLED", status=503, reason="cancelled")
+        error = Cancelled("upload cancelled")
         raise
     except Exception as e:
         error = ProxyError("internal error")
@@ -589,7 +583,7 @@ async def _post_form(
     try:
         reader = await request.multipart()
     except (ValueError, AssertionError, KeyError) as e:
-        raise BadRequest(f"malformed multipart/form-data: {e}", code="ERR_BAD_FORM") from None
+        raise BadForm(f"malformed multipart/form-data: {e}") from None
     limit = pre.limit_bytes
     pace = ctx.new_pace()
     stored: list[dict[str, Any]] = []
@@ -600,13 +594,11 @@ async def _post_form(
                 # too: the same idle timeout and minimum rate hold for them.
                 part = await from_client(reader.next, ctx.config.idle_timeout_s, pace)
             except (ValueError, AssertionError, HttpProcessingError, ConnectionError) as e:
-                raise BadRequest(
-                    f"malformed multipart/form-data: {e}", code="ERR_BAD_FORM"
-                ) from None
+                raise BadForm(f"malformed multipart/form-data: {e}") from None
             if part is None:
                 break
             if not isinstance(part, BodyPartReader):
-                raise BadRequest("nested multipart bodies are not supported", code="ERR_BAD_FORM")
+                raise BadForm("nested multipart bodies are not supported")
             if part.filename is None:
                 small = functools.partial(part.read_chunk, 8192)
                 await _skip_field(part, ctx.chunks(part, pace, small))
@@ -628,7 +620,7 @@ async def _post_form(
             await asyncio.shield(ctx.storage.delete_object(str(s["key"])))
         raise
     if not stored:
-        raise BadRequest("the form holds no file field", code="ERR_NO_FILES")
+        raise NoFiles("the form holds no file field")
     return web.json_response(stored, status=201)
 
 
@@ -637,10 +629,7 @@ async def _skip_field(part: BodyPartReader, chunks: AsyncIterator[bytes]) -> Non
     async for chunk in chunks:
         seen += len(chunk)
         if seen > MAX_FORM_FIELD_BYTES:
-            raise BadRequest(
-                f"form field {part.name!r} exceeds {MAX_FORM_FIELD_BYTES} bytes",
-                code="ERR_BAD_FORM",
-            )
+            raise BadForm(f"form field {part.name!r} exceeds {MAX_FORM_FIELD_BYTES} bytes")
 
 
 def _ascii(value: str) -> str:
