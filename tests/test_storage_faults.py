@@ -16,7 +16,8 @@ from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeou
 from wrapped import Wrapped
 
 from proxy.engine.buffers import BufferPool
-from proxy.engine.upload import PartStreamer, StreamSettings, UploadSpec
+from proxy.engine.pipeline import StreamSettings
+from proxy.engine.upload import ObjectUpload, UploadSpec
 from proxy.errors import ObjectExists, ProxyError, StorageUnavailable
 from proxy.storage.base import Body
 from proxy.storage.s3 import S3Storage
@@ -228,9 +229,9 @@ async def test_overwrite_race_keeps_the_winner(s3: S3Storage, prefix: str) -> No
     pool = BufferPool(64 * MiB, PART)
     a_data, b_data = os.urandom(6 * MiB), os.urandom(7 * MiB)
     spec = UploadSpec(key=key, max_size_bytes=1 << 40, create_only=False)
-    a = asyncio.create_task(PartStreamer(gate, pool, SETTINGS, spec).run(chunks_of(a_data)))  # type: ignore[arg-type]
+    a = asyncio.create_task(ObjectUpload(gate, pool, SETTINGS, spec).run(chunks_of(a_data)))  # type: ignore[arg-type]
     await asyncio.wait_for(gate.first_completed.wait(), 10)
-    b = await PartStreamer(gate, pool, SETTINGS, spec).run(chunks_of(b_data))  # type: ignore[arg-type]
+    b = await ObjectUpload(gate, pool, SETTINGS, spec).run(chunks_of(b_data))  # type: ignore[arg-type]
     gate.go.set()
     with pytest.raises(ObjectExists):
         await a
@@ -276,7 +277,7 @@ async def test_lost_answer_is_recognised_not_left_behind(
         storage._client = lossy
         data = os.urandom(size)
         spec = UploadSpec(key=f"{prefix}lost", max_size_bytes=1 << 40, create_only=True)
-        result = await PartStreamer(storage, BufferPool(64 * MiB, PART), SETTINGS, spec).run(
+        result = await ObjectUpload(storage, BufferPool(64 * MiB, PART), SETTINGS, spec).run(
             chunks_of(data)
         )
         assert lossy.calls == 2
@@ -356,7 +357,7 @@ async def test_a_lost_copy_answer_is_recovered_by_head(
     spec = UploadSpec(key=key, max_size_bytes=1 << 40, create_only=True)
     lossy = CopyThen(s3, error)
     pool = BufferPool(64 * MiB, PART)
-    result = await PartStreamer(lossy, pool, SETTINGS, spec).run(chunks_of(data))  # type: ignore[arg-type]
+    result = await ObjectUpload(lossy, pool, SETTINGS, spec).run(chunks_of(data))  # type: ignore[arg-type]
     assert lossy.calls["replace_metadata"] == 1
     stored, meta = await get_object(s3, key)
     assert stored == data and meta["sha256"] == result.sha256 == hashlib.sha256(data).hexdigest()
@@ -383,7 +384,7 @@ async def test_a_failed_copy_never_deletes_a_concurrent_uploads_object(
     spec = UploadSpec(key=key, max_size_bytes=1 << 40, create_only=False)
     pool = BufferPool(64 * MiB, PART)
     with pytest.raises(StorageUnavailable):
-        await PartStreamer(failing, pool, SETTINGS, spec).run(chunks_of(os.urandom(6 * MiB)))  # type: ignore[arg-type]
+        await ObjectUpload(failing, pool, SETTINGS, spec).run(chunks_of(os.urandom(6 * MiB)))  # type: ignore[arg-type]
     stored, meta = await get_object(s3, key)
     assert stored == theirs and meta["sha256"] == hashlib.sha256(theirs).hexdigest()
     assert await s3.list_multipart(prefix) == []
@@ -396,6 +397,6 @@ async def test_a_failed_copy_takes_our_own_object_back(s3: S3Storage, prefix: st
     spec = UploadSpec(key=key, max_size_bytes=1 << 40, create_only=True)
     pool = BufferPool(64 * MiB, PART)
     with pytest.raises(StorageUnavailable):
-        await PartStreamer(failing, pool, SETTINGS, spec).run(chunks_of(os.urandom(6 * MiB)))  # type: ignore[arg-type]
+        await ObjectUpload(failing, pool, SETTINGS, spec).run(chunks_of(os.urandom(6 * MiB)))  # type: ignore[arg-type]
     assert failing.calls["replace_metadata"] == 1
     await assert_nothing_left(s3, prefix)

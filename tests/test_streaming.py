@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.engine.buffers import BufferPool
-from proxy.engine.upload import PartStreamer, StreamSettings, UploadSpec
+from proxy.engine.pipeline import StreamSettings
+from proxy.engine.upload import ObjectUpload, UploadSpec
 from proxy.storage.s3 import S3Storage
 
 from conftest import MiB, StartProxy, get_object
@@ -84,7 +85,7 @@ async def test_many_uploads_share_one_budget() -> None:
             yield b"x" * PART
 
     streamers = [
-        PartStreamer(
+        ObjectUpload(
             storage,
             pool,
             settings_(admission_timeout_s=30),
@@ -111,7 +112,7 @@ async def test_admission_timeout_gives_busy() -> None:
     async def body() -> AsyncIterator[bytes]:
         yield b"data"
 
-    s = PartStreamer(
+    s = ObjectUpload(
         storage, pool, settings_(admission_timeout_s=0.1), UploadSpec(key="k", max_size_bytes=100)
     )
     with pytest.raises(Busy) as e:
@@ -134,7 +135,7 @@ async def test_cancellation_aborts_and_frees_buffers(hash_in_thread: bool, check
                 got_far.set()
             yield b"y" * PART
 
-    s = PartStreamer(
+    s = ObjectUpload(
         storage,
         pool,
         settings_(hash_in_thread=hash_in_thread, part_checksum=checksum),

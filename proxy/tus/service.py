@@ -18,18 +18,20 @@ No HTTP here (that is :mod:`proxy.web.tus`); every step keeps the state in the b
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
-from typing import TypeVar
 
 from proxy.auth import ANONYMOUS, Principal
 from proxy.config import TusConfig
 from proxy.engine.buffers import Buffers
-from proxy.engine.upload import StreamObserver, StreamResult, delete_if_ours, label, verify_stored
+from proxy.engine.hashing import off_loop
+from proxy.engine.pipeline import StreamObserver
+from proxy.engine.upload import StreamResult, delete_if_ours, label, shielded, verify_stored
 from proxy.errors import (
     ConditionFailed,
     KeyConflict,
@@ -61,13 +63,11 @@ log = logging.getLogger(__name__)
 REHASH_CHUNK_BYTES = 1024 * 1024
 # Retry-After of a 429 ERR_TOO_MANY_UNFINISHED_UPLOADS: places free up as uploads finish.
 QUOTA_RETRY_AFTER_S = 60
-CLEANUP_TIMEOUT_S = 30.0
 # Completion attempts the store may refuse (an answer, not an outage) before the upload is
 # failed.  A refusal that repeats is not going to heal (a part the store no longer has as
 # recorded, an upload aborted under us); three lets a passing glitch and a retry through.
 MAX_COMPLETION_FAILURES = 3
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -157,7 +157,7 @@ class TusService:
             return info, None
         except BaseException:
             if (marker := self.store.marker_key(info)) is not None:
-                await self._shielded(self.uploads.storage.delete_object(marker), "unreserve")
+                await shielded(self.uploads.storage.delete_object(marker), "tus unreserve")
             raise
 
     def _info(self, new: NewUpload, mpu: str, now: float) -> UploadInfo:
@@ -230,6 +230,7 @@ class TusService:
             hashlib.new(checksum.algorithm) if checksum else None,
             fenced=lease.fenced,
             observer=observer,
+            declared_bytes=declared_bytes,
         )
         keeper = _LeaseKeeper(
             lease,
@@ -242,7 +243,7 @@ class TusService:
         started = time.monotonic()
         try:
             try:
-                await writer.run(chunks, declared_bytes)
+                await writer.run(chunks)
                 await writer.drain()
             except BaseException as e:
                 await keeper.stop()
@@ -251,9 +252,9 @@ class TusService:
                 # are (the tail could reach the length without the upload completing).
                 # With Upload-Checksum nothing is: an incomplete chunk cannot be verified.
                 keep_tail = not isinstance(e, TooLarge)
-                kept = await self._shielded(
+                kept = await shielded(
                     self._salvage(lease, writer, info, keep_tail, commit=checksum is None),
-                    "commit",
+                    "tus commit",
                 )
                 if kept is None or not kept.completing or lease.released:
                     raise
@@ -262,7 +263,7 @@ class TusService:
                 # client that sees Upload-Offset == Upload-Length stops.  Finish it now;
                 # if that fails, the state says ``completing`` and the sweeper or the
                 # client's next PATCH finishes it.
-                done = await self._shielded(self._complete_leased(lease, kept), "completion")
+                done = await shielded(self._complete_leased(lease, kept), "tus completion")
                 if done is None or isinstance(e, asyncio.CancelledError):
                     raise
                 return done
@@ -555,9 +556,8 @@ class TusService:
         whose hash state could not be carried over (see :mod:`proxy.tus.hash`)."""
         started = time.monotonic()
         h = hashlib.sha256()
-        loop = asyncio.get_running_loop()
         async for chunk in self.uploads.storage.iter_object(key, chunk_bytes=REHASH_CHUNK_BYTES):
-            await loop.run_in_executor(None, h.update, chunk)
+            await off_loop(functools.partial(h.update, chunk), len(chunk), in_thread=True)
         log.info("tus: re-read %r to hash it in %.2fs", key, time.monotonic() - started)
         return h.hexdigest()
 
@@ -660,19 +660,6 @@ class TusService:
                 await self.uploads.storage.delete_object(key)
             except ProxyError as e:
                 log.warning("tus: could not delete %r: %s", key, e)
-
-    @staticmethod
-    async def _shielded(aw: Awaitable[T], what: str) -> T | None:
-        """Run a cleanup step to its end even if our caller is cancelled, with its own
-        timeout; its result, or None if it failed."""
-        fut = asyncio.ensure_future(asyncio.wait_for(aw, CLEANUP_TIMEOUT_S))
-        try:
-            return await asyncio.shield(fut)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            log.error("tus %s failed: %s", what, e)
-            return None
 
 
 def _tagged(obj: ObjectInfo, upload_id: str) -> bool:

@@ -28,7 +28,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from proxy import __version__
 from proxy.auth import TokenSet, bearer_token
 from proxy.engine.buffers import BufferPool
-from proxy.engine.upload import StreamObserver, StreamResult
+from proxy.engine.pipeline import StreamObserver
+from proxy.engine.upload import StreamResult
 from proxy.errors import ProxyError, Unauthorized
 from proxy.obs.memory import FIGURES, Level, MemoryMonitor
 from proxy.obs.metrics import Metrics

@@ -3,7 +3,7 @@
 Everything that can be decided from the headers is decided before the first
 body byte is read, and, when the client sent ``Expect: 100-continue``, before we
 tell it to send the body at all: memory pressure, bad key, declared size over the
-limit, existing key.  The body itself is handed to :class:`~proxy.engine.upload.PartStreamer`.
+limit, existing key.  The body itself is handed to :class:`~proxy.engine.upload.ObjectUpload`.
 
 Those checks live in one preflight function per route, run by the Expect handler
 (aiohttp calls it *before* any middleware) and again, from its cached result, by the
@@ -43,14 +43,8 @@ from proxy.engine.limits import (
     client_group,
     client_info,
 )
-from proxy.engine.upload import (
-    ExpectedDigests,
-    PartStreamer,
-    StreamObserver,
-    StreamResult,
-    StreamSettings,
-    UploadSpec,
-)
+from proxy.engine.pipeline import StreamObserver, StreamSettings
+from proxy.engine.upload import ExpectedDigests, ObjectUpload, StreamResult, UploadSpec
 from proxy.errors import (
     BadDigest,
     BadForm,
@@ -450,7 +444,7 @@ async def _stream_one(
     request[_STREAMED] = True
     observer = _Counting(ctx.stats, ctx.hooks.started(upload_id, spec.key))
     buffers = ctx.buffers_for(request_client(request).ip)
-    streamer = PartStreamer(ctx.storage, buffers, ctx.settings, spec, observer)
+    streamer = ObjectUpload(ctx.storage, buffers, ctx.settings, spec, observer)
     started = time.monotonic()
     result: StreamResult | None = None
     error: ProxyError | None = None
