@@ -33,6 +33,7 @@ from typing import Any
 from proxy.auth import ANONYMOUS, Principal
 from proxy.errors import ConditionFailed, Gone, LeaseLost, Locked, NotFound, StorageError
 from proxy.headers import ascii_uint
+from proxy.storage import markers
 from proxy.storage.base import Storage
 
 log = logging.getLogger(__name__)
@@ -42,10 +43,6 @@ OWNERS = "owners/"
 # A creation writes its marker, then its info object, within seconds; a marker this old
 # without an info object is left over.
 MARKER_GRACE_S = 600.0
-# A creation among the first ``limit`` of its quota re-lists this many times, waiting
-# about RESERVE_WAIT_S x round, while racing later creations withdraw.
-RESERVE_ROUNDS = 5
-RESERVE_WAIT_S = 0.05
 FORMAT_VERSION = 1
 ID_HEX_CHARS = 32
 
@@ -270,31 +267,11 @@ class TusStore:
 
     async def reserve(self, info: UploadInfo, limit: int) -> bool:
         """Count ``info`` against its quota; False, and nothing kept, if that makes more
-        than ``limit`` unfinished uploads.
-
-        The marker is written first and the folder listed after, and a creation is
-        admitted only when the listing holds at most ``limit`` markers.  That never
-        admits too many: of any set of admitted creations, the one that listed last saw
-        every one of their markers.  So a burst does not lock everyone out, markers sort
-        by creation time: one among the first ``limit`` waits (briefly, a few rounds)
-        for the later ones, which withdraw at once, instead of giving up with them.
-        State in the bucket, so the cap holds across instances."""
+        than ``limit`` unfinished uploads (:func:`proxy.storage.markers.reserve`: the cap
+        holds across instances, however many race)."""
         marker = self.marker_key(info)
         assert marker is not None
-        folder = self.quota_folder(info.quota)
-        await self.storage.put_conditional(marker, b"", if_none_match=True)
-        for attempt in range(RESERVE_ROUNDS):
-            keys = [o.key for o in await self.storage.list_objects(folder)]
-            if len(keys) <= limit:
-                return True
-            ahead = sum(1 for k in keys if k < marker)
-            if ahead >= limit or attempt == RESERVE_ROUNDS - 1:
-                break
-            await asyncio.sleep(
-                RESERVE_WAIT_S * (1 + attempt) * (0.5 + secrets.randbelow(100) / 100)
-            )
-        await self.storage.delete_object(marker)
-        return False
+        return await markers.reserve(self.storage, self.quota_folder(info.quota), marker, limit)
 
     async def stale_markers(self, live_ids: set[str]) -> list[str]:
         """Markers whose upload has no state (a crash between the marker and the info, or
