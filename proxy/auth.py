@@ -14,6 +14,10 @@ time.  The query carries::
 and ``sig`` is HMAC-SHA256 over :func:`canonical` of those fields and the method.
 :func:`sign_url` mints one (``upload-proxy sign`` on the command line).
 
+Upload links (:mod:`proxy.links`) are the third kind of credential: a grant signed
+with the same secret, presented as a bearer token by the upload page, and checked here
+through the :class:`LinkCheck` the app hands in.
+
 Every failure is a :class:`~proxy.errors.ProxyError` whose message names no
 secret, token or signature.
 """
@@ -25,17 +29,22 @@ import hmac
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import quote, urlencode
 
 from proxy.config import AuthConfig
 from proxy.errors import (
     BadSignature,
     KeyNotAllowed,
+    LinkNotForUploads,
     Unauthorized,
     UrlExpired,
     UrlLifetime,
 )
 from proxy.headers import ascii_uint
+
+if TYPE_CHECKING:
+    from proxy.links import Link
 
 SIGNED_FIELDS = ("expires", "key", "prefix", "max_size", "sig")
 _SIG_HEX_LEN = 64
@@ -49,11 +58,12 @@ class Principal:
     only the same principal may touch again.
 
     A small value, safe to store next to the upload and to log: ``kind`` is how the
-    request authenticated (``anonymous`` when auth is off, ``token``, ``signed``) and
-    ``ref`` (16 hex digits; empty for anonymous) tells principals of one kind apart.  For
-    a bearer token it is a hash of the token's stored SHA-256, for a signed URL a hash of
-    its signature: neither gives back the credential, nor anything that would pass as it.
-    Later kinds (upload links, scoped tokens) are new ``kind`` values.
+    request authenticated (``anonymous`` when auth is off, ``token``, ``signed``, ``link``)
+    and ``ref`` (16 hex digits; empty for anonymous) tells principals of one kind apart.
+    For a bearer token it is a hash of the token's stored SHA-256, for a signed URL a hash
+    of its signature, for an upload link the link's id (which the operator revokes it by,
+    and which is no credential: the grant is signed): none gives back a credential, nor
+    anything that would pass as one.
     """
 
     kind: str
@@ -81,18 +91,34 @@ def _principal(kind: str, material: bytes) -> Principal:
 class Grant:
     """What an authenticated request may do.  ``None`` fields mean "no restriction"."""
 
-    via: str  # "none", "token" or "signed": safe to log
+    via: str  # "none", "token", "signed" or "link": safe to log
     key: str | None = None
     prefix: str | None = None
     max_size_bytes: int | None = None
     principal: Principal = ANONYMOUS
+    # An upload link's terms (expiry, file cap, note), for the upload page.
+    link: Link | None = None
 
     def check_key(self, client_key: str) -> None:
-        """Raise unless ``client_key`` (before the proxy's key_prefix) is allowed."""
+        """For ``PUT /uploads/<key>``: raise unless ``client_key`` (before the proxy's
+        key_prefix) is allowed."""
+        self._not_a_link()
         if self.key is not None and client_key != self.key:
             raise KeyNotAllowed("this signed URL is for another key")
         if self.prefix is not None and not client_key.startswith(self.prefix):
             raise KeyNotAllowed("this signed URL is for another prefix")
+
+    def check_generated(self) -> None:
+        """For ``POST /uploads`` (keys the proxy generates): raise unless allowed.  An
+        upload link is for the upload page's tus uploads only, where its file cap is
+        counted."""
+        self._not_a_link()
+        if self.key is not None:
+            raise KeyNotAllowed("a signed URL for one key allows PUT /uploads/<key> only")
+
+    def _not_a_link(self) -> None:
+        if self.link is not None:
+            raise LinkNotForUploads("an upload link is for the upload page (tus) only")
 
     def limit(self, configured_bytes: int) -> int:
         if self.max_size_bytes is None:
@@ -118,7 +144,10 @@ def canonical(
     return "\n".join(("upload-proxy-v1", method.upper(), expires, scope, max_size)).encode()
 
 
-def _mac(secret: bytes, message: bytes) -> str:
+def mac(secret: bytes, message: bytes) -> str:
+    """HMAC-SHA256 of ``message`` under the signing secret, hex.  Every signed thing
+    starts its message with its own tag (``upload-proxy-v1``, ``upload-proxy-link-v1``),
+    so no signature of one kind passes for another."""
     return hmac.new(secret, message, hashlib.sha256).hexdigest()
 
 
@@ -155,7 +184,7 @@ def sign_url(
         params["prefix"] = prefix or ""
     if max_size:
         params["max_size"] = max_size
-    params["sig"] = _mac(secret, canonical(method, expires, key, prefix, max_size))
+    params["sig"] = mac(secret, canonical(method, expires, key, prefix, max_size))
     return urlencode(params, quote_via=quote)
 
 
@@ -193,6 +222,16 @@ class TokenSet:
         return presented if ok else None
 
 
+class LinkCheck(Protocol):
+    """Upload links as the authenticator sees them (:class:`proxy.links.LinkVerifier`)."""
+
+    def recognises(self, credential: str) -> bool:
+        """Does ``credential`` have the form of a link grant (signature not checked)?"""
+
+    def grant(self, credential: str, now: float) -> Grant:
+        """The grant of a valid, unexpired, unrevoked link; raises 403 otherwise."""
+
+
 class Authenticator:
     """Turns a request's method, headers and query into a :class:`Grant`, or raises."""
 
@@ -203,16 +242,18 @@ class Authenticator:
         token_sha256: tuple[bytes, ...] = (),
         signing_secret: bytes = b"",
         max_url_lifetime_s: float = AuthConfig.signed_url_max_lifetime_s,
+        links: LinkCheck | None = None,
     ) -> None:
         self.enabled = enabled
         self._tokens = TokenSet(token_sha256)
         self._secret = signing_secret
         self._max_lifetime_s = max_url_lifetime_s
+        self._links = links
 
     def __repr__(self) -> str:
         return (
             f"Authenticator(enabled={self.enabled}, tokens={len(self._tokens)}, "
-            f"signed_urls={bool(self._secret)})"
+            f"signed_urls={bool(self._secret)}, links={self._links is not None})"
         )
 
     def authenticate(
@@ -222,26 +263,35 @@ class Authenticator:
         query: Mapping[str, str],
         now: float | None = None,
     ) -> Grant:
-        if not self.enabled:
-            return OPEN
+        now = time.time() if now is None else now
         auth = headers.get("Authorization")
+        if not self.enabled:
+            # Anyone may upload, but a link still carries its terms (prefix, caps,
+            # expiry): the upload page behaves the same whatever the auth mode.
+            token = bearer_token(auth or "")
+            if token is not None and self._links is not None and self._links.recognises(token):
+                return self._links.grant(token, now)
+            return OPEN
         if auth is not None:
-            return self._bearer(auth)
+            return self._bearer(auth, now)
         if "sig" in query:
-            return self._signed(method, query, time.time() if now is None else now)
+            return self._signed(method, query, now)
         raise Unauthorized("authentication required: a bearer token or a signed URL")
 
-    def _bearer(self, header: str) -> Grant:
+    def _bearer(self, header: str, now: float) -> Grant:
         token = bearer_token(header)
-        if token is None or not self._tokens:
+        if token is None or not (self._tokens or self._links):
             raise Unauthorized(
                 "the Authorization header is not an accepted bearer token", error="invalid_token"
             )
         presented = self._tokens.match(token)
-        if presented is None:
-            raise Unauthorized("the bearer token is not valid", error="invalid_token")
-        # presented equals the stored hash that matched: the principal is a hash of it.
-        return Grant(via="token", principal=_principal("token", presented))
+        if presented is not None:
+            # presented equals the stored hash that matched: the principal is a hash of it.
+            return Grant(via="token", principal=_principal("token", presented))
+        # Tokens first: an operator's token that happens to look like a link stays a token.
+        if self._links is not None and self._links.recognises(token):
+            return self._links.grant(token, now)
+        raise Unauthorized("the bearer token is not valid", error="invalid_token")
 
     def _signed(self, method: str, query: Mapping[str, str], now: float) -> Grant:
         if not self._secret:
@@ -259,7 +309,7 @@ class Authenticator:
         ):
             # Cheap refusals before any MAC work; newlines could shift fields in canonical().
             raise BadSignature("the signed URL is malformed")
-        expected = _mac(self._secret, canonical(method, expires, key, prefix, max_size))
+        expected = mac(self._secret, canonical(method, expires, key, prefix, max_size))
         if not hmac.compare_digest(expected.encode(), sig.lower().encode("ascii", "replace")):
             raise BadSignature("the signature does not match")
         # Fields are trusted only after the signature checks out; then they were ours.

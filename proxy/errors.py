@@ -215,6 +215,31 @@ class SignedUrlNotForTus(Forbidden):
     code = "ERR_SIGNED_URL_NOT_FOR_TUS"
 
 
+class LinkExpired(Forbidden):
+    """An upload link past its expiry."""
+
+    code = "ERR_LINK_EXPIRED"
+
+
+class LinkRevoked(Forbidden):
+    """An upload link the operator revoked (``upload-proxy link --revoke``)."""
+
+    code = "ERR_LINK_REVOKED"
+
+
+class LinkNotForUploads(Forbidden):
+    """An upload link used outside the upload page's tus uploads (a plain PUT or POST
+    would not count against the link's file cap)."""
+
+    code = "ERR_LINK_NOT_FOR_UPLOADS"
+
+
+class TooManyFiles(Forbidden):
+    """An upload link whose ``max_files`` are used up (counted at tus creation)."""
+
+    code = "ERR_TOO_MANY_FILES"
+
+
 # -- 404 / 409 / 410 / 423: the resource ----------------------------------------------------
 
 

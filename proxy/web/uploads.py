@@ -54,7 +54,6 @@ from proxy.errors import (
     IncompleteBody,
     InvalidKey,
     KeyExists,
-    KeyNotAllowed,
     NoFiles,
     ProxyError,
     TooLarge,
@@ -392,8 +391,7 @@ async def _preflight_post(request: web.Request) -> Preflight:
     ctx = request.app[UPLOADS]
     grant = authorize(request)
     ctx.admit()
-    if grant.key is not None:
-        raise KeyNotAllowed("a signed URL for one key allows PUT /uploads/<key> only")
+    grant.check_generated()
     limit = grant.limit(ctx.config.max_upload_size_bytes)
     size = _declared_size(request, limit)
     if request.content_type != "multipart/form-data":
