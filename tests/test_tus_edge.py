@@ -119,7 +119,9 @@ async def test_a_chunked_patch_cut_before_its_last_chunk_completes_the_upload(
     await wait_stored(s3, prefix, url)
     await check_stored(s3, prefix, url, data)
     async with http.head(url, headers=TUS) as r:
-        assert r.status == 404  # as after any completed upload: its state is gone
+        # Its state is gone; its object tells the client that broke off that it is done.
+        assert (r.status, r.headers["Upload-Offset"]) == (200, str(size))
+        assert r.headers["Upload-SHA256"] == sha256_hex(data)
 
 
 async def test_a_patch_stalled_after_its_last_byte_completes_and_says_so(

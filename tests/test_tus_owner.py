@@ -217,3 +217,27 @@ def test_operators_find_an_upload_from_its_url() -> None:
     assert run.stdout.strip() == sid(url) != url.rsplit("/", 1)[1]
     bad = subprocess.run([sys.executable, "-m", "proxy", "tus-id", "x"], capture_output=True)
     assert bad.returncode == 2
+
+
+async def test_a_completed_upload_answers_its_owner_only(
+    proxy: Any, http: Any, s3: Any, prefix: str
+) -> None:
+    """Its state is gone once complete; a HEAD by its owner (a client that lost the last
+    answer) learns from the object that it is done and what was stored.  For anyone else
+    it is the 404 of an unknown id."""
+    data = os.urandom(1000)
+    url = await create(http, proxy.url, len(data), **A, **{"Upload-Metadata": ""})
+    assert (await patch(http, url, 0, data, **A)).status == 204
+    async with http.head(url, headers={**TUS, **A}) as r:
+        assert r.status == 200
+        assert r.headers["Upload-Offset"] == r.headers["Upload-Length"] == str(len(data))
+        assert r.headers["Upload-SHA256"] == sha256_hex(data)
+    async with http.head(url, headers={**TUS, **B}) as r:
+        assert r.status == 404
+    key = f"{prefix}tus/{sid(url)}"
+    assert (await s3.head(key)).metadata["tus-owner"].startswith("token:")
+    # Only the object the upload made answers: gone, it is unknown again.
+    await s3.delete_object(key)
+    async with http.head(url, headers={**TUS, **A}) as r:
+        assert r.status == 404
+    await assert_nothing_left(s3, prefix)

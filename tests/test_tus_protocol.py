@@ -98,8 +98,11 @@ async def test_create_head_patch_complete(proxy, http, s3, prefix) -> None:
     assert meta_out["note"] == "%C3%BCn%C3%AF"
     assert (await s3.head(key)).content_type == "image/jpeg"
     assert await only_objects(s3, prefix) == [key]  # no state, no multipart left
+    # The state is gone, the object answers: complete, with what was stored.
     async with http.head(url, headers=TUS) as r:
-        assert r.status == 404
+        assert r.status == 200
+        assert r.headers["Upload-Offset"] == r.headers["Upload-Length"] == str(len(data))
+        assert r.headers["Upload-SHA256"] == sha256_hex(data)
 
 
 async def test_creation_errors(proxy, http) -> None:

@@ -41,6 +41,8 @@ from proxy.errors import (
 )
 from proxy.headers import ascii_uint
 from proxy.storage.base import OpenMultipart, Storage
+from proxy.tus import finished
+from proxy.tus.finished import OWNER_METADATA
 from proxy.tus.service import Checksum, NewUpload, TusService, quota_of
 from proxy.tus.state import TusStore, UploadInfo, new_id, release_quietly, storage_id, valid_id
 from proxy.web.uploads import UPLOADS, authorize, expect_with, request_client
@@ -157,6 +159,7 @@ def new_upload(
         k.lower(): _header_safe(v) for k, v in text.items() if _METADATA_KEY_RE.fullmatch(k)
     }
     obj_meta["tus-id"] = upload_id
+    obj_meta[OWNER_METADATA] = str(principal)
     if sum(len(k) + len(v) for k, v in obj_meta.items()) > MAX_OBJECT_METADATA_BYTES:
         raise BadMetadata(
             f"Upload-Metadata exceeds the {MAX_OBJECT_METADATA_BYTES} bytes kept with the object"
@@ -334,7 +337,11 @@ async def _terminate_quietly(svc: TusService, upload_id: str) -> None:
 async def head(request: web.Request) -> web.Response:
     _check_version(request)
     grant = _guard(request)
-    info = await _svc(request).store.get(_upload_id(request), by=grant.principal)
+    svc, upload_id = _svc(request), _upload_id(request)
+    try:
+        info = await svc.store.get(upload_id, by=grant.principal)
+    except NotFound:
+        return await _head_finished(svc, upload_id, grant)
     headers = {**_upload_headers(info), "Cache-Control": "no-store"}
     if info.length is None:
         headers["Upload-Defer-Length"] = "1"
@@ -342,6 +349,22 @@ async def head(request: web.Request) -> web.Response:
         headers["Upload-Length"] = str(info.length)
     if info.metadata_header:
         headers["Upload-Metadata"] = info.metadata_header
+    return web.Response(status=200, headers=headers)
+
+
+async def _head_finished(svc: TusService, upload_id: str, grant: Grant) -> web.Response:
+    """HEAD of a completed upload (its state is gone): its object answers, to its owner."""
+    folder = svc.object_key(upload_id, None)
+    obj = await finished.find(svc.store.storage, folder, upload_id)
+    if obj is None or not finished.owned_by(obj, grant.principal):
+        raise NotFound("no such upload")
+    headers = {
+        "Upload-Offset": str(obj.size),
+        "Upload-Length": str(obj.size),
+        "Cache-Control": "no-store",
+    }
+    if sha256 := obj.metadata.get("sha256"):
+        headers[SHA256_HEADER] = sha256
     return web.Response(status=200, headers=headers)
 
 
