@@ -23,7 +23,7 @@ from proxy.storage.s3 import S3Storage
 from proxy.storage.seaweed import EmbeddedSeaweed, load_or_create_credentials
 from proxy.storage.sweeper import LiveUploadPredicate, StaleSweeper, resolve
 from proxy.web import ops as http_ops
-from proxy.web import tus
+from proxy.web import page, tus
 from proxy.web.errors import error_middleware, hide_server_banner
 from proxy.web.ops import MetricsHooks, Ops, Readiness, samplers_ctx
 from proxy.web.uploads import UPLOADS, UploadContext, UploadHooks, add_routes
@@ -211,6 +211,7 @@ def build_app(runtime: Runtime) -> web.Application:
     app.on_response_prepare.append(hide_server_banner)
     app[RUNTIME] = runtime
     cfg = runtime.config
+    links = page.verifier_for(cfg)
     app[UPLOADS] = runtime.uploads = UploadContext(
         config=cfg.upload,
         bucket=cfg.storage.bucket,
@@ -222,6 +223,7 @@ def build_app(runtime: Runtime) -> web.Application:
             token_sha256=cfg.auth.token_sha256,
             signing_secret=cfg.auth.signing_secret,
             max_url_lifetime_s=cfg.auth.signed_url_max_lifetime_s,
+            links=links,
         ),
         slots=UploadSlots(cfg.limits.max_concurrent_uploads, cfg.limits.max_uploads_per_client),
         policy=ContentPolicy(cfg.limits.allowed_content_types, cfg.limits.allowed_extensions),
@@ -250,4 +252,6 @@ def build_app(runtime: Runtime) -> web.Application:
             # ask the upload's state in S3 (exact, and right across instances).
             tus_ctx = app[tus.TUS]
             runtime.upload_is_live = lambda u: tus_ctx.owns_multipart(u.key, u.upload_id)
+    if cfg.page.enabled:
+        page.add_routes(app, cfg, links, lambda: app[tus.TUS].svc)
     return app

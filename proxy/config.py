@@ -214,6 +214,19 @@ class TusConfig:
 
 
 @dataclass(frozen=True)
+class PageConfig:
+    """The browser upload page (proxy/webui/static/) and its upload links."""
+
+    enabled: bool = False
+    path: str = "/upload/"
+    # Where senders reach the daemon, for the links `upload-proxy link` prints; "": the
+    # listen address (fine on loopback only).
+    public_url: str = ""
+    chunk_size_bytes: int = 64 * MiB
+    revocation_check_s: float = 10.0
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     upload: UploadConfig = field(default_factory=UploadConfig)
@@ -223,6 +236,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     tus: TusConfig = field(default_factory=TusConfig)
+    page: PageConfig = field(default_factory=PageConfig)
 
 
 class _Reader:
@@ -663,6 +677,57 @@ def _tus(r: _Reader) -> TusConfig:
     return cfg
 
 
+def _page(r: _Reader) -> PageConfig:
+    d = PageConfig()
+    cfg = PageConfig(
+        enabled=r.get("enabled", bool, d.enabled),
+        path=r.get("path", str, d.path),
+        public_url=r.get("public_url", str, d.public_url).rstrip("/"),
+        chunk_size_bytes=r.size("chunk_size", d.chunk_size_bytes),
+        revocation_check_s=r.positive("revocation_check_s", float, d.revocation_check_s),
+    )
+    r.check(
+        re.fullmatch(r"/(?:[A-Za-z0-9._~-]+/)+", cfg.path) is not None,
+        "path",
+        "must start and end with '/', name at least one segment and hold only URL-safe "
+        f"path segments; got {cfg.path!r}",
+    )
+    url_re = re.compile(r"https?://[^/\s?#]+(/[^\s?#]*)?")
+    r.check(
+        cfg.public_url == "" or url_re.fullmatch(cfg.public_url) is not None,
+        "public_url",
+        f'must be "" or like "https://uploads.example.org" (no query); got {cfg.public_url!r}',
+    )
+    r.check(
+        MiB <= cfg.chunk_size_bytes <= S3_MAX_PART_BYTES,
+        "chunk_size",
+        f"must be between 1MiB and 5GiB; got {cfg.chunk_size_bytes}",
+    )
+    r.check(
+        cfg.revocation_check_s >= 1,
+        "revocation_check_s",
+        f"must be >= 1 s; got {cfg.revocation_check_s}",
+    )
+    r.finish()
+    return cfg
+
+
+def _page_conflicts(page: PageConfig, tus: TusConfig) -> list[str]:
+    """The page's path must not shadow or be shadowed by another route."""
+    if not page.enabled:
+        return []
+    problems = []
+    if not tus.enabled:
+        problems.append("page.enabled: the upload page sends files over tus; set tus.enabled")
+    taken = (tus.base_path, "/uploads/", "/healthz/", "/readyz/", "/status/", "/metrics/")
+    if any(page.path.startswith(p) or p.startswith(page.path) for p in taken):
+        problems.append(
+            f"page.path: {page.path!r} overlaps another route (tus.base_path {tus.base_path!r}, "
+            "/uploads, /healthz, /readyz, /status or /metrics)"
+        )
+    return problems
+
+
 def from_dict(
     data: dict[str, Any], *, base_dir: Path | None = None, source: str = "config"
 ) -> Config:
@@ -683,8 +748,10 @@ def from_dict(
         limits=_limits(section["limits"], upload),
         logging=_logging(section["logging"]),
         tus=_tus(section["tus"]),
+        page=_page(section["page"]),
     )
     problems.extend(_tus_overlaps(cfg.upload, cfg.tus))
+    problems.extend(_page_conflicts(cfg.page, cfg.tus))
     if problems:
         raise ConfigError(problems, source)
     return cfg

@@ -115,12 +115,13 @@ class TusService:
     def max_size_bytes(self) -> int:
         return self.uploads.config.max_upload_size_bytes
 
-    def object_key(self, upload_id: str, filename: str | None) -> str:
+    def object_key(self, upload_id: str, filename: str | None, under: str = "") -> str:
         # The tus id is always a whole key segment: TusStore.owns_multipart relies on it.
         # Under object_prefix, where plain uploads are refused: nobody else can put an
-        # object at the key before the upload completes.
+        # object at the key before the upload completes.  ``under``: an upload link's
+        # prefix (validated, ends with "/"), a folder inside object_prefix.
         name = safe_filename(filename)
-        prefix = self.uploads.config.key_prefix + self.config.object_prefix
+        prefix = self.uploads.config.key_prefix + self.config.object_prefix + under
         return f"{prefix}{upload_id}/{name}" if name else f"{prefix}{upload_id}"
 
     # -- create ------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from proxy.tus import finished
 from proxy.tus.finished import OWNER_METADATA
 from proxy.tus.service import Checksum, NewUpload, TusService, quota_of
 from proxy.tus.state import TusStore, UploadInfo, new_id, release_quietly, storage_id, valid_id
+from proxy.web import page
 from proxy.web.uploads import UPLOADS, authorize, expect_with, request_client
 
 log = logging.getLogger(__name__)
@@ -144,9 +145,15 @@ def _header_safe(value: str) -> str:
 
 
 def new_upload(
-    ctx: TusService, header: str, length: int | None, principal: Principal, quota: str
+    ctx: TusService,
+    header: str,
+    length: int | None,
+    principal: Principal,
+    quota: str,
+    under: str = "",
 ) -> NewUpload:
-    """Key, content type and object metadata from ``Upload-Metadata``."""
+    """Key (in the folder ``under``, an upload link's prefix), content type and object
+    metadata from ``Upload-Metadata``."""
     meta = parse_metadata(header)
     text = {k: v.decode("utf-8", errors="replace") for k, v in meta.items()}
     filename = text.get("filename") or text.get("name")
@@ -167,7 +174,7 @@ def new_upload(
     return NewUpload(
         id=upload_id,
         url_id=url_id,
-        key=ctx.object_key(upload_id, filename),
+        key=ctx.object_key(upload_id, filename, under),
         content_type=ctype,
         metadata_header=header.strip(),
         object_metadata=obj_meta,
@@ -289,10 +296,10 @@ async def create(request: web.Request) -> web.StreamResponse:
         raise WrongContentType(f"an upload body needs Content-Type: {OFFSET_CONTENT_TYPE}")
     checksum = _checksum(request) if with_body else None
     quota = quota_of(grant.principal, request_client(request).ip)
-    new = new_upload(
-        svc, request.headers.get("Upload-Metadata", ""), length, grant.principal, quota
-    )
-    info, lease = await svc.create(new, leased=with_body and new.length != 0)
+    header = request.headers.get("Upload-Metadata", "")
+    new = new_upload(svc, header, length, grant.principal, quota, grant.prefix or "")
+    async with page.file_place(request, grant, new):
+        info, lease = await svc.create(new, leased=with_body and new.length != 0)
     if lease is not None:
         try:
             client_ip = request_client(request).ip
@@ -354,7 +361,7 @@ async def head(request: web.Request) -> web.Response:
 
 async def _head_finished(svc: TusService, upload_id: str, grant: Grant) -> web.Response:
     """HEAD of a completed upload (its state is gone): its object answers, to its owner."""
-    folder = svc.object_key(upload_id, None)
+    folder = svc.object_key(upload_id, None, grant.prefix or "")
     obj = await finished.find(svc.store.storage, folder, upload_id)
     if obj is None or not finished.owned_by(obj, grant.principal):
         raise NotFound("no such upload")
