@@ -4,6 +4,7 @@ Subcommands for operators: ``sign`` mints a signed upload URL with the configure
 secret; ``hash-token`` turns a bearer token (read from stdin, so it stays out of
 shell history and ``ps``) into the ``sha256:...`` form config.toml stores.  For users:
 ``upload`` is the client (:mod:`proxy.client`); it needs no config.toml.
+``link`` prints an upload link to the upload page, or revokes one (:mod:`proxy.link_command`).
 ``install-service`` installs the daemon as a systemd service (:mod:`proxy.install_service`).
 """
 
@@ -24,6 +25,7 @@ from proxy.client.cli import add_parser as add_upload_parser
 from proxy.config import Config, ConfigError, LoggingConfig, load, parse_size
 from proxy.errors import StartupError
 from proxy.install_service import add_parser as add_install_service_parser
+from proxy.link_command import add_parser as add_link_parser
 
 EX_CONFIG = 78
 
@@ -99,6 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     tus_id.add_argument("url", help="the upload's URL (https://.../files/<id>) or just <id>")
     add_upload_parser(sub)
+    add_link_parser(sub)
     add_install_service_parser(sub)
     return parser
 
@@ -174,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
         return EX_CONFIG
     if args.command == "sign":
         return _sign(args, config)
+    if args.command == "link":
+        from proxy.link_command import run as run_link
+
+        return run_link(args, config)
     if args.check_config:
         print(f"{args.config}: ok")
         return 0

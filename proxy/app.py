@@ -19,6 +19,7 @@ from proxy.errors import REASONS, StorageError, StorageUnavailable
 from proxy.obs.memory import HeapTrimmer, MemoryMonitor, MemoryReader, read_memory
 from proxy.obs.metrics import Metrics
 from proxy.storage.base import OpenMultipart, Storage
+from proxy.storage.connect import s3_storage
 from proxy.storage.s3 import S3Storage
 from proxy.storage.seaweed import EmbeddedSeaweed, load_or_create_credentials
 from proxy.storage.sweeper import LiveUploadPredicate, StaleSweeper, resolve
@@ -94,23 +95,7 @@ async def open_storage(config: Config) -> tuple[S3Storage, EmbeddedSeaweed | Non
         endpoint, access, secret = embedded.endpoint_url, creds.access_key, creds.secret_key
     else:
         endpoint, access, secret = sc.endpoint_url, None, None
-    verify: bool | str = sc.ca_bundle or sc.verify_tls
-    storage = S3Storage(
-        bucket=sc.bucket,
-        endpoint_url=endpoint or None,
-        region=sc.region,
-        addressing_style=sc.addressing_style,
-        verify=verify,
-        access_key=access,
-        secret_key=secret,
-        credentials_file=sc.credentials_file or None,
-        profile=sc.profile or None,
-        connect_timeout_s=sc.connect_timeout_s,
-        read_timeout_s=sc.read_timeout_s,
-        retry_attempts=sc.retry_attempts,
-        retry_base_delay_s=sc.retry_base_delay_s,
-        max_pool_connections=sc.max_pool_connections,
-    )
+    storage = s3_storage(sc, endpoint_url=endpoint, access_key=access, secret_key=secret)
     await storage.open()
     try:
         if embedded is not None:

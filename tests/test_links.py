@@ -7,10 +7,12 @@ import asyncio
 import base64
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from proxy.__main__ import main
 from proxy.auth import Authenticator, hash_token, mac, sign_url
 from proxy.errors import (
     BadSignature,
@@ -33,6 +35,8 @@ from proxy.links import (
     unverified_link,
 )
 from proxy.storage.s3 import S3Storage
+from proxy.storage.seaweed import EmbeddedSeaweed
+from tests.daemon import write_config
 
 SECRET = b"0123456789abcdef0123456789abcdef-links"
 NOW = 1_900_000_000.0
@@ -239,3 +243,83 @@ async def test_revocations_are_kept_until_the_link_expires(s3: S3Storage, prefix
     await store.revoke(b, int(clock.now + 3600))
     for obj in await s3.list_objects(f"{prefix}.tus/"):
         await s3.delete_object(obj.key)
+
+
+# -- the command ---------------------------------------------------------------------------
+
+
+def link_config(tmp_path: Path, sw: EmbeddedSeaweed, prefix: str, **extra: Any) -> Path:
+    secret = tmp_path / "secret"
+    secret.write_bytes(SECRET)
+    return write_config(
+        tmp_path / "link.toml",
+        {
+            "server": {"listen": "127.0.0.1:8080"},
+            "storage": {"backend": "s3", "bucket": "test-uploads", "endpoint_url": sw.endpoint_url},
+            "auth": {"mode": "required", "signing_secret_file": str(secret)},
+            "tus": {"state_prefix": f"{prefix}.tus/"},
+            "page": {"enabled": True, "public_url": "https://up.example.org/", **extra},
+        },
+    )
+
+
+async def test_link_command_prints_a_link_and_revokes_it(
+    seaweed: EmbeddedSeaweed,
+    s3: S3Storage,
+    prefix: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cfg = str(link_config(tmp_path, seaweed, prefix))
+    argv = ["-c", cfg, "link", "--prefix", "family/", "--expires", "2d", "--max-size", "20GiB"]
+    assert main([*argv, "--max-files", "50", "--note", "Photos from Sunday"]) == 0
+    out, err = capsys.readouterr()
+    url = out.strip()
+    assert url.startswith("https://up.example.org/upload/#link=upl1.")
+    terms = verifier(read_at_s=time.time()).verify(url.partition("#link=")[2], time.time())
+    assert (terms.prefix, terms.max_size_bytes, terms.max_files) == ("family/", 20 << 30, 50)
+    assert terms.note == "Photos from Sunday"
+    assert abs(terms.expires_s - (time.time() + 2 * 86400)) < 60
+    assert f"--revoke {terms.id}" in err and "'tus/family/'" in err
+
+    # Longer than auth.signed_url_max_lifetime_s, a prefix that is no folder: refused.
+    assert main(["-c", cfg, "link", "--prefix", "family/", "--expires", "8d"]) == 2
+    assert main(["-c", cfg, "link", "--prefix", "family", "--expires", "1d"]) == 2
+    capsys.readouterr()
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", seaweed.credentials.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", seaweed.credentials.secret_key)
+    # main() runs its own event loop: off this test's loop.
+    assert await asyncio.to_thread(main, ["-c", cfg, "link", "--revoke", url]) == 0
+    assert f"revoked link {terms.id}" in capsys.readouterr().err
+    store = LinkStore(s3, f"{prefix}.tus/")
+    assert await store.revoked() == [(terms.id, terms.expires_s)]
+    # By id alone: kept for the longest a link can still live.
+    other = new_link_id()
+    assert await asyncio.to_thread(main, ["-c", cfg, "link", "--revoke", other]) == 0
+    until = dict(await store.revoked())[other]
+    assert abs(until - (time.time() + WEEK_S)) < 60
+    assert await asyncio.to_thread(main, ["-c", cfg, "link", "--revoke", "nonsense"]) == 2
+    for obj in await s3.list_objects(f"{prefix}.tus/"):
+        await s3.delete_object(obj.key)
+
+
+def test_revoking_without_a_reachable_store_says_why(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The embedded store is the running daemon's: never started by the command, and a
+    data dir it never used has no keys to reach it with."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(SECRET)
+    cfg = write_config(
+        tmp_path / "embedded.toml",
+        {
+            "storage": {"backend": "embedded"},
+            "storage.embedded": {"data_dir": str(tmp_path / "d")},
+            "auth": {"mode": "required", "signing_secret_file": str(secret)},
+        },
+    )
+    assert main(["-c", str(cfg), "link", "--revoke", new_link_id()]) == 1
+    assert "has the daemon run with this configuration" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()

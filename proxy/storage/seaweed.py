@@ -115,12 +115,20 @@ class Credentials:
     secret_key: str
 
 
+def load_credentials(data_dir: Path) -> Credentials | None:
+    """The embedded store's keys, if it has ever been started with ``data_dir``."""
+    path = data_dir / "credentials.json"
+    if not path.exists():
+        return None
+    raw = json.loads(path.read_text())
+    return Credentials(raw["access_key"], raw["secret_key"])
+
+
 def load_or_create_credentials(data_dir: Path) -> Credentials:
     """Keys for the embedded store, generated once and kept (0600) beside its data."""
+    if (creds := load_credentials(data_dir)) is not None:
+        return creds
     path = data_dir / "credentials.json"
-    if path.exists():
-        raw = json.loads(path.read_text())
-        return Credentials(raw["access_key"], raw["secret_key"])
     make_private_dir(data_dir)
     creds = Credentials("proxy" + secrets.token_hex(8), secrets.token_urlsafe(30))
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
