@@ -1,93 +1,94 @@
 """The browser upload page (proxy/webui/static/, built from webui/) in headless Chromium,
-against the real proxy and SeaweedFS.
-
-The daemon does not serve the page yet: these tests add to the proxy's app, before it
-starts, what the server side will provide (the page under /upload/ with the strict CSP
-header, and a stub ``GET /upload/api/link`` answering link info for the grant "x").  The
-uploads themselves are real tus uploads through the proxy into SeaweedFS.
+against the real proxy and SeaweedFS: the daemon serves the page (page.enabled) and
+answers its ``api/link``; the page holds real upload links (proxy/links.py) and sends
+real tus uploads.  A test-only hook records which requests the page made.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
+import signal
+import time
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
-import proxy
+from proxy.auth import hash_token
+from proxy.links import Link, mint, new_link_id
 from proxy.storage.s3 import S3Storage
+from proxy.storage.seaweed import EmbeddedSeaweed
 from tests.cli_helpers import file_sha256
 from tests.conftest import MiB, StartProxy, data_path, get_object
+from tests.daemon import launch, start_daemon
 
 from browser import PHONE, Browser
+from obs_helpers import scrape, value
 
-STATIC = Path(proxy.__file__).parent / "webui" / "static"
-CSP = (
-    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
-    "connect-src 'self'; font-src 'self'; form-action 'none'; frame-ancestors 'none'; "
-    "base-uri 'none'"
-)
-GRANT = "x"
+SECRET = b"0123456789abcdef0123456789abcdef-webui"
+TOKEN = "operator-0123456789abcdef0123"
 NOTE = "Photos from Sunday, please <b>not</b> the blurry ones"
 # Set to a directory (e.g. docs/) to save pictures of the page with uploads running.
 SHOTS = os.environ.get("UPLOAD_PAGE_SCREENSHOTS")
 
 
-def link_info(**overrides: Any) -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "prefix": "family/",
-        "expires_at": (datetime.now(UTC) + timedelta(days=7)).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "max_size_bytes": None,
-        "max_files": None,
-        "files_used": 3,
-        "note": NOTE,
-        "tus_endpoint": "/files/",
-        "chunk_size_bytes": 16 * MiB,
-        "allowed_types": [],
-        "allowed_extensions": [],
-    }
-    info.update(overrides)
-    return info
+def grant(expires_in_s: float = 3600, **terms: Any) -> str:
+    terms.setdefault("prefix", "family/")
+    link = Link(id=new_link_id(), expires_s=int(time.time() + expires_in_s), **terms)
+    return mint(SECRET, link)
 
 
-def page_routes(info: dict[str, Any], seen: list[str]) -> Callable[[web.Application], None]:
-    """The page's side of the contract, as the server will provide it (test-only)."""
+def page_sections(tmp_path: Path, **page: Any) -> dict[str, Any]:
+    """The daemon's config for the page: links signed with SECRET, auth on."""
+    secret = tmp_path / "signing-secret"
+    secret.write_bytes(SECRET)
+    auth = {"mode": "required", "tokens": [hash_token(TOKEN)], "signing_secret_file": str(secret)}
+    return {"auth": auth, "page": {"enabled": True, "chunk_size": "16MiB", **page}}
 
-    async def index(_: web.Request) -> web.StreamResponse:
-        return web.FileResponse(STATIC / "index.html")
 
-    async def api_link(request: web.Request) -> web.Response:
-        auth = request.headers.get("Authorization", "")
-        if auth == "Bearer expired":
-            return web.json_response(
-                {"code": "ERR_LINK_EXPIRED", "message": "this link expired"}, status=403
-            )
-        if auth != f"Bearer {GRANT}":
-            return web.json_response(
-                {"code": "ERR_UNAUTHORIZED", "message": "no valid link"}, status=401
-            )
-        return web.json_response(info)
+def recorder(seen: list[str]) -> Callable[[web.Application], None]:
+    """Test-only: note "METHOD path status" of every answer."""
 
     async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
-        seen.append(f"{request.method} {request.path}")
-        if request.path.startswith("/upload/"):
-            response.headers["Content-Security-Policy"] = CSP
+        seen.append(f"{request.method} {request.path} {response.status}")
 
     def add(app: web.Application) -> None:
-        app.router.add_get("/upload/", index)
-        app.router.add_get("/upload/api/link", api_link)
-        app.router.add_static("/upload/", STATIC)
         app.on_response_prepare.append(on_prepare)
 
     return add
 
 
+async def page_proxy(
+    start_proxy: StartProxy,
+    tmp_path: Path,
+    seen: list[str],
+    *,
+    routes: Callable[[web.Application], None] | None = None,
+    page: dict[str, Any] | None = None,
+    **sections: Any,
+) -> Any:
+    def add(app: web.Application) -> None:
+        recorder(seen)(app)
+        if routes is not None:
+            routes(app)
+
+    return await start_proxy(routes=add, **page_sections(tmp_path, **(page or {})), **sections)
+
+
+async def link_info(url: str, credential: str) -> Any:
+    async with aiohttp.ClientSession() as http:
+        headers = {"Authorization": f"Bearer {credential}"}
+        async with http.get(f"{url}/upload/api/link", headers=headers) as r:
+            return await r.json()
+
+
 async def stored_under(s3: S3Storage, prefix: str) -> dict[str, str]:
-    """File name -> key of the objects the proxy stored (``{prefix}{id}/{filename}``)."""
+    """File name -> key of the objects the proxy stored (a link's files:
+    ``{prefix}tus/family/{id}/{filename}``)."""
     r = await s3._client.list_objects_v2(Bucket=s3.bucket, Prefix=prefix)
     keys = [o["Key"] for o in r.get("Contents", []) if "/.tus/" not in o["Key"]]
     return {k.rsplit("/", 1)[-1]: k for k in keys}
@@ -95,6 +96,7 @@ async def stored_under(s3: S3Storage, prefix: str) -> dict[str, str]:
 
 async def assert_stored(s3: S3Storage, prefix: str, path: Path) -> None:
     key = (await stored_under(s3, prefix))[path.name]
+    assert key.startswith(f"{prefix}tus/family/"), key
     data, meta = await get_object(s3, key)
     assert data == await asyncio.to_thread(path.read_bytes), f"{key} differs from {path.name}"
     assert meta["sha256"] == file_sha256(path)
@@ -141,13 +143,14 @@ async def test_two_files_end_to_end(
     browser: Browser, start_proxy: StartProxy, s3: S3Storage, tmp_path: Path
 ) -> None:
     seen: list[str] = []
-    p = await start_proxy(routes=page_routes(link_info(), seen))
+    p = await page_proxy(start_proxy, tmp_path, seen)
+    link = grant(note=NOTE)
     small = data_path(tmp_path, 300 * 1024 + 7, seed=1).rename(tmp_path / "notes.txt")
     big = data_path(tmp_path, 64 * MiB + 12345, seed=2).rename(tmp_path / "service.mp4")
 
-    await open_page(browser, f"{p.url}/upload/#link={GRANT}")
+    await open_page(browser, f"{p.url}/upload/#link={link}")
     facts = await browser.js("return document.getElementById('link').innerText")
-    assert "family/" in facts and "3 sent so far" in facts
+    assert "family/" in facts and "0 sent so far" in facts
     # The note is text, not markup.
     assert await browser.js("return document.getElementById('link-note').textContent") == NOTE
 
@@ -163,6 +166,7 @@ async def test_two_files_end_to_end(
         await assert_stored(s3, p.prefix, path)
     total = await browser.js("return document.getElementById('total-text').textContent")
     assert total.startswith("3 of 3 files sent")
+    assert (await link_info(p.url, link))["files_used"] == 3
 
     # Every request the page made was to its own origin, and the CSP stopped nothing.
     assert await browser.call(browser.csp_violations) == []
@@ -180,12 +184,12 @@ async def test_reload_resumes_from_server_offset_and_offline_pauses(
     browser: Browser, start_proxy: StartProxy, s3: S3Storage, tmp_path: Path
 ) -> None:
     seen: list[str] = []
-    info = link_info(chunk_size_bytes=8 * MiB, note="Sunday's service: recordings and the photos")
-    p = await start_proxy(routes=page_routes(info, seen))
+    p = await page_proxy(start_proxy, tmp_path, seen, page={"chunk_size": "8MiB"})
     size = 64 * MiB + 999
     big = data_path(tmp_path, size, seed=3).rename(tmp_path / "dataset.tar")
     other = data_path(tmp_path, 6 * MiB, seed=4).rename(tmp_path / "recording.wav")
-    url = f"{p.url}/upload/#link={GRANT}"
+    link = grant(note="Sunday's service: recordings and the photos")
+    url = f"{p.url}/upload/#link={link}"
 
     await open_page(browser, url)
     # A slow uplink, so that there is time to look at the upload while it runs.
@@ -243,38 +247,94 @@ async def test_reload_resumes_from_server_offset_and_offline_pauses(
     await assert_stored(s3, p.prefix, big)
 
 
+async def test_a_daemon_restarted_mid_upload_and_the_page_finishes(
+    browser: Browser, seaweed: EmbeddedSeaweed, s3: S3Storage, prefix: str, tmp_path: Path
+) -> None:
+    """The real daemon (a subprocess) stopped (SIGTERM, as systemd does) while the page
+    sends a file, then started again on the same port: the page retries, asks the new
+    daemon where the upload stands and finishes it; the object is the file."""
+    sections = page_sections(tmp_path)
+    sections["tus"] = {"state_prefix": f"{prefix}.tus/"}
+    daemon = await start_daemon(tmp_path, seaweed, prefix, **sections)
+    config = tmp_path / f"daemon-{daemon.port}.toml"
+    env = {
+        "AWS_ACCESS_KEY_ID": seaweed.credentials.access_key,
+        "AWS_SECRET_ACCESS_KEY": seaweed.credentials.secret_key,
+    }
+    size = 64 * MiB + 4321
+    big = data_path(tmp_path, size, seed=9).rename(tmp_path / "video.mov")
+    try:
+        await open_page(browser, f"{daemon.url}/upload/#link={grant()}")
+        await browser.network(upload_bytes_s=16 * MiB)
+        await browser.choose_files("#picker", [big])
+        await browser.wait_for(
+            f"return {ROW}?.dataset.sent > {20 * MiB}", 1, timeout_s=60, what="20 MiB sent"
+        )
+        daemon.signal(signal.SIGTERM)
+        assert await daemon.wait() == 0
+        # The page notices (a request fails) and keeps trying while the daemon is away.
+        await browser.wait_for(
+            f"return ['waiting', 'starting'].includes({ROW}.dataset.state)",
+            1,
+            timeout_s=30,
+            what="the page retrying",
+        )
+        daemon = await launch(config, daemon.port, env)
+        await browser.network()
+        await wait_rows(browser, "done", 1, timeout_s=120)
+        r = await row(browser, 1)
+        assert r["sha256"] == file_sha256(big)
+        await assert_stored(s3, prefix, big)
+        # It went on from what the first daemon had stored, not from the start.
+        received = value(await scrape(daemon.url), "proxy_received_bytes_total")
+        assert received is not None and received < size - 16 * MiB, received
+    finally:
+        await daemon.stop()
+
+
 async def test_without_a_link_the_page_explains_and_sends_nothing(
-    browser: Browser, start_proxy: StartProxy
+    browser: Browser, start_proxy: StartProxy, s3: S3Storage, tmp_path: Path
 ) -> None:
     seen: list[str] = []
-    p = await start_proxy(routes=page_routes(link_info(), seen))
+    p = await page_proxy(start_proxy, tmp_path, seen)
     await open_page(browser, f"{p.url}/upload/", phase="nolink")
     text = await browser.js("return document.getElementById('gate').innerText")
     assert "upload link" in text and "upload-proxy link --prefix" in text
     assert await browser.js("return document.getElementById('drop').hidden")
-    assert sorted(set(seen)) == ["GET /upload/", "GET /upload/app.css", "GET /upload/app.js"]
+    paths = sorted({" ".join(s.split()[:2]) for s in seen})
+    assert paths == ["GET /upload/", "GET /upload/app.css", "GET /upload/app.js"]
     assert await browser.call(browser.csp_violations) == []
 
-    # An expired link: its message, no way to add files, nothing sent to the tus endpoint.
-    await open_page(browser, f"{p.url}/upload/#link=expired", phase="refused")
+    # An expired link: its message, no way to add files, nothing sent to the tus endpoint
+    # and nothing stored (the server was asked, and said no).
+    await open_page(browser, f"{p.url}/upload/#link={grant(expires_in_s=-60)}", phase="refused")
     text = await browser.js("return document.getElementById('gate').innerText")
     assert "expired" in text
     assert await browser.js("return document.getElementById('drop').hidden")
+    assert "GET /upload/api/link 403" in seen
     assert not [s for s in seen if "/files" in s]
+    assert await stored_under(s3, p.prefix) == {}
 
 
 async def test_limits_are_checked_before_sending_and_server_errors_explained(
     browser: Browser, start_proxy: StartProxy, tmp_path: Path
 ) -> None:
     seen: list[str] = []
-    info = link_info(max_size_bytes=1 * MiB, max_files=5, allowed_extensions=[".jpg", ".txt"])
-    # The server's own cap is lower than the link claims for .txt: its 413 is explained too.
-    p = await start_proxy(routes=page_routes(info, seen), upload={"max_upload_size": "512KiB"})
+    p = await page_proxy(
+        start_proxy,
+        tmp_path,
+        seen,
+        limits={"allowed_extensions": [".jpg", ".txt"]},
+        # The server's own cap is below the link's: the page is told the lower one.
+        upload={"max_upload_size": "1MiB"},
+    )
+    link = grant(max_size_bytes=4 * MiB, max_files=3)
     too_big = data_path(tmp_path, 2 * MiB, seed=5).rename(tmp_path / "big.jpg")
     wrong_type = data_path(tmp_path, 1000, seed=6).rename(tmp_path / "tool.exe")
-    server_says_no = data_path(tmp_path, 800 * 1024, seed=7).rename(tmp_path / "log.txt")
+    late = data_path(tmp_path, 800 * 1024, seed=7).rename(tmp_path / "log.txt")
 
-    await open_page(browser, f"{p.url}/upload/#link={GRANT}")
+    await open_page(browser, f"{p.url}/upload/#link={link}")
+    assert "0 of 3 used" in await browser.js("return document.getElementById('link').innerText")
     # Keyboard: the first Tab reaches the button that opens the file picker.
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.keys import Keys
@@ -287,12 +347,24 @@ async def test_limits_are_checked_before_sending_and_server_errors_explained(
     assert (await row(browser, 2))["code"] == "ERR_UNSUPPORTED_MEDIA_TYPE"
     assert not [s for s in seen if "/files" in s]
 
-    await browser.choose_files("#picker", [server_says_no])
+    # Meanwhile the link's other holders used its places: the server refuses the next
+    # file at creation, and the page says why.
+    async with aiohttp.ClientSession() as http:
+        for name in ("a.txt", "b.txt", "c.txt"):
+            headers = {
+                "Authorization": f"Bearer {link}",
+                "Tus-Resumable": "1.0.0",
+                "Upload-Length": "0",
+                "Upload-Metadata": "filename " + base64.b64encode(name.encode()).decode(),
+            }
+            async with http.post(f"{p.url}/files/", headers=headers) as r:
+                assert r.status == 201
+    await browser.choose_files("#picker", [late])
     await wait_rows(browser, "failed", 1, timeout_s=30)
     r = await row(browser, 3)
-    assert r["code"] == "ERR_TOO_LARGE"
+    assert r["code"] == "ERR_TOO_MANY_FILES"
     status = await browser.js(f"return {ROW}.querySelector('.status').textContent", 3)
-    assert "larger than this link allows" in status
+    assert "does not allow any more files" in status
 
 
 async def test_busy_server_is_retried_after_retry_after(
@@ -312,15 +384,12 @@ async def test_busy_server_is_retried_after_retry_after(
                 return web.json_response(busy, status=503, headers={"Retry-After": "2"})
         return await handler(request)
 
-    routes = page_routes(link_info(), seen)
-
     def add(app: web.Application) -> None:
-        routes(app)
         app.middlewares.insert(0, busy_once)
 
-    p = await start_proxy(routes=add)
+    p = await page_proxy(start_proxy, tmp_path, seen, routes=add)
     path = data_path(tmp_path, 100 * 1024, seed=8).rename(tmp_path / "song.mp3")
-    await open_page(browser, f"{p.url}/upload/#link={GRANT}")
+    await open_page(browser, f"{p.url}/upload/#link={grant()}")
     await browser.choose_files("#picker", [path])
     await wait_rows(browser, "waiting", 1, timeout_s=30)
     status = await browser.js(f"return {ROW}.querySelector('.status').textContent", 1)
