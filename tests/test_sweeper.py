@@ -45,14 +45,13 @@ async def test_sweeps_stale_and_spares_live_tus_upload(s3: Any, prefix: str) -> 
     await assert_nothing_left(s3, prefix)
 
 
-async def test_app_sweeper_spares_running_upload_and_runtime_predicate(
+async def test_app_sweeper_spares_a_running_upload(
     start_proxy: StartProxy, s3: Any, prefix: str
 ) -> None:
+    """A plain upload streaming now is live; a live tus upload's parts are spared too
+    (tests/test_tus_integration.py::test_stale_sweeper_spares_a_live_tus_upload)."""
     p = await start_proxy(upload={"stale_upload_after_s": 600, "sweep_interval_s": 3600})
-    assert p.runtime.sweeper is not None
     stale = await s3.create_multipart(f"{prefix}stale", metadata={}, content_type="x/y")
-    tus = await s3.create_multipart(f"{prefix}tus-live", metadata={}, content_type="x/y")
-    p.runtime.upload_is_live = lambda u: u.key == f"{prefix}tus-live"
 
     go = asyncio.Event()
 
@@ -72,9 +71,8 @@ async def test_app_sweeper_spares_running_upload_and_runtime_predicate(
     async with asyncio.timeout(10):
         while not any(k.endswith("running") for k in (await open_uploads(s3, prefix)).values()):
             await asyncio.sleep(0.05)
-    aborted = await p.runtime.sweeper.sweep_once(now=datetime.now(UTC) + LATER)
+    aborted = await p.sweeper.sweep_once(now=datetime.now(UTC) + LATER)
     assert [u.upload_id for u in aborted] == [stale]
     go.set()
     assert await task == 201
-    await s3.abort_multipart(f"{prefix}tus-live", tus)
     assert await s3.list_multipart(prefix) == []

@@ -14,7 +14,7 @@ import hashlib
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol, TypeAlias
+from typing import Protocol, TypeAlias, runtime_checkable
 
 
 class Pieces:
@@ -172,8 +172,15 @@ class Storage(Protocol):
     async def list_multipart(self, prefix: str = "") -> list[OpenMultipart]:
         """Open multipart uploads under ``prefix``."""
 
-    # Small-object and listing operations: the tus layer keeps its upload state in the
-    # bucket with them, so any instance sharing the bucket can continue an upload.
+
+# -- optional capabilities: a layer that needs one asks for it (tusd's composer idea) -------
+
+
+@runtime_checkable
+class StateStore(Protocol):
+    """Small objects, conditional writes and listing: the tus layer keeps its upload state
+    in the bucket with them, so any instance sharing the bucket can continue an upload.
+    A backend without them still serves plain uploads; tus is then unavailable."""
 
     async def get_small(self, key: str, max_bytes: int) -> tuple[bytes, str] | None:
         """The whole body and etag of an object of at most ``max_bytes``, or None if absent.
@@ -193,3 +200,10 @@ class Storage(Protocol):
 
     async def list_objects(self, prefix: str) -> list[ObjectInfo]:
         """Every object under ``prefix`` (key, size, etag), in key order."""
+
+
+@runtime_checkable
+class Observable(Protocol):
+    """A store that reports every request attempt to an :data:`OpObserver` (metrics)."""
+
+    def set_observer(self, observer: OpObserver | None) -> None: ...
