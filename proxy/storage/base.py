@@ -81,6 +81,8 @@ class StoredPart:
     number: int
     etag: str
     size: int
+    # When the store received it, on the store's clock (None: the store does not say).
+    last_modified: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,9 @@ class OpenMultipart:
     key: str
     upload_id: str
     initiated: datetime
+    # The store's clock when it listed this upload (its answer's Date header), so an age
+    # is measured on one clock whatever this host's clock says; None: no Date header.
+    listed_at: datetime | None = None
 
 
 @dataclass(frozen=True)
