@@ -31,7 +31,9 @@ from typing import Any
 import aiohttp
 import pytest
 
+from proxy.errors import Locked
 from proxy.storage.s3 import S3Storage
+from proxy.tus.state import TusStore
 from tests.cluster import NGINX, Balancer, SeaweedCluster
 from tests.conftest import BUCKET, MiB
 from tests.daemon import Daemon, launch, start_daemon
@@ -284,7 +286,7 @@ async def test_tus_patches_on_different_instances_make_one_object(farm: Farm) ->
         final = r.headers
     seconds = time.monotonic() - started
     upload = sid(url)
-    done = f"tus upload id={upload} key="
+    done = f"upload id={upload} key="
     await logged(lambda: any(lines_about(d, done) for d in farm.daemons), "the completion")
     # Which instances served a PATCH of this upload (each logs its PATCH or the completion).
     served = [
@@ -346,7 +348,7 @@ async def test_instance_killed_mid_patch_resumes_on_another(farm: Farm) -> None:
         waited_s = time.monotonic() - killed_at
     expected = await assert_stored(farm.s3, tus_key(farm.prefix, url, "k.bin"), data)
     assert headers["Upload-SHA256"] == expected
-    done = f"tus upload id={sid(url)} key="
+    done = f"upload id={sid(url)} key="
     await logged(lambda: any(lines_about(d, done) for d in farm.daemons), "the completion")
     finished_by = [i for i, d in enumerate(farm.daemons) if lines_about(d, done)]
     assert finished_by and victim not in finished_by
@@ -480,21 +482,24 @@ async def test_tus_expiry_sweeps_once_across_instances_and_loses_nothing(farm: F
             assert status == 204
             await assert_stored(farm.s3, tus_key(farm.prefix, url, f"k{i}"), data)
     assert not doomed_keys & {u.key for u in await farm.s3.list_multipart(farm.prefix)}
-    expired = [f"id={sid(url)} expired" for url in doomed]
+
+    def expiry_of(upload: str, line: str) -> bool:
+        return f"upload id={upload} " in line and "result=ERR_EXPIRED" in line
+
     await logged(
-        lambda: all(any(e in x for d in farm.daemons for x in d.log) for e in expired),
+        lambda: all(
+            any(expiry_of(sid(url), x) for d in farm.daemons for x in d.log) for url in doomed
+        ),
         "each expiry",
     )
     new_lines = [d.log[n:] for d, n in zip(farm.daemons, log_start, strict=True)]
     everything = [x for lines in new_lines for x in lines]
     expired_by = {
-        sid(url): [
-            i for i, lines in enumerate(new_lines) for x in lines if f"id={sid(url)} expired" in x
-        ]
+        sid(url): [i for i, lines in enumerate(new_lines) for x in lines if expiry_of(sid(url), x)]
         for url in doomed
     }
     assert all(len(by) == 1 for by in expired_by.values()), expired_by
-    assert not [x for x in everything for url in kept if f"{sid(url)} expired" in x]
+    assert not [x for x in everything for url in kept if expiry_of(sid(url), x)]
     assert errors_in(everything) == []
     # An instance whose sweep meets another's on the same upload loses the lease race and
     # says so at WARNING (harmless: the winner cleans up; see docs/scale-out.md).  Nothing
@@ -728,10 +733,6 @@ async def test_lease_fence_and_takeover_times_give_the_skew_bound(farm: Farm) ->
     itself 2L/3 after its last write, on its own clock; an instance whose clock is delta
     ahead takes the upload over L - delta after that write.  The fence comes first exactly
     while delta < L/3."""
-    # Both move with the restructuring of proxy/.
-    from proxy.errors import Locked
-    from proxy.tus_state import TusStore
-
     async with aiohttp.ClientSession() as http:
         url = await create(http, farm.url, PART, **{"Upload-Metadata": metadata(filename="f")})
     upload = sid(url)
