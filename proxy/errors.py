@@ -20,6 +20,7 @@ REASONS = (
     "client_limit",
     "client_timeout",
     "conflict",
+    "expired",
     "forbidden",
     "gone",
     "internal",
@@ -30,6 +31,7 @@ REASONS = (
     "shutting_down",
     "storage_error",
     "storage_unavailable",
+    "terminated",
     "too_large",
     "unauthorized",
 )
@@ -285,6 +287,22 @@ class UploadFailed(Gone):
     were aborted, its state deleted): the client has to upload the file again."""
 
     code = "ERR_UPLOAD_FAILED"
+
+
+class Terminated(Gone):
+    """How a tus upload ends when its client terminates it (DELETE), as its outcome is
+    reported: a client's choice, not a failure of ours."""
+
+    code = "ERR_TERMINATED"
+    reason = "terminated"
+
+
+class Expired(Gone):
+    """How an unfinished tus upload ends when it expires (the sweeper removes it), as its
+    outcome is reported.  Requests for it are answered ``ERR_GONE``."""
+
+    code = "ERR_EXPIRED"
+    reason = "expired"
 
 
 class Locked(ProxyError):

@@ -17,13 +17,14 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.app import Runtime, build_app
+from proxy.app import STORAGE, Runtime, build_app
 from proxy.config import Config
 from proxy.errors import ProxyError
 from proxy.obs.sdnotify import Notifier
+from proxy.storage.base import Storage
 from proxy.web.conn import ConnectionGuard, GuardedSite
-from proxy.web.ops import build_metrics_app
-from proxy.web.uploads import UPLOADS, UploadContext
+from proxy.web.ops import OPS, build_metrics_app
+from proxy.web.preflight import UPLOADS, Uploads
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ MAX_HEADERS = 128
 READ_BUFSIZE = 256 * 1024
 STORAGE_CHECK_TIMEOUT_S = 10.0
 # After the drain, uploads still running are cancelled; this is how long their
-# multipart aborts may take (streaming.ABORT_TIMEOUT_S bounds each one).
+# multipart aborts may take (engine.upload.CLEANUP_TIMEOUT_S bounds each one).
 ABORT_GRACE_S = 35.0
 # What aiohttp's own shutdown still waits for: only non-upload requests are left then.
 RUNNER_SHUTDOWN_TIMEOUT_S = 5.0
@@ -69,10 +70,11 @@ def handler_kwargs(config: Config) -> dict[str, Any]:
     }
 
 
-def status_line(ctx: UploadContext, rate_mib_s: float) -> str:
+def status_line(ctx: Uploads, rate_mib_s: float) -> str:
+    stats = ctx.events.stats
     return (
         f"{ctx.slots.in_use} uploads in flight, {rate_mib_s:.1f} MiB/s, "
-        f"{ctx.stats.completed} done, {ctx.stats.failed} failed"
+        f"{stats.completed} done, {stats.failed} failed"
     )
 
 
@@ -106,10 +108,7 @@ class Server:
     def request_stop(self) -> None:
         self._stop.set()
 
-    async def _storage_state(self) -> str:
-        storage = self.runtime.storage
-        if storage is None:
-            return "storage not open"
+    async def _storage_state(self, storage: Storage) -> str:
         try:
             async with asyncio.timeout(STORAGE_CHECK_TIMEOUT_S):
                 await storage.check()
@@ -118,17 +117,18 @@ class Server:
             return f"storage unreachable ({getattr(e, 'code', 'timeout')})"
         return "storage ok"
 
-    async def _report_status(self, ctx: UploadContext) -> None:
+    async def _report_status(self, ctx: Uploads) -> None:
         interval = self.config.server.status_interval_s
-        last_bytes, last_t = ctx.stats.received_bytes, time.monotonic()
+        stats = ctx.events.stats
+        last_bytes, last_t = stats.received_bytes, time.monotonic()
         while True:
             await asyncio.sleep(interval)
-            now, nbytes = time.monotonic(), ctx.stats.received_bytes
+            now, nbytes = time.monotonic(), stats.received_bytes
             rate = (nbytes - last_bytes) / max(now - last_t, 1e-9) / 2**20
             last_bytes, last_t = nbytes, now
             self.notifier.status(status_line(ctx, rate))
 
-    async def _drain(self, ctx: UploadContext, site: GuardedSite) -> None:
+    async def _drain(self, ctx: Uploads, site: GuardedSite) -> None:
         """Stop listening, let running uploads finish, cancel (abort) the rest."""
         sc = self.config.server
         # Only the listening socket closes; open connections keep reading bodies.
@@ -160,19 +160,19 @@ class Server:
         tasks: list[asyncio.Task[None]] = []
         try:
             site = await start_site(runner, sc.listen_host, sc.listen_port, self.config)
-            self.runtime.ops.metrics.bind_listener("main", site.guard)
+            self.runtime.metrics.bind_listener("main", site.guard)
             self.port = bound_port(runner)
             log.info("listening on http://%s:%s", sc.listen_host, self.port)
             if sc.metrics_listen is not None:
-                metrics_runner = make_runner(build_metrics_app(self.runtime.ops), self.config)
+                metrics_runner = make_runner(build_metrics_app(app[OPS]), self.config)
                 await metrics_runner.setup()
                 host, port = sc.metrics_listen
                 metrics_site = await start_site(metrics_runner, host, port, self.config)
-                self.runtime.ops.metrics.bind_listener("metrics", metrics_site.guard)
+                self.runtime.metrics.bind_listener("metrics", metrics_site.guard)
                 self.metrics_port = bound_port(metrics_runner)
                 log.info("metrics on http://%s:%s/metrics", host, self.metrics_port)
             self.listening.set()
-            state = await self._storage_state()
+            state = await self._storage_state(app[STORAGE])
             self.notifier.ready(f"listening on {sc.listen_host}:{self.port}, {state}")
             tasks.append(asyncio.create_task(self.notifier.run_watchdog(), name="watchdog"))
             tasks.append(asyncio.create_task(self._report_status(app[UPLOADS]), name="status"))

@@ -18,11 +18,14 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.app import Runtime, build_app
+from proxy.app import POOL, SWEEPER, Runtime, build_app
 from proxy.config import Config, from_dict
+from proxy.engine.buffers import BufferPool
 from proxy.server import Server, bound_port, make_runner, start_site
 from proxy.storage.s3 import S3Storage
 from proxy.storage.seaweed import Credentials, EmbeddedSeaweed
+from proxy.storage.sweeper import StaleSweeper
+from proxy.web.preflight import UPLOADS, Uploads
 
 from browser import Browser, start_browser
 
@@ -117,6 +120,21 @@ class Proxy:
     runtime: Runtime
     config: Config
     prefix: str
+    app: web.Application
+
+    # What the running app holds (its AppKeys, set once the store is open).
+
+    @property
+    def uploads(self) -> Uploads:
+        return self.app[UPLOADS]
+
+    @property
+    def pool(self) -> BufferPool:
+        return self.app[POOL]
+
+    @property
+    def sweeper(self) -> StaleSweeper:
+        return self.app[SWEEPER]
 
 
 StartProxy = Callable[..., Awaitable[Proxy]]
@@ -161,7 +179,7 @@ async def start_proxy(seaweed: EmbeddedSeaweed, prefix: str) -> AsyncIterator[St
         await start_site(runner, "127.0.0.1", 0, config)
         runners.append(runner)
         port = bound_port(runner)
-        return Proxy(f"http://127.0.0.1:{port}", "127.0.0.1", port, runtime, config, prefix)
+        return Proxy(f"http://127.0.0.1:{port}", "127.0.0.1", port, runtime, config, prefix, app)
 
     yield start
     for r in runners:

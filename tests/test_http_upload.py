@@ -159,7 +159,7 @@ async def test_keys_are_logged_quoted(
     start_proxy: StartProxy, s3: S3Storage, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A key is quoted in the outcome line, so it cannot pose as the line's other fields."""
-    caplog.set_level(logging.INFO, logger="proxy.web.uploads")
+    caplog.set_level(logging.INFO, logger="proxy.engine.events")
     proxy = await start_proxy()
     key = "a.bin bytes=0 sha256=0 result=ok 'x"
     status, reply = await put(proxy, quote(key), b"data")
@@ -397,7 +397,7 @@ async def test_idle_client_times_out(start_proxy: StartProxy, s3: S3Storage) -> 
 async def wait_idle(proxy: Proxy, timeout_s: float = 10) -> None:
     """Until no part buffer is leased: every upload has finished its clean-up."""
 
-    pool = proxy.runtime.pool
+    pool = proxy.pool
     assert pool is not None
     async with asyncio.timeout(timeout_s):
         while pool.in_use_bytes:

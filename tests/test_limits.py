@@ -100,7 +100,7 @@ class Trickle:
 async def running(p: Any, n: int) -> None:
     """Wait until the proxy counts ``n`` running uploads."""
     async with asyncio.timeout(5):
-        while p.runtime.uploads.slots.in_use < n:
+        while p.uploads.slots.in_use < n:
             await asyncio.sleep(0.01)
 
 

@@ -17,7 +17,7 @@ from proxy.engine.upload import ObjectUpload, UploadSpec
 from proxy.storage.s3 import S3Storage
 
 from conftest import MiB, StartProxy, get_object
-from fakes import GatedStorage
+from fakes import NO_TUS, GatedStorage
 
 PART = 5 * MiB
 
@@ -40,7 +40,9 @@ async def test_http_backpressure_bounds_buffered_bytes_and_stalls_client(
     storage.gate.clear()
     budget = 4 * PART
     pool = BufferPool(budget, PART)
-    proxy = await start_proxy(storage=storage, pool=pool, upload={"memory_budget": "20MiB"})
+    proxy = await start_proxy(
+        storage=storage, pool=pool, upload={"memory_budget": "20MiB"}, **NO_TUS
+    )
     total = 200 * MiB
     reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
     writer.write(f"PUT /uploads/bp HTTP/1.1\r\nHost: x\r\nContent-Length: {total}\r\n\r\n".encode())

@@ -35,8 +35,9 @@ from tus_helpers import (
 )
 
 from proxy.errors import StorageUnavailable
+from proxy.tus.completion import Completer
+from proxy.tus.maintenance import sweep_once
 from proxy.tus.patch import PatchWriter
-from proxy.tus.service import TusService
 from proxy.tus.state import UploadInfo
 
 from conftest import MiB, data_path
@@ -173,16 +174,16 @@ async def test_a_failed_completion_after_the_last_byte_can_be_finished(
     proxy = await start_proxy(**tus_sections(prefix))
     size = 6 * MiB + 1
     data = data_path(tmp_path, size, seed=14).read_bytes()
-    complete = TusService.complete
+    complete = Completer.complete
     failures = []
 
-    async def fail_once(self: TusService, info: UploadInfo) -> UploadInfo:
+    async def fail_once(self: Completer, info: UploadInfo, client: str = "-") -> UploadInfo:
         if not failures:
             failures.append(info.id)
             raise StorageUnavailable("injected: storage went away")
-        return await complete(self, info)
+        return await complete(self, info, client)
 
-    monkeypatch.setattr(TusService, "complete", fail_once)
+    monkeypatch.setattr(Completer, "complete", fail_once)
     url = await create(http, proxy.url, size)
     _, writer = await open_chunked_patch(url, 0, data)
     await asyncio.sleep(0.3)
@@ -194,7 +195,7 @@ async def test_a_failed_completion_after_the_last_byte_can_be_finished(
         assert r.status == 200 and r.headers["Upload-Offset"] == str(size)
         assert r.headers["Upload-SHA256"] == sha256_hex(data)
     if finisher == "sweeper":
-        assert await service_for(proxy).sweep_once() == 1
+        assert await sweep_once(service_for(proxy)) == 1
     else:
         r = await patch(http, url, size, b"")
         assert r.status == 204 and r.headers["Upload-SHA256"] == sha256_hex(data)
@@ -233,7 +234,7 @@ async def test_a_crash_while_the_last_part_is_stored_leaves_a_completable_upload
     await s3.put_conditional(key, info.to_json(), if_none_match=True)
     assert await head_offset(http, url) == size
     await asyncio.sleep(max(0.0, info.lease_until_s - time.time()) + 0.1)
-    assert await service_for(proxy).sweep_once() == 1
+    assert await sweep_once(service_for(proxy)) == 1
     await check_stored(s3, prefix, url, data)
 
 
@@ -258,7 +259,7 @@ async def test_an_upload_left_at_its_length_without_completing_is_finished(
     async with http.head(url, headers=TUS) as r:
         assert r.status == 200 and r.headers["Upload-Offset"] == r.headers["Upload-Length"]
     if finisher == "sweeper":
-        assert await service_for(proxy).sweep_once() == 1
+        assert await sweep_once(service_for(proxy)) == 1
     else:
         r = await patch(http, url, size, b"")
         assert r.status == 204 and r.headers["Upload-SHA256"] == sha256_hex(data)
@@ -293,13 +294,12 @@ async def test_a_patch_running_past_the_expiry_is_live_for_both_sweepers(
             assert r.status == 200
         running = await wait_state(s3, prefix, url, lambda i: True)
         assert running.expires_s > time.time() and running.expires_s > created.expires_s
-        assert proxy.runtime.sweeper is not None
         later = datetime.now(UTC) + timedelta(days=2)  # the multipart upload looks stale
-        assert await proxy.runtime.sweeper.sweep_once(now=later) == []
+        assert await proxy.sweeper.sweep_once(now=later) == []
         other = service_for(proxy)  # the tus sweeper of another instance
-        assert await other.sweep_once() == 0
+        assert await sweep_once(other) == 0
         (mpu,) = await s3.list_multipart(prefix)
-        assert other.claims_multipart(mpu)
+        assert await other.store.owns_multipart(mpu.key, mpu.upload_id)
     finally:
         release.set()
         r = await sent

@@ -91,13 +91,14 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def service_for(proxy: Any) -> TusService:
-    """A TusService of our own on the proxy's storage and config (a sweeper run, a store)."""
+def service_for(proxy: Any, store: TusStore | None = None) -> TusService:
+    """A TusService of our own on the proxy's engine and config (as another instance
+    sharing the bucket would run it), on ``store`` if given (its own storage or clock)."""
     cfg = proxy.config
-    uploads = proxy.runtime.uploads
-    assert uploads is not None
-    store = TusStore(proxy.runtime.storage, cfg.tus.state_prefix, cfg.tus.lock_lease_s)
-    return TusService(cfg.tus, uploads, store)
+    engine = proxy.uploads.engine
+    if store is None:
+        store = TusStore(engine.storage, cfg.tus.state_prefix, cfg.tus.lock_lease_s)
+    return TusService(cfg.tus, engine, store)
 
 
 def store_for(s3: S3Storage, prefix: str) -> TusStore:

@@ -224,15 +224,6 @@ class ContentPolicy:
                 raise ExtensionNotAllowed("this file extension is not accepted here")
 
 
-@dataclass
-class UploadStats:
-    """Plain counters the status line (sd_notify) and /status can read."""
-
-    received_bytes: int = 0
-    completed: int = 0
-    failed: int = 0
-
-
 class BodyPace:
     """The minimum body rate, on a clock that runs only while we wait for the client.
 

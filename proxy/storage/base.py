@@ -14,7 +14,7 @@ import hashlib
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol, TypeAlias
+from typing import Protocol, TypeAlias, runtime_checkable
 
 
 class Pieces:
@@ -81,6 +81,8 @@ class StoredPart:
     number: int
     etag: str
     size: int
+    # When the store received it, on the store's clock (None: the store does not say).
+    last_modified: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,9 @@ class OpenMultipart:
     key: str
     upload_id: str
     initiated: datetime
+    # The store's clock when it listed this upload (its answer's Date header), so an age
+    # is measured on one clock whatever this host's clock says; None: no Date header.
+    listed_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -172,8 +177,15 @@ class Storage(Protocol):
     async def list_multipart(self, prefix: str = "") -> list[OpenMultipart]:
         """Open multipart uploads under ``prefix``."""
 
-    # Small-object and listing operations: the tus layer keeps its upload state in the
-    # bucket with them, so any instance sharing the bucket can continue an upload.
+
+# -- optional capabilities: a layer that needs one asks for it (tusd's composer idea) -------
+
+
+@runtime_checkable
+class StateStore(Protocol):
+    """Small objects, conditional writes and listing: the tus layer keeps its upload state
+    in the bucket with them, so any instance sharing the bucket can continue an upload.
+    A backend without them still serves plain uploads; tus is then unavailable."""
 
     async def get_small(self, key: str, max_bytes: int) -> tuple[bytes, str] | None:
         """The whole body and etag of an object of at most ``max_bytes``, or None if absent.
@@ -193,3 +205,10 @@ class Storage(Protocol):
 
     async def list_objects(self, prefix: str) -> list[ObjectInfo]:
         """Every object under ``prefix`` (key, size, etag), in key order."""
+
+
+@runtime_checkable
+class Observable(Protocol):
+    """A store that reports every request attempt to an :data:`OpObserver` (metrics)."""
+
+    def set_observer(self, observer: OpObserver | None) -> None: ...

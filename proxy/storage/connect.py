@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 
 from proxy.config import StorageConfig
 from proxy.errors import StartupError
+from proxy.storage.base import OpObserver
 from proxy.storage.s3 import S3Storage
 from proxy.storage.seaweed import load_credentials
 
@@ -19,9 +20,11 @@ def s3_storage(
     endpoint_url: str,
     access_key: str | None = None,
     secret_key: str | None = None,
+    observer: OpObserver | None = None,
 ) -> S3Storage:
     """An (unopened) client for the store of ``sc`` at ``endpoint_url`` ("" for AWS);
-    without keys, the configured credentials file, profile or the standard chain."""
+    without keys, the configured credentials file, profile or the standard chain.
+    ``observer`` sees every S3 request attempt (metrics)."""
     return S3Storage(
         bucket=sc.bucket,
         endpoint_url=endpoint_url or None,
@@ -37,6 +40,7 @@ def s3_storage(
         retry_attempts=sc.retry_attempts,
         retry_base_delay_s=sc.retry_base_delay_s,
         max_pool_connections=sc.max_pool_connections,
+        observer=observer,
     )
 
 

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
 import functools
 import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
+from datetime import datetime
 from typing import Any, TypeVar
 
 import aiohttp
@@ -168,6 +170,17 @@ def _classify(exc: BaseException) -> ProxyError | _Transient:
 
 async def _none() -> None:
     return None
+
+
+def _server_time(response: dict[str, Any]) -> datetime | None:
+    """The store's clock from an answer's ``Date`` header (RFC 9110 IMF-fixdate)."""
+    date = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    if not date:
+        return None
+    try:
+        return email.utils.parsedate_to_datetime(date)
+    except (TypeError, ValueError):
+        return None
 
 
 class S3Storage:
@@ -565,7 +578,14 @@ class S3Storage:
                 "list_parts", functools.partial(self._client.list_parts, **dict(kwargs))
             )
             for p in r.get("Parts", []) or []:
-                out.append(StoredPart(int(p["PartNumber"]), str(p["ETag"]), int(p["Size"])))
+                out.append(
+                    StoredPart(
+                        int(p["PartNumber"]),
+                        str(p["ETag"]),
+                        int(p["Size"]),
+                        p.get("LastModified"),
+                    )
+                )
             if not r.get("IsTruncated"):
                 return out
             kwargs["PartNumberMarker"] = r.get("NextPartNumberMarker", 0)
@@ -579,8 +599,9 @@ class S3Storage:
                 # partial copies kwargs now: the markers change on the next page.
                 functools.partial(self._client.list_multipart_uploads, **kwargs),
             )
+            listed_at = _server_time(r)
             for u in r.get("Uploads", []) or []:
-                out.append(OpenMultipart(u["Key"], u["UploadId"], u["Initiated"]))
+                out.append(OpenMultipart(u["Key"], u["UploadId"], u["Initiated"], listed_at))
             if not r.get("IsTruncated"):
                 return out
             kwargs["KeyMarker"] = r.get("NextKeyMarker", "")

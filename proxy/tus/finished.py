@@ -12,13 +12,14 @@ write there, nor set them).
 from __future__ import annotations
 
 from proxy.auth import ANONYMOUS, Principal
-from proxy.storage.base import ObjectInfo, Storage
+from proxy.storage.base import ObjectInfo
+from proxy.tus.state import TusStorage
 
 ID_METADATA = "tus-id"
 OWNER_METADATA = "tus-owner"
 
 
-async def find(storage: Storage, folder_key: str, upload_id: str) -> ObjectInfo | None:
+async def find(storage: TusStorage, folder_key: str, upload_id: str) -> ObjectInfo | None:
     """The completed object of upload ``upload_id`` whose key is ``folder_key`` or under
     ``folder_key/`` (its file name), with its metadata; None when there is none."""
     for listed in await storage.list_objects(folder_key):

@@ -35,9 +35,9 @@ from proxy.engine.buffers import Buffers, PartBuffer
 from proxy.engine.hashing import off_loop
 from proxy.engine.pipeline import PartPipeline, PartTarget, StreamObserver, StreamSettings
 from proxy.errors import LeaseLost, ObjectExists, PartSizeChanged, StorageError
-from proxy.storage.base import Pieces, Storage
+from proxy.storage.base import Pieces
 from proxy.tus.hash import Sha256
-from proxy.tus.state import Part, Segment
+from proxy.tus.state import Part, Segment, TusStorage
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class PatchWriter:
 
     def __init__(
         self,
-        storage: Storage,
+        storage: TusStorage,
         pool: Buffers,
         settings: StreamSettings,
         target: PatchTarget,

@@ -37,7 +37,7 @@ from proxy.errors import LengthRequired, ProxyError, SignedUrlNotForTus, TooLarg
 from proxy.links import Alive, Link, LinkStore, LinkVerifier, Revocations
 from proxy.tus import finished
 from proxy.tus.service import NewUpload, TusService
-from proxy.web.uploads import UPLOADS, authorize
+from proxy.web.preflight import UPLOADS, authorize
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ async def _alive(svc: TusService, link: Link, upload_id: str) -> bool:
     if await svc.store.load(upload_id) is not None:
         return True
     folder = svc.object_key(upload_id, None, link.prefix)
-    return await finished.find(svc.store.storage, folder, upload_id) is not None
+    return await finished.find(svc.storage, folder, upload_id) is not None
 
 
 def verifier_for(cfg: Config) -> LinkVerifier | None:
@@ -104,6 +104,12 @@ def verifier_for(cfg: Config) -> LinkVerifier | None:
         max_lifetime_s=cfg.auth.signed_url_max_lifetime_s,
         revocations=Revocations(stale_after_s=STALE_INTERVALS * cfg.page.revocation_check_s),
     )
+
+
+def verifier_of(app: web.Application) -> LinkVerifier | None:
+    """The link verifier of an app the page was added to (None: no links)."""
+    page = app.get(LINKS)
+    return page.verifier if page is not None else None
 
 
 # -- handlers ------------------------------------------------------------------------------
@@ -216,7 +222,7 @@ async def links_ctx(app: web.Application) -> AsyncIterator[None]:
     ``page.revocation_check_s`` (after the store and tus are set up)."""
     page = app[LINKS]
     svc = page.service()
-    page.store = LinkStore(svc.store.storage, page.config.tus.state_prefix)
+    page.store = LinkStore(svc.storage, page.config.tus.state_prefix)
     verifier = page.verifier
     if verifier is None:
         yield

@@ -27,26 +27,34 @@ from aiohttp import web
 from proxy.auth import Grant, Principal
 from proxy.config import TusConfig
 from proxy.errors import (
-    BadDigest,
     BadHeader,
     BadMetadata,
+    Cancelled,
     ChecksumAlgorithm,
     LengthRequired,
     NotFound,
     OffsetMismatch,
+    ProxyError,
     SignedUrlNotForTus,
     TooLarge,
     TusVersion,
     WrongContentType,
 )
 from proxy.headers import ascii_uint
-from proxy.storage.base import OpenMultipart, Storage
 from proxy.tus import finished
 from proxy.tus.finished import OWNER_METADATA
 from proxy.tus.service import Checksum, NewUpload, TusService, quota_of
-from proxy.tus.state import TusStore, UploadInfo, new_id, release_quietly, storage_id, valid_id
+from proxy.tus.state import UploadInfo, new_id, release_quietly, storage_id, valid_id
 from proxy.web import page
-from proxy.web.uploads import UPLOADS, authorize, expect_with, request_client
+from proxy.web.preflight import (
+    UPLOADS,
+    authorize,
+    b64_digest,
+    expect_with,
+    reported,
+    request_client,
+    streaming,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,26 +82,15 @@ _METADATA_KEY_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _MIME_RE = re.compile(r"[A-Za-z0-9][\w.+-]*/[\w.+-]+(\s*;\s*[\w.+-]+=[\w.+\"-]+)*")
 
 
-@dataclass
-class TusContext:
+@dataclass(frozen=True)
+class TusRoutes:
+    """What the tus handlers use (the app sets it once the store is open)."""
+
     config: TusConfig
-    service: TusService | None = None
-
-    @property
-    def svc(self) -> TusService:
-        assert self.service is not None, "tus is not set up yet"
-        return self.service
-
-    async def owns_multipart(self, key: str, multipart_id: str) -> bool:
-        """For a stale-multipart sweeper: is this multipart upload a live tus upload's?"""
-        return await self.svc.store.owns_multipart(key, multipart_id)
-
-    def claims_multipart(self, upload: OpenMultipart) -> bool:
-        """The same, synchronously and conservatively (see TusService.claims_multipart)."""
-        return self.svc.claims_multipart(upload)
+    service: TusService
 
 
-TUS = web.AppKey("tus", TusContext)
+TUS = web.AppKey("tus", TusRoutes)
 
 
 # -- header parsing ---------------------------------------------------------------------
@@ -193,12 +190,7 @@ def _checksum(request: web.Request) -> Checksum | None:
     size = CHECKSUM_ALGORITHMS.get(algorithm)
     if size is None:
         raise ChecksumAlgorithm(f"unsupported Upload-Checksum algorithm {algorithm!r}")
-    try:
-        digest = base64.b64decode(encoded.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        digest = b""
-    if len(digest) != size:
-        raise BadDigest(f"Upload-Checksum is not a base64 {algorithm} digest")
+    digest = b64_digest(encoded, size, f"Upload-Checksum {algorithm}")
     return Checksum(algorithm, digest)
 
 
@@ -246,12 +238,24 @@ def _guard_body(request: web.Request) -> Grant:
     return grant
 
 
+async def _guard_create(request: web.Request) -> Grant:
+    """As :func:`_guard_body`, for a creation: also the cap on unfinished uploads, which
+    the headers decide (so a 429 comes before ``100 Continue``, not after the body)."""
+    grant = _guard_body(request)
+    await _svc(request).check_quota(quota_of(grant.principal, request_client(request).ip))
+    return grant
+
+
 async def _expect(request: web.Request) -> web.StreamResponse | None:
     return await expect_with(request, _guard_body)
 
 
+async def _expect_create(request: web.Request) -> web.StreamResponse | None:
+    return await expect_with(request, _guard_create)
+
+
 def _svc(request: web.Request) -> TusService:
-    return request.app[TUS].svc
+    return request.app[TUS].service
 
 
 def _upload_id(request: web.Request) -> str:
@@ -282,6 +286,7 @@ async def create(request: web.Request) -> web.StreamResponse:
     _check_version(request)
     grant = _guard_body(request)
     svc = _svc(request)
+    client_ip = request_client(request).ip
     length = _non_negative(request, "Upload-Length")
     defer = request.headers.get("Upload-Defer-Length")
     if defer is not None and (defer != "1" or length is not None):
@@ -295,14 +300,14 @@ async def create(request: web.Request) -> web.StreamResponse:
     if not with_body and declared:
         raise WrongContentType(f"an upload body needs Content-Type: {OFFSET_CONTENT_TYPE}")
     checksum = _checksum(request) if with_body else None
-    quota = quota_of(grant.principal, request_client(request).ip)
+    quota = quota_of(grant.principal, client_ip)
     header = request.headers.get("Upload-Metadata", "")
     new = new_upload(svc, header, length, grant.principal, quota, grant.prefix or "")
     async with page.file_place(request, grant, new):
-        info, lease = await svc.create(new, leased=with_body and new.length != 0)
+        info, lease = await svc.create(new, leased=with_body and new.length != 0, client=client_ip)
     if lease is not None:
+        streaming(request)  # the upload exists: its outcome is reported as an upload's
         try:
-            client_ip = request_client(request).ip
             with request.app[UPLOADS].slots.hold(client_ip):
                 info = await svc.write(
                     lease,
@@ -311,9 +316,10 @@ async def create(request: web.Request) -> web.StreamResponse:
                     checksum=checksum,
                     client_ip=client_ip,
                 )
-        except BaseException:
+        except BaseException as e:
             # Without our answer the client never learns the URL: nothing can resume it.
-            await _terminate_quietly(svc, info.id)
+            why = e if isinstance(e, ProxyError) else Cancelled("the creation was cancelled")
+            await _terminate_quietly(svc, info.id, why, client_ip)
             raise
     location = request.app[TUS].config.base_path + new.url_id
     headers = {"Location": location, **_upload_headers(info)}
@@ -328,10 +334,12 @@ async def create(request: web.Request) -> web.StreamResponse:
     return web.Response(status=201, headers=headers)
 
 
-async def _terminate_quietly(svc: TusService, upload_id: str) -> None:
+async def _terminate_quietly(
+    svc: TusService, upload_id: str, why: ProxyError, client_ip: str
+) -> None:
     async def go() -> None:
         lease = await svc.store.acquire(upload_id, by=None, allow_expired=True)
-        await svc.terminate(lease)
+        await svc.terminate(lease, why=why, client=client_ip)
 
     try:
         await asyncio.shield(asyncio.wait_for(go(), 30))
@@ -362,7 +370,7 @@ async def head(request: web.Request) -> web.Response:
 async def _head_finished(svc: TusService, upload_id: str, grant: Grant) -> web.Response:
     """HEAD of a completed upload (its state is gone): its object answers, to its owner."""
     folder = svc.object_key(upload_id, None, grant.prefix or "")
-    obj = await finished.find(svc.store.storage, folder, upload_id)
+    obj = await finished.find(svc.storage, folder, upload_id)
     if obj is None or not finished.owned_by(obj, grant.principal):
         raise NotFound("no such upload")
     headers = {
@@ -392,7 +400,7 @@ async def patch(request: web.Request) -> web.Response:
     try:
         info = lease.info
         if info.completing and offset == info.offset:
-            info = await svc.resume_completion(lease)
+            info = await svc.resume_completion(lease, request_client(request).ip)
             return web.Response(status=204, headers=_upload_headers(info))
         if offset != info.offset:
             raise OffsetMismatch(
@@ -418,6 +426,7 @@ async def patch(request: web.Request) -> web.Response:
         raise
     # The slot check ran (and would have released the lease) above; hold re-checks
     # synchronously, so it cannot fail here.
+    streaming(request)
     with request.app[UPLOADS].slots.hold(client_ip):
         info = await svc.write(
             lease, _chunks(request), declared_bytes=declared, checksum=checksum, client_ip=client_ip
@@ -431,7 +440,7 @@ async def delete(request: web.Request) -> web.Response:
     svc = _svc(request)
     lease = await svc.store.acquire(_upload_id(request), by=grant.principal, allow_expired=True)
     try:
-        await svc.terminate(lease)
+        await svc.terminate(lease, client=request_client(request).ip)
     except BaseException:
         await release_quietly(lease)
         raise
@@ -475,36 +484,17 @@ async def _on_prepare(request: web.Request, response: web.StreamResponse) -> Non
 # -- wiring -----------------------------------------------------------------------------
 
 
-def bind(app: web.Application, storage: Storage) -> None:
-    """Create the service once storage is open (called from the app's cleanup_ctx)."""
-    ctx = app[TUS]
-    store = TusStore(storage, ctx.config.state_prefix, ctx.config.lock_lease_s)
-    ctx.service = TusService(ctx.config, app[UPLOADS], store)
-
-
-async def sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
-    ctx = app[TUS]
-    task = None
-    if ctx.config.sweep_interval_s > 0:
-        task = asyncio.create_task(ctx.svc.sweep_forever())
-    try:
-        yield
-    finally:
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-
-
 def add_routes(app: web.Application, config: TusConfig) -> None:
-    app[TUS] = TusContext(config)
+    """The tus routes under ``config.base_path``; ``app[TUS]`` is set once the store is
+    open.  Every route's refusal is reported as a rejected upload request."""
     base = config.base_path
     item = base + "{id}"
     for path in {base, base.rstrip("/") or "/"}:
-        app.router.add_route("POST", path, create, expect_handler=_expect)
+        app.router.add_route("POST", path, reported(create), expect_handler=_expect_create)
         app.router.add_route("OPTIONS", path, options)
-    app.router.add_route("HEAD", item, head)
-    app.router.add_route("PATCH", item, patch, expect_handler=_expect)
-    app.router.add_route("DELETE", item, delete)
+    app.router.add_route("HEAD", item, reported(head))
+    app.router.add_route("PATCH", item, reported(patch), expect_handler=_expect)
+    app.router.add_route("DELETE", item, reported(delete))
     app.router.add_route("OPTIONS", item, options)
-    app.router.add_route("POST", item, method_override, expect_handler=_expect)
+    app.router.add_route("POST", item, reported(method_override), expect_handler=_expect)
     app.on_response_prepare.append(_on_prepare)
