@@ -237,6 +237,19 @@ def browser() -> Iterator[Browser]:
     b.stop()
 
 
+async def until(check: Callable[[], Awaitable[object]], what: str, timeout_s: float = 30) -> None:
+    """Poll ``check`` (observable state: the store, a counter) until it answers truthy.
+
+    What tests wait on instead of a sleep; the timeout is generous (a loaded 2-core
+    machine) and only bounds a failure."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            while not await check():
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"not within {timeout_s}s: {what}") from None
+
+
 async def assert_nothing_left(s3: S3Storage, prefix: str) -> None:
     """No object and no open multipart upload under ``prefix``."""
     open_uploads = await s3.list_multipart(prefix)
