@@ -45,3 +45,18 @@ def test_only_web_and_the_composition_root_import_aiohttp_web() -> None:
     allowed = {"app.py", "server.py"}
     assert "web/uploads.py" in users  # the scan sees the real uses (no vacuous pass)
     assert {u for u in users if not u.startswith("web/") and u not in allowed} == set()
+
+
+def test_no_test_reaches_into_the_storage_client() -> None:
+    """Faults go through a wrapper Storage (tests/wrapped.py) or the fault proxy
+    (tests/s3_faults.py), reads through the Storage interface: never ``x._client``."""
+    reaching = []
+    for path in (ROOT / "tests").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr == "_client"
+                and not (isinstance(node.value, ast.Name) and node.value.id == "self")
+            ):
+                reaching.append(f"{path.name}:{node.lineno}")
+    assert reaching == []
