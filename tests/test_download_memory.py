@@ -7,60 +7,38 @@ import asyncio
 import base64
 import hashlib
 import os
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import psutil
 import pytest
 
-from proxy.storage.seaweed import EmbeddedSeaweed, free_port
+from proxy.storage.seaweed import EmbeddedSeaweed
 from proxy.web.downloads import DOWNLOADS
-from tests.conftest import BUCKET, MiB, StartProxy, wait_up
+from tests.conftest import MiB, StartProxy, wait_up
+from tests.daemon import start_daemon
 from tests.test_memory_bound import upload_measuring
 
 GiB = 1024 * MiB
 
 
 @pytest.fixture
-def daemon(seaweed: EmbeddedSeaweed, tmp_path: Path) -> Iterator[tuple[str, psutil.Process]]:
-    port = free_port()
-    cfg = tmp_path / "config.toml"
-    cfg.write_text(f"""
-[server]
-listen = "127.0.0.1:{port}"
-[upload]
-key_prefix = "rss-dl/"
-overwrite = true
-memory_budget = "64MiB"
-max_upload_size = "2GiB"
-[auth]
-mode = "none"
-[downloads]
-enabled = true
-[storage]
-backend = "s3"
-bucket = "{BUCKET}"
-endpoint_url = "{seaweed.endpoint_url}"
-""")
-    env = dict(
-        os.environ,
-        AWS_ACCESS_KEY_ID=seaweed.credentials.access_key,
-        AWS_SECRET_ACCESS_KEY=seaweed.credentials.secret_key,
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "-c", str(cfg)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+async def daemon(
+    seaweed: EmbeddedSeaweed, tmp_path: Path, prefix: str
+) -> AsyncIterator[tuple[str, psutil.Process]]:
+    d = await start_daemon(
+        tmp_path,
+        seaweed,
+        prefix,
+        upload={"overwrite": True, "max_upload_size": "2GiB"},
+        downloads={"enabled": True},
     )
     try:
-        yield f"http://127.0.0.1:{port}", psutil.Process(proc.pid)
+        yield d.url, psutil.Process(d.proc.pid)
     finally:
-        proc.terminate()
-        proc.wait(30)
+        d.signal()
+        await d.wait()
 
 
 async def download_measuring(url: str, proc: psutil.Process) -> tuple[int, int, str]:
