@@ -1,6 +1,6 @@
 """argv -> config -> run.  Exit codes: 0 clean stop, 1 failure, 2 usage, 78 bad config.
 
-Subcommands for operators: ``sign`` mints a signed upload URL with the configured
+Subcommands for operators: ``sign`` mints a signed upload URL or download link with the configured
 secret; ``hash-token`` turns a bearer token (read from stdin, so it stays out of
 shell history and ``ps``) into the ``sha256:...`` form config.toml stores.  For users:
 ``upload`` is the client (:mod:`proxy.client`); it needs no config.toml.
@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=__version__)
     sub = parser.add_subparsers(dest="command")
-    sign = sub.add_parser("sign", help="print a signed upload URL")
+    sign = sub.add_parser("sign", help="print a signed upload URL or download (share) link")
     # SUPPRESS: "upload-proxy sign -c X" and "upload-proxy -c X sign" both work.
     sign.add_argument("-c", "--config", default=argparse.SUPPRESS, help="path to config.toml")
     scope = sign.add_mutually_exclusive_group(required=True)
