@@ -87,7 +87,7 @@ async def test_1gib_download_keeps_rss_flat(daemon: tuple[str, psutil.Process]) 
 
 
 async def test_a_reader_that_stops_is_cut_off_and_stops_the_read(start_proxy: StartProxy) -> None:
-    p = await start_proxy(downloads={"enabled": True, "send_timeout_s": 1.0})
+    p = await start_proxy(downloads={"enabled": True, "send_timeout_s": 1.0, "max_concurrent": 1})
     size = 64 * MiB
 
     async def body() -> AsyncIterator[bytes]:
@@ -107,6 +107,11 @@ async def test_a_reader_that_stops_is_cut_off_and_stops_the_read(start_proxy: St
     writer.write(f"GET /uploads/stall.bin HTTP/1.1\r\nHost: {p.host}\r\n\r\n".encode())
     await writer.drain()
     got = len(await reader.readexactly(MiB))  # then read nothing more
+    async with aiohttp.ClientSession() as s:
+        # The one download slot is held by the stalled reader (until it is cut off).
+        async with s.get(f"{p.url}/uploads/stall.bin", headers={"Range": "bytes=0-9"}) as r:
+            assert (r.status, (await r.json())["code"]) == (503, "ERR_TOO_MANY_DOWNLOADS")
+            assert r.headers["Retry-After"]
     async with asyncio.timeout(30):
         while (
             sample("proxy_downloads_total", outcome="broken") < 1
@@ -120,3 +125,6 @@ async def test_a_reader_that_stops_is_cut_off_and_stops_the_read(start_proxy: St
     assert got + len(rest) < size
     writer.close()
     assert p.app[DOWNLOADS].active == 0, "the cut download still holds its slot"
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{p.url}/uploads/stall.bin", headers={"Range": "bytes=0-9"}) as r:
+            assert (r.status, len(await r.read())) == (206, 10)

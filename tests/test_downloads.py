@@ -212,6 +212,12 @@ async def test_what_is_not_downloadable(start_proxy: StartProxy, reads: Reads) -
                 assert (r.status, (await r.json())["code"]) == (404, "ERR_NOT_FOUND"), client_key
         async with s.get(f"{p.url}/uploads/a/../b") as r:
             assert r.status in (400, 404)
+        # A folder (SeaweedFS keeps "dir/" as a directory entry) is no object.
+        async with s.put(f"{p.url}/uploads/dir/x.bin", data=b"abc") as r:
+            assert r.status == 201
+        for method in ("GET", "HEAD"):
+            async with s.request(method, f"{p.url}/uploads/dir") as r:
+                assert r.status == 404, method
 
 
 async def test_downloads_are_off_unless_configured(start_proxy: StartProxy) -> None:
