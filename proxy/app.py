@@ -29,12 +29,13 @@ from proxy.engine.pipeline import StreamSettings
 from proxy.errors import REASONS, StartupError
 from proxy.obs.memory import HeapTrimmer, MemoryMonitor, MemoryReader, read_memory
 from proxy.obs.metrics import Metrics
-from proxy.storage.base import Observable, OpenMultipart, StateStore, Storage
+from proxy.storage.base import ObjectReader, Observable, OpenMultipart, StateStore, Storage
 from proxy.storage.factory import open_storage
 from proxy.storage.sweeper import StaleSweeper
 from proxy.tus.maintenance import sweep_forever
 from proxy.tus.service import TusService
 from proxy.tus.state import TusStore
+from proxy.web import downloads as http_downloads
 from proxy.web import ops as http_ops
 from proxy.web import tus
 from proxy.web import uploads as http_uploads
@@ -158,6 +159,7 @@ async def _uploads_ctx(app: web.Application) -> AsyncIterator[None]:
             token_sha256=cfg.auth.token_sha256,
             signing_secret=cfg.auth.signing_secret,
             max_url_lifetime_s=cfg.auth.signed_url_max_lifetime_s,
+            scoped_tokens=cfg.auth.scoped_tokens,
         ),
         slots=UploadSlots(cfg.limits.max_concurrent_uploads, cfg.limits.max_uploads_per_client),
         admit=rt.memory.check_admission,
@@ -167,6 +169,21 @@ async def _uploads_ctx(app: web.Application) -> AsyncIterator[None]:
         active_keys=Counter(),
         reserved_prefixes=reserved,
     )
+    if cfg.downloads.enabled:
+        if not isinstance(storage, ObjectReader):
+            raise StartupError("the storage backend cannot serve downloads: downloads.enabled")
+        app[http_downloads.DOWNLOADS] = http_downloads.Downloads(
+            config=cfg.downloads,
+            storage=storage,
+            reader=storage,
+            metrics=rt.metrics,
+            key_prefix=cfg.upload.key_prefix,
+            reserved_prefixes=reserved,
+            tus_object_prefix=(cfg.upload.key_prefix + cfg.tus.object_prefix)
+            if cfg.tus.enabled
+            else None,
+            lister=storage if isinstance(storage, StateStore) else None,
+        )
     yield
 
 
@@ -222,6 +239,9 @@ def build_app(runtime: Runtime) -> web.Application:
     http_ops.add_routes(app, ops)
     if cfg.tus.enabled:
         tus.add_routes(app, cfg.tus)
+    if cfg.downloads.enabled:
+        item = cfg.tus.base_path + "{id}" if cfg.tus.enabled else None
+        http_downloads.add_routes(app, item)
     return app
 
 

@@ -28,6 +28,8 @@ ADDRESSING_STYLES = ("path", "virtual", "auto")
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 AUTH_MODES = ("required", "none")
+# What a bearer token may do (auth.scoped_tokens); "admin" is every scope.
+TOKEN_SCOPES = ("upload", "download", "admin")
 # A token hash as written in config.toml / a token file: "sha256:" + 64 hex digits.
 _TOKEN_HASH_RE = re.compile(r"^sha256:([0-9a-f]{64})$")
 MIN_SECRET_BYTES = 32
@@ -150,6 +152,27 @@ class MemoryConfig:
 
 
 @dataclass(frozen=True)
+class ScopedToken:
+    """A bearer token's hash with what it may do: ``scopes`` (of :data:`TOKEN_SCOPES`) on
+    keys under ``prefix`` (relative to ``upload.key_prefix``; empty: every key)."""
+
+    sha256: bytes = field(repr=False)
+    scopes: frozenset[str]
+    prefix: str = ""
+
+
+@dataclass(frozen=True)
+class DownloadsConfig:
+    """``GET``/``HEAD /uploads/{key}`` and ``GET /files/{id}``: off unless configured."""
+
+    enabled: bool = False
+    # Downloads at once; each holds one S3 connection while its client reads.
+    max_concurrent: int = 16
+    # Longest one write to a client may wait for it to read, before the download is cut.
+    send_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
 class AuthConfig:
     """Who may upload.  Only hashes of tokens are kept; the secret never appears in a repr."""
 
@@ -160,6 +183,8 @@ class AuthConfig:
     operator_token_sha256: tuple[bytes, ...] = field(default=(), repr=False)
     # A week: the longest an S3 (SigV4) presigned URL lives.
     signed_url_max_lifetime_s: float = 7 * 86400.0
+    # Tokens with scopes and an optional key prefix (``tokens`` above mean upload only).
+    scoped_tokens: tuple[ScopedToken, ...] = field(default=(), repr=False)
 
     @property
     def enabled(self) -> bool:
@@ -223,6 +248,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     tus: TusConfig = field(default_factory=TusConfig)
+    downloads: DownloadsConfig = field(default_factory=DownloadsConfig)
 
 
 class _Reader:
@@ -551,13 +577,21 @@ def _auth(r: _Reader, base: Path) -> AuthConfig:
             "signing_secret_file",
             f"the secret must be at least {MIN_SECRET_BYTES} bytes (e.g. openssl rand -hex 32)",
         )
+    lifetime = r.positive("signed_url_max_lifetime_s", float, AuthConfig.signed_url_max_lifetime_s)
+    scoped = _scoped_tokens(r, base)
+    taken = set(hashes) | set(operators)
     r.check(
-        mode == "none" or bool(hashes) or bool(secret),
+        not any(t.sha256 in taken for t in scoped)
+        and len({t.sha256 for t in scoped}) == len(scoped),
+        "scoped_tokens",
+        "a token is listed twice (in tokens, operator_tokens or scoped_tokens): one entry each",
+    )
+    r.check(
+        mode == "none" or bool(hashes) or bool(secret) or bool(scoped),
         "mode",
-        '"required" needs tokens, a token_file or a signing_secret_file; '
+        '"required" needs tokens, scoped_tokens, a token_file or a signing_secret_file; '
         'set mode = "none" to accept uploads from anyone who can reach the port',
     )
-    lifetime = r.positive("signed_url_max_lifetime_s", float, AuthConfig.signed_url_max_lifetime_s)
     r.finish()
     return AuthConfig(
         mode=mode,
@@ -565,7 +599,48 @@ def _auth(r: _Reader, base: Path) -> AuthConfig:
         signing_secret=secret,
         operator_token_sha256=tuple(operators),
         signed_url_max_lifetime_s=lifetime,
+        scoped_tokens=tuple(scoped),
     )
+
+
+def _scoped_tokens(r: _Reader, base: Path) -> list[ScopedToken]:
+    """``scoped_tokens = [{tokens = ["sha256:…"] and/or token_file, scopes, prefix}]``."""
+    entries = r.table.pop("scoped_tokens", [])
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        r.check(False, "scoped_tokens", "expected a list of tables {token, scopes, prefix}")
+        return []
+    out: list[ScopedToken] = []
+    for i, entry in enumerate(entries):
+        er = _Reader(entry, f"{r.path}.scoped_tokens[{i}]", r.problems)
+        scopes = er.strings("scopes")
+        er.check(
+            bool(scopes) and all(s in TOKEN_SCOPES for s in scopes),
+            "scopes",
+            f"must be a non-empty list of {', '.join(TOKEN_SCOPES)}",
+        )
+        prefix = er.get("prefix", str, "")
+        er.check(
+            prefix == "" or (prefix.endswith("/") and not prefix.startswith("/")),
+            "prefix",
+            "must be empty (every key) or end with '/' and not start with it, so 'user1/' "
+            "does not also allow 'user10/...'",
+        )
+        hashes = _token_hashes(er, base, "tokens", "token_file")
+        er.check(bool(hashes), "tokens", "give the token's hash in tokens or a token_file")
+        er.finish()
+        out += [ScopedToken(h, frozenset(scopes), prefix) for h in hashes]
+    return out
+
+
+def _downloads(r: _Reader) -> DownloadsConfig:
+    d = DownloadsConfig()
+    cfg = DownloadsConfig(
+        enabled=r.get("enabled", bool, d.enabled),
+        max_concurrent=r.positive("max_concurrent", int, d.max_concurrent),
+        send_timeout_s=r.positive("send_timeout_s", float, d.send_timeout_s),
+    )
+    r.finish()
+    return cfg
 
 
 def _limits(r: _Reader, upload: UploadConfig) -> LimitsConfig:
@@ -683,6 +758,7 @@ def from_dict(
         limits=_limits(section["limits"], upload),
         logging=_logging(section["logging"]),
         tus=_tus(section["tus"]),
+        downloads=_downloads(section["downloads"]),
     )
     problems.extend(_tus_overlaps(cfg.upload, cfg.tus))
     if problems:

@@ -217,6 +217,12 @@ class SignedUrlNotForTus(Forbidden):
     code = "ERR_SIGNED_URL_NOT_FOR_TUS"
 
 
+class ScopeNotAllowed(Forbidden):
+    """A token without the scope the request needs (an upload-only token on a GET)."""
+
+    code = "ERR_SCOPE_NOT_ALLOWED"
+
+
 # -- 404 / 409 / 410 / 423: the resource ----------------------------------------------------
 
 
@@ -224,6 +230,22 @@ class NotFound(ProxyError):
     code = "ERR_NOT_FOUND"
     status = 404
     reason = "not_found"
+
+
+class PreconditionFailed(ProxyError):
+    """A download's ``If-Match`` / ``If-Unmodified-Since`` does not hold."""
+
+    code = "ERR_PRECONDITION_FAILED"
+    status = 412
+    reason = "bad_request"
+
+
+class RangeNotSatisfiable(ProxyError):
+    """A download's ``Range`` starts at or after the object's end."""
+
+    code = "ERR_RANGE_NOT_SATISFIABLE"
+    status = 416
+    reason = "bad_request"
 
 
 class KeyExists(ProxyError):
@@ -372,6 +394,14 @@ class TooManyConnections(ProxyError):
     """A listener has ``server.max_connections`` open: a new connection is answered and closed."""
 
     code = "ERR_TOO_MANY_CONNECTIONS"
+    status = 503
+    reason = "busy"
+
+
+class TooManyDownloads(ProxyError):
+    """The server sends ``downloads.max_concurrent`` downloads already."""
+
+    code = "ERR_TOO_MANY_DOWNLOADS"
     status = 503
     reason = "busy"
 

@@ -154,6 +154,9 @@ def new_upload(
         k.lower(): _header_safe(v) for k, v in text.items() if _METADATA_KEY_RE.fullmatch(k)
     }
     obj_meta["tus-id"] = upload_id
+    # Who may download it once complete (GET on its URL): the state, which says so
+    # until then, is gone by then.  A hash of the credential, never the credential.
+    obj_meta["tus-owner"] = str(principal)
     if sum(len(k) + len(v) for k, v in obj_meta.items()) > MAX_OBJECT_METADATA_BYTES:
         raise BadMetadata(
             f"Upload-Metadata exceeds the {MAX_OBJECT_METADATA_BYTES} bytes kept with the object"
