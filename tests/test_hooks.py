@@ -292,3 +292,74 @@ def test_hooks_config_validated() -> None:
         from_dict({**base, "hooks": {"events": ["post-finnish"]}})
     with pytest.raises(ConfigError, match=r"hooks\.exec_path"):
         from_dict({**base, "hooks": {"exec_path": "/nonexistent/hook"}})
+
+
+async def test_pre_finish_refuses_and_progress_and_post_fail(
+    tmp_path: Path, seaweed: EmbeddedSeaweed, s3: S3Storage, prefix: str, receiver: Receiver
+) -> None:
+    refused_sizes = {7777, 6 * 1024 * 1024 + 1}
+
+    def reply(event: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
+        up = event["Event"]["Upload"]
+        if event["Type"] == "pre-finish" and up["Offset"] in refused_sizes:
+            assert up["Offset"] == up["Size"]
+            proxy = event["Event"]["Proxy"]
+            assert proxy["Protocol"] == "tus" or len(proxy["SHA256"]) == 64  # PUT: verified
+            return 200, {"RejectUpload": True, "HTTPResponse": {"StatusCode": 422, "Body": "virus"}}
+        return 200, None
+
+    receiver.reply = reply
+    hooks = hooks_section(
+        tmp_path,
+        receiver,
+        events=["pre-finish", "post-receive", "post-fail", "post-finish"],
+        progress_interval_s=0.05,
+    )
+    d = await start_daemon(tmp_path, seaweed, prefix, hooks=hooks)
+
+    async def slow_body() -> Any:
+        for _ in range(4):
+            yield b"p" * 1000
+            await asyncio.sleep(0.2)  # pacing the body, not synchronisation
+
+    try:
+        async with aiohttp.ClientSession() as s:
+            for size in refused_sizes:  # one PutObject, and a multipart upload
+                async with s.put(f"{d.url}/uploads/scan-{size}", data=b"v" * size) as r:
+                    assert r.status == 422 and (await r.json())["message"] == "virus"
+                assert await s3.head(f"{prefix}scan-{size}") is None
+            async with s.put(f"{d.url}/uploads/slow.bin", data=slow_body()) as r:
+                assert r.status == 201
+        status, url_id = await tus_upload(d.url, b"w" * 7777, "scan.bin")
+        assert status == 422
+        async with (
+            aiohttp.ClientSession() as s,
+            s.head(f"{d.url}/files/{url_id}", headers=TUS) as r,
+        ):
+            assert r.status == 404  # the refused upload is gone, not left to expire
+        sid = storage_id(url_id)
+
+        def failed() -> set[str]:
+            return {
+                e["Event"]["Upload"]["Storage"]["Key"]
+                for e in receiver.of_type("post-fail")
+                if e["Event"]["Proxy"]["Reason"]["Code"] == "ERR_HOOK_REJECTED"
+            }
+
+        await receiver.wait_for(
+            lambda: len(failed()) == 3 and bool(receiver.of_type("post-finish"))
+        )
+        assert {f"{prefix}scan-{n}" for n in refused_sizes} < failed()
+        assert any(sid in k for k in failed())
+        # The multipart upload of the refused 6 MiB PUT was aborted; the tus state is gone.
+        assert not [u for u in await s3.list_multipart(prefix) if "scan-" in u.key]
+        assert not await s3.list_objects(f"{prefix}.tus/{sid}/")
+        progress = [
+            e["Event"]["Upload"]["Offset"]
+            for e in receiver.of_type("post-receive")
+            if e["Event"]["Upload"]["Storage"]["Key"] == f"{prefix}slow.bin"
+        ]
+        assert progress and all(0 < o <= 4000 for o in progress)
+        assert [e["Event"]["Upload"]["Size"] for e in receiver.of_type("post-finish")] == [4000]
+    finally:
+        await d.stop()

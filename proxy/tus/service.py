@@ -32,6 +32,7 @@ from proxy.engine.context import Engine
 from proxy.engine.pipeline import StreamObserver
 from proxy.engine.upload import shielded
 from proxy.errors import (
+    HookRejected,
     ProxyError,
     Terminated,
     TooLarge,
@@ -291,6 +292,8 @@ class TusService:
                 self.engine.events.rejected(mismatch)
                 raise mismatch
             final = info.length is not None and info.offset + writer.received_bytes == info.length
+            if final:
+                await self._pre_finish(lease, info, writer, keeper, client)
             try:
                 result = await writer.commit(final=final)
             finally:
@@ -314,6 +317,25 @@ class TusService:
         finally:
             await keeper.stop()  # already stopped on every path; this makes sure of it
             writer.close()
+
+    async def _pre_finish(
+        self, lease: Lease, info: UploadInfo, writer: PatchWriter, keeper: LeaseKeeper, client: str
+    ) -> None:
+        """The pre-finish hook, with every byte received and nothing completed.  A refusal
+        ends the upload (parts aborted, state deleted: its bytes were refused, so resuming
+        it makes no sense); a hook that does not answer fails only this PATCH (503), whose
+        bytes the client sends again."""
+        hooks = self.engine.hooks
+        if not hooks.wants("pre-finish"):
+            return
+        upload = replace(hook_upload(info), offset=info.offset + writer.received_bytes)
+        try:
+            await hooks.blocking("pre-finish", upload)
+        except HookRejected as e:
+            await keeper.stop()
+            lease.info = replace(lease.info, multipart_id=writer.multipart_id)
+            await shielded(self.terminate(lease, why=e, client=client), "tus refused upload")
+            raise
 
     async def _salvage(
         self, lease: Lease, writer: PatchWriter, info: UploadInfo, keep_tail: bool, *, commit: bool

@@ -157,6 +157,13 @@ async def _stream_one(
         "http", upload_id, spec.key, spec.declared_size, 0, spec.metadata,
         principal=str(grant.principal),
     )  # fmt: skip
+    if engine.hooks.wants("pre-finish"):
+
+        async def pre_finish(size: int, sha256: str) -> None:
+            done = replace(hooked, size=size, offset=size, sha256=sha256)
+            await engine.hooks.blocking("pre-finish", done, hook_request(request))
+
+        spec = replace(spec, before_finish=pre_finish)
     streaming(request)
     engine.hooks.notify("post-create", hooked, hook_request(request))
     observer = engine.hooks.progress(hooked, ctx.events.started(upload_id, spec.key))
