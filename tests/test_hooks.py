@@ -14,18 +14,21 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import aiohttp.web
 import pytest
 
 from proxy.config import ConfigError, from_dict
+from proxy.hooks.payload import HookUpload, event_body
 from proxy.naming import KeyTemplate
 from proxy.storage.s3 import S3Storage
-from proxy.storage.seaweed import EmbeddedSeaweed
+from proxy.storage.seaweed import EmbeddedSeaweed, free_port
 from proxy.tus.state import storage_id
 from tests.conftest import BUCKET
 from tests.daemon import start_daemon
 from tests.hook_receiver import Receiver
 
 SECRET = b"s" * 40
+CHAT_NOTIFY = Path(__file__).resolve().parent.parent / "contrib/hooks/chat-notify.py"
 TUS = {"Tus-Resumable": "1.0.0"}
 
 
@@ -363,3 +366,45 @@ async def test_pre_finish_refuses_and_progress_and_post_fail(
         assert [e["Event"]["Upload"]["Size"] for e in receiver.of_type("post-finish")] == [4000]
     finally:
         await d.stop()
+
+
+async def test_contrib_chat_receiver_posts_each_event_once(tmp_path: Path) -> None:
+    """contrib/hooks/chat-notify.py as an executable hook: a post-finish becomes one chat
+    message, and its redelivery (same EventID) none."""
+    posted: list[dict[str, Any]] = []
+
+    async def chat(request: aiohttp.web.Request) -> aiohttp.web.Response:
+        posted.append(await request.json())
+        return aiohttp.web.Response(status=204)
+
+    app = aiohttp.web.Application()
+    app.router.add_post("/webhook", chat)
+    runner = aiohttp.web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await aiohttp.web.TCPSite(runner, "127.0.0.1", port).start()
+    event = json.loads(
+        event_body(
+            "post-finish",
+            "e" * 32,
+            HookUpload(
+                "tus", "a" * 32, "tus/x/talk.mp3", 3 * 2**20, 3 * 2**20, {"filename": "talk.mp3"}
+            ),
+            bucket=BUCKET,
+        )
+    )
+    script = CHAT_NOTIFY
+    env = {
+        "CHAT_WEBHOOK_URL": f"http://127.0.0.1:{port}/webhook",
+        "SEEN_FILE": str(tmp_path / "seen"),
+    }
+    try:
+        for _ in range(2):
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, str(script), "post-finish", stdin=asyncio.subprocess.PIPE, env=env
+            )
+            await proc.communicate(json.dumps(event).encode())
+            assert proc.returncode == 0
+    finally:
+        await runner.cleanup()
+    assert posted == [{"content": "New recording arrived: talk.mp3 (3.0 MiB)"}]
