@@ -26,6 +26,7 @@ from proxy.tus.state import storage_id
 from tests.conftest import BUCKET
 from tests.daemon import start_daemon
 from tests.hook_receiver import Receiver
+from tests.obs_helpers import scrape, value
 
 SECRET = b"s" * 40
 CHAT_NOTIFY = Path(__file__).resolve().parent.parent / "contrib/hooks/chat-notify.py"
@@ -173,6 +174,16 @@ async def test_pre_create_refuses_and_renames_and_both_protocols_fire(
         created = {e["Event"]["Upload"]["ID"] for e in receiver.of_type("post-create")}
         assert sid in created and len(receiver.of_type("post-create")) == 3
         assert receiver.bad_signatures == 0
+        samples = await scrape(d.url)
+        labels = {"event": "post-finish", "transport": "http"}
+        assert value(samples, "proxy_hook_invocations_total", **labels) == 3
+        assert value(samples, "proxy_hook_failures_total", **labels) == 0
+        assert value(samples, "proxy_hook_seconds_count", **labels) == 3
+        assert (
+            value(samples, "proxy_hook_invocations_total", event="pre-create", transport="http")
+            == 5
+        )
+        assert value(samples, "proxy_hook_outbox_depth") is not None
     finally:
         await d.stop()
 
