@@ -244,7 +244,8 @@ async def test_executable_hook(
         "import json, os, sys\n"
         "event = json.load(sys.stdin)\n"
         f"path = os.path.join({str(log_dir)!r}, os.environ['HOOK_EVENT_ID'])\n"
-        "open(path, 'w').write(json.dumps(event))\n"
+        "open(path + '.tmp', 'w').write(json.dumps(event))\n"
+        "os.replace(path + '.tmp', path)  # whole, for the test that reads it\n"
         "key = event['Event']['Upload']['Storage']['Key']\n"
         "if sys.argv[1] == 'pre-create' and 'bad' in key:\n"
         "    no = {'StatusCode': 422, 'Body': 'bad name'}\n"
@@ -265,7 +266,8 @@ async def test_executable_hook(
                 assert r.status == 201
 
         def types() -> list[str]:
-            return sorted(json.loads(p.read_text())["Type"] for p in log_dir.iterdir())
+            files = [p for p in log_dir.iterdir() if not p.name.endswith(".tmp")]
+            return sorted(json.loads(p.read_text())["Type"] for p in files)
 
         async with asyncio.timeout(30):
             while types() != ["post-finish", "pre-create", "pre-create"]:
