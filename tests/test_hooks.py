@@ -19,6 +19,7 @@ import pytest
 
 from proxy.config import ConfigError, from_dict
 from proxy.hooks.payload import HookUpload, event_body
+from proxy.hooks.transports import ExecTransport, HookFailed
 from proxy.naming import KeyTemplate
 from proxy.storage.s3 import S3Storage
 from proxy.storage.seaweed import EmbeddedSeaweed, free_port
@@ -421,3 +422,18 @@ async def test_contrib_chat_receiver_posts_each_event_once(tmp_path: Path) -> No
     finally:
         await runner.cleanup()
     assert posted == [{"content": "New recording arrived: talk.mp3 (3.0 MiB)"}]
+
+
+async def test_exec_transport_bounds_output_and_time(tmp_path: Path) -> None:
+    """A hook that answers too much is refused without its whole output held in memory;
+    one that hangs is killed after timeout_s."""
+    loud = tmp_path / "loud.py"
+    loud.write_text(f"#!{sys.executable}\nimport sys\nsys.stdout.write('x' * 1_000_000)\n")
+    slow = tmp_path / "slow.py"
+    slow.write_text(f"#!{sys.executable}\nimport time\ntime.sleep(60)\n")
+    for script in (loud, slow):
+        script.chmod(0o755)
+    with pytest.raises(HookFailed, match="larger than"):
+        await ExecTransport(str(loud), timeout_s=30).send("post-finish", "e" * 32, b"{}")
+    with pytest.raises(HookFailed, match="longer than"):
+        await ExecTransport(str(slow), timeout_s=1).send("post-finish", "e" * 32, b"{}")

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 SIGNATURE_HEADER = "Hook-Signature"
 EVENT_ID_HEADER = "Hook-Event-Id"
 EVENT_TYPE_HEADER = "Hook-Event-Type"
+STDERR_BYTES = 4096  # of an executable hook's stderr, for our log
 
 
 class HookFailed(Exception):
@@ -110,7 +111,7 @@ class ExecTransport:
             raise HookFailed(f"cannot run the hook: {e.strerror}") from None
         try:
             async with asyncio.timeout(self._timeout_s):
-                out, err = await proc.communicate(body)
+                out, err = await _exchange(proc, body)
         except TimeoutError:
             raise HookFailed(f"the hook ran longer than {self._timeout_s}s; killed") from None
         finally:
@@ -119,7 +120,7 @@ class ExecTransport:
                     proc.kill()
                 await proc.wait()
         if err:
-            log.info("hook %s stderr: %r", event_type, err[:500])
+            log.info("hook %s stderr: %r", event_type, err)
         if proc.returncode != 0:
             raise HookFailed(f"the hook exited with {proc.returncode}")
         try:
@@ -129,3 +130,32 @@ class ExecTransport:
 
     async def close(self) -> None:
         return None
+
+
+async def _exchange(proc: asyncio.subprocess.Process, body: bytes) -> tuple[bytes, bytes]:
+    """Feed ``body`` and read the answers, in bounded memory: stdout up to one byte past
+    MAX_REPLY_BYTES (more is refused as a reply), the first STDERR_BYTES of stderr; the
+    rest of both is read and dropped so the hook never blocks on a full pipe."""
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+
+    async def feed() -> None:
+        assert proc.stdin is not None
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            proc.stdin.write(body)
+            await proc.stdin.drain()
+        proc.stdin.close()
+
+    out, err, _ = await asyncio.gather(
+        _read_capped(proc.stdout, MAX_REPLY_BYTES + 1),
+        _read_capped(proc.stderr, STDERR_BYTES),
+        feed(),
+    )
+    await proc.wait()
+    return out, err
+
+
+async def _read_capped(stream: asyncio.StreamReader, cap_bytes: int) -> bytes:
+    kept = bytearray()
+    while chunk := await stream.read(65536):
+        kept += chunk[: max(0, cap_bytes - len(kept))]
+    return bytes(kept)
