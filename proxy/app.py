@@ -27,6 +27,8 @@ from proxy.engine.events import UploadEvents
 from proxy.engine.limits import ContentPolicy, UploadSlots
 from proxy.engine.pipeline import StreamSettings
 from proxy.errors import REASONS, StartupError
+from proxy.hooks.dispatch import Hooks
+from proxy.hooks.outbox import Outbox
 from proxy.obs.memory import HeapTrimmer, MemoryMonitor, MemoryReader, read_memory
 from proxy.obs.metrics import Metrics
 from proxy.storage.base import ObjectReader, Observable, OpenMultipart, StateStore, Storage
@@ -76,6 +78,7 @@ RUNTIME = web.AppKey("runtime", Runtime)
 STORAGE = web.AppKey("storage", Storage)
 POOL = web.AppKey("pool", BufferPool)
 SWEEPER = web.AppKey("sweeper", StaleSweeper)
+HOOKS = web.AppKey("hooks", Hooks)
 
 
 def new_pool(config: Config) -> BufferPool:
@@ -133,6 +136,8 @@ async def _uploads_ctx(app: web.Application) -> AsyncIterator[None]:
     """What the upload handlers (plain and tus) use, now that the store is open."""
     rt, cfg = app[RUNTIME], app[RUNTIME].config
     storage = app[STORAGE]
+    hooks = _hooks(cfg, storage, rt)
+    rt.events.hooks = hooks
     engine = Engine(
         storage=storage,
         pool=app[POOL],
@@ -140,8 +145,12 @@ async def _uploads_ctx(app: web.Application) -> AsyncIterator[None]:
         events=rt.events,
         max_upload_size_bytes=cfg.upload.max_upload_size_bytes,
         key_prefix=cfg.upload.key_prefix,
+        key_template=cfg.upload.key_template,
+        hooks=hooks,
     )
     reserved: tuple[str, ...] = ()
+    if hooks.outbox is not None:
+        reserved = (cfg.tus.state_prefix,)  # the outbox lives there
     if cfg.tus.enabled:
         if not isinstance(storage, StateStore):
             raise StartupError("the storage backend cannot keep tus state: set tus.enabled = false")
@@ -150,6 +159,7 @@ async def _uploads_ctx(app: web.Application) -> AsyncIterator[None]:
         # Plain uploads may write neither the tus state nor where tus objects go (a key
         # squatted there before a tus upload completes would pass for its object).
         reserved = (cfg.tus.state_prefix, cfg.upload.key_prefix + cfg.tus.object_prefix)
+    app[HOOKS] = hooks
     app[UPLOADS] = Uploads(
         config=cfg.upload,
         bucket=cfg.storage.bucket,
@@ -184,7 +194,31 @@ async def _uploads_ctx(app: web.Application) -> AsyncIterator[None]:
             else None,
             lister=storage if isinstance(storage, StateStore) else None,
         )
-    yield
+    try:
+        yield
+    finally:
+        await hooks.close()
+
+
+def _hooks(cfg: Config, storage: Storage, rt: Runtime) -> Hooks:
+    """The hooks, with their outbox beside the tus state (post-finish needs small
+    conditional objects: a store without them cannot promise delivery)."""
+    hc = cfg.hooks
+    if not hc.enabled:
+        return Hooks.disabled()
+    outbox = None
+    if "post-finish" in hc.events:
+        if not isinstance(storage, StateStore):
+            raise StartupError("the storage backend cannot keep the post-finish hook outbox")
+        outbox = Outbox(
+            storage,
+            cfg.tus.state_prefix,
+            # A delivery takes at most timeout_s; the claim outlives it, and one left by a
+            # dead instance lapses soon after.
+            claim_s=2 * hc.timeout_s + 10,
+            retry_max_delay_s=hc.retry_max_delay_s,
+        )
+    return Hooks.build(hc, bucket=cfg.storage.bucket, outbox=outbox, registry=rt.registry)
 
 
 async def _sweepers_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -211,6 +245,7 @@ async def _sweepers_ctx(app: web.Application) -> AsyncIterator[None]:
         tasks.append(asyncio.create_task(sweeper.run(uc.sweep_interval_s), name="stale-sweeper"))
     if tus_routes is not None and cfg.tus.sweep_interval_s > 0:
         tasks.append(asyncio.create_task(sweep_forever(tus_routes.service), name="tus-sweeper"))
+    tasks.append(asyncio.create_task(app[HOOKS].run_outbox(), name="hook-outbox"))
     try:
         yield
     finally:
@@ -245,4 +280,4 @@ def build_app(runtime: Runtime) -> web.Application:
     return app
 
 
-__all__ = ["OPS", "POOL", "RUNTIME", "STORAGE", "SWEEPER", "Runtime", "build_app"]
+__all__ = ["HOOKS", "OPS", "POOL", "RUNTIME", "STORAGE", "SWEEPER", "Runtime", "build_app"]

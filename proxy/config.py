@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from proxy.naming import KeyTemplate
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -104,6 +107,8 @@ class UploadConfig:
     hash_in_thread: bool = True
     stale_upload_after_s: float = 86400.0
     sweep_interval_s: float = 3600.0
+    # "": the built-in naming (POST: {id}{ext}; tus: {storage id}/{filename}); see proxy.naming.
+    key_template: str = ""
 
 
 @dataclass(frozen=True)
@@ -238,6 +243,35 @@ class TusConfig:
         return min(active_s + self.expire_after_s, created_s + self.max_lifetime_s)
 
 
+HOOK_EVENTS = (
+    "pre-create",
+    "post-create",
+    "post-receive",
+    "pre-finish",
+    "post-finish",
+    "post-terminate",
+    "post-fail",
+)
+
+
+@dataclass(frozen=True)
+class HooksConfig:
+    """Where upload events go (proxy.hooks).  No http_url and no exec_path: hooks are off."""
+
+    http_url: str = ""
+    http_secret: bytes = field(default=b"", repr=False)
+    exec_path: str = ""
+    events: tuple[str, ...] = ("pre-create", "post-finish", "post-terminate", "post-fail")
+    timeout_s: float = 10.0
+    progress_interval_s: float = 10.0
+    retry_max_delay_s: float = 300.0
+    outbox_poll_interval_s: float = 10.0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.http_url or self.exec_path)
+
+
 @dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -249,6 +283,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     tus: TusConfig = field(default_factory=TusConfig)
     downloads: DownloadsConfig = field(default_factory=DownloadsConfig)
+    hooks: HooksConfig = field(default_factory=HooksConfig)
 
 
 class _Reader:
@@ -395,7 +430,13 @@ def _upload(r: _Reader) -> UploadConfig:
             "stale_upload_after_s", float, d.stale_upload_after_s, allow_zero=True
         ),
         sweep_interval_s=r.positive("sweep_interval_s", float, d.sweep_interval_s),
+        key_template=r.get("key_template", str, d.key_template),
     )
+    if cfg.key_template:
+        try:
+            KeyTemplate.parse(cfg.key_template)
+        except ValueError as e:
+            r.check(False, "key_template", str(e))
     r.check(
         cfg.stale_upload_after_s == 0 or cfg.stale_upload_after_s >= 60,
         "stale_upload_after_s",
@@ -522,6 +563,21 @@ def _read_secret_file(r: _Reader, key: str, path_str: str) -> str:
         return ""
 
 
+def _secret(r: _Reader, base: Path, key: str) -> bytes:
+    """The secret in the file ``key`` names (b"" if none), at least MIN_SECRET_BYTES."""
+    secret_file = r.get(key, str, "")
+    if not secret_file:
+        return b""
+    path = Path(secret_file) if Path(secret_file).is_absolute() else base / secret_file
+    secret = _read_secret_file(r, key, str(path)).strip().encode()
+    r.check(
+        not path.is_file() or len(secret) >= MIN_SECRET_BYTES,
+        key,
+        f"the secret must be at least {MIN_SECRET_BYTES} bytes (e.g. openssl rand -hex 32)",
+    )
+    return secret
+
+
 def _token_hash(r: _Reader, key: str, entry: str, *, plain_ok: bool) -> bytes | None:
     m = _TOKEN_HASH_RE.match(entry.strip().lower())
     if m:
@@ -567,16 +623,7 @@ def _auth(r: _Reader, base: Path) -> AuthConfig:
         "operator_tokens",
         "a token is both an upload token and an operator token; give operators their own",
     )
-    secret = b""
-    secret_file = r.get("signing_secret_file", str, "")
-    if secret_file:
-        path = Path(secret_file) if Path(secret_file).is_absolute() else base / secret_file
-        secret = _read_secret_file(r, "signing_secret_file", str(path)).strip().encode()
-        r.check(
-            not path.is_file() or len(secret) >= MIN_SECRET_BYTES,
-            "signing_secret_file",
-            f"the secret must be at least {MIN_SECRET_BYTES} bytes (e.g. openssl rand -hex 32)",
-        )
+    secret = _secret(r, base, "signing_secret_file")
     lifetime = r.positive("signed_url_max_lifetime_s", float, AuthConfig.signed_url_max_lifetime_s)
     scoped = _scoped_tokens(r, base)
     taken = set(hashes) | set(operators)
@@ -738,6 +785,52 @@ def _tus(r: _Reader) -> TusConfig:
     return cfg
 
 
+def _hooks(r: _Reader, base: Path) -> HooksConfig:
+    d = HooksConfig()
+    events = r.strings("events") if "events" in r.table else list(d.events)
+    has_secret_file = "http_secret_file" in r.table
+    secret = _secret(r, base, "http_secret_file")
+    exec_path = r.get("exec_path", str, d.exec_path)
+    if exec_path and not Path(exec_path).is_absolute():
+        exec_path = str(base / exec_path)
+    cfg = HooksConfig(
+        http_url=r.get("http_url", str, d.http_url),
+        http_secret=secret,
+        exec_path=exec_path,
+        events=tuple(events),
+        timeout_s=r.positive("timeout_s", float, d.timeout_s),
+        progress_interval_s=r.positive("progress_interval_s", float, d.progress_interval_s),
+        retry_max_delay_s=r.positive("retry_max_delay_s", float, d.retry_max_delay_s),
+        outbox_poll_interval_s=r.positive(
+            "outbox_poll_interval_s", float, d.outbox_poll_interval_s
+        ),
+    )
+    bad = [e for e in cfg.events if e not in HOOK_EVENTS]
+    r.check(not bad, "events", f"unknown event(s) {bad!r}; known: {', '.join(HOOK_EVENTS)}")
+    r.check(
+        not (cfg.http_url and cfg.exec_path),
+        "exec_path",
+        "set http_url or exec_path, not both: each event goes to one receiver",
+    )
+    r.check(
+        not cfg.http_url or re.fullmatch(r"https?://[^\s/]+(/\S*)?", cfg.http_url) is not None,
+        "http_url",
+        f"must be an http:// or https:// URL; got {cfg.http_url!r}",
+    )
+    r.check(
+        not cfg.http_url or has_secret_file,
+        "http_secret_file",
+        "is required with http_url: receivers must be able to tell our requests from forgeries",
+    )
+    r.check(
+        not cfg.exec_path or os.access(cfg.exec_path, os.X_OK),
+        "exec_path",
+        f"{cfg.exec_path!r} is not an executable file",
+    )
+    r.finish()
+    return cfg
+
+
 def from_dict(
     data: dict[str, Any], *, base_dir: Path | None = None, source: str = "config"
 ) -> Config:
@@ -759,6 +852,7 @@ def from_dict(
         logging=_logging(section["logging"]),
         tus=_tus(section["tus"]),
         downloads=_downloads(section["downloads"]),
+        hooks=_hooks(section["hooks"], base),
     )
     problems.extend(_tus_overlaps(cfg.upload, cfg.tus))
     if problems:

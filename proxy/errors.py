@@ -23,6 +23,8 @@ REASONS = (
     "expired",
     "forbidden",
     "gone",
+    "hook_rejected",
+    "hook_unavailable",
     "internal",
     "locked",
     "memory_pressure",
@@ -449,6 +451,24 @@ class StorageCredentials(StorageError):
     """The store cannot be used: no credentials are configured."""
 
     code = "ERR_STORAGE_CREDENTIALS"
+
+
+class HookRejected(ProxyError):
+    """A blocking hook (pre-create, pre-finish) refused the upload; the status and message
+    are the hook's (``HTTPResponse``), 400 by default."""
+
+    code = "ERR_HOOK_REJECTED"
+    status = 400
+    reason = "hook_rejected"
+
+
+class HookUnavailable(ProxyError):
+    """A blocking hook did not answer (timeout, refused connection, non-2xx, exit code,
+    unreadable reply): the upload is refused rather than let through unchecked."""
+
+    code = "ERR_HOOK_UNAVAILABLE"
+    status = 503
+    reason = "hook_unavailable"
 
 
 class StorageUnavailable(ProxyError):

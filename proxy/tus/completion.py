@@ -28,6 +28,8 @@ from proxy.errors import (
     StorageUnavailable,
     UploadFailed,
 )
+from proxy.hooks.dispatch import Hooks
+from proxy.hooks.payload import HookUpload
 from proxy.storage.base import CompletedPart, ObjectInfo, multipart_etag
 from proxy.tus.hash import Sha256
 from proxy.tus.patch import PatchResult
@@ -58,12 +60,23 @@ class Completer:
     """Completes (or fails) tus uploads; reports each one's outcome."""
 
     def __init__(
-        self, config: TusConfig, storage: TusStorage, store: TusStore, events: UploadEvents
+        self,
+        config: TusConfig,
+        storage: TusStorage,
+        store: TusStore,
+        events: UploadEvents,
+        hooks: Hooks | None = None,
     ) -> None:
         self.config = config
         self.storage = storage
         self.store = store
         self.events = events
+        self.hooks = hooks or Hooks.disabled()
+
+    async def record_finish(self, info: UploadInfo) -> None:
+        """The upload's post-finish, durable before its state goes (so a completion that
+        is redone records it again, as the same event) and before the client's answer."""
+        await self.hooks.record_finish(hook_upload(info))
 
     def report(
         self,
@@ -86,6 +99,8 @@ class Completer:
                 error=error,
                 client=client,
                 auth=auth_of(info.principal),
+                metadata=_public(info.object_metadata),
+                principal=info.principal,
             )
         )
 
@@ -197,6 +212,7 @@ class Completer:
                 metadata={**info.object_metadata, "sha256": sha256},
                 content_type=info.content_type,
             )
+        await self.record_finish(replace(info, sha256_hex=sha256))
         await self.store.delete_all(info)
         self.report(info, sha256=sha256, client=client)
         return replace(info, sha256_hex=sha256)
@@ -277,6 +293,25 @@ class Completer:
             await off_loop(functools.partial(h.update, chunk), len(chunk), in_thread=True)
         log.info("tus: re-read %r to hash it in %.2fs", key, time.monotonic() - started)
         return h.hexdigest()
+
+
+def _public(metadata: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in metadata.items() if k != "tus-id"}
+
+
+def hook_upload(info: UploadInfo) -> HookUpload:
+    """What a hook event says about a tus upload: its storage id (the URL id is kept
+    nowhere), its object metadata (Upload-Metadata, lower-cased keys) and principal."""
+    return HookUpload(
+        protocol="tus",
+        id=info.id,
+        key=info.key,
+        size=info.length,
+        offset=info.offset,
+        metadata=_public(info.object_metadata),
+        sha256=info.sha256_hex,
+        principal=info.principal,
+    )
 
 
 def _tagged(obj: ObjectInfo, upload_id: str) -> bool:

@@ -41,8 +41,11 @@ from proxy.errors import (
     WrongContentType,
 )
 from proxy.headers import ascii_uint
+from proxy.hooks.payload import HookRequest, HookUpload
+from proxy.tus.completion import hook_upload
 from proxy.tus.service import Checksum, NewUpload, TusService, quota_of
 from proxy.tus.state import UploadInfo, new_id, release_quietly, storage_id, valid_id
+from proxy.web.hookreq import hook_request
 from proxy.web.preflight import (
     UPLOADS,
     authorize,
@@ -297,7 +300,9 @@ async def create(request: web.Request) -> web.StreamResponse:
     new = new_upload(
         svc, request.headers.get("Upload-Metadata", ""), length, grant.principal, quota
     )
+    new = await _pre_create(request, svc, new)
     info, lease = await svc.create(new, leased=with_body and new.length != 0, client=client_ip)
+    svc.engine.hooks.notify("post-create", hook_upload(info), _hook_request(request, info.id))
     if lease is not None:
         streaming(request)  # the upload exists: its outcome is reported as an upload's
         try:
@@ -325,6 +330,38 @@ async def create(request: web.Request) -> web.StreamResponse:
         "deferred" if info.length is None else info.length,
     )
     return web.Response(status=201, headers=headers)
+
+
+def _hook_request(request: web.Request, upload_id: str) -> HookRequest:
+    """The request as a hook sees it: the URL id (the upload's secret) never leaves us;
+    the path names the upload by its storage id, as Upload.ID does."""
+    base = request.app[TUS].config.base_path
+    return hook_request(request, path=base + upload_id)
+
+
+async def _pre_create(request: web.Request, svc: TusService, new: NewUpload) -> NewUpload:
+    """The pre-create hook's verdict: refused (raises), or the new upload with the object
+    name (inside the upload's folder, see TusService.object_key) and metadata it chose."""
+    hooks = svc.engine.hooks
+    if not hooks.wants("pre-create"):
+        return new
+    meta = {k: v for k, v in new.object_metadata.items() if k != "tus-id"}
+    reply = await hooks.blocking(
+        "pre-create",
+        HookUpload("tus", new.id, new.key, new.length, 0, meta, principal=str(new.principal)),
+        _hook_request(request, new.id),
+    )
+    if reply.new_key is not None:
+        new = replace(new, key=svc.object_key(new.id, new.filename, reply.new_key))
+    if reply.new_metadata is not None:
+        obj_meta = {
+            k.lower(): _header_safe(v)
+            for k, v in reply.new_metadata.items()
+            if _METADATA_KEY_RE.fullmatch(k)
+        }
+        obj_meta["tus-id"] = new.id
+        new = replace(new, object_metadata=obj_meta)
+    return new
 
 
 async def _terminate_quietly(
