@@ -887,6 +887,24 @@ def _tus_overlaps(upload: UploadConfig, tus: TusConfig) -> list[str]:
     return problems
 
 
+def advisories(cfg: Config) -> list[str]:
+    """Settings that are valid but probably not what was meant; logged at start.
+
+    ``server.max_connections`` below or at ``limits.max_concurrent_uploads`` is coherent
+    (the smaller cap wins, and tests use tiny connection caps), so it is not a
+    :class:`ConfigError`; but the upload limit is then never reached and a listener full
+    of uploads answers health checks and tus HEADs with 503."""
+    out = []
+    conns, uploads = cfg.server.max_connections, cfg.limits.max_concurrent_uploads
+    if conns <= uploads:
+        out.append(
+            f"server.max_connections ({conns}) <= limits.max_concurrent_uploads ({uploads}):"
+            f" at most {conns} uploads run at once, and a listener full of uploads refuses"
+            " health checks; keep max_connections above max_concurrent_uploads"
+        )
+    return out
+
+
 def load(path: str | Path) -> Config:
     """Read and validate a TOML config file.  Relative paths inside it are relative to it."""
     p = Path(path)

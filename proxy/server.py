@@ -18,7 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from proxy.app import STORAGE, Runtime, build_app
-from proxy.config import Config
+from proxy.config import Config, advisories
 from proxy.errors import ProxyError
 from proxy.obs.sdnotify import Notifier
 from proxy.storage.base import Storage
@@ -153,6 +153,8 @@ class Server:
                 sc.listen_host,
                 sc.listen_port,
             )
+        for advice in advisories(self.config):
+            log.warning("config: %s", advice)
         app = build_app(self.runtime)
         runner = make_runner(app, self.config)
         await runner.setup()

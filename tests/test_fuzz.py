@@ -24,7 +24,7 @@ from proxy.auth import SIGNED_FIELDS, Authenticator, Grant, sign_url
 from proxy.errors import ProxyError
 from proxy.keys import full_key
 from proxy.server import make_runner
-from tests.conftest import BUCKET, make_config, s3_for
+from tests.conftest import make_config, s3_for
 
 T = TypeVar("T")
 SECRET = b"f" * 32
@@ -148,14 +148,7 @@ class ProxyThread:
         await self.s3.close()
 
     async def all_keys(self) -> set[str]:
-        out: set[str] = set()
-        kw: dict[str, Any] = {"Bucket": BUCKET}
-        while True:
-            r = await self.s3._client.list_objects_v2(**kw)
-            out.update(o["Key"] for o in r.get("Contents", []))
-            if not r.get("IsTruncated"):
-                return out
-            kw["ContinuationToken"] = r["NextContinuationToken"]
+        return {o.key for o in await self.s3.list_objects("")}
 
     def close(self) -> None:
         self.call(self._stop())

@@ -41,18 +41,6 @@ def never_live(upload: OpenMultipart) -> bool:
     return False
 
 
-def any_live(*predicates: LiveUploadPredicate) -> LiveUploadPredicate:
-    """One predicate that is true when any of ``predicates`` is."""
-
-    async def live(upload: OpenMultipart) -> bool:
-        for p in predicates:
-            if await resolve(p(upload)):
-                return True
-        return False
-
-    return live
-
-
 async def resolve(answer: bool | Awaitable[bool]) -> bool:
     return await answer if inspect.isawaitable(answer) else answer
 
@@ -74,7 +62,6 @@ class StaleSweeper:
         self._older_than_s = older_than_s
         self._is_live = is_live
         self._clock = clock
-        self.aborted_total = 0
 
     def _older_than_window(self, then: datetime, now: datetime) -> bool:
         if then.tzinfo is None:  # S3 speaks UTC; some stores omit the zone
@@ -121,7 +108,6 @@ class StaleSweeper:
                 upload.key,
                 upload.initiated.isoformat(),
             )
-        self.aborted_total += len(aborted)
         return aborted
 
     async def run(self, interval_s: float) -> None:
