@@ -21,9 +21,10 @@ import prometheus_client
 
 from proxy import __version__
 from proxy.client.cli import add_parser as add_upload_parser
-from proxy.config import Config, ConfigError, LoggingConfig, load, parse_size
+from proxy.config import Config, ConfigError, LoggingConfig, load
 from proxy.errors import StartupError
 from proxy.install_service import add_parser as add_install_service_parser
+from proxy.units import parse_size
 
 EX_CONFIG = 78
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy.naming import KeyTemplate
+from proxy.units import parse_size
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -39,19 +40,6 @@ MIN_SECRET_BYTES = 32
 _MEDIA_TYPE_RE = re.compile(r"^[a-z0-9!#$&^_.+-]+/(?:\*|[a-z0-9!#$&^_.+-]+)$")
 _EXTENSION_RE = re.compile(r"^\.[a-z0-9]{1,16}$")
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_UNITS = {
-    "b": 1,
-    "kb": 1000,
-    "mb": 1000**2,
-    "gb": 1000**3,
-    "tb": 1000**4,
-    "kib": 1024,
-    "mib": 1024**2,
-    "gib": 1024**3,
-    "tib": 1024**4,
-}
-
 
 class ConfigError(Exception):
     """Every problem found in one config file, one per line."""
@@ -59,22 +47,6 @@ class ConfigError(Exception):
     def __init__(self, problems: list[str], source: str = "config") -> None:
         self.problems = problems
         super().__init__(f"{source}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
-
-
-def parse_size(value: object) -> int:
-    """``8388608``, ``"8MiB"``, ``"1.5GiB"``, ``"100MB"`` -> bytes."""
-    if isinstance(value, bool):
-        raise ValueError('expected a size such as 8388608 or "8MiB"')
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError("must not be negative")
-        return value
-    if isinstance(value, str):
-        m = _SIZE_RE.match(value)
-        if m:
-            unit = (m.group(2) or "b").lower()
-            return int(float(m.group(1)) * _UNITS[unit])
-    raise ValueError(f'expected a size such as 8388608 or "8MiB", got {value!r}')
 
 
 @dataclass(frozen=True)
