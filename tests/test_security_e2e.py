@@ -1334,10 +1334,6 @@ async def test_malformed_requests_do_not_put_credentials_in_the_log(main: Proxy)
     promise(TOKEN_D not in log and path.rsplit("/", 1)[1] not in log, "a credential is in the log")
 
 
-@finding(
-    "LOW: a key segment over 255 bytes passes validation and the store refuses it: "
-    "502 ERR_STORAGE (documented as a store failure) instead of 400 ERR_INVALID_KEY"
-)
 async def test_a_key_the_store_cannot_hold_is_a_400(main: Proxy, s3: Any) -> None:
     key = "seg/" + "s" * 256
     r = await put(main, key, b"x")
