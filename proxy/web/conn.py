@@ -38,7 +38,7 @@ from aiohttp import web
 from yarl import URL
 
 from proxy.errors import HeaderTimeout, ProxyError, TooManyConnections
-from proxy.web.errors import JsonErrorRequestHandler
+from proxy.web.errors import SERVER_HEADER, JsonErrorRequestHandler
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,8 @@ def raw_error(transport: asyncio.Transport, error: ProxyError) -> None:
         "Content-Type": "application/json; charset=utf-8",
         "Content-Length": str(len(body)),
         "Connection": "close",
+        # Every answer carries the same bare product token (see proxy.web.errors).
+        "Server": SERVER_HEADER,
         **error.headers,
     }
     head = f"HTTP/1.1 {error.status} {http.HTTPStatus(error.status).phrase}\r\n"
