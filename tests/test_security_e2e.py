@@ -1395,10 +1395,6 @@ async def test_the_guards_answers_carry_the_server_header(main: Proxy) -> None:
     promise(b"\r\nServer: upload-proxy" in head, "no Server header")
 
 
-@finding(
-    "LOW: on metrics_listen, 404 and 405 are aiohttp's text/plain, not the JSON "
-    "{code, message} every other error is (the metrics app has no error middleware)"
-)
 async def test_the_metrics_listeners_errors_are_json(main: Proxy) -> None:
     for method, path in (("GET", "/status"), ("POST", "/metrics"), ("PUT", "/uploads/x")):
         r = await exchange(main.metrics_port, method, path)
