@@ -1364,11 +1364,6 @@ async def test_a_small_tus_upload_whose_key_is_taken_fails_with_410(main: Proxy,
         await s3.delete_object(key)
 
 
-@finding(
-    "LOW: a completion that fails deletes the object at its key when it merely carries the "
-    "upload's tus-id (TusService._fail uses _tagged, not _ours): an object put there by "
-    "someone else with that metadata is deleted, though 'an object that is not ours stays'"
-)
 async def test_a_failed_completion_deletes_only_its_own_object(main: Proxy, s3: Any) -> None:
     size = PART + MiB
     path = await tus_create(main, A, size, {"Upload-Metadata": metadata(filename="f.bin")})

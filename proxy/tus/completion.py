@@ -163,7 +163,9 @@ class Completer:
         if info.multipart_id:
             await storage.abort_multipart(info.key, info.multipart_id)
         obj = await storage.head(info.key)
-        if obj is not None and _tagged(obj, info.id):
+        # Only an object this upload stored: its tus id alone proves nothing (anyone who
+        # lists the bucket or reads the logs knows the storage id and can put it there).
+        if obj is not None and _ours(info, obj, _completed_parts(info)):
             await delete_if_ours(storage, info.key, obj.etag)
         await self.store.delete_all(info)
         self.report(info, error=error, client=client)
@@ -238,7 +240,7 @@ class Completer:
         our size, and the ETag our recorded parts make (or, once labelled, our sha256:
         on stores where the self-copy changes the ETag)."""
         storage = self.storage
-        parts = [CompletedPart(n, p.etag) for n, p in enumerate(info.parts, start=1)]
+        parts = _completed_parts(info)
         try:
             await self._check_parts(info)
             return await storage.complete_multipart(
@@ -283,11 +285,19 @@ def _tagged(obj: ObjectInfo, upload_id: str) -> bool:
     return obj.metadata.get("tus-id") == upload_id
 
 
+def _completed_parts(info: UploadInfo) -> list[CompletedPart]:
+    return [CompletedPart(n, p.etag) for n, p in enumerate(info.parts, start=1)]
+
+
 def _ours(info: UploadInfo, obj: ObjectInfo, parts: list[CompletedPart]) -> bool:
-    """Is ``obj`` the object this upload's multipart upload completed to?"""
+    """Is ``obj`` the object this upload stored: what its multipart upload completed to,
+    or (below one part, no multipart upload) its one PutObject?"""
     if not _tagged(obj, info.id) or obj.size != info.offset:
         return False
-    if obj.etag.strip('"') == multipart_etag(parts):
+    etag = obj.etag.strip('"')
+    if info.multipart_id and etag == multipart_etag(parts):
+        return True
+    if not info.multipart_id and len(parts) == 1 and etag == parts[0].etag.strip('"'):
         return True
     return info.sha256_hex is not None and obj.metadata.get("sha256") == info.sha256_hex
 
