@@ -1341,12 +1341,6 @@ async def test_a_key_the_store_cannot_hold_is_a_400(main: Proxy, s3: Any) -> Non
     promise((r.status, r.code) == (400, "ERR_INVALID_KEY"), f"got {r.status} {r.code}")
 
 
-@finding(
-    "LOW: a tus upload below one part whose key is taken answers 409 ERR_KEY_EXISTS (to "
-    "tus clients: an offset conflict, so they HEAD and retry) and stays, holding a place "
-    "under the per-token cap until it expires; above a part it is 410 ERR_UPLOAD_FAILED "
-    "and gone, as the README says for both"
-)
 async def test_a_small_tus_upload_whose_key_is_taken_fails_with_410(main: Proxy, s3: Any) -> None:
     path = await tus_create(main, A, 1000, {"Upload-Metadata": metadata(filename="f.bin")})
     key = tus_key(main.prefix, path, "f.bin")

@@ -154,6 +154,17 @@ class Completer:
         except ProxyError as e:
             log.warning("tus upload %s: could not record a failed completion: %s", info.id, e)
 
+    async def key_taken(
+        self, lease: Lease, info: UploadInfo, cause: ProxyError, client: str
+    ) -> UploadFailed:
+        """The last PATCH of an upload below one part (one PutObject, create-only) found
+        its key taken: fail the upload for good, as a completion would above one part
+        (a 409 would tell a tus client to HEAD and retry, for ever).  The error to raise."""
+        failed = _key_taken(info.key, cause)
+        await self._fail(info, failed, client)
+        await lease.drop()
+        return failed
+
     async def _fail(self, info: UploadInfo, error: UploadFailed, client: str) -> None:
         """Discard an upload that cannot complete: abort its parts, delete its object if
         an attempt got that far (one without its sha256 breaks our promise), delete its

@@ -32,6 +32,8 @@ from proxy.engine.context import Engine
 from proxy.engine.pipeline import StreamObserver
 from proxy.engine.upload import shielded
 from proxy.errors import (
+    KeyConflict,
+    ObjectExists,
     ProxyError,
     Terminated,
     TooLarge,
@@ -283,6 +285,11 @@ class TusService:
             final = info.length is not None and info.offset + writer.received_bytes == info.length
             try:
                 result = await writer.commit(final=final)
+            except (ObjectExists, KeyConflict) as e:
+                await keeper.stop()
+                if not final:
+                    raise
+                raise await self.completer.key_taken(lease, info, e, client) from e
             finally:
                 await keeper.stop()
             new_info = self._apply(info, result)
