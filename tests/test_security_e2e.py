@@ -1245,11 +1245,6 @@ async def test_eight_addresses_cannot_take_every_upload_slot(slow: Proxy) -> Non
         promise(r.status == 201, f"a normal upload got {r.status} {r.code}")
 
 
-@finding(
-    "MEDIUM: a 5xx answer to a tus request is logged with request.path, i.e. the upload's "
-    "URL id (proxy.app error_middleware; also the unhandled-error line): with auth off "
-    "that id alone lets whoever reads the logs continue or delete the upload"
-)
 async def test_a_5xx_on_a_tus_request_does_not_log_its_url_id(slow: Proxy) -> None:
     path = await tus_create(slow, A, 10)
     async with holding(slow, addresses(10, 8), 8, b"x"):
