@@ -94,16 +94,29 @@ class JsonErrorRequestHandler(web.RequestHandler):
             raise ConnectionError("response already started; cannot send an error")
         if status >= 500:
             self.log_exception("Error handling request from %s", request.remote, exc_info=exc)
+            text = "internal error"
         else:
-            log.info(
-                "rejected malformed request from %s: %d %r",
-                request.remote,
-                status,
-                getattr(exc, "message", exc),
-            )
-        text = (
-            "internal error"
-            if status >= 500
-            else f"malformed request: {getattr(exc, 'message', '') or message or status}"
-        )
+            # aiohttp's message quotes the raw bytes it choked on (a bearer token in a bad
+            # header line, a URL id or a signature in a bad request line): only what kind
+            # of error it was goes to the log and the answer.
+            text = f"malformed request: {_malformed_kind(exc)}"
+            log.info("rejected malformed request from %s: %d %s", request.remote, status, text)
         return error_response(http_error(status, text), close=True)
+
+
+# aiohttp.http_exceptions class names -> what the client did wrong, in words.
+_MALFORMED_KINDS = {
+    "BadHttpMethod": "bad method",
+    "BadStatusLine": "bad request line",
+    "InvalidURLError": "bad request target",
+    "InvalidHeader": "bad header",
+    "LineTooLong": "request line or header too long",
+    "ContentLengthError": "bad Content-Length",
+    "TransferEncodingError": "bad chunked framing",
+    "ContentEncodingError": "bad content encoding",
+}
+
+
+def _malformed_kind(exc: BaseException | None) -> str:
+    name = type(exc).__name__
+    return _MALFORMED_KINDS.get(name, "bad HTTP message")
