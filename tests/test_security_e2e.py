@@ -1198,11 +1198,6 @@ async def test_four_addresses_cannot_hold_the_whole_pool(slow: Proxy) -> None:
         promise(r.status == 201, f"a normal upload got {r.status} {r.code}")
 
 
-@finding(
-    "HIGH: a multipart/form-data body of many tiny fields is parsed without yielding to "
-    "the event loop: ~0.2 ms of CPU per field, during which nobody else is served (8,000 "
-    "fields, 440 KB, stall /healthz for seconds; the systemd watchdog pings from that loop)"
-)
 async def test_a_form_of_tiny_fields_does_not_stall_everyone_else(main: Proxy, s3: Any) -> None:
     fields = b"".join(
         b'--b\r\nContent-Disposition: form-data; name="f%d"\r\n\r\nv\r\n' % i for i in range(8_000)
