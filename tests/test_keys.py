@@ -9,7 +9,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.errors import InvalidKey
-from proxy.keys import MAX_KEY_BYTES, MAX_SEGMENT_BYTES, full_key, generated_key, safe_extension, validate_key
+from proxy.keys import (
+    MAX_KEY_BYTES,
+    MAX_SEGMENT_BYTES,
+    full_key,
+    generated_key,
+    safe_extension,
+    validate_key,
+)
 
 # Bidi classes of the embeddings, overrides and isolates and their terminators.
 BIDI_CONTROLS = {"LRE", "RLE", "PDF", "LRO", "RLO", "LRI", "RLI", "FSI", "PDI"}
