@@ -13,7 +13,17 @@ makes for each connection so that:
   not complete within ``header_timeout_s`` of its accept is closed, with a 408
   ``ERR_HEADER_TIMEOUT`` answer when it sent anything;
 * at most ``max_connections`` are open per listener: one more is answered 503
-  ``ERR_TOO_MANY_CONNECTIONS`` and closed before aiohttp sees it.
+  ``ERR_TOO_MANY_CONNECTIONS`` and closed before aiohttp sees it;
+* a connection whose answer cannot be written for ``send_timeout_s`` (the peer does not
+  read: the transport has paused writing and not resumed) is aborted.  aiohttp's writer
+  waits for the socket to drain for ever, and while it waits neither timeout above
+  runs, so a peer that pipelines requests and never reads their answers would hold the
+  connection (and its handler) for good.  Like nginx's ``send_timeout``, it bounds the
+  wait between two successful writes, not a whole answer.  The kernel would otherwise
+  take megabytes of answers the peer never reads before writing pauses (send buffers
+  autotune up to ``tcp_wmem``'s maximum): ``TCP_NOTSENT_LOWAT`` keeps what it holds
+  *unsent* to :data:`NOTSENT_LOWAT_BYTES`, so a stalled peer is noticed after that much,
+  while bytes in flight (what a fast link needs) are not limited.
 
 Why a protocol wrapper: aiohttp has no hook for either.  ``web.BaseSite`` is its public
 base for custom sites, and the wrapper only forwards ``asyncio.Protocol`` calls, so no
@@ -31,6 +41,7 @@ import http
 import json
 import logging
 import re
+import socket
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -45,16 +56,24 @@ log = logging.getLogger(__name__)
 # The empty line ending the headers: CRLF CRLF, or bare LFs as lenient parsers accept.
 _HEADERS_END = re.compile(rb"\n\r?\n")
 _RETRY_AFTER_S = 1
+# Unsent bytes the kernel may queue per connection (see the module docstring): a few ms
+# of writes at gigabit speed, so a reading peer never waits on the event loop for more.
+NOTSENT_LOWAT_BYTES = 256 * 1024
 
 
 class ConnectionGuard:
     """One listener's connection count and header deadline, with counters for metrics."""
 
-    def __init__(self, header_timeout_s: float, max_connections: int) -> None:
-        if header_timeout_s <= 0 or max_connections < 1:
-            raise ValueError("header_timeout_s must be > 0 and max_connections >= 1")
+    def __init__(
+        self, header_timeout_s: float, max_connections: int, send_timeout_s: float = 60.0
+    ) -> None:
+        if header_timeout_s <= 0 or max_connections < 1 or send_timeout_s <= 0:
+            raise ValueError(
+                "header_timeout_s and send_timeout_s must be > 0 and max_connections >= 1"
+            )
         self.header_timeout_s = header_timeout_s
         self.max_connections = max_connections
+        self.send_timeout_s = send_timeout_s
         self.open = 0
         self.refused_total = 0
         self.header_timeouts_total = 0
@@ -81,6 +100,17 @@ def raw_error(transport: asyncio.Transport, error: ProxyError) -> None:
     transport.close()
 
 
+def _limit_unsent(transport: asyncio.BaseTransport) -> None:
+    sock = transport.get_extra_info("socket")
+    option = getattr(socket, "TCP_NOTSENT_LOWAT", None)  # Linux, macOS
+    if sock is None or option is None:
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, option, NOTSENT_LOWAT_BYTES)
+    except OSError:
+        pass  # not TCP (a test's socket pair): nothing to limit
+
+
 class _Guarded(asyncio.Protocol):
     """Forwards every call to aiohttp's protocol; watches the first request's headers."""
 
@@ -91,6 +121,7 @@ class _Guarded(asyncio.Protocol):
         # uvloop's transports are not asyncio.Transport subclasses, only alike: cast.
         self._transport: asyncio.Transport | None = None
         self._deadline: asyncio.TimerHandle | None = None
+        self._send_deadline: asyncio.TimerHandle | None = None
         self._sent_something = False
         self._tail = b""
 
@@ -109,6 +140,7 @@ class _Guarded(asyncio.Protocol):
             )
             return
         guard.open += 1
+        _limit_unsent(transport)
         loop = asyncio.get_running_loop()
         self._deadline = loop.call_later(guard.header_timeout_s, self._headers_late)
         inner = self._factory()
@@ -163,18 +195,37 @@ class _Guarded(asyncio.Protocol):
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
+        self._stop_send_deadline()
         if self._inner is not None:
             self._guard.open -= 1
             self._inner.connection_lost(exc)
             self._inner = None
 
     def pause_writing(self) -> None:
+        if self._send_deadline is None:
+            loop = asyncio.get_running_loop()
+            self._send_deadline = loop.call_later(self._guard.send_timeout_s, self._send_late)
         if self._inner is not None:
             self._inner.pause_writing()
 
     def resume_writing(self) -> None:
+        self._stop_send_deadline()
         if self._inner is not None:
             self._inner.resume_writing()
+
+    def _stop_send_deadline(self) -> None:
+        if self._send_deadline is not None:
+            self._send_deadline.cancel()
+            self._send_deadline = None
+
+    def _send_late(self) -> None:
+        self._send_deadline = None
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        log.debug("aborted a connection: its peer read nothing for %gs", self._guard.send_timeout_s)
+        # Nothing more can be written to it: abort drops what is buffered and closes now.
+        transport.abort()
 
 
 class GuardedSite(web.BaseSite):
