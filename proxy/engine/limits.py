@@ -83,6 +83,11 @@ def client_group(ip: str) -> str:
     return str(addr)
 
 
+def is_trusted(ip: str, trusted: tuple[Network, ...]) -> bool:
+    """Is ``ip`` (a peer address) one of the configured trusted proxies?"""
+    return _trusted(_address(ip), trusted)
+
+
 def client_info(
     remote: str | None,
     forwarded_for: str | None,
