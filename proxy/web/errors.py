@@ -119,4 +119,7 @@ _MALFORMED_KINDS = {
 
 def _malformed_kind(exc: BaseException | None) -> str:
     name = type(exc).__name__
-    return _MALFORMED_KINDS.get(name, "bad HTTP message")
+    kind = _MALFORMED_KINDS.get(name, "bad HTTP message")
+    if name == "LineTooLong" and exc is not None and len(exc.args) > 1:
+        kind += f" (over {exc.args[1]} bytes)"  # LineTooLong(line, limit, ...): the limit
+    return kind
