@@ -1188,7 +1188,8 @@ async def test_four_addresses_cannot_hold_the_whole_pool(slow: Proxy) -> None:
         await until(rests_spent)
         held = int((await in_flight(slow))["buffers"]["in_use_bytes"])
         t0 = time.monotonic()
-        r = await put(slow, "hold/normal.bin", os.urandom(MiB), source="127.0.0.6")
+        key = f"hold/normal-{uuid.uuid4().hex[:6]}.bin"  # not the slots test's key
+        r = await put(slow, key, os.urandom(MiB), source="127.0.0.6")
         seconds = time.monotonic() - t0
         print(
             f"normal upload beside 32 x (1 MiB + 1 byte) holding {held // MiB} MiB: "
@@ -1234,7 +1235,8 @@ async def test_a_form_of_tiny_fields_does_not_stall_everyone_else(main: Proxy, s
 async def test_eight_addresses_cannot_take_every_upload_slot(slow: Proxy) -> None:
     async with holding(slow, addresses(10, 8), 8, b"x"):
         await until(lambda: _uploads_running(slow, 64))
-        r = await put(slow, "hold/normal.bin", b"x", source="127.0.0.30")
+        key = f"hold/normal-{uuid.uuid4().hex[:6]}.bin"  # not the pool test's key
+        r = await put(slow, key, b"x", source="127.0.0.30")
         promise(r.status == 201, f"a normal upload got {r.status} {r.code}")
 
 
