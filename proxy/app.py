@@ -84,19 +84,27 @@ HOOKS = web.AppKey("hooks", Hooks)
 def new_pool(config: Config) -> BufferPool:
     uc, lc = config.upload, config.limits
     client_cap = lc.max_buffer_bytes_per_client or default_client_buffer_bytes(uc)
+    head = head_bytes_for(
+        uc.memory_budget_bytes,
+        uc.part_size_bytes,
+        lc.max_concurrent_uploads,
+        client_cap,
+        lc.max_uploads_per_client,
+    )
+    # A head for every upload slot, at most a quarter of the budget, which rests may not
+    # take: that many new uploads are admitted however many parts slow uploads hold.
+    # (Shipped: 64 heads of 1 MiB of a 256 MiB pool; a whole-slot reserve in a small
+    # pool would leave room for one rest at a time, one part stored at a time.)
+    reserve = min(lc.max_concurrent_uploads * head, uc.memory_budget_bytes // 4)
+    reserve = min(reserve, uc.memory_budget_bytes - (uc.part_size_bytes - head))
     return BufferPool(
         uc.memory_budget_bytes,
         uc.part_size_bytes,
         keep_idle=uc.parts_in_flight + 1,
         on_idle=HeapTrimmer(),
-        head_bytes=head_bytes_for(
-            uc.memory_budget_bytes,
-            uc.part_size_bytes,
-            lc.max_concurrent_uploads,
-            client_cap,
-            lc.max_uploads_per_client,
-        ),
+        head_bytes=head,
         client_cap_bytes=client_cap,
+        head_reserve_bytes=reserve if head < uc.part_size_bytes else 0,
     )
 
 

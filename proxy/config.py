@@ -63,6 +63,8 @@ class ServerConfig:
     header_timeout_s: float = 15.0
     keepalive_timeout_s: float = 30.0
     max_connections: int = 256
+    max_connections_per_client: int = 32
+    send_timeout_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -360,6 +362,10 @@ def _server(r: _Reader) -> ServerConfig:
         header_timeout_s=r.positive("header_timeout_s", float, d.header_timeout_s),
         keepalive_timeout_s=r.positive("keepalive_timeout_s", float, d.keepalive_timeout_s),
         max_connections=r.positive("max_connections", int, d.max_connections),
+        max_connections_per_client=r.positive(
+            "max_connections_per_client", int, d.max_connections_per_client
+        ),
+        send_timeout_s=r.positive("send_timeout_s", float, d.send_timeout_s),
     )
     r.check(
         metrics_listen != (host, port) or port == 0,

@@ -392,6 +392,15 @@ class TooManyUploads(ProxyError):
     reason = "busy"
 
 
+class Evicted(ProxyError):
+    """Every upload slot was taken and this client held the most: its newest upload gave
+    its slot to a client holding fewer (see :class:`proxy.engine.limits.UploadSlots`)."""
+
+    code = "ERR_EVICTED"
+    status = 503
+    reason = "busy"
+
+
 class TooManyConnections(ProxyError):
     """A listener has ``server.max_connections`` open: a new connection is answered and closed."""
 

@@ -33,6 +33,8 @@ from proxy.engine.pipeline import StreamObserver
 from proxy.engine.upload import shielded
 from proxy.errors import (
     HookRejected,
+    KeyConflict,
+    ObjectExists,
     ProxyError,
     Terminated,
     TooLarge,
@@ -296,6 +298,11 @@ class TusService:
                 await self._pre_finish(lease, info, writer, keeper, client)
             try:
                 result = await writer.commit(final=final)
+            except (ObjectExists, KeyConflict) as e:
+                await keeper.stop()
+                if not final:
+                    raise
+                raise await self.completer.key_taken(lease, info, e, client) from e
             finally:
                 await keeper.stop()
             new_info = self._apply(info, result)

@@ -45,9 +45,11 @@ from proxy.hooks.payload import HookRequest, HookUpload
 from proxy.tus.completion import hook_upload
 from proxy.tus.service import Checksum, NewUpload, TusService, quota_of
 from proxy.tus.state import UploadInfo, new_id, release_quietly, storage_id, valid_id
+from proxy.web.errors import LOG_PATH
 from proxy.web.hookreq import hook_request
 from proxy.web.preflight import (
     UPLOADS,
+    Handler,
     authorize,
     b64_digest,
     expect_with,
@@ -494,6 +496,18 @@ async def _on_prepare(request: web.Request, response: web.StreamResponse) -> Non
 # -- wiring -----------------------------------------------------------------------------
 
 
+def _redacted(handler: Handler, base_path: str) -> Handler:
+    """Error lines name the upload by its storage id, never by the URL id (a secret)."""
+
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        url_id = request.match_info["id"]
+        shown = storage_id(url_id) if valid_id(url_id) else "<not an upload id>"
+        request[LOG_PATH] = base_path + shown
+        return await handler(request)
+
+    return wrapped
+
+
 def add_routes(app: web.Application, config: TusConfig) -> None:
     """The tus routes under ``config.base_path``; ``app[TUS]`` is set once the store is
     open.  Every route's refusal is reported as a rejected upload request."""
@@ -502,9 +516,15 @@ def add_routes(app: web.Application, config: TusConfig) -> None:
     for path in {base, base.rstrip("/") or "/"}:
         app.router.add_route("POST", path, reported(create), expect_handler=_expect_create)
         app.router.add_route("OPTIONS", path, options)
-    app.router.add_route("HEAD", item, reported(head))
-    app.router.add_route("PATCH", item, reported(patch), expect_handler=_expect)
-    app.router.add_route("DELETE", item, reported(delete))
+    for method, handler in (
+        ("HEAD", head),
+        ("PATCH", patch),
+        ("DELETE", delete),
+        ("POST", method_override),
+    ):
+        expect = _expect if method in ("PATCH", "POST") else None
+        app.router.add_route(
+            method, item, _redacted(reported(handler), base), expect_handler=expect
+        )
     app.router.add_route("OPTIONS", item, options)
-    app.router.add_route("POST", item, reported(method_override), expect_handler=_expect)
     app.on_response_prepare.append(_on_prepare)
