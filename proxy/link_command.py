@@ -16,9 +16,10 @@ import sys
 import time
 from datetime import UTC, datetime
 
-from proxy.config import Config, parse_size
+from proxy.config import Config
 from proxy.errors import ProxyError, StartupError
 from proxy.links import Link, LinkStore, is_link_id, mint, new_link_id, unverified_link
+from proxy.units import parse_size
 
 EX_CONFIG = 78
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw]?)")

@@ -37,7 +37,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.auth import Grant, Principal, mac
+from proxy.auth import UPLOAD, Grant, Principal, mac
 from proxy.errors import (
     BadSignature,
     ConditionFailed,
@@ -260,6 +260,8 @@ class LinkVerifier:
             max_size_bytes=link.max_size_bytes,
             principal=link.principal,
             link=link,
+            # Uploads only: a link never reads back (downloads need their own scope).
+            scopes=frozenset({UPLOAD}),
         )
 
 

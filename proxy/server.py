@@ -209,7 +209,13 @@ async def start_site(runner: web.AppRunner, host: str, port: int, config: Config
     parser errors rendered as JSON; :func:`bound_port` tells the port (``port`` may be 0).
     Tests use it too."""
     sc = config.server
-    guard = ConnectionGuard(sc.header_timeout_s, sc.max_connections)
+    guard = ConnectionGuard(
+        sc.header_timeout_s,
+        sc.max_connections,
+        sc.send_timeout_s,
+        max_per_client=sc.max_connections_per_client,
+        trusted=sc.trusted_proxies,
+    )
     site = GuardedSite(runner, host, port, guard, handler_kwargs(config))
     await site.start()
     return site

@@ -97,6 +97,7 @@ def test_signed_url_roundtrip_and_any_change_is_refused(
         prefix=scope.get("prefix"),
         max_size_bytes=max_size,
         principal=grant.principal,
+        scopes=frozenset({"upload"}),  # a PUT link writes, and does nothing else
     )
     assert grant.principal.kind == "signed" and grant.principal.ref not in query["sig"]
     changed = dict(query)

@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 
 from proxy.storage.s3 import S3Storage
+from proxy.web.uploads import MAX_FORM_FIELD_BYTES, MAX_FORM_FIELDS_BYTES
 
 from conftest import MiB, Proxy, StartProxy, assert_nothing_left, get_object, until
 
@@ -96,6 +97,22 @@ async def test_form_with_two_files(start_proxy: StartProxy, s3: S3Storage) -> No
     await check_stored(s3, reply[1]["key"], b, reply[1])
     head = await s3.head(reply[0]["key"])
     assert head is not None and head.content_type == "image/jpeg"
+
+
+async def test_a_form_whose_other_fields_exceed_their_bound_is_a_400(
+    start_proxy: StartProxy, s3: S3Storage
+) -> None:
+    """Fields that are not files are read and dropped, within MAX_FORM_FIELDS_BYTES in
+    all (each is within MAX_FORM_FIELD_BYTES here); nothing is stored."""
+    proxy = await start_proxy()
+    form = aiohttp.FormData()
+    for i in range(MAX_FORM_FIELDS_BYTES // MAX_FORM_FIELD_BYTES + 1):
+        form.add_field(f"f{i}", "v" * MAX_FORM_FIELD_BYTES)
+    form.add_field("file", b"x", filename="f.txt")
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{proxy.url}/uploads", data=form) as r:
+            assert (r.status, (await r.json())["code"]) == (400, "ERR_BAD_FORM")
+    await assert_nothing_left(s3, proxy.prefix)
 
 
 async def test_raw_post_gets_generated_key(start_proxy: StartProxy, s3: S3Storage) -> None:

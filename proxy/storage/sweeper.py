@@ -69,8 +69,16 @@ class StaleSweeper:
         return (now - then).total_seconds() > self._older_than_s
 
     async def _written_lately(self, upload: OpenMultipart, now: datetime) -> bool:
-        """A part of ``upload`` reached the store within the window (on its clock)."""
-        parts = await self._storage.list_parts(upload.key, upload.upload_id)
+        """A part of ``upload`` reached the store within the window (on its clock), or
+        its parts cannot be listed (then it is left for the next sweep)."""
+        try:
+            parts = await self._storage.list_parts(upload.key, upload.upload_id)
+        except ProxyError as e:
+            # Completed or aborted since the listing (by its writer or another
+            # instance's sweep), or unreadable now: nothing to abort, or nothing to
+            # abort safely.  Either way, not this round, and the rest of the sweep goes on.
+            log.info("stale sweep: skipped an upload it could not list: %s", e.message)
+            return True
         return any(
             p.last_modified is not None and not self._older_than_window(p.last_modified, now)
             for p in parts

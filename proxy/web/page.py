@@ -90,7 +90,7 @@ LINKS = web.AppKey("upload_page", UploadPage)
 async def _alive(svc: TusService, link: Link, upload_id: str) -> bool:
     if await svc.store.load(upload_id) is not None:
         return True
-    folder = svc.object_key(upload_id, None, link.prefix)
+    folder = svc.object_key(upload_id, None, "", under=link.prefix)
     return await finished.find(svc.storage, folder, upload_id) is not None
 
 
