@@ -93,7 +93,7 @@ test-deps:
 
 ## The whole test suite, against a real SeaweedFS the tests start on loopback.
 test: $(STAMP) test-deps $(JS_DEPS)
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
 
 ## debootstrap and qemu-user-static (+ binfmt-support) for check-aarch64, as test-deps does.
 aarch64-deps:
@@ -128,10 +128,12 @@ check-systemd: $(STAMP) test-deps
 test-fast: $(STAMP) test-deps $(JS_DEPS)
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
 
+## ruff, ruff format, mypy strict and the layer contracts (.importlinter).
 lint: $(STAMP)
 	$(BIN)/ruff check proxy tests bench tools
 	$(BIN)/ruff format --check proxy tests bench tools
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 ## The benchmark (not a test): every row at 1 GiB, one table, the ratios against the
 ## performance targets, raw figures in bench/results/<UTC time>.json.  BENCH_ARGS adds

@@ -2,7 +2,7 @@
 are what users read: :data:`DESCRIPTION`, :data:`EPILOG`).  Exit codes: 0 clean stop,
 1 failure, 2 usage, 78 bad config.
 
-Subcommands for operators: ``sign`` mints a signed upload URL with the configured
+Subcommands for operators: ``sign`` mints a signed upload URL or download link with the configured
 secret; ``hash-token`` turns a bearer token (read from stdin, so it stays out of
 shell history and ``ps``) into the ``sha256:...`` form config.toml stores.  For users:
 ``upload`` is the client (:mod:`proxy.client`); it needs no config.toml.
@@ -23,9 +23,10 @@ import prometheus_client
 
 from proxy import __version__
 from proxy.client.cli import add_parser as add_upload_parser
-from proxy.config import Config, ConfigError, LoggingConfig, load, parse_size
+from proxy.config import Config, ConfigError, LoggingConfig, load
 from proxy.errors import StartupError
 from proxy.install_service import add_parser as add_install_service_parser
+from proxy.units import parse_size
 
 EX_CONFIG = 78
 
@@ -100,10 +101,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
     sign = sub.add_parser(
         "sign",
-        help="print a signed upload URL (needs auth.signing_secret_file in the config)",
-        description="Print a URL that lets whoever holds it upload without a token: one "
-        "method, one key or every key under a prefix, up to a size, until it expires. "
-        "Hand it to a browser or a script the way you would an S3 presigned URL.",
+        help="print a signed upload URL or download (share) link "
+        "(needs auth.signing_secret_file in the config)",
+        description="Print a URL that lets whoever holds it upload without a token (one "
+        "method, one key or every key under a prefix, up to a size) or, with --method GET, "
+        "download one key, until it expires.  Hand it to a browser or a script the way you "
+        "would an S3 presigned URL.",
     )
     # SUPPRESS: "upload-proxy sign -c X" and "upload-proxy -c X sign" both work.
     sign.add_argument("-c", "--config", default=argparse.SUPPRESS, help="path to config.toml")
@@ -113,10 +116,14 @@ def _parser() -> argparse.ArgumentParser:
     sign.add_argument(
         "--method",
         default=None,
-        choices=("PUT", "POST"),
-        help="default: PUT for --key, POST for --prefix",
+        choices=("PUT", "POST", "GET"),
+        help="default: PUT for --key, POST for --prefix; GET: a download (share) link",
     )
-    sign.add_argument("--expires-in", type=float, default=3600, help="seconds (default 3600)")
+    expiry = sign.add_mutually_exclusive_group()
+    expiry.add_argument("--expires-in", type=float, default=3600, help="seconds (default 3600)")
+    expiry.add_argument(
+        "--expires", dest="expires_in", type=_duration_s, help="a duration: 90s, 30m, 12h, 7d"
+    )
     sign.add_argument("--max-size", default=None, help="largest body, e.g. 100MiB")
     sign.add_argument(
         "--base-url",
@@ -141,6 +148,23 @@ def _parser() -> argparse.ArgumentParser:
     add_upload_parser(sub)
     add_install_service_parser(sub)
     return parser
+
+
+_DURATION_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration_s(text: str) -> float:
+    """``7d`` -> 604800.0; a bare number is seconds."""
+    text = text.strip().lower()
+    unit = _DURATION_UNITS_S.get(text[-1:], 0)
+    number = text[:-1] if unit else text
+    try:
+        value = float(number) * (unit or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration such as 7d, 12h, 30m: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("a duration must be > 0")
+    return value
 
 
 def _sign(args: argparse.Namespace, config: Config) -> int:
@@ -172,7 +196,10 @@ def _sign(args: argparse.Namespace, config: Config) -> int:
     except ValueError as e:
         print(f"upload-proxy sign: {e}", file=sys.stderr)
         return 2
-    path = f"/uploads/{quote(args.key)}" if method == "PUT" and args.key else "/uploads"
+    if method == "GET" and args.key is None:
+        print("upload-proxy sign: a GET link is for one --key", file=sys.stderr)
+        return 2
+    path = f"/uploads/{quote(args.key)}" if method in ("PUT", "GET") and args.key else "/uploads"
     if method == "PUT" and args.key is None:
         path = "/uploads/<key under the prefix>"
     print(f"{method} {args.base_url.rstrip('/')}{path}?{query}")

@@ -28,14 +28,24 @@ from proxy.engine.events import UploadEvents
 from proxy.engine.limits import ContentPolicy, UploadSlots
 from proxy.engine.pipeline import StreamSettings
 from proxy.errors import REASONS, StartupError
+from proxy.hooks.dispatch import Hooks
+from proxy.hooks.outbox import Outbox
 from proxy.obs.memory import HeapTrimmer, MemoryMonitor, MemoryReader, read_memory
 from proxy.obs.metrics import Metrics
-from proxy.storage.base import Copier, Observable, OpenMultipart, StateStore, Storage
+from proxy.storage.base import (
+    Copier,
+    ObjectReader,
+    Observable,
+    OpenMultipart,
+    StateStore,
+    Storage,
+)
 from proxy.storage.factory import open_storage
 from proxy.storage.sweeper import StaleSweeper
 from proxy.tus.maintenance import sweep_forever
 from proxy.tus.service import TusService
 from proxy.tus.state import TusStore
+from proxy.web import downloads as http_downloads
 from proxy.web import ops as http_ops
 from proxy.web import tus
 from proxy.web import uploads as http_uploads
@@ -76,24 +86,33 @@ RUNTIME = web.AppKey("runtime", Runtime)
 STORAGE = web.AppKey("storage", Storage)
 POOL = web.AppKey("pool", BufferPool)
 SWEEPER = web.AppKey("sweeper", StaleSweeper)
+HOOKS = web.AppKey("hooks", Hooks)
 
 
 def new_pool(config: Config) -> BufferPool:
     uc, lc = config.upload, config.limits
     client_cap = lc.max_buffer_bytes_per_client or default_client_buffer_bytes(uc)
+    head = head_bytes_for(
+        uc.memory_budget_bytes,
+        uc.part_size_bytes,
+        lc.max_concurrent_uploads,
+        client_cap,
+        lc.max_uploads_per_client,
+    )
+    # A head for every upload slot, at most a quarter of the budget, which rests may not
+    # take: that many new uploads are admitted however many parts slow uploads hold.
+    # (Shipped: 64 heads of 1 MiB of a 256 MiB pool; a whole-slot reserve in a small
+    # pool would leave room for one rest at a time, one part stored at a time.)
+    reserve = min(lc.max_concurrent_uploads * head, uc.memory_budget_bytes // 4)
+    reserve = min(reserve, uc.memory_budget_bytes - (uc.part_size_bytes - head))
     return BufferPool(
         uc.memory_budget_bytes,
         uc.part_size_bytes,
         keep_idle=uc.parts_in_flight + 1,
         on_idle=HeapTrimmer(),
-        head_bytes=head_bytes_for(
-            uc.memory_budget_bytes,
-            uc.part_size_bytes,
-            lc.max_concurrent_uploads,
-            client_cap,
-            lc.max_uploads_per_client,
-        ),
+        head_bytes=head,
         client_cap_bytes=client_cap,
+        head_reserve_bytes=reserve if head < uc.part_size_bytes else 0,
     )
 
 
@@ -133,6 +152,8 @@ async def _uploads_ctx(app: web.Application) -> AsyncIterator[None]:
     """What the upload handlers (plain and tus) use, now that the store is open."""
     rt, cfg = app[RUNTIME], app[RUNTIME].config
     storage = app[STORAGE]
+    hooks = _hooks(cfg, storage, rt)
+    rt.events.hooks = hooks
     engine = Engine(
         storage=storage,
         pool=app[POOL],
@@ -140,8 +161,12 @@ async def _uploads_ctx(app: web.Application) -> AsyncIterator[None]:
         events=rt.events,
         max_upload_size_bytes=cfg.upload.max_upload_size_bytes,
         key_prefix=cfg.upload.key_prefix,
+        key_template=cfg.upload.key_template,
+        hooks=hooks,
     )
     reserved: tuple[str, ...] = ()
+    if hooks.outbox is not None:
+        reserved = (cfg.tus.state_prefix,)  # the outbox lives there
     if cfg.tus.enabled:
         if not isinstance(storage, StateStore):
             raise StartupError("the storage backend cannot keep tus state: set tus.enabled = false")
@@ -158,6 +183,7 @@ async def _uploads_ctx(app: web.Application) -> AsyncIterator[None]:
         # the backend's capabilities); every S3 store can.
         if isinstance(storage, StateStore) and isinstance(storage, Copier):
             dedup = ContentIndex(storage, cfg.dedup.index_prefix, rt.metrics)
+    app[HOOKS] = hooks
     app[UPLOADS] = Uploads(
         config=cfg.upload,
         bucket=cfg.storage.bucket,
@@ -167,6 +193,7 @@ async def _uploads_ctx(app: web.Application) -> AsyncIterator[None]:
             token_sha256=cfg.auth.token_sha256,
             signing_secret=cfg.auth.signing_secret,
             max_url_lifetime_s=cfg.auth.signed_url_max_lifetime_s,
+            scoped_tokens=cfg.auth.scoped_tokens,
         ),
         slots=UploadSlots(cfg.limits.max_concurrent_uploads, cfg.limits.max_uploads_per_client),
         admit=rt.memory.check_admission,
@@ -177,7 +204,46 @@ async def _uploads_ctx(app: web.Application) -> AsyncIterator[None]:
         reserved_prefixes=reserved,
         dedup=dedup,
     )
-    yield
+    if cfg.downloads.enabled:
+        if not isinstance(storage, ObjectReader):
+            raise StartupError("the storage backend cannot serve downloads: downloads.enabled")
+        app[http_downloads.DOWNLOADS] = http_downloads.Downloads(
+            config=cfg.downloads,
+            storage=storage,
+            reader=storage,
+            metrics=rt.metrics,
+            key_prefix=cfg.upload.key_prefix,
+            reserved_prefixes=reserved,
+            tus_object_prefix=(cfg.upload.key_prefix + cfg.tus.object_prefix)
+            if cfg.tus.enabled
+            else None,
+            lister=storage if isinstance(storage, StateStore) else None,
+        )
+    try:
+        yield
+    finally:
+        await hooks.close()
+
+
+def _hooks(cfg: Config, storage: Storage, rt: Runtime) -> Hooks:
+    """The hooks, with their outbox beside the tus state (post-finish needs small
+    conditional objects: a store without them cannot promise delivery)."""
+    hc = cfg.hooks
+    if not hc.enabled:
+        return Hooks.disabled()
+    outbox = None
+    if "post-finish" in hc.events:
+        if not isinstance(storage, StateStore):
+            raise StartupError("the storage backend cannot keep the post-finish hook outbox")
+        outbox = Outbox(
+            storage,
+            cfg.tus.state_prefix,
+            # A delivery takes at most timeout_s; the claim outlives it, and one left by a
+            # dead instance lapses soon after.
+            claim_s=2 * hc.timeout_s + 10,
+            retry_max_delay_s=hc.retry_max_delay_s,
+        )
+    return Hooks.build(hc, bucket=cfg.storage.bucket, outbox=outbox, registry=rt.registry)
 
 
 async def _sweepers_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -204,6 +270,7 @@ async def _sweepers_ctx(app: web.Application) -> AsyncIterator[None]:
         tasks.append(asyncio.create_task(sweeper.run(uc.sweep_interval_s), name="stale-sweeper"))
     if tus_routes is not None and cfg.tus.sweep_interval_s > 0:
         tasks.append(asyncio.create_task(sweep_forever(tus_routes.service), name="tus-sweeper"))
+    tasks.append(asyncio.create_task(app[HOOKS].run_outbox(), name="hook-outbox"))
     try:
         yield
     finally:
@@ -232,7 +299,10 @@ def build_app(runtime: Runtime) -> web.Application:
     http_ops.add_routes(app, ops)
     if cfg.tus.enabled:
         tus.add_routes(app, cfg.tus)
+    if cfg.downloads.enabled:
+        item = cfg.tus.base_path + "{id}" if cfg.tus.enabled else None
+        http_downloads.add_routes(app, item)
     return app
 
 
-__all__ = ["OPS", "POOL", "RUNTIME", "STORAGE", "SWEEPER", "Runtime", "build_app"]
+__all__ = ["HOOKS", "OPS", "POOL", "RUNTIME", "STORAGE", "SWEEPER", "Runtime", "build_app"]

@@ -1,8 +1,9 @@
-"""Who may upload: bearer tokens and HMAC-signed upload URLs.  No HTTP framework here.
+"""Who may upload and download: bearer tokens and HMAC-signed URLs.  No HTTP framework here.
 
 Bearer tokens are kept only as SHA-256 hashes and compared in constant time
 (:class:`TokenSet`): upload tokens here, operator tokens (``/status`` details) in
-:mod:`proxy.web.ops`.
+:mod:`proxy.web.ops`.  A token has scopes (``upload``, ``download``, ``admin`` = all) and
+an optional key prefix; the plain ``auth.tokens`` mean upload, on every key.
 
 A signed upload URL is our answer to S3 presigned URLs: a web app that holds the
 signing secret hands a browser a URL that allows one method, on one key or under
@@ -27,10 +28,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import quote, urlencode
 
-from proxy.config import AuthConfig
+from proxy.config import AuthConfig, ScopedToken
 from proxy.errors import (
     BadSignature,
     KeyNotAllowed,
+    ScopeNotAllowed,
     Unauthorized,
     UrlExpired,
     UrlLifetime,
@@ -41,6 +43,11 @@ SIGNED_FIELDS = ("expires", "key", "prefix", "max_size", "sig")
 _SIG_HEX_LEN = 64
 # expires and max_size are decimal; 20 digits hold any 64-bit value.
 _MAX_NUMBER_LEN = 20
+
+UPLOAD, DOWNLOAD, ADMIN = "upload", "download", "admin"
+ALL_SCOPES = frozenset({UPLOAD, DOWNLOAD, ADMIN})
+# Methods a signed URL of one method also allows: a link to GET an object may HEAD it.
+_SIGNED_AS = {"HEAD": "GET"}
 
 
 @dataclass(frozen=True)
@@ -86,13 +93,30 @@ class Grant:
     prefix: str | None = None
     max_size_bytes: int | None = None
     principal: Principal = ANONYMOUS
+    # What the request may do (see ``allows``); auth off: everything.
+    scopes: frozenset[str] = ALL_SCOPES
+
+    def allows(self, scope: str) -> bool:
+        return scope in self.scopes or ADMIN in self.scopes
+
+    def require(self, scope: str) -> None:
+        """Raise 403 unless these credentials carry ``scope``."""
+        if not self.allows(scope):
+            raise ScopeNotAllowed(f"these credentials do not allow {scope}s")
+
+    def covers(self, client_key: str) -> bool:
+        """Is ``client_key`` (before the proxy's key_prefix) within the key or prefix?"""
+        if self.key is not None and client_key != self.key:
+            return False
+        return self.prefix is None or client_key.startswith(self.prefix)
 
     def check_key(self, client_key: str) -> None:
         """Raise unless ``client_key`` (before the proxy's key_prefix) is allowed."""
         if self.key is not None and client_key != self.key:
             raise KeyNotAllowed("this signed URL is for another key")
         if self.prefix is not None and not client_key.startswith(self.prefix):
-            raise KeyNotAllowed("this signed URL is for another prefix")
+            what = "signed URL" if self.via == "signed" else "token"
+            raise KeyNotAllowed(f"this {what} is for another prefix")
 
     def limit(self, configured_bytes: int) -> int:
         if self.max_size_bytes is None:
@@ -203,9 +227,14 @@ class Authenticator:
         token_sha256: tuple[bytes, ...] = (),
         signing_secret: bytes = b"",
         max_url_lifetime_s: float = AuthConfig.signed_url_max_lifetime_s,
+        scoped_tokens: tuple[ScopedToken, ...] = (),
     ) -> None:
         self.enabled = enabled
-        self._tokens = TokenSet(token_sha256)
+        # The plain tokens keep meaning what they always did: upload, on every key.
+        self._scoped = tuple(ScopedToken(h, frozenset({UPLOAD})) for h in token_sha256) + tuple(
+            scoped_tokens
+        )
+        self._tokens = TokenSet(tuple(t.sha256 for t in self._scoped))
         self._secret = signing_secret
         self._max_lifetime_s = max_url_lifetime_s
 
@@ -240,8 +269,15 @@ class Authenticator:
         presented = self._tokens.match(token)
         if presented is None:
             raise Unauthorized("the bearer token is not valid", error="invalid_token")
+        # The match was in constant time; which entry it was is no secret from the holder.
+        entry = next(t for t in self._scoped if t.sha256 == presented)
         # presented equals the stored hash that matched: the principal is a hash of it.
-        return Grant(via="token", principal=_principal("token", presented))
+        return Grant(
+            via="token",
+            prefix=entry.prefix or None,
+            principal=_principal("token", presented),
+            scopes=entry.scopes,
+        )
 
     def _signed(self, method: str, query: Mapping[str, str], now: float) -> Grant:
         if not self._secret:
@@ -259,7 +295,8 @@ class Authenticator:
         ):
             # Cheap refusals before any MAC work; newlines could shift fields in canonical().
             raise BadSignature("the signed URL is malformed")
-        expected = _mac(self._secret, canonical(method, expires, key, prefix, max_size))
+        signed_method = _SIGNED_AS.get(method.upper(), method)
+        expected = _mac(self._secret, canonical(signed_method, expires, key, prefix, max_size))
         if not hmac.compare_digest(expected.encode(), sig.lower().encode("ascii", "replace")):
             raise BadSignature("the signature does not match")
         # Fields are trusted only after the signature checks out; then they were ours.
@@ -286,4 +323,6 @@ class Authenticator:
             prefix=prefix,
             max_size_bytes=max_size_bytes,
             principal=_principal("signed", sig.lower().encode("ascii")),
+            # Bound to its method: a GET link reads, a PUT/POST one writes.
+            scopes=frozenset({DOWNLOAD if signed_method.upper() == "GET" else UPLOAD}),
         )

@@ -23,6 +23,8 @@ REASONS = (
     "expired",
     "forbidden",
     "gone",
+    "hook_rejected",
+    "hook_unavailable",
     "internal",
     "locked",
     "memory_pressure",
@@ -217,6 +219,12 @@ class SignedUrlNotForTus(Forbidden):
     code = "ERR_SIGNED_URL_NOT_FOR_TUS"
 
 
+class ScopeNotAllowed(Forbidden):
+    """A token without the scope the request needs (an upload-only token on a GET)."""
+
+    code = "ERR_SCOPE_NOT_ALLOWED"
+
+
 # -- 404 / 409 / 410 / 423: the resource ----------------------------------------------------
 
 
@@ -224,6 +232,22 @@ class NotFound(ProxyError):
     code = "ERR_NOT_FOUND"
     status = 404
     reason = "not_found"
+
+
+class PreconditionFailed(ProxyError):
+    """A download's ``If-Match`` / ``If-Unmodified-Since`` does not hold."""
+
+    code = "ERR_PRECONDITION_FAILED"
+    status = 412
+    reason = "bad_request"
+
+
+class RangeNotSatisfiable(ProxyError):
+    """A download's ``Range`` starts at or after the object's end."""
+
+    code = "ERR_RANGE_NOT_SATISFIABLE"
+    status = 416
+    reason = "bad_request"
 
 
 class KeyExists(ProxyError):
@@ -388,10 +412,27 @@ class TooManyUploads(ProxyError):
     reason = "busy"
 
 
+class Evicted(ProxyError):
+    """Every upload slot was taken and this client held the most: its newest upload gave
+    its slot to a client holding fewer (see :class:`proxy.engine.limits.UploadSlots`)."""
+
+    code = "ERR_EVICTED"
+    status = 503
+    reason = "busy"
+
+
 class TooManyConnections(ProxyError):
     """A listener has ``server.max_connections`` open: a new connection is answered and closed."""
 
     code = "ERR_TOO_MANY_CONNECTIONS"
+    status = 503
+    reason = "busy"
+
+
+class TooManyDownloads(ProxyError):
+    """The server sends ``downloads.max_concurrent`` downloads already."""
+
+    code = "ERR_TOO_MANY_DOWNLOADS"
     status = 503
     reason = "busy"
 
@@ -439,6 +480,24 @@ class StorageCredentials(StorageError):
     """The store cannot be used: no credentials are configured."""
 
     code = "ERR_STORAGE_CREDENTIALS"
+
+
+class HookRejected(ProxyError):
+    """A blocking hook (pre-create, pre-finish) refused the upload; the status and message
+    are the hook's (``HTTPResponse``), 400 by default."""
+
+    code = "ERR_HOOK_REJECTED"
+    status = 400
+    reason = "hook_rejected"
+
+
+class HookUnavailable(ProxyError):
+    """A blocking hook did not answer (timeout, refused connection, non-2xx, exit code,
+    unreadable reply): the upload is refused rather than let through unchecked."""
+
+    code = "ERR_HOOK_UNAVAILABLE"
+    status = 503
+    reason = "hook_unavailable"
 
 
 class StorageUnavailable(ProxyError):

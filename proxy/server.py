@@ -18,7 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from proxy.app import STORAGE, Runtime, build_app
-from proxy.config import Config
+from proxy.config import Config, advisories
 from proxy.errors import ProxyError
 from proxy.obs.sdnotify import Notifier
 from proxy.storage.base import Storage
@@ -153,6 +153,8 @@ class Server:
                 sc.listen_host,
                 sc.listen_port,
             )
+        for advice in advisories(self.config):
+            log.warning("config: %s", advice)
         app = build_app(self.runtime)
         runner = make_runner(app, self.config)
         await runner.setup()
@@ -207,7 +209,13 @@ async def start_site(runner: web.AppRunner, host: str, port: int, config: Config
     parser errors rendered as JSON; :func:`bound_port` tells the port (``port`` may be 0).
     Tests use it too."""
     sc = config.server
-    guard = ConnectionGuard(sc.header_timeout_s, sc.max_connections)
+    guard = ConnectionGuard(
+        sc.header_timeout_s,
+        sc.max_connections,
+        sc.send_timeout_s,
+        max_per_client=sc.max_connections_per_client,
+        trusted=sc.trusted_proxies,
+    )
     site = GuardedSite(runner, host, port, guard, handler_kwargs(config))
     await site.start()
     return site

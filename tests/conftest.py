@@ -240,19 +240,33 @@ def browser() -> Iterator[Browser]:
     b.stop()
 
 
+async def until(check: Callable[[], Awaitable[object]], what: str, timeout_s: float = 30) -> None:
+    """Poll ``check`` (observable state: the store, a counter) until it answers truthy.
+
+    What tests wait on instead of a sleep; the timeout is generous (a loaded 2-core
+    machine) and only bounds a failure."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            while not await check():
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"not within {timeout_s}s: {what}") from None
+
+
 async def assert_nothing_left(s3: S3Storage, prefix: str) -> None:
     """No object and no open multipart upload under ``prefix``."""
     open_uploads = await s3.list_multipart(prefix)
     assert open_uploads == [], f"open multipart uploads left: {open_uploads}"
-    r = await s3._client.list_objects_v2(Bucket=s3.bucket, Prefix=prefix)
-    assert r.get("KeyCount", 0) == 0, f"objects left: {[o['Key'] for o in r.get('Contents', [])]}"
+    objects = await s3.list_objects(prefix)
+    assert objects == [], f"objects left: {[o.key for o in objects]}"
 
 
 async def get_object(s3: S3Storage, key: str) -> tuple[bytes, dict[str, str]]:
-    r = await s3._client.get_object(Bucket=s3.bucket, Key=key)
-    async with r["Body"] as body:
-        data = await body.read()
-    return data, dict(r.get("Metadata", {}))
+    """The object's bytes and its metadata, through the Storage interface."""
+    info = await s3.head(key)
+    assert info is not None, f"no object {key!r}"
+    data = b"".join([chunk async for chunk in s3.iter_object(key, chunk_bytes=MiB)])
+    return data, info.metadata
 
 
 def data_path(tmp_path: Path, size: int, seed: int = 0) -> Path:

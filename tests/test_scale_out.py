@@ -37,6 +37,7 @@ from proxy.tus.state import TusStore
 from tests.cluster import NGINX, Balancer, SeaweedCluster
 from tests.conftest import BUCKET, MiB
 from tests.daemon import Daemon, launch, start_daemon
+from tests.hook_receiver import Receiver
 from tests.obs_helpers import scrape, value
 from tests.tus_helpers import OCTET, TUS, create, head_offset, metadata, patch, sid, tus_key
 
@@ -52,6 +53,7 @@ EXPIRE_S = 10.0  # tus.expire_after_s: above the lease and a resume's wait for i
 SWEEP_S = 1.0  # both sweepers' interval
 STALE_S = 60.0  # upload.stale_upload_after_s: the minimum the config allows
 INSTANCES = 3
+HOOK_SECRET = b"h" * 40
 
 
 def sections(prefix: str) -> dict[str, dict[str, Any]]:
@@ -88,6 +90,7 @@ class Farm:
     orphan_key: str
     orphan_id: str
     orphan_made_s: float
+    receiver: Receiver
     # Logs of instances that were killed and replaced, so no line is lost to a check.
     retired: list[Daemon] = field(default_factory=list)
 
@@ -132,12 +135,24 @@ async def farm(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Farm]:
             assert [u.upload_id for u in await s3.list_multipart(orphan_key)] == [orphan_id]
             made = time.monotonic()
             nginx = Balancer(base / "nginx", [])
-            farm = Farm(base, cluster, s3, prefix, [], nginx, orphan_key, orphan_id, made)
+            # Every instance sends post-finish hooks to one receiver (the hooks test).
+            receiver = Receiver(HOOK_SECRET)
+            await receiver.start()
+            (base / "hook-secret").write_bytes(HOOK_SECRET)
+            hooks = {
+                "http_url": receiver.url,
+                "http_secret_file": str(base / "hook-secret"),
+                "events": ["post-finish"],
+                "timeout_s": 5,
+                "outbox_poll_interval_s": 1,
+                "retry_max_delay_s": 1,
+            }
+            farm = Farm(base, cluster, s3, prefix, [], nginx, orphan_key, orphan_id, made, receiver)
             try:
                 farm.daemons = list(
                     await asyncio.gather(
                         *(
-                            start_daemon(base, cluster, prefix, **sections(prefix))
+                            start_daemon(base, cluster, prefix, **sections(prefix), hooks=hooks)
                             for _ in range(INSTANCES)
                         )
                     )
@@ -150,6 +165,7 @@ async def farm(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Farm]:
                 await nginx.stop()
                 for d in [*farm.retired, *farm.daemons]:
                     await d.stop()
+                await receiver.stop()
     finally:
         await cluster.stop()
 
@@ -758,12 +774,72 @@ async def test_lease_fence_and_takeover_times_give_the_skew_bound(farm: Farm) ->
         await taken.release()
 
 
-@pytest.mark.skip(
-    reason="post-finish hooks do not exist yet; once they land: one upload whose PATCHes "
-    "and completion span instances fires its hook exactly once (docs/scale-out.md)"
-)
 async def test_post_finish_hook_fires_once_per_upload_across_instances(farm: Farm) -> None:
-    raise NotImplementedError
+    """tus uploads whose PATCHes and completions land on different instances, and PUTs,
+    while the receiver refuses everything: every instance's outbox loop polls (each every
+    second) and competes for the same entries.  Once the receiver is back, each upload's
+    post-finish arrives acknowledged exactly once: the claim keeps instances from sending
+    one entry at the same time (de-duplication by EventID is not even needed here)."""
+    receiver = farm.receiver
+    refused = 0
+
+    def down(_: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
+        nonlocal refused
+        refused += 1
+        return 503, None
+
+    receiver.reply = down
+    keys: set[str] = set()
+    async with aiohttp.ClientSession() as http:
+        for i in range(6):
+            name = f"hooked-{i}.bin"
+            data = random.Random(i).randbytes(PART + MiB)
+            url = await create(
+                http, farm.url, len(data), **{"Upload-Metadata": metadata(filename=name)}
+            )
+            assert (await patch(http, url, 0, data[:PART])).status == 204
+            assert (await patch(http, url, PART, data[PART:])).status == 204
+            keys.add(tus_key(farm.prefix, url, name))
+            async with http.put(f"{farm.url}/uploads/hooked/put-{i}.bin", data=data[:MiB]) as r:
+                assert r.status == 201
+                keys.add((await r.json())["key"])
+    outbox = f"{farm.prefix}.tus/hooks/"
+    assert len(await farm.s3.list_objects(outbox)) >= len(keys)  # waiting there
+
+    async def tried() -> bool:
+        return refused >= 2 * len(keys)  # each event refused, some more than once
+
+    await until(tried, 60, "delivery attempts")
+    receiver.reply = lambda _: (200, None)
+
+    def ours() -> list[dict[str, Any]]:
+        return [
+            e
+            for e in receiver.of_type("post-finish")
+            if e["Event"]["Upload"]["Storage"]["Key"] in keys
+        ]
+
+    await receiver.wait_for(
+        lambda: {e["Event"]["Upload"]["Storage"]["Key"] for e in ours()} == keys
+    )
+
+    async def emptied() -> bool:
+        return not await farm.s3.list_objects(outbox)
+
+    await until(emptied, 30, "the outbox is emptied")
+    delivered = ours()
+    assert len({e["EventID"] for e in delivered}) == len(keys)
+    assert len(delivered) == len(keys), "an event was acknowledged twice"
+    completing = [
+        i
+        for i, d in enumerate(farm.daemons)
+        if any("result=ok" in x and "hooked" in x for x in d.log)
+    ]
+    assert len(completing) >= 2, completing
+    print(
+        f"\n{len(keys)} post-finish events over instances {completing}: "
+        f"{refused} refused attempts, {len(delivered)} acknowledged deliveries"
+    )
 
 
 async def test_orphan_multipart_upload_is_aborted_by_the_sweepers(farm: Farm) -> None:

@@ -11,6 +11,7 @@ import aiohttp
 from proxy.storage.base import OpenMultipart
 from proxy.storage.sweeper import StaleSweeper
 from tests.conftest import MiB, StartProxy, assert_nothing_left
+from tests.wrapped import Wrapped
 
 LATER = timedelta(hours=2)
 
@@ -122,3 +123,25 @@ async def test_ages_are_taken_on_the_stores_clock(s3: Any, prefix: str) -> None:
         assert set(await open_uploads(s3, prefix)) == {upload_id}
     finally:
         await s3.abort_multipart(f"{prefix}young", upload_id)
+
+
+async def test_an_upload_gone_between_listing_and_check_does_not_fail_the_sweep(
+    s3: Any, prefix: str
+) -> None:
+    """Another instance completes or aborts an upload after this sweep listed it: the
+    sweep skips it and still aborts the rest (a failed sweep would abort nothing)."""
+    gone = f"{prefix}gone.bin"
+    stale = f"{prefix}stale.bin"
+    gone_id = await s3.create_multipart(gone, metadata={}, content_type="x/y")
+    stale_id = await s3.create_multipart(stale, metadata={}, content_type="x/y")
+
+    class AbortedMeanwhile(Wrapped):
+        async def list_parts(self, key: str, upload_id: str) -> Any:
+            if upload_id == gone_id:
+                await self.inner.abort_multipart(key, upload_id)
+            return await self.inner.list_parts(key, upload_id)
+
+    sweeper = StaleSweeper(AbortedMeanwhile(s3), prefix, older_than_s=60)  # type: ignore[arg-type]
+    aborted = await sweeper.sweep_once(now=datetime.now(UTC) + LATER)
+    assert [u.upload_id for u in aborted] == [stale_id]
+    await assert_nothing_left(s3, prefix)

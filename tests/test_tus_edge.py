@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -34,13 +35,14 @@ from tus_helpers import (
     tus_sections,
 )
 
+from proxy.app import RUNTIME
 from proxy.errors import StorageUnavailable
 from proxy.tus.completion import Completer
 from proxy.tus.maintenance import sweep_once
 from proxy.tus.patch import PatchWriter
-from proxy.tus.state import UploadInfo
+from proxy.tus.state import TusStore, UploadInfo
 
-from conftest import MiB, data_path
+from conftest import MiB, data_path, until
 
 
 def upload_id(url: str) -> str:
@@ -61,6 +63,15 @@ async def open_chunked_patch(
     writer.write(head.encode() + f"{len(body):x}\r\n".encode() + body + b"\r\n")
     await writer.drain()
     return reader, writer
+
+
+def all_received(app: Any, nbytes: int) -> Callable[[], Awaitable[bool]]:
+    """True once the daemon has read ``nbytes`` body bytes in all (its status counter)."""
+
+    async def check() -> bool:
+        return bool(app[RUNTIME].events.stats.received_bytes >= nbytes)
+
+    return check
 
 
 async def hang_up(writer: asyncio.StreamWriter) -> None:
@@ -115,7 +126,7 @@ async def test_a_chunked_patch_cut_before_its_last_chunk_completes_the_upload(
         await cut_patch(url, 0, size, data[:before])
         await wait_offset(http, url, before)
     _, writer = await open_chunked_patch(url, before, data[before:])
-    await asyncio.sleep(0.3)  # the bytes are in before the hang-up
+    await until(all_received(proxy.app, size), "every byte in before the hang-up")
     await hang_up(writer)
     await wait_stored(s3, prefix, url)
     await check_stored(s3, prefix, url, data)
@@ -154,7 +165,7 @@ async def test_a_drain_after_the_last_byte_completes_the_upload(
     try:
         url = await create(http, base, size)
         _, writer = await open_chunked_patch(url, 0, data)
-        await asyncio.sleep(0.3)
+        await until(all_received(runner.app, size), "every byte in before the drain")
     finally:
         await runner.cleanup()  # drain (5 s), then the PATCH is cancelled
         await storage.close()
@@ -184,7 +195,7 @@ async def test_a_failed_completion_after_the_last_byte_can_be_finished(
     monkeypatch.setattr(Completer, "complete", fail_once)
     url = await create(http, proxy.url, size)
     _, writer = await open_chunked_patch(url, 0, data)
-    await asyncio.sleep(0.3)
+    await until(all_received(proxy.app, size), "every byte in before the hang-up")
     await hang_up(writer)
     info = await wait_state(s3, prefix, url, lambda i: i.lease_owner is None and i.rev > 1)
     assert failures == [info.id]
@@ -231,8 +242,11 @@ async def test_a_crash_while_the_last_part_is_stored_leaves_a_completable_upload
     await s3.delete_object(key)
     await s3.put_conditional(key, info.to_json(), if_none_match=True)
     assert await head_offset(http, url) == size
-    await asyncio.sleep(max(0.0, info.lease_until_s - time.time()) + 0.1)
-    assert await sweep_once(service_for(proxy)) == 1
+    # Another instance, its clock just past the dead lease (no waiting for it).
+    shift_s = info.lease_until_s - time.time() + 0.1
+    cfg = proxy.config.tus
+    later = TusStore(s3, cfg.state_prefix, cfg.lock_lease_s, clock=lambda: time.time() + shift_s)
+    assert await sweep_once(service_for(proxy, later)) == 1
     await check_stored(s3, prefix, url, data)
 
 

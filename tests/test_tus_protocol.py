@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import itertools
 import logging
 import os
+import time
 from dataclasses import replace
 
 import pytest
@@ -28,6 +28,7 @@ from tus_helpers import (
 )
 
 from proxy.tus.maintenance import sweep_once
+from proxy.web.tus import TUS as TUS_ROUTES
 
 from conftest import MiB, assert_nothing_left, get_object
 
@@ -303,22 +304,24 @@ async def test_termination_leaves_nothing(proxy, http, s3, prefix) -> None:
 
 
 async def test_expiry_and_sweeper(start_proxy, http, s3, prefix) -> None:
-    # The sweeper's first run (4 s after start) comes after the checks at ~2 s: while it
-    # terminates the upload it holds its lease, and HEAD / PATCH then (rightly) answer 200
-    # / 423.  2 s of expiry leave a loaded machine time to create and PATCH first.
-    proxy = await start_proxy(**tus_sections(prefix, expire_after_s=2, sweep_interval_s=4))
+    """Expiry on the service's clock, moved by the test (no waiting for it), and one sweep
+    run by the test: the background sweeper (every hour here) cannot race the checks by
+    holding the upload's lease while it terminates it (HEAD / PATCH would then answer
+    200 / 423, rightly)."""
+    proxy = await start_proxy(**tus_sections(prefix, expire_after_s=2, sweep_interval_s=3600))
+    service = proxy.app[TUS_ROUTES].service
+    now_s = [time.time()]
+    service.store.clock = lambda: now_s[0]
     url = await create(http, proxy.url, 100)
     r = await patch(http, url, 0, b"x" * 10)
     assert r.status == 204
     assert "GMT" in r.headers["Upload-Expires"]
-    await asyncio.sleep(2.1)
+    now_s[0] += 2.1
     async with http.head(url, headers=TUS) as r:
-        assert r.status in (404, 410)
-    assert (await patch(http, url, 10, b"y")).status in (404, 410)
-    for _ in range(100):  # the sweeper runs every 4 s in this proxy
-        if not (await state_keys(s3, prefix) or await s3.list_multipart(prefix)):
-            break
-        await asyncio.sleep(0.2)
+        assert r.status == 410
+    assert (await patch(http, url, 10, b"y")).status == 410
+    assert await state_keys(s3, prefix)  # the precondition: the upload's state is there
+    assert await sweep_once(service) == 1
     await assert_nothing_left(s3, prefix)
     async with http.head(url, headers=TUS) as r:
         assert r.status == 404

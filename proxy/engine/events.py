@@ -26,7 +26,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from proxy.engine.pipeline import StreamObserver
-from proxy.errors import ProxyError
+from proxy.errors import ProxyError, Terminated
+from proxy.hooks.dispatch import Hooks
+from proxy.hooks.payload import HookUpload, Reason
 from proxy.obs.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,9 @@ class Outcome:
     error: ProxyError | None = None
     client: str = "-"  # the client's address, "-" when the proxy itself ended it
     auth: str = "-"  # how the request authenticated: none, token, signed
+    # For hooks: the object metadata and the principal (str of proxy.auth.Principal).
+    metadata: dict[str, str] | None = None
+    principal: str = "-"
 
 
 class _Counting:
@@ -85,6 +90,10 @@ class UploadEvents:
     def __init__(self, metrics: Metrics, stats: UploadStats | None = None) -> None:
         self.metrics = metrics
         self.stats = stats or UploadStats()
+        # Set by the app once the store is open: a failed upload's post-fail (or
+        # post-terminate) goes from here.  post-finish does not: it must be durable before
+        # the success answer, so the completing paths record it themselves.
+        self.hooks = Hooks.disabled()
 
     def rejected(self, error: ProxyError) -> None:
         self.metrics.upload_rejected(error.reason)
@@ -119,6 +128,8 @@ class UploadEvents:
             seconds=o.seconds,
             size_bytes=o.size_bytes,
         )
+        if error is not None:
+            self._hook_failure(o, error)
         rate = o.size_bytes / o.seconds / 2**20 if o.seconds > 0 else 0.0
         level = logging.INFO
         if error is not None and error.reason not in _CLIENT_SIDE and error.status >= 500:
@@ -153,6 +164,16 @@ class UploadEvents:
                 }
             },
         )
+
+    def _hook_failure(self, o: Outcome, error: ProxyError) -> None:
+        upload = HookUpload(
+            o.protocol, o.upload_id, o.key, None, o.size_bytes, o.metadata or {},
+            principal=o.principal,
+        )  # fmt: skip
+        if isinstance(error, Terminated):
+            self.hooks.notify("post-terminate", upload)
+        else:
+            self.hooks.notify("post-fail", upload, reason=Reason(error.code, error.message))
 
 
 def auth_of(principal: str) -> str:

@@ -6,7 +6,8 @@
 * :func:`client_group` is what every per-client limit counts under (an IPv4 address, an
   IPv6 /64).
 * :class:`UploadSlots` caps uploads in total (503, the server is full) and per client
-  (429, this client is asking for too much), and drains them on shutdown.
+  (429, this client is asking for too much), shares them fairly once they are all
+  taken, and drains them on shutdown.
 * :class:`ContentPolicy` is the content-type and extension allowlist (415).
 * :class:`BodyPace` is the minimum body rate (408 ``ERR_TOO_SLOW``).
 """
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 
 from proxy.errors import (
     ClientLimit,
+    Evicted,
     ExtensionNotAllowed,
     NotAllowed,
     ShuttingDown,
@@ -83,6 +85,11 @@ def client_group(ip: str) -> str:
     return str(addr)
 
 
+def is_trusted(ip: str, trusted: tuple[Network, ...]) -> bool:
+    """Is ``ip`` (a peer address) one of the configured trusted proxies?"""
+    return _trusted(_address(ip), trusted)
+
+
 def client_info(
     remote: str | None,
     forwarded_for: str | None,
@@ -119,6 +126,15 @@ class UploadSlots:
     takes the slot in one synchronous step, so the two can race only in the harmless
     direction (a 100 Continue followed by a 429).
 
+    Fair share once every slot is taken: a client (address group) that holds at least two
+    uploads fewer than the client holding the most does not get 503: the newest upload
+    of the client holding the most is cancelled (503 ``ERR_EVICTED``, its multipart upload
+    aborted; a tus PATCH keeps what it stored) and its slot is the newcomer's.  So a few
+    addresses that take every slot and keep them at the minimum rate cannot lock anyone
+    else out; each of them keeps as many as anyone else.  The newest goes because it has
+    the least to lose.  Between the cancel and the victim's unwinding the count runs one
+    over ``total`` per eviction under way.
+
     Why the drain is ours and not aiohttp's: once its shutdown starts, aiohttp drops
     every byte that arrives on open connections (``RequestHandler.data_received``
     returns early when closing), so an upload in flight can never finish inside
@@ -135,6 +151,9 @@ class UploadSlots:
         self._retry_after = str(retry_after_s)
         self._by_client: dict[str, int] = {}
         self._tasks: set[asyncio.Task[object]] = set()
+        # The running uploads' tasks by client group, oldest first; and those evicted.
+        self._held: dict[str, list[asyncio.Task[object]]] = {}
+        self._evicted: set[asyncio.Task[object]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
         self.in_use = 0
@@ -148,7 +167,7 @@ class UploadSlots:
                 "the server is shutting down; retry shortly",
                 headers={"Retry-After": self._retry_after},
             )
-        if self.in_use >= self.total:
+        if self.in_use - len(self._evicted) >= self.total and self._victim(client) is None:
             raise TooManyUploads(
                 f"the server runs {self.total} uploads already; retry later",
                 headers={"Retry-After": self._retry_after},
@@ -159,21 +178,51 @@ class UploadSlots:
                 headers={"Retry-After": self._retry_after},
             )
 
+    def _victim(self, group: str) -> asyncio.Task[object] | None:
+        """The upload to evict for ``group``'s new one, if it is owed a fair share."""
+        if not self._held:
+            return None
+        mine = self._by_client.get(group, 0)
+        biggest = max(self._held, key=lambda g: len(self._held[g]))
+        candidates = [t for t in self._held[biggest] if t not in self._evicted]
+        if len(candidates) < mine + 2:
+            return None
+        return candidates[-1]
+
     @contextmanager
     def hold(self, client: str) -> Iterator[None]:
         self.check(client)
         client = client_group(client)
+        if self.in_use - len(self._evicted) >= self.total:
+            victim = self._victim(client)
+            assert victim is not None  # check() let us in
+            self._evicted.add(victim)
+            victim.cancel()
         task = asyncio.current_task()
         self.in_use += 1
         self._by_client[client] = self._by_client.get(client, 0) + 1
         self._idle.clear()
         if task is not None:
             self._tasks.add(task)
+            self._held.setdefault(client, []).append(task)
         try:
             yield
+        except asyncio.CancelledError:
+            if task is None or task not in self._evicted or task.uncancel():
+                raise
+            raise Evicted(
+                "every upload slot is taken and this client holds the most; "
+                "its newest upload gave its slot to another client",
+                headers={"Retry-After": self._retry_after},
+            ) from None
         finally:
             if task is not None:
                 self._tasks.discard(task)
+                self._evicted.discard(task)
+                held = self._held[client]
+                held.remove(task)
+                if not held:
+                    del self._held[client]
             self.in_use -= 1
             if not self.in_use:
                 self._idle.set()

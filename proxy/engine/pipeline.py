@@ -367,12 +367,13 @@ class PartPipeline(Generic[S]):
         *,
         if_none_match: bool,
         on_exists: Callable[[int, dict[str, str]], Awaitable[str]] | None = None,
+        before_put: Callable[[], Awaitable[None]] | None = None,
     ) -> SentPart[S]:
         """Store the tail, the body's every byte (no part was dispatched), as the whole
         object with one PutObject: hashed first, then ``metadata(state)`` (which may raise,
-        e.g. a digest mismatch: nothing is stored then).  A create-only put that finds the
-        key taken asks ``on_exists(size, metadata)`` for the etag of what is there, if it
-        is ours."""
+        e.g. a digest mismatch: nothing is stored then), then ``before_put()`` (which may
+        refuse too: a pre-finish hook).  A create-only put that finds the key taken asks
+        ``on_exists(size, metadata)`` for the etag of what is there, if it is ours."""
         part = self.tail
         assert part is not None and not self.dispatched
         self._fence()
@@ -387,6 +388,8 @@ class PartPipeline(Generic[S]):
             prev, self._last_hash = self._last_hash, self._loop.create_future()
             checksum, state = await self._hash(views, own, prev, self._last_hash)
             meta = metadata(state)
+            if before_put is not None:
+                await before_put()
             t = self._target
             try:
                 async with asyncio.timeout(self._settings.part_timeout_s):

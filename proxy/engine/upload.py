@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -62,6 +62,9 @@ class UploadSpec:
     metadata: dict[str, str] = field(default_factory=dict)
     create_only: bool = True
     expected: ExpectedDigests = field(default_factory=ExpectedDigests)
+    # Called with (size, sha256) once the body is verified, before the object is made
+    # (a pre-finish hook): raising refuses the upload, and nothing is stored.
+    before_finish: Callable[[int, str], Awaitable[None]] | None = None
 
 
 @dataclass(frozen=True)
@@ -143,13 +146,19 @@ class ObjectUpload:
             raise ChecksumMismatch("body MD5 does not match Content-MD5")
         return sha256.hex()
 
+    async def _before_finish(self) -> None:
+        if self._spec.before_finish is not None:
+            await self._spec.before_finish(self._pipe.received_bytes, self._verify())
+
     def _final_metadata(self, sha256: str) -> dict[str, str]:
         return {**self._spec.metadata, "sha256": sha256}
 
     async def _single_put(self) -> StreamResult:
         spec = self._spec
         sent = await self._pipe.put_whole(
-            lambda _: self._final_metadata(self._verify()), if_none_match=spec.create_only
+            lambda _: self._final_metadata(self._verify()),
+            if_none_match=spec.create_only,
+            before_put=self._before_finish,
         )
         sha256 = self._digests.sha256.hexdigest()
         await verify_stored(self._storage, spec.key, etag=sent.etag, size=sent.size, sha256=sha256)
@@ -161,6 +170,7 @@ class ObjectUpload:
         assert len(sent) == pipe.dispatched, "completing with a part that was never stored"
         sha256 = self._verify()
         size = pipe.received_bytes
+        await self._before_finish()
         etag = await self._storage.complete_multipart(
             spec.key,
             pipe.multipart_id,

@@ -40,6 +40,10 @@ STORAGE_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30
 OTHER_REASON = "other"
 DEDUP_PROTOCOLS = ("http", "tus")
 DEDUP_LOOKUPS = ("hit", "miss", "stale")
+DOWNLOAD_ROUTES = ("uploads", "files")
+# full / partial (206) / head / not_modified: answered; refused: an error answer before
+# the body; broken: the body was cut (client gone or stalled, store broke off).
+DOWNLOAD_OUTCOMES = ("full", "partial", "head", "not_modified", "refused", "broken")
 
 
 class PoolFigures(Protocol):
@@ -187,6 +191,13 @@ class Metrics:
             "Content index lookups by result (hit, miss, stale: the entry was dropped).",
             ("result",),
         )
+        # Downloads: route is "uploads" or "files", outcome one of DOWNLOAD_OUTCOMES.
+        self.download_bytes = counter(
+            "proxy_download_bytes", "Object bytes sent to downloading clients.", ("route",)
+        )
+        self.downloads = counter(
+            "proxy_downloads", "Download requests by route and outcome.", ("route", "outcome")
+        )
         self.storage_errors = counter(
             "proxy_storage_errors", "Failed S3 request attempts.", ("operation",)
         )
@@ -227,6 +238,10 @@ class Metrics:
             self.dedup_saved_bytes.labels(protocol)
         for result in DEDUP_LOOKUPS:
             self.dedup_lookups.labels(result)
+        for route in DOWNLOAD_ROUTES:
+            self.download_bytes.labels(route)
+            for outcome in DOWNLOAD_OUTCOMES:
+                self.downloads.labels(route, outcome)
         Info("proxy_build", "Version of the running proxy.", registry=registry).info(
             {"version": version}
         )

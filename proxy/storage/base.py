@@ -11,7 +11,7 @@ is a folder on a store that cannot hold an object and a folder of one name).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol, TypeAlias, runtime_checkable
@@ -102,6 +102,7 @@ class ObjectInfo:
     etag: str
     content_type: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
+    last_modified: datetime | None = None  # as the store says (HEAD); None: not known
 
 
 class Storage(Protocol):
@@ -226,6 +227,21 @@ class Copier(Protocol):
         """Copy ``size`` bytes of ``source`` while its etag is ``source_etag`` to a new
         object ``key`` (create-only with ``if_none_match``: :class:`~proxy.errors.ObjectExists`
         if taken) with ``metadata``; return the new etag.  Nothing is left on failure."""
+
+
+@runtime_checkable
+class ObjectReader(Protocol):
+    """Ranged reads of whole objects: what downloads need."""
+
+    def read_range(
+        self, key: str, *, first_byte: int, last_byte: int, etag: str, chunk_bytes: int
+    ) -> AsyncGenerator[bytes, None]:
+        """Bytes ``first_byte``..``last_byte`` (inclusive) of the object whose etag is still
+        ``etag``, in chunks of at most ``chunk_bytes``: only those bytes are asked of the
+        store (a ranged GET), and the next chunk is read only when the caller asks for it,
+        so a slow consumer slows the read.  A missing object raises
+        :class:`~proxy.errors.NotFound`, another etag :class:`~proxy.errors.ConditionFailed`,
+        a read that breaks off a storage error."""
 
 
 @runtime_checkable

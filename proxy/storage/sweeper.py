@@ -41,18 +41,6 @@ def never_live(upload: OpenMultipart) -> bool:
     return False
 
 
-def any_live(*predicates: LiveUploadPredicate) -> LiveUploadPredicate:
-    """One predicate that is true when any of ``predicates`` is."""
-
-    async def live(upload: OpenMultipart) -> bool:
-        for p in predicates:
-            if await resolve(p(upload)):
-                return True
-        return False
-
-    return live
-
-
 async def resolve(answer: bool | Awaitable[bool]) -> bool:
     return await answer if inspect.isawaitable(answer) else answer
 
@@ -74,7 +62,6 @@ class StaleSweeper:
         self._older_than_s = older_than_s
         self._is_live = is_live
         self._clock = clock
-        self.aborted_total = 0
 
     def _older_than_window(self, then: datetime, now: datetime) -> bool:
         if then.tzinfo is None:  # S3 speaks UTC; some stores omit the zone
@@ -82,8 +69,16 @@ class StaleSweeper:
         return (now - then).total_seconds() > self._older_than_s
 
     async def _written_lately(self, upload: OpenMultipart, now: datetime) -> bool:
-        """A part of ``upload`` reached the store within the window (on its clock)."""
-        parts = await self._storage.list_parts(upload.key, upload.upload_id)
+        """A part of ``upload`` reached the store within the window (on its clock), or
+        its parts cannot be listed (then it is left for the next sweep)."""
+        try:
+            parts = await self._storage.list_parts(upload.key, upload.upload_id)
+        except ProxyError as e:
+            # Completed or aborted since the listing (by its writer or another
+            # instance's sweep), or unreadable now: nothing to abort, or nothing to
+            # abort safely.  Either way, not this round, and the rest of the sweep goes on.
+            log.info("stale sweep: skipped an upload it could not list: %s", e.message)
+            return True
         return any(
             p.last_modified is not None and not self._older_than_window(p.last_modified, now)
             for p in parts
@@ -113,7 +108,6 @@ class StaleSweeper:
                 upload.key,
                 upload.initiated.isoformat(),
             )
-        self.aborted_total += len(aborted)
         return aborted
 
     async def run(self, interval_s: float) -> None:

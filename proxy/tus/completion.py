@@ -28,6 +28,8 @@ from proxy.errors import (
     StorageUnavailable,
     UploadFailed,
 )
+from proxy.hooks.dispatch import Hooks
+from proxy.hooks.payload import HookUpload
 from proxy.storage.base import CompletedPart, ObjectInfo, multipart_etag
 from proxy.tus.hash import Sha256
 from proxy.tus.patch import PatchResult
@@ -58,12 +60,23 @@ class Completer:
     """Completes (or fails) tus uploads; reports each one's outcome."""
 
     def __init__(
-        self, config: TusConfig, storage: TusStorage, store: TusStore, events: UploadEvents
+        self,
+        config: TusConfig,
+        storage: TusStorage,
+        store: TusStore,
+        events: UploadEvents,
+        hooks: Hooks | None = None,
     ) -> None:
         self.config = config
         self.storage = storage
         self.store = store
         self.events = events
+        self.hooks = hooks or Hooks.disabled()
+
+    async def record_finish(self, info: UploadInfo) -> None:
+        """The upload's post-finish, durable before its state goes (so a completion that
+        is redone records it again, as the same event) and before the client's answer."""
+        await self.hooks.record_finish(hook_upload(info))
 
     def report(
         self,
@@ -86,6 +99,8 @@ class Completer:
                 error=error,
                 client=client,
                 auth=auth_of(info.principal),
+                metadata=_public(info.object_metadata),
+                principal=info.principal,
             )
         )
 
@@ -154,6 +169,17 @@ class Completer:
         except ProxyError as e:
             log.warning("tus upload %s: could not record a failed completion: %s", info.id, e)
 
+    async def key_taken(
+        self, lease: Lease, info: UploadInfo, cause: ProxyError, client: str
+    ) -> UploadFailed:
+        """The last PATCH of an upload below one part (one PutObject, create-only) found
+        its key taken: fail the upload for good, as a completion would above one part
+        (a 409 would tell a tus client to HEAD and retry, for ever).  The error to raise."""
+        failed = _key_taken(info.key, cause)
+        await self._fail(info, failed, client)
+        await lease.drop()
+        return failed
+
     async def _fail(self, info: UploadInfo, error: UploadFailed, client: str) -> None:
         """Discard an upload that cannot complete: abort its parts, delete its object if
         an attempt got that far (one without its sha256 breaks our promise), delete its
@@ -163,7 +189,9 @@ class Completer:
         if info.multipart_id:
             await storage.abort_multipart(info.key, info.multipart_id)
         obj = await storage.head(info.key)
-        if obj is not None and _tagged(obj, info.id):
+        # Only an object this upload stored: its tus id alone proves nothing (anyone who
+        # lists the bucket or reads the logs knows the storage id and can put it there).
+        if obj is not None and _ours(info, obj, _completed_parts(info)):
             await delete_if_ours(storage, info.key, obj.etag)
         await self.store.delete_all(info)
         self.report(info, error=error, client=client)
@@ -197,6 +225,7 @@ class Completer:
                 metadata={**info.object_metadata, "sha256": sha256},
                 content_type=info.content_type,
             )
+        await self.record_finish(replace(info, sha256_hex=sha256))
         await self.store.delete_all(info)
         self.report(info, sha256=sha256, client=client)
         return replace(info, sha256_hex=sha256)
@@ -238,7 +267,7 @@ class Completer:
         our size, and the ETag our recorded parts make (or, once labelled, our sha256:
         on stores where the self-copy changes the ETag)."""
         storage = self.storage
-        parts = [CompletedPart(n, p.etag) for n, p in enumerate(info.parts, start=1)]
+        parts = _completed_parts(info)
         try:
             await self._check_parts(info)
             return await storage.complete_multipart(
@@ -279,15 +308,42 @@ class Completer:
         return h.hexdigest()
 
 
+def _public(metadata: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in metadata.items() if k != "tus-id"}
+
+
+def hook_upload(info: UploadInfo) -> HookUpload:
+    """What a hook event says about a tus upload: its storage id (the URL id is kept
+    nowhere), its object metadata (Upload-Metadata, lower-cased keys) and principal."""
+    return HookUpload(
+        protocol="tus",
+        id=info.id,
+        key=info.key,
+        size=info.length,
+        offset=info.offset,
+        metadata=_public(info.object_metadata),
+        sha256=info.sha256_hex,
+        principal=info.principal,
+    )
+
+
 def _tagged(obj: ObjectInfo, upload_id: str) -> bool:
     return obj.metadata.get("tus-id") == upload_id
 
 
+def _completed_parts(info: UploadInfo) -> list[CompletedPart]:
+    return [CompletedPart(n, p.etag) for n, p in enumerate(info.parts, start=1)]
+
+
 def _ours(info: UploadInfo, obj: ObjectInfo, parts: list[CompletedPart]) -> bool:
-    """Is ``obj`` the object this upload's multipart upload completed to?"""
+    """Is ``obj`` the object this upload stored: what its multipart upload completed to,
+    or (below one part, no multipart upload) its one PutObject?"""
     if not _tagged(obj, info.id) or obj.size != info.offset:
         return False
-    if obj.etag.strip('"') == multipart_etag(parts):
+    etag = obj.etag.strip('"')
+    if info.multipart_id and etag == multipart_etag(parts):
+        return True
+    if not info.multipart_id and len(parts) == 1 and etag == parts[0].etag.strip('"'):
         return True
     return info.sha256_hex is not None and obj.metadata.get("sha256") == info.sha256_hex
 

@@ -33,14 +33,18 @@ from proxy.engine.dedup import ContentIndex
 from proxy.engine.pipeline import StreamObserver
 from proxy.engine.upload import shielded
 from proxy.errors import (
+    HookRejected,
+    KeyConflict,
+    ObjectExists,
     ProxyError,
     Terminated,
     TooLarge,
     TooManyUnfinished,
     UploadChecksumMismatch,
 )
-from proxy.keys import safe_filename
-from proxy.tus.completion import EMPTY_SHA256, Completer, completing
+from proxy.keys import full_key, safe_filename
+from proxy.naming import KeyTemplate
+from proxy.tus.completion import EMPTY_SHA256, Completer, completing, hook_upload
 from proxy.tus.hash import resume_sha256
 from proxy.tus.patch import PatchResult, PatchTarget, PatchWriter
 from proxy.tus.state import (
@@ -99,7 +103,7 @@ class TusService:
         self.config = config
         self.engine = engine
         self.store = store
-        self.completer = Completer(config, store.storage, store, engine.events)
+        self.completer = Completer(config, store.storage, store, engine.events, engine.hooks)
 
     @property
     def storage(self) -> TusStorage:
@@ -109,13 +113,20 @@ class TusService:
     def max_size_bytes(self) -> int:
         return self.engine.max_upload_size_bytes
 
-    def object_key(self, upload_id: str, filename: str | None) -> str:
-        # The tus id is always a whole key segment: TusStore.owns_multipart relies on it.
-        # Under object_prefix, where plain uploads are refused: nobody else can put an
-        # object at the key before the upload completes.
-        name = safe_filename(filename)
+    def object_key(self, upload_id: str, filename: str | None, name: str | None = None) -> str:
+        """``{key_prefix}{object_prefix}{id}/{name}``: ``name`` is a pre-create hook's key,
+        else upload.key_template's, else the sanitised file name.
+
+        The tus id is always a whole key segment: TusStore.owns_multipart relies on it.
+        Under object_prefix, where plain uploads are refused: nobody else can put an
+        object at the key before the upload completes.  So a template or a hook chooses
+        the name inside the upload's folder, never the folder."""
+        if name is None and self.engine.key_template:
+            name = KeyTemplate(self.engine.key_template).render(upload_id, filename)
+        elif name is None:
+            name = safe_filename(filename)
         prefix = self.engine.key_prefix + self.config.object_prefix
-        return f"{prefix}{upload_id}/{name}" if name else f"{prefix}{upload_id}"
+        return full_key("", f"{prefix}{upload_id}/{name}" if name else f"{prefix}{upload_id}")
 
     # -- create ------------------------------------------------------------------------
 
@@ -142,6 +153,7 @@ class TusService:
         if new.length == 0:
             # Complete on arrival: the object, and no state at all.
             await self.completer.put_empty(new.key, new.content_type, new.object_metadata)
+            await self.completer.record_finish(replace(info, sha256_hex=EMPTY_SHA256))
             self.engine.events.created()
             self.completer.report(info, sha256=EMPTY_SHA256, client=client)
             return replace(info, completing=True, sha256_hex=EMPTY_SHA256), None
@@ -245,7 +257,8 @@ class TusService:
             metadata=info.object_metadata,
         )
         buffers = self.engine.buffers_for(client_ip)
-        with self.engine.events.transfer(info.id, info.key) as observer:
+        with self.engine.events.transfer(info.id, info.key) as live:
+            observer = self.engine.hooks.progress(hook_upload(info), live)
             return await self._write(
                 lease, info, target, chunks, declared_bytes, checksum, observer, buffers,
                 client_ip or "-",
@@ -326,8 +339,15 @@ class TusService:
                 self.engine.events.rejected(mismatch)
                 raise mismatch
             final = info.length is not None and info.offset + writer.received_bytes == info.length
+            if final:
+                await self._pre_finish(lease, info, writer, keeper, client)
             try:
                 result = await writer.commit(final=final)
+            except (ObjectExists, KeyConflict) as e:
+                await keeper.stop()
+                if not final:
+                    raise
+                raise await self.completer.key_taken(lease, info, e, client) from e
             finally:
                 await keeper.stop()
             new_info = self._apply(info, result)
@@ -349,6 +369,25 @@ class TusService:
         finally:
             await keeper.stop()  # already stopped on every path; this makes sure of it
             writer.close()
+
+    async def _pre_finish(
+        self, lease: Lease, info: UploadInfo, writer: PatchWriter, keeper: LeaseKeeper, client: str
+    ) -> None:
+        """The pre-finish hook, with every byte received and nothing completed.  A refusal
+        ends the upload (parts aborted, state deleted: its bytes were refused, so resuming
+        it makes no sense); a hook that does not answer fails only this PATCH (503), whose
+        bytes the client sends again."""
+        hooks = self.engine.hooks
+        if not hooks.wants("pre-finish"):
+            return
+        upload = replace(hook_upload(info), offset=info.offset + writer.received_bytes)
+        try:
+            await hooks.blocking("pre-finish", upload)
+        except HookRejected as e:
+            await keeper.stop()
+            lease.info = replace(lease.info, multipart_id=writer.multipart_id)
+            await shielded(self.terminate(lease, why=e, client=client), "tus refused upload")
+            raise
 
     async def _salvage(
         self, lease: Lease, writer: PatchWriter, info: UploadInfo, keep_tail: bool, *, commit: bool

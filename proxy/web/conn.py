@@ -12,8 +12,21 @@ makes for each connection so that:
 * a connection whose first request's headers (up to the empty line that ends them) are
   not complete within ``header_timeout_s`` of its accept is closed, with a 408
   ``ERR_HEADER_TIMEOUT`` answer when it sent anything;
-* at most ``max_connections`` are open per listener: one more is answered 503
-  ``ERR_TOO_MANY_CONNECTIONS`` and closed before aiohttp sees it.
+* at most ``max_connections`` are open per listener, and at most
+  ``max_connections_per_client`` from one client (an IPv4 address, an IPv6 /64: see
+  :func:`~proxy.engine.limits.client_group`) unless the peer is a trusted proxy (nginx
+  carries everyone's requests): one more is answered 503 ``ERR_TOO_MANY_CONNECTIONS``
+  and closed before aiohttp sees it, so one address cannot hold every connection;
+* a connection whose answer cannot be written for ``send_timeout_s`` (the peer does not
+  read: the transport has paused writing and not resumed) is aborted.  aiohttp's writer
+  waits for the socket to drain for ever, and while it waits neither timeout above
+  runs, so a peer that pipelines requests and never reads their answers would hold the
+  connection (and its handler) for good.  Like nginx's ``send_timeout``, it bounds the
+  wait between two successful writes, not a whole answer.  The kernel would otherwise
+  take megabytes of answers the peer never reads before writing pauses (send buffers
+  autotune up to ``tcp_wmem``'s maximum): ``TCP_NOTSENT_LOWAT`` keeps what it holds
+  *unsent* to :data:`NOTSENT_LOWAT_BYTES`, so a stalled peer is noticed after that much,
+  while bytes in flight (what a fast link needs) are not limited.
 
 Why a protocol wrapper: aiohttp has no hook for either.  ``web.BaseSite`` is its public
 base for custom sites, and the wrapper only forwards ``asyncio.Protocol`` calls, so no
@@ -31,33 +44,79 @@ import http
 import json
 import logging
 import re
+import socket
 from collections.abc import Callable
 from typing import Any, cast
 
 from aiohttp import web
 from yarl import URL
 
+from proxy.engine.limits import Network, client_group, is_trusted
 from proxy.errors import HeaderTimeout, ProxyError, TooManyConnections
-from proxy.web.errors import JsonErrorRequestHandler
+from proxy.web.errors import SERVER_HEADER, JsonErrorRequestHandler
 
 log = logging.getLogger(__name__)
 
 # The empty line ending the headers: CRLF CRLF, or bare LFs as lenient parsers accept.
 _HEADERS_END = re.compile(rb"\n\r?\n")
 _RETRY_AFTER_S = 1
+# Unsent bytes the kernel may queue per connection (see the module docstring): a few ms
+# of writes at gigabit speed, so a reading peer never waits on the event loop for more.
+NOTSENT_LOWAT_BYTES = 256 * 1024
 
 
 class ConnectionGuard:
     """One listener's connection count and header deadline, with counters for metrics."""
 
-    def __init__(self, header_timeout_s: float, max_connections: int) -> None:
-        if header_timeout_s <= 0 or max_connections < 1:
-            raise ValueError("header_timeout_s must be > 0 and max_connections >= 1")
+    def __init__(
+        self,
+        header_timeout_s: float,
+        max_connections: int,
+        send_timeout_s: float = 60.0,
+        *,
+        max_per_client: int | None = None,
+        trusted: tuple[Network, ...] = (),
+    ) -> None:
+        """``max_per_client`` None: no per-client cap; ``trusted`` peers have none."""
+        per_client = max_connections if max_per_client is None else max_per_client
+        if header_timeout_s <= 0 or send_timeout_s <= 0 or min(max_connections, per_client) < 1:
+            raise ValueError(
+                "header_timeout_s and send_timeout_s must be > 0, the connection caps >= 1"
+            )
         self.header_timeout_s = header_timeout_s
         self.max_connections = max_connections
+        self.send_timeout_s = send_timeout_s
+        self.max_per_client = per_client
+        self._trusted = trusted
+        # Open connections per client group; never outgrows the open connections.
+        self._by_client: dict[str, int] = {}
         self.open = 0
         self.refused_total = 0
         self.header_timeouts_total = 0
+
+    def admit(self, peer: str) -> str | None:
+        """Count a new connection from ``peer``; why it is refused, or None.  A connection
+        admitted is given back with :meth:`leave`."""
+        group = None if is_trusted(peer, self._trusted) else client_group(peer)
+        if self.open >= self.max_connections:
+            return "too many open connections; retry shortly"
+        if group is not None and self._by_client.get(group, 0) >= self.max_per_client:
+            return "too many open connections from your address; retry shortly"
+        self.open += 1
+        if group is not None:
+            self._by_client[group] = self._by_client.get(group, 0) + 1
+        return None
+
+    def leave(self, peer: str) -> None:
+        self.open -= 1
+        if is_trusted(peer, self._trusted):
+            return
+        group = client_group(peer)
+        left = self._by_client.get(group, 0) - 1
+        if left > 0:
+            self._by_client[group] = left
+        else:
+            self._by_client.pop(group, None)
 
     def wrap(self, factory: Callable[[], asyncio.BaseProtocol]) -> Callable[[], asyncio.Protocol]:
         """A protocol factory for ``loop.create_server`` that guards ``factory``'s protocols."""
@@ -71,12 +130,25 @@ def raw_error(transport: asyncio.Transport, error: ProxyError) -> None:
         "Content-Type": "application/json; charset=utf-8",
         "Content-Length": str(len(body)),
         "Connection": "close",
+        # Every answer carries the same bare product token (see proxy.web.errors).
+        "Server": SERVER_HEADER,
         **error.headers,
     }
     head = f"HTTP/1.1 {error.status} {http.HTTPStatus(error.status).phrase}\r\n"
     head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
     transport.write(head.encode() + body)
     transport.close()
+
+
+def _limit_unsent(transport: asyncio.BaseTransport) -> None:
+    sock = transport.get_extra_info("socket")
+    option = getattr(socket, "TCP_NOTSENT_LOWAT", None)  # Linux, macOS
+    if sock is None or option is None:
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, option, NOTSENT_LOWAT_BYTES)
+    except OSError:
+        pass  # not TCP (a test's socket pair): nothing to limit
 
 
 class _Guarded(asyncio.Protocol):
@@ -89,24 +161,26 @@ class _Guarded(asyncio.Protocol):
         # uvloop's transports are not asyncio.Transport subclasses, only alike: cast.
         self._transport: asyncio.Transport | None = None
         self._deadline: asyncio.TimerHandle | None = None
+        self._send_deadline: asyncio.TimerHandle | None = None
+        self._peer = "unknown"
         self._sent_something = False
         self._tail = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
         guard = self._guard
-        if guard.open >= guard.max_connections:
+        peer = transport.get_extra_info("peername")
+        self._peer = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
+        refusal = guard.admit(self._peer)
+        if refusal is not None:
             guard.refused_total += 1
-            log.debug("refused a connection: %d open", guard.open)
+            log.debug("refused a connection: %s (%d open)", refusal, guard.open)
             raw_error(
                 self._transport,
-                TooManyConnections(
-                    "too many open connections; retry shortly",
-                    headers={"Retry-After": str(_RETRY_AFTER_S)},
-                ),
+                TooManyConnections(refusal, headers={"Retry-After": str(_RETRY_AFTER_S)}),
             )
             return
-        guard.open += 1
+        _limit_unsent(transport)
         loop = asyncio.get_running_loop()
         self._deadline = loop.call_later(guard.header_timeout_s, self._headers_late)
         inner = self._factory()
@@ -161,18 +235,37 @@ class _Guarded(asyncio.Protocol):
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
+        self._stop_send_deadline()
         if self._inner is not None:
-            self._guard.open -= 1
+            self._guard.leave(self._peer)
             self._inner.connection_lost(exc)
             self._inner = None
 
     def pause_writing(self) -> None:
+        if self._send_deadline is None:
+            loop = asyncio.get_running_loop()
+            self._send_deadline = loop.call_later(self._guard.send_timeout_s, self._send_late)
         if self._inner is not None:
             self._inner.pause_writing()
 
     def resume_writing(self) -> None:
+        self._stop_send_deadline()
         if self._inner is not None:
             self._inner.resume_writing()
+
+    def _stop_send_deadline(self) -> None:
+        if self._send_deadline is not None:
+            self._send_deadline.cancel()
+            self._send_deadline = None
+
+    def _send_late(self) -> None:
+        self._send_deadline = None
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        log.debug("aborted a connection: its peer read nothing for %gs", self._guard.send_timeout_s)
+        # Nothing more can be written to it: abort drops what is buffered and closes now.
+        transport.abort()
 
 
 class GuardedSite(web.BaseSite):

@@ -19,6 +19,15 @@ log = logging.getLogger(__name__)
 # on_response_prepare hooks run), so the header cannot simply be left out.
 SERVER_HEADER = "upload-proxy"
 
+# What error lines show for the request's path, when a route's path carries a secret (a
+# tus URL id: whoever reads it may continue or terminate the upload).  Set by that
+# route's handler; without it the path is shown as it is.
+LOG_PATH = web.RequestKey("log_path", str)
+
+
+def _path(request: web.Request) -> str:
+    return request[LOG_PATH] if LOG_PATH in request else request.path
+
 
 def error_response(error: ProxyError, *, close: bool = False) -> web.Response:
     """JSON ``{"code", "message"}`` with the error's status and headers.
@@ -50,7 +59,7 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         body_left = not request.content.is_eof()
         if e.status >= 500:
             log.warning(
-                "%s %r -> %d %s: %r", request.method, request.path, e.status, e.code, e.message
+                "%s %r -> %d %s: %r", request.method, _path(request), e.status, e.code, e.message
             )
         return error_response(e, close=body_left)
     except web.HTTPException as e:
@@ -60,7 +69,7 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         err.headers.update({k: v for k, v in e.headers.items() if k.lower() == "allow"})
         return error_response(err, close=not request.content.is_eof())
     except Exception:
-        log.exception("unhandled error in %s %r", request.method, request.path)
+        log.exception("unhandled error in %s %r", request.method, _path(request))
         return error_response(ProxyError("internal error"), close=True)
 
 
@@ -85,16 +94,32 @@ class JsonErrorRequestHandler(web.RequestHandler):
             raise ConnectionError("response already started; cannot send an error")
         if status >= 500:
             self.log_exception("Error handling request from %s", request.remote, exc_info=exc)
+            text = "internal error"
         else:
-            log.info(
-                "rejected malformed request from %s: %d %r",
-                request.remote,
-                status,
-                getattr(exc, "message", exc),
-            )
-        text = (
-            "internal error"
-            if status >= 500
-            else f"malformed request: {getattr(exc, 'message', '') or message or status}"
-        )
+            # aiohttp's message quotes the raw bytes it choked on (a bearer token in a bad
+            # header line, a URL id or a signature in a bad request line): only what kind
+            # of error it was goes to the log and the answer.
+            text = f"malformed request: {_malformed_kind(exc)}"
+            log.info("rejected malformed request from %s: %d %s", request.remote, status, text)
         return error_response(http_error(status, text), close=True)
+
+
+# aiohttp.http_exceptions class names -> what the client did wrong, in words.
+_MALFORMED_KINDS = {
+    "BadHttpMethod": "bad method",
+    "BadStatusLine": "bad request line",
+    "InvalidURLError": "bad request target",
+    "InvalidHeader": "bad header",
+    "LineTooLong": "request line or header too long",
+    "ContentLengthError": "bad Content-Length",
+    "TransferEncodingError": "bad chunked framing",
+    "ContentEncodingError": "bad content encoding",
+}
+
+
+def _malformed_kind(exc: BaseException | None) -> str:
+    name = type(exc).__name__
+    kind = _MALFORMED_KINDS.get(name, "bad HTTP message")
+    if name == "LineTooLong" and exc is not None and len(exc.args) > 1:
+        kind += f" (over {exc.args[1]} bytes)"  # LineTooLong(line, limit, ...): the limit
+    return kind

@@ -31,7 +31,7 @@ from proxy.errors import ProxyError, Unauthorized
 from proxy.obs.memory import FIGURES, Level, MemoryMonitor
 from proxy.obs.metrics import Metrics
 from proxy.storage.base import Storage
-from proxy.web.errors import hide_server_banner
+from proxy.web.errors import error_middleware, hide_server_banner
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,8 @@ def add_routes(app: web.Application, ops: Ops, *, with_status: bool = True) -> N
 
 def build_metrics_app(ops: Ops) -> web.Application:
     """The app for ``metrics_listen``: /metrics, /healthz and /readyz only."""
-    app = web.Application()
+    # The same error middleware as the main app: a 404 or 405 here is JSON too.
+    app = web.Application(middlewares=[error_middleware])
     app.on_response_prepare.append(hide_server_banner)
     add_routes(app, ops, with_status=False)
     return app

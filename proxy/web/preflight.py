@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from proxy.auth import Authenticator, Grant
+from proxy.auth import UPLOAD, Authenticator, Grant
 from proxy.config import LimitsConfig, UploadConfig
 from proxy.engine.context import Engine
 from proxy.engine.dedup import ContentIndex
@@ -124,8 +124,8 @@ def request_client(request: web.Request) -> ClientInfo:
     return info
 
 
-def authorize(request: web.Request) -> Grant:
-    """Authenticate once per request; raises 401/403 as a ProxyError."""
+def authorize(request: web.Request, scope: str = UPLOAD) -> Grant:
+    """Authenticate once per request and require ``scope``; raises 401/403 as a ProxyError."""
     grant = request.get(_GRANT)
     if grant is None:
         grant = request.app[UPLOADS].auth.authenticate(
@@ -133,6 +133,7 @@ def authorize(request: web.Request) -> Grant:
         )
         request[_GRANT] = grant
     assert isinstance(grant, Grant)
+    grant.require(scope)
     return grant
 
 

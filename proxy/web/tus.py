@@ -42,10 +42,15 @@ from proxy.errors import (
     WrongContentType,
 )
 from proxy.headers import ascii_uint
+from proxy.hooks.payload import HookRequest, HookUpload
+from proxy.tus.completion import hook_upload
 from proxy.tus.service import Checksum, NewUpload, TusService, quota_of
 from proxy.tus.state import UploadInfo, new_id, release_quietly, storage_id, valid_id
+from proxy.web.errors import LOG_PATH
+from proxy.web.hookreq import hook_request
 from proxy.web.preflight import (
     UPLOADS,
+    Handler,
     authorize,
     b64_digest,
     expect_with,
@@ -158,6 +163,9 @@ def new_upload(
     # Who stored it: instant uploads trust an object only for its owner (engine/dedup.py).
     obj_meta[OWNER_METADATA] = str(principal)
     sha256 = _declared_sha256(text.get("sha256"))
+    # Who may download it once complete (GET on its URL): the state, which says so
+    # until then, is gone by then.  A hash of the credential, never the credential.
+    obj_meta["tus-owner"] = str(principal)
     if sum(len(k) + len(v) for k, v in obj_meta.items()) > MAX_OBJECT_METADATA_BYTES:
         raise BadMetadata(
             f"Upload-Metadata exceeds the {MAX_OBJECT_METADATA_BYTES} bytes kept with the object"
@@ -308,6 +316,7 @@ async def create(request: web.Request) -> web.StreamResponse:
     new = new_upload(
         svc, request.headers.get("Upload-Metadata", ""), length, grant.principal, quota
     )
+    new = await _pre_create(request, svc, new)
     dedup = request.app[UPLOADS].dedup
     instant = None if dedup is None else await svc.create_copied(new, dedup, client_ip)
     if instant is not None:
@@ -315,6 +324,7 @@ async def create(request: web.Request) -> web.StreamResponse:
         info, lease = instant, None
     else:
         info, lease = await svc.create(new, leased=with_body and new.length != 0, client=client_ip)
+    svc.engine.hooks.notify("post-create", hook_upload(info), _hook_request(request, info.id))
     if lease is not None:
         streaming(request)  # the upload exists: its outcome is reported as an upload's
         try:
@@ -345,6 +355,38 @@ async def create(request: web.Request) -> web.StreamResponse:
         "deferred" if info.length is None else info.length,
     )
     return web.Response(status=201, headers=headers)
+
+
+def _hook_request(request: web.Request, upload_id: str) -> HookRequest:
+    """The request as a hook sees it: the URL id (the upload's secret) never leaves us;
+    the path names the upload by its storage id, as Upload.ID does."""
+    base = request.app[TUS].config.base_path
+    return hook_request(request, path=base + upload_id)
+
+
+async def _pre_create(request: web.Request, svc: TusService, new: NewUpload) -> NewUpload:
+    """The pre-create hook's verdict: refused (raises), or the new upload with the object
+    name (inside the upload's folder, see TusService.object_key) and metadata it chose."""
+    hooks = svc.engine.hooks
+    if not hooks.wants("pre-create"):
+        return new
+    meta = {k: v for k, v in new.object_metadata.items() if k != "tus-id"}
+    reply = await hooks.blocking(
+        "pre-create",
+        HookUpload("tus", new.id, new.key, new.length, 0, meta, principal=str(new.principal)),
+        _hook_request(request, new.id),
+    )
+    if reply.new_key is not None:
+        new = replace(new, key=svc.object_key(new.id, new.filename, reply.new_key))
+    if reply.new_metadata is not None:
+        obj_meta = {
+            k.lower(): _header_safe(v)
+            for k, v in reply.new_metadata.items()
+            if _METADATA_KEY_RE.fullmatch(k)
+        }
+        obj_meta["tus-id"] = new.id
+        new = replace(new, object_metadata=obj_meta)
+    return new
 
 
 async def _terminate_quietly(
@@ -487,6 +529,18 @@ async def _on_prepare(request: web.Request, response: web.StreamResponse) -> Non
 # -- wiring -----------------------------------------------------------------------------
 
 
+def _redacted(handler: Handler, base_path: str) -> Handler:
+    """Error lines name the upload by its storage id, never by the URL id (a secret)."""
+
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        url_id = request.match_info["id"]
+        shown = storage_id(url_id) if valid_id(url_id) else "<not an upload id>"
+        request[LOG_PATH] = base_path + shown
+        return await handler(request)
+
+    return wrapped
+
+
 def add_routes(app: web.Application, config: TusConfig) -> None:
     """The tus routes under ``config.base_path``; ``app[TUS]`` is set once the store is
     open.  Every route's refusal is reported as a rejected upload request."""
@@ -495,9 +549,15 @@ def add_routes(app: web.Application, config: TusConfig) -> None:
     for path in {base, base.rstrip("/") or "/"}:
         app.router.add_route("POST", path, reported(create), expect_handler=_expect_create)
         app.router.add_route("OPTIONS", path, options)
-    app.router.add_route("HEAD", item, reported(head))
-    app.router.add_route("PATCH", item, reported(patch), expect_handler=_expect)
-    app.router.add_route("DELETE", item, reported(delete))
+    for method, handler in (
+        ("HEAD", head),
+        ("PATCH", patch),
+        ("DELETE", delete),
+        ("POST", method_override),
+    ):
+        expect = _expect if method in ("PATCH", "POST") else None
+        app.router.add_route(
+            method, item, _redacted(reported(handler), base), expect_handler=expect
+        )
     app.router.add_route("OPTIONS", item, options)
-    app.router.add_route("POST", item, reported(method_override), expect_handler=_expect)
     app.on_response_prepare.append(_on_prepare)

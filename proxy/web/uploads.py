@@ -21,7 +21,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from aiohttp import BodyPartReader, web
@@ -31,7 +31,7 @@ from proxy.auth import Grant
 from proxy.engine.dedup import OWNER_METADATA
 from proxy.engine.events import Outcome
 from proxy.engine.limits import ClientInfo
-from proxy.engine.upload import ObjectUpload, StreamResult, UploadSpec
+from proxy.engine.upload import ObjectUpload, StreamResult, UploadSpec, delete_if_ours
 from proxy.errors import (
     BadForm,
     Cancelled,
@@ -42,8 +42,11 @@ from proxy.errors import (
     ProxyError,
     TooLarge,
 )
+from proxy.hooks.payload import HookUpload
 from proxy.keys import full_key, generated_key
+from proxy.naming import KeyTemplate, new_random_id
 from proxy.storage.base import ObjectInfo
+from proxy.web.hookreq import hook_request
 from proxy.web.preflight import (
     UPLOADS,
     Uploads,
@@ -60,6 +63,13 @@ log = logging.getLogger(__name__)
 
 READ_CHUNK_BYTES = 1024 * 1024
 MAX_FORM_FIELD_BYTES = 64 * 1024
+# A form's fields that are not files are read and dropped; a form of thousands of tiny
+# ones costs ~0.2 ms of CPU each.  These bound that work per request (web forms send a
+# handful), and the form loop yields to the event loop after every field so that one
+# request's parsing never stalls everyone else's (a body already in the socket buffer
+# is parsed without a single wait otherwise).
+MAX_FORM_FIELDS = 10_000
+MAX_FORM_FIELDS_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -228,13 +238,31 @@ async def _stream_one(
     request: web.Request,
     spec: UploadSpec,
     chunks: AsyncIterator[bytes],
-) -> StreamResult:
-    """Stream one object; its outcome goes to the one outcome reporter."""
+    *,
+    record_finish: bool = True,
+) -> tuple[StreamResult, HookUpload]:
+    """Stream one object; its outcome goes to the one outcome reporter.  The pre-create
+    hook may refuse it or change its key and metadata first; its post-finish is recorded
+    before the caller answers (a form records all of them once every file is in)."""
     ctx = request.app[UPLOADS]
     engine = ctx.engine
     upload_id = uuid.uuid4().hex[:16]
+    grant = authorize(request)
+    spec = await _pre_create(request, upload_id, spec, grant)
+    hooked = HookUpload(
+        "http", upload_id, spec.key, spec.declared_size, 0, spec.metadata,
+        principal=str(grant.principal),
+    )  # fmt: skip
+    if engine.hooks.wants("pre-finish"):
+
+        async def pre_finish(size: int, sha256: str) -> None:
+            done = replace(hooked, size=size, offset=size, sha256=sha256)
+            await engine.hooks.blocking("pre-finish", done, hook_request(request))
+
+        spec = replace(spec, before_finish=pre_finish)
     streaming(request)
-    observer = ctx.events.started(upload_id, spec.key)
+    engine.hooks.notify("post-create", hooked, hook_request(request))
+    observer = engine.hooks.progress(hooked, ctx.events.started(upload_id, spec.key))
     client = request_client(request).ip
     upload = ObjectUpload(
         engine.storage, engine.buffers_for(client), engine.settings, spec, observer
@@ -249,7 +277,12 @@ async def _stream_one(
             owner = spec.metadata.get(OWNER_METADATA)
             if owner is not None:
                 await ctx.dedup.record(owner, result.key, result.size, result.sha256)
-        return result
+        hooked = replace(
+            hooked, size=result.size, offset=result.size, sha256=result.sha256, etag=result.etag
+        )
+        if record_finish:
+            await finish_hooks(request, [(result, hooked)])
+        return result, hooked
     except ProxyError as e:
         error = e
         raise
@@ -273,9 +306,59 @@ async def _stream_one(
                 seconds=time.monotonic() - started,
                 error=error,
                 client=client,
-                auth=authorize(request).via,
+                auth=grant.via,
+                metadata=spec.metadata,
+                principal=str(grant.principal),
             )
         )
+
+
+async def _pre_create(
+    request: web.Request, upload_id: str, spec: UploadSpec, grant: Grant
+) -> UploadSpec:
+    """The pre-create hook's verdict: refused (raises), or the spec with the key (relative
+    to key_prefix, held to the caller's signed key or prefix) and metadata it chose."""
+    ctx = request.app[UPLOADS]
+    hooks = ctx.engine.hooks
+    if not hooks.wants("pre-create"):
+        return spec
+    reply = await hooks.blocking(
+        "pre-create",
+        HookUpload(
+            "http",
+            upload_id,
+            spec.key,
+            spec.declared_size,
+            0,
+            spec.metadata,
+            principal=str(grant.principal),
+        ),
+        hook_request(request),
+    )
+    if reply.new_key is not None:
+        grant.check_key(reply.new_key)
+        spec = replace(spec, key=_unreserved(ctx, full_key(ctx.config.key_prefix, reply.new_key)))
+    if reply.new_metadata is not None:
+        spec = replace(
+            spec, metadata={_ascii(k).lower(): _ascii(v) for k, v in reply.new_metadata.items()}
+        )
+    return spec
+
+
+async def finish_hooks(request: web.Request, done: list[tuple[StreamResult, HookUpload]]) -> None:
+    """Record each object's post-finish before the success answer.  If the store will not
+    keep them, the objects are deleted (while still ours) and the request fails: a 201
+    whose notification could be lost would break the hooks' promise."""
+    ctx = request.app[UPLOADS]
+    hooks = ctx.engine.hooks
+    req = hook_request(request)
+    try:
+        for _, hooked in done:
+            await hooks.record_finish(hooked, req)
+    except ProxyError:
+        for result, _ in done:
+            await delete_if_ours(ctx.engine.storage, result.key, result.etag)
+        raise
 
 
 def _result_json(ctx: Uploads, r: StreamResult, **extra: Any) -> dict[str, Any]:
@@ -307,15 +390,21 @@ async def put_upload(request: web.Request) -> web.StreamResponse:
         expected=expected_digests(request.headers),
     )
     with ctx.slots.hold(pre.client.ip):
-        result = await _stream_one(request, spec, ctx.chunks(request.content))
+        result, _ = await _stream_one(request, spec, ctx.chunks(request.content))
     return web.json_response(_result_json(ctx, result), status=201)
 
 
 def _new_key(ctx: Uploads, grant: Grant, filename: str | None) -> str:
-    """A generated key, under the signed prefix when there is one (validated like any key)."""
-    return _unreserved(
-        ctx, full_key(ctx.config.key_prefix, (grant.prefix or "") + generated_key("", filename))
-    )
+    """A generated key (upload.key_template, or a random id and the extension), under the
+    signed prefix when there is one (validated like any key)."""
+    prefix = grant.prefix or ""
+    if ctx.config.key_template:
+        relative = KeyTemplate(ctx.config.key_template).render(
+            new_random_id(), filename, prefix=prefix
+        )
+    else:
+        relative = prefix + generated_key("", filename)
+    return _unreserved(ctx, full_key(ctx.config.key_prefix, relative))
 
 
 def _unreserved(ctx: Uploads, key: str) -> str:
@@ -344,7 +433,7 @@ async def post_upload(request: web.Request) -> web.StreamResponse:
             create_only=True,
             expected=expected_digests(request.headers),
         )
-        result = await _stream_one(request, spec, ctx.chunks(request.content))
+        result, _ = await _stream_one(request, spec, ctx.chunks(request.content))
     return web.json_response(_result_json(ctx, result), status=201)
 
 
@@ -365,8 +454,11 @@ async def _post_form(request: web.Request, ctx: Uploads, pre: Preflight) -> web.
     limit = pre.limit_bytes
     pace = ctx.new_pace()
     stored: list[dict[str, Any]] = []
+    done: list[tuple[StreamResult, HookUpload]] = []
+    fields = field_bytes = 0
     try:
         while True:
+            await asyncio.sleep(0)  # see MAX_FORM_FIELDS
             try:
                 # The boundaries and part headers between files are the client's to send
                 # too: the same idle timeout and minimum rate hold for them.
@@ -378,8 +470,15 @@ async def _post_form(request: web.Request, ctx: Uploads, pre: Preflight) -> web.
             if not isinstance(part, BodyPartReader):
                 raise BadForm("nested multipart bodies are not supported")
             if part.filename is None:
+                fields += 1
+                if fields > MAX_FORM_FIELDS:
+                    raise BadForm(f"the form has more than {MAX_FORM_FIELDS} fields")
                 small = functools.partial(part.read_chunk, 8192)
-                await _skip_field(part, ctx.chunks(part, pace, small))
+                field_bytes += await _skip_field(part, ctx.chunks(part, pace, small))
+                if field_bytes > MAX_FORM_FIELDS_BYTES:
+                    raise BadForm(
+                        f"the form's fields other than files exceed {MAX_FORM_FIELDS_BYTES} bytes"
+                    )
                 continue
             ctx.policy.check(part.headers.get("Content-Type"), part.filename)
             used = sum(int(s["size"]) for s in stored)
@@ -391,23 +490,28 @@ async def _post_form(request: web.Request, ctx: Uploads, pre: Preflight) -> web.
                 create_only=True,
             )
             chunks = ctx.chunks(part, pace, functools.partial(part.read_chunk, READ_CHUNK_BYTES))
-            result = await _stream_one(request, spec, chunks)
+            result, hooked = await _stream_one(request, spec, chunks, record_finish=False)
+            done.append((result, hooked))
             stored.append(_result_json(ctx, result, field=part.name, filename=part.filename))
+        if not stored:
+            raise NoFiles("the form holds no file field")
+        # All or nothing: the post-finish events only once every file is in.
+        await finish_hooks(request, done)
     except BaseException:
         for s in stored:
             await asyncio.shield(ctx.engine.storage.delete_object(str(s["key"])))
         raise
-    if not stored:
-        raise NoFiles("the form holds no file field")
     return web.json_response(stored, status=201)
 
 
-async def _skip_field(part: BodyPartReader, chunks: AsyncIterator[bytes]) -> None:
+async def _skip_field(part: BodyPartReader, chunks: AsyncIterator[bytes]) -> int:
+    """Read and drop a field that is not a file; how many bytes it had."""
     seen = 0
     async for chunk in chunks:
         seen += len(chunk)
         if seen > MAX_FORM_FIELD_BYTES:
             raise BadForm(f"form field {part.name!r} exceeds {MAX_FORM_FIELD_BYTES} bytes")
+    return seen
 
 
 def _ascii(value: str) -> str:
