@@ -1,4 +1,6 @@
-"""argv -> config -> run.  Exit codes: 0 clean stop, 1 failure, 2 usage, 78 bad config.
+"""The ``upload-proxy`` command: the daemon, and the commands around it (help texts below
+are what users read: :data:`DESCRIPTION`, :data:`EPILOG`).  Exit codes: 0 clean stop,
+1 failure, 2 usage, 78 bad config.
 
 Subcommands for operators: ``sign`` mints a signed upload URL or download link with the configured
 secret; ``hash-token`` turns a bearer token (read from stdin, so it stays out of
@@ -64,10 +66,33 @@ def setup_logging(cfg: LoggingConfig) -> None:
     logging.getLogger("aiobotocore").setLevel(max(logging.INFO, root.level))
 
 
+DESCRIPTION = """\
+Take uploads of any size over HTTP (PUT, forms, tus resumable uploads) and stream them
+into an S3 bucket, with bounded memory and a SHA-256 for every object.
+
+Without a command, run the daemon with the configuration file (-c, default
+./config.toml).  The commands below need no running daemon, except "upload", which
+sends files to one.
+"""
+
+EPILOG = """\
+examples:
+  upload-proxy -c /etc/upload-proxy/config.toml          run the daemon
+  upload-proxy --check-config -c config.toml             check a configuration file
+  upload-proxy upload *.mp4 --url https://uploads.example.org --token "$T"
+  upload-proxy sign --key photos/a.jpg --expires-in 600  a URL a browser may PUT to
+  upload-proxy hash-token < token.txt                    the form config.toml stores
+
+"upload-proxy COMMAND --help" explains each command.  Exit codes of the daemon: 0 clean
+stop, 1 failure, 2 bad command line, 78 bad configuration.
+"""
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="upload-proxy",
-        description=__doc__,
+        description=DESCRIPTION,
+        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-c", "--config", default="config.toml", help="path to config.toml")
@@ -75,8 +100,16 @@ def _parser() -> argparse.ArgumentParser:
         "--check-config", action="store_true", help="validate the config and exit (0 ok, 78 bad)"
     )
     parser.add_argument("--version", action="version", version=__version__)
-    sub = parser.add_subparsers(dest="command")
-    sign = sub.add_parser("sign", help="print a signed upload URL or download (share) link")
+    sub = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
+    sign = sub.add_parser(
+        "sign",
+        help="print a signed upload URL or download (share) link "
+        "(needs auth.signing_secret_file in the config)",
+        description="Print a URL that lets whoever holds it upload without a token (one "
+        "method, one key or every key under a prefix, up to a size) or, with --method GET, "
+        "download one key, until it expires.  Hand it to a browser or a script the way you "
+        "would an S3 presigned URL.",
+    )
     # SUPPRESS: "upload-proxy sign -c X" and "upload-proxy -c X sign" both work.
     sign.add_argument("-c", "--config", default=argparse.SUPPRESS, help="path to config.toml")
     scope = sign.add_mutually_exclusive_group(required=True)
@@ -99,10 +132,19 @@ def _parser() -> argparse.ArgumentParser:
         default="http://127.0.0.1:8080",
         help="public URL of the proxy, e.g. https://uploads.example.org",
     )
-    sub.add_parser("hash-token", help="read a bearer token on stdin, print its sha256: form")
+    sub.add_parser(
+        "hash-token",
+        help="read a bearer token on stdin, print the form config.toml stores",
+        description="Read a bearer token on standard input and print its sha256:<hex> form, "
+        "for auth.tokens in config.toml.  Reading stdin keeps the token out of your shell "
+        "history and of ps.",
+    )
     tus_id = sub.add_parser(
         "tus-id",
-        help="print the id a tus upload is stored and logged under, from its URL or URL id",
+        help="find a tus upload in the logs and the bucket from its URL",
+        description="Print the id a tus upload is stored and logged under.  The id in an "
+        "upload's URL is kept nowhere (whoever holds it may continue the upload); the "
+        "daemon logs and stores a one-way hash of it, which this prints.",
     )
     tus_id.add_argument("url", help="the upload's URL (https://.../files/<id>) or just <id>")
     add_upload_parser(sub)

@@ -23,6 +23,7 @@ from proxy.auth import Authenticator, TokenSet
 from proxy.config import Config, default_client_buffer_bytes
 from proxy.engine.buffers import BufferPool, head_bytes_for
 from proxy.engine.context import Engine
+from proxy.engine.dedup import ContentIndex
 from proxy.engine.events import UploadEvents
 from proxy.engine.limits import ContentPolicy, UploadSlots
 from proxy.engine.pipeline import StreamSettings
@@ -31,7 +32,14 @@ from proxy.hooks.dispatch import Hooks
 from proxy.hooks.outbox import Outbox
 from proxy.obs.memory import HeapTrimmer, MemoryMonitor, MemoryReader, read_memory
 from proxy.obs.metrics import Metrics
-from proxy.storage.base import ObjectReader, Observable, OpenMultipart, StateStore, Storage
+from proxy.storage.base import (
+    Copier,
+    ObjectReader,
+    Observable,
+    OpenMultipart,
+    StateStore,
+    Storage,
+)
 from proxy.storage.factory import open_storage
 from proxy.storage.sweeper import StaleSweeper
 from proxy.tus.maintenance import sweep_forever
@@ -167,6 +175,14 @@ async def _uploads_ctx(app: web.Application) -> AsyncIterator[None]:
         # Plain uploads may write neither the tus state nor where tus objects go (a key
         # squatted there before a tus upload completes would pass for its object).
         reserved = (cfg.tus.state_prefix, cfg.upload.key_prefix + cfg.tus.object_prefix)
+    dedup = None
+    if cfg.dedup.enabled:
+        # Nobody uploads into the index (clients never read anything, so that is all).
+        reserved += (cfg.dedup.index_prefix,)
+        # Mounted only where the store can hold it (tusd's idea: optional features follow
+        # the backend's capabilities); every S3 store can.
+        if isinstance(storage, StateStore) and isinstance(storage, Copier):
+            dedup = ContentIndex(storage, cfg.dedup.index_prefix, rt.metrics)
     app[HOOKS] = hooks
     app[UPLOADS] = Uploads(
         config=cfg.upload,
@@ -187,6 +203,7 @@ async def _uploads_ctx(app: web.Application) -> AsyncIterator[None]:
         trusted_proxies=cfg.server.trusted_proxies,
         active_keys=Counter(),
         reserved_prefixes=reserved,
+        dedup=dedup,
     )
     if cfg.downloads.enabled:
         if not isinstance(storage, ObjectReader):

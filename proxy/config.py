@@ -260,6 +260,14 @@ class PageConfig:
 
 
 @dataclass(frozen=True)
+class DedupConfig:
+    """Instant uploads by SHA-256 (see proxy/engine/dedup.py)."""
+
+    enabled: bool = True
+    index_prefix: str = ".dedup/"
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     upload: UploadConfig = field(default_factory=UploadConfig)
@@ -270,6 +278,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     tus: TusConfig = field(default_factory=TusConfig)
     page: PageConfig = field(default_factory=PageConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
     downloads: DownloadsConfig = field(default_factory=DownloadsConfig)
     hooks: HooksConfig = field(default_factory=HooksConfig)
 
@@ -753,13 +762,7 @@ def _tus(r: _Reader) -> TusConfig:
         "base_path",
         f"must start and end with '/' and hold only URL-safe path segments; got {cfg.base_path!r}",
     )
-    r.check(
-        cfg.state_prefix.endswith("/")
-        and not cfg.state_prefix.startswith("/")
-        and ".." not in cfg.state_prefix,
-        "state_prefix",
-        f"must end with '/', not start with '/' nor contain '..'; got {cfg.state_prefix!r}",
-    )
+    _check_own_prefix(r, "state_prefix", cfg.state_prefix)
     r.check(
         re.fullmatch(r"(?:[A-Za-z0-9_~-][A-Za-z0-9._~-]*/)+", cfg.object_prefix) is not None,
         "object_prefix",
@@ -808,6 +811,17 @@ def _page(r: _Reader) -> PageConfig:
         "revocation_check_s",
         f"must be >= 1 s; got {cfg.revocation_check_s}",
     )
+    r.finish()
+    return cfg
+
+
+def _dedup(r: _Reader) -> DedupConfig:
+    d = DedupConfig()
+    cfg = DedupConfig(
+        enabled=r.get("enabled", bool, d.enabled),
+        index_prefix=r.get("index_prefix", str, d.index_prefix),
+    )
+    _check_own_prefix(r, "index_prefix", cfg.index_prefix)
     r.finish()
     return cfg
 
@@ -874,6 +888,15 @@ def _page_conflicts(page: PageConfig, tus: TusConfig) -> list[str]:
     return problems
 
 
+def _check_own_prefix(r: _Reader, key: str, prefix: str) -> None:
+    """A bucket prefix the proxy keeps for its own objects (tus state, content index)."""
+    r.check(
+        prefix.endswith("/") and not prefix.startswith("/") and ".." not in prefix,
+        key,
+        f"must end with '/', not start with '/' nor contain '..'; got {prefix!r}",
+    )
+
+
 def from_dict(
     data: dict[str, Any], *, base_dir: Path | None = None, source: str = "config"
 ) -> Config:
@@ -895,11 +918,13 @@ def from_dict(
         logging=_logging(section["logging"]),
         tus=_tus(section["tus"]),
         page=_page(section["page"]),
+        dedup=_dedup(section["dedup"]),
         downloads=_downloads(section["downloads"]),
         hooks=_hooks(section["hooks"], base),
     )
     problems.extend(_tus_overlaps(cfg.upload, cfg.tus))
     problems.extend(_page_conflicts(cfg.page, cfg.tus))
+    problems.extend(_dedup_overlaps(cfg))
     if problems:
         raise ConfigError(problems, source)
     return cfg
@@ -929,6 +954,30 @@ def _tus_overlaps(upload: UploadConfig, tus: TusConfig) -> list[str]:
             "overlap; the tus state cleanup would delete finished uploads: give them "
             "separate prefixes"
         )
+    return problems
+
+
+def _dedup_overlaps(cfg: Config) -> list[str]:
+    """The content index lives apart from everything else: a key_prefix inside it would
+    let uploads write index entries, and the tus prefixes overlapping it either way would
+    let one cleanup delete the other's objects.  The index inside key_prefix is fine (the
+    default, key_prefix = "", is that): plain uploads are refused under index_prefix."""
+    if not cfg.dedup.enabled:
+        return []
+    ip = cfg.dedup.index_prefix
+    problems = []
+    if cfg.upload.key_prefix.startswith(ip):
+        problems.append(
+            f"upload.key_prefix: {cfg.upload.key_prefix!r} lies inside dedup.index_prefix "
+            f"{ip!r}; uploads could write index entries: give them separate prefixes"
+        )
+    tus_prefixes = (cfg.tus.state_prefix, cfg.upload.key_prefix + cfg.tus.object_prefix)
+    for other in tus_prefixes if cfg.tus.enabled else ():
+        if other.startswith(ip) or ip.startswith(other):
+            problems.append(
+                f"dedup.index_prefix: {ip!r} and the tus prefix {other!r} overlap: give "
+                "them separate prefixes"
+            )
     return problems
 
 

@@ -63,7 +63,7 @@ class ProxyError(Exception):
             self.status = status
         self.headers: dict[str, str] = dict(headers or {})
 
-    def to_json(self) -> dict[str, str]:
+    def to_json(self) -> dict[str, object]:
         return {"code": self.code, "message": self.message}
 
 
@@ -276,9 +276,29 @@ class RangeNotSatisfiable(ProxyError):
 
 
 class KeyExists(ProxyError):
+    """``identical``: the object at the key holds the body the client declared (its
+    SHA-256) and was stored by the same principal; said only to that principal."""
+
     code = "ERR_KEY_EXISTS"
     status = 409
     reason = "conflict"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        identical: bool = False,
+        status: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, status=status, headers=headers)
+        self.identical = identical
+
+    def to_json(self) -> dict[str, object]:
+        doc = super().to_json()
+        if self.identical:
+            doc["identical"] = True
+        return doc
 
 
 class KeyConflict(ProxyError):

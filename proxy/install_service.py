@@ -277,7 +277,14 @@ def next_steps(inst: Installer, token: str | None) -> None:
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("install-service", help="install the daemon as a systemd service")
+    p = sub.add_parser(
+        "install-service",
+        help="install the daemon as a systemd service (run as root)",
+        description="Install the daemon as a systemd service: a service user, a virtual "
+        "environment, /etc/upload-proxy/config.toml with a generated token (printed once), "
+        "and the unit.  Running it again changes nothing; --uninstall removes it and keeps "
+        "your configuration and uploaded data.",
+    )
     configure(p)
 
 

@@ -15,7 +15,7 @@ from proxy.tus.state import storage_id
 
 MiB = 1024 * 1024
 EVENT_RE = re.compile(
-    r"^(progress|total|retry|ok|failed|summary)((?: \w+=(?:\"(?:[^\"\\]|\\.)*\"|\S+))*)$"
+    r"^(progress|total|retry|ok|skipped|failed|summary)((?: \w+=(?:\"(?:[^\"\\]|\\.)*\"|\S+))*)$"
 )
 FIELD_RE = re.compile(r"(\w+)=(\"(?:[^\"\\]|\\.)*\"|\S+)")
 

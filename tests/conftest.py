@@ -106,6 +106,9 @@ def make_config(sw: EmbeddedSeaweed, prefix: str, **sections: dict[str, Any]) ->
         "auth": {"mode": "none"},
         # tus state under the test's prefix too, so tests sharing the bucket stay apart.
         "tus": {"state_prefix": f"{prefix}.tus/"},
+        # The content index apart from the test's objects (listings under the prefix stay
+        # as they were) and from other tests' (no instant upload across tests).
+        "dedup": {"index_prefix": f".dedup/{prefix}"},
     }
     for name, values in sections.items():
         data.setdefault(name, {}).update(values)

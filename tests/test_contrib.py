@@ -67,7 +67,18 @@ def test_no_label_carries_an_upload_id_or_key() -> None:
     """Labels are bounded and reveal nothing: the running upload's id and key appear nowhere."""
     samples = exposition()
     labels = {k for _, labels in samples for k, _ in labels}
-    ours = {"reason", "operation", "outcome", "slot", "le", "version", "route"}
+    # protocol: http | tus, result: hit | miss | stale (the instant-upload counters).
+    ours = {
+        "reason",
+        "operation",
+        "outcome",
+        "slot",
+        "le",
+        "version",
+        "protocol",
+        "result",
+        "route",
+    }
     runtime = {"generation", "implementation", "major", "minor", "patchlevel"}  # python_*
     assert labels <= ours | runtime, labels - ours - runtime
     values = {v for _, labels in samples for _, v in labels}

@@ -1,4 +1,5 @@
-"""``upload-proxy upload``: argv -> options -> concurrent uploads -> exit code.
+"""``upload-proxy upload``: parses the command line into :class:`Options`, runs the uploads
+(:mod:`proxy.client.runner`) and turns their results into an exit code.
 
 Exit codes: 0 every file uploaded and verified, 1 at least one failed (each failure is
 reported), 2 usage (bad flags, a file that is not a readable regular file), 130
@@ -28,14 +29,25 @@ EXIT_INTERRUPTED = 130
 TOKEN_ENV = "UPLOAD_PROXY_TOKEN"
 
 EPILOG = f"""\
-Files at or above --tus-threshold go over tus (resumable: rerun the same command after
-an interruption, even a kill -9, and it continues from the server's offset); smaller
-ones over one PUT /uploads/<key-prefix><file name>.  Every file's SHA-256 is computed
-while it is read and compared with what the server stored.  The token may also come
-from ${TOKEN_ENV} (keeps it out of ps and shell history).  Output: bars on a terminal,
-line-based progress otherwise (format: see the README, "Client"), --json, --quiet.
+How files travel: each file is first read once to compute its SHA-256 (a bar shows
+it for large files).  The server is asked to store the file under that digest; if this
+token uploaded the same content before, the server copies it and nothing is sent
+(an "instant upload").  Otherwise files below --tus-threshold go in one PUT to
+<url>/uploads/<key-prefix><file name>, larger ones over tus, which resumes: run the same
+command again after an interruption (even kill -9) and it continues where the server
+stopped.  Every file's SHA-256 is checked against what the server stored.
 
-exit codes: 0 all uploaded and verified, 1 some failed, 2 usage, 130 interrupted
+Running it again is safe, like rsync: a key that already holds the same file (uploaded
+with the same token) is reported "skipped (identical)" and counts as success; a key that
+holds a different file is an error unless --overwrite.  --no-dedup skips the first read:
+no instant upload, and a file already at its key is then an error, identical or not.
+
+The token may also come from ${TOKEN_ENV} (keeps it out of ps and shell history).
+Output: bars on a terminal, one line per event otherwise (format: see the README,
+"Client"), --json for scripts, --quiet for failures only.
+
+exit codes: 0 every file uploaded, skipped as identical or verified; 1 some failed;
+2 usage; 130 interrupted
 """
 
 
@@ -62,9 +74,10 @@ def _positive(kind: type[int] | type[float]) -> object:
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "upload",
-        help="upload files to a running proxy (streams, resumes, verifies)",
+        help="upload files to a running proxy (skips what is there, resumes, verifies)",
         description="Upload files to an upload-proxy: streamed from disk in constant "
-        "memory, resumable (tus) above a size, verified by SHA-256.",
+        "memory, resumable above a size, verified by SHA-256, and skipped when the server "
+        "already has them.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -125,6 +138,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         default=5.0,
         help="seconds between progress lines when not on a terminal (default 5)",
     )
+    p.add_argument(
+        "--no-dedup",
+        action="store_true",
+        help="do not hash files before sending them (no instant uploads, no identical-file "
+        "check); for one-shot uploads where reading each file twice costs more than it saves",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a different file already stored under a file's key (the server must "
+        "allow overwriting); without it that file fails",
+    )
     out = p.add_mutually_exclusive_group()
     out.add_argument("--quiet", "-q", action="store_true", help="print failures only")
     out.add_argument(
@@ -181,6 +206,8 @@ def _options(args: argparse.Namespace) -> Options:
         chunk_checksum=args.chunk_checksum,
         retry=RetryPolicy(max_attempts=args.retries, max_time_s=args.retry_time),
         stall_timeout_s=args.stall_timeout,
+        dedup=not args.no_dedup,
+        overwrite=args.overwrite,
     )
 
 

@@ -21,7 +21,10 @@ and ``json.loads`` reads quoted values::
 ``progress`` and ``total`` come every ``--progress-interval`` seconds while something
 moves; ``sent`` is the file's bytes the server has or is receiving (it can go back after
 an error, to what the server confirmed).  ``--json`` prints one JSON object per file
-(``"event": "ok"`` or ``"failed"``, the fields above) and one ``"event": "summary"``.
+(``"event": "ok"``, ``"skipped"`` or ``"failed"``, the fields above) and one
+``"event": "summary"``.  ``skipped`` is a success: the key already holds this very file
+(``reason="identical"``); ``deduplicated=1`` on ``ok``: the server copied content it held,
+nothing was sent.
 """
 
 from __future__ import annotations
@@ -77,10 +80,19 @@ class FileResult:
     code: str | None = None
     status: int | None = None
     message: str | None = None
+    # The server made the object from content it held: no body was sent.
+    deduplicated: bool = False
+    # Why nothing was uploaded although the file is fine ("identical": the key holds it).
+    skipped: str | None = None
+
+    @property
+    def event(self) -> str:
+        return "failed" if not self.ok else "skipped" if self.skipped else "ok"
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
-        out["event"] = "ok" if out.pop("ok") else "failed"
+        out["event"] = self.event
+        del out["ok"]
         out["seconds"] = round(self.seconds, 3)
         return out
 
@@ -208,7 +220,7 @@ class LineReporter(Reporter):
         if r.ok:
             self._emit(
                 line(
-                    "ok",
+                    r.event,
                     path=r.path,
                     protocol=r.protocol,
                     key=r.key,
@@ -219,6 +231,8 @@ class LineReporter(Reporter):
                     sent=r.sent_bytes,
                     attempts=r.attempts,
                     seconds=r.seconds,
+                    deduplicated=int(r.deduplicated),
+                    **({"reason": r.skipped} if r.skipped else {}),
                 )
             )
         else:
@@ -338,9 +352,11 @@ class TtyReporter(Reporter):
                 self.bars.remove_task(self._tasks.pop(i))
         if r.ok:
             where = self._escape(r.key or r.upload_url or "")
+            word = f"skipped ({r.skipped})" if r.skipped else "ok"
+            how = "  instant (not sent)" if r.deduplicated else ""
             self.bars.console.print(
-                f"[green]ok[/] {self._escape(r.path)} -> {where}  {r.size / MiB:.1f} MiB  "
-                f"sha256 {r.sha256}",
+                f"[green]{word}[/] {self._escape(r.path)} -> {where}  {r.size / MiB:.1f} MiB  "
+                f"sha256 {r.sha256}{how}",
                 highlight=False,
             )
         else:

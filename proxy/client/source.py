@@ -108,14 +108,19 @@ class FileSource:
                 on_chunk(n)
             yield data
 
-    async def hash_range(self, h: Hash, start: int, end: int) -> None:
-        """Feed ``[start, end)`` to ``h`` without sending it (resuming: the server has it)."""
+    async def hash_range(
+        self, h: Hash, start: int, end: int, on_chunk: Callable[[int], None] | None = None
+    ) -> None:
+        """Feed ``[start, end)`` to ``h`` without sending it (resuming: the server has it;
+        an instant upload: the digest goes first).  Not rate-limited: nothing is sent."""
         loop = asyncio.get_running_loop()
         pos = start
         while pos < end:
             n = min(READ_CHUNK_BYTES, end - pos)
             await loop.run_in_executor(None, self._read, pos, n, (h,))
             pos += n
+            if on_chunk is not None:
+                on_chunk(n)
 
 
 def new_sha256() -> Hash:

@@ -36,6 +36,7 @@ import aiohttp
 from multidict import CIMultiDictProxy
 from yarl import URL
 
+from proxy.client.dedup import identical, prehash, put_headers, refused
 from proxy.client.progress import FileProgress, FileResult
 from proxy.client.resume import ResumeStore, fingerprint
 from proxy.client.retry import Backoff, RetryPolicy, UploadError, retry_after_s
@@ -64,6 +65,10 @@ class Options:
     chunk_checksum: bool = False
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     stall_timeout_s: float = 120.0
+    # Hash each file before sending it and ask for an instant upload (see proxy/client/dedup.py).
+    dedup: bool = True
+    # Replace a different file at a PUT key (else: If-None-Match: *, and a 409 is an error).
+    overwrite: bool = False
 
     @property
     def signed(self) -> bool:
@@ -131,6 +136,7 @@ class _Job:
     backoff: Backoff
     started_s: float = field(default_factory=time.monotonic)
     resumed_from: int = 0
+    sha256: str | None = None  # hashed before sending (instant uploads), hex
 
     def result(self, ok: bool, **kw: Any) -> FileResult:
         return FileResult(
@@ -175,6 +181,8 @@ class Uploader:
         progress.size = identity.size
         progress.started_s = time.monotonic()
         try:
+            if self.options.dedup and identity.size:
+                job.sha256 = await prehash(job.source, progress)
             if self.options.use_tus(identity.size):
                 progress.protocol = "tus"
                 return await self._tus(job)
@@ -274,12 +282,19 @@ class Uploader:
         async def attempt() -> FileResult:
             h = hashlib.sha256()
             activity = _Activity()
-            headers = {"Content-Length": str(size), "Content-Type": _content_type(job.path)}
+            headers = {
+                "Content-Length": str(size),
+                "Content-Type": _content_type(job.path),
+                **put_headers(job.sha256, self.options.overwrite),
+            }
             body = self._body(job, 0, size, (h,), activity) if size else None
             # encoded=True: the signed query goes out byte for byte, as it was signed.
             answer = await self._request("PUT", URL(url, encoded=True), headers, body, activity)
+            if answer.status == 409 and (skipped := identical(answer, job.sha256)):
+                job.source.check_unchanged()
+                return job.result(True, sha256=job.sha256, key=key, skipped=skipped)
             if answer.status != 201:
-                raise answer.error()
+                raise refused(answer, key, self.options.overwrite)
             job.source.check_unchanged()
             try:
                 doc = json.loads(answer.body)
@@ -288,10 +303,12 @@ class Uploader:
                 raise UploadError(
                     "the server's answer has no sha256", code="ERR_BAD_ANSWER"
                 ) from None
-            ours = h.hexdigest()
+            # An instant upload read no body: the digest to compare is the one sent ahead.
+            instant = doc.get("deduplicated") is True
+            ours = job.sha256 if instant and job.sha256 else h.hexdigest()
             if theirs != ours:
                 raise _mismatch(ours, theirs)
-            return job.result(True, sha256=ours, key=stored_key)
+            return job.result(True, sha256=ours, key=stored_key, deduplicated=instant)
 
         return await self._retrying(job, attempt)
 
@@ -316,7 +333,12 @@ class Uploader:
     ) -> FileResult | None:
         size = job.identity.size
         if st.upload_url is None:
-            st.upload_url = await self._tus_create(job, create_url)
+            st.upload_url, created = await self._tus_create(job, create_url)
+            if job.sha256 and created.headers.get("Upload-Offset") == str(size):
+                # Complete on creation: the server copied content this token stored.
+                st.server_sha256 = created.headers.get(SHA256_HEADER)
+                st.sha256 = _Known(job.sha256)
+                return self._tus_done(job, st, fp, deduplicated=True)
             self.store.put(fp, st.upload_url, job.identity)
             st.offset, st.resuming = 0, False
         if st.offset is None:
@@ -375,18 +397,22 @@ class Uploader:
             return self._tus_done(job, st, fp)
         return None
 
-    def _tus_done(self, job: _Job, st: _TusState, fp: str) -> FileResult:
+    def _tus_done(
+        self, job: _Job, st: _TusState, fp: str, *, deduplicated: bool = False
+    ) -> FileResult:
         self.store.forget(fp)  # complete on the server, whatever we conclude below
         job.source.check_unchanged()
         ours = st.sha256.hexdigest()
         if st.server_sha256 != ours:
             raise _mismatch(ours, st.server_sha256 or "")
         job.progress.position = job.identity.size
-        return job.result(True, sha256=ours, upload_url=st.upload_url)
+        return job.result(True, sha256=ours, upload_url=st.upload_url, deduplicated=deduplicated)
 
-    async def _tus_create(self, job: _Job, create_url: str) -> str:
+    async def _tus_create(self, job: _Job, create_url: str) -> tuple[str, Answer]:
         name = os.path.basename(job.path)
         meta = f"filename {_b64(name)},filetype {_b64(_content_type(job.path))}"
+        if job.sha256:
+            meta += f",sha256 {_b64(job.sha256)}"
         headers = {
             "Tus-Resumable": TUS_VERSION,
             "Upload-Length": str(job.identity.size),
@@ -395,7 +421,7 @@ class Uploader:
         answer = await self._request("POST", create_url, headers)
         if answer.status != 201 or "Location" not in answer.headers:
             raise answer.error()
-        return urljoin(create_url, answer.headers["Location"])
+        return urljoin(create_url, answer.headers["Location"]), answer
 
     async def _tus_patch(self, job: _Job, st: _TusState, offset: int, end: int) -> Answer:
         assert st.upload_url is not None
@@ -433,6 +459,16 @@ class _TusState:
     def restart(self) -> None:
         self.upload_url, self.offset, self.server_sha256 = None, None, None
         self.sha256, self.hashed_bytes = hashlib.sha256(), 0
+
+
+class _Known:
+    """A digest known already (the file was hashed before an instant upload)."""
+
+    def __init__(self, hex_digest: str) -> None:
+        self._hex = hex_digest
+
+    def hexdigest(self) -> str:
+        return self._hex
 
 
 def _mismatch(ours: str, theirs: str) -> UploadError:

@@ -38,6 +38,8 @@ UPLOAD_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 
 HASH_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 STORAGE_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 OTHER_REASON = "other"
+DEDUP_PROTOCOLS = ("http", "tus")
+DEDUP_LOOKUPS = ("hit", "miss", "stale")
 DOWNLOAD_ROUTES = ("uploads", "files")
 # full / partial (206) / head / not_modified: answered; refused: an error answer before
 # the body; broken: the body was cut (client gone or stalled, store broke off).
@@ -174,6 +176,21 @@ class Metrics:
             "Upload requests refused before any body byte was read.",
             ("reason",),
         )
+        self.dedup_uploads = counter(
+            "proxy_dedup_uploads",
+            "Uploads stored by server-side copy of content already stored (instant uploads).",
+            ("protocol",),
+        )
+        self.dedup_saved_bytes = counter(
+            "proxy_dedup_saved_bytes",
+            "Body bytes instant uploads did not transfer.",
+            ("protocol",),
+        )
+        self.dedup_lookups = counter(
+            "proxy_dedup_lookups",
+            "Content index lookups by result (hit, miss, stale: the entry was dropped).",
+            ("result",),
+        )
         # Downloads: route is "uploads" or "files", outcome one of DOWNLOAD_OUTCOMES.
         self.download_bytes = counter(
             "proxy_download_bytes", "Object bytes sent to downloading clients.", ("route",)
@@ -216,6 +233,11 @@ class Metrics:
             self.rejected.labels(reason)
         for outcome in ("completed", "failed"):
             self.upload_seconds.labels(outcome)
+        for protocol in DEDUP_PROTOCOLS:
+            self.dedup_uploads.labels(protocol)
+            self.dedup_saved_bytes.labels(protocol)
+        for result in DEDUP_LOOKUPS:
+            self.dedup_lookups.labels(result)
         for route in DOWNLOAD_ROUTES:
             self.download_bytes.labels(route)
             for outcome in DOWNLOAD_OUTCOMES:
@@ -289,6 +311,15 @@ class Metrics:
         else:
             self.failed.labels(self._reason(reason)).inc()
             self.upload_seconds.labels("failed").observe(seconds)
+
+    def deduplicated(self, protocol: str, size_bytes: int) -> None:
+        """An upload was stored by copy: ``size_bytes`` never crossed the network."""
+        label = protocol if protocol in DEDUP_PROTOCOLS else OTHER_REASON
+        self.dedup_uploads.labels(label).inc()
+        self.dedup_saved_bytes.labels(label).inc(size_bytes)
+
+    def dedup_lookup(self, result: str) -> None:
+        self.dedup_lookups.labels(result if result in DEDUP_LOOKUPS else OTHER_REASON).inc()
 
     def upload_rejected(self, reason: str) -> None:
         self.rejected.labels(self._reason(reason)).inc()

@@ -209,6 +209,27 @@ class StateStore(Protocol):
 
 
 @runtime_checkable
+class Copier(Protocol):
+    """Server-side copies: instant uploads (proxy/engine/dedup.py) make a new object from
+    one already stored without a byte passing through the proxy."""
+
+    async def copy_object(
+        self,
+        source: str,
+        key: str,
+        *,
+        source_etag: str,
+        size: int,
+        metadata: dict[str, str],
+        content_type: str,
+        if_none_match: bool,
+    ) -> str:
+        """Copy ``size`` bytes of ``source`` while its etag is ``source_etag`` to a new
+        object ``key`` (create-only with ``if_none_match``: :class:`~proxy.errors.ObjectExists`
+        if taken) with ``metadata``; return the new etag.  Nothing is left on failure."""
+
+
+@runtime_checkable
 class ObjectReader(Protocol):
     """Ranged reads of whole objects: what downloads need."""
 

@@ -531,12 +531,44 @@ class S3Storage:
             )
             return
         await self._multipart_copy(
-            key, etag=etag, size=size, metadata=metadata, content_type=content_type
+            key, key, etag=etag, size=size, metadata=metadata, content_type=content_type
+        )
+
+    async def copy_object(
+        self,
+        source: str,
+        key: str,
+        *,
+        source_etag: str,
+        size: int,
+        metadata: dict[str, str],
+        content_type: str,
+        if_none_match: bool,
+    ) -> str:
+        # Always a multipart copy (one UploadPartCopy per GiB), even below CopyObject's
+        # 5 GiB: its completion takes If-None-Match, so a create-only copy is atomic on
+        # every store that makes completions conditional; CopyObject has no such header.
+        return await self._multipart_copy(
+            source,
+            key,
+            etag=source_etag,
+            size=size,
+            metadata=metadata,
+            content_type=content_type,
+            if_none_match=if_none_match,
         )
 
     async def _multipart_copy(
-        self, key: str, *, etag: str, size: int, metadata: dict[str, str], content_type: str
-    ) -> None:
+        self,
+        source: str,
+        key: str,
+        *,
+        etag: str,
+        size: int,
+        metadata: dict[str, str],
+        content_type: str,
+        if_none_match: bool = False,
+    ) -> str:
         upload_id = await self.create_multipart(key, metadata=metadata, content_type=content_type)
         try:
             parts: list[CompletedPart] = []
@@ -550,13 +582,15 @@ class S3Storage:
                         Key=key,
                         UploadId=upload_id,
                         PartNumber=number,
-                        CopySource={"Bucket": self.bucket, "Key": key},
+                        CopySource={"Bucket": self.bucket, "Key": source},
                         CopySourceIfMatch=etag,
                         CopySourceRange=f"bytes={start}-{end}",
                     ),
                 )
                 parts.append(CompletedPart(number, str(r["CopyPartResult"]["ETag"])))
-            await self.complete_multipart(key, upload_id, parts, if_none_match=False)
+            return await self.complete_multipart(
+                key, upload_id, parts, if_none_match=if_none_match, size_bytes=size
+            )
         except BaseException:
             await asyncio.shield(self.abort_multipart(key, upload_id))
             raise

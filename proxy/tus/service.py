@@ -29,6 +29,7 @@ from proxy.auth import ANONYMOUS, Principal
 from proxy.config import TusConfig
 from proxy.engine.buffers import Buffers
 from proxy.engine.context import Engine
+from proxy.engine.dedup import ContentIndex
 from proxy.engine.pipeline import StreamObserver
 from proxy.engine.upload import shielded
 from proxy.errors import (
@@ -46,7 +47,15 @@ from proxy.naming import KeyTemplate
 from proxy.tus.completion import EMPTY_SHA256, Completer, completing, hook_upload
 from proxy.tus.hash import resume_sha256
 from proxy.tus.patch import PatchResult, PatchTarget, PatchWriter
-from proxy.tus.state import Lease, LeaseKeeper, TusStorage, TusStore, UploadInfo, release_quietly
+from proxy.tus.state import (
+    Lease,
+    LeaseKeeper,
+    Part,
+    TusStorage,
+    TusStore,
+    UploadInfo,
+    release_quietly,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +83,7 @@ class NewUpload:
     filename: str | None
     principal: Principal  # the creator: the only one who may touch the upload again
     quota: str  # whose cap on unfinished uploads it counts against (quota_of)
+    sha256: str | None = None  # hex, declared in Upload-Metadata: an instant upload may do
 
 
 def quota_of(principal: Principal, client_ip: str) -> str:
@@ -171,6 +181,41 @@ class TusService:
             raise
         self.engine.events.created()
         return info, lease
+
+    async def create_copied(
+        self, new: NewUpload, index: ContentIndex, client: str = "-"
+    ) -> UploadInfo | None:
+        """A creation whose declared content (``new.sha256``) its principal stored before:
+        the object is made by a server-side copy and the upload is complete on arrival,
+        with no state at all (as for length 0).  None: nothing to copy (or the copy
+        failed), create as usual."""
+        if new.sha256 is None or not new.length:
+            return None
+        owner = str(new.principal)
+        source = await index.find(owner, new.sha256, new.length)
+        if source is None:
+            return None
+        try:
+            copied = await index.copy(
+                source,
+                new.key,
+                owner=owner,
+                sha256=new.sha256,
+                metadata=new.object_metadata,
+                content_type=new.content_type,
+                create_only=True,
+                protocol="tus",
+            )
+        except ProxyError as e:
+            log.warning("tus instant upload of %r failed (%s); creating it as usual", new.key, e)
+            return None
+        # Parts but no multipart id: "stored whole", offset = length, as after a PutObject.
+        info = replace(
+            self._info(new, "", self.store.clock()), parts=(Part(copied.etag, copied.size),)
+        )
+        self.engine.events.created()
+        self.completer.report(info, sha256=copied.sha256, client=client)
+        return replace(info, completing=True, sha256_hex=copied.sha256)
 
     def _info(self, new: NewUpload, mpu: str, now: float) -> UploadInfo:
         return UploadInfo(

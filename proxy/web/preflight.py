@@ -25,6 +25,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from proxy.auth import UPLOAD, Authenticator, Grant
 from proxy.config import LimitsConfig, UploadConfig
 from proxy.engine.context import Engine
+from proxy.engine.dedup import ContentIndex
 from proxy.engine.events import UploadEvents
 from proxy.engine.limits import (
     BodyPace,
@@ -73,8 +74,10 @@ class Uploads:
     trusted_proxies: tuple[Network, ...] = ()
     # Keys with a plain upload running in this process: the stale sweeper spares them.
     active_keys: Counter[str] = field(default_factory=Counter)
-    # Key prefixes plain uploads may not write to (tus state and tus objects live there).
+    # Key prefixes plain uploads may not write to (tus state, tus objects, content index).
     reserved_prefixes: tuple[str, ...] = ()
+    # The content index (instant uploads); None when dedup is off.
+    dedup: ContentIndex | None = None
 
     @property
     def events(self) -> UploadEvents:
@@ -222,17 +225,24 @@ def _too_slow(pace: BodyPace) -> TooSlow:
 async def expect_with(
     request: web.Request, check: Callable[[web.Request], Any]
 ) -> web.StreamResponse | None:
-    """Run the pre-body ``check``; answer 100 Continue only if it passes."""
+    """Run the pre-body ``check``; answer 100 Continue only if it passes.  A check that
+    returns a response has answered the request without its body (an instant upload):
+    that answer goes out instead, and the connection closes (the body was never asked
+    for, so the connection cannot be reused)."""
     if request.headers.get("Expect", "").lower() != "100-continue":
         return error_response(ExpectationFailed("unsupported Expect header"))
     try:
         result = check(request)
         if asyncio.iscoroutine(result):
-            await result
+            result = await result
     except ProxyError as e:
         request.app[UPLOADS].events.rejected(e)
         request[_REPORTED] = True
         return error_response(e, close=True)
+    if isinstance(result, web.StreamResponse):
+        request[_REPORTED] = True
+        result.force_close()
+        return result
     if request.version >= (1, 1):
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0

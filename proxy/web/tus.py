@@ -26,6 +26,7 @@ from aiohttp import web
 
 from proxy.auth import Grant, Principal
 from proxy.config import TusConfig
+from proxy.engine.dedup import OWNER_METADATA as CONTENT_OWNER_METADATA
 from proxy.errors import (
     BadHeader,
     BadMetadata,
@@ -168,6 +169,9 @@ def new_upload(
         k.lower(): _header_safe(v) for k, v in text.items() if _METADATA_KEY_RE.fullmatch(k)
     }
     obj_meta["tus-id"] = upload_id
+    # Who stored it: instant uploads trust an object only for its owner (engine/dedup.py).
+    obj_meta[CONTENT_OWNER_METADATA] = str(principal)
+    sha256 = _declared_sha256(text.get("sha256"))
     # Who may HEAD and download it once complete: the state, which says so until then,
     # is gone by then.  A hash of the credential, never the credential.
     obj_meta[OWNER_METADATA] = str(principal)
@@ -186,7 +190,17 @@ def new_upload(
         filename=filename,
         principal=principal,
         quota=quota,
+        sha256=sha256,
     )
+
+
+def _declared_sha256(value: str | None) -> str | None:
+    """``sha256`` in Upload-Metadata: the whole upload's SHA-256 as 64 hex digits."""
+    if value is None:
+        return None
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+        raise BadMetadata("Upload-Metadata sha256 must be the upload's SHA-256 in 64 hex digits")
+    return value.lower()
 
 
 def _checksum(request: web.Request) -> Checksum | None:
@@ -311,19 +325,30 @@ async def create(request: web.Request) -> web.StreamResponse:
     header = request.headers.get("Upload-Metadata", "")
     new = new_upload(svc, header, length, grant.principal, quota, grant.prefix or "")
     new = await _pre_create(request, svc, new)
+    dedup = request.app[UPLOADS].dedup
     async with page.file_place(request, grant, new):
-        info, lease = await svc.create(new, leased=with_body and new.length != 0, client=client_ip)
+        instant = None if dedup is None else await svc.create_copied(new, dedup, client_ip)
+        if instant is not None:
+            # Complete on arrival: a body sent along is not read (aiohttp drops it).
+            info, lease = instant, None
+        else:
+            info, lease = await svc.create(
+                new, leased=with_body and new.length != 0, client=client_ip
+            )
     svc.engine.hooks.notify("post-create", hook_upload(info), _hook_request(request, info.id))
     if lease is not None:
         streaming(request)  # the upload exists: its outcome is reported as an upload's
         try:
             with request.app[UPLOADS].slots.hold(client_ip):
-                info = await svc.write(
-                    lease,
-                    _chunks(request),
-                    declared_bytes=declared,
-                    checksum=checksum,
-                    client_ip=client_ip,
+                info = await _indexed(
+                    request,
+                    await svc.write(
+                        lease,
+                        _chunks(request),
+                        declared_bytes=declared,
+                        checksum=checksum,
+                        client_ip=client_ip,
+                    ),
                 )
         except BaseException as e:
             # Without our answer the client never learns the URL: nothing can resume it.
@@ -332,7 +357,7 @@ async def create(request: web.Request) -> web.StreamResponse:
             raise
     location = request.app[TUS].config.base_path + new.url_id
     headers = {"Location": location, **_upload_headers(info)}
-    if not with_body:
+    if not with_body and instant is None:
         headers.pop("Upload-Offset")
     log.info(
         "tus create id=%s key=%r length=%s",
@@ -442,6 +467,7 @@ async def patch(request: web.Request) -> web.Response:
         info = lease.info
         if info.completing and offset == info.offset:
             info = await svc.resume_completion(lease, request_client(request).ip)
+            info = await _indexed(request, info)
             return web.Response(status=204, headers=_upload_headers(info))
         if offset != info.offset:
             raise OffsetMismatch(
@@ -472,7 +498,16 @@ async def patch(request: web.Request) -> web.Response:
         info = await svc.write(
             lease, _chunks(request), declared_bytes=declared, checksum=checksum, client_ip=client_ip
         )
+    info = await _indexed(request, info)
     return web.Response(status=204, headers=_upload_headers(info))
+
+
+async def _indexed(request: web.Request, info: UploadInfo) -> UploadInfo:
+    """A completed upload's content goes into the content index (instant uploads)."""
+    dedup = request.app[UPLOADS].dedup
+    if dedup is not None and info.completing and info.sha256_hex:
+        await dedup.record(info.principal, info.key, info.offset, info.sha256_hex)
+    return info
 
 
 async def delete(request: web.Request) -> web.Response:

@@ -14,6 +14,7 @@ nothing about keys), then key, scope, size, content policy, concurrency, existen
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import re
@@ -27,6 +28,7 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy.auth import Grant
+from proxy.engine.dedup import OWNER_METADATA
 from proxy.engine.events import Outcome
 from proxy.engine.limits import ClientInfo
 from proxy.engine.upload import ObjectUpload, StreamResult, UploadSpec, delete_if_ours
@@ -42,6 +44,7 @@ from proxy.errors import (
 from proxy.hooks.payload import HookUpload
 from proxy.keys import full_key, generated_key
 from proxy.naming import KeyTemplate, new_random_id
+from proxy.storage.base import ObjectInfo
 from proxy.web.hookreq import hook_request
 from proxy.web.preflight import (
     UPLOADS,
@@ -77,6 +80,9 @@ class Preflight:
     limit_bytes: int
     grant: Grant
     client: ClientInfo
+    create_only: bool = True
+    # Indexed content this principal stored with the declared SHA-256 (instant upload).
+    source: ObjectInfo | None = None
 
 
 _PREFLIGHT = web.RequestKey("preflight", Preflight)
@@ -107,13 +113,91 @@ async def _preflight_put(request: web.Request) -> Preflight:
     limit = grant.limit(ctx.config.max_upload_size_bytes)
     size = _declared_size(request, limit)
     ctx.policy.check(request.headers.get("Content-Type"), client_key)
-    expected_digests(request.headers)
+    sha256 = expected_digests(request.headers).sha256
     client = request_client(request)
     ctx.slots.check(client.ip)
-    if not ctx.config.overwrite and await ctx.engine.storage.head(key) is not None:
-        raise KeyExists(f"an object with key {key!r} already exists")
-    request[_PREFLIGHT] = pre = Preflight(key, size, limit, grant, client)
+    # If-None-Match: * asks for create-only even where the server allows overwriting.
+    create_only = not ctx.config.overwrite or request.headers.get("If-None-Match") == "*"
+    owner = str(grant.principal)
+    if create_only and (obj := await ctx.engine.storage.head(key)) is not None:
+        # "Identical" only to the principal that stored it: anyone else learns no more
+        # than the key's existence, which create-only answers tell everyone anyway.
+        identical = (
+            sha256 is not None
+            and obj.metadata.get("sha256") == sha256.hex()
+            and obj.metadata.get(OWNER_METADATA) == owner
+        )
+        raise KeyExists(f"an object with key {key!r} already exists", identical=identical)
+    source = None
+    if ctx.dedup is not None and sha256 is not None and size:
+        source = await ctx.dedup.find(owner, sha256.hex(), size)
+    request[_PREFLIGHT] = pre = Preflight(key, size, limit, grant, client, create_only, source)
     return pre
+
+
+async def _instant(request: web.Request, pre: Preflight) -> web.Response | None:
+    """Store the PUT's object by copying indexed content; None when that is not possible
+    (nothing indexed, or the copy failed: the body then streams as usual)."""
+    ctx = request.app[UPLOADS]
+    if pre.source is None or ctx.dedup is None or pre.key is None:
+        return None
+    sha256 = expected_digests(request.headers).sha256
+    assert sha256 is not None
+    upload_id = uuid.uuid4().hex[:16]
+    started = time.monotonic()
+    try:
+        copied = await ctx.dedup.copy(
+            pre.source,
+            pre.key,
+            owner=str(pre.grant.principal),
+            sha256=sha256.hex(),
+            metadata={},
+            content_type=_content_type(request),
+            create_only=pre.create_only,
+            protocol="http",
+        )
+    except KeyExists as e:
+        _report(request, pre, upload_id, started, None, e)
+        raise
+    except ProxyError as e:
+        log.warning("instant upload of %r failed (%s); taking the body instead", pre.key, e)
+        request[_PREFLIGHT] = dataclasses.replace(pre, source=None)
+        return None
+    result = StreamResult(copied.key, copied.size, copied.sha256, copied.etag, 0)
+    _report(request, pre, upload_id, started, result, None)
+    return web.json_response(_result_json(ctx, result, deduplicated=True), status=201)
+
+
+def _report(
+    request: web.Request,
+    pre: Preflight,
+    upload_id: str,
+    started: float,
+    result: StreamResult | None,
+    error: ProxyError | None,
+) -> None:
+    streaming(request)
+    events = request.app[UPLOADS].events
+    events.started(upload_id, pre.key or "-")
+    events.finished(
+        Outcome(
+            protocol="http",
+            upload_id=upload_id,
+            key=pre.key or "-",
+            size_bytes=result.size if result is not None else 0,
+            sha256=result.sha256 if result is not None else None,
+            seconds=time.monotonic() - started,
+            error=error,
+            client=pre.client.ip,
+            auth=pre.grant.via,
+        )
+    )
+
+
+def _owned(grant: Grant) -> dict[str, str]:
+    """Object metadata naming who stored it (a one-way hash, see proxy.auth.Principal):
+    instant uploads and "identical" answers trust an object only for its owner."""
+    return {OWNER_METADATA: str(grant.principal)}
 
 
 async def _preflight_post(request: web.Request) -> Preflight:
@@ -135,8 +219,13 @@ async def _preflight_post(request: web.Request) -> Preflight:
 
 
 async def expect_put(request: web.Request) -> web.StreamResponse | None:
-    """Answer ``Expect: 100-continue`` only when the upload can be accepted."""
-    return await expect_with(request, _preflight_put)
+    """Answer ``Expect: 100-continue`` only when the upload can be accepted; an instant
+    upload is answered here, before the client is told to send its body."""
+
+    async def check(request: web.Request) -> web.Response | None:
+        return await _instant(request, await _preflight_put(request))
+
+    return await expect_with(request, check)
 
 
 async def expect_post(request: web.Request) -> web.StreamResponse | None:
@@ -182,6 +271,10 @@ async def _stream_one(
     ctx.active_keys[spec.key] += 1
     try:
         result = await upload.run(chunks)
+        if ctx.dedup is not None:
+            owner = spec.metadata.get(OWNER_METADATA)
+            if owner is not None:
+                await ctx.dedup.record(owner, result.key, result.size, result.sha256)
         hooked = replace(
             hooked, size=result.size, offset=result.size, sha256=result.sha256, etag=result.etag
         )
@@ -281,12 +374,17 @@ async def put_upload(request: web.Request) -> web.StreamResponse:
     ctx = request.app[UPLOADS]
     pre = await _preflight_put(request)
     assert pre.key is not None
+    if (instant := await _instant(request, pre)) is not None:
+        # The body is not read: aiohttp drops what arrives of it for lingering_time_s,
+        # then closes the connection if it has not ended.
+        return instant
     spec = UploadSpec(
         key=pre.key,
         max_size_bytes=pre.limit_bytes,
         declared_size=pre.size,
         content_type=_content_type(request),
-        create_only=not ctx.config.overwrite,
+        metadata=_owned(pre.grant),
+        create_only=pre.create_only,
         expected=expected_digests(request.headers),
     )
     with ctx.slots.hold(pre.client.ip):
@@ -329,6 +427,7 @@ async def post_upload(request: web.Request) -> web.StreamResponse:
             max_size_bytes=pre.limit_bytes,
             declared_size=pre.size,
             content_type=_content_type(request),
+            metadata=_owned(pre.grant),
             create_only=True,
             expected=expected_digests(request.headers),
         )
@@ -385,7 +484,7 @@ async def _post_form(request: web.Request, ctx: Uploads, pre: Preflight) -> web.
                 key=_new_key(ctx, pre.grant, part.filename),
                 max_size_bytes=limit - used,
                 content_type=part.headers.get("Content-Type", "application/octet-stream"),
-                metadata={"filename": _ascii(part.filename)},
+                metadata={"filename": _ascii(part.filename), **_owned(pre.grant)},
                 create_only=True,
             )
             chunks = ctx.chunks(part, pace, functools.partial(part.read_chunk, READ_CHUNK_BYTES))
