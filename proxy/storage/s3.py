@@ -13,6 +13,25 @@ botocore's own retries are off (``total_max_attempts=1``): they would re-send th
 body from a stream it cannot rewind (our memoryviews), and we want one retry
 policy with backoff whose total time is bounded.  Everything botocore raises is
 translated here into :mod:`proxy.errors`; nothing above this module sees it.
+
+Who sends a request again (found with the fault proxy of ``tests/faultproxy.py``):
+
+* botocore: never (above);
+* aiohttp, under aiobotocore: once, at once, a request whose method it deems
+  idempotent (GET, HEAD, PUT, DELETE: so PutObject, UploadPart, CopyObject,
+  UploadPartCopy, DeleteObject and the tus state writes, not the POSTs
+  CreateMultipartUpload and CompleteMultipartUpload) whose connection broke before the
+  answer came (reset or closed: ``ClientOSError``, ``ServerDisconnectedError``; not a
+  timeout), fresh connection or reused.  It re-sends our payload as it is (it can: our
+  pieces are not consumed by a send);
+* :meth:`S3Storage._call`: up to ``retry_attempts`` attempts with jittered backoff.
+
+So one attempt of ours may reach S3 twice, and a refusal can be the answer to our own
+first request that S3 carried out and whose answer was lost: a create-only write gets
+"precondition failed" on what we count as the first attempt.  Every write that can be
+refused that way checks, on a refusal, whether S3 holds exactly what we sent
+(``recover`` in :meth:`S3Storage._call`, the body comparison in
+:meth:`S3Storage.put_conditional`), whatever the attempt number.
 """
 
 from __future__ import annotations
@@ -60,6 +79,8 @@ T = TypeVar("T")
 # server-side multipart copy (UploadPartCopy), which moves no bytes through us.
 _MAX_COPY_BYTES = 5 * 1024**3
 _COPY_PART_BYTES = 1024**3
+# Read size when comparing a stored object with what we sent (put_conditional).
+_COMPARE_BYTES = 1024 * 1024
 
 _TRANSIENT_CODES = frozenset(
     {
@@ -261,7 +282,10 @@ class S3Storage:
         For operations that are not idempotent (a conditional PUT, CompleteMultipartUpload)
         the retry then fails ("precondition failed", "no such upload") although the work
         is done.  ``recover`` checks for that after a failed attempt and returns the
-        result the lost answer would have carried, or None.
+        result the lost answer would have carried, or None.  "Precondition failed" is
+        checked on the first attempt too: aiohttp may have re-sent that attempt's PUT
+        after its first answer was lost (see the module's docstring), and a real
+        conflict costs one read more.
         """
         last = "unknown"
         answered = False
@@ -278,7 +302,8 @@ class S3Storage:
                 outcome = _classify(exc)
                 self._observe(op, started, getattr(outcome, "code", "error"))
                 if isinstance(outcome, ProxyError):
-                    if attempt and recover is not None and (done := await recover()) is not None:
+                    echo = attempt or isinstance(outcome, ObjectExists)
+                    if echo and recover is not None and (done := await recover()) is not None:
                         log.warning("s3 %s: an earlier attempt had succeeded", op)
                         return done
                     raise outcome from exc
@@ -585,14 +610,21 @@ class S3Storage:
             kwargs["KeyMarker"] = r.get("NextKeyMarker", "")
             kwargs["UploadIdMarker"] = r.get("NextUploadIdMarker", "")
 
+    async def _get_or_none(self, key: str) -> dict[str, Any] | None:
+        """GetObject's answer (its body not read yet), or None if there is no such object."""
+        try:
+            r: dict[str, Any] = await self._client.get_object(Bucket=self.bucket, Key=key)
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in _MISSING_CODES:
+                return None
+            raise
+        return r
+
     async def get_small(self, key: str, max_bytes: int) -> tuple[bytes, str] | None:
         async def go() -> tuple[bytes, str] | None:
-            try:
-                r = await self._client.get_object(Bucket=self.bucket, Key=key)
-            except ClientError as e:
-                if e.response.get("Error", {}).get("Code") in _MISSING_CODES:
-                    return None
-                raise
+            r = await self._get_or_none(key)
+            if r is None:
+                return None
             async with r["Body"] as body:
                 if int(r.get("ContentLength", 0)) > max_bytes:
                     raise StorageError(f"{key} is larger than {max_bytes} bytes")
@@ -619,11 +651,39 @@ class S3Storage:
                     ContentLength=len(body),
                     **extra,
                 ),
+                # "Changed since you read it" / "key taken" may answer a re-send of our
+                # own write (module docstring).  Every conditional write of ours is unique
+                # (tus state carries a new rev and lease owner, segments a random key),
+                # so an object holding exactly our body is our write, not someone else's.
+                recover=lambda: self._holds_body(key, body),
             )
         except ObjectExists as e:
             # 412 on If-Match means "changed since you read it", not "key taken".
             raise ConditionFailed(f"{key} was changed by someone else") from e
         return str(r["ETag"])
+
+    async def _holds_body(self, key: str, body: Body) -> dict[str, Any] | None:
+        """``{"ETag": ...}`` if the object at ``key`` holds exactly ``body`` (compared as
+        it is read, in bounded chunks), else None."""
+        views = _PartBody(body).views
+
+        async def go() -> dict[str, Any] | None:
+            r = await self._get_or_none(key)
+            if r is None:
+                return None
+            async with r["Body"] as stream:
+                if int(r.get("ContentLength", -1)) != len(body):
+                    return None
+                for view in views:
+                    pos = 0
+                    while pos < len(view):
+                        chunk: bytes = await stream.read(min(len(view) - pos, _COMPARE_BYTES))
+                        if not chunk or view[pos : pos + len(chunk)] != chunk:
+                            return None
+                        pos += len(chunk)
+            return {"ETag": r.get("ETag", "")}
+
+        return await self._call("get_object", go)
 
     async def iter_object(self, key: str, *, chunk_bytes: int) -> AsyncIterator[bytes]:
         # Only opening the object is retried: a body that breaks off half-way cannot be
