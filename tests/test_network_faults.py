@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -43,6 +44,7 @@ from tests.fault_helpers import (
     MiB,
     assert_applied,
     assert_clean_log,
+    assert_nothing_open,
     assert_stored,
     assert_swept,
     cells,
@@ -54,6 +56,8 @@ from tests.fault_helpers import (
     request_bound_s,
     send,
     sha256_hex,
+    start_behind,
+    sweep_after_window,
     tus_object_key,
     tus_state_left,
     tus_upload,
@@ -65,6 +69,7 @@ from tests.faultproxy import (
     delay,
     lost_answer,
     reset_before,
+    stall,
     trickle,
 )
 from tests.tus_helpers import TUS, b64
@@ -116,6 +121,8 @@ SLOW_LINK = 64 * 1024
 FAST_LINK = 16 * MiB
 # An answer trickled at this rate takes longer than the read timeout, each byte not.
 TRICKLE = trickle(200)
+# Far above the read timeout, so that waiting it out breaks the request's bound.
+STALL_S = 20.0
 NO_SHA256 = (
     "S3 gone between CompleteMultipartUpload and the metadata copy: the object stays "
     "without its sha256 (the take-back DeleteObject fails too), and the client's retry "
@@ -357,6 +364,41 @@ async def test_tus_small_upload_put_whole_answer_lost(
     assert run.errors == [] and run.url is not None and run.sha256 == sha256_hex(data)
     await assert_stored(s3, tus_object_key(net_prefix, run.url), data)
     assert await tus_state_left(s3, net_prefix, run.url) == []
+
+
+# The most a socket's send buffer grows to (Linux's autotuning limit).
+WMEM_MAX = int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
+
+
+async def test_put_store_stops_reading(
+    seaweed: EmbeddedSeaweed, tmp_path: Path, s3: S3Storage, prefix: str
+) -> None:
+    """The store stops taking a part's bytes (its TCP window closes).  aiohttp starts the
+    read timeout only once a body is sent, so without a bound of its own the write waits
+    until TCP gives up, or for ever (proxy.storage.s3._PartPayload bounds it).  The part
+    is far larger than what the kernel buffers on the way can hold, so the write stalls."""
+    part_mib = max(8, -(-3 * WMEM_MAX // MiB))
+    data = payload((part_mib + 1) * MiB, "stall")
+    async with FaultProxy(seaweed.endpoint_url) as fp:
+        daemon = await start_behind(
+            tmp_path, seaweed, prefix, fp, upload={"part_size": f"{part_mib}MiB"}
+        )
+        try:
+            rule = fp.add("UploadPart", stall(STALL_S), times=None)
+            first = await send("PUT", f"{daemon.url}/uploads/a", data)
+            assert first.status == 503, first.body
+            assert first.seconds < request_bound_s(), first.seconds
+            assert_applied(rule, fp)
+            assert await read_object(s3, f"{prefix}a") is None
+            fp.clear()
+            retry = await send("PUT", f"{daemon.url}/uploads/a", data)
+            assert retry.status == 201, retry.body
+            await assert_stored(s3, f"{prefix}a", data)
+            assert await sweep_after_window(s3, prefix) == []
+            await assert_nothing_open(s3, prefix)
+            assert_clean_log(daemon)
+        finally:
+            await daemon.stop()
 
 
 # -- tus: DELETE /files/{id} of an unfinished upload (a part stored, a pending segment) --

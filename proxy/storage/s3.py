@@ -81,6 +81,9 @@ _MAX_COPY_BYTES = 5 * 1024**3
 _COPY_PART_BYTES = 1024**3
 # Read size when comparing a stored object with what we sent (put_conditional).
 _COMPARE_BYTES = 1024 * 1024
+# A body is handed to the socket in slices of this size, each of which the store must
+# take within the read timeout (see _PartPayload).
+_WRITE_SLICE_BYTES = 256 * 1024
 
 _TRANSIENT_CODES = frozenset(
     {
@@ -109,12 +112,13 @@ class _PartBody:
     of the part (:class:`~proxy.storage.base.Pieces`).
     """
 
-    __slots__ = ("_nbytes", "views")
+    __slots__ = ("_nbytes", "stall_timeout_s", "views")
 
-    def __init__(self, body: Body) -> None:
+    def __init__(self, body: Body, stall_timeout_s: float | None = None) -> None:
         pieces = body.views if isinstance(body, Pieces) else (body,)
         self.views = tuple(memoryview(p).cast("B") for p in pieces)
         self._nbytes = sum(len(v) for v in self.views)
+        self.stall_timeout_s = stall_timeout_s
 
     def __len__(self) -> int:
         return self._nbytes
@@ -124,6 +128,14 @@ class _PartBody:
 
 
 class _PartPayload(aiohttp.payload.Payload):
+    """Writes a :class:`_PartBody`, giving up when the store stops taking its bytes.
+
+    aiohttp starts the read timeout only once the whole body is handed to the socket, so
+    a store that stops reading (its TCP window closed: a stuck server, a broken path)
+    would hold the request until TCP gives up, or for ever.  Here each slice of the body
+    must be taken within ``stall_timeout_s`` (the read timeout), or the attempt fails
+    like a read timeout (a TimeoutError, which aiohttp does not re-send)."""
+
     _value: _PartBody
 
     def __init__(self, value: _PartBody, *args: Any, **kwargs: Any) -> None:
@@ -142,6 +154,7 @@ class _PartPayload(aiohttp.payload.Payload):
 
     async def write_with_length(self, writer: Any, content_length: int | None) -> None:
         left = len(self._value) if content_length is None else content_length
+        stall_s = self._value.stall_timeout_s
         for i, view in enumerate(v for v in self._value.views if v):
             if left <= 0:
                 return
@@ -150,7 +163,9 @@ class _PartPayload(aiohttp.payload.Payload):
             if i == 0 and len(view) > 1:
                 await writer.write(view[:1])
                 view = view[1:]
-            await writer.write(view)
+            for start in range(0, len(view), _WRITE_SLICE_BYTES):
+                async with asyncio.timeout(stall_s):
+                    await writer.write(view[start : start + _WRITE_SLICE_BYTES])
 
 
 aiohttp.payload.PAYLOAD_REGISTRY.register(_PartPayload, _PartBody)
@@ -224,6 +239,7 @@ class S3Storage:
         self._profile = profile
         self._attempts = retry_attempts
         self._base_delay_s = retry_base_delay_s
+        self._read_timeout_s = read_timeout_s
         self._observer = observer
         self._config = AioConfig(
             s3={"addressing_style": addressing_style, "payload_signing_enabled": False},
@@ -436,7 +452,7 @@ class S3Storage:
                 lambda: self._client.put_object(
                     Bucket=self.bucket,
                     Key=key,
-                    Body=_PartBody(body),
+                    Body=_PartBody(body, self._read_timeout_s),
                     ContentLength=len(body),
                     Metadata=metadata,
                     ContentType=content_type,
@@ -473,7 +489,7 @@ class S3Storage:
                 Key=key,
                 UploadId=upload_id,
                 PartNumber=number,
-                Body=_PartBody(body),
+                Body=_PartBody(body, self._read_timeout_s),
                 ContentLength=len(body),
                 **extra,
             ),
@@ -647,7 +663,7 @@ class S3Storage:
                 lambda: self._client.put_object(
                     Bucket=self.bucket,
                     Key=key,
-                    Body=_PartBody(body),
+                    Body=_PartBody(body, self._read_timeout_s),
                     ContentLength=len(body),
                     **extra,
                 ),
