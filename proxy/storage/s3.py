@@ -226,6 +226,8 @@ class S3Storage:
         retry_base_delay_s: float = 0.25,
         max_pool_connections: int = 32,
         observer: OpObserver | None = None,
+        max_copy_bytes: int = _MAX_COPY_BYTES,
+        copy_part_bytes: int = _COPY_PART_BYTES,
     ) -> None:
         if retry_attempts < 1:
             raise ValueError("retry_attempts must be >= 1")
@@ -241,6 +243,10 @@ class S3Storage:
         self._base_delay_s = retry_base_delay_s
         self._read_timeout_s = read_timeout_s
         self._observer = observer
+        # Objects above max_copy_bytes are relabelled by UploadPartCopy in pieces of
+        # copy_part_bytes (lowered by the tests, which cannot copy 5 GiB).
+        self._max_copy_bytes = max_copy_bytes
+        self._copy_part_bytes = copy_part_bytes
         self._config = AioConfig(
             s3={"addressing_style": addressing_style, "payload_signing_enabled": False},
             request_checksum_calculation="when_required",
@@ -541,7 +547,7 @@ class S3Storage:
     async def replace_metadata(
         self, key: str, *, etag: str, size: int, metadata: dict[str, str], content_type: str
     ) -> None:
-        if size <= _MAX_COPY_BYTES:
+        if size <= self._max_copy_bytes:
             await self._call(
                 "copy_object",
                 lambda: self._client.copy_object(
@@ -565,8 +571,9 @@ class S3Storage:
         upload_id = await self.create_multipart(key, metadata=metadata, content_type=content_type)
         try:
             parts: list[CompletedPart] = []
-            for number, start in enumerate(range(0, size, _COPY_PART_BYTES), start=1):
-                end = min(start + _COPY_PART_BYTES, size) - 1
+            step = self._copy_part_bytes
+            for number, start in enumerate(range(0, size, step), start=1):
+                end = min(start + step, size) - 1
                 r = await self._call(
                     "upload_part_copy",
                     functools.partial(
