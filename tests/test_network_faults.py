@@ -31,15 +31,18 @@ from pathlib import Path
 
 import pytest
 
+from proxy.config import load
 from proxy.storage.s3 import S3Storage
 from proxy.storage.seaweed import EmbeddedSeaweed
 from tests.daemon import Daemon
 from tests.fault_helpers import (
+    ABORT_BOUND_S,
     EVERY,
     LATE_S,
     LOCKED_BACKOFF_S,
     LOCKED_WAIT_S,
     PART,
+    REQUEST_BOUNDS,
     Cell,
     MiB,
     assert_applied,
@@ -77,6 +80,33 @@ from tests.tus_helpers import TUS, b64
 FIRST_PART = r"partNumber=1(&|$)"
 # The tus lease: short, so that one a failed PATCH could not release runs out soon.
 LEASE_S = 6
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_readme_states_the_bounds() -> None:
+    """README "When S3 is slow or gone" states the bounds these tests hold the daemon to
+    (fault_helpers.REQUEST_BOUNDS), with the figures of the shipped config.toml."""
+    bound_s = load(ROOT / "config.toml").storage.operation_bound_s
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## When S3 is slow or gone", 1)[1].split("\n## ", 1)[0]
+    assert f"≈ {bound_s:.0f} s with the shipped values" in " ".join(section.split())
+    rows = {
+        "`PUT`, `POST /uploads`": "PUT",
+        "tus `POST`": "POST",
+        "tus `HEAD`": "HEAD",
+        "tus `PATCH`": "PATCH",
+        "tus `DELETE`": "DELETE",
+    }
+    for label, method in rows.items():
+        operations, cleanups = REQUEST_BOUNDS[method]
+        formula = "B" if operations == 1 else f"{operations} B"
+        if cleanups:
+            formula += f" + {ABORT_BOUND_S:.0f} s"
+        minutes = (operations * bound_s + cleanups * ABORT_BOUND_S) / 60
+        row = next(line for line in section.splitlines() if line.startswith(f"| {label} |"))
+        assert f"| {formula}:" in row and row.endswith(f"| {minutes:.1f} min |"), row
 
 
 @pytest.fixture(scope="module")
