@@ -88,10 +88,17 @@ class Fault:
         where = "-answer" if self.answer else ""
         if self.kind == "trickle":
             where = "" if self.answer else "-request"
-            return f"trickle{where}({self.rate_bytes_per_s:g}B/s)"
+            return f"trickle{where}({_rate(self.rate_bytes_per_s)})"
         if self.seconds:
             return f"{self.kind}{where}({self.seconds:g}s)"
         return f"{self.kind}{where}"
+
+
+def _rate(bytes_per_s: float) -> str:
+    for unit, size in (("MiB", 1024 * 1024), ("KiB", 1024)):
+        if bytes_per_s >= size:
+            return f"{bytes_per_s / size:g}{unit}/s"
+    return f"{bytes_per_s:g}B/s"
 
 
 def lost_answer() -> Fault:
