@@ -68,8 +68,9 @@ run: $(STAMP)
 ## System packages the tests run for real: nginx (in front of the proxy), openssl (the
 ## nginx tests' self-signed certificate), systemd-analyze (unit checks), promtool
 ## (Debian's prometheus package: metrics, rules, dashboard checks), python3-venv
-## (install-service makes the service's venv with /usr/bin/python3) and headless
-## Chromium with its driver (the upload page, tests/browser.py).
+## (install-service makes the service's venv with /usr/bin/python3), headless
+## Chromium with its driver (the upload page, tests/browser.py) and libfaketime (one
+## daemon's clock set ahead in tests/test_scale_out.py's clock-skew tests).
 ## Installed with apt when missing and we are root; otherwise the tests that need them say
 ## so and skip.  On a machine with systemd the prometheus package also enables a local
 ## Prometheus service; containers and CI runners do not start it.
@@ -82,6 +83,7 @@ test-deps:
 	/usr/bin/python3 -c 'import ensurepip' >/dev/null 2>&1 || missing="$$missing python3-venv"; \
 	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
 	[ -x /usr/bin/chromedriver ] || missing="$$missing chromium-driver"; \
+	command -v faketime >/dev/null 2>&1 || missing="$$missing faketime"; \
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 		echo "installing:$$missing"; \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
@@ -91,7 +93,7 @@ test-deps:
 
 ## The whole test suite, against a real SeaweedFS the tests start on loopback.
 test: $(STAMP) test-deps $(JS_DEPS)
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
 
 ## debootstrap and qemu-user-static (+ binfmt-support) for check-aarch64, as test-deps does.
 aarch64-deps:
@@ -126,10 +128,12 @@ check-systemd: $(STAMP) test-deps
 test-fast: $(STAMP) test-deps $(JS_DEPS)
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
 
+## ruff, ruff format, mypy strict and the layer contracts (.importlinter).
 lint: $(STAMP)
 	$(BIN)/ruff check proxy tests bench tools
 	$(BIN)/ruff format --check proxy tests bench tools
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 ## The benchmark (not a test): every row at 1 GiB, one table, the ratios against the
 ## performance targets, raw figures in bench/results/<UTC time>.json.  BENCH_ARGS adds

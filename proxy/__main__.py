@@ -1,6 +1,6 @@
 """argv -> config -> run.  Exit codes: 0 clean stop, 1 failure, 2 usage, 78 bad config.
 
-Subcommands for operators: ``sign`` mints a signed upload URL with the configured
+Subcommands for operators: ``sign`` mints a signed upload URL or download link with the configured
 secret; ``hash-token`` turns a bearer token (read from stdin, so it stays out of
 shell history and ``ps``) into the ``sha256:...`` form config.toml stores.  For users:
 ``upload`` is the client (:mod:`proxy.client`); it needs no config.toml.
@@ -21,9 +21,10 @@ import prometheus_client
 
 from proxy import __version__
 from proxy.client.cli import add_parser as add_upload_parser
-from proxy.config import Config, ConfigError, LoggingConfig, load, parse_size
+from proxy.config import Config, ConfigError, LoggingConfig, load
 from proxy.errors import StartupError
 from proxy.install_service import add_parser as add_install_service_parser
+from proxy.units import parse_size
 
 EX_CONFIG = 78
 
@@ -73,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=__version__)
     sub = parser.add_subparsers(dest="command")
-    sign = sub.add_parser("sign", help="print a signed upload URL")
+    sign = sub.add_parser("sign", help="print a signed upload URL or download (share) link")
     # SUPPRESS: "upload-proxy sign -c X" and "upload-proxy -c X sign" both work.
     sign.add_argument("-c", "--config", default=argparse.SUPPRESS, help="path to config.toml")
     scope = sign.add_mutually_exclusive_group(required=True)
@@ -82,10 +83,14 @@ def _parser() -> argparse.ArgumentParser:
     sign.add_argument(
         "--method",
         default=None,
-        choices=("PUT", "POST"),
-        help="default: PUT for --key, POST for --prefix",
+        choices=("PUT", "POST", "GET"),
+        help="default: PUT for --key, POST for --prefix; GET: a download (share) link",
     )
-    sign.add_argument("--expires-in", type=float, default=3600, help="seconds (default 3600)")
+    expiry = sign.add_mutually_exclusive_group()
+    expiry.add_argument("--expires-in", type=float, default=3600, help="seconds (default 3600)")
+    expiry.add_argument(
+        "--expires", dest="expires_in", type=_duration_s, help="a duration: 90s, 30m, 12h, 7d"
+    )
     sign.add_argument("--max-size", default=None, help="largest body, e.g. 100MiB")
     sign.add_argument(
         "--base-url",
@@ -101,6 +106,23 @@ def _parser() -> argparse.ArgumentParser:
     add_upload_parser(sub)
     add_install_service_parser(sub)
     return parser
+
+
+_DURATION_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration_s(text: str) -> float:
+    """``7d`` -> 604800.0; a bare number is seconds."""
+    text = text.strip().lower()
+    unit = _DURATION_UNITS_S.get(text[-1:], 0)
+    number = text[:-1] if unit else text
+    try:
+        value = float(number) * (unit or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration such as 7d, 12h, 30m: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("a duration must be > 0")
+    return value
 
 
 def _sign(args: argparse.Namespace, config: Config) -> int:
@@ -132,7 +154,10 @@ def _sign(args: argparse.Namespace, config: Config) -> int:
     except ValueError as e:
         print(f"upload-proxy sign: {e}", file=sys.stderr)
         return 2
-    path = f"/uploads/{quote(args.key)}" if method == "PUT" and args.key else "/uploads"
+    if method == "GET" and args.key is None:
+        print("upload-proxy sign: a GET link is for one --key", file=sys.stderr)
+        return 2
+    path = f"/uploads/{quote(args.key)}" if method in ("PUT", "GET") and args.key else "/uploads"
     if method == "PUT" and args.key is None:
         path = "/uploads/<key under the prefix>"
     print(f"{method} {args.base_url.rstrip('/')}{path}?{query}")
@@ -150,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return install_service(args)
     if args.command == "tus-id":
-        from proxy.tus_state import storage_id, valid_id
+        from proxy.tus.state import storage_id, valid_id
 
         url_id = args.url.rstrip("/").rsplit("/", 1)[-1]
         if not valid_id(url_id):
@@ -187,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         runner: Any = uvloop.run
     except ImportError:  # pragma: no cover - uvloop is a dependency; stay usable without it
         runner = asyncio.run
-    from proxy.sdnotify import Notifier
+    from proxy.obs.sdnotify import Notifier
     from proxy.server import Server
 
     try:

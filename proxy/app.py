@@ -1,71 +1,68 @@
-"""Builds the aiohttp Application: routes, the error middleware, resources via cleanup_ctx."""
+"""Builds the aiohttp Application: routes, the error middleware, and what the handlers use,
+made in ``cleanup_ctx`` once the store is open and set there as AppKeys.
+
+The composition root: the one module (with :mod:`proxy.server`) that wires the layers
+together.  Before the app starts there is a :class:`Runtime` (config, metrics, memory
+monitor, and what tests hand in); once it runs, the app holds ``STORAGE``,
+:data:`~proxy.web.preflight.UPLOADS`, :data:`~proxy.web.tus.TUS` and ``SWEEPER``.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import logging
+import contextlib
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from proxy import __version__, http_ops, tus
+from proxy import __version__
 from proxy.auth import Authenticator, TokenSet
-from proxy.buffers import BufferPool, head_bytes_for
 from proxy.config import Config, default_client_buffer_bytes
-from proxy.errors import REASONS, ProxyError, StorageError, StorageUnavailable
-from proxy.http_ops import MetricsHooks, Ops, Readiness, samplers_ctx
-from proxy.http_upload import UPLOADS, UploadContext, UploadHooks, add_routes
-from proxy.limits import ContentPolicy, UploadSlots
-from proxy.memory import HeapTrimmer, MemoryMonitor, MemoryReader, read_memory
-from proxy.metrics import Metrics
-from proxy.responses import error_response, hide_server_banner
-from proxy.storage.base import OpenMultipart, Storage
-from proxy.storage.s3 import S3Storage
-from proxy.storage.seaweed import EmbeddedSeaweed, load_or_create_credentials
-from proxy.sweeper import LiveUploadPredicate, StaleSweeper, resolve
-
-log = logging.getLogger(__name__)
-
-HTTP_CODES = {
-    400: "ERR_BAD_REQUEST",
-    404: "ERR_NOT_FOUND",
-    405: "ERR_METHOD_NOT_ALLOWED",
-    408: "ERR_CLIENT_TIMEOUT",
-    411: "ERR_LENGTH_REQUIRED",
-    413: "ERR_TOO_LARGE",
-    417: "ERR_EXPECTATION",
-    431: "ERR_HEADERS_TOO_LARGE",
-}
+from proxy.engine.buffers import BufferPool, head_bytes_for
+from proxy.engine.context import Engine
+from proxy.engine.events import UploadEvents
+from proxy.engine.limits import ContentPolicy, UploadSlots
+from proxy.engine.pipeline import StreamSettings
+from proxy.errors import REASONS, StartupError
+from proxy.hooks.dispatch import Hooks
+from proxy.hooks.outbox import Outbox
+from proxy.obs.memory import HeapTrimmer, MemoryMonitor, MemoryReader, read_memory
+from proxy.obs.metrics import Metrics
+from proxy.storage.base import ObjectReader, Observable, OpenMultipart, StateStore, Storage
+from proxy.storage.factory import open_storage
+from proxy.storage.sweeper import StaleSweeper
+from proxy.tus.maintenance import sweep_forever
+from proxy.tus.service import TusService
+from proxy.tus.state import TusStore
+from proxy.web import downloads as http_downloads
+from proxy.web import ops as http_ops
+from proxy.web import tus
+from proxy.web import uploads as http_uploads
+from proxy.web.errors import error_middleware, hide_server_banner
+from proxy.web.ops import OPS, Ops, Readiness, samplers_ctx
+from proxy.web.preflight import UPLOADS, Uploads
 
 
 @dataclass
 class Runtime:
-    """What the running app holds; tests may hand in their own storage, registry and
-    memory reader."""
+    """What exists before the app starts.  Tests may hand in their own storage, pool,
+    registry and memory reader; a storage handed in is used as it is (not closed)."""
 
     config: Config
     storage: Storage | None = None
-    embedded: EmbeddedSeaweed | None = None
-    # None: the upload handlers report into the metrics.
-    hooks: UploadHooks | None = None
     pool: BufferPool | None = None
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     memory_reader: MemoryReader = read_memory
-    ops: Ops = field(init=False)
-
-    # "Is this open multipart upload owned by a live tus upload?"  The stale sweeper
-    # never aborts one it claims.  None: no such uploads (tus is not mounted).
-    upload_is_live: LiveUploadPredicate | None = None
-    sweeper: StaleSweeper | None = None
-    # Set by build_app: what the upload handlers share (slots, stats), for status reports.
-    uploads: UploadContext | None = None
+    metrics: Metrics = field(init=False)
+    memory: MemoryMonitor = field(init=False)
+    events: UploadEvents = field(init=False)
 
     def __post_init__(self) -> None:
         uc = self.config.upload
-        metrics = Metrics(
+        self.metrics = Metrics(
             self.registry,
             reasons=REASONS,
             # Uploads that can hold a full part at once: beyond that, live series would
@@ -73,172 +70,196 @@ class Runtime:
             live_uploads_max=uc.memory_budget_bytes // uc.part_size_bytes,
             version=__version__,
         )
-        memory = MemoryMonitor(self.config.memory, self.memory_reader)
-        self.ops = Ops(
-            metrics,
-            memory,
-            Readiness(lambda: self.storage, memory),
-            pool=lambda: self.pool,
-            operators=TokenSet(self.config.auth.operator_token_sha256),
-        )
+        self.memory = MemoryMonitor(self.config.memory, self.memory_reader)
+        self.events = UploadEvents(self.metrics)
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
+STORAGE = web.AppKey("storage", Storage)
+POOL = web.AppKey("pool", BufferPool)
+SWEEPER = web.AppKey("sweeper", StaleSweeper)
+HOOKS = web.AppKey("hooks", Hooks)
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    try:
-        return await handler(request)  # type: ignore[no-any-return]
-    except asyncio.CancelledError:
-        raise
-    except ProxyError as e:
-        body_left = not request.content.is_eof()
-        if e.status >= 500:
-            log.warning(
-                "%s %r -> %d %s: %r", request.method, request.path, e.status, e.code, e.message
-            )
-        return error_response(e, close=body_left)
-    except web.HTTPException as e:
-        if e.status < 400:
-            raise
-        code = HTTP_CODES.get(e.status, f"ERR_HTTP_{e.status}")
-        err = ProxyError(e.reason, code=code, status=e.status)
-        err.headers.update({k: v for k, v in e.headers.items() if k.lower() == "allow"})
-        return error_response(err, close=not request.content.is_eof())
-    except Exception:
-        log.exception("unhandled error in %s %r", request.method, request.path)
-        return error_response(ProxyError("internal error"), close=True)
-
-
-async def open_storage(config: Config) -> tuple[S3Storage, EmbeddedSeaweed | None]:
-    """The configured store, started (embedded) and opened; the bucket checked."""
-    sc = config.storage
-    embedded = None
-    if sc.backend == "embedded":
-        creds = load_or_create_credentials(sc.embedded.data_dir)
-        embedded = EmbeddedSeaweed(
-            sc.embedded.data_dir,
-            bucket=sc.bucket,
-            credentials=creds,
-            s3_port=sc.embedded.s3_port,
-            weed_binary=sc.embedded.weed_binary,
-            memory_limit_bytes=sc.embedded.memory_limit_bytes,
-        )
-        await embedded.start(sc.embedded.start_timeout_s)
-        endpoint, access, secret = embedded.endpoint_url, creds.access_key, creds.secret_key
-    else:
-        endpoint, access, secret = sc.endpoint_url, None, None
-    verify: bool | str = sc.ca_bundle or sc.verify_tls
-    storage = S3Storage(
-        bucket=sc.bucket,
-        endpoint_url=endpoint or None,
-        region=sc.region,
-        addressing_style=sc.addressing_style,
-        verify=verify,
-        access_key=access,
-        secret_key=secret,
-        credentials_file=sc.credentials_file or None,
-        profile=sc.profile or None,
-        connect_timeout_s=sc.connect_timeout_s,
-        read_timeout_s=sc.read_timeout_s,
-        retry_attempts=sc.retry_attempts,
-        retry_base_delay_s=sc.retry_base_delay_s,
-        max_pool_connections=sc.max_pool_connections,
+def new_pool(config: Config) -> BufferPool:
+    uc, lc = config.upload, config.limits
+    client_cap = lc.max_buffer_bytes_per_client or default_client_buffer_bytes(uc)
+    head = head_bytes_for(
+        uc.memory_budget_bytes,
+        uc.part_size_bytes,
+        lc.max_concurrent_uploads,
+        client_cap,
+        lc.max_uploads_per_client,
     )
-    await storage.open()
-    try:
-        if embedded is not None:
-            await _wait_bucket(storage, sc.embedded.start_timeout_s)
-        else:
-            await storage.check()
-    except (StorageError, StorageUnavailable, TimeoutError) as e:
-        # An S3 that is down at boot is not a reason to crash-loop: /readyz reports it.
-        log.warning("storage check failed at start-up: %s", e)
-    return storage, embedded
+    # A head for every upload slot, at most a quarter of the budget, which rests may not
+    # take: that many new uploads are admitted however many parts slow uploads hold.
+    # (Shipped: 64 heads of 1 MiB of a 256 MiB pool; a whole-slot reserve in a small
+    # pool would leave room for one rest at a time, one part stored at a time.)
+    reserve = min(lc.max_concurrent_uploads * head, uc.memory_budget_bytes // 4)
+    reserve = min(reserve, uc.memory_budget_bytes - (uc.part_size_bytes - head))
+    return BufferPool(
+        uc.memory_budget_bytes,
+        uc.part_size_bytes,
+        keep_idle=uc.parts_in_flight + 1,
+        on_idle=HeapTrimmer(),
+        head_bytes=head,
+        client_cap_bytes=client_cap,
+        head_reserve_bytes=reserve if head < uc.part_size_bytes else 0,
+    )
 
 
-async def _wait_bucket(storage: S3Storage, timeout_s: float) -> None:
-    async with asyncio.timeout(timeout_s):
-        while True:
-            try:
-                await storage.create_bucket()
-                return
-            except (StorageError, StorageUnavailable):
-                await asyncio.sleep(0.5)
+def stream_settings(config: Config) -> StreamSettings:
+    c = config.upload
+    return StreamSettings(
+        part_size_bytes=c.part_size_bytes,
+        parts_in_flight=c.parts_in_flight,
+        admission_timeout_s=c.admission_timeout_s,
+        part_checksum=c.part_checksum,
+        hash_in_thread=c.hash_in_thread,
+        # The S3 client's retries end within this; the bound also covers what its socket
+        # timeouts do not (a body send that stalls).
+        part_timeout_s=config.storage.operation_bound_s,
+    )
 
 
 async def _storage_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The first context in, so the last out: the drain and its aborts, the sweepers and
+    the other contexts are done before the store goes."""
     rt = app[RUNTIME]
-    owned: S3Storage | None = None
-    if rt.storage is None:
-        owned, rt.embedded = await open_storage(rt.config)
-        rt.storage = owned
-    if isinstance(rt.storage, S3Storage):
-        rt.storage.set_observer(rt.ops.metrics.storage_op)
-    try:
+    observer = rt.metrics.storage_op
+    async with contextlib.AsyncExitStack() as stack:
+        storage = rt.storage
+        if storage is None:
+            storage = await stack.enter_async_context(
+                open_storage(rt.config.storage, observer=observer)
+            )
+        elif isinstance(storage, Observable):
+            storage.set_observer(observer)
+        app[STORAGE] = storage
+        app[POOL] = rt.pool or new_pool(rt.config)
         yield
-    finally:
-        # The first context in, so the last out: the drain and its aborts, the sweepers
-        # and the other contexts are done before the store goes (systemd's KillMode=mixed
-        # leaves stopping it to us).
-        if owned is not None:
-            await owned.close()
-            rt.storage = None
-        if rt.embedded is not None:
-            await rt.embedded.stop()
 
 
 async def _uploads_ctx(app: web.Application) -> AsyncIterator[None]:
-    rt = app[RUNTIME]
-    uc, lc = rt.config.upload, rt.config.limits
-    if rt.pool is None:
-        client_cap = lc.max_buffer_bytes_per_client or default_client_buffer_bytes(uc)
-        rt.pool = BufferPool(
-            uc.memory_budget_bytes,
-            uc.part_size_bytes,
-            keep_idle=uc.parts_in_flight + 1,
-            on_idle=HeapTrimmer(),
-            head_bytes=head_bytes_for(
-                uc.memory_budget_bytes,
-                uc.part_size_bytes,
-                lc.max_concurrent_uploads,
-                client_cap,
-                lc.max_uploads_per_client,
-            ),
-            client_cap_bytes=client_cap,
-        )
-    assert rt.storage is not None
-    app[UPLOADS].bind(rt.storage, rt.pool)
-    if rt.config.tus.enabled:
-        tus.bind(app, rt.storage)
-    yield
-
-
-async def _sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
-    rt = app[RUNTIME]
-    uc = rt.config.upload
-    if uc.stale_upload_after_s <= 0:
-        yield
-        return
-    assert rt.storage is not None
-    ctx = app[UPLOADS]
-
-    async def live(upload: OpenMultipart) -> bool:
-        # Read upload_is_live at call time so a tus layer may plug in after start-up.
-        if upload.key in ctx.active_keys:
-            return True
-        return rt.upload_is_live is not None and await resolve(rt.upload_is_live(upload))
-
-    rt.sweeper = StaleSweeper(
-        rt.storage, uc.key_prefix, older_than_s=uc.stale_upload_after_s, is_live=live
+    """What the upload handlers (plain and tus) use, now that the store is open."""
+    rt, cfg = app[RUNTIME], app[RUNTIME].config
+    storage = app[STORAGE]
+    hooks = _hooks(cfg, storage, rt)
+    rt.events.hooks = hooks
+    engine = Engine(
+        storage=storage,
+        pool=app[POOL],
+        settings=stream_settings(cfg),
+        events=rt.events,
+        max_upload_size_bytes=cfg.upload.max_upload_size_bytes,
+        key_prefix=cfg.upload.key_prefix,
+        key_template=cfg.upload.key_template,
+        hooks=hooks,
     )
-    task = asyncio.create_task(rt.sweeper.run(uc.sweep_interval_s), name="stale-sweeper")
+    reserved: tuple[str, ...] = ()
+    if hooks.outbox is not None:
+        reserved = (cfg.tus.state_prefix,)  # the outbox lives there
+    if cfg.tus.enabled:
+        if not isinstance(storage, StateStore):
+            raise StartupError("the storage backend cannot keep tus state: set tus.enabled = false")
+        store = TusStore(storage, cfg.tus.state_prefix, cfg.tus.lock_lease_s)
+        app[tus.TUS] = tus.TusRoutes(cfg.tus, TusService(cfg.tus, engine, store))
+        # Plain uploads may write neither the tus state nor where tus objects go (a key
+        # squatted there before a tus upload completes would pass for its object).
+        reserved = (cfg.tus.state_prefix, cfg.upload.key_prefix + cfg.tus.object_prefix)
+    app[HOOKS] = hooks
+    app[UPLOADS] = Uploads(
+        config=cfg.upload,
+        bucket=cfg.storage.bucket,
+        engine=engine,
+        auth=Authenticator(
+            enabled=cfg.auth.enabled,
+            token_sha256=cfg.auth.token_sha256,
+            signing_secret=cfg.auth.signing_secret,
+            max_url_lifetime_s=cfg.auth.signed_url_max_lifetime_s,
+            scoped_tokens=cfg.auth.scoped_tokens,
+        ),
+        slots=UploadSlots(cfg.limits.max_concurrent_uploads, cfg.limits.max_uploads_per_client),
+        admit=rt.memory.check_admission,
+        limits=cfg.limits,
+        policy=ContentPolicy(cfg.limits.allowed_content_types, cfg.limits.allowed_extensions),
+        trusted_proxies=cfg.server.trusted_proxies,
+        active_keys=Counter(),
+        reserved_prefixes=reserved,
+    )
+    if cfg.downloads.enabled:
+        if not isinstance(storage, ObjectReader):
+            raise StartupError("the storage backend cannot serve downloads: downloads.enabled")
+        app[http_downloads.DOWNLOADS] = http_downloads.Downloads(
+            config=cfg.downloads,
+            storage=storage,
+            reader=storage,
+            metrics=rt.metrics,
+            key_prefix=cfg.upload.key_prefix,
+            reserved_prefixes=reserved,
+            tus_object_prefix=(cfg.upload.key_prefix + cfg.tus.object_prefix)
+            if cfg.tus.enabled
+            else None,
+            lister=storage if isinstance(storage, StateStore) else None,
+        )
     try:
         yield
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await hooks.close()
+
+
+def _hooks(cfg: Config, storage: Storage, rt: Runtime) -> Hooks:
+    """The hooks, with their outbox beside the tus state (post-finish needs small
+    conditional objects: a store without them cannot promise delivery)."""
+    hc = cfg.hooks
+    if not hc.enabled:
+        return Hooks.disabled()
+    outbox = None
+    if "post-finish" in hc.events:
+        if not isinstance(storage, StateStore):
+            raise StartupError("the storage backend cannot keep the post-finish hook outbox")
+        outbox = Outbox(
+            storage,
+            cfg.tus.state_prefix,
+            # A delivery takes at most timeout_s; the claim outlives it, and one left by a
+            # dead instance lapses soon after.
+            claim_s=2 * hc.timeout_s + 10,
+            retry_max_delay_s=hc.retry_max_delay_s,
+        )
+    return Hooks.build(hc, bucket=cfg.storage.bucket, outbox=outbox, registry=rt.registry)
+
+
+async def _sweepers_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The stale-multipart sweeper and the tus sweeper, in the background."""
+    cfg = app[RUNTIME].config
+    uc = cfg.upload
+    uploads = app[UPLOADS]
+    tus_routes = app.get(tus.TUS)
+    tasks: list[asyncio.Task[None]] = []
+    if uc.stale_upload_after_s > 0:
+
+        async def live(upload: OpenMultipart) -> bool:
+            # Never abort a running plain upload's parts, nor a live tus upload's: its
+            # state in S3 says (exact, and right across instances).
+            if upload.key in uploads.active_keys:
+                return True
+            if tus_routes is None:
+                return False
+            return await tus_routes.service.store.owns_multipart(upload.key, upload.upload_id)
+
+        app[SWEEPER] = sweeper = StaleSweeper(
+            app[STORAGE], uc.key_prefix, older_than_s=uc.stale_upload_after_s, is_live=live
+        )
+        tasks.append(asyncio.create_task(sweeper.run(uc.sweep_interval_s), name="stale-sweeper"))
+    if tus_routes is not None and cfg.tus.sweep_interval_s > 0:
+        tasks.append(asyncio.create_task(sweep_forever(tus_routes.service), name="tus-sweeper"))
+    tasks.append(asyncio.create_task(app[HOOKS].run_outbox(), name="hook-outbox"))
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def build_app(runtime: Runtime) -> web.Application:
@@ -246,43 +267,25 @@ def build_app(runtime: Runtime) -> web.Application:
     app.on_response_prepare.append(hide_server_banner)
     app[RUNTIME] = runtime
     cfg = runtime.config
-    app[UPLOADS] = runtime.uploads = UploadContext(
-        config=cfg.upload,
-        bucket=cfg.storage.bucket,
-        hooks=runtime.hooks or MetricsHooks(runtime.ops.metrics),
-        admit=runtime.ops.memory.check_admission,
-        limits=cfg.limits,
-        auth=Authenticator(
-            enabled=cfg.auth.enabled,
-            token_sha256=cfg.auth.token_sha256,
-            signing_secret=cfg.auth.signing_secret,
-            max_url_lifetime_s=cfg.auth.signed_url_max_lifetime_s,
-        ),
-        slots=UploadSlots(cfg.limits.max_concurrent_uploads, cfg.limits.max_uploads_per_client),
-        policy=ContentPolicy(cfg.limits.allowed_content_types, cfg.limits.allowed_extensions),
-        trusted_proxies=cfg.server.trusted_proxies,
-        # The S3 client's retries end within this; the bound also covers what its socket
-        # timeouts do not (a body send that stalls).
-        part_timeout_s=cfg.storage.operation_bound_s,
+    ops = Ops(
+        runtime.metrics,
+        runtime.memory,
+        Readiness(lambda: app.get(STORAGE), runtime.memory),
+        pool=lambda: app.get(POOL),
+        operators=TokenSet(cfg.auth.operator_token_sha256),
     )
     app.cleanup_ctx.append(_storage_ctx)
     app.cleanup_ctx.append(_uploads_ctx)
-    app.cleanup_ctx.append(_sweeper_ctx)
+    app.cleanup_ctx.append(_sweepers_ctx)
     app.cleanup_ctx.append(samplers_ctx)
-    add_routes(app)
-    http_ops.add_routes(app, runtime.ops)
-    if runtime.config.tus.enabled:
-        tus.add_routes(app, runtime.config.tus)
-        app.cleanup_ctx.append(tus.sweeper_ctx)
-        # Plain uploads may write neither the tus state nor where tus objects go (a key
-        # squatted there before a tus upload completes would pass for its object).
-        app[UPLOADS].reserved_prefixes = (
-            cfg.tus.state_prefix,
-            cfg.upload.key_prefix + cfg.tus.object_prefix,
-        )
-        if runtime.upload_is_live is None:
-            # The stale-multipart sweeper must never abort a live tus upload's parts:
-            # ask the upload's state in S3 (exact, and right across instances).
-            tus_ctx = app[tus.TUS]
-            runtime.upload_is_live = lambda u: tus_ctx.owns_multipart(u.key, u.upload_id)
+    http_uploads.add_routes(app)
+    http_ops.add_routes(app, ops)
+    if cfg.tus.enabled:
+        tus.add_routes(app, cfg.tus)
+    if cfg.downloads.enabled:
+        item = cfg.tus.base_path + "{id}" if cfg.tus.enabled else None
+        http_downloads.add_routes(app, item)
     return app
+
+
+__all__ = ["HOOKS", "OPS", "POOL", "RUNTIME", "STORAGE", "SWEEPER", "Runtime", "build_app"]

@@ -1,8 +1,9 @@
-"""Who may upload: bearer tokens and HMAC-signed upload URLs.  No HTTP framework here.
+"""Who may upload and download: bearer tokens and HMAC-signed URLs.  No HTTP framework here.
 
 Bearer tokens are kept only as SHA-256 hashes and compared in constant time
 (:class:`TokenSet`): upload tokens here, operator tokens (``/status`` details) in
-:mod:`proxy.http_ops`.
+:mod:`proxy.web.ops`.  A token has scopes (``upload``, ``download``, ``admin`` = all) and
+an optional key prefix; the plain ``auth.tokens`` mean upload, on every key.
 
 A signed upload URL is our answer to S3 presigned URLs: a web app that holds the
 signing secret hands a browser a URL that allows one method, on one key or under
@@ -27,8 +28,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import quote, urlencode
 
-from proxy.config import AuthConfig
-from proxy.errors import ProxyError, TooLarge
+from proxy.config import AuthConfig, ScopedToken
+from proxy.errors import (
+    BadSignature,
+    KeyNotAllowed,
+    ScopeNotAllowed,
+    Unauthorized,
+    UrlExpired,
+    UrlLifetime,
+)
 from proxy.headers import ascii_uint
 
 SIGNED_FIELDS = ("expires", "key", "prefix", "max_size", "sig")
@@ -36,25 +44,10 @@ _SIG_HEX_LEN = 64
 # expires and max_size are decimal; 20 digits hold any 64-bit value.
 _MAX_NUMBER_LEN = 20
 
-
-class Unauthorized(ProxyError):
-    """No usable credentials: the client should authenticate."""
-
-    code = "ERR_UNAUTHORIZED"
-    status = 401
-    reason = "unauthorized"
-
-    def __init__(self, message: str, *, error: str | None = None) -> None:
-        challenge = 'Bearer realm="upload-proxy"' + (f', error="{error}"' if error else "")
-        super().__init__(message, headers={"WWW-Authenticate": challenge})
-
-
-class Forbidden(ProxyError):
-    """Credentials were presented and are valid, or carry a signature, but do not allow this."""
-
-    code = "ERR_FORBIDDEN"
-    status = 403
-    reason = "forbidden"
+UPLOAD, DOWNLOAD, ADMIN = "upload", "download", "admin"
+ALL_SCOPES = frozenset({UPLOAD, DOWNLOAD, ADMIN})
+# Methods a signed URL of one method also allows: a link to GET an object may HEAD it.
+_SIGNED_AS = {"HEAD": "GET"}
 
 
 @dataclass(frozen=True)
@@ -100,21 +93,30 @@ class Grant:
     prefix: str | None = None
     max_size_bytes: int | None = None
     principal: Principal = ANONYMOUS
+    # What the request may do (see ``allows``); auth off: everything.
+    scopes: frozenset[str] = ALL_SCOPES
+
+    def allows(self, scope: str) -> bool:
+        return scope in self.scopes or ADMIN in self.scopes
+
+    def require(self, scope: str) -> None:
+        """Raise 403 unless these credentials carry ``scope``."""
+        if not self.allows(scope):
+            raise ScopeNotAllowed(f"these credentials do not allow {scope}s")
+
+    def covers(self, client_key: str) -> bool:
+        """Is ``client_key`` (before the proxy's key_prefix) within the key or prefix?"""
+        if self.key is not None and client_key != self.key:
+            return False
+        return self.prefix is None or client_key.startswith(self.prefix)
 
     def check_key(self, client_key: str) -> None:
         """Raise unless ``client_key`` (before the proxy's key_prefix) is allowed."""
         if self.key is not None and client_key != self.key:
-            raise Forbidden("this signed URL is for another key", code="ERR_KEY_NOT_ALLOWED")
+            raise KeyNotAllowed("this signed URL is for another key")
         if self.prefix is not None and not client_key.startswith(self.prefix):
-            raise Forbidden("this signed URL is for another prefix", code="ERR_KEY_NOT_ALLOWED")
-
-    def check_size(self, declared: int | None) -> None:
-        if declared is not None and self.max_size_bytes is not None:
-            if declared > self.max_size_bytes:
-                raise TooLarge(
-                    f"declared body of {declared} bytes exceeds the signed limit of "
-                    f"{self.max_size_bytes} bytes"
-                )
+            what = "signed URL" if self.via == "signed" else "token"
+            raise KeyNotAllowed(f"this {what} is for another prefix")
 
     def limit(self, configured_bytes: int) -> int:
         if self.max_size_bytes is None:
@@ -225,9 +227,14 @@ class Authenticator:
         token_sha256: tuple[bytes, ...] = (),
         signing_secret: bytes = b"",
         max_url_lifetime_s: float = AuthConfig.signed_url_max_lifetime_s,
+        scoped_tokens: tuple[ScopedToken, ...] = (),
     ) -> None:
         self.enabled = enabled
-        self._tokens = TokenSet(token_sha256)
+        # The plain tokens keep meaning what they always did: upload, on every key.
+        self._scoped = tuple(ScopedToken(h, frozenset({UPLOAD})) for h in token_sha256) + tuple(
+            scoped_tokens
+        )
+        self._tokens = TokenSet(tuple(t.sha256 for t in self._scoped))
         self._secret = signing_secret
         self._max_lifetime_s = max_url_lifetime_s
 
@@ -262,12 +269,19 @@ class Authenticator:
         presented = self._tokens.match(token)
         if presented is None:
             raise Unauthorized("the bearer token is not valid", error="invalid_token")
+        # The match was in constant time; which entry it was is no secret from the holder.
+        entry = next(t for t in self._scoped if t.sha256 == presented)
         # presented equals the stored hash that matched: the principal is a hash of it.
-        return Grant(via="token", principal=_principal("token", presented))
+        return Grant(
+            via="token",
+            prefix=entry.prefix or None,
+            principal=_principal("token", presented),
+            scopes=entry.scopes,
+        )
 
     def _signed(self, method: str, query: Mapping[str, str], now: float) -> Grant:
         if not self._secret:
-            raise Forbidden("signed URLs are not enabled here", code="ERR_BAD_SIGNATURE")
+            raise BadSignature("signed URLs are not enabled here")
         sig = query.get("sig", "")
         expires = query.get("expires", "")
         key, prefix = query.get("key"), query.get("prefix")
@@ -280,35 +294,35 @@ class Authenticator:
             or any("\n" in v for v in (expires, key or "", prefix or "", max_size))
         ):
             # Cheap refusals before any MAC work; newlines could shift fields in canonical().
-            raise Forbidden("the signed URL is malformed", code="ERR_BAD_SIGNATURE")
-        expected = _mac(self._secret, canonical(method, expires, key, prefix, max_size))
+            raise BadSignature("the signed URL is malformed")
+        signed_method = _SIGNED_AS.get(method.upper(), method)
+        expected = _mac(self._secret, canonical(signed_method, expires, key, prefix, max_size))
         if not hmac.compare_digest(expected.encode(), sig.lower().encode("ascii", "replace")):
-            raise Forbidden("the signature does not match", code="ERR_BAD_SIGNATURE")
+            raise BadSignature("the signature does not match")
         # Fields are trusted only after the signature checks out; then they were ours.
         expires_s = ascii_uint(expires, max_digits=_MAX_NUMBER_LEN)
         if expires_s is None or expires_s < now:
-            raise Forbidden("the signed URL has expired", code="ERR_URL_EXPIRED")
+            raise UrlExpired("the signed URL has expired")
         if expires_s - now > self._max_lifetime_s:
             # The URL carries no issue time, so "lives at most N" is "expires within N":
             # a leaked URL (browser history, a proxy log) is good for at most that long.
-            raise Forbidden(
+            raise UrlLifetime(
                 f"the signed URL expires more than {self._max_lifetime_s:.0f} s from now, "
-                "beyond auth.signed_url_max_lifetime_s",
-                code="ERR_URL_LIFETIME",
+                "beyond auth.signed_url_max_lifetime_s"
             )
         if prefix is not None and not (prefix and prefix.endswith("/")):
             # sign_url never mints one, but a web app with the secret may sign its own: a
             # prefix "user1" would allow "user10/...", and "" every key.
-            raise Forbidden(
-                "the signed prefix must be non-empty and end with '/'", code="ERR_BAD_SIGNATURE"
-            )
+            raise BadSignature("the signed prefix must be non-empty and end with '/'")
         max_size_bytes = ascii_uint(max_size, max_digits=_MAX_NUMBER_LEN) if max_size else None
         if max_size and max_size_bytes is None:
-            raise Forbidden("the signed URL is malformed", code="ERR_BAD_SIGNATURE")
+            raise BadSignature("the signed URL is malformed")
         return Grant(
             via="signed",
             key=key,
             prefix=prefix,
             max_size_bytes=max_size_bytes,
             principal=_principal("signed", sig.lower().encode("ascii")),
+            # Bound to its method: a GET link reads, a PUT/POST one writes.
+            scopes=frozenset({DOWNLOAD if signed_method.upper() == "GET" else UPLOAD}),
         )

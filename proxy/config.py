@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from proxy.naming import KeyTemplate
+from proxy.units import parse_size
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -28,24 +32,13 @@ ADDRESSING_STYLES = ("path", "virtual", "auto")
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 AUTH_MODES = ("required", "none")
+# What a bearer token may do (auth.scoped_tokens); "admin" is every scope.
+TOKEN_SCOPES = ("upload", "download", "admin")
 # A token hash as written in config.toml / a token file: "sha256:" + 64 hex digits.
 _TOKEN_HASH_RE = re.compile(r"^sha256:([0-9a-f]{64})$")
 MIN_SECRET_BYTES = 32
 _MEDIA_TYPE_RE = re.compile(r"^[a-z0-9!#$&^_.+-]+/(?:\*|[a-z0-9!#$&^_.+-]+)$")
 _EXTENSION_RE = re.compile(r"^\.[a-z0-9]{1,16}$")
-
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_UNITS = {
-    "b": 1,
-    "kb": 1000,
-    "mb": 1000**2,
-    "gb": 1000**3,
-    "tb": 1000**4,
-    "kib": 1024,
-    "mib": 1024**2,
-    "gib": 1024**3,
-    "tib": 1024**4,
-}
 
 
 class ConfigError(Exception):
@@ -54,22 +47,6 @@ class ConfigError(Exception):
     def __init__(self, problems: list[str], source: str = "config") -> None:
         self.problems = problems
         super().__init__(f"{source}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
-
-
-def parse_size(value: object) -> int:
-    """``8388608``, ``"8MiB"``, ``"1.5GiB"``, ``"100MB"`` -> bytes."""
-    if isinstance(value, bool):
-        raise ValueError('expected a size such as 8388608 or "8MiB"')
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError("must not be negative")
-        return value
-    if isinstance(value, str):
-        m = _SIZE_RE.match(value)
-        if m:
-            unit = (m.group(2) or "b").lower()
-            return int(float(m.group(1)) * _UNITS[unit])
-    raise ValueError(f'expected a size such as 8388608 or "8MiB", got {value!r}')
 
 
 @dataclass(frozen=True)
@@ -86,6 +63,8 @@ class ServerConfig:
     header_timeout_s: float = 15.0
     keepalive_timeout_s: float = 30.0
     max_connections: int = 256
+    max_connections_per_client: int = 32
+    send_timeout_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -102,6 +81,8 @@ class UploadConfig:
     hash_in_thread: bool = True
     stale_upload_after_s: float = 86400.0
     sweep_interval_s: float = 3600.0
+    # "": the built-in naming (POST: {id}{ext}; tus: {storage id}/{filename}); see proxy.naming.
+    key_template: str = ""
 
 
 @dataclass(frozen=True)
@@ -150,6 +131,27 @@ class MemoryConfig:
 
 
 @dataclass(frozen=True)
+class ScopedToken:
+    """A bearer token's hash with what it may do: ``scopes`` (of :data:`TOKEN_SCOPES`) on
+    keys under ``prefix`` (relative to ``upload.key_prefix``; empty: every key)."""
+
+    sha256: bytes = field(repr=False)
+    scopes: frozenset[str]
+    prefix: str = ""
+
+
+@dataclass(frozen=True)
+class DownloadsConfig:
+    """``GET``/``HEAD /uploads/{key}`` and ``GET /files/{id}``: off unless configured."""
+
+    enabled: bool = False
+    # Downloads at once; each holds one S3 connection while its client reads.
+    max_concurrent: int = 16
+    # Longest one write to a client may wait for it to read, before the download is cut.
+    send_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
 class AuthConfig:
     """Who may upload.  Only hashes of tokens are kept; the secret never appears in a repr."""
 
@@ -160,6 +162,8 @@ class AuthConfig:
     operator_token_sha256: tuple[bytes, ...] = field(default=(), repr=False)
     # A week: the longest an S3 (SigV4) presigned URL lives.
     signed_url_max_lifetime_s: float = 7 * 86400.0
+    # Tokens with scopes and an optional key prefix (``tokens`` above mean upload only).
+    scoped_tokens: tuple[ScopedToken, ...] = field(default=(), repr=False)
 
     @property
     def enabled(self) -> bool:
@@ -213,6 +217,35 @@ class TusConfig:
         return min(active_s + self.expire_after_s, created_s + self.max_lifetime_s)
 
 
+HOOK_EVENTS = (
+    "pre-create",
+    "post-create",
+    "post-receive",
+    "pre-finish",
+    "post-finish",
+    "post-terminate",
+    "post-fail",
+)
+
+
+@dataclass(frozen=True)
+class HooksConfig:
+    """Where upload events go (proxy.hooks).  No http_url and no exec_path: hooks are off."""
+
+    http_url: str = ""
+    http_secret: bytes = field(default=b"", repr=False)
+    exec_path: str = ""
+    events: tuple[str, ...] = ("pre-create", "post-finish", "post-terminate", "post-fail")
+    timeout_s: float = 10.0
+    progress_interval_s: float = 10.0
+    retry_max_delay_s: float = 300.0
+    outbox_poll_interval_s: float = 10.0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.http_url or self.exec_path)
+
+
 @dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -223,6 +256,8 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     tus: TusConfig = field(default_factory=TusConfig)
+    downloads: DownloadsConfig = field(default_factory=DownloadsConfig)
+    hooks: HooksConfig = field(default_factory=HooksConfig)
 
 
 class _Reader:
@@ -327,6 +362,10 @@ def _server(r: _Reader) -> ServerConfig:
         header_timeout_s=r.positive("header_timeout_s", float, d.header_timeout_s),
         keepalive_timeout_s=r.positive("keepalive_timeout_s", float, d.keepalive_timeout_s),
         max_connections=r.positive("max_connections", int, d.max_connections),
+        max_connections_per_client=r.positive(
+            "max_connections_per_client", int, d.max_connections_per_client
+        ),
+        send_timeout_s=r.positive("send_timeout_s", float, d.send_timeout_s),
     )
     r.check(
         metrics_listen != (host, port) or port == 0,
@@ -369,7 +408,13 @@ def _upload(r: _Reader) -> UploadConfig:
             "stale_upload_after_s", float, d.stale_upload_after_s, allow_zero=True
         ),
         sweep_interval_s=r.positive("sweep_interval_s", float, d.sweep_interval_s),
+        key_template=r.get("key_template", str, d.key_template),
     )
+    if cfg.key_template:
+        try:
+            KeyTemplate.parse(cfg.key_template)
+        except ValueError as e:
+            r.check(False, "key_template", str(e))
     r.check(
         cfg.stale_upload_after_s == 0 or cfg.stale_upload_after_s >= 60,
         "stale_upload_after_s",
@@ -496,6 +541,21 @@ def _read_secret_file(r: _Reader, key: str, path_str: str) -> str:
         return ""
 
 
+def _secret(r: _Reader, base: Path, key: str) -> bytes:
+    """The secret in the file ``key`` names (b"" if none), at least MIN_SECRET_BYTES."""
+    secret_file = r.get(key, str, "")
+    if not secret_file:
+        return b""
+    path = Path(secret_file) if Path(secret_file).is_absolute() else base / secret_file
+    secret = _read_secret_file(r, key, str(path)).strip().encode()
+    r.check(
+        not path.is_file() or len(secret) >= MIN_SECRET_BYTES,
+        key,
+        f"the secret must be at least {MIN_SECRET_BYTES} bytes (e.g. openssl rand -hex 32)",
+    )
+    return secret
+
+
 def _token_hash(r: _Reader, key: str, entry: str, *, plain_ok: bool) -> bytes | None:
     m = _TOKEN_HASH_RE.match(entry.strip().lower())
     if m:
@@ -541,23 +601,22 @@ def _auth(r: _Reader, base: Path) -> AuthConfig:
         "operator_tokens",
         "a token is both an upload token and an operator token; give operators their own",
     )
-    secret = b""
-    secret_file = r.get("signing_secret_file", str, "")
-    if secret_file:
-        path = Path(secret_file) if Path(secret_file).is_absolute() else base / secret_file
-        secret = _read_secret_file(r, "signing_secret_file", str(path)).strip().encode()
-        r.check(
-            not path.is_file() or len(secret) >= MIN_SECRET_BYTES,
-            "signing_secret_file",
-            f"the secret must be at least {MIN_SECRET_BYTES} bytes (e.g. openssl rand -hex 32)",
-        )
+    secret = _secret(r, base, "signing_secret_file")
+    lifetime = r.positive("signed_url_max_lifetime_s", float, AuthConfig.signed_url_max_lifetime_s)
+    scoped = _scoped_tokens(r, base)
+    taken = set(hashes) | set(operators)
     r.check(
-        mode == "none" or bool(hashes) or bool(secret),
+        not any(t.sha256 in taken for t in scoped)
+        and len({t.sha256 for t in scoped}) == len(scoped),
+        "scoped_tokens",
+        "a token is listed twice (in tokens, operator_tokens or scoped_tokens): one entry each",
+    )
+    r.check(
+        mode == "none" or bool(hashes) or bool(secret) or bool(scoped),
         "mode",
-        '"required" needs tokens, a token_file or a signing_secret_file; '
+        '"required" needs tokens, scoped_tokens, a token_file or a signing_secret_file; '
         'set mode = "none" to accept uploads from anyone who can reach the port',
     )
-    lifetime = r.positive("signed_url_max_lifetime_s", float, AuthConfig.signed_url_max_lifetime_s)
     r.finish()
     return AuthConfig(
         mode=mode,
@@ -565,7 +624,48 @@ def _auth(r: _Reader, base: Path) -> AuthConfig:
         signing_secret=secret,
         operator_token_sha256=tuple(operators),
         signed_url_max_lifetime_s=lifetime,
+        scoped_tokens=tuple(scoped),
     )
+
+
+def _scoped_tokens(r: _Reader, base: Path) -> list[ScopedToken]:
+    """``scoped_tokens = [{tokens = ["sha256:…"] and/or token_file, scopes, prefix}]``."""
+    entries = r.table.pop("scoped_tokens", [])
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        r.check(False, "scoped_tokens", "expected a list of tables {token, scopes, prefix}")
+        return []
+    out: list[ScopedToken] = []
+    for i, entry in enumerate(entries):
+        er = _Reader(entry, f"{r.path}.scoped_tokens[{i}]", r.problems)
+        scopes = er.strings("scopes")
+        er.check(
+            bool(scopes) and all(s in TOKEN_SCOPES for s in scopes),
+            "scopes",
+            f"must be a non-empty list of {', '.join(TOKEN_SCOPES)}",
+        )
+        prefix = er.get("prefix", str, "")
+        er.check(
+            prefix == "" or (prefix.endswith("/") and not prefix.startswith("/")),
+            "prefix",
+            "must be empty (every key) or end with '/' and not start with it, so 'user1/' "
+            "does not also allow 'user10/...'",
+        )
+        hashes = _token_hashes(er, base, "tokens", "token_file")
+        er.check(bool(hashes), "tokens", "give the token's hash in tokens or a token_file")
+        er.finish()
+        out += [ScopedToken(h, frozenset(scopes), prefix) for h in hashes]
+    return out
+
+
+def _downloads(r: _Reader) -> DownloadsConfig:
+    d = DownloadsConfig()
+    cfg = DownloadsConfig(
+        enabled=r.get("enabled", bool, d.enabled),
+        max_concurrent=r.positive("max_concurrent", int, d.max_concurrent),
+        send_timeout_s=r.positive("send_timeout_s", float, d.send_timeout_s),
+    )
+    r.finish()
+    return cfg
 
 
 def _limits(r: _Reader, upload: UploadConfig) -> LimitsConfig:
@@ -663,6 +763,52 @@ def _tus(r: _Reader) -> TusConfig:
     return cfg
 
 
+def _hooks(r: _Reader, base: Path) -> HooksConfig:
+    d = HooksConfig()
+    events = r.strings("events") if "events" in r.table else list(d.events)
+    has_secret_file = "http_secret_file" in r.table
+    secret = _secret(r, base, "http_secret_file")
+    exec_path = r.get("exec_path", str, d.exec_path)
+    if exec_path and not Path(exec_path).is_absolute():
+        exec_path = str(base / exec_path)
+    cfg = HooksConfig(
+        http_url=r.get("http_url", str, d.http_url),
+        http_secret=secret,
+        exec_path=exec_path,
+        events=tuple(events),
+        timeout_s=r.positive("timeout_s", float, d.timeout_s),
+        progress_interval_s=r.positive("progress_interval_s", float, d.progress_interval_s),
+        retry_max_delay_s=r.positive("retry_max_delay_s", float, d.retry_max_delay_s),
+        outbox_poll_interval_s=r.positive(
+            "outbox_poll_interval_s", float, d.outbox_poll_interval_s
+        ),
+    )
+    bad = [e for e in cfg.events if e not in HOOK_EVENTS]
+    r.check(not bad, "events", f"unknown event(s) {bad!r}; known: {', '.join(HOOK_EVENTS)}")
+    r.check(
+        not (cfg.http_url and cfg.exec_path),
+        "exec_path",
+        "set http_url or exec_path, not both: each event goes to one receiver",
+    )
+    r.check(
+        not cfg.http_url or re.fullmatch(r"https?://[^\s/]+(/\S*)?", cfg.http_url) is not None,
+        "http_url",
+        f"must be an http:// or https:// URL; got {cfg.http_url!r}",
+    )
+    r.check(
+        not cfg.http_url or has_secret_file,
+        "http_secret_file",
+        "is required with http_url: receivers must be able to tell our requests from forgeries",
+    )
+    r.check(
+        not cfg.exec_path or os.access(cfg.exec_path, os.X_OK),
+        "exec_path",
+        f"{cfg.exec_path!r} is not an executable file",
+    )
+    r.finish()
+    return cfg
+
+
 def from_dict(
     data: dict[str, Any], *, base_dir: Path | None = None, source: str = "config"
 ) -> Config:
@@ -683,6 +829,8 @@ def from_dict(
         limits=_limits(section["limits"], upload),
         logging=_logging(section["logging"]),
         tus=_tus(section["tus"]),
+        downloads=_downloads(section["downloads"]),
+        hooks=_hooks(section["hooks"], base),
     )
     problems.extend(_tus_overlaps(cfg.upload, cfg.tus))
     if problems:
@@ -715,6 +863,24 @@ def _tus_overlaps(upload: UploadConfig, tus: TusConfig) -> list[str]:
             "separate prefixes"
         )
     return problems
+
+
+def advisories(cfg: Config) -> list[str]:
+    """Settings that are valid but probably not what was meant; logged at start.
+
+    ``server.max_connections`` below or at ``limits.max_concurrent_uploads`` is coherent
+    (the smaller cap wins, and tests use tiny connection caps), so it is not a
+    :class:`ConfigError`; but the upload limit is then never reached and a listener full
+    of uploads answers health checks and tus HEADs with 503."""
+    out = []
+    conns, uploads = cfg.server.max_connections, cfg.limits.max_concurrent_uploads
+    if conns <= uploads:
+        out.append(
+            f"server.max_connections ({conns}) <= limits.max_concurrent_uploads ({uploads}):"
+            f" at most {conns} uploads run at once, and a listener full of uploads refuses"
+            " health checks; keep max_connections above max_concurrent_uploads"
+        )
+    return out
 
 
 def load(path: str | Path) -> Config:

@@ -8,7 +8,12 @@ import uuid
 
 from proxy.errors import InvalidKey
 
+# S3 limits a whole key to 1024 bytes of UTF-8; a filer-backed store (SeaweedFS, and most
+# file systems under a store) also limits each path segment, to 255 bytes like a file name.
+# A key past either is refused here, before a byte is read, instead of by the store after
+# the body (which would be a 502, a store failure, for what is a bad key).
 MAX_KEY_BYTES = 1024
+MAX_SEGMENT_BYTES = 255
 _EXT_RE = re.compile(r"\.([A-Za-z0-9]{1,16})$")
 
 # Characters that change how the text around them is shown, split or compared, so a key
@@ -72,7 +77,16 @@ def validate_key(key: str) -> str:
         raise InvalidKey("the key is not valid UTF-8") from None
     if size > MAX_KEY_BYTES:
         raise InvalidKey(f"the key is {size} bytes of UTF-8; at most {MAX_KEY_BYTES} allowed")
+    _check_segments(segments)
     return key
+
+
+def _check_segments(segments: list[str]) -> None:
+    longest = max(len(s.encode("utf-8")) for s in segments)
+    if longest > MAX_SEGMENT_BYTES:
+        raise InvalidKey(
+            f"a key segment is {longest} bytes of UTF-8; at most {MAX_SEGMENT_BYTES} allowed"
+        )
 
 
 def full_key(prefix: str, key: str) -> str:
@@ -80,6 +94,8 @@ def full_key(prefix: str, key: str) -> str:
     stored = prefix + validate_key(key)
     if len(stored.encode("utf-8")) > MAX_KEY_BYTES:
         raise InvalidKey(f"the key with its prefix exceeds {MAX_KEY_BYTES} bytes")
+    # A prefix without a trailing "/" joins its last segment to the key's first.
+    _check_segments(stored.split("/"))
     return stored
 
 

@@ -1,6 +1,6 @@
 """Owns the lifecycle: bind, serve, graceful drain with a timeout, a second signal exits at once.
 
-It also speaks to systemd (``proxy.sdnotify``): ``READY=1`` once the socket listens
+It also speaks to systemd (``proxy.obs.sdnotify``): ``READY=1`` once the socket listens
 and storage was checked, a ``STATUS=`` line every ``status_interval_s``,
 ``WATCHDOG=1`` from the event loop, ``STOPPING=1`` when the drain begins.
 """
@@ -16,18 +16,15 @@ import time
 from typing import Any
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
-from aiohttp.web_request import BaseRequest
-from aiohttp.web_server import Server as _AioServer
 
-from proxy.app import HTTP_CODES, Runtime, build_app
-from proxy.config import Config
+from proxy.app import STORAGE, Runtime, build_app
+from proxy.config import Config, advisories
 from proxy.errors import ProxyError
-from proxy.http_conn import ConnectionGuard, GuardedSite
-from proxy.http_ops import build_metrics_app
-from proxy.http_upload import UPLOADS, UploadContext
-from proxy.responses import error_response
-from proxy.sdnotify import Notifier
+from proxy.obs.sdnotify import Notifier
+from proxy.storage.base import Storage
+from proxy.web.conn import ConnectionGuard, GuardedSite
+from proxy.web.ops import OPS, build_metrics_app
+from proxy.web.preflight import UPLOADS, Uploads
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +36,7 @@ MAX_HEADERS = 128
 READ_BUFSIZE = 256 * 1024
 STORAGE_CHECK_TIMEOUT_S = 10.0
 # After the drain, uploads still running are cancelled; this is how long their
-# multipart aborts may take (streaming.ABORT_TIMEOUT_S bounds each one).
+# multipart aborts may take (engine.upload.CLEANUP_TIMEOUT_S bounds each one).
 ABORT_GRACE_S = 35.0
 # What aiohttp's own shutdown still waits for: only non-upload requests are left then.
 RUNNER_SHUTDOWN_TIMEOUT_S = 5.0
@@ -47,10 +44,14 @@ RUNNER_SHUTDOWN_TIMEOUT_S = 5.0
 
 def runner_kwargs(config: Config) -> dict[str, Any]:
     """AppRunner settings; tests start their runners with these too."""
+    return {"shutdown_timeout": RUNNER_SHUTDOWN_TIMEOUT_S, **handler_kwargs(config)}
+
+
+def handler_kwargs(config: Config) -> dict[str, Any]:
+    """Settings of aiohttp's per-connection protocol (``web.RequestHandler``)."""
     sc = config.server
     return {
         "access_log": None,
-        "shutdown_timeout": RUNNER_SHUTDOWN_TIMEOUT_S,
         "lingering_time": sc.lingering_time_s,
         # Larger headers are refused (400/431) by aiohttp's parser (slow-loris with headers).  The
         # request line carries signed-URL fields and up to 1 KiB of key, hence both.
@@ -60,7 +61,7 @@ def runner_kwargs(config: Config) -> dict[str, Any]:
         "read_bufsize": READ_BUFSIZE,
         # Closes a kept-alive connection that waits longer than this for its next request,
         # headers included (aiohttp's default is an hour).  The first request's headers are
-        # timed by proxy.http_conn.
+        # timed by proxy.web.conn.
         "keepalive_timeout": sc.keepalive_timeout_s,
         # Store bodies exactly as sent, like S3 does: a Content-Encoding: gzip body stays
         # gzip.  Decompressing would also break every size decision made from
@@ -69,60 +70,16 @@ def runner_kwargs(config: Config) -> dict[str, Any]:
     }
 
 
-def status_line(ctx: UploadContext, rate_mib_s: float) -> str:
+def status_line(ctx: Uploads, rate_mib_s: float) -> str:
+    stats = ctx.events.stats
     return (
         f"{ctx.slots.in_use} uploads in flight, {rate_mib_s:.1f} MiB/s, "
-        f"{ctx.stats.completed} done, {ctx.stats.failed} failed"
+        f"{stats.completed} done, {stats.failed} failed"
     )
 
 
-class _JsonErrorRequestHandler(RequestHandler):
-    """Errors aiohttp raises before our app sees the request (malformed request line,
-    oversized headers, bad chunk framing) get the same JSON body as every other error."""
-
-    def handle_error(
-        self,
-        request: BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        if request.writer.output_size > 0:
-            raise ConnectionError("response already started; cannot send an error")
-        if status >= 500:
-            self.log_exception("Error handling request from %s", request.remote, exc_info=exc)
-        else:
-            log.info(
-                "rejected malformed request from %s: %d %r",
-                request.remote,
-                status,
-                getattr(exc, "message", exc),
-            )
-        code = HTTP_CODES.get(status, f"ERR_HTTP_{status}")
-        text = (
-            "internal error"
-            if status >= 500
-            else f"malformed request: {getattr(exc, 'message', '') or message or status}"
-        )
-        return error_response(ProxyError(text, code=code, status=status), close=True)
-
-
-class _JsonErrorServer(_AioServer):
-    def __call__(self) -> RequestHandler:
-        return _JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
-
-
-class ProxyRunner(web.AppRunner):
-    """An AppRunner whose low-level protocol errors are rendered as our JSON errors."""
-
-    async def _make_server(self) -> _AioServer:
-        server = await super()._make_server()
-        server.__class__ = _JsonErrorServer
-        return server
-
-
-def make_runner(app: web.Application, config: Config) -> ProxyRunner:
-    return ProxyRunner(app, handle_signals=False, **runner_kwargs(config))
+def make_runner(app: web.Application, config: Config) -> web.AppRunner:
+    return web.AppRunner(app, handle_signals=False, **runner_kwargs(config))
 
 
 class Server:
@@ -151,10 +108,7 @@ class Server:
     def request_stop(self) -> None:
         self._stop.set()
 
-    async def _storage_state(self) -> str:
-        storage = self.runtime.storage
-        if storage is None:
-            return "storage not open"
+    async def _storage_state(self, storage: Storage) -> str:
         try:
             async with asyncio.timeout(STORAGE_CHECK_TIMEOUT_S):
                 await storage.check()
@@ -163,21 +117,22 @@ class Server:
             return f"storage unreachable ({getattr(e, 'code', 'timeout')})"
         return "storage ok"
 
-    async def _report_status(self, ctx: UploadContext) -> None:
+    async def _report_status(self, ctx: Uploads) -> None:
         interval = self.config.server.status_interval_s
-        last_bytes, last_t = ctx.stats.received_bytes, time.monotonic()
+        stats = ctx.events.stats
+        last_bytes, last_t = stats.received_bytes, time.monotonic()
         while True:
             await asyncio.sleep(interval)
-            now, nbytes = time.monotonic(), ctx.stats.received_bytes
+            now, nbytes = time.monotonic(), stats.received_bytes
             rate = (nbytes - last_bytes) / max(now - last_t, 1e-9) / 2**20
             last_bytes, last_t = nbytes, now
             self.notifier.status(status_line(ctx, rate))
 
-    async def _drain(self, ctx: UploadContext, site: GuardedSite) -> None:
+    async def _drain(self, ctx: Uploads, site: GuardedSite) -> None:
         """Stop listening, let running uploads finish, cancel (abort) the rest."""
         sc = self.config.server
         # Only the listening socket closes; open connections keep reading bodies.
-        site.stop_listening()
+        await site.stop()
         cancelled = await ctx.slots.drain(sc.drain_timeout_s, ABORT_GRACE_S)
         if cancelled:
             log.warning(
@@ -198,6 +153,8 @@ class Server:
                 sc.listen_host,
                 sc.listen_port,
             )
+        for advice in advisories(self.config):
+            log.warning("config: %s", advice)
         app = build_app(self.runtime)
         runner = make_runner(app, self.config)
         await runner.setup()
@@ -205,24 +162,19 @@ class Server:
         tasks: list[asyncio.Task[None]] = []
         try:
             site = await start_site(runner, sc.listen_host, sc.listen_port, self.config)
-            self.runtime.ops.metrics.bind_listener("main", site.guard)
-            self.port = site.port
+            self.runtime.metrics.bind_listener("main", site.guard)
+            self.port = bound_port(runner)
             log.info("listening on http://%s:%s", sc.listen_host, self.port)
             if sc.metrics_listen is not None:
-                # A ProxyRunner too: its parser errors are JSON without aiohttp's banner.
-                metrics_runner = ProxyRunner(
-                    build_metrics_app(self.runtime.ops),
-                    handle_signals=False,
-                    **runner_kwargs(self.config),
-                )
+                metrics_runner = make_runner(build_metrics_app(app[OPS]), self.config)
                 await metrics_runner.setup()
                 host, port = sc.metrics_listen
                 metrics_site = await start_site(metrics_runner, host, port, self.config)
-                self.runtime.ops.metrics.bind_listener("metrics", metrics_site.guard)
-                self.metrics_port = metrics_site.port
+                self.runtime.metrics.bind_listener("metrics", metrics_site.guard)
+                self.metrics_port = bound_port(metrics_runner)
                 log.info("metrics on http://%s:%s/metrics", host, self.metrics_port)
             self.listening.set()
-            state = await self._storage_state()
+            state = await self._storage_state(app[STORAGE])
             self.notifier.ready(f"listening on {sc.listen_host}:{self.port}, {state}")
             tasks.append(asyncio.create_task(self.notifier.run_watchdog(), name="watchdog"))
             tasks.append(asyncio.create_task(self._report_status(app[UPLOADS]), name="status"))
@@ -253,10 +205,22 @@ class Server:
 
 
 async def start_site(runner: web.AppRunner, host: str, port: int, config: Config) -> GuardedSite:
-    """Bind and serve behind a connection guard (header deadline, connection cap);
-    ``site.port`` is the port actually bound (``port`` may be 0).  Tests use it too."""
+    """Bind and serve behind a connection guard (header deadline, connection cap), with
+    parser errors rendered as JSON; :func:`bound_port` tells the port (``port`` may be 0).
+    Tests use it too."""
     sc = config.server
-    guard = ConnectionGuard(sc.header_timeout_s, sc.max_connections)
-    site = GuardedSite(runner, host, port, guard)
+    guard = ConnectionGuard(
+        sc.header_timeout_s,
+        sc.max_connections,
+        sc.send_timeout_s,
+        max_per_client=sc.max_connections_per_client,
+        trusted=sc.trusted_proxies,
+    )
+    site = GuardedSite(runner, host, port, guard, handler_kwargs(config))
     await site.start()
     return site
+
+
+def bound_port(runner: web.BaseRunner) -> int:
+    """The port ``runner``'s (one) site listens on."""
+    return int(runner.addresses[0][1])

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from proxy.tus_state import storage_id
+from proxy.tus.state import storage_id
 
 MiB = 1024 * 1024
 EVENT_RE = re.compile(

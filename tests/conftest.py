@@ -18,11 +18,14 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.app import Runtime, build_app
+from proxy.app import POOL, SWEEPER, Runtime, build_app
 from proxy.config import Config, from_dict
-from proxy.server import Server, make_runner, start_site
+from proxy.engine.buffers import BufferPool
+from proxy.server import Server, bound_port, make_runner, start_site
 from proxy.storage.s3 import S3Storage
 from proxy.storage.seaweed import Credentials, EmbeddedSeaweed
+from proxy.storage.sweeper import StaleSweeper
+from proxy.web.preflight import UPLOADS, Uploads
 
 from browser import Browser, start_browser
 
@@ -117,6 +120,21 @@ class Proxy:
     runtime: Runtime
     config: Config
     prefix: str
+    app: web.Application
+
+    # What the running app holds (its AppKeys, set once the store is open).
+
+    @property
+    def uploads(self) -> Uploads:
+        return self.app[UPLOADS]
+
+    @property
+    def pool(self) -> BufferPool:
+        return self.app[POOL]
+
+    @property
+    def sweeper(self) -> StaleSweeper:
+        return self.app[SWEEPER]
 
 
 StartProxy = Callable[..., Awaitable[Proxy]]
@@ -158,10 +176,10 @@ async def start_proxy(seaweed: EmbeddedSeaweed, prefix: str) -> AsyncIterator[St
         runner = make_runner(app, config)
         await runner.setup()
         # Behind the same connection guard as the daemon's listeners.
-        site = await start_site(runner, "127.0.0.1", 0, config)
+        await start_site(runner, "127.0.0.1", 0, config)
         runners.append(runner)
-        port = site.port
-        return Proxy(f"http://127.0.0.1:{port}", "127.0.0.1", port, runtime, config, prefix)
+        port = bound_port(runner)
+        return Proxy(f"http://127.0.0.1:{port}", "127.0.0.1", port, runtime, config, prefix, app)
 
     yield start
     for r in runners:
@@ -219,19 +237,33 @@ def browser() -> Iterator[Browser]:
     b.stop()
 
 
+async def until(check: Callable[[], Awaitable[object]], what: str, timeout_s: float = 30) -> None:
+    """Poll ``check`` (observable state: the store, a counter) until it answers truthy.
+
+    What tests wait on instead of a sleep; the timeout is generous (a loaded 2-core
+    machine) and only bounds a failure."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            while not await check():
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"not within {timeout_s}s: {what}") from None
+
+
 async def assert_nothing_left(s3: S3Storage, prefix: str) -> None:
     """No object and no open multipart upload under ``prefix``."""
     open_uploads = await s3.list_multipart(prefix)
     assert open_uploads == [], f"open multipart uploads left: {open_uploads}"
-    r = await s3._client.list_objects_v2(Bucket=s3.bucket, Prefix=prefix)
-    assert r.get("KeyCount", 0) == 0, f"objects left: {[o['Key'] for o in r.get('Contents', [])]}"
+    objects = await s3.list_objects(prefix)
+    assert objects == [], f"objects left: {[o.key for o in objects]}"
 
 
 async def get_object(s3: S3Storage, key: str) -> tuple[bytes, dict[str, str]]:
-    r = await s3._client.get_object(Bucket=s3.bucket, Key=key)
-    async with r["Body"] as body:
-        data = await body.read()
-    return data, dict(r.get("Metadata", {}))
+    """The object's bytes and its metadata, through the Storage interface."""
+    info = await s3.head(key)
+    assert info is not None, f"no object {key!r}"
+    data = b"".join([chunk async for chunk in s3.iter_object(key, chunk_bytes=MiB)])
+    return data, info.metadata
 
 
 def data_path(tmp_path: Path, size: int, seed: int = 0) -> Path:

@@ -16,6 +16,10 @@ from proxy.storage.base import (
     Pieces,
 )
 
+# start_proxy() sections for a proxy on GatedStorage: a core Storage without the state
+# store capability tus needs, so tus is off (the app refuses to start it there).
+NO_TUS = {"tus": {"enabled": False}}
+
 
 def sha256_of(body: Body) -> bytes:
     """SHA-256 of a body, also when it comes in pieces (no join)."""

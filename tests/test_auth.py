@@ -14,8 +14,9 @@ from urllib.parse import parse_qsl
 import aiohttp
 import pytest
 
-from proxy.auth import Authenticator, Forbidden, Unauthorized, canonical, hash_token, sign_url
+from proxy.auth import Authenticator, canonical, hash_token, sign_url
 from proxy.config import ConfigError, from_dict
+from proxy.errors import Forbidden, Unauthorized
 from tests.conftest import MiB, StartProxy, assert_nothing_left, get_object
 
 TOKEN = "tok-0123456789abcdef-secret"

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from proxy.buffers import BufferPool, Buffers, PartBuffer, PoolTimeout, head_bytes_for
+from proxy.engine.buffers import BufferPool, Buffers, PartBuffer, PoolTimeout, head_bytes_for
 
 
 async def test_budget_is_never_exceeded_and_waiters_are_fifo() -> None:
@@ -184,4 +184,32 @@ async def test_every_upload_holding_a_head_still_completes() -> None:
         p.release()
 
     await asyncio.wait_for(asyncio.gather(*(upload() for _ in range(uploads))), 10)
+    assert pool.in_use_bytes == 0
+
+
+async def test_rests_never_take_the_heads_reserve() -> None:
+    """Parts of 4 units leased as a 1-unit head and a 3-unit rest, a budget of 12, a
+    reserve of 4 heads: slow uploads that hold a head and a rest each stop at two rests
+    (6 units; 8 would take the reserve), and a new upload's head is granted at once."""
+    unit = 4096
+    pool = BufferPool(12 * unit, 4 * unit, head_bytes=unit, head_reserve_bytes=4 * unit)
+    held = []
+    for _ in range(2):
+        part = PartBuffer(pool, 4 * unit)
+        await part.lease()
+        part.filled = unit  # the head is full: the next lease is the rest
+        await part.lease()
+        held.append(part)
+    third = PartBuffer(pool, 4 * unit)
+    await third.lease()
+    third.filled = unit
+    with pytest.raises(PoolTimeout):
+        await third.lease(timeout_s=0.05)  # a third rest would eat into the reserve
+    head = await pool.acquire(unit, timeout_s=0.05)  # admission still finds room
+    assert pool.in_use_bytes == 2 * 4 * unit + 2 * unit
+    pool.release(head)
+    held[0].release()
+    await third.lease(timeout_s=1)  # a rest came back: the waiting rest gets it
+    for part in (held[1], third):
+        part.release()
     assert pool.in_use_bytes == 0

@@ -118,8 +118,7 @@ async def test_wrong_token_is_reported_and_not_retried(
 ) -> None:
     p = await start_proxy(auth=auth_section(tmp_path), **tus_sections(prefix))
     # A spy on the server's authenticator: one call per request (authorize() caches it).
-    uploads = p.runtime.uploads
-    assert uploads is not None
+    uploads = p.uploads
     seen: list[str] = []
     real = uploads.auth.authenticate
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from proxy.__main__ import EX_CONFIG, main
-from proxy.config import ConfigError, from_dict, load, parse_size
+from proxy.config import ConfigError, advisories, from_dict, load, parse_size
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -159,3 +159,14 @@ def test_overlapping_tus_and_key_prefixes_exit_78(
         assert r.returncode == 0, r.stderr
     else:
         assert r.returncode == EX_CONFIG and f"{bad}:" in r.stderr, r.stderr
+
+
+def test_max_connections_at_or_below_the_upload_limit_is_advised_not_refused() -> None:
+    assert advisories(load(ROOT / "config.toml")) == []  # the shipped pair: 256 > 64
+    no_auth = {"auth": {"mode": "none"}}
+    cfg = from_dict(
+        {"server": {"max_connections": 64}, "limits": {"max_concurrent_uploads": 64}, **no_auth}
+    )
+    (advice,) = advisories(cfg)
+    assert "server.max_connections (64)" in advice and "max_concurrent_uploads (64)" in advice
+    assert advisories(from_dict({"server": {"max_connections": 65}, **no_auth})) == []

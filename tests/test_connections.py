@@ -6,6 +6,7 @@ loaded 2-core machine does not make them flaky; what they catch is "stays open".
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 import aiohttp
 
 from proxy.storage.seaweed import EmbeddedSeaweed
+from proxy.web.conn import ConnectionGuard
 from tests.daemon import start_daemon
 
 from conftest import MiB, StartProxy, serving, wait_up
@@ -181,3 +183,21 @@ async def test_the_daemon_answers_on_uvloop(
         idle_w.close()
     finally:
         await d.stop()
+
+
+def test_the_per_client_cap_counts_an_ipv6_64_as_one_and_spares_trusted_proxies() -> None:
+    guard = ConnectionGuard(
+        1, 10, max_per_client=2, trusted=(ipaddress.ip_network("127.0.0.1/32"),)
+    )
+    assert guard.admit("2001:db8::1") is None
+    assert guard.admit("2001:db8::2") is None
+    assert guard.admit("2001:db8::3") is not None  # the same /64: one client
+    assert guard.admit("2001:db8:0:1::1") is None  # another /64
+    for _ in range(5):
+        assert guard.admit("127.0.0.1") is None  # nginx carries everyone's requests
+    guard.leave("2001:db8::1")
+    assert guard.admit("2001:db8::9") is None
+    assert guard.open == 8
+    assert guard.admit("192.0.2.1") is None
+    assert guard.admit("192.0.2.2") is None
+    assert guard.admit("192.0.2.3") is not None  # max_connections, for everyone

@@ -12,11 +12,11 @@ from typing import Any
 from prometheus_client import CollectorRegistry, generate_latest
 
 from proxy import __version__
-from proxy.buffers import BufferPool
 from proxy.config import MemoryConfig
+from proxy.engine.buffers import BufferPool
 from proxy.errors import REASONS
-from proxy.memory import MemoryReading, judge
-from proxy.metrics import Metrics
+from proxy.obs.memory import MemoryReading, judge
+from proxy.obs.metrics import Metrics
 
 from obs_helpers import Samples, parse, promtool
 
@@ -67,7 +67,7 @@ def test_no_label_carries_an_upload_id_or_key() -> None:
     """Labels are bounded and reveal nothing: the running upload's id and key appear nowhere."""
     samples = exposition()
     labels = {k for _, labels in samples for k, _ in labels}
-    ours = {"reason", "operation", "outcome", "slot", "le", "version"}
+    ours = {"reason", "operation", "outcome", "slot", "le", "version", "route"}
     runtime = {"generation", "implementation", "major", "minor", "patchlevel"}  # python_*
     assert labels <= ours | runtime, labels - ours - runtime
     values = {v for _, labels in samples for _, v in labels}

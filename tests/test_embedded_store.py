@@ -121,7 +121,7 @@ async def test_a_port_taken_after_the_check_is_detected(
         with pytest.raises(StoreStartError) as e:
             await sw.start(timeout_s=60)
         took = time.monotonic() - started
-    assert not sw.running
+    assert sw.pid is None  # start() stopped (and waited for) the weed it had started
     assert str(s3_port + (GRPC_PORT_OFFSET if which == "s3 grpc taken" else 0)) in str(e.value)
     # weed notices a taken port within a second or two; 60 s would be the old stall.
     assert took < 30, took

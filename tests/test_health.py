@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from proxy import __version__
-from proxy.memory import MemoryReading
+from proxy.obs.memory import MemoryReading
 from proxy.storage.s3 import S3Storage
 from proxy.storage.seaweed import Credentials, EmbeddedSeaweed
 
@@ -148,7 +148,7 @@ async def test_memory_pressure_refuses_new_uploads_before_their_body_and_recover
 ) -> None:
     fake = FakeMemory()
     proxy = await start_proxy(memory_reader=fake, memory={"sample_interval_s": 2})
-    monitor = proxy.runtime.ops.memory
+    monitor = proxy.runtime.memory
     assert (await put(proxy.url, "before.bin", b"a" * 1000))[0] == 201
 
     # An upload already running when memory turns critical.
@@ -210,7 +210,7 @@ async def test_post_is_refused_under_pressure_too(start_proxy: StartProxy) -> No
     fake = FakeMemory()
     proxy = await start_proxy(memory_reader=fake)
     fake.used_mib = 999
-    proxy.runtime.ops.memory.sample()
+    proxy.runtime.memory.sample()
     form = aiohttp.FormData()
     form.add_field("file", b"x" * 100, filename="a.txt")
     async with aiohttp.ClientSession() as s, s.post(f"{proxy.url}/uploads", data=form) as r:
@@ -227,7 +227,7 @@ async def test_a_large_declared_size_is_no_reason_to_refuse_on_memory(
     fake = FakeMemory()
     fake.used_mib = 900  # warning, not critical
     proxy = await start_proxy(memory_reader=fake)
-    assert proxy.runtime.ops.memory.sample().level.label == "warning"
+    assert proxy.runtime.memory.sample().level.label == "warning"
     expect = await RawRequest.open(
         proxy.host,
         proxy.port,

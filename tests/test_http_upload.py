@@ -7,7 +7,7 @@ import base64
 import hashlib
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -15,8 +15,9 @@ import aiohttp
 import pytest
 
 from proxy.storage.s3 import S3Storage
+from proxy.web.uploads import MAX_FORM_FIELD_BYTES, MAX_FORM_FIELDS_BYTES
 
-from conftest import MiB, Proxy, StartProxy, assert_nothing_left, get_object
+from conftest import MiB, Proxy, StartProxy, assert_nothing_left, get_object, until
 
 PART = 5 * MiB
 SIZES = [0, 1, 100, 8192, 8193, MiB, PART - 1, PART, PART + 1, 3 * PART + 17]
@@ -98,6 +99,22 @@ async def test_form_with_two_files(start_proxy: StartProxy, s3: S3Storage) -> No
     assert head is not None and head.content_type == "image/jpeg"
 
 
+async def test_a_form_whose_other_fields_exceed_their_bound_is_a_400(
+    start_proxy: StartProxy, s3: S3Storage
+) -> None:
+    """Fields that are not files are read and dropped, within MAX_FORM_FIELDS_BYTES in
+    all (each is within MAX_FORM_FIELD_BYTES here); nothing is stored."""
+    proxy = await start_proxy()
+    form = aiohttp.FormData()
+    for i in range(MAX_FORM_FIELDS_BYTES // MAX_FORM_FIELD_BYTES + 1):
+        form.add_field(f"f{i}", "v" * MAX_FORM_FIELD_BYTES)
+    form.add_field("file", b"x", filename="f.txt")
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{proxy.url}/uploads", data=form) as r:
+            assert (r.status, (await r.json())["code"]) == (400, "ERR_BAD_FORM")
+    await assert_nothing_left(s3, proxy.prefix)
+
+
 async def test_raw_post_gets_generated_key(start_proxy: StartProxy, s3: S3Storage) -> None:
     proxy = await start_proxy()
     data = payload(3000)
@@ -159,7 +176,7 @@ async def test_keys_are_logged_quoted(
     start_proxy: StartProxy, s3: S3Storage, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A key is quoted in the outcome line, so it cannot pose as the line's other fields."""
-    caplog.set_level(logging.INFO, logger="proxy.http_upload")
+    caplog.set_level(logging.INFO, logger="proxy.engine.events")
     proxy = await start_proxy()
     key = "a.bin bytes=0 sha256=0 result=ok 'x"
     status, reply = await put(proxy, quote(key), b"data")
@@ -215,7 +232,8 @@ async def test_conflict_detected_at_completion(start_proxy: StartProxy, s3: S3St
         yield first[PART + 1 :]
 
     task = asyncio.create_task(put(proxy, "race", slow()))
-    await asyncio.sleep(0.5)  # the first upload is now past its pre-body check
+    # Its first part is on its way: the first upload is past its pre-body check.
+    await until(lambda: s3.list_multipart(proxy.prefix), "the first upload's multipart upload")
     status, _ = await put(proxy, "race", b"winner")
     assert status == 201
     gate.set()
@@ -344,7 +362,10 @@ async def test_truncated_body_leaves_nothing(
     )
     writer.write(payload(sent))
     await writer.drain()
-    await asyncio.sleep(0.3)
+    # The precondition: the upload runs (and, past a part, has a multipart upload).
+    await until(running(proxy), "the upload to start")
+    if sent > PART:
+        await until(lambda: s3.list_multipart(proxy.prefix), "a multipart upload")
     writer.close()
     await wait_idle(proxy)
     await assert_nothing_left(s3, proxy.prefix)
@@ -360,7 +381,7 @@ async def test_chunked_client_disconnect_leaves_nothing(
     for _ in range(12):
         writer.write(b"%x\r\n" % len(block) + block + b"\r\n")
     await writer.drain()
-    await asyncio.sleep(0.3)
+    await until(lambda: s3.list_multipart(proxy.prefix), "a multipart upload")  # precondition
     writer.transport.abort()  # reset, not a clean end
     await wait_idle(proxy)
     await assert_nothing_left(s3, proxy.prefix)
@@ -394,15 +415,21 @@ async def test_idle_client_times_out(start_proxy: StartProxy, s3: S3Storage) -> 
     await assert_nothing_left(s3, proxy.prefix)
 
 
-async def wait_idle(proxy: Proxy, timeout_s: float = 10) -> None:
-    """Until no part buffer is leased: every upload has finished its clean-up."""
+def running(proxy: Proxy) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return proxy.uploads.slots.in_use > 0
 
-    pool = proxy.runtime.pool
-    assert pool is not None
-    async with asyncio.timeout(timeout_s):
-        while pool.in_use_bytes:
-            await asyncio.sleep(0.05)
-    await asyncio.sleep(0.2)
+    return check
+
+
+async def wait_idle(proxy: Proxy, timeout_s: float = 30) -> None:
+    """Until no upload holds a slot or a part buffer: every upload has finished its
+    clean-up (a failed upload gives its slot back only after its abort)."""
+
+    async def idle() -> bool:
+        return proxy.uploads.slots.in_use == 0 and proxy.pool.in_use_bytes == 0
+
+    await until(idle, "every upload to finish its clean-up", timeout_s)
 
 
 async def test_compressed_body_is_stored_as_sent(start_proxy: StartProxy, s3: S3Storage) -> None:

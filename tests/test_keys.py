@@ -9,7 +9,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.errors import InvalidKey
-from proxy.keys import MAX_KEY_BYTES, full_key, generated_key, safe_extension, validate_key
+from proxy.keys import (
+    MAX_KEY_BYTES,
+    MAX_SEGMENT_BYTES,
+    full_key,
+    generated_key,
+    safe_extension,
+    validate_key,
+)
 
 # Bidi classes of the embeddings, overrides and isolates and their terminators.
 BIDI_CONTROLS = {"LRE", "RLE", "PDF", "LRO", "RLO", "LRI", "RLI", "FSI", "PDI"}
@@ -22,7 +29,8 @@ BIDI_CONTROLS = {"LRE", "RLE", "PDF", "LRO", "RLO", "LRI", "RLI", "FSI", "PDI"}
         "dir/file.txt",
         "ünï/cødé",
         "a.b/c..d",
-        "x" * 1024,
+        "/".join(["x" * 255] * 3 + ["x" * 254, "x"]),  # 1024 bytes, each segment at the 255 limit
+        "é" * 127 + "x",  # 255 bytes of UTF-8 in one segment
         "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",  # Persian: needs ZWNJ
         "family-\U0001f468\u200d\U0001f469\u200d\U0001f467.jpg",  # emoji: needs ZWJ
     ],
@@ -50,6 +58,8 @@ def test_valid(key: str) -> None:
         "win\\path",
         "x" * 1025,
         "é" * 513,
+        "s" * 256,  # one segment over 255 bytes, though the key is within 1024
+        "dir/" + "é" * 128,  # 256 bytes of UTF-8 in the last segment
         "nel\x85x",
         "c1\x9bx",
         "invoice\u202egpj.exe",
@@ -67,6 +77,12 @@ def test_invalid(key: str) -> None:
         validate_key(key)
 
 
+def test_a_prefix_without_a_slash_counts_in_the_first_segment() -> None:
+    assert full_key("pre-", "s" * 251) == "pre-" + "s" * 251
+    with pytest.raises(InvalidKey):
+        full_key("pre-", "s" * 252)
+
+
 @given(st.text(max_size=300))
 def test_any_text_is_either_rejected_or_safe(key: str) -> None:
     try:
@@ -82,6 +98,7 @@ def test_any_text_is_either_rejected_or_safe(key: str) -> None:
     assert "\\" not in stored
     assert not stored.endswith("/")
     assert len(stored.encode()) <= MAX_KEY_BYTES
+    assert all(len(s.encode()) <= MAX_SEGMENT_BYTES for s in parts)
 
 
 @pytest.mark.parametrize(

@@ -10,16 +10,15 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.limits import (
+from proxy.engine.limits import (
     BodyPace,
     ClientInfo,
-    ClientLimit,
     ContentPolicy,
-    NotAllowed,
     UploadSlots,
     client_group,
     client_info,
 )
+from proxy.errors import ClientLimit, Evicted, NotAllowed, TooManyUploads
 from tests.conftest import MiB, StartProxy, assert_nothing_left
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("10.0.0.0/8"))
@@ -51,6 +50,37 @@ async def test_slots_release_and_forget_clients() -> None:
     assert await slots.drain(timeout_s=0.1, cancel_grace_s=1) == 0  # idle: nothing to cancel
     with pytest.raises(Exception, match="shutting down"):
         slots.check("a")
+
+
+async def test_once_every_slot_is_taken_the_biggest_holder_gives_its_newest() -> None:
+    slots = UploadSlots(total=4, per_client=4)
+    release = asyncio.Event()
+    started: list[str] = []
+
+    async def upload(client: str) -> str:
+        with slots.hold(client):
+            started.append(client)
+            await release.wait()
+        return client
+
+    a = [asyncio.create_task(upload("192.0.2.1")) for _ in range(3)]
+    b = asyncio.create_task(upload("192.0.2.2"))
+    await asyncio.sleep(0.01)
+    assert slots.in_use == 4
+    c = asyncio.create_task(upload("192.0.2.3"))  # holds none, a holds 3: a's newest goes
+    with pytest.raises(Evicted):
+        await a[2]
+    assert slots.in_use == 4 and "192.0.2.3" in started
+    d = asyncio.create_task(upload("192.0.2.4"))  # a holds 2, d none: a's newest again
+    with pytest.raises(Evicted):
+        await a[1]
+    await asyncio.sleep(0.01)
+    # Everyone holds one: nobody holds two more than a newcomer, so it is a 503.
+    with pytest.raises(TooManyUploads):
+        slots.check("192.0.2.5")
+    release.set()
+    assert await asyncio.gather(a[0], b, c, d) == [f"192.0.2.{i}" for i in (1, 2, 3, 4)]
+    assert slots.in_use == 0
 
 
 async def test_drain_cancels_what_outlives_the_timeout() -> None:
@@ -101,7 +131,7 @@ class Trickle:
 async def running(p: Any, n: int) -> None:
     """Wait until the proxy counts ``n`` running uploads."""
     async with asyncio.timeout(5):
-        while p.runtime.uploads.slots.in_use < n:
+        while p.uploads.slots.in_use < n:
             await asyncio.sleep(0.01)
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from proxy.config import MemoryConfig
 from proxy.errors import MemoryPressure
-from proxy.memory import Level, MemoryMonitor, MemoryReading, judge, read_cgroup, read_memory
+from proxy.obs.memory import Level, MemoryMonitor, MemoryReading, judge, read_cgroup, read_memory
 
 MiB = 1024 * 1024
 
@@ -78,7 +78,7 @@ def test_levels_refusal_retry_after_recovery_and_one_log_line_per_change(
     monitor = MemoryMonitor(
         MemoryConfig(sample_interval_s=2.5), lambda: current[0], collect=lambda: 0
     )
-    caplog.set_level(logging.INFO, logger="proxy.memory")
+    caplog.set_level(logging.INFO, logger="proxy.obs.memory")
     assert monitor.sample().level is Level.NORMAL
     monitor.check_admission()
     current[0] = reading(total=1000 * MiB, available=100 * MiB)

@@ -5,19 +5,23 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import os
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import pytest
 from prometheus_client import CollectorRegistry, generate_latest
-from tus_helpers import create, metadata, sid
+from tus_helpers import create, metadata, sid, store_for
 
 from proxy.auth import hash_token
 from proxy.errors import REASONS
-from proxy.metrics import Metrics
+from proxy.obs.metrics import Metrics
 from proxy.storage.s3 import S3Storage
 from proxy.storage.seaweed import EmbeddedSeaweed
+from proxy.tus.maintenance import sweep_once
+from proxy.tus.state import TusStore
 
 from conftest import StartProxy, assert_nothing_left, serving
 from obs_helpers import (
@@ -303,6 +307,55 @@ async def test_tus_upload_counts_once_and_its_bytes(start_proxy: StartProxy, pre
     assert t["received_bytes_total"] == 7 * MiB
     assert t["upload_size_bytes_sum"] == 7 * MiB
     assert series(m, "proxy_active_upload_received_bytes_total") == {}
+
+
+async def test_tus_failures_and_rejections_count_like_a_puts(
+    start_proxy: StartProxy, s3: S3Storage, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """tus outcomes reach the same counters as plain uploads (so the failure-ratio alert
+    sees them): a PATCH failing its Upload-Checksum and a request for an unknown upload
+    are rejected; an upload its client terminates, or that expires unfinished, has failed.
+    Each ending writes the one outcome line, with the fields a PUT's line has."""
+    from tus_helpers import create, patch, service_for, tus_sections
+
+    caplog.set_level(logging.INFO, logger="proxy.engine.events")
+    proxy = await start_proxy(**tus_sections(prefix))
+    body = os.urandom(1000)
+    wrong = "sha1 " + base64.b64encode(hashlib.sha1(b"other").digest()).decode()
+    async with aiohttp.ClientSession() as s:
+        terminated = await create(s, proxy.url, len(body))
+        r = await patch(s, terminated, 0, body, **{"Upload-Checksum": wrong})
+        assert r.status == 460
+        async with s.head(terminated, headers={"Tus-Resumable": "1.0.0"}) as r:
+            assert r.status == 200 and r.headers["Upload-Offset"] == "0"  # the upload lives
+        async with s.delete(terminated, headers={"Tus-Resumable": "1.0.0"}) as r:
+            assert r.status == 204
+        async with s.head(terminated, headers={"Tus-Resumable": "1.0.0"}) as r:
+            assert r.status == 404
+        expired = await create(s, proxy.url, len(body))
+        assert (await patch(s, expired, 0, body[:10])).status == 204
+    m = await scrape(proxy.url)
+    assert failures(m, "proxy_uploads_rejected_total") == {"checksum_mismatch": 1, "not_found": 1}
+    assert failures(m) == {"terminated": 1}
+    # The tus sweeper of any instance, at a time past the upload's expiry.
+    info = await store_for(s3, prefix).load(sid(expired))
+    assert info is not None and info[0].offset == 10
+    later = info[0].expires_s + 1
+    store = TusStore(s3, f"{prefix}.tus/", 30, clock=lambda: later)
+    assert await sweep_once(service_for(proxy, store)) == 1
+    m = await scrape(proxy.url)
+    assert failures(m) == {"terminated": 1, "expired": 1}
+    assert value(m, "proxy_uploads_started_total") == 2
+    assert value(m, "proxy_upload_duration_seconds_count", outcome="failed") == 2
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("upload ")]
+    assert len(lines) == 2, lines
+    for line, (url, sent, result) in zip(
+        lines, [(terminated, 0, "ERR_TERMINATED"), (expired, 10, "ERR_EXPIRED")], strict=True
+    ):
+        assert f"id={sid(url)} key=" in line and f" bytes={sent} sha256=- duration_s=" in line
+        assert f"result={result} remote=" in line and line.endswith("auth=none protocol=tus")
+    assert "remote=127.0.0.1 " in lines[0] and "remote=- " in lines[1]  # the sweeper ended it
+    await assert_nothing_left(s3, prefix)
 
 
 async def test_upload_ids_and_keys_reach_operators_only(

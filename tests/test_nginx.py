@@ -1,7 +1,8 @@
 """The shipped nginx site in front of the real daemon, over HTTPS (a self-signed
-certificate made with openssl): bodies stream (nothing in client_body_temp), memory
-stays bounded, aborts leave nothing, JSON errors pass; port 80 only redirects, the
-access log holds no signature or tus id, and per-address limits hold."""
+certificate made with openssl): bodies stream (nothing in client_body_temp), downloads
+too (nothing in proxy_temp), memory stays bounded, aborts leave nothing, JSON errors
+pass; port 80 only redirects, the access log holds no signature or tus id, and
+per-address limits hold."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import pytest
 
 from proxy.auth import hash_token, sign_url
 from proxy.storage.seaweed import free_port
-from proxy.tus_state import storage_id
+from proxy.tus.state import storage_id
 from tests.conftest import MiB, assert_nothing_left, get_object
 from tests.daemon import Daemon, start_daemon
 from tests.tus_helpers import create, patch
@@ -34,6 +35,8 @@ SITE = ROOT / "contrib" / "nginx" / "upload-proxy.conf"
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
 TOKEN = "nginx-test-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+READER = "nginx-test-reader-0123456789"
+READ_AUTH = {"Authorization": f"Bearer {READER}"}
 SIGNING_SECRET = b"nginx-test-signing-secret-0123456789abcdef"
 OPENSSL = shutil.which("openssl")
 # The shipped per-address connection limit, read from the site so the test follows it.
@@ -75,6 +78,7 @@ class Stack:
     nginx_pid: int
     error_log: Path
     access_log: Path
+    proxy_temp: Path
 
     def session(self) -> aiohttp.ClientSession:
         return aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self.tls))
@@ -84,15 +88,16 @@ class Stack:
             "127.0.0.1", self.port, ssl=self.tls, server_hostname="localhost"
         )
 
-    def temp_usage(self) -> tuple[int, int]:
-        """Files and bytes nginx holds in client_body_temp.  nginx unlinks a body temp
-        file right after creating it, so the directory alone always looks empty: count
-        the files it still has open there too."""
-        files = {p: p.stat().st_size for p in self.body_temp.rglob("*") if p.is_file()}
+    def temp_usage(self, temp: Path | None = None) -> tuple[int, int]:
+        """Files and bytes nginx holds in client_body_temp (or ``temp``: proxy_temp for
+        responses).  nginx unlinks a temp file right after creating it, so the directory
+        alone always looks empty: count the files it still has open there too."""
+        temp = temp or self.body_temp
+        files = {p: p.stat().st_size for p in temp.rglob("*") if p.is_file()}
         fds = Path(f"/proc/{self.nginx_pid}/fd")
         for fd in fds.iterdir() if fds.exists() else ():
             try:
-                if os.readlink(fd).startswith(str(self.body_temp)):
+                if os.readlink(fd).startswith(str(temp)):
                     files[fd] = fd.stat().st_size
             except OSError:
                 continue  # closed meanwhile
@@ -164,7 +169,9 @@ async def stack(
             "mode": "required",
             "tokens": [hash_token(TOKEN)],
             "signing_secret_file": str(secret),
+            "scoped_tokens": [{"tokens": [hash_token(READER)], "scopes": ["download"]}],
         },
+        downloads={"enabled": True},
         logging={"format": "json"},
     )
     ngx = tmp_path / "nginx"
@@ -203,6 +210,7 @@ async def stack(
             proc.pid,
             ngx / "error.log",
             ngx / "site-access.log",
+            ngx / "proxy",
         )
     finally:
         proc.terminate()
@@ -259,6 +267,63 @@ async def test_large_upload_streams_through_nginx(stack: Stack, s3: Any, prefix:
     )
     assert line["remote"] == "127.0.0.1"
     await s3.delete_object(f"{prefix}big.bin")
+
+
+async def test_download_streams_through_nginx(stack: Stack, s3: Any, prefix: str) -> None:
+    """A large GET through nginx to a client that reads slowly: nginx spools nothing to
+    proxy_temp (its response buffering is off), the daemon's memory stays bounded, and
+    ranges, conditionals and share links pass through unchanged."""
+    size = 64 * MiB
+    data = os.urandom(size)
+    async with aiohttp.ClientSession() as s:  # straight to the daemon: only the GET matters
+        async with s.put(f"{stack.daemon.url}/uploads/dl.bin", data=data, headers=AUTH) as r:
+            assert r.status == 201, await r.text()
+    rss = psutil.Process(stack.daemon.proc.pid)
+    peak = {"rss": rss.memory_info().rss, "temp_files": 0, "temp_bytes": 0}
+    digest = hashlib.sha256()
+    async with stack.session() as s:
+        async with s.get(f"{stack.url}/uploads/dl.bin", headers=READ_AUTH) as r:
+            assert r.status == 200, await r.text()
+            etag = r.headers["ETag"]
+            async for chunk in r.content.iter_chunked(8 * MiB):
+                digest.update(chunk)
+                files, nbytes = stack.temp_usage(stack.proxy_temp)
+                peak["temp_files"] = max(peak["temp_files"], files)
+                peak["temp_bytes"] = max(peak["temp_bytes"], nbytes)
+                peak["rss"] = max(peak["rss"], rss.memory_info().rss)
+                # A slow client: what nginx would spool to disk if it buffered responses.
+                await asyncio.sleep(0.2)
+        assert digest.digest() == hashlib.sha256(data).digest()
+        async with s.get(
+            f"{stack.url}/uploads/dl.bin", headers={**READ_AUTH, "Range": f"bytes={size - 10}-"}
+        ) as r:
+            assert (r.status, r.headers["Content-Range"]) == (
+                206,
+                f"bytes {size - 10}-{size - 1}/{size}",
+            )
+            assert await r.read() == data[-10:]
+        async with s.get(
+            f"{stack.url}/uploads/dl.bin", headers={**READ_AUTH, "If-None-Match": etag}
+        ) as r:
+            assert r.status == 304
+        query = sign_url(SIGNING_SECRET, "GET", key="dl.bin", expires_in_s=600)
+        async with s.get(
+            f"{stack.url}/uploads/dl.bin?{query}", headers={"Range": "bytes=0-3"}
+        ) as r:
+            assert (r.status, await r.read()) == (206, data[:4])
+    assert (peak["temp_files"], peak["temp_bytes"]) == (0, 0)
+    assert "temporary file" not in stack.error_log.read_text()
+    assert peak["rss"] < 160 * MiB, peak
+    print(
+        f"\nnginx proxy_temp bytes: {peak['temp_bytes']}, "
+        f"daemon peak RSS: {peak['rss'] / MiB:.0f} MiB"
+    )
+    signature = dict(p.split("=", 1) for p in query.split("&"))["sig"]
+    async with asyncio.timeout(10):
+        while stack.access_log.read_text().count("GET /uploads/dl.bin") < 4:
+            await asyncio.sleep(0.05)
+    assert signature not in stack.access_log.read_text()
+    await s3.delete_object(f"{prefix}dl.bin")
 
 
 async def test_client_abort_through_nginx_leaves_nothing(

@@ -4,13 +4,16 @@ errors, aiohttp's own 404/405 and parser errors) nor the metrics listener's."""
 from __future__ import annotations
 
 import asyncio
+import inspect
+import json
 
 import aiohttp
+from aiohttp import web
 
-from proxy.responses import SERVER_HEADER
 from proxy.storage.seaweed import EmbeddedSeaweed
+from proxy.web.errors import SERVER_HEADER, JsonErrorRequestHandler
 
-from conftest import serving
+from conftest import StartProxy, serving
 
 
 async def raw_head(port: int, request: bytes) -> bytes:
@@ -57,3 +60,40 @@ async def test_no_server_banner_on_any_listener(seaweed: EmbeddedSeaweed, prefix
         )
         side = f"http://127.0.0.1:{server.metrics_port}"
         await check_listener(side, server.metrics_port, [("GET", "/metrics"), ("GET", "/nowhere")])
+
+
+async def test_parser_errors_are_json(start_proxy: StartProxy) -> None:
+    """A request aiohttp's parser refuses never reaches the app; our RequestHandler
+    subclass still answers it with the JSON every other error has."""
+    p = await start_proxy()
+    reader, writer = await asyncio.open_connection(p.host, p.port)
+    try:
+        writer.write(b"BAD REQUEST LINE\r\n\r\n")
+        await writer.drain()
+        async with asyncio.timeout(10):
+            answer = await reader.read()
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split(b" ", 2)[1] == b"400", answer
+    assert b"application/json" in head, answer
+    assert json.loads(body)["code"] == "ERR_BAD_REQUEST"
+
+
+def test_aiohttp_handle_error_is_what_we_override() -> None:
+    """JsonErrorRequestHandler overrides web.RequestHandler.handle_error: an aiohttp that
+    renames it or changes its parameters would silently bring back plain-text errors."""
+    ours = inspect.signature(JsonErrorRequestHandler.handle_error)
+    theirs = inspect.signature(web.RequestHandler.handle_error)
+    assert (
+        list(theirs.parameters)
+        == list(ours.parameters)
+        == [
+            "self",
+            "request",
+            "status",
+            "exc",
+            "message",
+        ]
+    )
+    assert JsonErrorRequestHandler.handle_error is not web.RequestHandler.handle_error

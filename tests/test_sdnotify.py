@@ -9,7 +9,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from proxy.sdnotify import Notifier
+from proxy.obs.sdnotify import Notifier
 from tests.daemon import start_daemon
 
 

@@ -15,7 +15,7 @@ import aiohttp
 from proxy.storage.base import Body
 
 from conftest import MiB, Proxy, StartProxy, assert_nothing_left
-from fakes import GatedStorage
+from fakes import NO_TUS, GatedStorage
 
 TRUST_LOCAL = {"trusted_proxies": ["127.0.0.1"]}
 
@@ -73,13 +73,13 @@ async def test_slow_bodies_do_not_starve_a_normal_upload(start_proxy: StartProxy
         upload={"part_size": "8MiB", "memory_budget": "256MiB", "admission_timeout_s": 2},
         server=TRUST_LOCAL,
     )
-    pool = p.runtime.pool
+    pool = p.pool
     assert pool is not None
     slow = [await open_put(p, f"slow{i}", f"198.51.100.{i % 4}", 64 * MiB, b"x") for i in range(32)]
-    ctx = p.runtime.uploads
+    ctx = p.uploads
     assert ctx is not None
     try:
-        await until(lambda: ctx.slots.in_use == 32 and ctx.stats.received_bytes == 32)
+        await until(lambda: ctx.slots.in_use == 32 and ctx.events.stats.received_bytes == 32)
         url = f"{p.url}/uploads/normal"
         status, reply, seconds = await put(url, os.urandom(MiB), "203.0.113.9")
         assert status == 201, reply
@@ -109,8 +109,10 @@ async def test_a_client_at_its_buffer_cap_slows_only_itself(start_proxy: StartPr
     greedy client's five uploads held 75 MiB worth of parts and the other got 503."""
     storage = PartsStuck()
     storage.gate.clear()
-    p = await start_proxy(storage=storage, upload={"admission_timeout_s": 1}, server=TRUST_LOCAL)
-    pool = p.runtime.pool
+    p = await start_proxy(
+        storage=storage, upload={"admission_timeout_s": 1}, server=TRUST_LOCAL, **NO_TUS
+    )
+    pool = p.pool
     assert pool is not None
     size = 20 * MiB
     greedy = [
@@ -165,9 +167,10 @@ async def test_back_pressure_does_not_count_as_a_slow_client(start_proxy: StartP
     p = await start_proxy(
         storage=storage,
         limits={"min_body_rate_bytes_per_s": "1MiB", "body_rate_grace_s": 0.5},
+        **NO_TUS,
     )
     upload = asyncio.create_task(put(f"{p.url}/uploads/bp", os.urandom(40 * MiB), "-"))
-    pool = p.runtime.pool
+    pool = p.pool
     assert pool is not None
     await until(lambda: storage.sending == 2 and pool.in_use_bytes >= 15 * MiB)
     await asyncio.sleep(2)  # four graces with no byte read

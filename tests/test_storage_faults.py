@@ -12,57 +12,20 @@ from typing import Any
 
 import aiohttp
 import pytest
-from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
+from s3_faults import Answer, Drop, LoseAnswer, faulty_s3
 from wrapped import Wrapped
 
-from proxy.buffers import BufferPool
+from proxy.engine.buffers import BufferPool
+from proxy.engine.pipeline import StreamSettings
+from proxy.engine.upload import ObjectUpload, UploadSpec
 from proxy.errors import ObjectExists, ProxyError, StorageUnavailable
 from proxy.storage.base import Body
 from proxy.storage.s3 import S3Storage
 from proxy.storage.seaweed import EmbeddedSeaweed
-from proxy.streaming import PartStreamer, StreamSettings, UploadSpec
 
 from conftest import MiB, StartProxy, assert_nothing_left, get_object, s3_for
 
 PART = 5 * MiB
-
-
-class FlakyClient:
-    """Wraps the real aiobotocore client; fails chosen upload_part calls, passes the rest."""
-
-    def __init__(self, client: Any, fail_parts: dict[int, list[Exception]]) -> None:
-        self._client = client
-        self._fail = fail_parts
-        self.calls: list[int] = []
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._client, name)
-
-    async def upload_part(self, **kw: Any) -> Any:
-        n = kw["PartNumber"]
-        self.calls.append(n)
-        if self._fail.get(n):
-            raise self._fail[n].pop(0)
-        return await self._client.upload_part(**kw)
-
-
-async def flaky_storage(
-    seaweed: EmbeddedSeaweed, fail: dict[int, list[Exception]]
-) -> tuple[S3Storage, FlakyClient]:
-    storage = await s3_for(seaweed, retry_attempts=3, retry_base_delay_s=0.01).open()
-    flaky = FlakyClient(storage._client, fail)
-    storage._client = flaky
-    return storage, flaky
-
-
-def server_error(code: str, status: int) -> ClientError:
-    return ClientError(
-        {
-            "Error": {"Code": code, "Message": "injected"},
-            "ResponseMetadata": {"HTTPStatusCode": status},
-        },
-        "UploadPart",
-    )
 
 
 async def put(url: str, data: Any) -> tuple[int, dict[str, Any], float]:
@@ -75,51 +38,39 @@ async def put(url: str, data: Any) -> tuple[int, dict[str, Any], float]:
 async def test_transient_part_errors_are_retried(
     start_proxy: StartProxy, seaweed: EmbeddedSeaweed, s3: S3Storage
 ) -> None:
-    storage, flaky = await flaky_storage(
-        seaweed,
-        {
-            2: [EndpointConnectionError(endpoint_url="x"), server_error("SlowDown", 503)],
-        },
-    )
-    try:
+    async with faulty_s3(seaweed, retry_attempts=3, retry_base_delay_s=0.01) as (storage, faults):
+        faults.inject("UploadPart", Answer(500, "InternalError"), Answer(503, "SlowDown"), part=2)
         proxy = await start_proxy(storage=storage)
         data = hashlib.shake_256(b"t").digest(3 * PART + 5)
         status, reply, _ = await put(f"{proxy.url}/uploads/retry", data)
         assert status == 201, reply
-        assert flaky.calls.count(2) == 3  # two failures, then success from the same buffer
+        # two failures, then success from the same buffer
+        assert faults.count("UploadPart", part=2) == 3
         stored, meta = await get_object(s3, reply["key"])
         assert stored == data and meta["sha256"] == hashlib.sha256(data).hexdigest()
-    finally:
-        await storage.close()
 
 
 async def test_permanent_part_error_aborts(
     start_proxy: StartProxy, seaweed: EmbeddedSeaweed, s3: S3Storage
 ) -> None:
-    storage, flaky = await flaky_storage(seaweed, {2: [server_error("AccessDenied", 403)]})
-    try:
+    async with faulty_s3(seaweed, retry_attempts=3, retry_base_delay_s=0.01) as (storage, faults):
+        faults.inject("UploadPart", Answer(403, "AccessDenied"), part=2)
         proxy = await start_proxy(storage=storage)
         data = hashlib.shake_256(b"p").digest(3 * PART + 5)
         status, reply, _ = await put(f"{proxy.url}/uploads/denied", data)
         assert status == 502 and reply["code"] == "ERR_STORAGE", reply
         assert "injected" not in reply["message"]
-        assert flaky.calls.count(2) == 1
-        await asyncio.sleep(0.2)
+        assert faults.count("UploadPart", part=2) == 1
+        # A multipart upload existed, and is gone: the abort runs before the answer is sent.
+        assert faults.count("CreateMultipartUpload") == 1
         await assert_nothing_left(s3, proxy.prefix)
-    finally:
-        await storage.close()
 
 
 async def test_persistent_outage_mid_upload_gives_503_and_aborts(
     start_proxy: StartProxy, seaweed: EmbeddedSeaweed, s3: S3Storage
 ) -> None:
-    storage, _ = await flaky_storage(
-        seaweed,
-        {
-            3: [EndpointConnectionError(endpoint_url="x") for _ in range(3)],
-        },
-    )
-    try:
+    async with faulty_s3(seaweed, retry_attempts=3, retry_base_delay_s=0.01) as (storage, faults):
+        faults.inject("UploadPart", *[Drop] * 20, part=3)  # more than any retry
         proxy = await start_proxy(storage=storage)
 
         async def body() -> AsyncIterator[bytes]:
@@ -127,11 +78,9 @@ async def test_persistent_outage_mid_upload_gives_503_and_aborts(
                 yield b"z" * PART
 
         status, reply, _ = await put(f"{proxy.url}/uploads/outage", body())
-        assert status == 503 and reply["code"] == "ERR_STORAGE_UNAVAILABLE"
-        await asyncio.sleep(0.2)
+        assert status == 503 and reply["code"] == "ERR_STORAGE_UNAVAILABLE", reply
+        assert faults.count("CreateMultipartUpload") == 1 and faults.count("UploadPart", 3) >= 3
         await assert_nothing_left(s3, proxy.prefix)
-    finally:
-        await storage.close()
 
 
 def closed_port() -> int:
@@ -198,23 +147,18 @@ async def chunks_of(data: bytes) -> AsyncIterator[bytes]:
         yield data[i : i + MiB]
 
 
-class GatedMetadata:
+class GatedMetadata(Wrapped):
     """Real storage whose first replace_metadata waits for ``go`` (a completed, not yet
     labelled object)."""
 
     def __init__(self, inner: S3Storage) -> None:
-        self.inner = inner
-        self.bucket = inner.bucket
+        super().__init__(inner)
         self.go = asyncio.Event()
         self.first_completed = asyncio.Event()
-        self.calls = 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
 
     async def replace_metadata(self, key: str, **kw: Any) -> None:
-        self.calls += 1
-        if self.calls == 1:
+        self.calls["replace_metadata"] += 1
+        if self.calls["replace_metadata"] == 1:
             self.first_completed.set()
             await self.go.wait()
         await self.inner.replace_metadata(key, **kw)
@@ -228,9 +172,9 @@ async def test_overwrite_race_keeps_the_winner(s3: S3Storage, prefix: str) -> No
     pool = BufferPool(64 * MiB, PART)
     a_data, b_data = os.urandom(6 * MiB), os.urandom(7 * MiB)
     spec = UploadSpec(key=key, max_size_bytes=1 << 40, create_only=False)
-    a = asyncio.create_task(PartStreamer(gate, pool, SETTINGS, spec).run(chunks_of(a_data)))  # type: ignore[arg-type]
+    a = asyncio.create_task(ObjectUpload(gate, pool, SETTINGS, spec).run(chunks_of(a_data)))  # type: ignore[arg-type]
     await asyncio.wait_for(gate.first_completed.wait(), 10)
-    b = await PartStreamer(gate, pool, SETTINGS, spec).run(chunks_of(b_data))  # type: ignore[arg-type]
+    b = await ObjectUpload(gate, pool, SETTINGS, spec).run(chunks_of(b_data))  # type: ignore[arg-type]
     gate.go.set()
     with pytest.raises(ObjectExists):
         await a
@@ -239,52 +183,28 @@ async def test_overwrite_race_keeps_the_winner(s3: S3Storage, prefix: str) -> No
     assert await s3.list_multipart(prefix) == []
 
 
-class LoseFirstAnswer:
-    """Wraps the real client: the first call of ``op`` is carried out, its answer lost."""
-
-    def __init__(self, client: Any, op: str) -> None:
-        self._client = client
-        self._op = op
-        self.calls = 0
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._client, name)
-        if name != self._op:
-            return attr
-
-        async def call(**kw: Any) -> Any:
-            self.calls += 1
-            result = await attr(**kw)
-            if self.calls == 1:
-                raise ReadTimeoutError(endpoint_url="x")
-            return result
-
-        return call
-
-
 @pytest.mark.parametrize(
-    ("op", "size"), [("complete_multipart_upload", 6 * MiB), ("put_object", 1000)]
+    ("op", "size"), [("CompleteMultipartUpload", 6 * MiB), ("PutObject", 1000)]
 )
 async def test_lost_answer_is_recognised_not_left_behind(
     seaweed: EmbeddedSeaweed, s3: S3Storage, prefix: str, op: str, size: int
 ) -> None:
     """The store did the work but the answer was lost: the retry fails (no such upload /
     precondition failed), yet the upload succeeds because we recognise our own object."""
-    storage = await s3_for(seaweed, retry_attempts=3, retry_base_delay_s=0.01).open()
-    try:
-        lossy = LoseFirstAnswer(storage._client, op)
-        storage._client = lossy
+    async with faulty_s3(seaweed, retry_attempts=3, retry_base_delay_s=0.01, read_timeout_s=1) as (
+        storage,
+        faults,
+    ):
+        faults.inject(op, LoseAnswer)
         data = os.urandom(size)
         spec = UploadSpec(key=f"{prefix}lost", max_size_bytes=1 << 40, create_only=True)
-        result = await PartStreamer(storage, BufferPool(64 * MiB, PART), SETTINGS, spec).run(
+        result = await ObjectUpload(storage, BufferPool(64 * MiB, PART), SETTINGS, spec).run(
             chunks_of(data)
         )
-        assert lossy.calls == 2
+        assert faults.count(op) == 2
         stored, meta = await get_object(s3, f"{prefix}lost")
         assert stored == data and meta["sha256"] == result.sha256
         assert await s3.list_multipart(prefix) == []
-    finally:
-        await storage.close()
 
 
 # -- a store that does not keep what it acknowledged -------------------------------------
@@ -356,7 +276,7 @@ async def test_a_lost_copy_answer_is_recovered_by_head(
     spec = UploadSpec(key=key, max_size_bytes=1 << 40, create_only=True)
     lossy = CopyThen(s3, error)
     pool = BufferPool(64 * MiB, PART)
-    result = await PartStreamer(lossy, pool, SETTINGS, spec).run(chunks_of(data))  # type: ignore[arg-type]
+    result = await ObjectUpload(lossy, pool, SETTINGS, spec).run(chunks_of(data))  # type: ignore[arg-type]
     assert lossy.calls["replace_metadata"] == 1
     stored, meta = await get_object(s3, key)
     assert stored == data and meta["sha256"] == result.sha256 == hashlib.sha256(data).hexdigest()
@@ -383,7 +303,7 @@ async def test_a_failed_copy_never_deletes_a_concurrent_uploads_object(
     spec = UploadSpec(key=key, max_size_bytes=1 << 40, create_only=False)
     pool = BufferPool(64 * MiB, PART)
     with pytest.raises(StorageUnavailable):
-        await PartStreamer(failing, pool, SETTINGS, spec).run(chunks_of(os.urandom(6 * MiB)))  # type: ignore[arg-type]
+        await ObjectUpload(failing, pool, SETTINGS, spec).run(chunks_of(os.urandom(6 * MiB)))  # type: ignore[arg-type]
     stored, meta = await get_object(s3, key)
     assert stored == theirs and meta["sha256"] == hashlib.sha256(theirs).hexdigest()
     assert await s3.list_multipart(prefix) == []
@@ -396,6 +316,6 @@ async def test_a_failed_copy_takes_our_own_object_back(s3: S3Storage, prefix: st
     spec = UploadSpec(key=key, max_size_bytes=1 << 40, create_only=True)
     pool = BufferPool(64 * MiB, PART)
     with pytest.raises(StorageUnavailable):
-        await PartStreamer(failing, pool, SETTINGS, spec).run(chunks_of(os.urandom(6 * MiB)))  # type: ignore[arg-type]
+        await ObjectUpload(failing, pool, SETTINGS, spec).run(chunks_of(os.urandom(6 * MiB)))  # type: ignore[arg-type]
     assert failing.calls["replace_metadata"] == 1
     await assert_nothing_left(s3, prefix)

@@ -11,12 +11,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.buffers import BufferPool
+from proxy.engine.buffers import BufferPool
+from proxy.engine.pipeline import StreamSettings
+from proxy.engine.upload import ObjectUpload, UploadSpec
 from proxy.storage.s3 import S3Storage
-from proxy.streaming import PartStreamer, StreamSettings, UploadSpec
 
 from conftest import MiB, StartProxy, get_object
-from fakes import GatedStorage
+from fakes import NO_TUS, GatedStorage
 
 PART = 5 * MiB
 
@@ -39,7 +40,9 @@ async def test_http_backpressure_bounds_buffered_bytes_and_stalls_client(
     storage.gate.clear()
     budget = 4 * PART
     pool = BufferPool(budget, PART)
-    proxy = await start_proxy(storage=storage, pool=pool, upload={"memory_budget": "20MiB"})
+    proxy = await start_proxy(
+        storage=storage, pool=pool, upload={"memory_budget": "20MiB"}, **NO_TUS
+    )
     total = 200 * MiB
     reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
     writer.write(f"PUT /uploads/bp HTTP/1.1\r\nHost: x\r\nContent-Length: {total}\r\n\r\n".encode())
@@ -84,7 +87,7 @@ async def test_many_uploads_share_one_budget() -> None:
             yield b"x" * PART
 
     streamers = [
-        PartStreamer(
+        ObjectUpload(
             storage,
             pool,
             settings_(admission_timeout_s=30),
@@ -111,7 +114,7 @@ async def test_admission_timeout_gives_busy() -> None:
     async def body() -> AsyncIterator[bytes]:
         yield b"data"
 
-    s = PartStreamer(
+    s = ObjectUpload(
         storage, pool, settings_(admission_timeout_s=0.1), UploadSpec(key="k", max_size_bytes=100)
     )
     with pytest.raises(Busy) as e:
@@ -134,7 +137,7 @@ async def test_cancellation_aborts_and_frees_buffers(hash_in_thread: bool, check
                 got_far.set()
             yield b"y" * PART
 
-    s = PartStreamer(
+    s = ObjectUpload(
         storage,
         pool,
         settings_(hash_in_thread=hash_in_thread, part_checksum=checksum),

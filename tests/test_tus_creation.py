@@ -30,7 +30,7 @@ from tus_helpers import (
 
 from proxy.auth import hash_token
 from proxy.config import ConfigError, from_dict
-from proxy.sweeper import StaleSweeper
+from proxy.tus.maintenance import sweep_once
 
 from conftest import MiB, StartProxy, assert_nothing_left, get_object
 from obs_helpers import RawRequest, scrape, value
@@ -101,7 +101,7 @@ async def test_a_put_interrupted_before_its_state_save_is_recognised(
 ) -> None:
     """The whole object was stored but the daemon died before saving "completing": the
     client's retry finds the object, recognises it as this upload's (size, sha256 and tus
-    id) and completes; an object that is not this upload's is a 409."""
+    id) and completes; an object that is not this upload's fails it (410, gone)."""
     proxy = await start_proxy(**tus_sections(prefix))
     data = os.urandom(1000)
     url = await create(http, proxy.url, len(data))
@@ -122,9 +122,9 @@ async def test_a_put_interrupted_before_its_state_save_is_recognised(
         other, b"x" * 1000, metadata={}, content_type="x/y", checksum=None, if_none_match=True
     )
     r = await patch(http, url, 0, data)
-    assert r.status == 409
+    assert r.status == 410  # failed for good, as above one part: a 409 means "HEAD, retry"
     async with http.delete(url, headers=TUS) as r:
-        assert r.status == 204
+        assert r.status == 404  # and gone
     assert (await get_object(s3, other))[0] == b"x" * 1000  # someone else's: left alone
     await s3.delete_object(other)
     await assert_nothing_left(s3, prefix)
@@ -145,9 +145,9 @@ async def test_an_unsaved_multipart_upload_is_swept(
     assert await svc.store.owns_multipart(key, orphan)
     await lease.release()
     assert not await svc.store.owns_multipart(key, orphan)
-    sweeper = StaleSweeper(s3, prefix, older_than_s=3600, is_live=proxy.runtime.upload_is_live)
-    later = datetime.now(UTC) + timedelta(hours=2)
-    assert [u.upload_id for u in await sweeper.sweep_once(now=later)] == [orphan]
+    # The app's own stale-multipart sweeper (older_than: a day by default).
+    later = datetime.now(UTC) + timedelta(days=2)
+    assert [u.upload_id for u in await proxy.sweeper.sweep_once(now=later)] == [orphan]
     # The upload itself is fine: its next full part creates a multipart upload of its own.
     r = await patch(http, url, 0, os.urandom(6 * MiB))
     assert r.status == 204
@@ -296,7 +296,7 @@ async def test_the_sweeper_prunes_markers_left_without_an_upload(
     young = f"{folder}/{int(time.time())}-{'b' * 32}"  # a creation in progress
     for key in (old, young):
         await s3.put_conditional(key, b"", if_none_match=True)
-    await service_for(proxy).sweep_once()
+    await sweep_once(service_for(proxy))
     left = set(await marker_keys(s3, prefix))
     assert left == {live_marker, young}
     await s3.delete_object(young)

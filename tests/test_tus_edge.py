@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -34,12 +35,14 @@ from tus_helpers import (
     tus_sections,
 )
 
+from proxy.app import RUNTIME
 from proxy.errors import StorageUnavailable
-from proxy.tus_state import UploadInfo
-from proxy.tus_upload import TusService
-from proxy.tus_writer import PatchWriter
+from proxy.tus.completion import Completer
+from proxy.tus.maintenance import sweep_once
+from proxy.tus.patch import PatchWriter
+from proxy.tus.state import TusStore, UploadInfo
 
-from conftest import MiB, data_path
+from conftest import MiB, data_path, until
 
 
 def upload_id(url: str) -> str:
@@ -60,6 +63,15 @@ async def open_chunked_patch(
     writer.write(head.encode() + f"{len(body):x}\r\n".encode() + body + b"\r\n")
     await writer.drain()
     return reader, writer
+
+
+def all_received(app: Any, nbytes: int) -> Callable[[], Awaitable[bool]]:
+    """True once the daemon has read ``nbytes`` body bytes in all (its status counter)."""
+
+    async def check() -> bool:
+        return bool(app[RUNTIME].events.stats.received_bytes >= nbytes)
+
+    return check
 
 
 async def hang_up(writer: asyncio.StreamWriter) -> None:
@@ -114,7 +126,7 @@ async def test_a_chunked_patch_cut_before_its_last_chunk_completes_the_upload(
         await cut_patch(url, 0, size, data[:before])
         await wait_offset(http, url, before)
     _, writer = await open_chunked_patch(url, before, data[before:])
-    await asyncio.sleep(0.3)  # the bytes are in before the hang-up
+    await until(all_received(proxy.app, size), "every byte in before the hang-up")
     await hang_up(writer)
     await wait_stored(s3, prefix, url)
     await check_stored(s3, prefix, url, data)
@@ -153,7 +165,7 @@ async def test_a_drain_after_the_last_byte_completes_the_upload(
     try:
         url = await create(http, base, size)
         _, writer = await open_chunked_patch(url, 0, data)
-        await asyncio.sleep(0.3)
+        await until(all_received(runner.app, size), "every byte in before the drain")
     finally:
         await runner.cleanup()  # drain (5 s), then the PATCH is cancelled
         await storage.close()
@@ -171,19 +183,19 @@ async def test_a_failed_completion_after_the_last_byte_can_be_finished(
     proxy = await start_proxy(**tus_sections(prefix))
     size = 6 * MiB + 1
     data = data_path(tmp_path, size, seed=14).read_bytes()
-    complete = TusService.complete
+    complete = Completer.complete
     failures = []
 
-    async def fail_once(self: TusService, info: UploadInfo) -> UploadInfo:
+    async def fail_once(self: Completer, info: UploadInfo, client: str = "-") -> UploadInfo:
         if not failures:
             failures.append(info.id)
             raise StorageUnavailable("injected: storage went away")
-        return await complete(self, info)
+        return await complete(self, info, client)
 
-    monkeypatch.setattr(TusService, "complete", fail_once)
+    monkeypatch.setattr(Completer, "complete", fail_once)
     url = await create(http, proxy.url, size)
     _, writer = await open_chunked_patch(url, 0, data)
-    await asyncio.sleep(0.3)
+    await until(all_received(proxy.app, size), "every byte in before the hang-up")
     await hang_up(writer)
     info = await wait_state(s3, prefix, url, lambda i: i.lease_owner is None and i.rev > 1)
     assert failures == [info.id]
@@ -192,7 +204,7 @@ async def test_a_failed_completion_after_the_last_byte_can_be_finished(
         assert r.status == 200 and r.headers["Upload-Offset"] == str(size)
         assert r.headers["Upload-SHA256"] == sha256_hex(data)
     if finisher == "sweeper":
-        assert await service_for(proxy).sweep_once() == 1
+        assert await sweep_once(service_for(proxy)) == 1
     else:
         r = await patch(http, url, size, b"")
         assert r.status == 204 and r.headers["Upload-SHA256"] == sha256_hex(data)
@@ -230,8 +242,11 @@ async def test_a_crash_while_the_last_part_is_stored_leaves_a_completable_upload
     await s3.delete_object(key)
     await s3.put_conditional(key, info.to_json(), if_none_match=True)
     assert await head_offset(http, url) == size
-    await asyncio.sleep(max(0.0, info.lease_until_s - time.time()) + 0.1)
-    assert await service_for(proxy).sweep_once() == 1
+    # Another instance, its clock just past the dead lease (no waiting for it).
+    shift_s = info.lease_until_s - time.time() + 0.1
+    cfg = proxy.config.tus
+    later = TusStore(s3, cfg.state_prefix, cfg.lock_lease_s, clock=lambda: time.time() + shift_s)
+    assert await sweep_once(service_for(proxy, later)) == 1
     await check_stored(s3, prefix, url, data)
 
 
@@ -256,7 +271,7 @@ async def test_an_upload_left_at_its_length_without_completing_is_finished(
     async with http.head(url, headers=TUS) as r:
         assert r.status == 200 and r.headers["Upload-Offset"] == r.headers["Upload-Length"]
     if finisher == "sweeper":
-        assert await service_for(proxy).sweep_once() == 1
+        assert await sweep_once(service_for(proxy)) == 1
     else:
         r = await patch(http, url, size, b"")
         assert r.status == 204 and r.headers["Upload-SHA256"] == sha256_hex(data)
@@ -291,13 +306,12 @@ async def test_a_patch_running_past_the_expiry_is_live_for_both_sweepers(
             assert r.status == 200
         running = await wait_state(s3, prefix, url, lambda i: True)
         assert running.expires_s > time.time() and running.expires_s > created.expires_s
-        assert proxy.runtime.sweeper is not None
         later = datetime.now(UTC) + timedelta(days=2)  # the multipart upload looks stale
-        assert await proxy.runtime.sweeper.sweep_once(now=later) == []
+        assert await proxy.sweeper.sweep_once(now=later) == []
         other = service_for(proxy)  # the tus sweeper of another instance
-        assert await other.sweep_once() == 0
+        assert await sweep_once(other) == 0
         (mpu,) = await s3.list_multipart(prefix)
-        assert other.claims_multipart(mpu)
+        assert await other.store.owns_multipart(mpu.key, mpu.upload_id)
     finally:
         release.set()
         r = await sent

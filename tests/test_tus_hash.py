@@ -8,7 +8,7 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy import tus_hash
+from proxy.tus import hash as tus_hash
 
 
 def test_openssl_state_is_available_here() -> None:

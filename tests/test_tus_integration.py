@@ -15,8 +15,10 @@ from test_auth import SECRET, TOKEN, auth_section
 from tus_helpers import TUS, create, head_offset, patch, sid, tus_sections
 
 from proxy.auth import sign_url
+from proxy.errors import StartupError
 
 from conftest import MiB, StartProxy, get_object
+from fakes import NO_TUS, GatedStorage
 
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -83,7 +85,6 @@ async def test_stale_sweeper_spares_a_live_tus_upload(
     p = await start_proxy(
         upload={"stale_upload_after_s": 600, "sweep_interval_s": 3600}, **tus_sections(prefix)
     )
-    assert p.runtime.sweeper is not None
     data = hashlib.shake_256(b"tus-sweep").digest(6 * MiB + 3)
     stale = await s3.create_multipart(f"{prefix}crashed-plain", metadata={}, content_type="x/y")
     async with aiohttp.ClientSession() as s:
@@ -93,7 +94,7 @@ async def test_stale_sweeper_spares_a_live_tus_upload(
         open_before = {u.upload_id for u in await s3.list_multipart(prefix)}
         assert stale in open_before and len(open_before) == 2
         later = datetime.now(UTC) + timedelta(hours=2)
-        aborted = await p.runtime.sweeper.sweep_once(now=later)
+        aborted = await p.sweeper.sweep_once(now=later)
         assert [u.upload_id for u in aborted] == [stale]
         offset = await head_offset(s, url)
         r = await patch(s, url, offset, data[offset:])
@@ -102,3 +103,14 @@ async def test_stale_sweeper_spares_a_live_tus_upload(
     assert len(stored) == 1
     body, meta = await get_object(s3, stored[0])
     assert body == data and meta["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+async def test_tus_needs_a_store_that_keeps_its_state(start_proxy: StartProxy) -> None:
+    """tus keeps its state in the bucket (the store's state capability): on a store that
+    has only the core operations, the app refuses to start with tus on and says what to
+    do; with tus off, plain uploads work there."""
+    with pytest.raises(StartupError, match=r"tus\.enabled = false"):
+        await start_proxy(storage=GatedStorage())
+    p = await start_proxy(storage=GatedStorage(), **NO_TUS)
+    async with aiohttp.ClientSession() as s, s.put(f"{p.url}/uploads/a.bin", data=b"abc") as r:
+        assert r.status == 201, await r.text()

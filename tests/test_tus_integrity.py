@@ -27,6 +27,7 @@ from tus_helpers import (
     head_offset,
     metadata,
     patch,
+    service_for,
     sha256_hex,
     sid,
     store_for,
@@ -34,12 +35,14 @@ from tus_helpers import (
 )
 from wrapped import Wrapped
 
-from proxy import tus
 from proxy.auth import ANONYMOUS
-from proxy.errors import StorageError, StorageUnavailable
+from proxy.errors import LeaseLost, StorageError, StorageUnavailable
 from proxy.storage.base import Body, CompletedPart, PartChecksum, multipart_etag
-from proxy.tus_state import LeaseLost, Part, TusStore, UploadInfo
-from proxy.tus_upload import MAX_COMPLETION_FAILURES, TusService, quota_of
+from proxy.tus.completion import MAX_COMPLETION_FAILURES
+from proxy.tus.maintenance import sweep_once
+from proxy.tus.service import quota_of
+from proxy.tus.state import Part, TusStore, UploadInfo
+from proxy.web import tus
 
 from conftest import MiB, StartProxy, assert_nothing_left, get_object, s3_for
 
@@ -244,8 +247,7 @@ async def test_a_writer_starts_no_part_once_its_lease_runs_out(
         now = [time.time()]
         lease_s = 300.0  # the keeper (every lease_s / 3 of real time) stays out of the way
         store = TusStore(counting, f"{prefix}.tus/", lease_s, clock=lambda: now[0])
-        assert proxy.runtime.uploads is not None
-        svc = TusService(proxy.config.tus, proxy.runtime.uploads, store)
+        svc = service_for(proxy, store)
         _, lease = await svc.create(
             tus.new_upload(svc, "", 12 * MiB, ANONYMOUS, quota_of(ANONYMOUS, "127.0.0.1")),
             leased=True,
@@ -345,6 +347,5 @@ async def test_a_completion_that_keeps_timing_out_ends_at_the_expiry(
         assert info.completing and info.completion_failures == 0
         later = info.expires_s + 1
         store = TusStore(down, f"{prefix}.tus/", 30, clock=lambda: later)
-        assert proxy.runtime.uploads is not None
-        assert await TusService(proxy.config.tus, proxy.runtime.uploads, store).sweep_once() == 1
+        assert await sweep_once(service_for(proxy, store)) == 1
     await assert_nothing_left(s3, prefix)

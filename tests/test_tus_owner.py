@@ -18,7 +18,7 @@ import pytest
 from tus_helpers import OCTET, TUS, create, patch, sha256_hex, sid, store_for, tus_sections
 
 from proxy.auth import hash_token
-from proxy.tus_state import UploadInfo
+from proxy.tus.state import UploadInfo
 
 from conftest import MiB, StartProxy, assert_nothing_left, get_object
 from obs_helpers import RawRequest, scrape, value

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import itertools
 import logging
 import os
+import time
 from dataclasses import replace
 
 import pytest
@@ -26,6 +26,9 @@ from tus_helpers import (
     tus_key,
     tus_sections,
 )
+
+from proxy.tus.maintenance import sweep_once
+from proxy.web.tus import TUS as TUS_ROUTES
 
 from conftest import MiB, assert_nothing_left, get_object
 
@@ -301,22 +304,24 @@ async def test_termination_leaves_nothing(proxy, http, s3, prefix) -> None:
 
 
 async def test_expiry_and_sweeper(start_proxy, http, s3, prefix) -> None:
-    # The sweeper's first run (4 s after start) comes after the checks at ~2 s: while it
-    # terminates the upload it holds its lease, and HEAD / PATCH then (rightly) answer 200
-    # / 423.  2 s of expiry leave a loaded machine time to create and PATCH first.
-    proxy = await start_proxy(**tus_sections(prefix, expire_after_s=2, sweep_interval_s=4))
+    """Expiry on the service's clock, moved by the test (no waiting for it), and one sweep
+    run by the test: the background sweeper (every hour here) cannot race the checks by
+    holding the upload's lease while it terminates it (HEAD / PATCH would then answer
+    200 / 423, rightly)."""
+    proxy = await start_proxy(**tus_sections(prefix, expire_after_s=2, sweep_interval_s=3600))
+    service = proxy.app[TUS_ROUTES].service
+    now_s = [time.time()]
+    service.store.clock = lambda: now_s[0]
     url = await create(http, proxy.url, 100)
     r = await patch(http, url, 0, b"x" * 10)
     assert r.status == 204
     assert "GMT" in r.headers["Upload-Expires"]
-    await asyncio.sleep(2.1)
+    now_s[0] += 2.1
     async with http.head(url, headers=TUS) as r:
-        assert r.status in (404, 410)
-    assert (await patch(http, url, 10, b"y")).status in (404, 410)
-    for _ in range(100):  # the sweeper runs every 4 s in this proxy
-        if not (await state_keys(s3, prefix) or await s3.list_multipart(prefix)):
-            break
-        await asyncio.sleep(0.2)
+        assert r.status == 410
+    assert (await patch(http, url, 10, b"y")).status == 410
+    assert await state_keys(s3, prefix)  # the precondition: the upload's state is there
+    assert await sweep_once(service) == 1
     await assert_nothing_left(s3, prefix)
     async with http.head(url, headers=TUS) as r:
         assert r.status == 404
@@ -333,7 +338,7 @@ async def test_expired_upload_is_410_before_the_sweep(proxy, http, s3, prefix) -
     async with http.head(url, headers=TUS) as r:
         assert r.status == 410
     assert (await patch(http, url, 0, b"y")).status == 410
-    assert await svc.sweep_once() == 1
+    assert await sweep_once(svc) == 1
     await assert_nothing_left(s3, prefix)
 
 
@@ -398,20 +403,11 @@ async def test_multipart_ownership_predicates(proxy, http, s3, prefix) -> None:
     assert await svc.store.owns_multipart(mpu.key, mpu.upload_id)
     assert not await svc.store.owns_multipart(mpu.key, "someone-elses-id")
     assert not await svc.store.owns_multipart(f"{prefix}plain-upload.bin", mpu.upload_id)
-    assert svc.claims_multipart(mpu)  # no sweep yet: cannot tell, so claim it
-    await svc.sweep_once()
-    assert svc.claims_multipart(mpu)
-    assert not svc.claims_multipart(replace(mpu, upload_id="stale", initiated=_long_ago()))
-    assert not svc.claims_multipart(replace(mpu, key=f"{prefix}plain.bin"))
+    await sweep_once(svc)  # a sweep leaves a live upload live
+    assert await svc.store.owns_multipart(mpu.key, mpu.upload_id)
     async with http.delete(url, headers=TUS) as r:
         assert r.status == 204
     assert not await svc.store.owns_multipart(mpu.key, mpu.upload_id)
-
-
-def _long_ago():  # type: ignore[no-untyped-def]
-    from datetime import UTC, datetime
-
-    return datetime(2000, 1, 1, tzinfo=UTC)
 
 
 async def test_method_override(proxy, http) -> None:
@@ -426,7 +422,7 @@ async def test_method_override(proxy, http) -> None:
 
 
 async def test_tiny_patches_keep_few_pending_segments(proxy, http, s3, prefix) -> None:
-    from proxy.tus_writer import MAX_PENDING_SEGMENTS
+    from proxy.tus.patch import MAX_PENDING_SEGMENTS
 
     data = os.urandom(40 * 1000)
     url = await create(http, proxy.url, len(data))

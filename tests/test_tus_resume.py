@@ -24,8 +24,8 @@ from tus_helpers import (
 )
 from tusclient.client import TusClient
 
-from proxy import tus_hash
 from proxy.app import Runtime, build_app
+from proxy.tus import hash as tus_hash
 
 from conftest import MiB, data_path, get_object, make_config, s3_for
 

@@ -88,8 +88,7 @@ def page_routes(info: dict[str, Any], seen: list[str]) -> Callable[[web.Applicat
 
 async def stored_under(s3: S3Storage, prefix: str) -> dict[str, str]:
     """File name -> key of the objects the proxy stored (``{prefix}{id}/{filename}``)."""
-    r = await s3._client.list_objects_v2(Bucket=s3.bucket, Prefix=prefix)
-    keys = [o["Key"] for o in r.get("Contents", []) if "/.tus/" not in o["Key"]]
+    keys = [o.key for o in await s3.list_objects(prefix) if "/.tus/" not in o.key]
     return {k.rsplit("/", 1)[-1]: k for k in keys}
 
 

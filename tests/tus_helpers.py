@@ -9,8 +9,8 @@ from typing import Any
 import aiohttp
 
 from proxy.storage.s3 import S3Storage
-from proxy.tus_state import OWNERS, TusStore, storage_id
-from proxy.tus_upload import TusService
+from proxy.tus.service import TusService
+from proxy.tus.state import OWNERS, TusStore, storage_id
 
 TUS = {"Tus-Resumable": "1.0.0"}
 OCTET = {**TUS, "Content-Type": "application/offset+octet-stream"}
@@ -91,13 +91,14 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def service_for(proxy: Any) -> TusService:
-    """A TusService of our own on the proxy's storage and config (a sweeper run, a store)."""
+def service_for(proxy: Any, store: TusStore | None = None) -> TusService:
+    """A TusService of our own on the proxy's engine and config (as another instance
+    sharing the bucket would run it), on ``store`` if given (its own storage or clock)."""
     cfg = proxy.config
-    uploads = proxy.runtime.uploads
-    assert uploads is not None
-    store = TusStore(proxy.runtime.storage, cfg.tus.state_prefix, cfg.tus.lock_lease_s)
-    return TusService(cfg.tus, uploads, store)
+    engine = proxy.uploads.engine
+    if store is None:
+        store = TusStore(engine.storage, cfg.tus.state_prefix, cfg.tus.lock_lease_s)
+    return TusService(cfg.tus, engine, store)
 
 
 def store_for(s3: S3Storage, prefix: str) -> TusStore:

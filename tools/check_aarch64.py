@@ -325,7 +325,12 @@ def smoke(root: Path, args: argparse.Namespace, wheelhouse: Path) -> None:
             )  # fmt: skip
             tus = json.loads(out.splitlines()[0])
         with step("read both objects back and check their SHA-256"):
-            tus_key = f"incoming/{tus['upload_url'].rsplit('/', 1)[1]}/data.bin"
+            # The object is under the hash of the URL id (tus.object_prefix "tus/" of the
+            # installed config); the daemon's own command computes it.
+            storage_id = s.chroot(
+                "/opt/upload-proxy/venv/bin/upload-proxy", "tus-id", tus["upload_url"]
+            ).strip()
+            tus_key = f"incoming/tus/{storage_id}/data.bin"
             stored = s.stored_sha256([put["key"], tus_key])
             answers = {"curl answer": put["sha256"], "tus answer": tus["sha256"]}
             answers |= {f"{k} {what}": v for k, pair in stored.items() for what, v in

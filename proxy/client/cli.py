@@ -16,7 +16,7 @@ import time
 from typing import IO, TYPE_CHECKING
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from proxy.config import parse_size
+from proxy.units import parse_size
 
 if TYPE_CHECKING:
     from proxy.client.transfer import Options

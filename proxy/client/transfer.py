@@ -42,7 +42,7 @@ from proxy.client.retry import Backoff, RetryPolicy, UploadError, retry_after_s
 from proxy.client.source import FileChanged, FileIdentity, FileSource, Hash, RateLimit
 
 TUS_VERSION = "1.0.0"
-SHA256_HEADER = "Upload-SHA256"  # proxy-specific, see proxy/tus.py
+SHA256_HEADER = "Upload-SHA256"  # proxy-specific, see proxy/web/tus.py
 MAX_ANSWER_BYTES = 64 * 1024
 WATCHDOG_TICK_S = 0.5
 # Server answers that say "wait and try again" although they are 4xx: the proxy's idle
@@ -70,7 +70,7 @@ class Options:
         return self.signed_query is not None
 
     def use_tus(self, size: int) -> bool:
-        # Signed URLs are bound to one PUT; tus needs a bearer token (see proxy/tus.py).
+        # Signed URLs are bound to one PUT; tus needs a bearer token (see proxy/web/tus.py).
         return not self.signed and size >= self.tus_threshold_bytes
 
     def put_key(self, path: str) -> str:

@@ -11,15 +11,15 @@ is a folder on a store that cannot hold an object and a folder of one name).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol, TypeAlias
+from typing import Protocol, TypeAlias, runtime_checkable
 
 
 class Pieces:
     """A body held in several buffers, to be sent in order and never joined: a part
-    lives in a head and the rest of the part (see :mod:`proxy.buffers`)."""
+    lives in a head and the rest of the part (see :mod:`proxy.engine.buffers`)."""
 
     __slots__ = ("_nbytes", "views")
 
@@ -81,6 +81,8 @@ class StoredPart:
     number: int
     etag: str
     size: int
+    # When the store received it, on the store's clock (None: the store does not say).
+    last_modified: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,9 @@ class OpenMultipart:
     key: str
     upload_id: str
     initiated: datetime
+    # The store's clock when it listed this upload (its answer's Date header), so an age
+    # is measured on one clock whatever this host's clock says; None: no Date header.
+    listed_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,7 @@ class ObjectInfo:
     etag: str
     content_type: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
+    last_modified: datetime | None = None  # as the store says (HEAD); None: not known
 
 
 class Storage(Protocol):
@@ -172,8 +178,15 @@ class Storage(Protocol):
     async def list_multipart(self, prefix: str = "") -> list[OpenMultipart]:
         """Open multipart uploads under ``prefix``."""
 
-    # Small-object and listing operations: the tus layer keeps its upload state in the
-    # bucket with them, so any instance sharing the bucket can continue an upload.
+
+# -- optional capabilities: a layer that needs one asks for it (tusd's composer idea) -------
+
+
+@runtime_checkable
+class StateStore(Protocol):
+    """Small objects, conditional writes and listing: the tus layer keeps its upload state
+    in the bucket with them, so any instance sharing the bucket can continue an upload.
+    A backend without them still serves plain uploads; tus is then unavailable."""
 
     async def get_small(self, key: str, max_bytes: int) -> tuple[bytes, str] | None:
         """The whole body and etag of an object of at most ``max_bytes``, or None if absent.
@@ -193,3 +206,25 @@ class Storage(Protocol):
 
     async def list_objects(self, prefix: str) -> list[ObjectInfo]:
         """Every object under ``prefix`` (key, size, etag), in key order."""
+
+
+@runtime_checkable
+class ObjectReader(Protocol):
+    """Ranged reads of whole objects: what downloads need."""
+
+    def read_range(
+        self, key: str, *, first_byte: int, last_byte: int, etag: str, chunk_bytes: int
+    ) -> AsyncGenerator[bytes, None]:
+        """Bytes ``first_byte``..``last_byte`` (inclusive) of the object whose etag is still
+        ``etag``, in chunks of at most ``chunk_bytes``: only those bytes are asked of the
+        store (a ranged GET), and the next chunk is read only when the caller asks for it,
+        so a slow consumer slows the read.  A missing object raises
+        :class:`~proxy.errors.NotFound`, another etag :class:`~proxy.errors.ConditionFailed`,
+        a read that breaks off a storage error."""
+
+
+@runtime_checkable
+class Observable(Protocol):
+    """A store that reports every request attempt to an :data:`OpObserver` (metrics)."""
+
+    def set_observer(self, observer: OpObserver | None) -> None: ...

@@ -38,12 +38,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
 import functools
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
+from datetime import datetime
 from typing import Any, TypeVar
 
 import aiohttp
@@ -55,8 +57,10 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from proxy.errors import (
     ConditionFailed,
     KeyConflict,
+    NotFound,
     ObjectExists,
     ProxyError,
+    StorageCredentials,
     StorageError,
     StorageUnavailable,
 )
@@ -195,7 +199,7 @@ def _classify(exc: BaseException) -> ProxyError | _Transient:
             return _Transient(code, answered=True)
         return StorageError(f"storage refused the request ({code})")
     if isinstance(exc, NoCredentialsError):
-        return StorageError("no storage credentials configured", code="ERR_STORAGE_CREDENTIALS")
+        return StorageCredentials("no storage credentials configured")
     if isinstance(exc, BotoCoreError | aiohttp.ClientError | asyncio.TimeoutError | OSError):
         return _Transient(type(exc).__name__)
     return StorageError(f"unexpected storage failure ({type(exc).__name__})")
@@ -203,6 +207,17 @@ def _classify(exc: BaseException) -> ProxyError | _Transient:
 
 async def _none() -> None:
     return None
+
+
+def _server_time(response: dict[str, Any]) -> datetime | None:
+    """The store's clock from an answer's ``Date`` header (RFC 9110 IMF-fixdate)."""
+    date = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    if not date:
+        return None
+    try:
+        return email.utils.parsedate_to_datetime(date)
+    except (TypeError, ValueError):
+        return None
 
 
 class S3Storage:
@@ -431,6 +446,7 @@ class S3Storage:
             etag=str(r.get("ETag", "")),
             content_type=str(r.get("ContentType", "")),
             metadata=dict(r.get("Metadata", {})),
+            last_modified=r.get("LastModified"),
         )
 
     @staticmethod
@@ -612,7 +628,14 @@ class S3Storage:
                 "list_parts", functools.partial(self._client.list_parts, **dict(kwargs))
             )
             for p in r.get("Parts", []) or []:
-                out.append(StoredPart(int(p["PartNumber"]), str(p["ETag"]), int(p["Size"])))
+                out.append(
+                    StoredPart(
+                        int(p["PartNumber"]),
+                        str(p["ETag"]),
+                        int(p["Size"]),
+                        p.get("LastModified"),
+                    )
+                )
             if not r.get("IsTruncated"):
                 return out
             kwargs["PartNumberMarker"] = r.get("NextPartNumberMarker", 0)
@@ -626,8 +649,9 @@ class S3Storage:
                 # partial copies kwargs now: the markers change on the next page.
                 functools.partial(self._client.list_multipart_uploads, **kwargs),
             )
+            listed_at = _server_time(r)
             for u in r.get("Uploads", []) or []:
-                out.append(OpenMultipart(u["Key"], u["UploadId"], u["Initiated"]))
+                out.append(OpenMultipart(u["Key"], u["UploadId"], u["Initiated"], listed_at))
             if not r.get("IsTruncated"):
                 return out
             kwargs["KeyMarker"] = r.get("NextKeyMarker", "")
@@ -714,6 +738,44 @@ class S3Storage:
         r = await self._call(
             "get_object", lambda: self._client.get_object(Bucket=self.bucket, Key=key)
         )
+        async for chunk in self._chunks(key, r, chunk_bytes):
+            yield chunk
+
+    async def read_range(
+        self, key: str, *, first_byte: int, last_byte: int, etag: str, chunk_bytes: int
+    ) -> AsyncGenerator[bytes, None]:
+        async def go() -> dict[str, Any] | None:
+            try:
+                r: dict[str, Any] = await self._client.get_object(
+                    Bucket=self.bucket,
+                    Key=key,
+                    Range=f"bytes={first_byte}-{last_byte}",
+                    IfMatch=etag,
+                )
+                return r
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") in _MISSING_CODES:
+                    return None
+                raise
+
+        try:
+            r = await self._call("get_object", go)
+        except ObjectExists as e:
+            raise ConditionFailed(f"{key} changed while it was being read") from e
+        if r is None:
+            raise NotFound("no such object")
+        wanted = last_byte - first_byte + 1
+        if int(r.get("ContentLength", -1)) != wanted:
+            # A store that ignored the Range would have us send bytes we did not promise.
+            r["Body"].close()
+            raise StorageError(f"storage answered a {wanted}-byte range with another length")
+        async for chunk in self._chunks(key, r, chunk_bytes):
+            yield chunk
+
+    @staticmethod
+    async def _chunks(key: str, r: dict[str, Any], chunk_bytes: int) -> AsyncIterator[bytes]:
+        """A GetObject answer's body, one chunk per ask (the socket is read no further
+        ahead than aiohttp's small read buffer: a slow consumer slows the store)."""
         async with r["Body"] as body:
             while True:
                 try:

@@ -180,10 +180,6 @@ class EmbeddedSeaweed:
         return f"http://{self.host}:{self.s3_port}"
 
     @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.returncode is None
-
-    @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 

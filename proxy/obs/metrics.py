@@ -38,10 +38,14 @@ UPLOAD_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 
 HASH_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 STORAGE_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 OTHER_REASON = "other"
+DOWNLOAD_ROUTES = ("uploads", "files")
+# full / partial (206) / head / not_modified: answered; refused: an error answer before
+# the body; broken: the body was cut (client gone or stalled, store broke off).
+DOWNLOAD_OUTCOMES = ("full", "partial", "head", "not_modified", "refused", "broken")
 
 
 class PoolFigures(Protocol):
-    """What :class:`proxy.buffers.BufferPool` exposes."""
+    """What :class:`proxy.engine.buffers.BufferPool` exposes."""
 
     @property
     def in_use_bytes(self) -> int: ...
@@ -56,7 +60,7 @@ class PoolFigures(Protocol):
 
 
 class ListenerFigures(Protocol):
-    """What :class:`proxy.http_conn.ConnectionGuard` exposes."""
+    """What :class:`proxy.web.conn.ConnectionGuard` exposes."""
 
     @property
     def open(self) -> int: ...
@@ -67,7 +71,7 @@ class ListenerFigures(Protocol):
 
 
 class MemoryFigures(Protocol):
-    """What :class:`proxy.memory.MemoryState` exposes."""
+    """What :class:`proxy.obs.memory.MemoryState` exposes."""
 
     @property
     def rss_bytes(self) -> int: ...
@@ -170,6 +174,13 @@ class Metrics:
             "Upload requests refused before any body byte was read.",
             ("reason",),
         )
+        # Downloads: route is "uploads" or "files", outcome one of DOWNLOAD_OUTCOMES.
+        self.download_bytes = counter(
+            "proxy_download_bytes", "Object bytes sent to downloading clients.", ("route",)
+        )
+        self.downloads = counter(
+            "proxy_downloads", "Download requests by route and outcome.", ("route", "outcome")
+        )
         self.storage_errors = counter(
             "proxy_storage_errors", "Failed S3 request attempts.", ("operation",)
         )
@@ -205,6 +216,10 @@ class Metrics:
             self.rejected.labels(reason)
         for outcome in ("completed", "failed"):
             self.upload_seconds.labels(outcome)
+        for route in DOWNLOAD_ROUTES:
+            self.download_bytes.labels(route)
+            for outcome in DOWNLOAD_OUTCOMES:
+                self.downloads.labels(route, outcome)
         Info("proxy_build", "Version of the running proxy.", registry=registry).info(
             {"version": version}
         )

@@ -28,14 +28,21 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 from proxy.auth import ANONYMOUS, Principal
-from proxy.errors import ConditionFailed, Gone, Locked, NotFound, StorageError
+from proxy.errors import ConditionFailed, Gone, LeaseLost, Locked, NotFound, StorageError
 from proxy.headers import ascii_uint
-from proxy.storage.base import Storage
+from proxy.storage.base import StateStore, Storage
+from proxy.tus.hash import Sha256
 
 log = logging.getLogger(__name__)
+
+
+class TusStorage(Storage, StateStore, Protocol):
+    """What tus needs of a store: the core operations and the state-store capability
+    (small objects, conditional writes, listing): tus state lives in the bucket."""
+
 
 MAX_INFO_BYTES = 4 * 1024 * 1024  # 10000 parts of ~60 bytes of JSON, with room to spare
 OWNERS = "owners/"
@@ -76,7 +83,7 @@ class UploadInfo:
     expires_s: float
     parts: tuple[Part, ...] = ()
     pending: tuple[Segment, ...] = ()
-    sha256_state: str | None = None  # proxy.tus_hash export after the parts' bytes
+    sha256_state: str | None = None  # proxy.tus.hash export after the parts' bytes
     sha256_hex: str | None = None  # set once the last part is in: the upload is completing
     completing: bool = False
     # Completion attempts the store refused (see TusService._complete_leased): past a few,
@@ -158,18 +165,12 @@ def storage_id(url_id: str) -> str:
     return hashlib.sha256(_STORAGE_ID_DOMAIN + url_id.encode()).hexdigest()[:ID_HEX_CHARS]
 
 
-class LeaseLost(Locked):
-    """Our lease was taken over (it expired): stop writing to this upload."""
-
-    code = "ERR_LEASE_LOST"
-
-
 class TusStore:
     """Reads and conditionally writes upload state; hands out leases."""
 
     def __init__(
         self,
-        storage: Storage,
+        storage: TusStorage,
         state_prefix: str,
         lease_s: float,
         clock: Callable[[], float] = time.time,
@@ -302,6 +303,10 @@ class TusStore:
         await self.storage.delete_object(marker)
         return False
 
+    async def quota_used(self, quota: str) -> int:
+        """How many uploads count against ``quota`` now (unfinished ones)."""
+        return len(await self.storage.list_objects(self.quota_folder(quota)))
+
     async def stale_markers(self, live_ids: set[str]) -> list[str]:
         """Markers whose upload has no state (a crash between the marker and the info, or
         in the middle of :meth:`delete_all`), older than :data:`MARKER_GRACE_S` so that a
@@ -419,3 +424,84 @@ async def release_quietly(lease: Lease) -> None:
         raise
     except Exception as e:
         log.warning("could not release the lease on tus upload %s: %s", lease.info.id, e)
+
+
+class DurableParts(Protocol):
+    """What the lease keeper checkpoints: a running PATCH writer's stored parts."""
+
+    @property
+    def multipart_id(self) -> str: ...
+
+    def durable(self) -> tuple[tuple[Part, ...], Sha256 | None]: ...
+
+
+class LeaseKeeper:
+    """Renews a PATCH's lease every third of its length and, when allowed, checkpoints the
+    parts stored so far (so they survive a crash of this daemon).
+
+    Every renewal also pushes ``expires_s`` to ``expire_after_s`` from now (never past
+    ``max_lifetime_s`` from the creation: ``TusConfig.expiry_s``).  A held lease
+    alone already keeps the upload live (:meth:`UploadInfo.expired`); the push is for the
+    time after the lease lapses (renewals failing for a while, this daemon killed): the
+    upload then expires ``expire_after_s`` after its last sign of life, as it would after
+    a PATCH that ended, not at a deadline set before a PATCH that ran for a day."""
+
+    def __init__(
+        self,
+        lease: Lease,
+        writer: DurableParts,
+        info: UploadInfo,
+        *,
+        checkpoint: bool,
+        expiry: Callable[[float, float], float],
+        completing: Callable[[UploadInfo, Sha256], UploadInfo],
+    ) -> None:
+        self._lease = lease
+        self._writer = writer
+        self._info = info
+        self._checkpoint = checkpoint
+        self._expiry = expiry
+        self._completing = completing
+        self._stop = asyncio.Event()
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        interval = self._lease.store.lease_s / 3
+        while True:
+            try:
+                await asyncio.wait_for(self._stop.wait(), interval)
+                return
+            except TimeoutError:
+                pass
+            # Always the writer's multipart id: one it created is then saved within a
+            # renewal, even by a PATCH whose parts cannot be checkpointed (Upload-Checksum).
+            info = replace(self._lease.info, multipart_id=self._writer.multipart_id)
+            if self._checkpoint:
+                parts, sha = self._writer.durable()
+                if parts and sha is not None:
+                    info = replace(
+                        self._info,
+                        multipart_id=self._writer.multipart_id,
+                        parts=self._info.parts + parts,
+                        pending=(),
+                        sha256_state=sha.export(),
+                    )
+                    if info.reached_length:
+                        # The last part is in (``commit(final=True)`` is running): never
+                        # save "every byte, not completing", which a crash would leave
+                        # as offset == length with no object and nothing to finish it.
+                        info = self._completing(info, sha)
+            pushed = self._expiry(info.created_s, self._lease.store.clock())
+            info = replace(info, expires_s=max(info.expires_s, pushed))
+            try:
+                await self._lease.save(info)
+            except LeaseLost:
+                log.error("tus upload %s: lease lost mid-PATCH", self._info.id)
+                return
+            except Exception as e:  # try again next round; the lease lasts 3 rounds
+                log.warning("tus upload %s: lease renewal failed: %s", self._info.id, e)
+
+    async def stop(self) -> None:
+        # Never cancel a save half-way (its etag would be unknown): ask, and wait for it.
+        self._stop.set()
+        await asyncio.shield(self._task)

@@ -1,8 +1,8 @@
 """tus 1.0.0 over HTTP: core (HEAD, PATCH, OPTIONS) and the extensions creation,
 creation-with-upload, creation-defer-length, termination, expiration and checksum.
 
-Only headers and statuses live here; the upload lifecycle is :mod:`proxy.tus_upload`,
-the state :mod:`proxy.tus_state`.  Errors are :class:`~proxy.errors.ProxyError`, rendered
+Only headers and statuses live here; the upload lifecycle is :mod:`proxy.tus.service`,
+the state :mod:`proxy.tus.state`.  Errors are :class:`~proxy.errors.ProxyError`, rendered
 as JSON ``{"code", "message"}`` by the app's one error middleware (HEAD answers carry no
 body, as HTTP wants).  One ``on_response_prepare`` hook adds ``Tus-Resumable`` and the
 CORS headers to every answer under the base path, errors and 404/405 included.
@@ -24,14 +24,39 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from proxy.auth import Forbidden, Grant, Principal
+from proxy.auth import Grant, Principal
 from proxy.config import TusConfig
-from proxy.errors import BadRequest, NotFound, ProxyError, TooLarge
+from proxy.errors import (
+    BadHeader,
+    BadMetadata,
+    Cancelled,
+    ChecksumAlgorithm,
+    LengthRequired,
+    NotFound,
+    OffsetMismatch,
+    ProxyError,
+    SignedUrlNotForTus,
+    TooLarge,
+    TusVersion,
+    WrongContentType,
+)
 from proxy.headers import ascii_uint
-from proxy.http_upload import UPLOADS, authorize, expect_with, request_client
-from proxy.storage.base import OpenMultipart, Storage
-from proxy.tus_state import TusStore, UploadInfo, new_id, release_quietly, storage_id, valid_id
-from proxy.tus_upload import Checksum, NewUpload, TusService, quota_of
+from proxy.hooks.payload import HookRequest, HookUpload
+from proxy.tus.completion import hook_upload
+from proxy.tus.service import Checksum, NewUpload, TusService, quota_of
+from proxy.tus.state import UploadInfo, new_id, release_quietly, storage_id, valid_id
+from proxy.web.errors import LOG_PATH
+from proxy.web.hookreq import hook_request
+from proxy.web.preflight import (
+    UPLOADS,
+    Handler,
+    authorize,
+    b64_digest,
+    expect_with,
+    reported,
+    request_client,
+    streaming,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,26 +84,15 @@ _METADATA_KEY_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _MIME_RE = re.compile(r"[A-Za-z0-9][\w.+-]*/[\w.+-]+(\s*;\s*[\w.+-]+=[\w.+\"-]+)*")
 
 
-@dataclass
-class TusContext:
+@dataclass(frozen=True)
+class TusRoutes:
+    """What the tus handlers use (the app sets it once the store is open)."""
+
     config: TusConfig
-    service: TusService | None = None
-
-    @property
-    def svc(self) -> TusService:
-        assert self.service is not None, "tus is not set up yet"
-        return self.service
-
-    async def owns_multipart(self, key: str, multipart_id: str) -> bool:
-        """For a stale-multipart sweeper: is this multipart upload a live tus upload's?"""
-        return await self.svc.store.owns_multipart(key, multipart_id)
-
-    def claims_multipart(self, upload: OpenMultipart) -> bool:
-        """The same, synchronously and conservatively (see TusService.claims_multipart)."""
-        return self.svc.claims_multipart(upload)
+    service: TusService
 
 
-TUS = web.AppKey("tus", TusContext)
+TUS = web.AppKey("tus", TusRoutes)
 
 
 # -- header parsing ---------------------------------------------------------------------
@@ -86,12 +100,8 @@ TUS = web.AppKey("tus", TusContext)
 
 def _check_version(request: web.Request) -> None:
     if request.headers.get("Tus-Resumable") != TUS_VERSION:
-        raise ProxyError(
-            f"Tus-Resumable must be {TUS_VERSION}",
-            code="ERR_TUS_VERSION",
-            status=412,
-            reason="bad_request",
-            headers={"Tus-Version": TUS_VERSION},
+        raise TusVersion(
+            f"Tus-Resumable must be {TUS_VERSION}", headers={"Tus-Version": TUS_VERSION}
         )
 
 
@@ -101,16 +111,14 @@ def _non_negative(request: web.Request, name: str) -> int | None:
         return None
     number = ascii_uint(value)
     if number is None:
-        raise BadRequest(
-            f"{name} must be a non-negative integer of ASCII digits", code="ERR_BAD_HEADER"
-        )
+        raise BadHeader(f"{name} must be a non-negative integer of ASCII digits")
     return number
 
 
 def parse_metadata(header: str) -> dict[str, bytes]:
     """``Upload-Metadata``: comma-separated ``key base64value`` (value optional), keys unique."""
     if len(header) > MAX_METADATA_HEADER_BYTES:
-        raise BadRequest("Upload-Metadata is too long", code="ERR_BAD_METADATA")
+        raise BadMetadata("Upload-Metadata is too long")
     out: dict[str, bytes] = {}
     if not header.strip():
         return out
@@ -118,17 +126,13 @@ def parse_metadata(header: str) -> dict[str, bytes]:
         fields = pair.strip().split(" ")
         key = fields[0]
         if not key or len(fields) > 2 or not key.isascii() or not key.isprintable():
-            raise BadRequest(
-                f"malformed Upload-Metadata pair {pair.strip()!r}", code="ERR_BAD_METADATA"
-            )
+            raise BadMetadata(f"malformed Upload-Metadata pair {pair.strip()!r}")
         if key in out:
-            raise BadRequest(f"Upload-Metadata key {key!r} repeated", code="ERR_BAD_METADATA")
+            raise BadMetadata(f"Upload-Metadata key {key!r} repeated")
         try:
             out[key] = base64.b64decode(fields[1], validate=True) if len(fields) == 2 else b""
         except (binascii.Error, ValueError):
-            raise BadRequest(
-                f"Upload-Metadata value of {key!r} is not base64", code="ERR_BAD_METADATA"
-            ) from None
+            raise BadMetadata(f"Upload-Metadata value of {key!r} is not base64") from None
     return out
 
 
@@ -155,10 +159,12 @@ def new_upload(
         k.lower(): _header_safe(v) for k, v in text.items() if _METADATA_KEY_RE.fullmatch(k)
     }
     obj_meta["tus-id"] = upload_id
+    # Who may download it once complete (GET on its URL): the state, which says so
+    # until then, is gone by then.  A hash of the credential, never the credential.
+    obj_meta["tus-owner"] = str(principal)
     if sum(len(k) + len(v) for k, v in obj_meta.items()) > MAX_OBJECT_METADATA_BYTES:
-        raise BadRequest(
-            f"Upload-Metadata exceeds the {MAX_OBJECT_METADATA_BYTES} bytes kept with the object",
-            code="ERR_BAD_METADATA",
+        raise BadMetadata(
+            f"Upload-Metadata exceeds the {MAX_OBJECT_METADATA_BYTES} bytes kept with the object"
         )
     return NewUpload(
         id=upload_id,
@@ -181,17 +187,8 @@ def _checksum(request: web.Request) -> Checksum | None:
     algorithm, _, encoded = value.strip().partition(" ")
     size = CHECKSUM_ALGORITHMS.get(algorithm)
     if size is None:
-        raise BadRequest(
-            f"unsupported Upload-Checksum algorithm {algorithm!r}", code="ERR_CHECKSUM_ALGORITHM"
-        )
-    try:
-        digest = base64.b64decode(encoded.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        digest = b""
-    if len(digest) != size:
-        raise BadRequest(
-            f"Upload-Checksum is not a base64 {algorithm} digest", code="ERR_BAD_DIGEST"
-        )
+        raise ChecksumAlgorithm(f"unsupported Upload-Checksum algorithm {algorithm!r}")
+    digest = b64_digest(encoded, size, f"Upload-Checksum {algorithm}")
     return Checksum(algorithm, digest)
 
 
@@ -228,10 +225,7 @@ def _guard(request: web.Request) -> Grant:
     With auth off every request is "anonymous": whoever holds the id may touch it."""
     grant = authorize(request)
     if grant.via == "signed":
-        raise Forbidden(
-            "signed URLs are for /uploads; tus uploads take a bearer token",
-            code="ERR_SIGNED_URL_NOT_FOR_TUS",
-        )
+        raise SignedUrlNotForTus("signed URLs are for /uploads; tus uploads take a bearer token")
     return grant
 
 
@@ -242,12 +236,24 @@ def _guard_body(request: web.Request) -> Grant:
     return grant
 
 
+async def _guard_create(request: web.Request) -> Grant:
+    """As :func:`_guard_body`, for a creation: also the cap on unfinished uploads, which
+    the headers decide (so a 429 comes before ``100 Continue``, not after the body)."""
+    grant = _guard_body(request)
+    await _svc(request).check_quota(quota_of(grant.principal, request_client(request).ip))
+    return grant
+
+
 async def _expect(request: web.Request) -> web.StreamResponse | None:
     return await expect_with(request, _guard_body)
 
 
+async def _expect_create(request: web.Request) -> web.StreamResponse | None:
+    return await expect_with(request, _guard_create)
+
+
 def _svc(request: web.Request) -> TusService:
-    return request.app[TUS].svc
+    return request.app[TUS].service
 
 
 def _upload_id(request: web.Request) -> str:
@@ -278,36 +284,30 @@ async def create(request: web.Request) -> web.StreamResponse:
     _check_version(request)
     grant = _guard_body(request)
     svc = _svc(request)
+    client_ip = request_client(request).ip
     length = _non_negative(request, "Upload-Length")
     defer = request.headers.get("Upload-Defer-Length")
     if defer is not None and (defer != "1" or length is not None):
-        raise BadRequest(
-            "Upload-Defer-Length must be 1, and only without Upload-Length", code="ERR_BAD_HEADER"
-        )
+        raise BadHeader("Upload-Defer-Length must be 1, and only without Upload-Length")
     if length is None and defer is None:
-        raise BadRequest(
-            "Upload-Length or Upload-Defer-Length: 1 is required", code="ERR_LENGTH_REQUIRED"
-        )
+        raise LengthRequired("Upload-Length or Upload-Defer-Length: 1 is required")
     if length is not None and length > svc.max_size_bytes:
         raise TooLarge(f"Upload-Length exceeds Tus-Max-Size ({svc.max_size_bytes})")
     declared = request.content_length
     with_body = request.headers.get("Content-Type", "").split(";")[0].strip() == OFFSET_CONTENT_TYPE
     if not with_body and declared:
-        raise ProxyError(
-            f"an upload body needs Content-Type: {OFFSET_CONTENT_TYPE}",
-            code="ERR_CONTENT_TYPE",
-            status=415,
-            reason="bad_request",
-        )
+        raise WrongContentType(f"an upload body needs Content-Type: {OFFSET_CONTENT_TYPE}")
     checksum = _checksum(request) if with_body else None
-    quota = quota_of(grant.principal, request_client(request).ip)
+    quota = quota_of(grant.principal, client_ip)
     new = new_upload(
         svc, request.headers.get("Upload-Metadata", ""), length, grant.principal, quota
     )
-    info, lease = await svc.create(new, leased=with_body and new.length != 0)
+    new = await _pre_create(request, svc, new)
+    info, lease = await svc.create(new, leased=with_body and new.length != 0, client=client_ip)
+    svc.engine.hooks.notify("post-create", hook_upload(info), _hook_request(request, info.id))
     if lease is not None:
+        streaming(request)  # the upload exists: its outcome is reported as an upload's
         try:
-            client_ip = request_client(request).ip
             with request.app[UPLOADS].slots.hold(client_ip):
                 info = await svc.write(
                     lease,
@@ -316,9 +316,10 @@ async def create(request: web.Request) -> web.StreamResponse:
                     checksum=checksum,
                     client_ip=client_ip,
                 )
-        except BaseException:
+        except BaseException as e:
             # Without our answer the client never learns the URL: nothing can resume it.
-            await _terminate_quietly(svc, info.id)
+            why = e if isinstance(e, ProxyError) else Cancelled("the creation was cancelled")
+            await _terminate_quietly(svc, info.id, why, client_ip)
             raise
     location = request.app[TUS].config.base_path + new.url_id
     headers = {"Location": location, **_upload_headers(info)}
@@ -333,10 +334,44 @@ async def create(request: web.Request) -> web.StreamResponse:
     return web.Response(status=201, headers=headers)
 
 
-async def _terminate_quietly(svc: TusService, upload_id: str) -> None:
+def _hook_request(request: web.Request, upload_id: str) -> HookRequest:
+    """The request as a hook sees it: the URL id (the upload's secret) never leaves us;
+    the path names the upload by its storage id, as Upload.ID does."""
+    base = request.app[TUS].config.base_path
+    return hook_request(request, path=base + upload_id)
+
+
+async def _pre_create(request: web.Request, svc: TusService, new: NewUpload) -> NewUpload:
+    """The pre-create hook's verdict: refused (raises), or the new upload with the object
+    name (inside the upload's folder, see TusService.object_key) and metadata it chose."""
+    hooks = svc.engine.hooks
+    if not hooks.wants("pre-create"):
+        return new
+    meta = {k: v for k, v in new.object_metadata.items() if k != "tus-id"}
+    reply = await hooks.blocking(
+        "pre-create",
+        HookUpload("tus", new.id, new.key, new.length, 0, meta, principal=str(new.principal)),
+        _hook_request(request, new.id),
+    )
+    if reply.new_key is not None:
+        new = replace(new, key=svc.object_key(new.id, new.filename, reply.new_key))
+    if reply.new_metadata is not None:
+        obj_meta = {
+            k.lower(): _header_safe(v)
+            for k, v in reply.new_metadata.items()
+            if _METADATA_KEY_RE.fullmatch(k)
+        }
+        obj_meta["tus-id"] = new.id
+        new = replace(new, object_metadata=obj_meta)
+    return new
+
+
+async def _terminate_quietly(
+    svc: TusService, upload_id: str, why: ProxyError, client_ip: str
+) -> None:
     async def go() -> None:
         lease = await svc.store.acquire(upload_id, by=None, allow_expired=True)
-        await svc.terminate(lease)
+        await svc.terminate(lease, why=why, client=client_ip)
 
     try:
         await asyncio.shield(asyncio.wait_for(go(), 30))
@@ -367,37 +402,27 @@ async def patch(request: web.Request) -> web.Response:
     upload_id = _upload_id(request)
     ctype = request.headers.get("Content-Type", "").split(";")[0].strip()
     if ctype != OFFSET_CONTENT_TYPE:
-        raise ProxyError(
-            f"PATCH needs Content-Type: {OFFSET_CONTENT_TYPE}",
-            code="ERR_CONTENT_TYPE",
-            status=415,
-            reason="bad_request",
-        )
+        raise WrongContentType(f"PATCH needs Content-Type: {OFFSET_CONTENT_TYPE}")
     offset = _non_negative(request, "Upload-Offset")
     if offset is None:
-        raise BadRequest("Upload-Offset is required", code="ERR_BAD_HEADER")
+        raise BadHeader("Upload-Offset is required")
     length = _non_negative(request, "Upload-Length")
     checksum = _checksum(request)
     lease = await svc.store.acquire(upload_id, by=grant.principal)
     try:
         info = lease.info
         if info.completing and offset == info.offset:
-            info = await svc.resume_completion(lease)
+            info = await svc.resume_completion(lease, request_client(request).ip)
             return web.Response(status=204, headers=_upload_headers(info))
         if offset != info.offset:
-            raise ProxyError(
-                f"Upload-Offset {offset} does not match the upload's offset {info.offset}",
-                code="ERR_OFFSET_MISMATCH",
-                status=409,
-                reason="conflict",
+            raise OffsetMismatch(
+                f"Upload-Offset {offset} does not match the upload's offset {info.offset}"
             )
         if length is not None:
             if info.length is not None and length != info.length:
-                raise BadRequest("Upload-Length cannot change once set", code="ERR_BAD_HEADER")
+                raise BadHeader("Upload-Length cannot change once set")
             if length < info.offset:
-                raise BadRequest(
-                    "Upload-Length is below the upload's offset", code="ERR_BAD_HEADER"
-                )
+                raise BadHeader("Upload-Length is below the upload's offset")
             if length > svc.max_size_bytes:
                 raise TooLarge(f"Upload-Length exceeds Tus-Max-Size ({svc.max_size_bytes})")
             if info.length is None:
@@ -413,6 +438,7 @@ async def patch(request: web.Request) -> web.Response:
         raise
     # The slot check ran (and would have released the lease) above; hold re-checks
     # synchronously, so it cannot fail here.
+    streaming(request)
     with request.app[UPLOADS].slots.hold(client_ip):
         info = await svc.write(
             lease, _chunks(request), declared_bytes=declared, checksum=checksum, client_ip=client_ip
@@ -426,7 +452,7 @@ async def delete(request: web.Request) -> web.Response:
     svc = _svc(request)
     lease = await svc.store.acquire(_upload_id(request), by=grant.principal, allow_expired=True)
     try:
-        await svc.terminate(lease)
+        await svc.terminate(lease, client=request_client(request).ip)
     except BaseException:
         await release_quietly(lease)
         raise
@@ -470,36 +496,35 @@ async def _on_prepare(request: web.Request, response: web.StreamResponse) -> Non
 # -- wiring -----------------------------------------------------------------------------
 
 
-def bind(app: web.Application, storage: Storage) -> None:
-    """Create the service once storage is open (called from the app's cleanup_ctx)."""
-    ctx = app[TUS]
-    store = TusStore(storage, ctx.config.state_prefix, ctx.config.lock_lease_s)
-    ctx.service = TusService(ctx.config, app[UPLOADS], store)
+def _redacted(handler: Handler, base_path: str) -> Handler:
+    """Error lines name the upload by its storage id, never by the URL id (a secret)."""
 
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        url_id = request.match_info["id"]
+        shown = storage_id(url_id) if valid_id(url_id) else "<not an upload id>"
+        request[LOG_PATH] = base_path + shown
+        return await handler(request)
 
-async def sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
-    ctx = app[TUS]
-    task = None
-    if ctx.config.sweep_interval_s > 0:
-        task = asyncio.create_task(ctx.svc.sweep_forever())
-    try:
-        yield
-    finally:
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+    return wrapped
 
 
 def add_routes(app: web.Application, config: TusConfig) -> None:
-    app[TUS] = TusContext(config)
+    """The tus routes under ``config.base_path``; ``app[TUS]`` is set once the store is
+    open.  Every route's refusal is reported as a rejected upload request."""
     base = config.base_path
     item = base + "{id}"
     for path in {base, base.rstrip("/") or "/"}:
-        app.router.add_route("POST", path, create, expect_handler=_expect)
+        app.router.add_route("POST", path, reported(create), expect_handler=_expect_create)
         app.router.add_route("OPTIONS", path, options)
-    app.router.add_route("HEAD", item, head)
-    app.router.add_route("PATCH", item, patch, expect_handler=_expect)
-    app.router.add_route("DELETE", item, delete)
+    for method, handler in (
+        ("HEAD", head),
+        ("PATCH", patch),
+        ("DELETE", delete),
+        ("POST", method_override),
+    ):
+        expect = _expect if method in ("PATCH", "POST") else None
+        app.router.add_route(
+            method, item, _redacted(reported(handler), base), expect_handler=expect
+        )
     app.router.add_route("OPTIONS", item, options)
-    app.router.add_route("POST", item, method_override, expect_handler=_expect)
     app.on_response_prepare.append(_on_prepare)

@@ -6,7 +6,8 @@
 * :func:`client_group` is what every per-client limit counts under (an IPv4 address, an
   IPv6 /64).
 * :class:`UploadSlots` caps uploads in total (503, the server is full) and per client
-  (429, this client is asking for too much), and drains them on shutdown.
+  (429, this client is asking for too much), shares them fairly once they are all
+  taken, and drains them on shutdown.
 * :class:`ContentPolicy` is the content-type and extension allowlist (415).
 * :class:`BodyPace` is the minimum body rate (408 ``ERR_TOO_SLOW``).
 """
@@ -20,7 +21,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from proxy.errors import ProxyError
+from proxy.errors import (
+    ClientLimit,
+    Evicted,
+    ExtensionNotAllowed,
+    NotAllowed,
+    ShuttingDown,
+    TooManyUploads,
+)
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -77,6 +85,11 @@ def client_group(ip: str) -> str:
     return str(addr)
 
 
+def is_trusted(ip: str, trusted: tuple[Network, ...]) -> bool:
+    """Is ``ip`` (a peer address) one of the configured trusted proxies?"""
+    return _trusted(_address(ip), trusted)
+
+
 def client_info(
     remote: str | None,
     forwarded_for: str | None,
@@ -106,30 +119,21 @@ def client_info(
     return ClientInfo(client, proto if proto in ("http", "https") else scheme)
 
 
-class TooManyUploads(ProxyError):
-    code = "ERR_TOO_MANY_UPLOADS"
-    status = 503
-    reason = "busy"
-
-
-class ClientLimit(ProxyError):
-    code = "ERR_CLIENT_LIMIT"
-    status = 429
-    reason = "client_limit"
-
-
-class ShuttingDown(ProxyError):
-    code = "ERR_SHUTTING_DOWN"
-    status = 503
-    reason = "shutting_down"
-
-
 class UploadSlots:
     """Counts running uploads, in total and per client address, and drains them.
 
     ``check`` is for the Expect handler (nothing is held yet); ``hold`` re-checks and
     takes the slot in one synchronous step, so the two can race only in the harmless
     direction (a 100 Continue followed by a 429).
+
+    Fair share once every slot is taken: a client (address group) that holds at least two
+    uploads fewer than the client holding the most does not get 503: the newest upload
+    of the client holding the most is cancelled (503 ``ERR_EVICTED``, its multipart upload
+    aborted; a tus PATCH keeps what it stored) and its slot is the newcomer's.  So a few
+    addresses that take every slot and keep them at the minimum rate cannot lock anyone
+    else out; each of them keeps as many as anyone else.  The newest goes because it has
+    the least to lose.  Between the cancel and the victim's unwinding the count runs one
+    over ``total`` per eviction under way.
 
     Why the drain is ours and not aiohttp's: once its shutdown starts, aiohttp drops
     every byte that arrives on open connections (``RequestHandler.data_received``
@@ -147,6 +151,9 @@ class UploadSlots:
         self._retry_after = str(retry_after_s)
         self._by_client: dict[str, int] = {}
         self._tasks: set[asyncio.Task[object]] = set()
+        # The running uploads' tasks by client group, oldest first; and those evicted.
+        self._held: dict[str, list[asyncio.Task[object]]] = {}
+        self._evicted: set[asyncio.Task[object]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
         self.in_use = 0
@@ -160,7 +167,7 @@ class UploadSlots:
                 "the server is shutting down; retry shortly",
                 headers={"Retry-After": self._retry_after},
             )
-        if self.in_use >= self.total:
+        if self.in_use - len(self._evicted) >= self.total and self._victim(client) is None:
             raise TooManyUploads(
                 f"the server runs {self.total} uploads already; retry later",
                 headers={"Retry-After": self._retry_after},
@@ -171,21 +178,51 @@ class UploadSlots:
                 headers={"Retry-After": self._retry_after},
             )
 
+    def _victim(self, group: str) -> asyncio.Task[object] | None:
+        """The upload to evict for ``group``'s new one, if it is owed a fair share."""
+        if not self._held:
+            return None
+        mine = self._by_client.get(group, 0)
+        biggest = max(self._held, key=lambda g: len(self._held[g]))
+        candidates = [t for t in self._held[biggest] if t not in self._evicted]
+        if len(candidates) < mine + 2:
+            return None
+        return candidates[-1]
+
     @contextmanager
     def hold(self, client: str) -> Iterator[None]:
         self.check(client)
         client = client_group(client)
+        if self.in_use - len(self._evicted) >= self.total:
+            victim = self._victim(client)
+            assert victim is not None  # check() let us in
+            self._evicted.add(victim)
+            victim.cancel()
         task = asyncio.current_task()
         self.in_use += 1
         self._by_client[client] = self._by_client.get(client, 0) + 1
         self._idle.clear()
         if task is not None:
             self._tasks.add(task)
+            self._held.setdefault(client, []).append(task)
         try:
             yield
+        except asyncio.CancelledError:
+            if task is None or task not in self._evicted or task.uncancel():
+                raise
+            raise Evicted(
+                "every upload slot is taken and this client holds the most; "
+                "its newest upload gave its slot to another client",
+                headers={"Retry-After": self._retry_after},
+            ) from None
         finally:
             if task is not None:
                 self._tasks.discard(task)
+                self._evicted.discard(task)
+                held = self._held[client]
+                held.remove(task)
+                if not held:
+                    del self._held[client]
             self.in_use -= 1
             if not self.in_use:
                 self._idle.set()
@@ -214,12 +251,6 @@ class UploadSlots:
         return len(tasks)
 
 
-class NotAllowed(ProxyError):
-    code = "ERR_UNSUPPORTED_MEDIA_TYPE"
-    status = 415
-    reason = "not_allowed"
-
-
 class ContentPolicy:
     """Allowlists of media types (``image/*`` wildcards) and file extensions; empty allows all."""
 
@@ -239,18 +270,7 @@ class ContentPolicy:
         if self._exts:
             base = (name or "").replace("\\", "/").rsplit("/", 1)[-1].lower()
             if not base.endswith(self._exts):
-                raise NotAllowed(
-                    "this file extension is not accepted here", code="ERR_EXTENSION_NOT_ALLOWED"
-                )
-
-
-@dataclass
-class UploadStats:
-    """Plain counters the status line (sd_notify) and /status can read."""
-
-    received_bytes: int = 0
-    completed: int = 0
-    failed: int = 0
+                raise ExtensionNotAllowed("this file extension is not accepted here")
 
 
 class BodyPace:

@@ -4,10 +4,15 @@ A plain upload aborts its multipart upload on every failure it lives to see; a
 ``kill -9``, an OOM kill or a pulled plug leaves it open, and its parts cost
 storage for ever.  At start-up and every ``sweep_interval_s`` this lists the open
 multipart uploads under the proxy's key prefix and aborts those older than
-``stale_upload_after_s`` unless the ``is_live`` predicate claims them: uploads
-running in this process, and (once tus exists) uploads a tus client may still
-resume.  An S3 lifecycle rule (AbortIncompleteMultipartUpload) is the second line
-of defence for the time this daemon does not run at all (see the deployment docs).
+``stale_upload_after_s`` unless they are live: the ``is_live`` predicate claims them
+(uploads running in this process, uploads a tus client may still resume), or a part
+reached the store within ``stale_upload_after_s`` (an upload that another instance
+sharing the store is still writing: a plain PUT that has run longer than the window
+keeps adding parts).  Ages are measured on the store's clock (the Date of its listing
+answer, against its Initiated and LastModified), so a host whose clock is off does not
+abort another instance's uploads early.  An S3 lifecycle rule
+(AbortIncompleteMultipartUpload) is the second line of defence for the time this daemon
+does not run at all (see the deployment docs).
 """
 
 from __future__ import annotations
@@ -36,18 +41,6 @@ def never_live(upload: OpenMultipart) -> bool:
     return False
 
 
-def any_live(*predicates: LiveUploadPredicate) -> LiveUploadPredicate:
-    """One predicate that is true when any of ``predicates`` is."""
-
-    async def live(upload: OpenMultipart) -> bool:
-        for p in predicates:
-            if await resolve(p(upload)):
-                return True
-        return False
-
-    return live
-
-
 async def resolve(answer: bool | Awaitable[bool]) -> bool:
     return await answer if inspect.isawaitable(answer) else answer
 
@@ -69,24 +62,44 @@ class StaleSweeper:
         self._older_than_s = older_than_s
         self._is_live = is_live
         self._clock = clock
-        self.aborted_total = 0
 
-    def _is_stale(self, upload: OpenMultipart, now: datetime) -> bool:
-        initiated = upload.initiated
-        if initiated.tzinfo is None:  # S3 speaks UTC; some stores omit the zone
-            initiated = initiated.replace(tzinfo=UTC)
-        return (now - initiated).total_seconds() > self._older_than_s
+    def _older_than_window(self, then: datetime, now: datetime) -> bool:
+        if then.tzinfo is None:  # S3 speaks UTC; some stores omit the zone
+            then = then.replace(tzinfo=UTC)
+        return (now - then).total_seconds() > self._older_than_s
+
+    async def _written_lately(self, upload: OpenMultipart, now: datetime) -> bool:
+        """A part of ``upload`` reached the store within the window (on its clock), or
+        its parts cannot be listed (then it is left for the next sweep)."""
+        try:
+            parts = await self._storage.list_parts(upload.key, upload.upload_id)
+        except ProxyError as e:
+            # Completed or aborted since the listing (by its writer or another
+            # instance's sweep), or unreadable now: nothing to abort, or nothing to
+            # abort safely.  Either way, not this round, and the rest of the sweep goes on.
+            log.info("stale sweep: skipped an upload it could not list: %s", e.message)
+            return True
+        return any(
+            p.last_modified is not None and not self._older_than_window(p.last_modified, now)
+            for p in parts
+        )
 
     async def sweep_once(self, now: datetime | None = None) -> list[OpenMultipart]:
-        """Abort the stale, unowned uploads under the prefix; return what was aborted."""
-        now = now or self._clock()
+        """Abort the stale, unowned uploads under the prefix; return what was aborted.
+
+        ``now`` (tests) replaces the store's clock; without it each upload's age is
+        taken on the store's clock when it was listed (this host's clock if the store
+        did not say)."""
         aborted: list[OpenMultipart] = []
         for upload in await self._storage.list_multipart(self._prefix):
+            at = now or upload.listed_at or self._clock()
             # The store filters by prefix, but a store that ignores it must not cost us
             # someone else's uploads.
-            if not upload.key.startswith(self._prefix) or not self._is_stale(upload, now):
+            if not upload.key.startswith(self._prefix):
                 continue
-            if await resolve(self._is_live(upload)):
+            if not self._older_than_window(upload.initiated, at):
+                continue
+            if await resolve(self._is_live(upload)) or await self._written_lately(upload, at):
                 continue
             await self._storage.abort_multipart(upload.key, upload.upload_id)
             aborted.append(upload)
@@ -95,7 +108,6 @@ class StaleSweeper:
                 upload.key,
                 upload.initiated.isoformat(),
             )
-        self.aborted_total += len(aborted)
         return aborted
 
     async def run(self, interval_s: float) -> None:

@@ -311,9 +311,7 @@ class HeapTrimmer:
             self._trim = ctypes.CDLL(None).malloc_trim
         except (OSError, AttributeError):  # not glibc
             self._trim = None
-        self.trims = 0
 
     def __call__(self) -> None:
         if self._trim is not None:
             self._trim(0)
-            self.trims += 1

@@ -11,7 +11,16 @@ Memory follows what a client has sent, not what it has announced: a part
 first byte arrives and the *rest* of the part once the head is full.  A client that
 opens uploads and trickles bytes holds a head per upload, not a whole part.
 
-Each client (address group, see :func:`proxy.limits.client_group`) may hold at most
+The rest of a part may never take the pool's last ``head_reserve_bytes`` (a head per
+upload slot, at most a quarter of the pool: :func:`proxy.app.new_pool`): rests wait for
+rests, heads do not.  A
+client that sends a head and one byte more, then trickles, holds a whole part for as
+long as it keeps the minimum rate; without the reserve, 32 such uploads from 4 addresses
+(each within its per-client cap) held the whole pool and every new upload got 503
+``ERR_BUSY``.  With it, admission (a head) always finds room while slots are free;
+what slow clients can still do is make fast uploads wait for a rest (back-pressure).
+
+Each client (address group, see :func:`proxy.engine.limits.client_group`) may hold at most
 ``client_cap_bytes`` of the pool.  A client at its cap waits in a queue of its own
 (:class:`ClientBuffers`), so its back-pressure never holds up anyone else's request.
 
@@ -141,8 +150,11 @@ class Buffers(Protocol):
     @property
     def head_bytes(self) -> int: ...
 
-    async def acquire(self, size: int | None = None, timeout_s: float | None = None) -> Buffer:
-        """A buffer of ``size`` bytes (default: one part).  Waits while the budget is spent."""
+    async def acquire(
+        self, size: int | None = None, timeout_s: float | None = None, *, rest: bool = False
+    ) -> Buffer:
+        """A buffer of ``size`` bytes (default: one part).  Waits while the budget is spent.
+        ``rest``: the second lease of a part (it may not take the heads' reserve)."""
 
     def release(self, buf: Buffer) -> None: ...
 
@@ -157,8 +169,10 @@ class BufferPool:
         *,
         head_bytes: int | None = None,
         client_cap_bytes: int | None = None,
+        head_reserve_bytes: int = 0,
     ) -> None:
-        """``head_bytes`` None leases parts whole; ``client_cap_bytes`` None caps no client."""
+        """``head_bytes`` None leases parts whole; ``client_cap_bytes`` None caps no client;
+        rests never take the last ``head_reserve_bytes`` of the budget."""
         if part_size_bytes <= 0:
             raise ValueError("part_size_bytes must be > 0")
         if budget_bytes < part_size_bytes:
@@ -176,6 +190,10 @@ class BufferPool:
         # Called when the last leased buffer comes back (e.g. to trim the heap).
         self._on_idle = on_idle
         self._gate = _Gate(budget_bytes)
+        if not 0 <= head_reserve_bytes <= budget_bytes - (part_size_bytes - head):
+            raise ValueError("head_reserve_bytes must leave room for the rest of one part")
+        self._rests = _Gate(budget_bytes - head_reserve_bytes)
+        self._rest_ids: set[int] = set()  # id() of the buffers leased as rests
         self._clients: dict[str, _Gate] = {}
         # The sizes leased over and over: whole parts, or heads and rests.
         sizes = {part_size_bytes} if head == part_size_bytes else {head, part_size_bytes - head}
@@ -213,10 +231,16 @@ class BufferPool:
         return self._materialise(size)
 
     async def acquire(
-        self, size: int | None = None, timeout_s: float | None = None, client: str | None = None
+        self,
+        size: int | None = None,
+        timeout_s: float | None = None,
+        client: str | None = None,
+        *,
+        rest: bool = False,
     ) -> Buffer:
         """A buffer of ``size`` bytes (default: one part).  Waits while the budget, or
-        ``client``'s cap, is spent; raises :class:`PoolTimeout` after ``timeout_s``."""
+        ``client``'s cap, or (``rest``) what rests may hold, is spent; raises
+        :class:`PoolTimeout` after ``timeout_s``."""
         size = self.part_size_bytes if size is None else size
         if size > self.part_size_bytes:
             raise ValueError(f"buffer of {size} bytes is larger than a part")
@@ -228,7 +252,14 @@ class BufferPool:
                 if gate is not None:
                     await gate.take(size)
                 try:
-                    await self._gate.take(size)
+                    if rest:
+                        await self._rests.take(size)
+                    try:
+                        await self._gate.take(size)
+                    except BaseException:
+                        if rest:
+                            self._rests.give(size)
+                        raise
                 except BaseException:
                     if gate is not None:
                         gate.give(size)
@@ -237,7 +268,10 @@ class BufferPool:
             raise PoolTimeout(f"no {size}-byte buffer free within {timeout_s}s") from None
         finally:
             self._forget(client)
-        return self._materialise(size)
+        buf = self._materialise(size)
+        if rest:
+            self._rest_ids.add(id(buf))
+        return buf
 
     def _client_gate(self, client: str | None) -> _Gate | None:
         if client is None or self.client_cap_bytes is None:
@@ -266,6 +300,9 @@ class BufferPool:
 
     def release(self, buf: Buffer, client: str | None = None) -> None:
         size = len(buf)
+        if id(buf) in self._rest_ids:
+            self._rest_ids.discard(id(buf))
+            self._rests.give(size)
         idle = self._idle.get(size)
         if idle is not None and len(idle) < self._keep_idle:
             idle.append(buf)
@@ -291,8 +328,10 @@ class ClientBuffers:
     def head_bytes(self) -> int:
         return self._pool.head_bytes
 
-    async def acquire(self, size: int | None = None, timeout_s: float | None = None) -> Buffer:
-        return await self._pool.acquire(size, timeout_s, client=self.client)
+    async def acquire(
+        self, size: int | None = None, timeout_s: float | None = None, *, rest: bool = False
+    ) -> Buffer:
+        return await self._pool.acquire(size, timeout_s, client=self.client, rest=rest)
 
     def release(self, buf: Buffer) -> None:
         self._pool.release(buf, client=self.client)
@@ -346,11 +385,12 @@ class PartBuffer:
         try:
             async with asyncio.timeout(timeout_s):
                 while self._leased < nbytes:
-                    if self._pieces:
+                    rest = bool(self._pieces)
+                    if rest:
                         size = self.size_bytes - self._leased
                     else:
                         size = min(self._buffers.head_bytes, self.size_bytes)
-                    self._pieces.append(await self._buffers.acquire(size))
+                    self._pieces.append(await self._buffers.acquire(size, rest=rest))
                     self._leased += size
         except TimeoutError:
             raise PoolTimeout(f"no part buffer free within {timeout_s}s") from None

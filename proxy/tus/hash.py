@@ -21,7 +21,7 @@ so instances on different architectures agree, and validating it against the byt
 on restore.  Where libcrypto or those (deprecated in OpenSSL 3, still exported) symbols
 are missing, hashing falls back to hashlib, which cannot be saved: an upload resumed
 after such an instance is hashed by re-reading the object at completion
-(:func:`proxy.tus_state` ``finish``), so the result is right either way.
+(:func:`proxy.tus.state` ``finish``), so the result is right either way.
 """
 
 from __future__ import annotations

@@ -1,7 +1,6 @@
 """Operator endpoints: ``/healthz``, ``/readyz``, ``/status`` and ``/metrics``.
 
-Also where the upload handlers' reports become metrics (:class:`MetricsHooks`) and
-where the background samplers (memory, readiness) run.  The same handlers serve
+Also where the background samplers (memory, readiness) run.  The same handlers serve
 the main app and, when ``metrics_listen`` is set, a small app on its own address
 that carries no upload routes and no object keys, so it can face a scraper
 without exposing anything else.
@@ -26,15 +25,13 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy import __version__
-from proxy.auth import TokenSet, Unauthorized, bearer_token
-from proxy.buffers import BufferPool
-from proxy.errors import ProxyError
-from proxy.http_upload import UploadHooks
-from proxy.memory import FIGURES, Level, MemoryMonitor
-from proxy.metrics import Metrics
-from proxy.responses import hide_server_banner
+from proxy.auth import TokenSet, bearer_token
+from proxy.engine.buffers import BufferPool
+from proxy.errors import ProxyError, Unauthorized
+from proxy.obs.memory import FIGURES, Level, MemoryMonitor
+from proxy.obs.metrics import Metrics
 from proxy.storage.base import Storage
-from proxy.streaming import StreamObserver, StreamResult
+from proxy.web.errors import error_middleware, hide_server_banner
 
 log = logging.getLogger(__name__)
 
@@ -43,43 +40,6 @@ log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 3.0
 # How often the background probe refreshes proxy_ready for Prometheus.
 READY_PROBE_INTERVAL_S = 15.0
-
-
-class MetricsHooks(UploadHooks):
-    """Feeds the upload handlers' reports into :class:`Metrics`."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
-
-    def rejected(self, error: ProxyError) -> None:
-        self._metrics.upload_rejected(error.reason)
-
-    def started(self, upload_id: str, key: str) -> StreamObserver | None:
-        return self._metrics.upload_started(upload_id, key)
-
-    def created(self, upload_id: str, key: str) -> None:
-        self._metrics.upload_created()
-
-    def transfer_started(self, upload_id: str, key: str) -> StreamObserver | None:
-        return self._metrics.transfer_started(upload_id, key)
-
-    def transfer_finished(self, upload_id: str) -> None:
-        self._metrics.transfer_finished(upload_id)
-
-    def finished(
-        self,
-        upload_id: str,
-        result: StreamResult | None,
-        error: ProxyError | None,
-        seconds: float,
-        received_bytes: int,
-    ) -> None:
-        self._metrics.upload_finished(
-            upload_id,
-            reason=None if error is None else error.reason,
-            seconds=seconds,
-            size_bytes=result.size if result is not None else received_bytes,
-        )
 
 
 @dataclass
@@ -264,7 +224,8 @@ def add_routes(app: web.Application, ops: Ops, *, with_status: bool = True) -> N
 
 def build_metrics_app(ops: Ops) -> web.Application:
     """The app for ``metrics_listen``: /metrics, /healthz and /readyz only."""
-    app = web.Application()
+    # The same error middleware as the main app: a 404 or 405 here is JSON too.
+    app = web.Application(middlewares=[error_middleware])
     app.on_response_prepare.append(hide_server_banner)
     add_routes(app, ops, with_status=False)
     return app

@@ -1,0 +1,2 @@
+"""Observability leaves: Prometheus metrics, memory readings, systemd notifications.
+They import nothing of the daemon's layers."""
