@@ -23,8 +23,8 @@ from proxy.config import StorageConfig
 from proxy.storage.base import OpenMultipart
 from proxy.storage.s3 import S3Storage
 from proxy.storage.seaweed import EmbeddedSeaweed
-from proxy.sweeper import StaleSweeper
-from proxy.tus_state import TusStore
+from proxy.storage.sweeper import StaleSweeper
+from proxy.tus.state import TusStore
 from tests.daemon import Daemon, launch, start_daemon
 from tests.faultproxy import Fault, FaultProxy, Rule, blackhole
 from tests.tus_helpers import TUS, b64, sid
@@ -42,7 +42,7 @@ NET: dict[str, Any] = {
 # The daemon's stale-multipart sweeper window (its minimum).
 STALE_AFTER_S = 60.0
 # Cleanups after a failure (aborts, a tus PATCH's commit of what it kept) run shielded
-# with this bound (proxy.streaming.ABORT_TIMEOUT_S, proxy.tus_upload.CLEANUP_TIMEOUT_S).
+# with this bound (proxy.engine.upload.CLEANUP_TIMEOUT_S).
 ABORT_BOUND_S = 30.0
 
 

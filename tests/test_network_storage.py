@@ -3,7 +3,7 @@ objects too big to test through it: the stale-multipart sweep (ListMultipartUplo
 AbortMultipartUpload, the tus state read that claims an upload) and the metadata copy of
 an object above 5 GiB (UploadPartCopy).
 
-The daemon's own classes (:class:`~proxy.sweeper.StaleSweeper`, :func:`proxy.streaming.label`
+The daemon's own classes (:class:`~proxy.storage.sweeper.StaleSweeper`, :func:`proxy.engine.upload.label`
 over :class:`~proxy.storage.s3.S3Storage`) run in the test process, their S3 endpoint the
 fault proxy of tests/faultproxy.py, with the timeouts of the daemon tests (NET).  The
 checks are read straight from the store.  Invariants:
@@ -24,13 +24,13 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from proxy.engine.upload import label
 from proxy.errors import ProxyError, StorageUnavailable
 from proxy.storage.base import OpenMultipart
 from proxy.storage.s3 import S3Storage
 from proxy.storage.seaweed import EmbeddedSeaweed
-from proxy.streaming import label
-from proxy.sweeper import StaleSweeper
-from proxy.tus_state import TusStore, UploadInfo, new_id
+from proxy.storage.sweeper import StaleSweeper
+from proxy.tus.state import TusStore, UploadInfo, new_id
 from tests.conftest import BUCKET
 from tests.fault_helpers import (
     EVERY,
@@ -180,7 +180,7 @@ COPY_CELLS = cells(
 async def test_metadata_copy(
     cell: Cell, fp: FaultProxy, behind: S3Storage, s3: S3Storage, prefix: str
 ) -> None:
-    """The self-copy that gives a completed object its sha256 (proxy.streaming.label),
+    """The self-copy that gives a completed object its sha256 (proxy.engine.upload.label),
     for an object above the CopyObject limit: a multipart copy of itself."""
     key = f"{prefix}big"
     data = payload(COPY_SIZE, cell.id)
