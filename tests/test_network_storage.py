@@ -3,8 +3,8 @@ objects too big to test through it: the stale-multipart sweep (ListMultipartUplo
 AbortMultipartUpload, the tus state read that claims an upload) and the metadata copy of
 an object above 5 GiB (UploadPartCopy).
 
-The daemon's own classes (:class:`~proxy.storage.sweeper.StaleSweeper`, :func:`proxy.engine.upload.label`
-over :class:`~proxy.storage.s3.S3Storage`) run in the test process, their S3 endpoint the
+The daemon's own classes (:class:`~proxy.storage.sweeper.StaleSweeper`,
+:func:`proxy.engine.upload.label` over :class:`~proxy.storage.s3.S3Storage`) run in the test process, their S3 endpoint the
 fault proxy of tests/faultproxy.py, with the timeouts of the daemon tests (NET).  The
 checks are read straight from the store.  Invariants:
 
