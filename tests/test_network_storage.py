@@ -4,7 +4,8 @@ AbortMultipartUpload, the tus state read that claims an upload) and the metadata
 an object above 5 GiB (UploadPartCopy).
 
 The daemon's own classes (:class:`~proxy.storage.sweeper.StaleSweeper`,
-:func:`proxy.engine.upload.label` over :class:`~proxy.storage.s3.S3Storage`) run in the test process, their S3 endpoint the
+:func:`proxy.engine.upload.label` over :class:`~proxy.storage.s3.S3Storage`) run in the
+test process, their S3 endpoint the
 fault proxy of tests/faultproxy.py, with the timeouts of the daemon tests (NET).  The
 checks are read straight from the store.  Invariants:
 
