@@ -13,6 +13,25 @@ botocore's own retries are off (``total_max_attempts=1``): they would re-send th
 body from a stream it cannot rewind (our memoryviews), and we want one retry
 policy with backoff whose total time is bounded.  Everything botocore raises is
 translated here into :mod:`proxy.errors`; nothing above this module sees it.
+
+Who sends a request again (found with the fault proxy of ``tests/faultproxy.py``):
+
+* botocore: never (above);
+* aiohttp, under aiobotocore: once, at once, a request whose method it deems
+  idempotent (GET, HEAD, PUT, DELETE: so PutObject, UploadPart, CopyObject,
+  UploadPartCopy, DeleteObject and the tus state writes, not the POSTs
+  CreateMultipartUpload and CompleteMultipartUpload) whose connection broke before the
+  answer came (reset or closed: ``ClientOSError``, ``ServerDisconnectedError``; not a
+  timeout), fresh connection or reused.  It re-sends our payload as it is (it can: our
+  pieces are not consumed by a send);
+* :meth:`S3Storage._call`: up to ``retry_attempts`` attempts with jittered backoff.
+
+So one attempt of ours may reach S3 twice, and a refusal can be the answer to our own
+first request that S3 carried out and whose answer was lost: a create-only write gets
+"precondition failed" on what we count as the first attempt.  Every write that can be
+refused that way checks, on a refusal, whether S3 holds exactly what we sent
+(``recover`` in :meth:`S3Storage._call`, the body comparison in
+:meth:`S3Storage.put_conditional`), whatever the attempt number.
 """
 
 from __future__ import annotations
@@ -64,6 +83,11 @@ T = TypeVar("T")
 # server-side multipart copy (UploadPartCopy), which moves no bytes through us.
 _MAX_COPY_BYTES = 5 * 1024**3
 _COPY_PART_BYTES = 1024**3
+# Read size when comparing a stored object with what we sent (put_conditional).
+_COMPARE_BYTES = 1024 * 1024
+# A body is handed to the socket in slices of this size, each of which the store must
+# take within the read timeout (see _PartPayload).
+_WRITE_SLICE_BYTES = 256 * 1024
 
 _TRANSIENT_CODES = frozenset(
     {
@@ -92,12 +116,13 @@ class _PartBody:
     of the part (:class:`~proxy.storage.base.Pieces`).
     """
 
-    __slots__ = ("_nbytes", "views")
+    __slots__ = ("_nbytes", "stall_timeout_s", "views")
 
-    def __init__(self, body: Body) -> None:
+    def __init__(self, body: Body, stall_timeout_s: float | None = None) -> None:
         pieces = body.views if isinstance(body, Pieces) else (body,)
         self.views = tuple(memoryview(p).cast("B") for p in pieces)
         self._nbytes = sum(len(v) for v in self.views)
+        self.stall_timeout_s = stall_timeout_s
 
     def __len__(self) -> int:
         return self._nbytes
@@ -107,6 +132,14 @@ class _PartBody:
 
 
 class _PartPayload(aiohttp.payload.Payload):
+    """Writes a :class:`_PartBody`, giving up when the store stops taking its bytes.
+
+    aiohttp starts the read timeout only once the whole body is handed to the socket, so
+    a store that stops reading (its TCP window closed: a stuck server, a broken path)
+    would hold the request until TCP gives up, or for ever.  Here each slice of the body
+    must be taken within ``stall_timeout_s`` (the read timeout), or the attempt fails
+    like a read timeout (a TimeoutError, which aiohttp does not re-send)."""
+
     _value: _PartBody
 
     def __init__(self, value: _PartBody, *args: Any, **kwargs: Any) -> None:
@@ -125,6 +158,7 @@ class _PartPayload(aiohttp.payload.Payload):
 
     async def write_with_length(self, writer: Any, content_length: int | None) -> None:
         left = len(self._value) if content_length is None else content_length
+        stall_s = self._value.stall_timeout_s
         for i, view in enumerate(v for v in self._value.views if v):
             if left <= 0:
                 return
@@ -133,7 +167,9 @@ class _PartPayload(aiohttp.payload.Payload):
             if i == 0 and len(view) > 1:
                 await writer.write(view[:1])
                 view = view[1:]
-            await writer.write(view)
+            for start in range(0, len(view), _WRITE_SLICE_BYTES):
+                async with asyncio.timeout(stall_s):
+                    await writer.write(view[start : start + _WRITE_SLICE_BYTES])
 
 
 aiohttp.payload.PAYLOAD_REGISTRY.register(_PartPayload, _PartBody)
@@ -205,6 +241,8 @@ class S3Storage:
         retry_base_delay_s: float = 0.25,
         max_pool_connections: int = 32,
         observer: OpObserver | None = None,
+        max_copy_bytes: int = _MAX_COPY_BYTES,
+        copy_part_bytes: int = _COPY_PART_BYTES,
     ) -> None:
         if retry_attempts < 1:
             raise ValueError("retry_attempts must be >= 1")
@@ -218,7 +256,12 @@ class S3Storage:
         self._profile = profile
         self._attempts = retry_attempts
         self._base_delay_s = retry_base_delay_s
+        self._read_timeout_s = read_timeout_s
         self._observer = observer
+        # Objects above max_copy_bytes are relabelled by UploadPartCopy in pieces of
+        # copy_part_bytes (lowered by the tests, which cannot copy 5 GiB).
+        self._max_copy_bytes = max_copy_bytes
+        self._copy_part_bytes = copy_part_bytes
         self._config = AioConfig(
             s3={"addressing_style": addressing_style, "payload_signing_enabled": False},
             request_checksum_calculation="when_required",
@@ -276,7 +319,10 @@ class S3Storage:
         For operations that are not idempotent (a conditional PUT, CompleteMultipartUpload)
         the retry then fails ("precondition failed", "no such upload") although the work
         is done.  ``recover`` checks for that after a failed attempt and returns the
-        result the lost answer would have carried, or None.
+        result the lost answer would have carried, or None.  "Precondition failed" is
+        checked on the first attempt too: aiohttp may have re-sent that attempt's PUT
+        after its first answer was lost (see the module's docstring), and a real
+        conflict costs one read more.
         """
         last = "unknown"
         answered = False
@@ -293,7 +339,8 @@ class S3Storage:
                 outcome = _classify(exc)
                 self._observe(op, started, getattr(outcome, "code", "error"))
                 if isinstance(outcome, ProxyError):
-                    if attempt and recover is not None and (done := await recover()) is not None:
+                    echo = attempt or isinstance(outcome, ObjectExists)
+                    if echo and recover is not None and (done := await recover()) is not None:
                         log.warning("s3 %s: an earlier attempt had succeeded", op)
                         return done
                     raise outcome from exc
@@ -427,7 +474,7 @@ class S3Storage:
                 lambda: self._client.put_object(
                     Bucket=self.bucket,
                     Key=key,
-                    Body=_PartBody(body),
+                    Body=_PartBody(body, self._read_timeout_s),
                     ContentLength=len(body),
                     Metadata=metadata,
                     ContentType=content_type,
@@ -464,7 +511,7 @@ class S3Storage:
                 Key=key,
                 UploadId=upload_id,
                 PartNumber=number,
-                Body=_PartBody(body),
+                Body=_PartBody(body, self._read_timeout_s),
                 ContentLength=len(body),
                 **extra,
             ),
@@ -516,7 +563,7 @@ class S3Storage:
     async def replace_metadata(
         self, key: str, *, etag: str, size: int, metadata: dict[str, str], content_type: str
     ) -> None:
-        if size <= _MAX_COPY_BYTES:
+        if size <= self._max_copy_bytes:
             await self._call(
                 "copy_object",
                 lambda: self._client.copy_object(
@@ -572,8 +619,9 @@ class S3Storage:
         upload_id = await self.create_multipart(key, metadata=metadata, content_type=content_type)
         try:
             parts: list[CompletedPart] = []
-            for number, start in enumerate(range(0, size, _COPY_PART_BYTES), start=1):
-                end = min(start + _COPY_PART_BYTES, size) - 1
+            step = self._copy_part_bytes
+            for number, start in enumerate(range(0, size, step), start=1):
+                end = min(start + step, size) - 1
                 r = await self._call(
                     "upload_part_copy",
                     functools.partial(
@@ -643,14 +691,21 @@ class S3Storage:
             kwargs["KeyMarker"] = r.get("NextKeyMarker", "")
             kwargs["UploadIdMarker"] = r.get("NextUploadIdMarker", "")
 
+    async def _get_or_none(self, key: str) -> dict[str, Any] | None:
+        """GetObject's answer (its body not read yet), or None if there is no such object."""
+        try:
+            r: dict[str, Any] = await self._client.get_object(Bucket=self.bucket, Key=key)
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in _MISSING_CODES:
+                return None
+            raise
+        return r
+
     async def get_small(self, key: str, max_bytes: int) -> tuple[bytes, str] | None:
         async def go() -> tuple[bytes, str] | None:
-            try:
-                r = await self._client.get_object(Bucket=self.bucket, Key=key)
-            except ClientError as e:
-                if e.response.get("Error", {}).get("Code") in _MISSING_CODES:
-                    return None
-                raise
+            r = await self._get_or_none(key)
+            if r is None:
+                return None
             async with r["Body"] as body:
                 if int(r.get("ContentLength", 0)) > max_bytes:
                     raise StorageError(f"{key} is larger than {max_bytes} bytes")
@@ -673,15 +728,43 @@ class S3Storage:
                 lambda: self._client.put_object(
                     Bucket=self.bucket,
                     Key=key,
-                    Body=_PartBody(body),
+                    Body=_PartBody(body, self._read_timeout_s),
                     ContentLength=len(body),
                     **extra,
                 ),
+                # "Changed since you read it" / "key taken" may answer a re-send of our
+                # own write (module docstring).  Every conditional write of ours is unique
+                # (tus state carries a new rev and lease owner, segments a random key),
+                # so an object holding exactly our body is our write, not someone else's.
+                recover=lambda: self._holds_body(key, body),
             )
         except ObjectExists as e:
             # 412 on If-Match means "changed since you read it", not "key taken".
             raise ConditionFailed(f"{key} was changed by someone else") from e
         return str(r["ETag"])
+
+    async def _holds_body(self, key: str, body: Body) -> dict[str, Any] | None:
+        """``{"ETag": ...}`` if the object at ``key`` holds exactly ``body`` (compared as
+        it is read, in bounded chunks), else None."""
+        views = _PartBody(body).views
+
+        async def go() -> dict[str, Any] | None:
+            r = await self._get_or_none(key)
+            if r is None:
+                return None
+            async with r["Body"] as stream:
+                if int(r.get("ContentLength", -1)) != len(body):
+                    return None
+                for view in views:
+                    pos = 0
+                    while pos < len(view):
+                        chunk: bytes = await stream.read(min(len(view) - pos, _COMPARE_BYTES))
+                        if not chunk or view[pos : pos + len(chunk)] != chunk:
+                            return None
+                        pos += len(chunk)
+            return {"ETag": r.get("ETag", "")}
+
+        return await self._call("get_object", go)
 
     async def iter_object(self, key: str, *, chunk_bytes: int) -> AsyncIterator[bytes]:
         # Only opening the object is retried: a body that breaks off half-way cannot be
