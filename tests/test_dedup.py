@@ -136,7 +136,14 @@ async def test_an_entry_whose_object_was_deleted_or_changed_behind_our_back_is_n
     assert (continued, status) == (True, 201) and "deduplicated" not in doc
 
     # Same size, other bytes, no metadata of ours: written straight to the store.
-    await s3._client.put_object(Bucket=s3.bucket, Key=f"{prefix}b", Body=b"X" * len(body))
+    await s3.put_object(
+        f"{prefix}b",
+        memoryview(b"X" * len(body)),
+        metadata={},
+        content_type="application/octet-stream",
+        checksum=None,
+        if_none_match=False,
+    )
     continued, status, doc = await put_with_expect(
         proxy.port, "/uploads/c", len(body), digest_headers(sha), body
     )
