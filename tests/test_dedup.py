@@ -268,11 +268,12 @@ async def test_tus_creation_with_the_hash_completes_at_once_and_tus_uploads_are_
     m = await scrape(proxy.url)
     assert value(m, "proxy_dedup_uploads_total", protocol="tus") == 1
     assert value(m, "proxy_dedup_saved_bytes_total", protocol="tus") == len(body)
-    # Nothing is left to resume: the upload has no state.
+    # Nothing is left to resume: a HEAD says it is complete (from the object, to its owner).
     head = await exchange(
         proxy.port, "HEAD", instant.headers["location"], {"Tus-Resumable": "1.0.0"}
     )
-    assert head.status == 404
+    assert head.status == 200
+    assert head.headers["upload-offset"] == head.headers["upload-length"] == str(len(body))
 
     # A PUT finds what tus stored; a malformed declared hash is a 400.
     continued, status, doc = await put_with_expect(

@@ -253,7 +253,7 @@ async def test_put(
     logged = len(daemon.log)
     rule = install(fp, cell)
     first = await send("PUT", url, data)
-    assert first.status != 500, first.body
+    assert first.status != 500, (first.body, "\n".join(daemon.log[logged:]))
     assert first.seconds < request_bound_s() + fault_seconds(cell), first.seconds
     assert_applied(rule, fp)
     fp.clear()  # the store is back
@@ -468,7 +468,7 @@ async def test_tus_terminate(
     logged = len(daemon.log)
     rule = install(fp, cell)
     first = await send("DELETE", url, headers=TUS)
-    assert first.status != 500, first.body
+    assert first.status != 500, (first.body, "\n".join(daemon.log[logged:]))
     assert first.seconds < request_bound_s("DELETE") + fault_seconds(cell), first.seconds
     assert_applied(rule, fp)
     fp.clear()

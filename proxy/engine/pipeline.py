@@ -30,6 +30,7 @@ and aborts everything, a tus PATCH settles and keeps the parts that made it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -37,7 +38,14 @@ from typing import Generic, Protocol, TypeVar
 
 from proxy.engine.buffers import Buffers, PartBuffer, PoolTimeout
 from proxy.engine.hashing import off_loop, part_checksum
-from proxy.errors import Busy, ObjectExists, ProxyError, StorageError, TooLarge
+from proxy.errors import (
+    Busy,
+    ObjectExists,
+    ProxyError,
+    StorageError,
+    StorageUnavailable,
+    TooLarge,
+)
 from proxy.storage.base import PartChecksum, Pieces, Storage
 
 S = TypeVar("S")
@@ -250,8 +258,11 @@ class PartPipeline(Generic[S]):
     def _part_done(self, task: asyncio.Task[None]) -> None:
         # Also for a task cancelled before it ran (its own finally never did).
         self._tasks.pop(task).release()
+        # Retrieved for every part, not only the first to fail: a second part failing the
+        # same way is known already, and asyncio would log it as never retrieved.
+        failure = asyncio.CancelledError() if task.cancelled() else task.exception()
         if self._failure is None:
-            self._failure = asyncio.CancelledError() if task.cancelled() else task.exception()
+            self._failure = failure
 
     def check(self) -> None:
         """Raise the first part failure, in the caller's task, where it ends the body."""
@@ -295,10 +306,25 @@ class PartPipeline(Generic[S]):
         self, number: int, views: list[memoryview], checksum: PartChecksum | None
     ) -> str:
         t = self._target
-        async with asyncio.timeout(self._settings.part_timeout_s):
+        async with self._bounded("an UploadPart"):
             return await self._storage.upload_part(
                 t.key, self.multipart_id, number, Pieces.of(views), checksum
             )
+
+    @contextlib.asynccontextmanager
+    async def _bounded(self, what: str) -> AsyncIterator[None]:
+        """One storage operation within ``part_timeout_s``; past it, the store counts as
+        unavailable (503 with Retry-After), as when its own retries run out: a bare
+        TimeoutError would be a 500."""
+        bound_s = self._settings.part_timeout_s
+        try:
+            async with asyncio.timeout(bound_s):
+                yield
+        except TimeoutError:
+            raise StorageUnavailable(
+                f"storage did not finish {what} within {bound_s:.0f}s",
+                headers={"Retry-After": "5"},
+            ) from None
 
     async def _hash(
         self,
@@ -392,7 +418,7 @@ class PartPipeline(Generic[S]):
                 await before_put()
             t = self._target
             try:
-                async with asyncio.timeout(self._settings.part_timeout_s):
+                async with self._bounded("a PutObject"):
                     etag = await self._storage.put_object(
                         t.key,
                         Pieces.of(views),

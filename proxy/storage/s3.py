@@ -209,6 +209,16 @@ async def _none() -> None:
     return None
 
 
+def _etag_of(parts: list[CompletedPart]) -> str | None:
+    """The multipart ETag S3 gives these parts, or None when a part's ETag is not a plain
+    MD5 (SeaweedFS answers UploadPartCopy with "<md5>-<n>"): then a lost Complete answer
+    cannot be recognised by its ETag, and is not guessed at."""
+    try:
+        return multipart_etag(parts)
+    except ValueError:
+        return None
+
+
 def _server_time(response: dict[str, Any]) -> datetime | None:
     """The store's clock from an answer's ``Date`` header (RFC 9110 IMF-fixdate)."""
     date = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
@@ -541,8 +551,8 @@ class S3Storage:
                     **extra,
                 ),
                 recover=lambda: (
-                    self._stored_as(key, size_bytes, etag=multipart_etag(parts))
-                    if size_bytes is not None
+                    self._stored_as(key, size_bytes, etag=etag)
+                    if size_bytes is not None and (etag := _etag_of(parts)) is not None
                     else _none()
                 ),
             )

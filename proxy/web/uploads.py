@@ -288,6 +288,8 @@ async def _stream_one(
         error = Cancelled("upload cancelled")
         raise
     except Exception as e:
+        # A bug, not a client's or the store's doing: the traceback goes to the log.
+        log.exception("upload id=%s: unexpected error", upload_id)
         error = ProxyError("internal error")
         raise error from e
     finally:
