@@ -86,6 +86,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from proxy.config import parse_size
 from proxy.storage.s3 import S3Storage
 from proxy.storage.seaweed import Credentials, EmbeddedSeaweed, free_port
+from proxy.tus.state import storage_id
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -153,7 +154,10 @@ class Bench:
     def __init__(self, args: argparse.Namespace, work: Path) -> None:
         self.args = args
         self.work = work
-        shipped = tomllib.loads((ROOT / "config.toml").read_text())["upload"]
+        shipped_all = tomllib.loads((ROOT / "config.toml").read_text())
+        shipped = shipped_all["upload"]
+        # where the daemon puts finished tus uploads (it is given no key_prefix)
+        self.tus_objects = str(shipped_all["tus"]["object_prefix"])
         self.part_bytes = parse_size(args.part_size or shipped["part_size"])
         self.parts_in_flight = int(args.parts_in_flight or shipped["parts_in_flight"])
         self.direct_in_flight = int(args.direct_in_flight or self.parts_in_flight)
@@ -326,12 +330,15 @@ class Bench:
         return self.loop.run_until_complete(all_ok())
 
     def tus_keys(self, result: dict[str, Any]) -> list[str]:
-        """The proxy stores a tus upload as <key_prefix><id>/<filename>: found by listing."""
+        """The proxy stores a tus upload as <key_prefix><object_prefix><storage id>/<filename>
+        (the storage id is derived from the secret id in the URL): found by listing."""
         assert self.s3 is not None
         keys: list[str] = []
         for url in result["urls"]:
-            upload_id = url.rstrip("/").rsplit("/", 1)[1]
-            found = self.loop.run_until_complete(self.s3.list_objects(f"{upload_id}/"))
+            upload_id = storage_id(url.rstrip("/").rsplit("/", 1)[1])
+            found = self.loop.run_until_complete(
+                self.s3.list_objects(f"{self.tus_objects}{upload_id}/")
+            )
             keys += [o.key for o in found]
         return keys
 
