@@ -107,6 +107,21 @@ class BadMetadata(BadRequest):
     code = "ERR_BAD_METADATA"
 
 
+class BadConcat(BadRequest):
+    """tus concatenation: a malformed ``Upload-Concat``, or partial uploads that cannot
+    make the final upload asked for (a partial named twice, a non-last partial below the
+    store's 5 MiB minimum part size, a final with an ``Upload-Length`` or a body)."""
+
+    code = "ERR_BAD_CONCAT"
+
+
+class PartialUnfinished(BadRequest):
+    """tus concatenation: a final upload names a partial upload that has not received
+    all its bytes yet (finish it, then create the final upload again)."""
+
+    code = "ERR_PARTIAL_UNFINISHED"
+
+
 class BadForm(BadRequest):
     code = "ERR_BAD_FORM"
 
@@ -193,6 +208,12 @@ class Forbidden(ProxyError):
     code = "ERR_FORBIDDEN"
     status = 403
     reason = "forbidden"
+
+
+class FinalNotWritable(Forbidden):
+    """tus concatenation: a PATCH to a final upload (its bytes are its partials')."""
+
+    code = "ERR_FINAL_UPLOAD"
 
 
 class BadSignature(Forbidden):

@@ -653,6 +653,32 @@ class S3Storage:
             await asyncio.shield(self.abort_multipart(key, upload_id))
             raise
 
+    async def copy_part(
+        self,
+        key: str,
+        upload_id: str,
+        number: int,
+        *,
+        source: str,
+        source_etag: str,
+        first_byte: int,
+        last_byte: int,
+    ) -> str:
+        r = await self._call(
+            "upload_part_copy",
+            functools.partial(
+                self._client.upload_part_copy,
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=upload_id,
+                PartNumber=number,
+                CopySource={"Bucket": self.bucket, "Key": source},
+                CopySourceIfMatch=source_etag,
+                CopySourceRange=f"bytes={first_byte}-{last_byte}",
+            ),
+        )
+        return str(r["CopyPartResult"]["ETag"])
+
     async def delete_object(self, key: str, *, if_match: str | None = None) -> None:
         extra = {} if if_match is None else {"IfMatch": if_match}
         try:

@@ -30,7 +30,8 @@ async def sweep_once(svc: TusService) -> int:
                 continue
             info = loaded[0]
             now = svc.store.clock()
-            finish = info.completing or info.reached_length
+            # A partial with every byte waits for its final (or its expiry).
+            finish = (info.completing or info.reached_length) and not info.concat
             if info.leased(now) or not (finish or info.expired(now)):
                 continue
             lease = await svc.store.acquire(upload_id, by=None, allow_expired=True)

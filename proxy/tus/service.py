@@ -45,6 +45,7 @@ from proxy.errors import (
 from proxy.keys import full_key, safe_filename
 from proxy.naming import KeyTemplate
 from proxy.tus.completion import EMPTY_SHA256, Completer, completing, hook_upload
+from proxy.tus.concat import ConcatService
 from proxy.tus.hash import resume_sha256
 from proxy.tus.patch import PatchResult, PatchTarget, PatchWriter
 from proxy.tus.state import (
@@ -84,6 +85,11 @@ class NewUpload:
     principal: Principal  # the creator: the only one who may touch the upload again
     quota: str  # whose cap on unfinished uploads it counts against (quota_of)
     sha256: str | None = None  # hex, declared in Upload-Metadata: an instant upload may do
+    # tus concatenation: "partial", and where its bytes go (proxy.tus.concat.Placement).
+    concat: str = ""
+    multipart_id: str = ""
+    group: str = ""
+    part_base: int = 0
 
 
 def quota_of(principal: Principal, client_ip: str) -> str:
@@ -104,6 +110,7 @@ class TusService:
         self.engine = engine
         self.store = store
         self.completer = Completer(config, store.storage, store, engine.events, engine.hooks)
+        self.concat = ConcatService(config, engine, store, self.completer, self.object_key)
 
     @property
     def storage(self) -> TusStorage:
@@ -152,8 +159,8 @@ class TusService:
         self, new: NewUpload, *, leased: bool, client: str = "-"
     ) -> tuple[UploadInfo, Lease | None]:
         now = self.store.clock()
-        info = self._info(new, "", now)
-        if new.length == 0:
+        info = self._info(new, new.multipart_id, now)
+        if new.length == 0 and not new.concat:
             # Complete on arrival: the object, and no state at all.
             await self.completer.put_empty(new.key, new.content_type, new.object_metadata)
             await self.completer.record_finish(replace(info, sha256_hex=EMPTY_SHA256))
@@ -179,7 +186,8 @@ class TusService:
             if (marker := self.store.marker_key(info)) is not None:
                 await shielded(self.storage.delete_object(marker), "tus unreserve")
             raise
-        self.engine.events.created()
+        if not new.concat:  # a partial is no upload of its own: the final is reported
+            self.engine.events.created()
         return info, lease
 
     async def create_copied(
@@ -230,6 +238,9 @@ class TusService:
             created_s=now,
             principal=str(new.principal),
             quota=new.quota,
+            concat=new.concat,
+            group=new.group,
+            part_base=new.part_base,
         )
 
     # -- write -------------------------------------------------------------------------
@@ -258,6 +269,7 @@ class TusService:
             segment_key=lambda offset: self.store.segment_key(info.id, offset),
             content_type=info.content_type,
             metadata=info.object_metadata,
+            part_base=info.part_base,
         )
         buffers = self.engine.buffers_for(client_ip)
         with self.engine.events.transfer(info.id, info.key) as live:
@@ -342,7 +354,7 @@ class TusService:
                 self.engine.events.rejected(mismatch)
                 raise mismatch
             final = info.length is not None and info.offset + writer.received_bytes == info.length
-            if final:
+            if final and not info.concat:
                 await self._pre_finish(lease, info, writer, keeper, client)
             try:
                 result = await writer.commit(final=final)
@@ -354,7 +366,8 @@ class TusService:
             finally:
                 await keeper.stop()
             new_info = self._apply(info, result)
-            if final:
+            if final and not info.concat:
+                # A partial that has every byte stays as it is, for a final to take.
                 return await self.completer.finish(lease, new_info, result, client)
             committed = await lease.release(new_info)
             await self.delete_quietly(result.obsolete)
@@ -403,7 +416,7 @@ class TusService:
         final = info.length is not None and info.offset + writer.received_bytes == info.length
         result = await writer.salvage(keep_tail=keep_tail, final=final)
         kept = self._apply(info, result)
-        if kept.reached_length and not kept.pending:
+        if kept.reached_length and not kept.pending and not info.concat:
             log.info("tus patch id=%s: the PATCH failed after its last byte", info.id)
             return await lease.save(completing(kept, result.sha256))
         committed = await lease.release(kept)
@@ -434,12 +447,15 @@ class TusService:
         """Abort the upload's parts and delete its state: the upload ends with ``why``
         (by default: its client terminated it)."""
         info = lease.info
-        if info.multipart_id:
+        if info.group:
+            await self.concat.leave(info)  # the multipart upload is shared
+        elif info.multipart_id:
             await self.engine.storage.abort_multipart(info.key, info.multipart_id)
         await self.store.delete_all(info)
         await lease.drop()
         error = why or Terminated("the upload was terminated by its client")
-        self.completer.report(info, error=error, client=client)
+        if not info.concat:  # partials are not reported as uploads (see proxy.tus.concat)
+            self.completer.report(info, error=error, client=client)
 
     # -- helpers ---------------------------------------------------------------------------
 
