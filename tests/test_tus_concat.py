@@ -71,7 +71,8 @@ async def test_parallel_uploads_aligned_make_one_object_without_a_copy(
     size = 256 * MiB + 12_345  # the last slice is not a part-size multiple: it is last
     path = data_path(tmp_path, size, seed=7)
     before = await s3_ops(proxy.url)
-    result = await run_node(node_parallel, f"{proxy.url}/files/", str(path), "4", str(PART), "f.bin")
+    endpoint = f"{proxy.url}/files/"
+    result = await run_node(node_parallel, endpoint, str(path), "4", str(PART), "f.bin")
     after = await s3_ops(proxy.url)
     data = path.read_bytes()
     key = final_key(prefix, result["url"])

@@ -319,6 +319,10 @@ class ConcatService:
         it was completed to) and the group's state."""
         await self._leave(info.group, (info.id,))
 
+    async def abandon(self, gid: str, upload_id: str) -> None:
+        """A partial placed in a group whose creation then failed."""
+        await self._leave(gid, (upload_id,))
+
     async def _leave(self, gid: str, ids: tuple[str, ...]) -> None:
         storage = self.store.storage
         for _ in range(5):
@@ -423,7 +427,7 @@ class ConcatService:
                 parts=(Part(etag, total),),
                 created_s=min(i.created_s for i in infos),
             )
-            sha256 = await self._sha256(infos, final.key, etag, total)
+            sha256 = await continue_sha256(self.engine.storage, infos[0], final.key, etag, total)
             if total:
                 await label(
                     self.engine.storage,
@@ -593,27 +597,6 @@ class ConcatService:
             await asyncio.shield(storage.abort_multipart(final.key, mpu))
             raise
 
-    async def _sha256(self, infos: list[UploadInfo], key: str, etag: str, total: int) -> str:
-        """The first partial's saved SHA-256 state, continued over a ranged read of the
-        rest of the final object (bounded chunks); the whole object if that state is lost."""
-        if not total:
-            return EMPTY_SHA256
-        first = infos[0]
-        h = resume_sha256(first.sha256_state, first.offset)
-        start = first.offset
-        if h.digest() is None:
-            h, start = new_sha256(), 0
-        if start < total:
-            storage = self.engine.storage
-            assert isinstance(storage, ObjectReader)
-            async for chunk in storage.read_range(
-                key, first_byte=start, last_byte=total - 1, etag=etag, chunk_bytes=READ_CHUNK_BYTES
-            ):
-                await off_loop(functools.partial(h.update, chunk), len(chunk), in_thread=True)
-        digest = h.digest()
-        assert digest is not None
-        return digest.hex()
-
     async def _consume(
         self, leases: list[Lease], infos: list[UploadInfo], aligned: Group | None
     ) -> None:
@@ -632,3 +615,26 @@ class ConcatService:
             return
         for gid, ids in groups.items():
             await self._leave(gid, tuple(ids))
+
+
+async def continue_sha256(
+    storage: object, first: UploadInfo, key: str, etag: str, total: int
+) -> str:
+    """The SHA-256 of the final object ``key`` (``etag``, ``total`` bytes): the first
+    partial's saved state, continued over a ranged read of the rest (1 MiB chunks,
+    hashed in a worker thread: bounded memory); the whole object if that state is lost."""
+    if not total:
+        return EMPTY_SHA256
+    h = resume_sha256(first.sha256_state, first.offset)
+    start = first.offset
+    if h.digest() is None:
+        h, start = new_sha256(), 0
+    if start < total:
+        assert isinstance(storage, ObjectReader)
+        async for chunk in storage.read_range(
+            key, first_byte=start, last_byte=total - 1, etag=etag, chunk_bytes=READ_CHUNK_BYTES
+        ):
+            await off_loop(functools.partial(h.update, chunk), len(chunk), in_thread=True)
+    digest = h.digest()
+    assert digest is not None
+    return digest.hex()

@@ -225,6 +225,10 @@ class TusService:
         self.completer.report(info, sha256=copied.sha256, client=client)
         return replace(info, completing=True, sha256_hex=copied.sha256)
 
+    def info_of(self, new: NewUpload) -> UploadInfo:
+        """What ``new`` would be as an upload created now (a concat final's starting point)."""
+        return self._info(new, new.multipart_id, self.store.clock())
+
     def _info(self, new: NewUpload, mpu: str, now: float) -> UploadInfo:
         return UploadInfo(
             id=new.id,

@@ -50,7 +50,7 @@ from proxy.tus import concat, finished
 from proxy.tus.completion import hook_upload
 from proxy.tus.finished import OWNER_METADATA
 from proxy.tus.service import Checksum, NewUpload, TusService, quota_of
-from proxy.tus.state import UploadInfo, new_id, release_quietly, storage_id, valid_id
+from proxy.tus.state import Lease, UploadInfo, new_id, release_quietly, storage_id, valid_id
 from proxy.web import page
 from proxy.web.errors import LOG_PATH
 from proxy.web.hookreq import hook_request
@@ -357,24 +357,9 @@ async def create(request: web.Request) -> web.StreamResponse:
             )
     svc.engine.hooks.notify("post-create", hook_upload(info), _hook_request(request, info.id))
     if lease is not None:
-        streaming(request)  # the upload exists: its outcome is reported as an upload's
-        try:
-            with request.app[UPLOADS].slots.hold(client_ip):
-                info = await _indexed(
-                    request,
-                    await svc.write(
-                        lease,
-                        _chunks(request),
-                        declared_bytes=declared,
-                        checksum=checksum,
-                        client_ip=client_ip,
-                    ),
-                )
-        except BaseException as e:
-            # Without our answer the client never learns the URL: nothing can resume it.
-            why = e if isinstance(e, ProxyError) else Cancelled("the creation was cancelled")
-            await _terminate_quietly(svc, info.id, why, client_ip)
-            raise
+        info = await _indexed(
+            request, await _write_created(request, svc, lease, declared, checksum, client_ip)
+        )
     location = request.app[TUS].config.base_path + new.url_id
     headers = {"Location": location, **_upload_headers(info)}
     if not with_body and instant is None:
@@ -419,23 +404,10 @@ async def _create_partial(
         info, lease = await svc.create(new, leased=with_body and new.length != 0, client=client_ip)
     except BaseException:
         if new.group:
-            await svc.concat.leave(svc._info(new, new.multipart_id, 0.0))
+            await svc.concat.abandon(new.group, new.id)
         raise
     if lease is not None:
-        streaming(request)
-        try:
-            with request.app[UPLOADS].slots.hold(client_ip):
-                info = await svc.write(
-                    lease,
-                    _chunks(request),
-                    declared_bytes=declared,
-                    checksum=checksum,
-                    client_ip=client_ip,
-                )
-        except BaseException as e:
-            why = e if isinstance(e, ProxyError) else Cancelled("the creation was cancelled")
-            await _terminate_quietly(svc, info.id, why, client_ip)
-            raise
+        info = await _write_created(request, svc, lease, declared, checksum, client_ip)
     headers = {"Location": request.app[TUS].config.base_path + new.url_id}
     if with_body:
         headers.update(_upload_headers(info))
@@ -457,7 +429,7 @@ async def _create_final(
     new = await _pre_create(request, svc, new)
     async with page.file_place(request, grant, new):
         url_id, info = await svc.concat.finalize(
-            cat, svc._info(new, "", svc.store.clock()), new.url_id, by=grant.principal,
+            cat, svc.info_of(new), new.url_id, by=grant.principal,
             client=client_ip,
         )  # fmt: skip
     info = await _indexed(request, info)
@@ -467,6 +439,32 @@ async def _create_final(
         "Upload-Length": str(info.offset),
     }
     return web.Response(status=201, headers=headers)
+
+
+async def _write_created(
+    request: web.Request,
+    svc: TusService,
+    lease: Lease,
+    declared: int | None,
+    checksum: Checksum | None,
+    client_ip: str,
+) -> UploadInfo:
+    """The body of a creation-with-upload, written to the new upload."""
+    streaming(request)  # the upload exists: its outcome is reported as an upload's
+    try:
+        with request.app[UPLOADS].slots.hold(client_ip):
+            return await svc.write(
+                lease,
+                _chunks(request),
+                declared_bytes=declared,
+                checksum=checksum,
+                client_ip=client_ip,
+            )
+    except BaseException as e:
+        # Without our answer the client never learns the URL: nothing can resume it.
+        why = e if isinstance(e, ProxyError) else Cancelled("the creation was cancelled")
+        await _terminate_quietly(svc, lease.info.id, why, client_ip)
+        raise
 
 
 def _hook_request(request: web.Request, upload_id: str) -> HookRequest:
