@@ -70,7 +70,9 @@ class Link:
 
     async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
         queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
-        room = asyncio.Semaphore(max(1, self.window // READ_BYTES))
+        # What is in the pipe: a window's worth, and never less than a few reads (the
+        # pacing, not the window, is what caps the rate).
+        room = asyncio.Semaphore(max(4, math.ceil(self.window / READ_BYTES)))
 
         async def deliver() -> None:
             while True:

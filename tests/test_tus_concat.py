@@ -14,10 +14,23 @@ from typing import Any
 
 import aiohttp
 import pytest
-from tus_helpers import OCTET, TUS, create, only_objects, patch, sid, tus_sections
+from tus_helpers import (
+    OCTET,
+    TUS,
+    create,
+    only_objects,
+    patch,
+    service_for,
+    sid,
+    store_for,
+    tus_sections,
+)
 
 from proxy.auth import hash_token
 from proxy.tus.concat import final_url_id
+from proxy.tus.maintenance import sweep_once
+from proxy.tus.state import TusStore
+from proxy.web.tus import TUS as TUS_ROUTES
 
 from conftest import MiB, StartProxy, assert_nothing_left, data_path, get_object
 from obs_helpers import scrape, value
@@ -226,3 +239,40 @@ async def test_delete_partials_leaves_nothing(
             assert r.status == 404
     assert await s3.list_multipart(prefix) == []
     await assert_nothing_left(s3, prefix)
+
+
+async def test_partials_expire_and_a_live_group_is_not_swept(
+    start_proxy: StartProxy, s3: Any, prefix: str, http: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy(**tus_sections(prefix))
+    urls = [await partial(http, proxy.url, os.urandom(PART)) for _ in range(2)]
+    urls.append(await create(http, proxy.url, PART, **PARTIAL))
+    [mpu] = await s3.list_multipart(prefix)
+    # Its key names the group, no upload: only the group's state claims it for the
+    # stale-multipart sweeper (as the daemon's `live` check asks both).
+    svc = proxy.app[TUS_ROUTES].service
+    assert not await svc.store.owns_multipart(mpu.key, mpu.upload_id)
+    assert await svc.concat.owns_multipart(mpu.key, mpu.upload_id)
+    # Every partial expires (the tus sweeper of an instance whose clock is past them).
+    infos = [(await store_for(s3, prefix).load(sid(u))) for u in urls]
+    later = max(i[0].expires_s for i in infos if i is not None) + 1
+    store = TusStore(s3, f"{prefix}.tus/", 30, clock=lambda: later)
+    assert await sweep_once(service_for(proxy, store)) == 3
+    assert await s3.list_multipart(prefix) == []
+    await assert_nothing_left(s3, prefix)
+    # Partials are no uploads of their own: nothing was reported for them.
+    m = await scrape(proxy.url)
+    assert value(m, "proxy_uploads_started_total") in (None, 0.0)
+
+
+async def test_upload_links_take_no_partials(
+    start_proxy: StartProxy, prefix: str, http: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy(**tus_sections(prefix))
+    async with http.options(f"{proxy.url}/files/") as r:
+        assert "concatenation" in r.headers["Tus-Extension"]
+    async with http.post(
+        f"{proxy.url}/files/", headers={**TUS, "Upload-Concat": "final;/elsewhere/x"}
+    ) as r:
+        assert r.status == 400
+        assert (await r.json())["code"] == "ERR_BAD_CONCAT"

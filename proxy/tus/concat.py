@@ -482,11 +482,12 @@ class ConcatService:
                 raise StorageError(f"the store no longer holds part {number} as it was received")
 
     async def _complete_group(
-        self, key: str, mpu: str, parts: list[tuple[int, Part]], total: int
+        self, key: str, mpu: str, parts: list[tuple[int, Part]], total: int, final_id: str = ""
     ) -> str:
         """One CompleteMultipartUpload of ``parts`` (numbers ascending); after an attempt
-        whose answer was lost, the object there is ours if it has our size and the ETag
-        our parts make."""
+        whose answer was lost (or a crash after it), the object there is ours if it has
+        our size and the ETag our parts make, or (``final_id``) it was labelled as that
+        final already (only this code writes a tus id under the tus prefix)."""
         storage = self.engine.storage
         completed = [CompletedPart(n, p.etag) for n, p in parts]
         try:
@@ -499,6 +500,8 @@ class ConcatService:
             if obj is not None and obj.size == total:
                 if obj.etag.strip('"') == multipart_etag(completed):
                     return obj.etag
+                if final_id and obj.metadata.get("tus-id") == final_id:
+                    return obj.etag
             raise
 
     async def _complete_aligned(self, group: Group, infos: list[UploadInfo], total: int) -> str:
@@ -507,7 +510,7 @@ class ConcatService:
             for info in infos
             for n, part in enumerate(info.parts, start=1)
         ]
-        return await self._complete_group(group.key, group.multipart_id, parts, total)
+        return await self._complete_group(group.key, group.multipart_id, parts, total, group.id)
 
     async def _sources(self, infos: list[UploadInfo]) -> list[tuple[str, str, int, int]]:
         """Each partial as (object key, etag, first byte, length) of a stored object."""

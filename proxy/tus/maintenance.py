@@ -38,7 +38,7 @@ async def sweep_once(svc: TusService) -> int:
             try:
                 if lease.info.completing:
                     await svc.completer.complete_leased(lease, lease.info)
-                elif lease.info.reached_length:
+                elif lease.info.reached_length and not lease.info.concat:
                     # Every byte is durable but completion was never decided (a final
                     # PATCH that failed after setting a deferred length, or state from
                     # an older version): clients see offset == length and stop, so

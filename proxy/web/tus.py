@@ -323,6 +323,10 @@ async def create(request: web.Request) -> web.StreamResponse:
     cat = concat.parse_header(request.headers.get(concat.HEADER), request.app[TUS].config.base_path)
     if cat is not None and not svc.concat.supported:
         raise BadHeader("this server's store cannot concatenate uploads")
+    if cat is not None and grant.link is not None:
+        # A link's caps (file size, file count) are per file: the final's size is known
+        # only from its partials, after they were taken.  Links upload files whole.
+        raise BadConcat("upload links do not take parallel (concatenated) uploads")
     if cat is not None and cat.kind == concat.FINAL:
         return await _create_final(request, grant, cat)
     if cat is not None and length is None:
