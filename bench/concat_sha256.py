@@ -30,6 +30,7 @@ from proxy.tus.concat import continue_sha256
 from proxy.tus.hash import new_sha256
 from proxy.tus.state import UploadInfo
 
+BUCKET = "concat-bench"
 MiB = 1024 * 1024
 PART = 8 * MiB
 
@@ -43,19 +44,20 @@ async def main(size_mib: int) -> None:
     size = size_mib * MiB
     with tempfile.TemporaryDirectory() as work:
         creds = Credentials("bench", "benchsecret0123456789")
-        sw = EmbeddedSeaweed(Path(work), bucket="b", credentials=creds)
+        sw = EmbeddedSeaweed(Path(work), bucket=BUCKET, credentials=creds)
         await sw.start(90)
         try:
             async with S3Storage(
-                bucket="b", endpoint_url=sw.endpoint_url,
+                bucket=BUCKET, endpoint_url=sw.endpoint_url,
                 access_key=creds.access_key, secret_key=creds.secret_key,
             ) as s3:  # fmt: skip
-                while True:
-                    try:
-                        await s3.create_bucket()
-                        break
-                    except Exception:
-                        await asyncio.sleep(0.2)
+                async with asyncio.timeout(60):
+                    while True:  # a fresh store takes a moment to serve requests
+                        try:
+                            await s3.create_bucket()
+                            break
+                        except Exception:
+                            await asyncio.sleep(0.2)
                 data = os.urandom(size)
                 mpu = await s3.create_multipart("obj", metadata={}, content_type="x/y")
                 parts = []
