@@ -53,10 +53,19 @@ part numbers, so the final is a single ``CompleteMultipartUpload``:
   leaves its group; the last one out aborts the group's multipart upload.
 
 Limits: groups live in one instance's memory (partials of one file spread over several
-instances without sticky sessions take the copy path); the final's assembly holds the
-partials' leases and does not renew them, so a final whose read-back outlasts
-``tus.lock_lease_s`` may race a concurrent retry of the same final (both build the same
-object; create-only completion lets one win).
+instances without sticky sessions take the copy path); the ranking is the order in which
+creations reach the handler, so creations that overtake each other on the way (they are
+sent at the same instant on separate connections) also take the copy path; two files
+uploaded in parallel by one principal at the same moment with the same partial metadata
+share a group and both take the copy path (the second final possibly after a 423).  The
+final's assembly holds the partials' leases and does not renew them, so a final whose
+read-back outlasts ``tus.lock_lease_s`` may race a concurrent retry of the same final
+(both build the same object; create-only completion lets one win).  An aligned final's
+key is fixed when its group is made (a pre-create hook's or key template's name applies
+to a copied final only); no pre-finish hook runs for a final; upload links refuse
+concatenation (their per-file caps would be checked before the size is known).  A crash
+between an aligned final's completion and its labelling leaves the object without its
+``sha256`` until the client retries the final (the partials' state is still there).
 """
 
 from __future__ import annotations
