@@ -276,3 +276,35 @@ async def test_upload_links_take_no_partials(
     ) as r:
         assert r.status == 400
         assert (await r.json())["code"] == "ERR_BAD_CONCAT"
+
+
+async def test_two_files_in_one_group_wait_for_each_other_then_copy(
+    start_proxy: StartProxy, s3: Any, prefix: str, http: aiohttp.ClientSession
+) -> None:
+    """Partials of two files created at the same moment share a group; the first final
+    cannot complete the shared multipart upload while the other file's partial still
+    needs it (423), then both finals are copied from the group completed whole."""
+    proxy = await start_proxy(**tus_sections(prefix))
+    a1, a2, b1 = os.urandom(PART), os.urandom(PART + 5), os.urandom(2 * PART)
+    ua1 = await partial(http, proxy.url, a1)
+    ub1 = await create(http, proxy.url, len(b1), **PARTIAL)  # file B's, in between
+    ua2 = await partial(http, proxy.url, a2)
+    assert len(await s3.list_multipart(prefix)) == 1  # one group for all three
+    async with http.post(
+        f"{proxy.url}/files/", headers={**TUS, "Upload-Concat": f"final;{ua1} {ua2}"}
+    ) as r:
+        assert r.status == 423
+        assert (await r.json())["code"] == "ERR_LOCKED"
+    assert (await patch(http, ub1, 0, b1)).status == 204
+    ra = await final(http, proxy.url, [ua1, ua2])
+    assert ra.status == 201
+    rb = await final(http, proxy.url, [ub1])
+    assert rb.status == 201
+    for r, want in ((ra, a1 + a2), (rb, b1)):
+        body, meta = await get_object(s3, final_key(prefix, proxy.url + r.headers["Location"]))
+        assert body == want
+        assert meta["sha256"] == hashlib.sha256(want).hexdigest()
+    # The group's whole object (the copies' source) went with its last member.
+    await assert_nothing_left(s3, prefix + ".tus/")
+    assert await s3.list_multipart(prefix) == []
+    assert len(await s3.list_objects(prefix)) == 2
