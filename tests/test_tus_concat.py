@@ -27,6 +27,7 @@ from tus_helpers import (
 )
 
 from proxy.auth import hash_token
+from proxy.storage.base import CompletedPart
 from proxy.tus.concat import final_url_id
 from proxy.tus.maintenance import sweep_once
 from proxy.tus.state import TusStore
@@ -308,3 +309,26 @@ async def test_two_files_in_one_group_wait_for_each_other_then_copy(
     await assert_nothing_left(s3, prefix + ".tus/")
     assert await s3.list_multipart(prefix) == []
     assert len(await s3.list_objects(prefix)) == 2
+
+
+async def test_a_final_completed_before_a_crash_is_finished_by_its_retry(
+    start_proxy: StartProxy, s3: Any, prefix: str, http: aiohttp.ClientSession
+) -> None:
+    """The daemon died right after the aligned final's CompleteMultipartUpload (the
+    partials' state is still there): the client's retry of the final recognises the
+    object as the one those parts make and finishes it (sha256, state gone)."""
+    proxy = await start_proxy(**tus_sections(prefix))
+    one, two = os.urandom(PART), os.urandom(100)
+    urls = [await partial(http, proxy.url, d) for d in (one, two)]
+    store = store_for(s3, prefix)
+    infos = [got[0] for u in urls if (got := await store.load(sid(u))) is not None]
+    parts = [
+        CompletedPart(i.part_base + n, p.etag) for i in infos for n, p in enumerate(i.parts, 1)
+    ]
+    await s3.complete_multipart(infos[0].key, infos[0].multipart_id, parts, if_none_match=True)
+    r = await final(http, proxy.url, urls)
+    assert r.status == 201
+    body, meta = await get_object(s3, final_key(prefix, proxy.url + r.headers["Location"]))
+    assert body == one + two
+    assert meta["sha256"] == hashlib.sha256(one + two).hexdigest()
+    await assert_nothing_left(s3, prefix + ".tus/")
