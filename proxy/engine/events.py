@@ -25,11 +25,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from proxy.engine.pipeline import StreamObserver
 from proxy.errors import ProxyError, Terminated
 from proxy.hooks.dispatch import Hooks
 from proxy.hooks.payload import HookUpload, Reason
 from proxy.obs.metrics import Metrics
+from proxy.obs.observer import StreamObserver
 
 log = logging.getLogger(__name__)
 

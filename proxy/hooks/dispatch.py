@@ -26,7 +26,6 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from proxy.config import HOOK_EVENTS, HooksConfig
-from proxy.engine.pipeline import StreamObserver
 from proxy.errors import HookRejected, HookUnavailable, ProxyError
 from proxy.hooks.outbox import Outbox
 from proxy.hooks.payload import (
@@ -41,6 +40,7 @@ from proxy.hooks.payload import (
     new_event_id,
 )
 from proxy.hooks.transports import ExecTransport, HookFailed, HttpTransport, Transport
+from proxy.obs.observer import StreamObserver
 
 log = logging.getLogger(__name__)
 
