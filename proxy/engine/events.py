@@ -20,7 +20,6 @@ feeds the metrics and the status counters: so ``proxy_uploads_failed_total`` /
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -181,7 +180,3 @@ def auth_of(principal: str) -> str:
     (``anonymous``, ``token:<ref>``, ``signed:<ref>``), as a plain upload logs it."""
     kind = principal.split(":", 1)[0]
     return "none" if kind == "anonymous" else kind
-
-
-def seconds_since(start: float, clock: float | None = None) -> float:
-    return (time.monotonic() if clock is None else clock) - start

@@ -44,7 +44,6 @@ from proxy.obs.observer import StreamObserver
 
 log = logging.getLogger(__name__)
 
-BLOCKING = frozenset({"pre-create", "pre-finish"})
 NOTIFY_ATTEMPTS = 5
 MAX_BACKGROUND = 1000  # notifications in flight; beyond, new ones are dropped (counted)
 
