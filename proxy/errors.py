@@ -66,6 +66,8 @@ class ProxyError(Exception):
         **kwargs: object,
     ) -> None:
         super().__init_subclass__(**kwargs)
+        if code is None and isinstance(cls.__dict__.get("code"), str):
+            code = cls.__dict__["code"]  # assigned in the class body: held to the same rules
         if code is not None and code in _DECLARED:
             raise TypeError(f"{cls.__name__}: {code} is declared by {_DECLARED[code]} already")
         if (reason or cls.reason) not in REASONS:

@@ -45,6 +45,11 @@ def test_a_second_class_for_a_code_or_an_unlisted_reason_fails_at_declaration() 
         class Odd(ProxyError, code="ERR_TEST_ODD", reason="odd"):
             pass
 
+    with pytest.raises(TypeError, match="ERR_GONE is declared by Gone"):
+
+        class AlsoGone(ProxyError):
+            code = "ERR_GONE"
+
     class Fine(errors.Busy):  # inherits code, status and reason: declares nothing new
         pass
 
