@@ -25,12 +25,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from proxy.engine.buffers import Buffers
-from proxy.engine.pipeline import (
-    PartPipeline,
-    PartTarget,
-    StreamObserver,
-    StreamSettings,
-)
+from proxy.engine.pipeline import PartPipeline, PartTarget, StreamSettings
 from proxy.errors import (
     ChecksumMismatch,
     ConditionFailed,
@@ -38,6 +33,7 @@ from proxy.errors import (
     ProxyError,
     StorageError,
 )
+from proxy.obs.observer import StreamObserver
 from proxy.storage.base import CompletedPart, ObjectInfo, Storage
 
 log = logging.getLogger(__name__)
