@@ -431,11 +431,10 @@ async def _create_final(
     header = request.headers.get("Upload-Metadata", "")
     new = new_upload(svc, header, None, grant.principal, quota, grant.prefix or "")
     new = await _pre_create(request, svc, new)
-    async with page.file_place(request, grant, new):
-        url_id, info = await svc.concat.finalize(
-            cat, svc.info_of(new), new.url_id, by=grant.principal,
-            client=client_ip,
-        )  # fmt: skip
+    # (Upload links, whose file places file_place takes, were refused in create.)
+    url_id, info = await svc.concat.finalize(
+        cat, svc.info_of(new), new.url_id, by=grant.principal, client=client_ip
+    )
     info = await _indexed(request, info)
     headers = {
         "Location": request.app[TUS].config.base_path + url_id,
