@@ -157,6 +157,44 @@ class WrongContentType(BadRequest):
     status = 415
 
 
+class InteropVersion(BadRequest):
+    """IETF resumable uploads: an ``Upload-Draft-Interop-Version`` we do not speak."""
+
+    code = "ERR_INTEROP_VERSION"
+
+
+# The problem types of draft-ietf-httpbis-resumable-upload (RFC 9457 members added to
+# our JSON, so one body serves a client that reads either).
+_PROBLEM_TYPES = "https://iana.org/assignments/http-problem-types#"
+
+
+class CompletedUpload(BadRequest):
+    """IETF resumable uploads: an append to an upload that is complete already."""
+
+    code = "ERR_UPLOAD_COMPLETED"
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            **super().to_json(),
+            "type": _PROBLEM_TYPES + "completed-upload",
+            "title": "upload is already completed",
+        }
+
+
+class InconsistentLength(BadRequest):
+    """IETF resumable uploads: ``Upload-Length``, ``Content-Length`` with
+    ``Upload-Complete: ?1``, or an earlier request disagree about the upload's length."""
+
+    code = "ERR_INCONSISTENT_LENGTH"
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            **super().to_json(),
+            "type": _PROBLEM_TYPES + "inconsistent-upload-length",
+            "title": "inconsistent length values for upload",
+        }
+
+
 class HeadersTooLarge(BadRequest):
     code = "ERR_HEADERS_TOO_LARGE"
     status = 431
@@ -318,6 +356,28 @@ class OffsetMismatch(ProxyError):
     reason = "conflict"
 
 
+class MismatchingOffset(OffsetMismatch):
+    """IETF resumable uploads: the 409 of a wrong ``Upload-Offset``, with the upload's
+    offset in the ``Upload-Offset`` header and the draft's problem type."""
+
+    def __init__(self, expected: int, provided: int) -> None:
+        super().__init__(
+            f"Upload-Offset {provided} does not match the upload's offset {expected}",
+            headers={"Upload-Offset": str(expected)},
+        )
+        self.expected = expected
+        self.provided = provided
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            **super().to_json(),
+            "type": _PROBLEM_TYPES + "mismatching-upload-offset",
+            "title": "offset from request does not match offset of resource",
+            "expected-offset": self.expected,
+            "provided-offset": self.provided,
+        }
+
+
 class Gone(ProxyError):
     """The resource existed but has expired."""
 
@@ -331,6 +391,15 @@ class UploadFailed(Gone):
     were aborted, its state deleted): the client has to upload the file again."""
 
     code = "ERR_UPLOAD_FAILED"
+
+
+class DigestMismatch(UploadFailed):
+    """A resumable upload whose bytes do not have the SHA-256 its client declared
+    (``Repr-Digest``): discarded at completion, nothing stored."""
+
+    code = "ERR_REPR_DIGEST_MISMATCH"
+    status = 400
+    reason = "checksum_mismatch"
 
 
 class Terminated(Gone):

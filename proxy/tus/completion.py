@@ -21,6 +21,7 @@ from proxy.engine.events import Outcome, UploadEvents, auth_of
 from proxy.engine.hashing import off_loop
 from proxy.engine.upload import delete_if_ours, label, verify_stored
 from proxy.errors import (
+    DigestMismatch,
     KeyConflict,
     ObjectExists,
     ProxyError,
@@ -205,6 +206,7 @@ class Completer:
         can be redone after an interruption (the caller holds the lease)."""
         storage = self.storage
         length = info.offset
+        _check_declared(info, info.sha256_hex)
         if not info.parts:
             if info.multipart_id:
                 await storage.abort_multipart(info.key, info.multipart_id)
@@ -214,9 +216,11 @@ class Completer:
             # Below one part size: stored whole, sha256 included, by one PutObject
             # (PatchWriter._put_whole); there is no multipart upload to complete.
             sha256 = info.sha256_hex or await self._rehash(info.key)
+            _check_declared(info, sha256)
         else:
             etag = await self._complete_multipart(info)
             sha256 = info.sha256_hex or await self._rehash(info.key)
+            _check_declared(info, sha256)
             await label(
                 storage,
                 info.key,
@@ -346,6 +350,17 @@ def _ours(info: UploadInfo, obj: ObjectInfo, parts: list[CompletedPart]) -> bool
     if not info.multipart_id and len(parts) == 1 and etag == parts[0].etag.strip('"'):
         return True
     return info.sha256_hex is not None and obj.metadata.get("sha256") == info.sha256_hex
+
+
+def _check_declared(info: UploadInfo, sha256: str | None) -> None:
+    """The client declared the upload's SHA-256 (IETF ``Repr-Digest``): bytes with another
+    one are not completed (a DigestMismatch is an UploadFailed: the upload is discarded,
+    and an object an attempt stored is deleted, see Completer._fail)."""
+    if sha256 is not None and info.repr_sha256 is not None and sha256 != info.repr_sha256:
+        raise DigestMismatch(
+            f"the upload's SHA-256 is {sha256}, not the {info.repr_sha256} its Repr-Digest "
+            "declared; it was discarded: upload the file again"
+        )
 
 
 def _key_taken(key: str, cause: ProxyError) -> UploadFailed:

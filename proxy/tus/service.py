@@ -84,6 +84,7 @@ class NewUpload:
     principal: Principal  # the creator: the only one who may touch the upload again
     quota: str  # whose cap on unfinished uploads it counts against (quota_of)
     sha256: str | None = None  # hex, declared in Upload-Metadata: an instant upload may do
+    repr_sha256: str | None = None  # hex, the client's Repr-Digest: completion checks it
 
 
 def quota_of(principal: Principal, client_ip: str) -> str:
@@ -230,6 +231,7 @@ class TusService:
             created_s=now,
             principal=str(new.principal),
             quota=new.quota,
+            repr_sha256=new.repr_sha256,
         )
 
     # -- write -------------------------------------------------------------------------
@@ -242,10 +244,13 @@ class TusService:
         declared_bytes: int | None,
         checksum: Checksum | None,
         client_ip: str | None,
+        complete_at_end: bool = False,
     ) -> UploadInfo:
         """Stream one PATCH body at the upload's offset; commit; finish when it is the last.
         Its buffers count against ``client_ip``'s share of the pool (None: the daemon's
-        own work, e.g. the sweeper finishing an upload)."""
+        own work, e.g. the sweeper finishing an upload).  ``complete_at_end``: the body
+        ends the upload whatever its length (IETF ``Upload-Complete: ?1`` with no length
+        known); a body that breaks does not."""
         info = lease.info
         room = self.max_size_bytes if info.length is None else info.length
         target = PatchTarget(
@@ -264,7 +269,7 @@ class TusService:
             observer = self.engine.hooks.progress(hook_upload(info), live)
             return await self._write(
                 lease, info, target, chunks, declared_bytes, checksum, observer, buffers,
-                client_ip or "-",
+                client_ip or "-", complete_at_end,
             )  # fmt: skip
 
     async def _write(
@@ -278,6 +283,7 @@ class TusService:
         observer: StreamObserver,
         buffers: Buffers,
         client: str,
+        complete_at_end: bool = False,
     ) -> UploadInfo:
         writer = PatchWriter(
             self.storage,
@@ -341,6 +347,9 @@ class TusService:
                 # because its body has been read.
                 self.engine.events.rejected(mismatch)
                 raise mismatch
+            if complete_at_end and info.length is None:
+                info = replace(info, length=info.offset + writer.received_bytes)
+                lease.info = replace(lease.info, length=info.length)
             final = info.length is not None and info.offset + writer.received_bytes == info.length
             if final:
                 await self._pre_finish(lease, info, writer, keeper, client)

@@ -97,6 +97,9 @@ class UploadInfo:
     principal: str = str(ANONYMOUS)
     # Whose quota the upload counts against (its marker's folder); "" for none.
     quota: str = ""
+    # The whole upload's SHA-256 (hex) as its client declared it (IETF Repr-Digest):
+    # completion discards an upload whose bytes have another one.
+    repr_sha256: str | None = None
 
     @property
     def parts_bytes(self) -> int:
