@@ -1,0 +1,381 @@
+"""IETF "Resumable Uploads for HTTP" on the tus endpoint, against the real SeaweedFS:
+interop 8 (draft -11) and 3 (Apple URLSession) over raw sockets, tus-js-client's
+``ietf-draft-05`` / ``ietf-draft-03`` modes cut mid-upload by a relay, Repr-Digest
+checked at completion, ownership, and any break points giving the same object."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sec_http import Answer, build, connect, exchange, read_answer
+from tus_helpers import only_objects, sid, tus_key, tus_sections
+
+from conftest import MiB, assert_nothing_left, data_path, get_object, until
+from proxy.auth import hash_token
+
+JS_DIR = Path(__file__).parent / "js"
+V8 = {"Upload-Draft-Interop-Version": "8"}
+PARTIAL = {**V8, "Content-Type": "application/partial-upload"}
+TOKEN_A = "alice-token-0123456789abcdef"
+TOKEN_B = "bob-token-0123456789abcdef00"
+A = {"Authorization": f"Bearer {TOKEN_A}"}
+B = {"Authorization": f"Bearer {TOKEN_B}"}
+
+
+def repr_digest(data: bytes) -> str:
+    return "sha-256=:" + base64.b64encode(hashlib.sha256(data).digest()).decode() + ":"
+
+
+async def create(port: int, headers: dict[str, str], body: bytes = b"") -> Answer:
+    r = await exchange(port, "POST", "/files/", headers, body)
+    assert r.status == 201, (r.status, r.body)
+    assert r.headers["location"].startswith("/files/")
+    return r
+
+
+async def append(
+    port: int, path: str, offset: int, data: bytes, complete: bool, **extra: str
+) -> Answer:
+    headers = {**PARTIAL, "Upload-Offset": str(offset), **extra}
+    headers["Upload-Complete"] = "?1" if complete else "?0"
+    return await exchange(port, "PATCH", path, headers, data)
+
+
+async def cut(proxy: Any, request: bytes, sent: bytes, interim: bool = False) -> str | None:
+    """Send ``request`` (headers promising more) and ``sent`` of its body, wait until the
+    daemon has taken those bytes in (its received-bytes counter), then close the
+    connection; with ``interim``, first read the 104 and return its Location.  (Bytes
+    still in the daemon's socket buffer when a connection drops are lost with it:
+    aiohttp raises the disconnect before handing them over.)"""
+    stats = proxy.uploads.events.stats
+    before = stats.received_bytes
+    reader, writer = await connect(proxy.port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        location = None
+        if interim:
+            answer = await read_answer(reader)
+            assert answer.status == 104, answer.head
+            location = answer.headers["location"]
+        writer.write(sent)
+        await writer.drain()
+
+        async def taken() -> bool:
+            return bool(stats.received_bytes >= before + len(sent))
+
+        await until(taken, f"the daemon received {len(sent)} body bytes")
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    return location
+
+
+async def offset_becomes(port: int, path: str, expected: int, headers: dict[str, str]) -> Answer:
+    """HEAD until the cut request's bytes are committed (it releases the upload)."""
+    last: list[Answer] = []
+
+    async def check() -> bool:
+        last[:] = [await exchange(port, "HEAD", path, headers)]
+        return last[0].status == 204 and last[0].headers["upload-offset"] == str(expected)
+
+    await until(check, f"HEAD {path} says Upload-Offset {expected}")
+    return last[0]
+
+
+async def test_interop8_create_cut_head_append_complete(start_proxy, s3, prefix) -> None:
+    proxy = await start_proxy(**tus_sections(prefix))
+    data = os.urandom(7 * MiB + 321)  # a whole part and a tail when cut
+    name = "report 2026.pdf"
+    r = await create(
+        proxy.port,
+        {
+            **V8,
+            "Upload-Complete": "?0",
+            "Upload-Length": str(len(data)),
+            "Content-Disposition": f'inline; filename="{name}"',
+        },
+    )
+    path = r.headers["location"]
+    assert r.headers["upload-complete"] == "?0" and r.headers["upload-offset"] == "0"
+    assert r.headers["upload-limit"].startswith("max-size=")
+    assert "max-age=" in r.headers["upload-limit"]
+    # An append of everything, cut after 6 MiB + 5 bytes: they are kept.
+    kept = 6 * MiB + 5
+    head = build("PATCH", path, {**PARTIAL, "Upload-Offset": "0", "Upload-Complete": "?1",
+                                 "Content-Length": str(len(data))})  # fmt: skip
+    await cut(proxy, head, data[:kept])
+    h = await offset_becomes(proxy.port, path, kept, V8)
+    assert h.headers["upload-complete"] == "?0"
+    assert h.headers["upload-length"] == str(len(data))
+    assert h.headers["cache-control"] == "no-store"
+    # A wrong offset: 409 with the right one and the draft's problem type.
+    wrong = await append(proxy.port, path, 0, data[:10], complete=False)
+    assert wrong.status == 409 and wrong.headers["upload-offset"] == str(kept)
+    problem = wrong.json()
+    assert problem["code"] == "ERR_OFFSET_MISMATCH"
+    assert problem["type"].endswith("#mismatching-upload-offset")
+    assert (problem["expected-offset"], problem["provided-offset"]) == (kept, 0)
+    # The rest, completing, with the whole upload's Repr-Digest.
+    done = await append(
+        proxy.port, path, kept, data[kept:], complete=True, **{"Repr-Digest": repr_digest(data)}
+    )
+    assert done.status == 200, done.body
+    assert done.headers["upload-complete"] == "?1"
+    assert done.headers["repr-digest"] == repr_digest(data)
+    assert done.json()["sha256"] == hashlib.sha256(data).hexdigest()
+    body, meta = await get_object(s3, tus_key(prefix, path, name))
+    assert body == data and meta["sha256"] == hashlib.sha256(data).hexdigest()
+    # Its URL still answers: complete, with the digest.
+    h = await exchange(proxy.port, "HEAD", path, V8)
+    assert (h.status, h.headers["upload-complete"]) == (204, "?1")
+    assert h.headers["upload-offset"] == str(len(data))
+    assert h.headers["repr-digest"] == repr_digest(data)
+    # An empty completing append after that (a client that lost the answer) is answered
+    # as the completion was; one with bytes is refused with the draft's problem type.
+    again = await append(proxy.port, path, len(data), b"", complete=True)
+    assert again.status == 200 and again.headers["repr-digest"] == repr_digest(data)
+    more = await append(proxy.port, path, len(data), b"x", complete=True)
+    assert more.status == 400 and more.json()["type"].endswith("#completed-upload")
+
+
+@pytest.mark.parametrize("size", [1000, 6 * MiB + 7])  # one PutObject / a multipart upload
+@pytest.mark.parametrize("where", ["creation", "append"])
+async def test_wrong_repr_digest_fails_and_stores_nothing(
+    start_proxy, s3, prefix, size, where
+) -> None:
+    proxy = await start_proxy(**tus_sections(prefix))
+    data = os.urandom(size)
+    wrong = repr_digest(data + b"!")
+    create_headers = {**V8, "Upload-Complete": "?0", "Upload-Length": str(size)}
+    if where == "creation":
+        create_headers["Repr-Digest"] = wrong
+    r = await create(proxy.port, create_headers)
+    path = r.headers["location"]
+    extra = {"Repr-Digest": wrong} if where == "append" else {}
+    half = size // 2
+    assert (await append(proxy.port, path, 0, data[:half], complete=False)).status == 204
+    # Precondition of the absence below: the upload's state exists until completion.
+    assert await s3.list_objects(prefix) != []
+    done = await append(proxy.port, path, half, data[half:], complete=True, **extra)
+    assert done.status == 400, done.body
+    assert done.json()["code"] == "ERR_REPR_DIGEST_MISMATCH"
+    await assert_nothing_left(s3, prefix)
+    assert (await exchange(proxy.port, "HEAD", path, V8)).status == 404
+
+
+async def test_creation_with_whole_body_and_digest(start_proxy, s3, prefix) -> None:
+    """A plain POST that carries Upload-Complete: ?1 and its whole body is one request."""
+    proxy = await start_proxy(**tus_sections(prefix))
+    data = os.urandom(300_000)
+    headers = {**V8, "Upload-Complete": "?1", "Repr-Digest": repr_digest(data),
+               "Content-Type": "image/jpeg", "Content-Disposition": "inline; filename=a.jpg"}  # fmt: skip
+    r = await create(proxy.port, headers, data)
+    assert r.headers["upload-complete"] == "?1"
+    assert r.headers["repr-digest"] == repr_digest(data)
+    assert r.headers["upload-offset"] == str(len(data))
+    body, _ = await get_object(s3, tus_key(prefix, r.headers["location"], "a.jpg"))
+    assert body == data
+    assert (await s3.head(tus_key(prefix, r.headers["location"], "a.jpg"))).content_type == (
+        "image/jpeg"
+    )
+
+
+async def test_104_announces_the_upload_so_a_cut_creation_resumes(start_proxy, s3, prefix) -> None:
+    proxy = await start_proxy(**tus_sections(prefix, send_104=True))
+    data = os.urandom(2 * MiB + 77)
+    head = build("POST", "/files/", {**V8, "Upload-Complete": "?1",
+                                     "Content-Length": str(len(data))})  # fmt: skip
+    path = await cut(proxy, head, data[:MiB], interim=True)
+    assert path is not None and path.startswith("/files/")
+    h = await offset_becomes(proxy.port, path, MiB, V8)
+    assert h.headers["upload-length"] == str(len(data))  # Content-Length with ?1 fixed it
+    done = await append(proxy.port, path, MiB, data[MiB:], complete=True)
+    assert done.status == 200 and done.headers["repr-digest"] == repr_digest(data)
+    assert (await get_object(s3, tus_key(prefix, path)))[0] == data
+
+
+async def test_no_104_by_default(start_proxy, prefix) -> None:
+    proxy = await start_proxy(**tus_sections(prefix))
+    reader, writer = await connect(proxy.port)
+    try:
+        writer.write(build("POST", "/files/", {**V8, "Upload-Complete": "?1"}, b"abc"))
+        await writer.drain()
+        first = await read_answer(reader)
+    finally:
+        writer.close()
+    assert first.status == 201 and first.headers["upload-complete"] == "?1"
+
+
+async def test_interop3_apple_urlsession(start_proxy, s3, prefix) -> None:
+    """Interop 3 (draft -01, iOS 17 / macOS 14): Upload-Incomplete, 201 for appends."""
+    proxy = await start_proxy(**tus_sections(prefix))
+    v3 = {"Upload-Draft-Interop-Version": "3"}
+    data = os.urandom(1_500_000)
+    r = await create(proxy.port, {**v3, "Upload-Incomplete": "?1"}, data[:500_000])
+    path = r.headers["location"]
+    assert r.headers["upload-incomplete"] == "?1"
+    assert r.headers["upload-offset"] == "500000"
+    h = await exchange(proxy.port, "HEAD", path, v3)
+    assert (h.status, h.headers["upload-offset"], h.headers["upload-incomplete"]) == (
+        204,
+        "500000",
+        "?1",
+    )
+    assert "upload-limit" not in h.headers  # interop 3 had no limits
+    mid = await exchange(proxy.port, "PATCH", path,
+                         {**v3, "Upload-Offset": "500000", "Upload-Incomplete": "?1"},
+                         data[500_000:900_000])  # fmt: skip
+    assert (mid.status, mid.headers["upload-offset"]) == (201, "900000")
+    # No Upload-Incomplete: the last append (and no Content-Type needed in interop 3).
+    end = await exchange(proxy.port, "PATCH", path, {**v3, "Upload-Offset": "900000"},
+                         data[900_000:])  # fmt: skip
+    assert end.status == 201 and end.headers["upload-incomplete"] == "?0"
+    assert (await get_object(s3, tus_key(prefix, path)))[0] == data
+
+
+async def test_options_and_unknown_version(start_proxy, prefix) -> None:
+    proxy = await start_proxy(**tus_sections(prefix))
+    o = await exchange(proxy.port, "OPTIONS", "/files/", V8)
+    assert o.status == 204 and o.headers["accept-patch"] == "application/partial-upload"
+    assert o.headers["upload-limit"] == f"max-size={proxy.config.upload.max_upload_size_bytes}"
+    bad = await exchange(proxy.port, "POST", "/files/",
+                         {"Upload-Draft-Interop-Version": "4", "Upload-Complete": "?0"})  # fmt: skip
+    assert (bad.status, bad.code) == (400, "ERR_INTEROP_VERSION")
+    # tus on the same path is untouched.
+    t = await exchange(proxy.port, "OPTIONS", "/files/", {})
+    assert t.headers["tus-version"] == "1.0.0"
+
+
+async def test_another_token_gets_404_and_delete_cancels(start_proxy, s3, prefix) -> None:
+    auth = {"mode": "required", "tokens": [hash_token(TOKEN_A), hash_token(TOKEN_B)]}
+    proxy = await start_proxy(auth=auth, **tus_sections(prefix))
+    r = await create(proxy.port, {**V8, **A, "Upload-Complete": "?0"}, b"")
+    path = r.headers["location"]
+    assert (await append(proxy.port, path, 0, b"x" * 1000, False, **A)).status == 204
+    unknown = "/files/" + "0" * 32
+    for target in (path, unknown):
+        answers = [
+            await exchange(proxy.port, "HEAD", target, {**V8, **B}),
+            await append(proxy.port, target, 1000, b"evil", False, **B),
+            await exchange(proxy.port, "DELETE", target, {**V8, **B}),
+        ]
+        assert [a.status for a in answers] == [404, 404, 404]
+        assert all("upload-offset" not in a.headers for a in answers)
+    h = await exchange(proxy.port, "HEAD", path, {**V8, **A})
+    assert h.headers["upload-offset"] == "1000"
+    assert (await exchange(proxy.port, "DELETE", path, {**V8, **A})).status == 204
+    await assert_nothing_left(s3, prefix)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(st.integers(min_value=1, max_value=6 * MiB), min_size=0, max_size=3, unique=True))
+async def test_any_break_points_give_the_same_object(start_proxy, s3, prefix, cuts) -> None:
+    """Appends ending at any points (some cut mid-body) store the same object."""
+    proxy = await start_proxy(**tus_sections(prefix))
+    data = os.urandom(6 * MiB + 1)
+    r = await create(proxy.port, {**V8, "Upload-Complete": "?0"})
+    path = r.headers["location"]
+    offset = 0
+    for point in sorted(cuts):
+        head = build("PATCH", path, {**PARTIAL, "Upload-Offset": str(offset),
+                                     "Upload-Complete": "?1",
+                                     "Content-Length": str(len(data) - offset)})  # fmt: skip
+        await cut(proxy, head, data[offset:point])
+        await offset_becomes(proxy.port, path, point, V8)
+        offset = point
+    done = await append(proxy.port, path, offset, data[offset:], complete=True)
+    assert done.status == 200 and done.headers["repr-digest"] == repr_digest(data)
+    key = tus_key(prefix, path)
+    assert (await get_object(s3, key))[0] == data
+    assert await only_objects(s3, prefix) == [key]
+    await s3.delete_object(key)
+
+
+# -- tus-js-client in its IETF modes, cut by a relay ----------------------------------
+
+
+class CuttingRelay:
+    """A TCP relay to the daemon that resets the first connection whose request bytes
+    pass ``cut_after`` (once): a network that fails mid-upload."""
+
+    def __init__(self, port: int, cut_after: int) -> None:
+        self.port, self.cut_after, self.cuts = port, cut_after, 0
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> CuttingRelay:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/files/"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_r, up_w = await asyncio.open_connection("127.0.0.1", self.port)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, up: bool) -> None:
+            sent = 0
+            try:
+                while chunk := await src.read(65536):
+                    if up and not self.cuts and sent + len(chunk) > self.cut_after:
+                        self.cuts += 1
+                        dst.write(chunk[: self.cut_after - sent])
+                        await dst.drain()
+                        raise ConnectionResetError("cut")
+                    sent += len(chunk)
+                    dst.write(chunk)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                for w in (writer, up_w):
+                    w.close()
+
+        await asyncio.gather(pipe(reader, up_w, True), pipe(up_r, writer, False))
+
+
+@pytest.mark.parametrize("protocol", ["ietf-draft-05", "ietf-draft-03"])
+@pytest.mark.parametrize("chunk", ["inf", str(2 * MiB + 3)])
+async def test_tus_js_client_ietf_cut_and_resumed(
+    start_proxy, s3, prefix, tmp_path, protocol, chunk
+) -> None:
+    assert shutil.which("node"), "Node.js is required for the tus-js-client tests"
+    if not (JS_DIR / "node_modules" / "tus-js-client").exists():
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=JS_DIR, check=True)
+    proxy = await start_proxy(**tus_sections(prefix))
+    size = 11 * MiB + 12_345
+    path = data_path(tmp_path, size, seed=size)
+    name = f"js {protocol}.bin"
+    async with CuttingRelay(proxy.port, cut_after=7 * MiB) as relay:
+        proc = await asyncio.create_subprocess_exec(
+            "node", str(JS_DIR / "upload_ietf.mjs"), relay.url, str(path), chunk, name, protocol,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 120)
+        assert proc.returncode == 0, err.decode()
+        assert relay.cuts == 1  # the upload really was cut
+    result = json.loads(out)
+    assert result["retries"] >= 1
+    key = tus_key(prefix, result["url"], name)
+    body, meta = await get_object(s3, key)
+    data = path.read_bytes()
+    assert body == data and meta["sha256"] == hashlib.sha256(data).hexdigest()
+    assert await only_objects(s3, prefix) == [key]
+    assert sid(result["url"])  # the URL is an upload URL of ours
