@@ -21,8 +21,9 @@ from hypothesis import strategies as st
 from sec_http import Answer, build, connect, exchange, read_answer
 from tus_helpers import only_objects, sid, tus_key, tus_sections
 
-from conftest import MiB, assert_nothing_left, data_path, get_object, until
 from proxy.auth import hash_token
+
+from conftest import MiB, assert_nothing_left, data_path, get_object, until
 
 JS_DIR = Path(__file__).parent / "js"
 V8 = {"Upload-Draft-Interop-Version": "8"}
@@ -179,8 +180,13 @@ async def test_creation_with_whole_body_and_digest(start_proxy, s3, prefix) -> N
     """A plain POST that carries Upload-Complete: ?1 and its whole body is one request."""
     proxy = await start_proxy(**tus_sections(prefix))
     data = os.urandom(300_000)
-    headers = {**V8, "Upload-Complete": "?1", "Repr-Digest": repr_digest(data),
-               "Content-Type": "image/jpeg", "Content-Disposition": "inline; filename=a.jpg"}  # fmt: skip
+    headers = {
+        **V8,
+        "Upload-Complete": "?1",
+        "Repr-Digest": repr_digest(data),
+        "Content-Type": "image/jpeg",
+        "Content-Disposition": "inline; filename=a.jpg",
+    }
     r = await create(proxy.port, headers, data)
     assert r.headers["upload-complete"] == "?1"
     assert r.headers["repr-digest"] == repr_digest(data)
@@ -250,8 +256,8 @@ async def test_options_and_unknown_version(start_proxy, prefix) -> None:
     o = await exchange(proxy.port, "OPTIONS", "/files/", V8)
     assert o.status == 204 and o.headers["accept-patch"] == "application/partial-upload"
     assert o.headers["upload-limit"] == f"max-size={proxy.config.upload.max_upload_size_bytes}"
-    bad = await exchange(proxy.port, "POST", "/files/",
-                         {"Upload-Draft-Interop-Version": "4", "Upload-Complete": "?0"})  # fmt: skip
+    v4 = {"Upload-Draft-Interop-Version": "4", "Upload-Complete": "?0"}
+    bad = await exchange(proxy.port, "POST", "/files/", v4)
     assert (bad.status, bad.code) == (400, "ERR_INTEROP_VERSION")
     # tus on the same path is untouched.
     t = await exchange(proxy.port, "OPTIONS", "/files/", {})
@@ -306,6 +312,15 @@ async def test_any_break_points_give_the_same_object(start_proxy, s3, prefix, cu
 # -- tus-js-client in its IETF modes, cut by a relay ----------------------------------
 
 
+@pytest.fixture(scope="module")
+def node_client() -> Path:
+    """tus-js-client from tests/js, installed from its lock file if it is not yet."""
+    assert shutil.which("node"), "Node.js is required for the tus-js-client tests"
+    if not (JS_DIR / "node_modules" / "tus-js-client").exists():
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=JS_DIR, check=True)
+    return JS_DIR / "upload_ietf.mjs"
+
+
 class CuttingRelay:
     """A TCP relay to the daemon that resets the first connection whose request bytes
     pass ``cut_after`` (once): a network that fails mid-upload."""
@@ -354,18 +369,15 @@ class CuttingRelay:
 @pytest.mark.parametrize("protocol", ["ietf-draft-05", "ietf-draft-03"])
 @pytest.mark.parametrize("chunk", ["inf", str(2 * MiB + 3)])
 async def test_tus_js_client_ietf_cut_and_resumed(
-    start_proxy, s3, prefix, tmp_path, protocol, chunk
+    start_proxy, s3, prefix, tmp_path, protocol, chunk, node_client
 ) -> None:
-    assert shutil.which("node"), "Node.js is required for the tus-js-client tests"
-    if not (JS_DIR / "node_modules" / "tus-js-client").exists():
-        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=JS_DIR, check=True)
     proxy = await start_proxy(**tus_sections(prefix))
     size = 11 * MiB + 12_345
     path = data_path(tmp_path, size, seed=size)
     name = f"js {protocol}.bin"
     async with CuttingRelay(proxy.port, cut_after=7 * MiB) as relay:
         proc = await asyncio.create_subprocess_exec(
-            "node", str(JS_DIR / "upload_ietf.mjs"), relay.url, str(path), chunk, name, protocol,
+            "node", str(node_client), relay.url, str(path), chunk, name, protocol,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         out, err = await asyncio.wait_for(proc.communicate(), 120)
