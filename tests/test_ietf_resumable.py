@@ -20,10 +20,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sec_http import Answer, build, connect, exchange, read_answer
 from tus_helpers import only_objects, sid, tus_key, tus_sections
+from wrapped import Wrapped
 
 from proxy.auth import hash_token
 
-from conftest import MiB, assert_nothing_left, data_path, get_object, until
+from conftest import MiB, assert_nothing_left, data_path, get_object, s3_for, until
 
 JS_DIR = Path(__file__).parent / "js"
 V8 = {"Upload-Draft-Interop-Version": "8"}
@@ -151,12 +152,40 @@ async def test_interop8_create_cut_head_append_complete(start_proxy, s3, prefix)
     assert more.status == 400 and more.json()["type"].endswith("#completed-upload")
 
 
+class RecordWrites(Wrapped):
+    """Which keys got an object written (PutObject, CompleteMultipartUpload)."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.written: list[str] = []
+
+    async def put_object(self, key: str, *args: Any, **kwargs: Any) -> Any:
+        self.written.append(key)
+        return await self.inner.put_object(key, *args, **kwargs)
+
+    async def complete_multipart(self, key: str, *args: Any, **kwargs: Any) -> Any:
+        self.written.append(key)
+        return await self.inner.complete_multipart(key, *args, **kwargs)
+
+
 @pytest.mark.parametrize("size", [1000, 6 * MiB + 7])  # one PutObject / a multipart upload
 @pytest.mark.parametrize("where", ["creation", "append"])
 async def test_wrong_repr_digest_fails_and_stores_nothing(
-    start_proxy, s3, prefix, size, where
+    start_proxy, seaweed, s3, prefix, size, where
 ) -> None:
-    proxy = await start_proxy(**tus_sections(prefix))
+    async with s3_for(seaweed) as real:
+        recording = RecordWrites(real)
+        proxy = await start_proxy(storage=recording, **tus_sections(prefix))
+        await wrong_digest_upload(proxy, s3, prefix, size, where)
+        # Not even for a moment: no write ever went to the object's key.
+        assert [k for k in recording.written if k.startswith(f"{prefix}tus/")] == []
+        # The recorder sees the write of an upload whose digest is right (not vacuous).
+        data = os.urandom(size)
+        r = await create(proxy.port, {**V8, "Upload-Complete": "?1"}, data)
+        assert tus_key(prefix, r.headers["location"]) in recording.written
+
+
+async def wrong_digest_upload(proxy: Any, s3: Any, prefix: str, size: int, where: str) -> None:
     data = os.urandom(size)
     wrong = repr_digest(data + b"!")
     create_headers = {**V8, "Upload-Complete": "?0", "Upload-Length": str(size)}

@@ -21,7 +21,6 @@ from proxy.engine.events import Outcome, UploadEvents, auth_of
 from proxy.engine.hashing import off_loop
 from proxy.engine.upload import delete_if_ours, label, verify_stored
 from proxy.errors import (
-    DigestMismatch,
     KeyConflict,
     ObjectExists,
     ProxyError,
@@ -32,7 +31,7 @@ from proxy.errors import (
 from proxy.hooks.dispatch import Hooks
 from proxy.hooks.payload import HookUpload
 from proxy.storage.base import CompletedPart, ObjectInfo, multipart_etag
-from proxy.tus.hash import Sha256
+from proxy.tus.hash import Sha256, check_declared
 from proxy.tus.patch import PatchResult
 from proxy.tus.state import Lease, TusStorage, TusStore, UploadInfo
 
@@ -176,7 +175,12 @@ class Completer:
         """The last PATCH of an upload below one part (one PutObject, create-only) found
         its key taken: fail the upload for good, as a completion would above one part
         (a 409 would tell a tus client to HEAD and retry, for ever).  The error to raise."""
-        failed = _key_taken(info.key, cause)
+        return await self.discard(lease, info, _key_taken(info.key, cause), client)
+
+    async def discard(
+        self, lease: Lease, info: UploadInfo, failed: UploadFailed, client: str
+    ) -> UploadFailed:
+        """Fail the upload for good (see _fail) and drop its lease; the error to raise."""
         await self._fail(info, failed, client)
         await lease.drop()
         return failed
@@ -206,7 +210,7 @@ class Completer:
         can be redone after an interruption (the caller holds the lease)."""
         storage = self.storage
         length = info.offset
-        _check_declared(info, info.sha256_hex)
+        check_declared(info.repr_sha256, info.sha256_hex)
         if not info.parts:
             if info.multipart_id:
                 await storage.abort_multipart(info.key, info.multipart_id)
@@ -216,11 +220,11 @@ class Completer:
             # Below one part size: stored whole, sha256 included, by one PutObject
             # (PatchWriter._put_whole); there is no multipart upload to complete.
             sha256 = info.sha256_hex or await self._rehash(info.key)
-            _check_declared(info, sha256)
+            check_declared(info.repr_sha256, sha256)
         else:
             etag = await self._complete_multipart(info)
             sha256 = info.sha256_hex or await self._rehash(info.key)
-            _check_declared(info, sha256)
+            check_declared(info.repr_sha256, sha256)
             await label(
                 storage,
                 info.key,
@@ -350,17 +354,6 @@ def _ours(info: UploadInfo, obj: ObjectInfo, parts: list[CompletedPart]) -> bool
     if not info.multipart_id and len(parts) == 1 and etag == parts[0].etag.strip('"'):
         return True
     return info.sha256_hex is not None and obj.metadata.get("sha256") == info.sha256_hex
-
-
-def _check_declared(info: UploadInfo, sha256: str | None) -> None:
-    """The client declared the upload's SHA-256 (IETF ``Repr-Digest``): bytes with another
-    one are not completed (a DigestMismatch is an UploadFailed: the upload is discarded,
-    and an object an attempt stored is deleted, see Completer._fail)."""
-    if sha256 is not None and info.repr_sha256 is not None and sha256 != info.repr_sha256:
-        raise DigestMismatch(
-            f"the upload's SHA-256 is {sha256}, not the {info.repr_sha256} its Repr-Digest "
-            "declared; it was discarded: upload the file again"
-        )
 
 
 def _key_taken(key: str, cause: ProxyError) -> UploadFailed:

@@ -33,6 +33,7 @@ from proxy.engine.dedup import ContentIndex
 from proxy.engine.pipeline import StreamObserver
 from proxy.engine.upload import shielded
 from proxy.errors import (
+    DigestMismatch,
     HookRejected,
     KeyConflict,
     ObjectExists,
@@ -263,6 +264,7 @@ class TusService:
             segment_key=lambda offset: self.store.segment_key(info.id, offset),
             content_type=info.content_type,
             metadata=info.object_metadata,
+            declared_sha256=info.repr_sha256,
         )
         buffers = self.engine.buffers_for(client_ip)
         with self.engine.events.transfer(info.id, info.key) as live:
@@ -360,6 +362,10 @@ class TusService:
                 if not final:
                     raise
                 raise await self.completer.key_taken(lease, info, e, client) from e
+            except DigestMismatch as e:
+                # Below one part, checked before its PutObject: nothing was stored.
+                await keeper.stop()
+                raise await self.completer.discard(lease, info, e, client) from None
             finally:
                 await keeper.stop()
             new_info = self._apply(info, result)
