@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sec_http import Answer, build, connect, exchange, read_answer
-from tus_helpers import only_objects, sid, tus_key, tus_sections
+from tus_helpers import only_objects, sid, store_for, tus_key, tus_sections
 from wrapped import Wrapped
 
 from proxy.auth import hash_token
@@ -420,3 +420,48 @@ async def test_tus_js_client_ietf_cut_and_resumed(
     assert body == data and meta["sha256"] == hashlib.sha256(data).hexdigest()
     assert await only_objects(s3, prefix) == [key]
     assert sid(result["url"])  # the URL is an upload URL of ours
+
+
+# -- a plain PUT that carries Upload-Complete becomes resumable ------------------------
+
+
+async def test_put_with_upload_complete_is_resumable_at_its_key(start_proxy, s3, prefix) -> None:
+    proxy = await start_proxy(**tus_sections(prefix, send_104=True))
+    data = os.urandom(7 * MiB + 99)
+    key = "phone/IMG_0001.HEIC"
+    head = build("PUT", f"/uploads/{key}", {**V8, "Upload-Complete": "?1",
+                                            "Content-Length": str(len(data))})  # fmt: skip
+    path = await cut(proxy, head, data[: 6 * MiB], interim=True)
+    assert path is not None and path.startswith("/files/")
+    await offset_becomes(proxy.port, path, 6 * MiB, V8)
+    # Its multipart upload (at the client's key, which holds no upload id) is claimed,
+    # so the stale-multipart sweeper leaves it alone.
+    [mpu] = await s3.list_multipart(prefix)
+    assert mpu.key == prefix + key
+    assert await store_for(s3, prefix).owns_multipart(mpu.key, mpu.upload_id)
+    done = await append(proxy.port, path, 6 * MiB, data[6 * MiB :], complete=True)
+    assert done.status == 200 and done.headers["repr-digest"] == repr_digest(data)
+    assert done.json()["key"] == prefix + key
+    body, meta = await get_object(s3, prefix + key)
+    assert body == data and meta["sha256"] == hashlib.sha256(data).hexdigest()
+    assert await only_objects(s3, prefix) == [prefix + key]  # no state, no claim left
+
+
+async def test_put_with_apple_headers_in_one_go(start_proxy, s3, prefix) -> None:
+    """Interop 3's headers on a PUT that completes: 201, the object at the key."""
+    proxy = await start_proxy(**tus_sections(prefix))
+    data = os.urandom(100_000)
+    v3 = {"Upload-Draft-Interop-Version": "3", "Upload-Incomplete": "?0"}
+    r = await exchange(proxy.port, "PUT", "/uploads/a/b.bin", v3, data)
+    assert r.status == 201 and r.headers["upload-incomplete"] == "?0"
+    assert r.headers["location"].startswith("/files/")
+    assert r.json()["sha256"] == hashlib.sha256(data).hexdigest()
+    assert (await get_object(s3, prefix + "a/b.bin"))[0] == data
+    # Create-only, as any PUT: the key is taken now.
+    again = await exchange(proxy.port, "PUT", "/uploads/a/b.bin", v3, data)
+    assert (again.status, again.code) == (409, "ERR_KEY_EXISTS")
+    # A PUT without the draft's headers is the plain PUT it always was.
+    plain = await exchange(proxy.port, "PUT", "/uploads/a/c.bin", {}, data)
+    assert plain.status == 201 and "location" not in plain.headers
+    cancelled = await exchange(proxy.port, "DELETE", r.headers["location"], V8)
+    assert cancelled.status == 404  # complete: nothing to cancel

@@ -86,6 +86,7 @@ class NewUpload:
     quota: str  # whose cap on unfinished uploads it counts against (quota_of)
     sha256: str | None = None  # hex, declared in Upload-Metadata: an instant upload may do
     repr_sha256: str | None = None  # hex, the client's Repr-Digest: completion checks it
+    claims_key: bool = False  # ``key`` is the client's, outside object_prefix (a PUT)
 
 
 def quota_of(principal: Principal, client_ip: str) -> str:
@@ -171,6 +172,8 @@ class TusService:
         else:
             info = replace(info, quota="")
         try:
+            if info.claims_key:
+                await self.store.claim(info)
             if leased:
                 lease = await self.store.create(info, owner=secrets.token_hex(8))
                 info = lease.info
@@ -180,6 +183,8 @@ class TusService:
         except BaseException:
             if (marker := self.store.marker_key(info)) is not None:
                 await shielded(self.storage.delete_object(marker), "tus unreserve")
+            if info.claims_key:
+                await shielded(self.storage.delete_object(self.store.claim_key(info)), "unclaim")
             raise
         self.engine.events.created()
         return info, lease
@@ -233,6 +238,7 @@ class TusService:
             principal=str(new.principal),
             quota=new.quota,
             repr_sha256=new.repr_sha256,
+            claims_key=new.claims_key,
         )
 
     # -- write -------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from __future__ import annotations
 import base64
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from urllib.parse import unquote
 
@@ -52,6 +52,7 @@ from proxy.errors import (
     WrongContentType,
 )
 from proxy.headers import ascii_uint
+from proxy.keys import full_key
 from proxy.tus.completion import hook_upload
 from proxy.tus.service import TusService, no_bytes, quota_of
 from proxy.tus.state import UploadInfo, release_quietly, storage_id, valid_id
@@ -79,6 +80,7 @@ from proxy.web.tus import (
     _upload_id,
     new_upload,
 )
+from proxy.web.uploads import _preflight_put, _unreserved
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +224,11 @@ def _answer(
     if not complete:
         headers.update(dialect.limits(svc.max_size_bytes, info.expires_s - svc.store.clock()))
         return web.Response(status=status, headers=headers)
-    body: dict[str, object] = {"key": info.key, "size": info.offset}
+    body: dict[str, object] = {
+        "bucket": request.app[UPLOADS].bucket,
+        "key": info.key,
+        "size": info.offset,
+    }
     if info.sha256_hex:
         headers["Repr-Digest"] = _repr_digest(info.sha256_hex)
         headers[SHA256_HEADER] = info.sha256_hex
@@ -244,7 +250,39 @@ async def options(request: web.Request) -> web.Response:
 
 
 async def create(request: web.Request) -> web.StreamResponse:
-    """Upload creation: any request with ``Upload-Complete`` (``Upload-Incomplete``)."""
+    """Upload creation on the endpoint: any request with ``Upload-Complete`` (interop 3:
+    ``Upload-Incomplete``); the object goes where a tus upload's goes."""
+    return await _create(request, None)
+
+
+async def put_create(request: web.Request, plain: Handler) -> web.StreamResponse:
+    """``PUT /uploads/{key}`` that carries ``Upload-Complete`` (or ``Upload-Incomplete``):
+    the plain upload, made resumable.  The object goes to the PUT's key, after every check
+    a PUT makes (its preflight: auth, key, size, content policy, create-only); it is a tus
+    upload whose URL is ``/files/<id>``.  ``plain`` (the PUT as usual, not resumable)
+    where a resumable upload cannot honour the request: a signed URL (bound to this one
+    request), an overwrite (tus completes create-only), an instant upload (no body
+    needed), or an interop version we do not speak."""
+    if INTEROP_HEADER not in request.headers or TUS not in request.app:
+        return await plain(request)
+    try:
+        dialect = dialect_of(request)
+    except InteropVersion:
+        return await plain(request)
+    if dialect.complete(request) is None:
+        return await plain(request)
+    try:
+        pre = await _preflight_put(request)
+    except ProxyError:
+        return await plain(request)  # which refuses it the same way, as a PUT
+    if pre.grant.via == "signed" or not pre.create_only or pre.source is not None:
+        return await plain(request)
+    key = pre.key
+    assert key is not None
+    return await reported(lambda r: _create(r, key))(request)
+
+
+async def _create(request: web.Request, key: str | None) -> web.StreamResponse:
     dialect = dialect_of(request)
     complete = dialect.complete(request)
     if complete is None:
@@ -261,7 +299,11 @@ async def create(request: web.Request) -> web.StreamResponse:
         svc, _metadata_header(request), length, grant.principal, quota, grant.prefix or ""
     )
     new = replace(new, sha256=None, repr_sha256=_repr_sha256(request))
-    new = await _pre_create(request, svc, new)
+    if key is None:
+        new = await _pre_create(request, svc, new)
+    else:
+        new = replace(new, key=key, claims_key=True)
+        new = await _pre_create(request, svc, new, _put_key_place(request, grant))
     body = request.content_length != 0 and request.can_read_body
     async with page.file_place(request, grant, new):
         info, lease = await svc.create(new, leased=body and new.length != 0, client=client_ip)
@@ -291,6 +333,18 @@ async def create(request: web.Request) -> web.StreamResponse:
         info = await _complete_empty(request, svc, info.id, grant)
     log.info("ietf create id=%s key=%r interop=%d", info.id, info.key, dialect.version)
     return _answer(request, dialect, info, 201, location)
+
+
+def _put_key_place(request: web.Request, grant: Grant) -> Callable[[str], str]:
+    """Where a pre-create hook's key puts a resumable PUT's object: relative to
+    ``key_prefix`` and held to the caller's prefix, as for any PUT."""
+    ctx = request.app[UPLOADS]
+
+    def place(key: str) -> str:
+        grant.check_key(key)
+        return _unreserved(ctx, full_key(ctx.config.key_prefix, key))
+
+    return place
 
 
 async def _send_104(request: web.Request, dialect: Dialect, location: str) -> bool:
@@ -477,6 +531,8 @@ def middleware_for(base_path: str) -> Middleware:
             pass
         elif request.path in bases:
             chosen = _ON_BASE.get(request.method)
+        elif request.method == "PUT" and "key" in request.match_info:
+            return await put_create(request, handler)
         elif request.path.startswith(base_path) and "id" in request.match_info:
             chosen = _ON_ITEM.get(request.method)
             # Error lines name the upload by its storage id, never by the URL's secret id.
