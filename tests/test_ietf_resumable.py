@@ -465,3 +465,33 @@ async def test_put_with_apple_headers_in_one_go(start_proxy, s3, prefix) -> None
     assert plain.status == 201 and "location" not in plain.headers
     cancelled = await exchange(proxy.port, "DELETE", r.headers["location"], V8)
     assert cancelled.status == 404  # complete: nothing to cancel
+
+
+async def test_one_upload_two_protocols_and_one_quota(start_proxy, s3, prefix) -> None:
+    """An upload created by the draft is a tus upload: tus continues it (and the other way
+    round), and both count against the same cap on unfinished uploads."""
+    proxy = await start_proxy(**tus_sections(prefix, max_unfinished_per_principal=2))
+    tus = {"Tus-Resumable": "1.0.0"}
+    data = os.urandom(200_000)
+    ietf_made = await create(proxy.port, {**V8, "Upload-Complete": "?0",
+                                          "Upload-Length": str(len(data))})  # fmt: skip
+    tus_made = await exchange(proxy.port, "POST", "/files/",
+                              {**tus, "Upload-Length": str(len(data))})  # fmt: skip
+    assert tus_made.status == 201
+    # The cap (2) is reached by one of each: a third creation, by either, is refused.
+    third = await exchange(proxy.port, "POST", "/files/", {**V8, "Upload-Complete": "?0"})
+    assert (third.status, third.code) == (429, "ERR_TOO_MANY_UNFINISHED_UPLOADS")
+    octet = {**tus, "Content-Type": "application/offset+octet-stream"}
+    for path, first, second in (
+        (ietf_made.headers["location"], "ietf", "tus"),
+        (tus_made.headers["location"], "tus", "ietf"),
+    ):
+        for protocol, start, end in ((first, 0, 50_000), (second, 50_000, len(data))):
+            if protocol == "tus":
+                headers = {**octet, "Upload-Offset": str(start)}
+                r = await exchange(proxy.port, "PATCH", path, headers, data[start:end])
+                assert r.status == 204
+            else:
+                r = await append(proxy.port, path, start, data[start:end], end == len(data))
+                assert r.status in (200, 204)
+        assert (await get_object(s3, tus_key(prefix, path)))[0] == data

@@ -21,8 +21,11 @@ or on any append is checked when the upload completes (a mismatch discards it:
 ``400 ERR_REPR_DIGEST_MISMATCH``, nothing stored); every answer about a completed upload
 carries ``Repr-Digest`` (RFC 9530) of what was stored.
 
-``104 Upload Resumption Supported`` is sent only with ``tus.send_104`` (see config.toml:
-nginx mishandles it); the upload URL is always in the creation's final answer.
+A ``PUT /uploads/{key}`` carrying the draft's headers is the same, with its object at the
+PUT's key (:func:`put_create`).  ``104 Upload Resumption Supported`` is sent only with
+``tus.send_104`` (see config.toml: nginx mishandles it); the upload URL is always in the
+creation's final answer.  Without a 104, a creation whose body is cut is discarded: its
+client never learnt the URL.
 """
 
 from __future__ import annotations
