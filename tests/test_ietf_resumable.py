@@ -495,3 +495,20 @@ async def test_one_upload_two_protocols_and_one_quota(start_proxy, s3, prefix) -
                 r = await append(proxy.port, path, start, data[start:end], end == len(data))
                 assert r.status in (200, 204)
         assert (await get_object(s3, tus_key(prefix, path)))[0] == data
+
+
+async def test_cors_lets_a_browser_speak_the_draft(start_proxy, prefix) -> None:
+    """tus-js-client's IETF modes in a browser: the preflight allows the draft's request
+    headers, and its answers expose the draft's response headers."""
+    origin = "https://app.example.com"
+    proxy = await start_proxy(**tus_sections(prefix, cors_allow_origins=[origin]))
+    asked = "upload-draft-interop-version,upload-complete,upload-offset,repr-digest"
+    preflight = {"Origin": origin, "Access-Control-Request-Method": "PATCH",
+                 "Access-Control-Request-Headers": asked}  # fmt: skip
+    p = await exchange(proxy.port, "OPTIONS", f"/files/{'a' * 32}", preflight)
+    allowed = p.headers["access-control-allow-headers"].lower()
+    assert all(h in allowed for h in asked.split(","))
+    r = await create(proxy.port, {**V8, "Origin": origin, "Upload-Complete": "?0"})
+    exposed = r.headers["access-control-expose-headers"].lower()
+    for h in ("location", "upload-offset", "upload-complete", "upload-limit", "repr-digest"):
+        assert h in exposed

@@ -121,8 +121,8 @@ class Dialect:
         return {"Upload-Limit": value}
 
     def append_status(self, complete: bool) -> int:
-        """Drafts before -06 answer every successful append 201; later ones 204 (200
-        when it completes, with the upload's result)."""
+        """Interop 3 to 6 (drafts -01 to -05) answer every successful append 201;
+        interop 8 answers 204, or 200 when the append completes the upload."""
         if self.version < 8:
             return 201
         return 200 if complete else 204

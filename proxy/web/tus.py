@@ -76,12 +76,15 @@ MAX_OBJECT_METADATA_BYTES = 1800
 _ALLOW_HEADERS = (
     "Authorization, Origin, X-Requested-With, X-Request-ID, X-HTTP-Method-Override, "
     "Content-Type, Upload-Length, Upload-Offset, Tus-Resumable, Upload-Metadata, "
-    "Upload-Defer-Length, Upload-Checksum"
+    "Upload-Defer-Length, Upload-Checksum, "
+    # IETF resumable uploads (proxy/web/resumable.py) on the same endpoint.
+    "Upload-Draft-Interop-Version, Upload-Complete, Upload-Incomplete, Repr-Digest"
 )
 _EXPOSE_HEADERS = (
     "Upload-Offset, Location, Upload-Length, Tus-Version, Tus-Resumable, Tus-Max-Size, "
     "Tus-Extension, Tus-Checksum-Algorithm, Upload-Metadata, Upload-Defer-Length, "
-    "Upload-Expires, Upload-SHA256"
+    "Upload-Expires, Upload-SHA256, "
+    "Upload-Draft-Interop-Version, Upload-Complete, Upload-Incomplete, Upload-Limit, Repr-Digest"
 )
 _ALLOW_METHODS = "POST, HEAD, PATCH, DELETE, OPTIONS"
 _METADATA_KEY_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
