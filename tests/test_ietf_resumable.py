@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hook_receiver import Receiver
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sec_http import Answer, build, connect, exchange, read_answer
@@ -33,6 +34,7 @@ TOKEN_A = "alice-token-0123456789abcdef"
 TOKEN_B = "bob-token-0123456789abcdef00"
 A = {"Authorization": f"Bearer {TOKEN_A}"}
 B = {"Authorization": f"Bearer {TOKEN_B}"}
+SECRET = b"hook-secret-0123456789abcdef0123456789"
 
 
 def repr_digest(data: bytes) -> str:
@@ -512,3 +514,36 @@ async def test_cors_lets_a_browser_speak_the_draft(start_proxy, prefix) -> None:
     exposed = r.headers["access-control-expose-headers"].lower()
     for h in ("location", "upload-offset", "upload-complete", "upload-limit", "repr-digest"):
         assert h in exposed
+
+
+async def test_hooks_see_ietf_uploads_and_place_a_resumable_puts_key(
+    start_proxy, s3, prefix, tmp_path
+) -> None:
+    """The same hooks as tus: pre-create may rename a resumable PUT's key (relative to
+    key_prefix, as for any PUT), post-finish reports the object."""
+
+    def reply(event: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
+        if event["Type"] == "pre-create":
+            return 200, {"ChangeFileInfo": {"Storage": {"Key": "renamed/by-hook.bin"}}}
+        return 200, None
+
+    receiver = Receiver(SECRET, reply=reply)
+    await receiver.start()
+    try:
+        (tmp_path / "secret").write_bytes(SECRET)
+        hooks = {"http_url": receiver.url, "http_secret_file": str(tmp_path / "secret"),
+                 "events": ["pre-create", "post-finish"]}  # fmt: skip
+        proxy = await start_proxy(hooks=hooks, **tus_sections(prefix))
+        data = os.urandom(10_000)
+        r = await exchange(proxy.port, "PUT", "/uploads/rename-me.bin",
+                           {**V8, "Upload-Complete": "?1"}, data)  # fmt: skip
+        assert r.status == 201, r.body
+        assert r.json()["key"] == prefix + "renamed/by-hook.bin"
+        assert (await get_object(s3, prefix + "renamed/by-hook.bin"))[0] == data
+        assert await s3.head(prefix + "rename-me.bin") is None
+        await receiver.wait_for(lambda: bool(receiver.of_type("post-finish")))
+        [finish] = receiver.of_type("post-finish")
+        assert finish["Event"]["Upload"]["Storage"]["Key"] == prefix + "renamed/by-hook.bin"
+        assert finish["Event"]["Proxy"]["SHA256"] == hashlib.sha256(data).hexdigest()
+    finally:
+        await receiver.stop()
