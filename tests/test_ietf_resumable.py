@@ -15,6 +15,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from hook_receiver import Receiver
 from hypothesis import HealthCheck, given, settings
@@ -547,3 +548,27 @@ async def test_hooks_see_ietf_uploads_and_place_a_resumable_puts_key(
         assert finish["Event"]["Proxy"]["SHA256"] == hashlib.sha256(data).hexdigest()
     finally:
         await receiver.stop()
+
+
+async def test_post_uploads_with_upload_complete_is_resumable(start_proxy, s3, prefix) -> None:
+    """POST /uploads (not a form) with the draft's headers: resumable, at the key a POST
+    generates (random id + the file's extension)."""
+    proxy = await start_proxy(**tus_sections(prefix, send_104=True))
+    data = os.urandom(3 * MiB + 5)
+    head = build("POST", "/uploads", {**V8, "Upload-Complete": "?1",
+                                      "Content-Disposition": 'attachment; filename="v.mp4"',
+                                      "Content-Length": str(len(data))})  # fmt: skip
+    path = await cut(proxy, head, data[:MiB], interim=True)
+    assert path is not None and path.startswith("/files/")
+    await offset_becomes(proxy.port, path, MiB, V8)
+    done = await append(proxy.port, path, MiB, data[MiB:], complete=True)
+    assert done.status == 200
+    key = done.json()["key"]
+    assert key.startswith(prefix) and key.endswith(".mp4") and "/tus/" not in key
+    assert (await get_object(s3, key))[0] == data
+    # A form stays a plain form upload.
+    form = aiohttp.FormData()
+    form.add_field("file", b"abc", filename="a.txt")
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{proxy.url}/uploads", data=form, headers=V8) as r:
+            assert r.status == 201 and "Location" not in r.headers

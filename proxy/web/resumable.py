@@ -21,11 +21,12 @@ or on any append is checked when the upload completes (a mismatch discards it:
 ``400 ERR_REPR_DIGEST_MISMATCH``, nothing stored); every answer about a completed upload
 carries ``Repr-Digest`` (RFC 9530) of what was stored.
 
-A ``PUT /uploads/{key}`` carrying the draft's headers is the same, with its object at the
-PUT's key (:func:`put_create`).  ``104 Upload Resumption Supported`` is sent only with
-``tus.send_104`` (see config.toml: nginx mishandles it); the upload URL is always in the
-creation's final answer.  Without a 104, a creation whose body is cut is discarded: its
-client never learnt the URL.
+A plain upload carrying the draft's headers is the same, with its object where the plain
+upload puts it (:func:`plain_create`): ``PUT /uploads/{key}`` at its key, ``POST
+/uploads`` (not a form) at the key it generates.  ``104 Upload Resumption Supported`` is
+sent only with ``tus.send_104`` (see config.toml: nginx mishandles it); the upload URL is
+always in the creation's final answer.  Without a 104, a creation whose body is cut is
+discarded: its client never learnt the URL.
 """
 
 from __future__ import annotations
@@ -83,12 +84,13 @@ from proxy.web.tus import (
     _upload_id,
     new_upload,
 )
-from proxy.web.uploads import _preflight_put, _unreserved
+from proxy.web.uploads import _new_key, _preflight_post, _preflight_put, _unreserved
 
 log = logging.getLogger(__name__)
 
 INTEROP_HEADER = "Upload-Draft-Interop-Version"
 PARTIAL_UPLOAD = "application/partial-upload"
+FORM = "multipart/form-data"
 INTEROP_VERSIONS = (3, 5, 6, 8)
 _SF_INTEGER_DIGITS = 15  # RFC 8941 Integer
 
@@ -258,29 +260,32 @@ async def create(request: web.Request) -> web.StreamResponse:
     return await _create(request, None)
 
 
-async def put_create(request: web.Request, plain: Handler) -> web.StreamResponse:
-    """``PUT /uploads/{key}`` that carries ``Upload-Complete`` (or ``Upload-Incomplete``):
-    the plain upload, made resumable.  The object goes to the PUT's key, after every check
-    a PUT makes (its preflight: auth, key, size, content policy, create-only); it is a tus
-    upload whose URL is ``/files/<id>``.  ``plain`` (the PUT as usual, not resumable)
+async def plain_create(request: web.Request, plain: Handler) -> web.StreamResponse:
+    """``PUT /uploads/{key}`` or ``POST /uploads`` (not a form) that carries
+    ``Upload-Complete`` (or ``Upload-Incomplete``): the plain upload, made resumable.
+    The object goes to the PUT's key (a POST's generated one), after every check the plain
+    upload makes (its preflight: auth, key, size, content policy, create-only); it is a tus
+    upload whose URL is ``/files/<id>``.  ``plain`` (the upload as usual, not resumable)
     where a resumable upload cannot honour the request: a signed URL (bound to this one
     request), an overwrite (tus completes create-only), an instant upload (no body
-    needed), or an interop version we do not speak."""
+    needed), a form (several files), or an interop version we do not speak."""
     if INTEROP_HEADER not in request.headers or TUS not in request.app:
         return await plain(request)
     try:
         dialect = dialect_of(request)
     except InteropVersion:
         return await plain(request)
-    if dialect.complete(request) is None:
+    post = request.method == "POST"
+    if dialect.complete(request) is None or (post and request.content_type == FORM):
         return await plain(request)
     try:
-        pre = await _preflight_put(request)
+        pre = await (_preflight_post if post else _preflight_put)(request)
     except ProxyError:
-        return await plain(request)  # which refuses it the same way, as a PUT
+        return await plain(request)  # which refuses it the same way
     if pre.grant.via == "signed" or not pre.create_only or pre.source is not None:
         return await plain(request)
-    key = pre.key
+    filename = _disposition_filename(request.headers.get("Content-Disposition", ""))
+    key = _new_key(request.app[UPLOADS], pre.grant, filename) if post else pre.key
     assert key is not None
     return await reported(lambda r: _create(r, key))(request)
 
@@ -535,7 +540,9 @@ def middleware_for(base_path: str) -> Middleware:
         elif request.path in bases:
             chosen = _ON_BASE.get(request.method)
         elif request.method == "PUT" and "key" in request.match_info:
-            return await put_create(request, handler)
+            return await plain_create(request, handler)
+        elif request.method == "POST" and request.path == "/uploads":
+            return await plain_create(request, handler)
         elif request.path.startswith(base_path) and "id" in request.match_info:
             chosen = _ON_ITEM.get(request.method)
             # Error lines name the upload by its storage id, never by the URL's secret id.
