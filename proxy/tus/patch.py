@@ -33,8 +33,9 @@ from typing import Any
 
 from proxy.engine.buffers import Buffers, PartBuffer
 from proxy.engine.hashing import off_loop
-from proxy.engine.pipeline import PartPipeline, PartTarget, StreamObserver, StreamSettings
+from proxy.engine.pipeline import PartPipeline, PartTarget, StreamSettings
 from proxy.errors import LeaseLost, ObjectExists, PartSizeChanged, StorageError
+from proxy.obs.observer import StreamObserver
 from proxy.storage.base import Pieces
 from proxy.tus.hash import Sha256, check_declared
 from proxy.tus.state import Part, Segment, TusStorage

@@ -30,7 +30,6 @@ from proxy.config import TusConfig
 from proxy.engine.buffers import Buffers
 from proxy.engine.context import Engine
 from proxy.engine.dedup import ContentIndex
-from proxy.engine.pipeline import StreamObserver
 from proxy.engine.upload import shielded
 from proxy.errors import (
     DigestMismatch,
@@ -45,6 +44,7 @@ from proxy.errors import (
 )
 from proxy.keys import full_key, safe_filename
 from proxy.naming import KeyTemplate
+from proxy.obs.observer import StreamObserver
 from proxy.tus.completion import EMPTY_SHA256, Completer, completing, hook_upload
 from proxy.tus.hash import resume_sha256
 from proxy.tus.patch import PatchResult, PatchTarget, PatchWriter
