@@ -167,6 +167,38 @@ class WrongContentType(BadRequest, code="ERR_CONTENT_TYPE", status=415):
     """A tus body without ``Content-Type: application/offset+octet-stream``."""
 
 
+class InteropVersion(BadRequest, code="ERR_INTEROP_VERSION"):
+    """IETF resumable uploads: an ``Upload-Draft-Interop-Version`` we do not speak."""
+
+
+# The problem types of draft-ietf-httpbis-resumable-upload (RFC 9457 members added to
+# our JSON, so one body serves a client that reads either).
+_PROBLEM_TYPES = "https://iana.org/assignments/http-problem-types#"
+
+
+class CompletedUpload(BadRequest, code="ERR_UPLOAD_COMPLETED"):
+    """IETF resumable uploads: an append to an upload that is complete already."""
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            **super().to_json(),
+            "type": _PROBLEM_TYPES + "completed-upload",
+            "title": "upload is already completed",
+        }
+
+
+class InconsistentLength(BadRequest, code="ERR_INCONSISTENT_LENGTH"):
+    """IETF resumable uploads: ``Upload-Length``, ``Content-Length`` with
+    ``Upload-Complete: ?1``, or an earlier request disagree about the upload's length."""
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            **super().to_json(),
+            "type": _PROBLEM_TYPES + "inconsistent-upload-length",
+            "title": "inconsistent length values for upload",
+        }
+
+
 class HeadersTooLarge(BadRequest, code="ERR_HEADERS_TOO_LARGE", status=431): ...
 
 
@@ -284,6 +316,28 @@ class OffsetMismatch(ProxyError, code="ERR_OFFSET_MISMATCH", status=409, reason=
     """tus: Upload-Offset is not the upload's offset."""
 
 
+class MismatchingOffset(OffsetMismatch):
+    """IETF resumable uploads: the 409 of a wrong ``Upload-Offset``, with the upload's
+    offset in the ``Upload-Offset`` header and the draft's problem type."""
+
+    def __init__(self, expected: int, provided: int) -> None:
+        super().__init__(
+            f"Upload-Offset {provided} does not match the upload's offset {expected}",
+            headers={"Upload-Offset": str(expected)},
+        )
+        self.expected = expected
+        self.provided = provided
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            **super().to_json(),
+            "type": _PROBLEM_TYPES + "mismatching-upload-offset",
+            "title": "offset from request does not match offset of resource",
+            "expected-offset": self.expected,
+            "provided-offset": self.provided,
+        }
+
+
 class Gone(ProxyError, code="ERR_GONE", status=410, reason="gone"):
     """The resource existed but has expired."""
 
@@ -291,6 +345,13 @@ class Gone(ProxyError, code="ERR_GONE", status=410, reason="gone"):
 class UploadFailed(Gone, code="ERR_UPLOAD_FAILED"):
     """A resumable upload could not be completed as received and was discarded (its parts
     were aborted, its state deleted): the client has to upload the file again."""
+
+
+class DigestMismatch(
+    UploadFailed, code="ERR_REPR_DIGEST_MISMATCH", status=400, reason="checksum_mismatch"
+):
+    """A resumable upload whose bytes do not have the SHA-256 its client declared
+    (``Repr-Digest``): discarded at completion, nothing stored."""
 
 
 class Terminated(Gone, code="ERR_TERMINATED", reason="terminated"):

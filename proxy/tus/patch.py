@@ -37,7 +37,7 @@ from proxy.engine.pipeline import PartPipeline, PartTarget, StreamSettings
 from proxy.errors import LeaseLost, ObjectExists, PartSizeChanged, StorageError
 from proxy.obs.observer import StreamObserver
 from proxy.storage.base import Pieces
-from proxy.tus.hash import Sha256
+from proxy.tus.hash import Sha256, check_declared
 from proxy.tus.state import Part, Segment, TusStorage
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ class PatchTarget:
     metadata: dict[str, str] = field(default_factory=dict)  # the object's, without sha256
     # Part numbers start after this (a concat partial's range in a shared multipart upload).
     part_base: int = 0
+    declared_sha256: str | None = None  # hex (IETF Repr-Digest): other bytes are not stored
 
 
 @dataclass(frozen=True)
@@ -242,6 +243,7 @@ class PatchWriter:
             # A fresh hash (no part before), so never the unsaveable kind; checked anyway.
             if digest is None:
                 raise StorageError("the upload's SHA-256 is unknown")
+            check_declared(self._t.declared_sha256, digest.hex())
             return {**self._t.metadata, "sha256": digest.hex()}
 
         # A failure here is raised to commit / salvage directly: no part state to mark.
