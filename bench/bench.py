@@ -28,6 +28,11 @@ Rows (--only takes these names):
                    put-8x<MiB>m
   tus-8x           8 concurrent tus-js-client uploads in one PATCH each
   peer-tus-server  tus-js-client, one PATCH, to @tus/server + @tus/s3-store
+  wan-1            tus-js-client, one PATCH, through an EMULATED long-distance link
+                   (bench/wanlink.py: --wan-rtt-ms, --wan-loss; a user-space relay,
+                   because this machine's kernel has no sch_netem), --wan-size bytes
+  wan-4x           the same file and link, tus-js-client parallelUploads: 4 on slice
+                   boundaries aligned to the part size (tus concatenation, no copy)
 
 Columns: MiB/s (the client's transfer time: curl's process, tus-js-client's start to
 success; 8x: first start to last end), CPU seconds per GiB, peak RSS, bytes written to
@@ -102,8 +107,11 @@ ROWS = (
     "put-8x",
     "tus-8x",
     "peer-tus-server",
+    "wan-1",
+    "wan-4x",
 )
-NODE_ROWS = {"tus-1-patch", "tus-8mib", "tus-8x", "peer-tus-server"}
+NODE_ROWS = {"tus-1-patch", "tus-8mib", "tus-8x", "peer-tus-server", "wan-1", "wan-4x"}
+WAN_PARALLEL = 4
 CONCURRENT = 8
 WARM_UP_BYTES = 16 * MiB
 READ_BYTES = 8 * MiB
@@ -192,6 +200,8 @@ class Bench:
             sizes["concurrent"] = self.concurrent_size
         if "put-4g" in rows:
             sizes["big"] = self.big_size
+        if {"wan-1", "wan-4x"} & set(rows):
+            sizes["wan"] = parse_size(self.args.wan_size)
         for name, size in sizes.items():
             path = make_file(self.work / f"{name}-{size}.bin", size)
             self.files[name] = path
@@ -295,9 +305,11 @@ class Bench:
     def tus_endpoint(self, daemon: Service) -> str:
         return daemon.ready_url.rsplit("/", 1)[0] + "/files/"
 
-    def tus(self, endpoint: str, path: Path, chunk: int | None, count: int) -> dict[str, Any]:
+    def tus(
+        self, endpoint: str, path: Path, chunk: int | None, count: int, parallel: int = 1
+    ) -> dict[str, Any]:
         argv = ["node", str(JS / "tus-upload.mjs"), endpoint, str(path)]
-        argv += [str(chunk) if chunk else "inf", str(count)]
+        argv += [str(chunk) if chunk else "inf", str(count), str(parallel), str(self.part_bytes)]
         r = subprocess.run(argv, capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"tus-js-client failed: {r.stderr.strip()}")
@@ -335,11 +347,10 @@ class Bench:
         assert self.s3 is not None
         keys: list[str] = []
         for url in result["urls"]:
-            upload_id = storage_id(url.rstrip("/").rsplit("/", 1)[1])
-            found = self.loop.run_until_complete(
-                self.s3.list_objects(f"{self.tus_objects}{upload_id}/")
-            )
-            keys += [o.key for o in found]
+            # <storage id>/<filename>, or <storage id> alone (a concatenated final)
+            base = f"{self.tus_objects}{storage_id(url.rstrip('/').rsplit('/', 1)[1])}"
+            found = self.loop.run_until_complete(self.s3.list_objects(base))
+            keys += [o.key for o in found if o.key == base or o.key.startswith(base + "/")]
         return keys
 
     def peer_keys(self, result: dict[str, Any], *, keep_objects: bool) -> list[str]:
@@ -387,12 +398,16 @@ class Bench:
 
         return self.proxy_row(name, size * count, client)
 
-    def tus_row(self, name: str, file: str, chunk: int | None, count: int) -> Sample:
+    def tus_row(
+        self, name: str, file: str, chunk: int | None, count: int, parallel: int = 1,
+        via: Callable[[str], str] | None = None,
+    ) -> Sample:  # fmt: skip
         path = self.files[file]
         size, digest = path.stat().st_size, self.digests[path]
 
         def client(daemon: Service) -> dict[str, Any]:
-            result = self.tus(self.tus_endpoint(daemon), path, chunk, count)
+            endpoint = self.tus_endpoint(daemon)
+            result = self.tus(via(endpoint) if via else endpoint, path, chunk, count, parallel)
 
             def verified() -> bool:
                 keys = self.tus_keys(result)  # one object per upload, or it is wrong
@@ -449,6 +464,33 @@ class Bench:
             result["patches"],
         )
 
+    def wan_row(self, row: str) -> Sample:
+        """tus-js-client through bench/wanlink.py (started per row, on loopback)."""
+        daemon = self.daemon
+        assert daemon is not None
+        port = daemon.ready_url.split(":")[2].split("/")[0]
+        argv = [sys.executable, str(BENCH / "wanlink.py"), "127.0.0.1", port]
+        argv += ["--rtt-ms", str(self.args.wan_rtt_ms), "--loss", str(self.args.wan_loss)]
+        link = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+        try:
+            assert link.stdout is not None
+            info = json.loads(link.stdout.readline())
+            print(
+                f"  emulated link (user-space relay, no sch_netem here): RTT "
+                f"{self.args.wan_rtt_ms:g} ms, loss {self.args.wan_loss:g} -> "
+                f"{info['rate_bytes_s'] / MiB:.2f} MiB/s per connection",
+                flush=True,
+            )
+
+            def via(endpoint: str) -> str:
+                return endpoint.replace(f":{port}/", f":{info['port']}/")
+
+            parallel = WAN_PARALLEL if row == "wan-4x" else 1
+            return self.tus_row(row, "wan", None, 1, parallel, via)
+        finally:
+            link.terminate()
+            link.wait()
+
     def concurrent_name(self, kind: str) -> str:
         return f"{kind}{size_label(self.concurrent_size)}"
 
@@ -465,6 +507,8 @@ class Bench:
             return self.put_row(f"put-{size_label(self.big_size)}", "big", 1)
         if row == "put-8x":
             return self.put_row(self.concurrent_name(row), "concurrent", CONCURRENT)
+        if row in ("wan-1", "wan-4x"):
+            return self.wan_row(row)
         if row == "tus-8x":
             return self.tus_row(self.concurrent_name(row), "concurrent", None, CONCURRENT)
         chunk = 8 * MiB if row == "tus-8mib" else None
@@ -514,6 +558,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--only", default="", help=f"comma-separated rows of: {', '.join(ROWS)}")
     ap.add_argument("--big", action="store_true", help="add put-4g")
     ap.add_argument("--big-size", default="4GiB", help="bytes of put-4g (named by its size)")
+    ap.add_argument("--wan-size", default="32MiB", help="bytes of the wan-* rows (32MiB)")
+    ap.add_argument("--wan-rtt-ms", type=float, default=80.0, help="emulated RTT (80)")
+    ap.add_argument("--wan-loss", type=float, default=0.005, help="emulated loss rate (0.005)")
     ap.add_argument("--part-size", default="", help="upload.part_size (default: shipped)")
     ap.add_argument("--parts-in-flight", type=int, default=0, help="upload.parts_in_flight")
     ap.add_argument("--direct-in-flight", type=int, default=0, help="direct (parts_in_flight)")

@@ -196,13 +196,16 @@ def checks(rows: dict[str, Sample], idle_rss_bytes: int, budget_bytes: int) -> l
         1.0,
         False,
     )
+    # Over the emulated long-distance link (bench/wanlink.py): what parallel uploads buy.
+    ratio("wan-4x MiB/s ÷ wan-1 (emulated link)", get("wan-4x", "mib_s"), get("wan-1", "mib_s"),
+          None, False)  # fmt: skip
     proxy_rows = [s for name, s in rows.items() if name not in NOT_PROXY_ROWS]
     limit = idle_rss_bytes + budget_bytes
     for s in proxy_rows:
         if s.peak_rss_bytes is None:
             continue
         rss = s.peak_rss_bytes
-        if "-8x" in s.row:
+        if "-8x" in s.row or s.row == "wan-4x":  # concurrent PATCHes (4 partials)
             target = f"≤ idle + budget = {limit / MiB:.0f}"
             out.append(Check(f"{s.row} peak RSS MiB", rss / MiB, target, rss <= limit))
         else:

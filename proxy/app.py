@@ -263,7 +263,10 @@ async def _sweepers_ctx(app: web.Application) -> AsyncIterator[None]:
                 return True
             if tus_routes is None:
                 return False
-            return await tus_routes.service.store.owns_multipart(upload.key, upload.upload_id)
+            svc = tus_routes.service
+            return await svc.store.owns_multipart(
+                upload.key, upload.upload_id
+            ) or await svc.concat.owns_multipart(upload.key, upload.upload_id)
 
         app[SWEEPER] = sweeper = StaleSweeper(
             app[STORAGE], uc.key_prefix, older_than_s=uc.stale_upload_after_s, is_live=live

@@ -128,6 +128,17 @@ class BadMetadata(BadRequest, code="ERR_BAD_METADATA"): ...
 class BadForm(BadRequest, code="ERR_BAD_FORM"): ...
 
 
+class BadConcat(BadRequest, code="ERR_BAD_CONCAT"):
+    """tus concatenation: a malformed ``Upload-Concat``, or partial uploads that cannot
+    make the final upload asked for (a partial named twice, a non-last partial below the
+    store's 5 MiB minimum part size, a final with an ``Upload-Length`` or a body)."""
+
+
+class PartialUnfinished(BadRequest, code="ERR_PARTIAL_UNFINISHED"):
+    """tus concatenation: a final upload names a partial upload that has not received
+    all its bytes yet (finish it, then create the final upload again)."""
+
+
 class NoFiles(BadRequest, code="ERR_NO_FILES"): ...
 
 
@@ -215,6 +226,10 @@ class Forbidden(ProxyError, code="ERR_FORBIDDEN", status=403, reason="forbidden"
 
 
 class BadSignature(Forbidden, code="ERR_BAD_SIGNATURE"): ...
+
+
+class FinalNotWritable(Forbidden, code="ERR_FINAL_UPLOAD"):
+    """tus concatenation: a PATCH to a final upload (its bytes are its partials')."""
 
 
 class UrlExpired(Forbidden, code="ERR_URL_EXPIRED"): ...

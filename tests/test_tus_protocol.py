@@ -50,6 +50,7 @@ async def test_options_advertises_what_works(proxy, http) -> None:
             "termination",
             "expiration",
             "checksum",
+            "concatenation",  # the store copies parts (tests/test_tus_concat.py)
         }
         assert int(r.headers["Tus-Max-Size"]) == proxy.config.upload.max_upload_size_bytes
         assert set(r.headers["Tus-Checksum-Algorithm"].split(",")) == {"sha1", "md5", "sha256"}

@@ -230,6 +230,27 @@ class Copier(Protocol):
 
 
 @runtime_checkable
+class PartCopier(Protocol):
+    """Server-side ``UploadPartCopy``: one part of a multipart upload made from a byte
+    range of a stored object, with no byte passing through the proxy.  tus
+    concatenation assembles unaligned partial uploads with it (proxy/tus/concat.py)."""
+
+    async def copy_part(
+        self,
+        key: str,
+        upload_id: str,
+        number: int,
+        *,
+        source: str,
+        source_etag: str,
+        first_byte: int,
+        last_byte: int,
+    ) -> str:
+        """Part ``number`` of ``upload_id`` at ``key`` := bytes ``first_byte``..``last_byte``
+        (inclusive) of ``source`` while its etag is ``source_etag``; return the part's etag."""
+
+
+@runtime_checkable
 class ObjectReader(Protocol):
     """Ranged reads of whole objects: what downloads need."""
 

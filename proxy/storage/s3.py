@@ -654,26 +654,43 @@ class S3Storage:
             step = self._copy_part_bytes
             for number, start in enumerate(range(0, size, step), start=1):
                 end = min(start + step, size) - 1
-                r = await self._call(
-                    "upload_part_copy",
-                    functools.partial(
-                        self._client.upload_part_copy,
-                        Bucket=self.bucket,
-                        Key=key,
-                        UploadId=upload_id,
-                        PartNumber=number,
-                        CopySource={"Bucket": self.bucket, "Key": source},
-                        CopySourceIfMatch=etag,
-                        CopySourceRange=f"bytes={start}-{end}",
-                    ),
-                )
-                parts.append(CompletedPart(number, str(r["CopyPartResult"]["ETag"])))
+                part_etag = await self.copy_part(
+                    key, upload_id, number, source=source, source_etag=etag,
+                    first_byte=start, last_byte=end,
+                )  # fmt: skip
+                parts.append(CompletedPart(number, part_etag))
             return await self.complete_multipart(
                 key, upload_id, parts, if_none_match=if_none_match, size_bytes=size
             )
         except BaseException:
             await asyncio.shield(self.abort_multipart(key, upload_id))
             raise
+
+    async def copy_part(
+        self,
+        key: str,
+        upload_id: str,
+        number: int,
+        *,
+        source: str,
+        source_etag: str,
+        first_byte: int,
+        last_byte: int,
+    ) -> str:
+        r = await self._call(
+            "upload_part_copy",
+            functools.partial(
+                self._client.upload_part_copy,
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=upload_id,
+                PartNumber=number,
+                CopySource={"Bucket": self.bucket, "Key": source},
+                CopySourceIfMatch=source_etag,
+                CopySourceRange=f"bytes={first_byte}-{last_byte}",
+            ),
+        )
+        return str(r["CopyPartResult"]["ETag"])
 
     async def delete_object(self, key: str, *, if_match: str | None = None) -> None:
         extra = {} if if_match is None else {"IfMatch": if_match}

@@ -30,14 +30,15 @@ async def sweep_once(svc: TusService) -> int:
                 continue
             info = loaded[0]
             now = svc.store.clock()
-            finish = info.completing or info.reached_length
+            # A partial with every byte waits for its final (or its expiry).
+            finish = (info.completing or info.reached_length) and not info.concat
             if info.leased(now) or not (finish or info.expired(now)):
                 continue
             lease = await svc.store.acquire(upload_id, by=None, allow_expired=True)
             try:
                 if lease.info.completing:
                     await svc.completer.complete_leased(lease, lease.info)
-                elif lease.info.reached_length:
+                elif lease.info.reached_length and not lease.info.concat:
                     # Every byte is durable but completion was never decided (a final
                     # PATCH that failed after setting a deferred length, or state from
                     # an older version): clients see offset == length and stop, so

@@ -63,6 +63,8 @@ class PatchTarget:
     segment_key: Callable[[int], str]  # upload offset -> a fresh pending-segment key
     content_type: str = "application/octet-stream"  # of the object
     metadata: dict[str, str] = field(default_factory=dict)  # the object's, without sha256
+    # Part numbers start after this (a concat partial's range in a shared multipart upload).
+    part_base: int = 0
     declared_sha256: str | None = None  # hex (IETF Repr-Digest): other bytes are not stored
 
 
@@ -126,7 +128,7 @@ class PatchWriter:
                 target.content_type,
                 target.metadata,
                 multipart_id=target.multipart_id,
-                first_number=target.parts_before + 1,
+                first_number=target.part_base + target.parts_before + 1,
                 front_bytes=self._pending_bytes,
             ),
             self._digest,

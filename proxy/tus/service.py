@@ -46,6 +46,7 @@ from proxy.keys import full_key, safe_filename
 from proxy.naming import KeyTemplate
 from proxy.obs.observer import StreamObserver
 from proxy.tus.completion import EMPTY_SHA256, Completer, completing, hook_upload
+from proxy.tus.concat import ConcatService
 from proxy.tus.hash import resume_sha256
 from proxy.tus.patch import PatchResult, PatchTarget, PatchWriter
 from proxy.tus.state import (
@@ -85,6 +86,11 @@ class NewUpload:
     principal: Principal  # the creator: the only one who may touch the upload again
     quota: str  # whose cap on unfinished uploads it counts against (quota_of)
     sha256: str | None = None  # hex, declared in Upload-Metadata: an instant upload may do
+    # tus concatenation: "partial", and where its bytes go (proxy.tus.concat.Placement).
+    concat: str = ""
+    multipart_id: str = ""
+    group: str = ""
+    part_base: int = 0
     repr_sha256: str | None = None  # hex, the client's Repr-Digest: completion checks it
     claims_key: bool = False  # ``key`` is the client's, outside object_prefix (a PUT)
 
@@ -107,6 +113,7 @@ class TusService:
         self.engine = engine
         self.store = store
         self.completer = Completer(config, store.storage, store, engine.events, engine.hooks)
+        self.concat = ConcatService(config, engine, store, self.completer, self.object_key)
 
     @property
     def storage(self) -> TusStorage:
@@ -155,8 +162,8 @@ class TusService:
         self, new: NewUpload, *, leased: bool, client: str = "-"
     ) -> tuple[UploadInfo, Lease | None]:
         now = self.store.clock()
-        info = self._info(new, "", now)
-        if new.length == 0:
+        info = self._info(new, new.multipart_id, now)
+        if new.length == 0 and not new.concat:
             # Complete on arrival: the object, and no state at all.
             await self.completer.put_empty(new.key, new.content_type, new.object_metadata)
             await self.completer.record_finish(replace(info, sha256_hex=EMPTY_SHA256))
@@ -186,7 +193,8 @@ class TusService:
             if info.claims_key:
                 await shielded(self.storage.delete_object(self.store.claim_key(info)), "unclaim")
             raise
-        self.engine.events.created()
+        if not new.concat:  # a partial is no upload of its own: the final is reported
+            self.engine.events.created()
         return info, lease
 
     async def create_copied(
@@ -224,6 +232,10 @@ class TusService:
         self.completer.report(info, sha256=copied.sha256, client=client)
         return replace(info, completing=True, sha256_hex=copied.sha256)
 
+    def info_of(self, new: NewUpload) -> UploadInfo:
+        """What ``new`` would be as an upload created now (a concat final's starting point)."""
+        return self._info(new, new.multipart_id, self.store.clock())
+
     def _info(self, new: NewUpload, mpu: str, now: float) -> UploadInfo:
         return UploadInfo(
             id=new.id,
@@ -237,6 +249,9 @@ class TusService:
             created_s=now,
             principal=str(new.principal),
             quota=new.quota,
+            concat=new.concat,
+            group=new.group,
+            part_base=new.part_base,
             repr_sha256=new.repr_sha256,
             claims_key=new.claims_key,
         )
@@ -270,6 +285,7 @@ class TusService:
             segment_key=lambda offset: self.store.segment_key(info.id, offset),
             content_type=info.content_type,
             metadata=info.object_metadata,
+            part_base=info.part_base,
             declared_sha256=info.repr_sha256,
         )
         buffers = self.engine.buffers_for(client_ip)
@@ -359,7 +375,7 @@ class TusService:
                 info = replace(info, length=info.offset + writer.received_bytes)
                 lease.info = replace(lease.info, length=info.length)
             final = info.length is not None and info.offset + writer.received_bytes == info.length
-            if final:
+            if final and not info.concat:
                 await self._pre_finish(lease, info, writer, keeper, client)
             try:
                 result = await writer.commit(final=final)
@@ -375,7 +391,8 @@ class TusService:
             finally:
                 await keeper.stop()
             new_info = self._apply(info, result)
-            if final:
+            if final and not info.concat:
+                # A partial that has every byte stays as it is, for a final to take.
                 return await self.completer.finish(lease, new_info, result, client)
             committed = await lease.release(new_info)
             await self.delete_quietly(result.obsolete)
@@ -424,7 +441,7 @@ class TusService:
         final = info.length is not None and info.offset + writer.received_bytes == info.length
         result = await writer.salvage(keep_tail=keep_tail, final=final)
         kept = self._apply(info, result)
-        if kept.reached_length and not kept.pending:
+        if kept.reached_length and not kept.pending and not info.concat:
             log.info("tus patch id=%s: the PATCH failed after its last byte", info.id)
             return await lease.save(completing(kept, result.sha256))
         committed = await lease.release(kept)
@@ -455,12 +472,15 @@ class TusService:
         """Abort the upload's parts and delete its state: the upload ends with ``why``
         (by default: its client terminated it)."""
         info = lease.info
-        if info.multipart_id:
+        if info.group:
+            await self.concat.leave(info)  # the multipart upload is shared
+        elif info.multipart_id:
             await self.engine.storage.abort_multipart(info.key, info.multipart_id)
         await self.store.delete_all(info)
         await lease.drop()
         error = why or Terminated("the upload was terminated by its client")
-        self.completer.report(info, error=error, client=client)
+        if not info.concat:  # partials are not reported as uploads (see proxy.tus.concat)
+            self.completer.report(info, error=error, client=client)
 
     # -- helpers ---------------------------------------------------------------------------
 

@@ -100,6 +100,13 @@ class UploadInfo:
     principal: str = str(ANONYMOUS)
     # Whose quota the upload counts against (its marker's folder); "" for none.
     quota: str = ""
+    # tus concatenation (proxy/tus/concat.py): "partial" for a partial upload, which never
+    # becomes an object of its own.  ``group``: the concat group whose shared multipart
+    # upload (``multipart_id``, at ``key``) holds its parts, numbered from part_base + 1;
+    # "" when the partial has a multipart upload (or object) of its own.
+    concat: str = ""
+    group: str = ""
+    part_base: int = 0
     # The whole upload's SHA-256 (hex) as its client declared it (IETF Repr-Digest):
     # completion discards an upload whose bytes have another one.
     repr_sha256: str | None = None

@@ -1,12 +1,13 @@
 """tus 1.0.0 over HTTP: core (HEAD, PATCH, OPTIONS) and the extensions creation,
-creation-with-upload, creation-defer-length, termination, expiration and checksum.
+creation-with-upload, creation-defer-length, termination, expiration, checksum and
+(where the store can copy parts) concatenation (:mod:`proxy.tus.concat`).
 
 Only headers and statuses live here; the upload lifecycle is :mod:`proxy.tus.service`,
 the state :mod:`proxy.tus.state`.  Errors are :class:`~proxy.errors.ProxyError`, rendered
 as JSON ``{"code", "message"}`` by the app's one error middleware (HEAD answers carry no
 body, as HTTP wants).  One ``on_response_prepare`` hook adds ``Tus-Resumable`` and the
 CORS headers to every answer under the base path, errors and 404/405 included.
-Concatenation is not implemented, so it is not advertised.  One header is our own:
+One header is our own:
 answers about a completed upload carry ``Upload-SHA256`` (hex), the stored object's digest.
 """
 
@@ -28,10 +29,12 @@ from proxy.auth import Grant, Principal
 from proxy.config import TusConfig
 from proxy.engine.dedup import OWNER_METADATA as CONTENT_OWNER_METADATA
 from proxy.errors import (
+    BadConcat,
     BadHeader,
     BadMetadata,
     Cancelled,
     ChecksumAlgorithm,
+    FinalNotWritable,
     LengthRequired,
     NotFound,
     OffsetMismatch,
@@ -43,11 +46,11 @@ from proxy.errors import (
 )
 from proxy.headers import ascii_uint
 from proxy.hooks.payload import HookRequest, HookUpload
-from proxy.tus import finished
+from proxy.tus import concat, finished
 from proxy.tus.completion import hook_upload
 from proxy.tus.finished import OWNER_METADATA
 from proxy.tus.service import Checksum, NewUpload, TusService, quota_of
-from proxy.tus.state import UploadInfo, new_id, release_quietly, storage_id, valid_id
+from proxy.tus.state import Lease, UploadInfo, new_id, release_quietly, storage_id, valid_id
 from proxy.web import page
 from proxy.web.errors import LOG_PATH
 from proxy.web.hookreq import hook_request
@@ -76,14 +79,14 @@ MAX_OBJECT_METADATA_BYTES = 1800
 _ALLOW_HEADERS = (
     "Authorization, Origin, X-Requested-With, X-Request-ID, X-HTTP-Method-Override, "
     "Content-Type, Upload-Length, Upload-Offset, Tus-Resumable, Upload-Metadata, "
-    "Upload-Defer-Length, Upload-Checksum, "
+    "Upload-Defer-Length, Upload-Checksum, Upload-Concat, "
     # IETF resumable uploads (proxy/web/resumable.py) on the same endpoint.
     "Upload-Draft-Interop-Version, Upload-Complete, Upload-Incomplete, Repr-Digest"
 )
 _EXPOSE_HEADERS = (
     "Upload-Offset, Location, Upload-Length, Tus-Version, Tus-Resumable, Tus-Max-Size, "
     "Tus-Extension, Tus-Checksum-Algorithm, Upload-Metadata, Upload-Defer-Length, "
-    "Upload-Expires, Upload-SHA256, "
+    "Upload-Expires, Upload-SHA256, Upload-Concat, "
     "Upload-Draft-Interop-Version, Upload-Complete, Upload-Incomplete, Upload-Limit, Repr-Digest"
 )
 _ALLOW_METHODS = "POST, HEAD, PATCH, DELETE, OPTIONS"
@@ -290,12 +293,17 @@ def _upload_id(request: web.Request) -> str:
     return storage_id(url_id)
 
 
+def _extensions(request: web.Request) -> str:
+    """Concatenation only where the store can do what it needs (copy parts, ranged reads)."""
+    return EXTENSIONS + (",concatenation" if _svc(request).concat.supported else "")
+
+
 async def options(request: web.Request) -> web.Response:
     # Tus-Resumable is not required on OPTIONS (spec: for discovery and CORS preflights).
     cfg = request.app[TUS].config
     headers = {
         "Tus-Version": TUS_VERSION,
-        "Tus-Extension": EXTENSIONS,
+        "Tus-Extension": _extensions(request),
         "Tus-Max-Size": str(request.app[UPLOADS].config.max_upload_size_bytes),
         "Tus-Checksum-Algorithm": ",".join(CHECKSUM_ALGORITHMS),
     }
@@ -315,6 +323,17 @@ async def create(request: web.Request) -> web.StreamResponse:
     defer = request.headers.get("Upload-Defer-Length")
     if defer is not None and (defer != "1" or length is not None):
         raise BadHeader("Upload-Defer-Length must be 1, and only without Upload-Length")
+    cat = concat.parse_header(request.headers.get(concat.HEADER), request.app[TUS].config.base_path)
+    if cat is not None and not svc.concat.supported:
+        raise BadHeader("this server's store cannot concatenate uploads")
+    if cat is not None and grant.link is not None:
+        # A link's caps (file size, file count) are per file: the final's size is known
+        # only from its partials, after they were taken.  Links upload files whole.
+        raise BadConcat("upload links do not take parallel (concatenated) uploads")
+    if cat is not None and cat.kind == concat.FINAL:
+        return await _create_final(request, grant, cat)
+    if cat is not None and length is None:
+        raise LengthRequired("a partial upload needs its Upload-Length")
     if length is None and defer is None:
         raise LengthRequired("Upload-Length or Upload-Defer-Length: 1 is required")
     if length is not None and length > svc.max_size_bytes:
@@ -327,6 +346,11 @@ async def create(request: web.Request) -> web.StreamResponse:
     quota = quota_of(grant.principal, client_ip)
     header = request.headers.get("Upload-Metadata", "")
     new = new_upload(svc, header, length, grant.principal, quota, grant.prefix or "")
+    if cat is not None:
+        # Its first await: partials are ranked in the order they arrive (proxy.tus.concat).
+        async with svc.concat.arrival(quota, new.metadata_header, grant.prefix or ""):
+            new = await _place_partial(svc, new, grant)
+        return await _create_partial(request, svc, new, with_body, declared, checksum)
     new = await _pre_create(request, svc, new)
     dedup = request.app[UPLOADS].dedup
     async with page.file_place(request, grant, new):
@@ -340,24 +364,9 @@ async def create(request: web.Request) -> web.StreamResponse:
             )
     svc.engine.hooks.notify("post-create", hook_upload(info), _hook_request(request, info.id))
     if lease is not None:
-        streaming(request)  # the upload exists: its outcome is reported as an upload's
-        try:
-            with request.app[UPLOADS].slots.hold(client_ip):
-                info = await _indexed(
-                    request,
-                    await svc.write(
-                        lease,
-                        _chunks(request),
-                        declared_bytes=declared,
-                        checksum=checksum,
-                        client_ip=client_ip,
-                    ),
-                )
-        except BaseException as e:
-            # Without our answer the client never learns the URL: nothing can resume it.
-            why = e if isinstance(e, ProxyError) else Cancelled("the creation was cancelled")
-            await _terminate_quietly(svc, info.id, why, client_ip)
-            raise
+        info = await _indexed(
+            request, await _write_created(request, svc, lease, declared, checksum, client_ip)
+        )
     location = request.app[TUS].config.base_path + new.url_id
     headers = {"Location": location, **_upload_headers(info)}
     if not with_body and instant is None:
@@ -369,6 +378,99 @@ async def create(request: web.Request) -> web.StreamResponse:
         "deferred" if info.length is None else info.length,
     )
     return web.Response(status=201, headers=headers)
+
+
+async def _place_partial(svc: TusService, new: NewUpload, grant: Grant) -> NewUpload:
+    meta = {k: v for k, v in new.object_metadata.items() if k != "tus-id"}
+    assert new.length is not None
+    where = await svc.concat.place(
+        new.url_id, new.id, new.length, new.quota, new.metadata_header, grant.prefix or "", meta
+    )
+    return replace(
+        new,
+        key=where.key,
+        concat=concat.PARTIAL,
+        multipart_id=where.multipart_id,
+        group=where.group,
+        part_base=where.part_base,
+    )
+
+
+async def _create_partial(
+    request: web.Request,
+    svc: TusService,
+    new: NewUpload,
+    with_body: bool,
+    declared: int | None,
+    checksum: Checksum | None,
+) -> web.StreamResponse:
+    """A partial upload: a tus upload whose bytes a final upload will take (no hooks, no
+    instant upload, no file place of an upload link: the final is the file)."""
+    client_ip = request_client(request).ip
+    try:
+        info, lease = await svc.create(new, leased=with_body and new.length != 0, client=client_ip)
+    except BaseException:
+        if new.group:
+            await svc.concat.abandon(new.group, new.id)
+        raise
+    if lease is not None:
+        info = await _write_created(request, svc, lease, declared, checksum, client_ip)
+    headers = {"Location": request.app[TUS].config.base_path + new.url_id}
+    if with_body:
+        headers.update(_upload_headers(info))
+    log.info("tus create partial id=%s length=%s group=%s", info.id, info.length, info.group or "-")
+    return web.Response(status=201, headers=headers)
+
+
+async def _create_final(
+    request: web.Request, grant: Grant, cat: concat.ConcatHeader
+) -> web.StreamResponse:
+    """A final upload: made at once from its finished partials (no body, no length)."""
+    svc = _svc(request)
+    if "Upload-Length" in request.headers or request.content_length:
+        raise BadConcat("a final upload takes neither Upload-Length nor a body")
+    client_ip = request_client(request).ip
+    quota = quota_of(grant.principal, client_ip)
+    header = request.headers.get("Upload-Metadata", "")
+    new = new_upload(svc, header, None, grant.principal, quota, grant.prefix or "")
+    new = await _pre_create(request, svc, new)
+    # (Upload links, whose file places file_place takes, were refused in create.)
+    url_id, info = await svc.concat.finalize(
+        cat, svc.info_of(new), new.url_id, by=grant.principal, client=client_ip
+    )
+    info = await _indexed(request, info)
+    headers = {
+        "Location": request.app[TUS].config.base_path + url_id,
+        **_upload_headers(info),
+        "Upload-Length": str(info.offset),
+    }
+    return web.Response(status=201, headers=headers)
+
+
+async def _write_created(
+    request: web.Request,
+    svc: TusService,
+    lease: Lease,
+    declared: int | None,
+    checksum: Checksum | None,
+    client_ip: str,
+) -> UploadInfo:
+    """The body of a creation-with-upload, written to the new upload."""
+    streaming(request)  # the upload exists: its outcome is reported as an upload's
+    try:
+        with request.app[UPLOADS].slots.hold(client_ip):
+            return await svc.write(
+                lease,
+                _chunks(request),
+                declared_bytes=declared,
+                checksum=checksum,
+                client_ip=client_ip,
+            )
+    except BaseException as e:
+        # Without our answer the client never learns the URL: nothing can resume it.
+        why = e if isinstance(e, ProxyError) else Cancelled("the creation was cancelled")
+        await _terminate_quietly(svc, lease.info.id, why, client_ip)
+        raise
 
 
 def _hook_request(request: web.Request, upload_id: str) -> HookRequest:
@@ -443,6 +545,8 @@ async def head(request: web.Request) -> web.Response:
         headers["Upload-Length"] = str(info.length)
     if info.metadata_header:
         headers["Upload-Metadata"] = info.metadata_header
+    if info.concat:
+        headers[concat.HEADER] = concat.PARTIAL
     return web.Response(status=200, headers=headers)
 
 
@@ -459,6 +563,9 @@ async def _head_finished(svc: TusService, upload_id: str, grant: Grant) -> web.R
     }
     if sha256 := obj.metadata.get("sha256"):
         headers[SHA256_HEADER] = sha256
+    if obj.metadata.get(concat.CONCAT_METADATA) == concat.FINAL:
+        # The partials' URLs are secrets kept nowhere: the list cannot be echoed.
+        headers[concat.HEADER] = concat.FINAL
     return web.Response(status=200, headers=headers)
 
 
@@ -475,7 +582,11 @@ async def patch(request: web.Request) -> web.Response:
         raise BadHeader("Upload-Offset is required")
     length = _non_negative(request, "Upload-Length")
     checksum = _checksum(request)
-    lease = await svc.store.acquire(upload_id, by=grant.principal)
+    try:
+        lease = await svc.store.acquire(upload_id, by=grant.principal)
+    except NotFound:
+        await _refuse_final(svc, upload_id, grant)
+        raise
     try:
         info = lease.info
         if info.completing and offset == info.offset:
@@ -513,6 +624,15 @@ async def patch(request: web.Request) -> web.Response:
         )
     info = await _indexed(request, info)
     return web.Response(status=204, headers=_upload_headers(info))
+
+
+async def _refuse_final(svc: TusService, upload_id: str, grant: Grant) -> None:
+    """A PATCH to one's own final upload is a 403 (tus), not the 404 of a finished one."""
+    folder = svc.object_key(upload_id, None, "", under=grant.prefix or "")
+    obj = await finished.find(svc.storage, folder, upload_id)
+    if obj is not None and finished.owned_by(obj, grant.principal):
+        if obj.metadata.get(concat.CONCAT_METADATA) == concat.FINAL:
+            raise FinalNotWritable("a final upload is made of its partial uploads: no PATCH")
 
 
 async def _indexed(request: web.Request, info: UploadInfo) -> UploadInfo:
