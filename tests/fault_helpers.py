@@ -162,6 +162,26 @@ def unique_prefix(tag: str) -> str:
 
 
 @contextlib.asynccontextmanager
+async def faulty_s3(
+    seaweed: EmbeddedSeaweed, *, state_prefix: str = "", **settings: Any
+) -> AsyncIterator[tuple[S3Storage, FaultProxy]]:
+    """An S3Storage (``settings``: its timeouts and retries) that reaches ``seaweed``
+    through a fault proxy, for tests that run the proxy's app in-process (``start_proxy(
+    storage=...)``) or drive the engine directly: faults below S3Storage, whose retries
+    and classification of errors are what those tests prove."""
+    async with FaultProxy(seaweed.endpoint_url, state_prefix=state_prefix) as fp:
+        storage = S3Storage(
+            bucket=seaweed.bucket,
+            endpoint_url=fp.url,
+            access_key=seaweed.credentials.access_key,
+            secret_key=seaweed.credentials.secret_key,
+            **settings,
+        )
+        async with storage:
+            yield storage, fp
+
+
+@contextlib.asynccontextmanager
 async def daemon_behind(
     seaweed: EmbeddedSeaweed, tmp_path: Path, prefix: str, **sections: dict[str, Any]
 ) -> AsyncIterator[tuple[FaultProxy, Daemon]]:
