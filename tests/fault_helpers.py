@@ -25,7 +25,7 @@ from proxy.storage.s3 import S3Storage
 from proxy.storage.seaweed import EmbeddedSeaweed
 from proxy.storage.sweeper import StaleSweeper
 from proxy.tus.state import TusStore
-from tests.daemon import Daemon, launch, start_daemon
+from tests.daemon import Daemon, start_daemon
 from tests.faultproxy import Fault, FaultProxy, Rule, blackhole
 from tests.tus_helpers import TUS, b64, sid
 
@@ -214,17 +214,6 @@ async def start_behind(
         tus={"sweep_interval_s": 0, **(tus or {})},
         **sections,
     )
-
-
-async def restart(tmp_path: Path, seaweed: EmbeddedSeaweed, daemon: Daemon) -> Daemon:
-    """The same daemon (same config file, same port) started again after it died."""
-    await daemon.stop()
-    cfg = tmp_path / f"daemon-{daemon.port}.toml"
-    env = {
-        "AWS_ACCESS_KEY_ID": seaweed.credentials.access_key,
-        "AWS_SECRET_ACCESS_KEY": seaweed.credentials.secret_key,
-    }
-    return await launch(cfg, daemon.port, env)
 
 
 def sha256_hex(data: bytes) -> str:

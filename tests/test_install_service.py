@@ -21,12 +21,11 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from test_memory_bound import wait_up
 
 from proxy.auth import hash_token
 from proxy.storage.seaweed import EmbeddedSeaweed, free_port
 
-from conftest import BUCKET
+from conftest import BUCKET, wait_up
 from daemon import write_config
 
 pytestmark = pytest.mark.slow
