@@ -54,12 +54,13 @@ def install_service(destdir: Path, *args: str | Path) -> str:
 def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`python -m build`: an sdist, and a wheel built from that sdist."""
     out = tmp_path_factory.mktemp("dist")
-    subprocess.run(
+    done = subprocess.run(
         [sys.executable, "-m", "build", "--no-isolation", "--outdir", out, ROOT],
-        check=True,
         capture_output=True,
+        text=True,
         timeout=300,
     )
+    assert done.returncode == 0, f"build failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return out
 
 
