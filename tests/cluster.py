@@ -52,11 +52,11 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-@dataclass
 class PortTaken(RuntimeError):
     """A port chosen free was taken before weed bound it."""
 
 
+@dataclass
 class Node:
     """One weed process: its role, the ports it must listen on, its log."""
 
