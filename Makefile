@@ -91,9 +91,13 @@ test-deps:
 		|| echo "apt-get failed: tests needing$$missing will skip"; \
 	elif [ -n "$$missing" ]; then echo "not installed (tests will skip):$$missing"; fi
 
-## The whole test suite, against a real SeaweedFS the tests start on loopback.
+## The whole test suite, against a real SeaweedFS the tests start on loopback, on two
+## pytest-xdist workers (tests/conftest.py says how modules are spread; TEST_WORKERS=0 runs
+## it in one process).
+TEST_WORKERS ?= 2
+TEST_XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
 test: $(STAMP) test-deps $(JS_DEPS)
-	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15 $(TEST_XDIST)
 
 ## debootstrap and qemu-user-static (+ binfmt-support) for check-aarch64, as test-deps does.
 aarch64-deps:

@@ -52,6 +52,10 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+class PortTaken(RuntimeError):
+    """A port chosen free was taken before weed bound it."""
+
+
 @dataclass
 class Node:
     """One weed process: its role, the ports it must listen on, its log."""
@@ -214,15 +218,25 @@ class SeaweedCluster:
         d.mkdir(mode=0o700, parents=True, exist_ok=True)
         return d
 
-    async def start(self, timeout_s: float = 60.0) -> None:
-        """Start every process, each once the one it talks to is ready; create the bucket."""
+    async def start(self, timeout_s: float = 60.0, attempts: int = 3) -> None:
+        """Start every process, each once the one it talks to is ready; create the bucket.
+        A port found taken again before anything started (other test workers and suites
+        run on this machine) costs a new plan, up to ``attempts``."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return await self._start_once(timeout_s)
+            except PortTaken:
+                if attempt == attempts:
+                    raise
+
+    async def _start_once(self, timeout_s: float) -> None:
         weed = find_weed()
         started = time.monotonic()
         planned = self._plan(weed)
         for node in planned:
             busy = sorted(p for p in node.ports if not port_is_free(p, HOST))
             if busy:
-                raise RuntimeError(f"weed {node.name}: ports {busy} were taken meanwhile")
+                raise PortTaken(f"weed {node.name}: ports {busy} were taken meanwhile")
         self.nodes = {n.name: n for n in planned}
         stages: list[tuple[tuple[str, ...], Callable[[aiohttp.ClientSession], Awaitable[bool]]]] = [
             (("master",), self._master_leads),

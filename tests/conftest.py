@@ -84,8 +84,10 @@ def prefix() -> str:
     return f"t-{uuid.uuid4().hex[:12]}/"
 
 
-def make_config(sw: EmbeddedSeaweed, prefix: str, **sections: dict[str, Any]) -> Config:
-    data: dict[str, Any] = {
+def base_sections(sw: EmbeddedSeaweed, prefix: str) -> dict[str, dict[str, Any]]:
+    """The config every test daemon starts from, in-process (make_config) or as a
+    subprocess (tests/daemon.py): SeaweedFS on loopback, everything under ``prefix``."""
+    return {
         "server": {"listen": "127.0.0.1:0", "drain_timeout_s": 5},
         # 5 MiB parts allow at most ~48 GiB in 10000 parts.
         "upload": {
@@ -110,9 +112,20 @@ def make_config(sw: EmbeddedSeaweed, prefix: str, **sections: dict[str, Any]) ->
         # as they were) and from other tests' (no instant upload across tests).
         "dedup": {"index_prefix": f".dedup/{prefix}"},
     }
-    for name, values in sections.items():
+
+
+def merge_sections(
+    base: dict[str, dict[str, Any]], overrides: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """``base`` with each section of ``overrides`` updated over it (keys, not whole sections)."""
+    data = {name: dict(values) for name, values in base.items()}
+    for name, values in overrides.items():
         data.setdefault(name, {}).update(values)
-    return from_dict(data)
+    return data
+
+
+def make_config(sw: EmbeddedSeaweed, prefix: str, **sections: dict[str, Any]) -> Config:
+    return from_dict(merge_sections(base_sections(sw, prefix), sections))
 
 
 @dataclasses.dataclass
@@ -124,6 +137,13 @@ class Proxy:
     config: Config
     prefix: str
     app: web.Application
+    runner: web.AppRunner
+
+    async def stop(self) -> None:
+        """Stop it now, half-way through the test (a restart: ``start_proxy(port=...)``
+        again); the fixture stops the ones left running at the end."""
+        if self.runner.server is not None:
+            await self.runner.cleanup()
 
     # What the running app holds (its AppKeys, set once the store is open).
 
@@ -145,9 +165,11 @@ StartProxy = Callable[..., Awaitable[Proxy]]
 
 @pytest.fixture
 async def start_proxy(seaweed: EmbeddedSeaweed, prefix: str) -> AsyncIterator[StartProxy]:
-    """Start a proxy on a free port; keyword sections override the test config.  ``routes``
-    may add test-only routes and signals to the app before it starts."""
-    runners: list[web.AppRunner] = []
+    """Start a proxy in this process (see tests/daemon.py for when a subprocess is needed)
+    on a free port, or on ``port`` (a restart on the port of one stopped before); keyword
+    sections override the test config.  ``storage`` replaces the store (a wrapper, a
+    fault proxy's), ``routes`` may add test-only routes and signals before it starts."""
+    proxies: list[Proxy] = []
 
     async def start(
         *,
@@ -155,6 +177,7 @@ async def start_proxy(seaweed: EmbeddedSeaweed, prefix: str) -> AsyncIterator[St
         pool: Any = None,
         memory_reader: Any = None,
         routes: Callable[[web.Application], None] | None = None,
+        port: int = 0,
         **sections: dict[str, Any],
     ) -> Proxy:
         config = make_config(seaweed, prefix, **sections)
@@ -179,14 +202,17 @@ async def start_proxy(seaweed: EmbeddedSeaweed, prefix: str) -> AsyncIterator[St
         runner = make_runner(app, config)
         await runner.setup()
         # Behind the same connection guard as the daemon's listeners.
-        await start_site(runner, "127.0.0.1", 0, config)
-        runners.append(runner)
-        port = bound_port(runner)
-        return Proxy(f"http://127.0.0.1:{port}", "127.0.0.1", port, runtime, config, prefix, app)
+        await start_site(runner, "127.0.0.1", port, config)
+        bound = bound_port(runner)
+        proxy = Proxy(
+            f"http://127.0.0.1:{bound}", "127.0.0.1", bound, runtime, config, prefix, app, runner
+        )
+        proxies.append(proxy)
+        return proxy
 
     yield start
-    for r in runners:
-        await r.cleanup()
+    for p in proxies:
+        await p.stop()
 
 
 @contextlib.asynccontextmanager
@@ -219,6 +245,32 @@ async def wait_up(url: str, timeout_s: float = 30) -> None:
             except aiohttp.ClientError:
                 pass
             await asyncio.sleep(0.05)
+
+
+# -- two workers (make test runs pytest-xdist with --dist loadgroup) -------------------------
+#
+# Most tests wait on sockets, timeouts and subprocesses rather than on a CPU, so two
+# workers halve the suite's time even on 2 cores.  Each worker is its own session: its own
+# SeaweedFS (the session fixture above), its own tmp dirs, free ports; tests already keep
+# to their own key prefix.  A module whose tests share a module-scoped fixture (a daemon,
+# a cluster, a built venv) stays on one worker, so that fixture starts once; other
+# modules' tests are spread one by one.  SPREAD modules are spread despite a module
+# fixture: theirs is cheap (one daemon, ~1 s) and their tests are many minutes of waiting.
+SPREAD = {"test_network_faults.py"}
+
+
+def _has_module_fixture(item: pytest.Item) -> bool:
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:  # not a function item, or a pytest without it: keep the module together
+        return True
+    return any(d.scope == "module" for defs in info.name2fixturedefs.values() for d in defs)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.path.name
+        if module not in SPREAD and _has_module_fixture(item):
+            item.add_marker(pytest.mark.xdist_group(module))
 
 
 @pytest.hookimpl(wrapper=True)

@@ -1,17 +1,36 @@
-"""Run the real daemon (``python -m proxy``) as a subprocess, as systemd would."""
+"""The one way tests start a daemon of their own.
+
+* :func:`start_daemon`: the real daemon (``python -m proxy -c FILE``) as a subprocess, as
+  systemd runs it: on the test config (``conftest.base_sections``: the session's
+  SeaweedFS, everything under the test's key prefix, a free port) with keyword sections
+  over it (``server={"drain_timeout_s": 2}`` changes one key, not the whole section).
+  Use it for what only a process shows: signals, exit codes, restarts, RSS, sd_notify,
+  the log, a daemon behind nginx or the fault proxy.  :meth:`Daemon.restart` starts it
+  again on the same config and port (after a kill); :func:`launch` runs a config file
+  the test wrote itself (the embedded store, a scale-out instance).
+* ``start_proxy`` (the conftest fixture): the same app in the test's process, on the
+  same config, with an injected Storage (a wrapper, ``faulty_s3``) or pool; its runtime
+  and app are at hand (``proxy.uploads``, ``proxy.pool``).  Most tests use it: it starts
+  in milliseconds.  ``conftest.serving`` is the whole in-process Server (every listener).
+
+Both stop on the way out of the test (``start_proxy``) or in the test's ``finally``
+(``await daemon.stop()``: a kill; a test that means a clean stop signals and waits).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from proxy.storage.seaweed import EmbeddedSeaweed, free_port
-from tests.conftest import BUCKET
+from tests.conftest import base_sections, merge_sections
 
 
 def toml_value(v: Any) -> str:
@@ -41,6 +60,8 @@ def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
 class Daemon:
     proc: asyncio.subprocess.Process
     port: int
+    config: Path
+    env: dict[str, str] = field(default_factory=dict)
     log: list[str] = field(default_factory=list)
     _reader: asyncio.Task[None] | None = None
 
@@ -63,6 +84,22 @@ class Daemon:
             self.proc.kill()
             await self.proc.wait()
 
+    async def wait_log(self, text: str, timeout_s: float = 30) -> None:
+        """Until a line containing ``text`` has been logged (what a test waits on for a
+        step only the log shows, e.g. a signal handled)."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                while not any(text in line for line in self.log):
+                    await asyncio.sleep(0.02)
+        except TimeoutError:
+            raise AssertionError(f"not logged within {timeout_s}s: {text!r}") from None
+
+    async def restart(self, timeout_s: float = 30) -> Daemon:
+        """The same daemon (config file, port, environment) started again, once this one
+        is gone (killed here if it still runs).  The new one has a log of its own."""
+        await self.stop()
+        return await launch(self.config, self.port, self.env, timeout_s=timeout_s)
+
 
 async def start_daemon(
     tmp_path: Path,
@@ -71,33 +108,20 @@ async def start_daemon(
     env: dict[str, str] | None = None,
     **overrides: dict[str, Any],
 ) -> Daemon:
+    """The daemon as a subprocess on the test config with ``overrides`` over it, listening
+    on a free port (or the one ``server={"listen": ...}`` names); ``env`` adds to its
+    environment (the store's keys are passed as systemd would, in AWS_* variables)."""
+    base = base_sections(sw, prefix)
     port = free_port()
-    sections: dict[str, dict[str, Any]] = {
-        "server": {"listen": f"127.0.0.1:{port}", "drain_timeout_s": 5},
-        "upload": {
-            "key_prefix": prefix,
-            "part_size": "5MiB",
-            "memory_budget": "64MiB",
-            "max_upload_size": "1GiB",
-        },
-        "storage": {
-            "backend": "s3",
-            "bucket": BUCKET,
-            "endpoint_url": sw.endpoint_url,
-            "retry_attempts": 2,
-            "retry_base_delay_s": 0.05,
-        },
-        "auth": {"mode": "none"},
-        # tus state under the test's prefix too, so tests sharing the bucket stay apart.
-        "tus": {"state_prefix": f"{prefix}.tus/"},
-        # The content index apart from the test's objects (listings under the prefix stay
-        # as they were) and from other tests' (no instant upload across tests).
-        "dedup": {"index_prefix": f".dedup/{prefix}"},
-    }
-    for name, values in overrides.items():
-        sections.setdefault(name, {}).update(values)
+    base["server"]["listen"] = f"127.0.0.1:{port}"
+    # What subprocess daemons have always run with: the daemon's default part checksum
+    # (none) and a smaller size cap than in-process tests.
+    del base["upload"]["part_checksum"]
+    base["upload"]["max_upload_size"] = "1GiB"
+    sections = merge_sections(base, overrides)
+    port = int(sections["server"]["listen"].rsplit(":", 1)[1])
     cfg = write_config(tmp_path / f"daemon-{port}.toml", sections)
-    return await launch(
+    daemon = await launch(
         cfg,
         port,
         {
@@ -106,6 +130,41 @@ async def start_daemon(
             **(env or {}),
         },
     )
+    metrics = sections["server"].get("metrics_listen")
+    if metrics:  # "listening on" is logged before the metrics listener binds
+        try:
+            await wait_accepting(metrics)
+        except BaseException:
+            await daemon.stop()
+            raise
+    return daemon
+
+
+@contextlib.asynccontextmanager
+async def running_daemon(
+    tmp_path: Path, sw: EmbeddedSeaweed, prefix: str, **overrides: dict[str, Any]
+) -> AsyncIterator[Daemon]:
+    """:func:`start_daemon` for the length of a ``with`` block (a fixture's body); stopped
+    (killed) on the way out, whatever happened."""
+    daemon = await start_daemon(tmp_path, sw, prefix, **overrides)
+    try:
+        yield daemon
+    finally:
+        await daemon.stop()
+
+
+async def wait_accepting(address: str, timeout_s: float = 30) -> None:
+    """Until ``host:port`` accepts a connection."""
+    host, _, port = address.rpartition(":")
+    async with asyncio.timeout(timeout_s):
+        while True:
+            try:
+                _, writer = await asyncio.open_connection(host.strip("[]"), int(port))
+            except OSError:
+                await asyncio.sleep(0.05)
+                continue
+            writer.close()
+            return
 
 
 async def spawn(cfg: Path, env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
@@ -132,7 +191,7 @@ async def launch(
 ) -> Daemon:
     """Start the daemon on ``cfg`` and wait until it listens on ``port``."""
     proc = await spawn(cfg, env)
-    daemon = Daemon(proc, port)
+    daemon = Daemon(proc, port, cfg, dict(env or {}))
     listening = asyncio.Event()
 
     async def read_log() -> None:

@@ -25,7 +25,7 @@ from proxy.storage.s3 import S3Storage
 from proxy.storage.seaweed import EmbeddedSeaweed
 from proxy.storage.sweeper import StaleSweeper
 from proxy.tus.state import TusStore
-from tests.daemon import Daemon, launch, start_daemon
+from tests.daemon import Daemon, start_daemon
 from tests.faultproxy import Fault, FaultProxy, Rule, blackhole
 from tests.tus_helpers import TUS, b64, sid
 
@@ -162,6 +162,26 @@ def unique_prefix(tag: str) -> str:
 
 
 @contextlib.asynccontextmanager
+async def faulty_s3(
+    seaweed: EmbeddedSeaweed, *, state_prefix: str = "", **settings: Any
+) -> AsyncIterator[tuple[S3Storage, FaultProxy]]:
+    """An S3Storage (``settings``: its timeouts and retries) that reaches ``seaweed``
+    through a fault proxy, for tests that run the proxy's app in-process (``start_proxy(
+    storage=...)``) or drive the engine directly: faults below S3Storage, whose retries
+    and classification of errors are what those tests prove."""
+    async with FaultProxy(seaweed.endpoint_url, state_prefix=state_prefix) as fp:
+        storage = S3Storage(
+            bucket=seaweed.bucket,
+            endpoint_url=fp.url,
+            access_key=seaweed.credentials.access_key,
+            secret_key=seaweed.credentials.secret_key,
+            **settings,
+        )
+        async with storage:
+            yield storage, fp
+
+
+@contextlib.asynccontextmanager
 async def daemon_behind(
     seaweed: EmbeddedSeaweed, tmp_path: Path, prefix: str, **sections: dict[str, Any]
 ) -> AsyncIterator[tuple[FaultProxy, Daemon]]:
@@ -194,17 +214,6 @@ async def start_behind(
         tus={"sweep_interval_s": 0, **(tus or {})},
         **sections,
     )
-
-
-async def restart(tmp_path: Path, seaweed: EmbeddedSeaweed, daemon: Daemon) -> Daemon:
-    """The same daemon (same config file, same port) started again after it died."""
-    await daemon.stop()
-    cfg = tmp_path / f"daemon-{daemon.port}.toml"
-    env = {
-        "AWS_ACCESS_KEY_ID": seaweed.credentials.access_key,
-        "AWS_SECRET_ACCESS_KEY": seaweed.credentials.secret_key,
-    }
-    return await launch(cfg, daemon.port, env)
 
 
 def sha256_hex(data: bytes) -> str:

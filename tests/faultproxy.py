@@ -13,6 +13,9 @@ sent again on its own.
 
 Faults (:class:`Fault`), each at a point that means something to the client:
 
+* ``error(status, code)``: the store is not asked; the client gets S3's error answer
+  (``status``, ``<Code>code</Code>``), as from a store that refused (500 InternalError,
+  503 SlowDown, 403 AccessDenied ...);
 * ``lost_answer``: the store carried the request out; its answer is read in full, then
   the client's connection is reset (SO_LINGER 0) without a byte of it;
 * ``reset_before``: the client's connection is reset before the store saw anything;
@@ -28,7 +31,9 @@ Faults (:class:`Fault`), each at a point that means something to the client:
   stays closed once the socket buffers are full), then the connection is reset;
 * ``hold()`` / ``hold(answer=True)``: the request (or the store's answer to it) waits
   until the test calls :meth:`Rule.release` (e.g. after killing the daemon); then it is
-  forwarded (or answered), or dropped with a reset.
+  forwarded (or answered), or dropped with a reset.  Requests still held when the proxy
+  closes are reset, so ``hold(answer=True)`` with no release is an answer that never
+  comes: the client's read timeout decides.
 
 A rule may wait for another to have applied (``after``), and the operation ``"*"`` is
 every operation: ``fp.add("*", blackhole(s), times=None, after=first)`` is the store gone
@@ -47,6 +52,7 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from urllib.parse import parse_qs, unquote, urlsplit
 
 HEAD_LIMIT_BYTES = 1024 * 1024
@@ -83,8 +89,12 @@ class Fault:
     seconds: float = 0.0
     rate_bytes_per_s: float = 0.0
     answer: bool = False  # delay / hold / trickle: the answer, not the request
+    status: int = 0  # error: the status and S3 error code the client gets
+    code: str = ""
 
     def __str__(self) -> str:
+        if self.kind == "error":
+            return f"error({self.status}-{self.code})"
         where = "-answer" if self.answer else ""
         if self.kind == "trickle":
             where = "" if self.answer else "-request"
@@ -99,6 +109,10 @@ def _rate(bytes_per_s: float) -> str:
         if bytes_per_s >= size:
             return f"{bytes_per_s / size:g}{unit}/s"
     return f"{bytes_per_s:g}B/s"
+
+
+def error(status: int, code: str) -> Fault:
+    return Fault("error", status=status, code=code)
 
 
 def lost_answer() -> Fault:
@@ -327,12 +341,17 @@ class FaultProxy:
             rule.release(forward=False)
         self.rules.clear()
 
-    def seen(self, op: str | None = None, key: str | None = None) -> list[Record]:
-        """The recorded requests of ``op`` (any if None) whose key matches ``key`` (a regex)."""
+    def seen(
+        self, op: str | None = None, key: str | None = None, query: str | None = None
+    ) -> list[Record]:
+        """The recorded requests of ``op`` (any if None) whose key and query string match
+        ``key`` and ``query`` (regexes; None: any)."""
         return [
             r
             for r in self.records
-            if (op is None or r.op == op) and (key is None or re.search(key, r.key))
+            if (op is None or r.op == op)
+            and (key is None or re.search(key, r.key))
+            and (query is None or re.search(query, r.query))
         ]
 
     async def quiet(self, timeout_s: float = 30) -> None:
@@ -414,6 +433,13 @@ class FaultProxy:
         kind = None if fault is None else fault.kind
         if kind == "reset_before":
             return _reset(writer)
+        if kind == "error" and fault is not None:
+            record.settled = True  # never forwarded
+            await self._notify()
+            writer.write(_error_answer(fault.status, fault.code))
+            await writer.drain()
+            record.delivered = True
+            return None
         if kind == "blackhole":
             assert fault is not None
             record.settled = True  # never forwarded
@@ -469,6 +495,24 @@ class FaultProxy:
 # Hop-by-hop headers the proxy replaces (and Expect, which it answers itself; botocore
 # never signs it).
 _HOP_HEADERS = frozenset({"connection", "keep-alive", "expect", "proxy-connection"})
+
+
+def part_number(n: int) -> str:
+    """The ``query`` regex of requests for part ``n`` (UploadPart, UploadPartCopy)."""
+    return rf"(^|&)partNumber={n}(&|$)"
+
+
+def _error_answer(status: int, code: str) -> bytes:
+    body = (
+        "<?xml version='1.0' encoding='UTF-8'?>"
+        f"<Error><Code>{code}</Code><Message>injected</Message></Error>"
+    ).encode()
+    head = (
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
+        "Content-Type: application/xml\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode("latin-1") + body
 
 
 def _reset(writer: asyncio.StreamWriter) -> None:

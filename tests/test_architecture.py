@@ -49,7 +49,7 @@ def test_only_web_and_the_composition_root_import_aiohttp_web() -> None:
 
 def test_no_test_reaches_into_the_storage_client() -> None:
     """Faults go through a wrapper Storage (tests/wrapped.py) or the fault proxy
-    (tests/s3_faults.py), reads through the Storage interface: never ``x._client``."""
+    (tests/faultproxy.py), reads through the Storage interface: never ``x._client``."""
     reaching = []
     for path in (ROOT / "tests").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):

@@ -33,9 +33,14 @@ from tests.tus_helpers import OCTET, create, head_offset, tus_sections
 
 
 async def read_until(
-    proc: asyncio.subprocess.Process, sent_at_least: int, timeout_s: float = 30
+    proc: asyncio.subprocess.Process,
+    sent_at_least: int,
+    timeout_s: float = 30,
+    *,
+    event: str = "progress",
 ) -> list[str]:
-    """Progress lines of a running CLI until one reports ``sent_at_least`` bytes."""
+    """Lines of a running CLI until an ``event`` line (a progress line: one that reports
+    ``sent_at_least`` bytes)."""
     assert proc.stdout is not None
     lines: list[str] = []
     async with asyncio.timeout(timeout_s):
@@ -43,8 +48,8 @@ async def read_until(
             raw = await proc.stdout.readline()
             assert raw, "the CLI ended early:\n" + "\n".join(lines)
             lines.append(raw.decode().rstrip())
-            event, fields = parse_line(lines[-1])
-            if event == "progress" and fields["sent"] >= sent_at_least:
+            got, fields = parse_line(lines[-1])
+            if got == event and (got != "progress" or fields["sent"] >= sent_at_least):
                 return lines
 
 
@@ -162,8 +167,9 @@ async def test_daemon_killed_and_restarted_under_a_running_cli(
         lines = await read_until(cli, 12 * MiB)
         daemon.signal(signal.SIGKILL)
         await daemon.wait()
-        await asyncio.sleep(1.0)  # the CLI meets a refused connection for a while
-        daemon = await start_daemon(tmp_path, seaweed, prefix, **sections)
+        # The CLI meets the refused connection (and says so) before the daemon is back.
+        lines += await read_until(cli, 0, event="retry")
+        daemon = await daemon.restart()
         async with asyncio.timeout(60):
             out, err = await cli.communicate()
     finally:

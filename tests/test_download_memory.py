@@ -17,7 +17,7 @@ import pytest
 from proxy.storage.seaweed import EmbeddedSeaweed
 from proxy.web.downloads import DOWNLOADS
 from tests.conftest import MiB, StartProxy, wait_up
-from tests.daemon import start_daemon
+from tests.daemon import running_daemon
 from tests.test_memory_bound import upload_measuring
 
 GiB = 1024 * MiB
@@ -27,18 +27,14 @@ GiB = 1024 * MiB
 async def daemon(
     seaweed: EmbeddedSeaweed, tmp_path: Path, prefix: str
 ) -> AsyncIterator[tuple[str, psutil.Process]]:
-    d = await start_daemon(
+    async with running_daemon(
         tmp_path,
         seaweed,
         prefix,
         upload={"overwrite": True, "max_upload_size": "2GiB"},
         downloads={"enabled": True},
-    )
-    try:
+    ) as d:
         yield d.url, psutil.Process(d.proc.pid)
-    finally:
-        d.signal()
-        await d.wait()
 
 
 async def download_measuring(url: str, proc: psutil.Process) -> tuple[int, int, str]:

@@ -16,6 +16,7 @@ import pytest
 
 from proxy.storage.s3 import S3Storage
 from proxy.web.uploads import MAX_FORM_FIELD_BYTES, MAX_FORM_FIELDS_BYTES
+from tests.wrapped import Multiparts
 
 from conftest import MiB, Proxy, StartProxy, assert_nothing_left, get_object, until
 
@@ -314,9 +315,11 @@ async def test_declared_too_large_without_expect(start_proxy: StartProxy, s3: S3
 async def test_chunked_body_growing_past_limit_is_cut_off(
     start_proxy: StartProxy, s3: S3Storage
 ) -> None:
-    proxy = await start_proxy(upload={"max_upload_size": "12MiB"})
+    store = Multiparts(s3)
+    proxy = await start_proxy(storage=store, upload={"max_upload_size": "12MiB"})
     status, reply = await put(proxy, "grows", chunked(payload(13 * MiB), MiB))
     assert status == 413 and reply["code"] == "ERR_TOO_LARGE"
+    store.assert_all_aborted()  # it streamed parts before it was cut off
     await assert_nothing_left(s3, proxy.prefix)
 
 
@@ -325,7 +328,8 @@ async def test_chunked_body_growing_past_limit_is_cut_off(
 async def test_client_digest_verified(
     start_proxy: StartProxy, s3: S3Storage, header: str, size: int
 ) -> None:
-    proxy = await start_proxy()
+    store = Multiparts(s3)
+    proxy = await start_proxy(storage=store)
     data = payload(size, seed=5)
 
     def value(d: bytes) -> str:
@@ -337,6 +341,10 @@ async def test_client_digest_verified(
 
     status, reply = await put(proxy, "bad", data, headers={header: value(data + b"x")})
     assert status == 400 and reply["code"] == "ERR_CHECKSUM_MISMATCH"
+    if size > PART:  # the parts were stored before the digest could be checked
+        store.assert_all_aborted()
+    else:
+        assert store.created == []  # one PutObject, never sent
     await assert_nothing_left(s3, proxy.prefix)
     status, reply = await put(proxy, "good", data, headers={header: value(data)})
     assert status == 201, reply
@@ -401,7 +409,8 @@ async def test_malformed_chunked_body(start_proxy: StartProxy, s3: S3Storage) ->
 
 
 async def test_idle_client_times_out(start_proxy: StartProxy, s3: S3Storage) -> None:
-    proxy = await start_proxy(upload={"idle_timeout_s": 0.5})
+    store = Multiparts(s3)
+    proxy = await start_proxy(storage=store, upload={"idle_timeout_s": 0.5})
     reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
     writer.write(
         f"PUT /uploads/slow HTTP/1.1\r\nHost: x\r\nContent-Length: {2 * PART}\r\n\r\n".encode()
@@ -412,6 +421,7 @@ async def test_idle_client_times_out(start_proxy: StartProxy, s3: S3Storage) -> 
     assert b" 408 " in status_line
     writer.close()
     await wait_idle(proxy)
+    store.assert_all_aborted()  # a part was stored before the client went quiet
     await assert_nothing_left(s3, proxy.prefix)
 
 

@@ -21,12 +21,11 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from test_memory_bound import wait_up
 
 from proxy.auth import hash_token
 from proxy.storage.seaweed import EmbeddedSeaweed, free_port
 
-from conftest import BUCKET
+from conftest import BUCKET, wait_up
 from daemon import write_config
 
 pytestmark = pytest.mark.slow
@@ -55,12 +54,13 @@ def install_service(destdir: Path, *args: str | Path) -> str:
 def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`python -m build`: an sdist, and a wheel built from that sdist."""
     out = tmp_path_factory.mktemp("dist")
-    subprocess.run(
+    done = subprocess.run(
         [sys.executable, "-m", "build", "--no-isolation", "--outdir", out, ROOT],
-        check=True,
         capture_output=True,
+        text=True,
         timeout=300,
     )
+    assert done.returncode == 0, f"build failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return out
 
 

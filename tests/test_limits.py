@@ -20,6 +20,7 @@ from proxy.engine.limits import (
 )
 from proxy.errors import ClientLimit, Evicted, NotAllowed, TooManyUploads
 from tests.conftest import MiB, StartProxy, assert_nothing_left
+from tests.wrapped import Multiparts
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("10.0.0.0/8"))
 
@@ -206,7 +207,8 @@ async def test_allowlists(start_proxy: StartProxy, s3: Any, prefix: str) -> None
 async def test_slowloris_body_gets_408_and_nothing_is_left(
     start_proxy: StartProxy, s3: Any, prefix: str
 ) -> None:
-    p = await start_proxy(upload={"idle_timeout_s": 0.5})
+    store = Multiparts(s3)
+    p = await start_proxy(storage=store, upload={"idle_timeout_s": 0.5})
     # 6 MiB first: a multipart upload is open when the client stalls.
     reader, writer = await asyncio.open_connection(p.host, p.port)
     writer.write(
@@ -218,6 +220,7 @@ async def test_slowloris_body_gets_408_and_nothing_is_left(
         answer = await reader.read(4096)
     writer.close()
     assert answer.startswith(b"HTTP/1.1 408") and b"ERR_CLIENT_TIMEOUT" in answer
+    store.assert_all_aborted()
     await assert_nothing_left(s3, prefix)
 
 

@@ -71,13 +71,14 @@ from tests.faultproxy import (
     blackhole,
     delay,
     lost_answer,
+    part_number,
     reset_before,
     stall,
     trickle,
 )
 from tests.tus_helpers import TUS, b64
 
-FIRST_PART = r"partNumber=1(&|$)"
+FIRST_PART = part_number(1)
 # The tus lease: short, so that one a failed PATCH could not release runs out soon.
 LEASE_S = 6
 

@@ -43,7 +43,6 @@ from tests.fault_helpers import (
     daemon_behind,
     payload,
     read_object,
-    restart,
     send,
     sha256_hex,
     tus_object_key,
@@ -133,7 +132,7 @@ async def kill_at(
     k.fp.clear()
     with pytest.raises(aiohttp.ClientError):
         await request
-    k.daemon = await restart(k.tmp_path, seaweed, k.daemon)
+    k.daemon = await k.daemon.restart()
 
 
 # -- tus: POST, PATCH 1 MiB (a pending segment), PATCH the rest: completion ---------------

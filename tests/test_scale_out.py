@@ -36,7 +36,7 @@ from proxy.storage.s3 import S3Storage
 from proxy.tus.state import TusStore
 from tests.cluster import NGINX, Balancer, SeaweedCluster
 from tests.conftest import BUCKET, MiB
-from tests.daemon import Daemon, launch, start_daemon
+from tests.daemon import Daemon, start_daemon
 from tests.hook_receiver import Receiver
 from tests.obs_helpers import scrape, value
 from tests.tus_helpers import OCTET, TUS, create, head_offset, metadata, patch, sid, tus_key
@@ -110,8 +110,7 @@ class Farm:
         old = self.daemons[i]
         await old.stop()
         self.retired.append(old)
-        cfg = self.base / f"daemon-{old.port}.toml"
-        self.daemons[i] = await launch(cfg, old.port, self.env())
+        self.daemons[i] = await old.restart()
 
 
 @pytest.fixture(scope="module")

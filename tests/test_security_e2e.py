@@ -134,15 +134,6 @@ async def launch(
         auth=auth,
         **sections,
     )
-    # "listening on" is logged before the metrics listener binds: wait for it too.
-    async with asyncio.timeout(30):
-        while True:
-            try:
-                _, w = await connect(metrics_port)
-                w.close()
-                break
-            except OSError:
-                await asyncio.sleep(0.05)
     return Proxy(daemon, prefix, metrics_port)
 
 

@@ -12,8 +12,13 @@ from typing import Any
 import aiohttp
 import psutil
 
-from proxy.storage.seaweed import EmbeddedSeaweed, free_port, load_or_create_credentials
-from tests.conftest import BUCKET, MiB, create_bucket, get_object, s3_for
+from proxy.storage.seaweed import (
+    EmbeddedSeaweed,
+    StoreStartError,
+    free_port,
+    load_or_create_credentials,
+)
+from tests.conftest import BUCKET, MiB, create_bucket, get_object, s3_for, until
 from tests.daemon import Daemon, launch, start_daemon, write_config
 
 DRAIN_S = 2.0
@@ -40,6 +45,21 @@ async def endless_body() -> Any:
         yield b"l" * 65536
 
 
+async def uploads_running(url: str, n: int) -> bool:
+    """``n`` uploads are running (/status, as an operator would look)."""
+    async with aiohttp.ClientSession() as s, s.get(f"{url}/status") as r:
+        return bool((await r.json())["in_flight"]["uploads"] == n)
+
+
+async def refused(port: int) -> bool:
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return True
+    writer.close()
+    return False
+
+
 async def wait_open_multipart(s3: Any, prefix: str, key: str) -> None:
     async with asyncio.timeout(15):
         while not any(u.key == prefix + key for u in await s3.list_multipart(prefix)):
@@ -54,13 +74,17 @@ async def test_sigterm_drains_then_aborts(
         long = asyncio.create_task(put(f"{daemon.url}/uploads/long.bin", endless_body()))
         await wait_open_multipart(s3, prefix, "long.bin")
         short = asyncio.create_task(put(f"{daemon.url}/uploads/short.bin", short_body()))
-        await asyncio.sleep(0.2)
+        await until(lambda: uploads_running(daemon.url, 2), "the short upload to start")
         daemon.signal()
         signalled = time.monotonic()
-        assert await short == 201, daemon.log
-        # New connections are refused during the drain.
-        await asyncio.sleep(0.1)
+        # New connections are refused during the drain (the listener closes just after
+        # the drain is logged; polled with bare connections, which store nothing).
+        await daemon.wait_log("stopping: waiting")
+        await until(lambda: refused(daemon.port), "the listener to close")
+        # ... by the drain, not at its end: the long upload is still waiting for its abort.
+        assert not long.done(), "the listener closed only when the drain was over"
         assert await put(f"{daemon.url}/uploads/late.bin", b"x") == "ClientConnectorError"
+        assert await short == 201, daemon.log
         assert await daemon.wait() == 0
         took = time.monotonic() - signalled
         assert DRAIN_S <= took < DRAIN_S + 8, took
@@ -82,7 +106,7 @@ async def test_second_signal_exits_at_once(
         long = asyncio.create_task(put(f"{daemon.url}/uploads/long.bin", endless_body()))
         await wait_open_multipart(s3, prefix, "long.bin")
         daemon.signal()
-        await asyncio.sleep(0.3)
+        await daemon.wait_log("draining")  # the first one was handled
         daemon.signal()
         started = time.monotonic()
         assert await daemon.wait(timeout_s=5) == 1
@@ -145,8 +169,16 @@ async def test_sigterm_to_the_daemon_alone_drains_before_the_store_stops(
     stopping = [i for i, line in enumerate(log) if "stopping SeaweedFS" in line]
     assert aborted and stopping and aborted[0] < stopping[0], "\n".join(log)
     assert not any("abort" in line and "failed" in line for line in log), "\n".join(log)
-    # The proof is in the store: start it again on the same data and look.
-    await store.start(timeout_s=60)
+    # The proof is in the store: start it again on the same data and look.  Its internal
+    # ports are chosen free at start; another process on this machine (a test worker,
+    # another suite) may take one before weed binds it: that start is tried again.
+    for attempt in range(3):
+        try:
+            await store.start(timeout_s=60)
+            break
+        except StoreStartError as e:
+            if "is not available" not in str(e) or attempt == 2:
+                raise
     try:
         async with s3_for(store) as s3:
             await create_bucket(s3)

@@ -12,7 +12,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-from s3_faults import Answer, Drop, LoseAnswer, faulty_s3
 from wrapped import Wrapped
 
 from proxy.engine.buffers import BufferPool
@@ -22,6 +21,8 @@ from proxy.errors import ObjectExists, ProxyError, StorageUnavailable
 from proxy.storage.base import Body
 from proxy.storage.s3 import S3Storage
 from proxy.storage.seaweed import EmbeddedSeaweed
+from tests.fault_helpers import faulty_s3
+from tests.faultproxy import error, hold, part_number, reset_before
 
 from conftest import MiB, StartProxy, assert_nothing_left, get_object, s3_for, until
 
@@ -39,13 +40,14 @@ async def test_transient_part_errors_are_retried(
     start_proxy: StartProxy, seaweed: EmbeddedSeaweed, s3: S3Storage
 ) -> None:
     async with faulty_s3(seaweed, retry_attempts=3, retry_base_delay_s=0.01) as (storage, faults):
-        faults.inject("UploadPart", Answer(500, "InternalError"), Answer(503, "SlowDown"), part=2)
+        faults.add("UploadPart", error(500, "InternalError"), query=part_number(2))
+        faults.add("UploadPart", error(503, "SlowDown"), query=part_number(2))  # the next one
         proxy = await start_proxy(storage=storage)
         data = hashlib.shake_256(b"t").digest(3 * PART + 5)
         status, reply, _ = await put(f"{proxy.url}/uploads/retry", data)
         assert status == 201, reply
         # two failures, then success from the same buffer
-        assert faults.count("UploadPart", part=2) == 3
+        assert len(faults.seen("UploadPart", query=part_number(2))) == 3
         stored, meta = await get_object(s3, reply["key"])
         assert stored == data and meta["sha256"] == hashlib.sha256(data).hexdigest()
 
@@ -54,15 +56,15 @@ async def test_permanent_part_error_aborts(
     start_proxy: StartProxy, seaweed: EmbeddedSeaweed, s3: S3Storage
 ) -> None:
     async with faulty_s3(seaweed, retry_attempts=3, retry_base_delay_s=0.01) as (storage, faults):
-        faults.inject("UploadPart", Answer(403, "AccessDenied"), part=2)
+        faults.add("UploadPart", error(403, "AccessDenied"), query=part_number(2))
         proxy = await start_proxy(storage=storage)
         data = hashlib.shake_256(b"p").digest(3 * PART + 5)
         status, reply, _ = await put(f"{proxy.url}/uploads/denied", data)
         assert status == 502 and reply["code"] == "ERR_STORAGE", reply
         assert "injected" not in reply["message"]
-        assert faults.count("UploadPart", part=2) == 1
+        assert len(faults.seen("UploadPart", query=part_number(2))) == 1
         # A multipart upload existed, and is gone: the abort runs before the answer is sent.
-        assert faults.count("CreateMultipartUpload") == 1
+        assert len(faults.seen("CreateMultipartUpload")) == 1
         await assert_nothing_left(s3, proxy.prefix)
 
 
@@ -70,7 +72,7 @@ async def test_persistent_outage_mid_upload_gives_503_and_aborts(
     start_proxy: StartProxy, seaweed: EmbeddedSeaweed, s3: S3Storage
 ) -> None:
     async with faulty_s3(seaweed, retry_attempts=3, retry_base_delay_s=0.01) as (storage, faults):
-        faults.inject("UploadPart", *[Drop] * 20, part=3)  # more than any retry
+        faults.add("UploadPart", reset_before(), query=part_number(3), times=None)  # every retry
         proxy = await start_proxy(storage=storage)
 
         async def body() -> AsyncIterator[bytes]:
@@ -79,7 +81,8 @@ async def test_persistent_outage_mid_upload_gives_503_and_aborts(
 
         status, reply, _ = await put(f"{proxy.url}/uploads/outage", body())
         assert status == 503 and reply["code"] == "ERR_STORAGE_UNAVAILABLE", reply
-        assert faults.count("CreateMultipartUpload") == 1 and faults.count("UploadPart", 3) >= 3
+        assert len(faults.seen("CreateMultipartUpload")) == 1
+        assert len(faults.seen("UploadPart", query=part_number(3))) >= 3
         await assert_nothing_left(s3, proxy.prefix)
 
 
@@ -252,13 +255,13 @@ async def test_lost_answer_is_recognised_not_left_behind(
         storage,
         faults,
     ):
-        faults.inject(op, LoseAnswer)
+        faults.add(op, hold(answer=True))  # done by the store, never answered
         data = os.urandom(size)
         spec = UploadSpec(key=f"{prefix}lost", max_size_bytes=1 << 40, create_only=True)
         result = await ObjectUpload(storage, BufferPool(64 * MiB, PART), SETTINGS, spec).run(
             chunks_of(data)
         )
-        assert faults.count(op) == 2
+        assert len(faults.seen(op)) == 2
         stored, meta = await get_object(s3, f"{prefix}lost")
         assert stored == data and meta["sha256"] == result.sha256
         assert await s3.list_multipart(prefix) == []

@@ -16,7 +16,7 @@ from proxy.engine.pipeline import StreamSettings
 from proxy.engine.upload import ObjectUpload, UploadSpec
 from proxy.storage.s3 import S3Storage
 
-from conftest import MiB, StartProxy, get_object
+from conftest import MiB, StartProxy, get_object, until
 from fakes import NO_TUS, GatedStorage
 
 PART = 5 * MiB
@@ -96,8 +96,12 @@ async def test_many_uploads_share_one_budget() -> None:
         for i in range(5)
     ]
     tasks = [asyncio.create_task(s.run(body())) for s in streamers]
-    await asyncio.sleep(0.3)
-    assert pool.in_use_bytes <= 3 * PART and pool.waiting >= 1
+
+    async def queued() -> bool:  # the pool is full and an upload waits for a buffer
+        return pool.waiting >= 1
+
+    await until(queued, "an upload to wait for the pool")
+    assert pool.in_use_bytes <= 3 * PART
     storage.gate.set()
     results = await asyncio.gather(*tasks)
     assert all(r.size == 4 * PART for r in results)

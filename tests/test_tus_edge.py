@@ -19,7 +19,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from test_tus_resume import check_stored, cut_patch, serve, slow_body, wait_offset
+from test_tus_resume import check_stored, cut_patch, slow_body, wait_offset
 from tus_helpers import (
     OCTET,
     TUS,
@@ -158,19 +158,16 @@ async def test_a_patch_stalled_after_its_last_byte_completes_and_says_so(
 
 
 async def test_a_drain_after_the_last_byte_completes_the_upload(
-    seaweed, http, s3, prefix, tmp_path
+    start_proxy, http, s3, prefix, tmp_path
 ) -> None:
     """A shutdown whose drain timeout cancels a PATCH that has all its bytes."""
     size = 5 * MiB + 99
     data = data_path(tmp_path, size, seed=13).read_bytes()
-    runner, storage, base = await serve(seaweed, prefix)
-    try:
-        url = await create(http, base, size)
-        _, writer = await open_chunked_patch(url, 0, data)
-        await until(all_received(runner.app, size), "every byte in before the drain")
-    finally:
-        await runner.cleanup()  # drain (5 s), then the PATCH is cancelled
-        await storage.close()
+    proxy = await start_proxy(**tus_sections(prefix))
+    url = await create(http, proxy.url, size)
+    _, writer = await open_chunked_patch(url, 0, data)
+    await until(all_received(proxy.app, size), "every byte in before the drain")
+    await proxy.stop()  # drain (5 s), then the PATCH is cancelled
     await hang_up(writer)
     await check_stored(s3, prefix, url, data)
 

@@ -9,7 +9,6 @@ import hashlib
 from pathlib import Path
 
 import aiohttp
-from aiohttp import web
 from tus_helpers import (
     OCTET,
     TUS,
@@ -24,10 +23,9 @@ from tus_helpers import (
 )
 from tusclient.client import TusClient
 
-from proxy.app import Runtime, build_app
 from proxy.tus import hash as tus_hash
 
-from conftest import MiB, data_path, get_object, make_config, s3_for
+from conftest import MiB, data_path, get_object, until
 
 SIZE = 13 * MiB + 4321  # two 5 MiB parts and a tail
 CUT_AT = 7 * MiB + 99  # one part stored, 2 MiB + 99 bytes of tail when the cut comes
@@ -73,16 +71,6 @@ async def check_stored(s3, prefix: str, url: str, data: bytes) -> None:  # type:
     assert await only_objects(s3, prefix) == [key]  # no state, no open multipart upload
 
 
-async def serve(seaweed, prefix: str, port: int = 0, **tus):  # type: ignore[no-untyped-def]
-    """A daemon of our own (the fixture's cannot be stopped half-way through a test)."""
-    config = make_config(seaweed, prefix, **tus_sections(prefix, **tus))
-    storage = await s3_for(seaweed).open()
-    runner = web.AppRunner(build_app(Runtime(config, storage=storage)), shutdown_timeout=5)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    return runner, storage, f"http://127.0.0.1:{runner.addresses[0][1]}"
-
-
 async def test_resume_on_the_same_daemon(start_proxy, http, s3, prefix, tmp_path) -> None:
     proxy = await start_proxy(**tus_sections(prefix))
     path = data_path(tmp_path, SIZE, seed=1)
@@ -112,48 +100,35 @@ async def test_a_cut_right_at_a_part_boundary_still_resumes(
     await check_stored(s3, prefix, url, data)
 
 
-async def test_resume_after_a_restart(seaweed, http, s3, prefix, tmp_path) -> None:
+async def test_resume_after_a_restart(start_proxy, http, s3, prefix, tmp_path) -> None:
     path = data_path(tmp_path, SIZE, seed=2)
     data = path.read_bytes()
-    runner, storage, base = await serve(seaweed, prefix)
-    port = runner.addresses[0][1]
-    try:
-        url = await create(http, base, SIZE)
-        await cut_patch(url, 0, SIZE, data[:CUT_AT])
-        await wait_offset(http, url, CUT_AT)
-    finally:
-        await runner.cleanup()
-        await storage.close()
+    first = await start_proxy(**tus_sections(prefix))
+    url = await create(http, first.url, SIZE)
+    await cut_patch(url, 0, SIZE, data[:CUT_AT])
+    await wait_offset(http, url, CUT_AT)
+    await first.stop()
     # A new process would have nothing of the old one's memory; neither does this app.
-    runner, storage, base2 = await serve(seaweed, prefix, port=port)
-    try:
-        assert base2 == base
-        await asyncio.to_thread(tuspy_resume, url, path, 3 * MiB)
-    finally:
-        await runner.cleanup()
-        await storage.close()
+    again = await start_proxy(port=first.port, **tus_sections(prefix))
+    assert again.url == first.url
+    await asyncio.to_thread(tuspy_resume, url, path, 3 * MiB)
     await check_stored(s3, prefix, url, data)
 
 
-async def test_resume_on_a_second_instance(seaweed, http, s3, prefix, tmp_path) -> None:
+async def test_resume_on_a_second_instance(start_proxy, http, s3, prefix, tmp_path) -> None:
     path = data_path(tmp_path, SIZE, seed=3)
     data = path.read_bytes()
-    a, sa, base_a = await serve(seaweed, prefix)
-    b, sb, base_b = await serve(seaweed, prefix)
-    try:
-        url_a = await create(http, base_a, SIZE)
-        upload_path = url_a[len(base_a) :]
-        await cut_patch(url_a, 0, SIZE, data[: 2 * MiB])  # a tail only
-        await wait_offset(http, url_a, 2 * MiB)
-        url_b = base_b + upload_path
-        assert await head_offset(http, url_b) == 2 * MiB
-        await cut_patch(url_b, 2 * MiB, SIZE - 2 * MiB, data[2 * MiB : CUT_AT])
-        await wait_offset(http, url_a, CUT_AT)
-        await asyncio.to_thread(tuspy_resume, url_a, path, SIZE)  # back on A, one PATCH
-    finally:
-        for runner, storage in ((a, sa), (b, sb)):
-            await runner.cleanup()
-            await storage.close()
+    base_a = (await start_proxy(**tus_sections(prefix))).url
+    base_b = (await start_proxy(**tus_sections(prefix))).url
+    url_a = await create(http, base_a, SIZE)
+    upload_path = url_a[len(base_a) :]
+    await cut_patch(url_a, 0, SIZE, data[: 2 * MiB])  # a tail only
+    await wait_offset(http, url_a, 2 * MiB)
+    url_b = base_b + upload_path
+    assert await head_offset(http, url_b) == 2 * MiB
+    await cut_patch(url_b, 2 * MiB, SIZE - 2 * MiB, data[2 * MiB : CUT_AT])
+    await wait_offset(http, url_a, CUT_AT)
+    await asyncio.to_thread(tuspy_resume, url_a, path, SIZE)  # back on A, one PATCH
     await check_stored(s3, prefix, url_a, data)
 
 
@@ -182,36 +157,34 @@ async def slow_body(first: bytes, release: asyncio.Event, rest: bytes):  # type:
     yield rest
 
 
-async def test_racing_patches_one_wins_the_other_gets_423(seaweed, http, s3, prefix) -> None:
-    a, sa, base_a = await serve(seaweed, prefix)
-    b, sb, base_b = await serve(seaweed, prefix)
+async def test_racing_patches_one_wins_the_other_gets_423(start_proxy, http, s3, prefix) -> None:
+    base_a = (await start_proxy(**tus_sections(prefix))).url
+    base_b = (await start_proxy(**tus_sections(prefix))).url
+    data = bytes(range(256)) * 4096 * 7  # 7 MiB
+    url = await create(http, base_a, len(data))
+    release = asyncio.Event()
+    headers = {**OCTET, "Upload-Offset": "0", "Content-Length": str(len(data))}
+    first = asyncio.ensure_future(
+        http.patch(url, data=slow_body(data[:MiB], release, data[MiB:]), headers=headers)
+    )
     try:
-        data = bytes(range(256)) * 4096 * 7  # 7 MiB
-        url = await create(http, base_a, len(data))
-        release = asyncio.Event()
-        headers = {**OCTET, "Upload-Offset": "0", "Content-Length": str(len(data))}
-        first = asyncio.ensure_future(
-            http.patch(url, data=slow_body(data[:MiB], release, data[MiB:]), headers=headers)
-        )
-        for _ in range(100):  # until the first PATCH holds the lease
+
+        async def leased() -> bool:
             loaded = await store_for(s3, prefix).load(sid(url))
-            if loaded and loaded[0].lease_owner:
-                break
-            await asyncio.sleep(0.02)
+            return bool(loaded and loaded[0].lease_owner)
+
+        await until(leased, "the first PATCH to hold the lease")
         for base in (base_a, base_b):  # same instance and another one
             u = base + url[len(base_a) :]
             async with http.patch(u, data=data, headers=headers) as r:
                 assert r.status == 423
             async with http.delete(u, headers=TUS) as r:
                 assert r.status == 423
-        release.set()
-        r = await first
-        assert r.status == 204 and r.headers["Upload-Offset"] == str(len(data))
-        r.release()
     finally:
-        for runner, storage in ((a, sa), (b, sb)):
-            await runner.cleanup()
-            await storage.close()
+        release.set()
+    r = await first
+    assert r.status == 204 and r.headers["Upload-Offset"] == str(len(data))
+    r.release()
     await check_stored(s3, prefix, url, data)
 
 

@@ -24,7 +24,7 @@ from proxy.storage.s3 import S3Storage
 from proxy.storage.seaweed import EmbeddedSeaweed
 from tests.cli_helpers import file_sha256
 from tests.conftest import MiB, StartProxy, data_path, get_object
-from tests.daemon import launch, start_daemon
+from tests.daemon import start_daemon
 
 from browser import PHONE, Browser
 from obs_helpers import scrape, value
@@ -255,11 +255,6 @@ async def test_a_daemon_restarted_mid_upload_and_the_page_finishes(
     sections = page_sections(tmp_path)
     sections["tus"] = {"state_prefix": f"{prefix}.tus/"}
     daemon = await start_daemon(tmp_path, seaweed, prefix, **sections)
-    config = tmp_path / f"daemon-{daemon.port}.toml"
-    env = {
-        "AWS_ACCESS_KEY_ID": seaweed.credentials.access_key,
-        "AWS_SECRET_ACCESS_KEY": seaweed.credentials.secret_key,
-    }
     size = 64 * MiB + 4321
     big = data_path(tmp_path, size, seed=9).rename(tmp_path / "video.mov")
     try:
@@ -278,7 +273,7 @@ async def test_a_daemon_restarted_mid_upload_and_the_page_finishes(
             timeout_s=30,
             what="the page retrying",
         )
-        daemon = await launch(config, daemon.port, env)
+        daemon = await daemon.restart()
         await browser.network()
         await wait_rows(browser, "done", 1, timeout_s=120)
         r = await row(browser, 1)
