@@ -50,12 +50,35 @@ def install_service(destdir: Path, *args: str | Path) -> str:
     return r.stdout
 
 
+def source_copy(dest: Path) -> Path:
+    """The checkout's own files (git's list where there is one), copied to ``dest``.
+
+    setuptools builds the sdist inside the source tree (egg-info, a release tree it
+    deletes again) from a file list taken first: with the other test worker running in
+    the same checkout, a build there once failed on a file gone between list and copy."""
+    if (ROOT / ".git").exists():
+        listed = subprocess.run(
+            ["git", "-C", ROOT, "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            capture_output=True,
+            check=True,
+        ).stdout.split(b"\0")
+        for rel in filter(None, (name.decode() for name in listed)):
+            if (ROOT / rel).is_file():
+                (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ROOT / rel, dest / rel)
+    else:  # an unpacked sdist: no git, nothing but sources
+        heavy = shutil.ignore_patterns(".venv", "node_modules", "data", "*.egg-info", "__pycache__")
+        shutil.copytree(ROOT, dest, ignore=heavy, dirs_exist_ok=True)
+    return dest
+
+
 @pytest.fixture(scope="module")
 def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`python -m build`: an sdist, and a wheel built from that sdist."""
     out = tmp_path_factory.mktemp("dist")
+    src = source_copy(tmp_path_factory.mktemp("src"))
     done = subprocess.run(
-        [sys.executable, "-m", "build", "--no-isolation", "--outdir", out, ROOT],
+        [sys.executable, "-m", "build", "--no-isolation", "--outdir", out, src],
         capture_output=True,
         text=True,
         timeout=300,
