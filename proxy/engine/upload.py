@@ -18,12 +18,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 from proxy.engine.buffers import Buffers
 from proxy.engine.pipeline import (
+    Body,
     PartPipeline,
     PartTarget,
     StreamObserver,
@@ -120,7 +121,7 @@ class ObjectUpload:
     def received_bytes(self) -> int:
         return self._pipe.received_bytes
 
-    async def run(self, chunks: AsyncIterator[bytes]) -> StreamResult:
+    async def run(self, chunks: Body) -> StreamResult:
         pipe = self._pipe
         try:
             await pipe.receive(chunks)
