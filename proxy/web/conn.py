@@ -290,6 +290,10 @@ class Guarded(asyncio.BufferedProtocol):
         self._inner = inner
         inner.connection_made(transport)
 
+    @property
+    def tapped(self) -> bool:
+        return self._tap is not None
+
     def tap(self, nbytes: int) -> BodyTap:
         """Read the next ``nbytes`` (the rest of the current request's body, of which
         aiohttp holds no byte) with a :class:`BodyTap` instead of aiohttp.  For good:

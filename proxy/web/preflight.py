@@ -232,7 +232,6 @@ async def body_chunks(
 
 # Below this much body left, aiohttp reads it (and the connection can be kept alive).
 TAP_MIN_BYTES = 1024 * 1024
-_TAPPED = web.RequestKey("tapped", bool)
 
 
 def tap_body(request: web.Request) -> tuple[bytes, BodyTap] | None:
@@ -252,14 +251,18 @@ def tap_body(request: web.Request) -> tuple[bytes, BodyTap] | None:
     # connection closes after the answer (close_if_tapped says so in it).
     stream.feed_eof()
     request.protocol.close()
-    request[_TAPPED] = True
     return head, protocol.tap(left)
 
 
 async def close_if_tapped(request: web.Request, response: web.StreamResponse) -> None:
-    """``on_response_prepare``: a connection whose body was tapped cannot be reused."""
-    if request.get(_TAPPED):
+    """``on_response_prepare``: a connection whose body was tapped cannot be reused.  (Asked
+    of the connection: a handler may have answered with a clone of the request.)"""
+    transport = request.transport
+    protocol = None if transport is None else transport.get_protocol()
+    if isinstance(protocol, Guarded) and protocol.tapped:
         response.force_close()
+        # This hook runs after aiohttp chose the Connection header (on aiohttp 3.14).
+        response.headers["Connection"] = "close"
 
 
 class TappedBody(BodySource):
