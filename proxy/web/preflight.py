@@ -246,6 +246,9 @@ def tap_body(request: web.Request) -> tuple[bytes, BodyTap] | None:
     left = length - stream.total_bytes
     if not isinstance(protocol, Guarded) or stream.is_eof() or left < TAP_MIN_BYTES:
         return None
+    # The bytes counted (total_bytes) are the bytes on the wire: the server never
+    # decompresses bodies (auto_decompress=False in proxy.server), so the tap takes over
+    # exactly where aiohttp's parser stopped.
     head = stream.read_nowait()
     # aiohttp's parser will never see the rest: its payload ends here, and the
     # connection closes after the answer (close_if_tapped says so in it).
