@@ -232,6 +232,8 @@ async def body_chunks(
 
 # Below this much body left, aiohttp reads it (and the connection can be kept alive).
 TAP_MIN_BYTES = 1024 * 1024
+# A tapped read that got bytes returns after this long even if its buffer is not full.
+PROGRESS_S = 0.25
 
 
 def tap_body(request: web.Request) -> tuple[bytes, BodyTap] | None:
@@ -309,21 +311,26 @@ class TappedBody(BodySource):
             raise IncompleteBody(f"the request body ended early ({type(failure).__name__})")
 
     async def _wait(self) -> None:
-        """Until the read is over; a stall or a rate below the minimum raises."""
+        """Until the read is over, or bytes arrived and :data:`PROGRESS_S` passed (so the
+        counters and progress hooks move with a slow client too); a stall or a rate below
+        the minimum raises."""
         tap, pace = self._tap, self._pace
         woken = tap.woken
         assert woken is not None
         loop = asyncio.get_running_loop()
+        since = loop.time()
         while not woken.done():
             allowance_s = pace.allowance_s()
             if allowance_s <= 0:
                 raise _too_slow(pace)
             seen, started = tap.got, loop.time()
-            await asyncio.wait((woken,), timeout=min(self._idle_timeout_s, allowance_s))
-            pace.record(loop.time() - started, tap.got - seen)
-            if not woken.done() and tap.got == seen:
-                if allowance_s < self._idle_timeout_s:
-                    raise _too_slow(pace)
+            stall_left_s = self._idle_timeout_s - (started - since)
+            await asyncio.wait((woken,), timeout=min(stall_left_s, allowance_s, PROGRESS_S))
+            now = loop.time()
+            pace.record(now - started, tap.got - seen)
+            if tap.got:
+                return
+            if now - since >= self._idle_timeout_s:
                 raise ClientTimeout(f"no body bytes for {self._idle_timeout_s}s")
 
 
