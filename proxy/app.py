@@ -47,7 +47,7 @@ from proxy.tus.service import TusService
 from proxy.tus.state import TusStore
 from proxy.web import downloads as http_downloads
 from proxy.web import ops as http_ops
-from proxy.web import page, tus
+from proxy.web import page, resumable, tus
 from proxy.web import uploads as http_uploads
 from proxy.web.errors import error_middleware, hide_server_banner
 from proxy.web.ops import OPS, Ops, Readiness, samplers_ctx
@@ -301,6 +301,8 @@ def build_app(runtime: Runtime) -> web.Application:
     http_ops.add_routes(app, ops)
     if cfg.tus.enabled:
         tus.add_routes(app, cfg.tus)
+        # IETF resumable uploads on the same endpoint (proxy/web/resumable.py).
+        app.middlewares.append(resumable.middleware_for(cfg.tus.base_path))
     if cfg.page.enabled:
         page.add_routes(app, cfg, page.verifier_for(cfg), lambda: app[tus.TUS].service)
     if cfg.downloads.enabled:

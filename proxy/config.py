@@ -209,6 +209,9 @@ class TusConfig:
     cors_allow_origins: tuple[str, ...] = ()
     cors_max_age_s: int = 86400
     max_unfinished_per_principal: int = 20  # 0: no cap
+    # IETF resumable uploads: announce the upload URL in a 104 interim answer (off: nginx
+    # desynchronises on a 1xx other than 100/103 from an HTTP/1.1 backend, its ticket 1427).
+    send_104: bool = False
 
     def expiry_s(self, created_s: float, active_s: float) -> float:
         """When an unfinished upload expires: ``expire_after_s`` after its last sign of
@@ -756,6 +759,7 @@ def _tus(r: _Reader) -> TusConfig:
         max_unfinished_per_principal=r.positive(
             "max_unfinished_per_principal", int, d.max_unfinished_per_principal, allow_zero=True
         ),
+        send_104=r.get("send_104", bool, d.send_104),
     )
     r.check(
         re.fullmatch(r"/(?:[A-Za-z0-9._~-]+/)*", cfg.base_path) is not None,

@@ -70,10 +70,14 @@ async def test_small_buffers_share_the_budget() -> None:
     pool = BufferPool(budget_bytes=100, part_size_bytes=100)
     a = await pool.acquire(40)
     b = await pool.acquire(60)
-    assert pool.try_acquire(1) is None
+    with pytest.raises(PoolTimeout):  # timeout 0: granted only if it needs no wait
+        await pool.acquire(1, timeout_s=0)
+    assert pool.waiting == 0
     pool.release(a)
-    assert pool.try_acquire(40) is not None
+    c = await pool.acquire(40, timeout_s=0)
+    assert pool.in_use_bytes == 100
     pool.release(b)
+    pool.release(c)
 
 
 async def test_full_buffers_are_reused_within_budget() -> None:

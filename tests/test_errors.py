@@ -7,6 +7,8 @@ import inspect
 import re
 from pathlib import Path
 
+import pytest
+
 from proxy import errors
 from proxy.errors import REASONS, ProxyError
 
@@ -30,6 +32,28 @@ def test_each_code_is_declared_by_one_class() -> None:
         assert code not in declared, f"{code} declared by {declared[code]} and {cls.__name__}"
         declared[code] = cls.__name__
     assert len(declared) > 40  # the scan saw the classes (a vacuous pass otherwise)
+
+
+def test_a_second_class_for_a_code_or_an_unlisted_reason_fails_at_declaration() -> None:
+    with pytest.raises(TypeError, match="ERR_BUSY is declared by Busy"):
+
+        class AlsoBusy(ProxyError, code="ERR_BUSY"):
+            pass
+
+    with pytest.raises(TypeError, match="not one of REASONS"):
+
+        class Odd(ProxyError, code="ERR_TEST_ODD", reason="odd"):
+            pass
+
+    with pytest.raises(TypeError, match="ERR_GONE is declared by Gone"):
+
+        class AlsoGone(ProxyError):
+            code = "ERR_GONE"
+
+    class Fine(errors.Busy):  # inherits code, status and reason: declares nothing new
+        pass
+
+    assert (Fine.code, Fine.status, Fine.reason) == ("ERR_BUSY", 503, "busy")
 
 
 def test_every_reason_is_listed() -> None:

@@ -116,7 +116,6 @@ def test_gc_runs_at_most_once_per_interval_while_critical() -> None:
         clock.now = 1000.0 + step
         monitor.sample()
     assert collected == [1000.0, 1005.0, 1010.0]
-    assert monitor.gc_runs == 3
 
 
 def test_no_gc_below_critical() -> None:

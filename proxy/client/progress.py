@@ -162,7 +162,6 @@ class LineReporter(Reporter):
         super().__init__(files, err)
         self.out = out
         self.tick_interval_s = interval_s
-        self._last_s = 0.0
 
     def _emit(self, text: str) -> None:
         print(text, file=self.out, flush=True)
@@ -316,7 +315,6 @@ class TtyReporter(Reporter):
         total = sum(f.size for f in files)
         self._total = self.bars.add_task(self._overall(), total=total, rate="", eta="")
         self._tasks: dict[int, TaskID] = {}
-        self._started = time.monotonic()
         self.bars.start()
 
     def _overall(self) -> str:

@@ -223,13 +223,6 @@ class BufferPool:
         its cap, and it waits in its own queue while it is at the cap."""
         return ClientBuffers(self, client)
 
-    def try_acquire(self, size: int | None = None) -> Buffer | None:
-        """A buffer now, or None; never jumps the queue of waiters.  No client cap."""
-        size = self.part_size_bytes if size is None else size
-        if not self._gate.try_take(size):
-            return None
-        return self._materialise(size)
-
     async def acquire(
         self,
         size: int | None = None,

@@ -20,16 +20,15 @@ feeds the metrics and the status counters: so ``proxy_uploads_failed_total`` /
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from proxy.engine.pipeline import StreamObserver
 from proxy.errors import ProxyError, Terminated
 from proxy.hooks.dispatch import Hooks
 from proxy.hooks.payload import HookUpload, Reason
 from proxy.obs.metrics import Metrics
+from proxy.obs.observer import StreamObserver
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +180,3 @@ def auth_of(principal: str) -> str:
     (``anonymous``, ``token:<ref>``, ``signed:<ref>``), as a plain upload logs it."""
     kind = principal.split(":", 1)[0]
     return "none" if kind == "anonymous" else kind
-
-
-def seconds_since(start: float, clock: float | None = None) -> float:
-    return (time.monotonic() if clock is None else clock) - start

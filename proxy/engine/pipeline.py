@@ -49,6 +49,7 @@ from proxy.errors import (
     StorageUnavailable,
     TooLarge,
 )
+from proxy.obs.observer import NullObserver, StreamObserver
 from proxy.storage.base import PartChecksum, Pieces, Storage
 
 S = TypeVar("S")
@@ -67,25 +68,6 @@ class StreamSettings:
     # not (a body send that stalls), and for tus a part still in flight after its lease
     # ended could land over a new holder's part.
     part_timeout_s: float | None = None
-
-
-class StreamObserver(Protocol):
-    """Hooks for metrics and progress; every method must be cheap and must not raise."""
-
-    def received(self, nbytes: int) -> None: ...
-    def hashed(self, nbytes: int, seconds: float) -> None: ...
-    def stored(self, nbytes: int) -> None: ...
-
-
-class NullObserver:
-    def received(self, nbytes: int) -> None:
-        pass
-
-    def hashed(self, nbytes: int, seconds: float) -> None:
-        pass
-
-    def stored(self, nbytes: int) -> None:
-        pass
 
 
 class BodyDigest(Protocol[S_co]):

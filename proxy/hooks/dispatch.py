@@ -26,7 +26,6 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from proxy.config import HOOK_EVENTS, HooksConfig
-from proxy.engine.pipeline import StreamObserver
 from proxy.errors import HookRejected, HookUnavailable, ProxyError
 from proxy.hooks.outbox import Outbox
 from proxy.hooks.payload import (
@@ -41,10 +40,10 @@ from proxy.hooks.payload import (
     new_event_id,
 )
 from proxy.hooks.transports import ExecTransport, HookFailed, HttpTransport, Transport
+from proxy.obs.observer import StreamObserver
 
 log = logging.getLogger(__name__)
 
-BLOCKING = frozenset({"pre-create", "pre-finish"})
 NOTIFY_ATTEMPTS = 5
 MAX_BACKGROUND = 1000  # notifications in flight; beyond, new ones are dropped (counted)
 

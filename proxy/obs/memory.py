@@ -230,7 +230,6 @@ class MemoryMonitor:
         self._clock = clock
         self._state: MemoryState | None = None
         self._last_gc: float | None = None
-        self.gc_runs = 0
 
     @property
     def retry_after_s(self) -> int:
@@ -269,7 +268,6 @@ class MemoryMonitor:
         if self._last_gc is not None and now - self._last_gc < self.config.sample_interval_s:
             return
         self._last_gc = now
-        self.gc_runs += 1
         found = self._collect()
         log.info("memory critical: garbage collection found %s unreachable objects", found)
 

@@ -209,6 +209,14 @@ async def _none() -> None:
     return None
 
 
+def _conditions(if_match: str | None, if_none_match: bool) -> dict[str, str]:
+    """A conditional write's arguments: replace only that ETag, or only create."""
+    extra = {} if if_match is None else {"IfMatch": if_match}
+    if if_none_match:
+        extra["IfNoneMatch"] = "*"
+    return extra
+
+
 def _etag_of(parts: list[CompletedPart]) -> str | None:
     """The multipart ETag S3 gives these parts, or None when a part's ETag is not a plain
     MD5 (SeaweedFS answers UploadPartCopy with "<md5>-<n>"): then a lost Complete answer
@@ -475,23 +483,37 @@ class S3Storage:
         checksum: PartChecksum | None,
         if_none_match: bool,
     ) -> str:
-        extra = self._checksum_args(checksum)
-        if if_none_match:
-            extra["IfNoneMatch"] = "*"
         async with self._folder_conflicts(key):
-            r = await self._call(
-                "put_object",
-                lambda: self._client.put_object(
-                    Bucket=self.bucket,
-                    Key=key,
-                    Body=_PartBody(body, self._read_timeout_s),
-                    ContentLength=len(body),
-                    Metadata=metadata,
-                    ContentType=content_type,
-                    **extra,
-                ),
+            return await self._put(
+                key,
+                body,
                 recover=lambda: self._stored_as(key, len(body), metadata=metadata),
+                Metadata=metadata,
+                ContentType=content_type,
+                **self._checksum_args(checksum),
+                **_conditions(None, if_none_match),
             )
+
+    async def _put(
+        self,
+        key: str,
+        body: Body,
+        *,
+        recover: Callable[[], Awaitable[dict[str, Any] | None]],
+        **extra: str | dict[str, str],
+    ) -> str:
+        """One PutObject of ``body`` (retried; ``recover`` as :meth:`_call` says); its ETag."""
+        r = await self._call(
+            "put_object",
+            lambda: self._client.put_object(
+                Bucket=self.bucket,
+                Key=key,
+                Body=_PartBody(body, self._read_timeout_s),
+                ContentLength=len(body),
+                **extra,
+            ),
+            recover=recover,
+        )
         return str(r["ETag"])
 
     async def create_multipart(
@@ -727,31 +749,20 @@ class S3Storage:
     async def put_conditional(
         self, key: str, body: Body, *, if_match: str | None = None, if_none_match: bool = False
     ) -> str:
-        extra: dict[str, str] = {}
-        if if_match is not None:
-            extra["IfMatch"] = if_match
-        if if_none_match:
-            extra["IfNoneMatch"] = "*"
         try:
-            r = await self._call(
-                "put_object",
-                lambda: self._client.put_object(
-                    Bucket=self.bucket,
-                    Key=key,
-                    Body=_PartBody(body, self._read_timeout_s),
-                    ContentLength=len(body),
-                    **extra,
-                ),
+            return await self._put(
+                key,
+                body,
                 # "Changed since you read it" / "key taken" may answer a re-send of our
                 # own write (module docstring).  Every conditional write of ours is unique
                 # (tus state carries a new rev and lease owner, segments a random key),
                 # so an object holding exactly our body is our write, not someone else's.
                 recover=lambda: self._holds_body(key, body),
+                **_conditions(if_match, if_none_match),
             )
         except ObjectExists as e:
             # 412 on If-Match means "changed since you read it", not "key taken".
             raise ConditionFailed(f"{key} was changed by someone else") from e
-        return str(r["ETag"])
 
     async def _holds_body(self, key: str, body: Body) -> dict[str, Any] | None:
         """``{"ETag": ...}`` if the object at ``key`` holds exactly ``body`` (compared as

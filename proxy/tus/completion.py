@@ -31,7 +31,7 @@ from proxy.errors import (
 from proxy.hooks.dispatch import Hooks
 from proxy.hooks.payload import HookUpload
 from proxy.storage.base import CompletedPart, ObjectInfo, multipart_etag
-from proxy.tus.hash import Sha256
+from proxy.tus.hash import Sha256, check_declared
 from proxy.tus.patch import PatchResult
 from proxy.tus.state import Lease, TusStorage, TusStore, UploadInfo
 
@@ -175,7 +175,12 @@ class Completer:
         """The last PATCH of an upload below one part (one PutObject, create-only) found
         its key taken: fail the upload for good, as a completion would above one part
         (a 409 would tell a tus client to HEAD and retry, for ever).  The error to raise."""
-        failed = _key_taken(info.key, cause)
+        return await self.discard(lease, info, _key_taken(info.key, cause), client)
+
+    async def discard(
+        self, lease: Lease, info: UploadInfo, failed: UploadFailed, client: str
+    ) -> UploadFailed:
+        """Fail the upload for good (see _fail) and drop its lease; the error to raise."""
         await self._fail(info, failed, client)
         await lease.drop()
         return failed
@@ -205,6 +210,7 @@ class Completer:
         can be redone after an interruption (the caller holds the lease)."""
         storage = self.storage
         length = info.offset
+        check_declared(info.repr_sha256, info.sha256_hex)
         if not info.parts:
             if info.multipart_id:
                 await storage.abort_multipart(info.key, info.multipart_id)
@@ -214,9 +220,11 @@ class Completer:
             # Below one part size: stored whole, sha256 included, by one PutObject
             # (PatchWriter._put_whole); there is no multipart upload to complete.
             sha256 = info.sha256_hex or await self._rehash(info.key)
+            check_declared(info.repr_sha256, sha256)
         else:
             etag = await self._complete_multipart(info)
             sha256 = info.sha256_hex or await self._rehash(info.key)
+            check_declared(info.repr_sha256, sha256)
             await label(
                 storage,
                 info.key,

@@ -34,6 +34,8 @@ import logging
 import struct
 from typing import Protocol
 
+from proxy.errors import DigestMismatch
+
 log = logging.getLogger(__name__)
 
 # SHA256_CTX: h[8], Nl, Nh, data[16], num, md_len; 28 32-bit words on every platform.
@@ -221,3 +223,14 @@ def resume_sha256(exported: str | None, nbytes: int) -> Sha256:
             return restored
         log.warning("saved SHA-256 state is unusable; the upload will be re-read to hash it")
     return _LostSha256()
+
+
+def check_declared(declared: str | None, actual: str | None) -> None:
+    """The client declared the upload's SHA-256 (hex, from IETF ``Repr-Digest``): bytes
+    with another one must not be stored (DigestMismatch is an UploadFailed: the upload is
+    discarded)."""
+    if declared is not None and actual is not None and actual != declared:
+        raise DigestMismatch(
+            f"the upload's SHA-256 is {actual}, not the {declared} its Repr-Digest "
+            "declared; it was discarded: upload the file again"
+        )

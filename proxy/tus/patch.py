@@ -33,10 +33,11 @@ from typing import Any
 
 from proxy.engine.buffers import Buffers, PartBuffer
 from proxy.engine.hashing import off_loop
-from proxy.engine.pipeline import Body, PartPipeline, PartTarget, StreamObserver, StreamSettings
+from proxy.engine.pipeline import Body, PartPipeline, PartTarget, StreamSettings
 from proxy.errors import LeaseLost, ObjectExists, PartSizeChanged, StorageError
+from proxy.obs.observer import StreamObserver
 from proxy.storage.base import Pieces
-from proxy.tus.hash import Sha256
+from proxy.tus.hash import Sha256, check_declared
 from proxy.tus.state import Part, Segment, TusStorage
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class PatchTarget:
     segment_key: Callable[[int], str]  # upload offset -> a fresh pending-segment key
     content_type: str = "application/octet-stream"  # of the object
     metadata: dict[str, str] = field(default_factory=dict)  # the object's, without sha256
+    declared_sha256: str | None = None  # hex (IETF Repr-Digest): other bytes are not stored
 
 
 @dataclass(frozen=True)
@@ -239,6 +241,7 @@ class PatchWriter:
             # A fresh hash (no part before), so never the unsaveable kind; checked anyway.
             if digest is None:
                 raise StorageError("the upload's SHA-256 is unknown")
+            check_declared(self._t.declared_sha256, digest.hex())
             return {**self._t.metadata, "sha256": digest.hex()}
 
         # A failure here is raised to commit / salvage directly: no part state to mark.

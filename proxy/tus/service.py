@@ -30,9 +30,10 @@ from proxy.config import TusConfig
 from proxy.engine.buffers import Buffers
 from proxy.engine.context import Engine
 from proxy.engine.dedup import ContentIndex
-from proxy.engine.pipeline import Body, StreamObserver
+from proxy.engine.pipeline import Body
 from proxy.engine.upload import shielded
 from proxy.errors import (
+    DigestMismatch,
     HookRejected,
     KeyConflict,
     ObjectExists,
@@ -44,6 +45,7 @@ from proxy.errors import (
 )
 from proxy.keys import full_key, safe_filename
 from proxy.naming import KeyTemplate
+from proxy.obs.observer import StreamObserver
 from proxy.tus.completion import EMPTY_SHA256, Completer, completing, hook_upload
 from proxy.tus.hash import resume_sha256
 from proxy.tus.patch import PatchResult, PatchTarget, PatchWriter
@@ -84,6 +86,8 @@ class NewUpload:
     principal: Principal  # the creator: the only one who may touch the upload again
     quota: str  # whose cap on unfinished uploads it counts against (quota_of)
     sha256: str | None = None  # hex, declared in Upload-Metadata: an instant upload may do
+    repr_sha256: str | None = None  # hex, the client's Repr-Digest: completion checks it
+    claims_key: bool = False  # ``key`` is the client's, outside object_prefix (a PUT)
 
 
 def quota_of(principal: Principal, client_ip: str) -> str:
@@ -169,6 +173,8 @@ class TusService:
         else:
             info = replace(info, quota="")
         try:
+            if info.claims_key:
+                await self.store.claim(info)
             if leased:
                 lease = await self.store.create(info, owner=secrets.token_hex(8))
                 info = lease.info
@@ -178,6 +184,8 @@ class TusService:
         except BaseException:
             if (marker := self.store.marker_key(info)) is not None:
                 await shielded(self.storage.delete_object(marker), "tus unreserve")
+            if info.claims_key:
+                await shielded(self.storage.delete_object(self.store.claim_key(info)), "unclaim")
             raise
         self.engine.events.created()
         return info, lease
@@ -230,6 +238,8 @@ class TusService:
             created_s=now,
             principal=str(new.principal),
             quota=new.quota,
+            repr_sha256=new.repr_sha256,
+            claims_key=new.claims_key,
         )
 
     # -- write -------------------------------------------------------------------------
@@ -242,10 +252,13 @@ class TusService:
         declared_bytes: int | None,
         checksum: Checksum | None,
         client_ip: str | None,
+        complete_at_end: bool = False,
     ) -> UploadInfo:
         """Stream one PATCH body at the upload's offset; commit; finish when it is the last.
         Its buffers count against ``client_ip``'s share of the pool (None: the daemon's
-        own work, e.g. the sweeper finishing an upload)."""
+        own work, e.g. the sweeper finishing an upload).  ``complete_at_end``: the body
+        ends the upload whatever its length (IETF ``Upload-Complete: ?1`` with no length
+        known); a body that breaks does not."""
         info = lease.info
         room = self.max_size_bytes if info.length is None else info.length
         target = PatchTarget(
@@ -258,13 +271,14 @@ class TusService:
             segment_key=lambda offset: self.store.segment_key(info.id, offset),
             content_type=info.content_type,
             metadata=info.object_metadata,
+            declared_sha256=info.repr_sha256,
         )
         buffers = self.engine.buffers_for(client_ip)
         with self.engine.events.transfer(info.id, info.key) as live:
             observer = self.engine.hooks.progress(hook_upload(info), live)
             return await self._write(
                 lease, info, target, chunks, declared_bytes, checksum, observer, buffers,
-                client_ip or "-",
+                client_ip or "-", complete_at_end,
             )  # fmt: skip
 
     async def _write(
@@ -278,6 +292,7 @@ class TusService:
         observer: StreamObserver,
         buffers: Buffers,
         client: str,
+        complete_at_end: bool = False,
     ) -> UploadInfo:
         writer = PatchWriter(
             self.storage,
@@ -341,6 +356,9 @@ class TusService:
                 # because its body has been read.
                 self.engine.events.rejected(mismatch)
                 raise mismatch
+            if complete_at_end and info.length is None:
+                info = replace(info, length=info.offset + writer.received_bytes)
+                lease.info = replace(lease.info, length=info.length)
             final = info.length is not None and info.offset + writer.received_bytes == info.length
             if final:
                 await self._pre_finish(lease, info, writer, keeper, client)
@@ -351,6 +369,10 @@ class TusService:
                 if not final:
                     raise
                 raise await self.completer.key_taken(lease, info, e, client) from e
+            except DigestMismatch as e:
+                # Below one part, checked before its PutObject: nothing was stored.
+                await keeper.stop()
+                raise await self.completer.discard(lease, info, e, client) from None
             finally:
                 await keeper.stop()
             new_info = self._apply(info, result)

@@ -47,6 +47,9 @@ class TusStorage(Storage, StateStore, Protocol):
 
 MAX_INFO_BYTES = 4 * 1024 * 1024  # 10000 parts of ~60 bytes of JSON, with room to spare
 OWNERS = "owners/"
+# keys/<sha256 of an object key>/<id>: empty, one per upload whose object key is the
+# client's (outside tus.object_prefix), so owns_multipart can find its upload.
+KEYS = "keys/"
 # A creation writes its marker, then its info object, within seconds; a marker this old
 # without an info object is left over.
 MARKER_GRACE_S = 600.0
@@ -97,6 +100,12 @@ class UploadInfo:
     principal: str = str(ANONYMOUS)
     # Whose quota the upload counts against (its marker's folder); "" for none.
     quota: str = ""
+    # The whole upload's SHA-256 (hex) as its client declared it (IETF Repr-Digest):
+    # completion discards an upload whose bytes have another one.
+    repr_sha256: str | None = None
+    # The object key is the client's (an IETF upload begun as PUT /uploads/{key}), not
+    # under tus.object_prefix, so it holds no id: a claim object names the upload.
+    claims_key: bool = False
 
     @property
     def parts_bytes(self) -> int:
@@ -260,7 +269,21 @@ class TusStore:
                 await self.storage.delete_object(obj.key)
         if (marker := self.marker_key(info)) is not None:
             await self.storage.delete_object(marker)
+        if info.claims_key:
+            await self.storage.delete_object(self.claim_key(info))
         await self.storage.delete_object(info_key)
+
+    def claim_folder(self, key: str) -> str:
+        return f"{self.prefix}{KEYS}{hashlib.sha256(key.encode()).hexdigest()}/"
+
+    def claim_key(self, info: UploadInfo) -> str:
+        return self.claim_folder(info.key) + info.id
+
+    async def claim(self, info: UploadInfo) -> None:
+        """Name the upload at its object key (see KEYS); before its info object, so a
+        multipart upload of it is never unclaimed.  One left by a crash claims nothing
+        (its upload has no state)."""
+        await self.storage.put_conditional(self.claim_key(info), b"", if_none_match=True)
 
     # -- quota: unfinished uploads per principal ---------------------------------------------
 
@@ -319,9 +342,11 @@ class TusStore:
         Multipart uploads are created lazily by a PATCH and their id saved after: one a
         crashed PATCH created but never saved is not claimed, and so is swept."""
         now = self.clock()
-        for segment in key.split("/"):
-            if not valid_id(segment):
-                continue
+        candidates = [segment for segment in key.split("/") if valid_id(segment)]
+        if not candidates:  # a client's key: the uploads that claimed it, if any
+            claims = await self.storage.list_objects(self.claim_folder(key))
+            candidates = [c.key.rpartition("/")[2] for c in claims]
+        for segment in candidates:
             loaded = await self.load(segment)
             if loaded is None:
                 continue

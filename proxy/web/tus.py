@@ -18,6 +18,7 @@ import binascii
 import email.utils
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from urllib.parse import quote
 
@@ -76,12 +77,15 @@ MAX_OBJECT_METADATA_BYTES = 1800
 _ALLOW_HEADERS = (
     "Authorization, Origin, X-Requested-With, X-Request-ID, X-HTTP-Method-Override, "
     "Content-Type, Upload-Length, Upload-Offset, Tus-Resumable, Upload-Metadata, "
-    "Upload-Defer-Length, Upload-Checksum"
+    "Upload-Defer-Length, Upload-Checksum, "
+    # IETF resumable uploads (proxy/web/resumable.py) on the same endpoint.
+    "Upload-Draft-Interop-Version, Upload-Complete, Upload-Incomplete, Repr-Digest"
 )
 _EXPOSE_HEADERS = (
     "Upload-Offset, Location, Upload-Length, Tus-Version, Tus-Resumable, Tus-Max-Size, "
     "Tus-Extension, Tus-Checksum-Algorithm, Upload-Metadata, Upload-Defer-Length, "
-    "Upload-Expires, Upload-SHA256"
+    "Upload-Expires, Upload-SHA256, "
+    "Upload-Draft-Interop-Version, Upload-Complete, Upload-Incomplete, Upload-Limit, Repr-Digest"
 )
 _ALLOW_METHODS = "POST, HEAD, PATCH, DELETE, OPTIONS"
 _METADATA_KEY_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -375,9 +379,15 @@ def _hook_request(request: web.Request, upload_id: str) -> HookRequest:
     return hook_request(request, path=base + upload_id)
 
 
-async def _pre_create(request: web.Request, svc: TusService, new: NewUpload) -> NewUpload:
+async def _pre_create(
+    request: web.Request,
+    svc: TusService,
+    new: NewUpload,
+    place: Callable[[str], str] | None = None,
+) -> NewUpload:
     """The pre-create hook's verdict: refused (raises), or the new upload with the object
-    name (inside the upload's folder, see TusService.object_key) and metadata it chose."""
+    name (inside the upload's folder, see TusService.object_key; ``place`` maps the hook's
+    key to the object's otherwise) and metadata it chose."""
     hooks = svc.engine.hooks
     if not hooks.wants("pre-create"):
         return new
@@ -388,7 +398,11 @@ async def _pre_create(request: web.Request, svc: TusService, new: NewUpload) -> 
         _hook_request(request, new.id),
     )
     if reply.new_key is not None:
-        new = replace(new, key=svc.object_key(new.id, new.filename, reply.new_key))
+        if place is None:
+            key = svc.object_key(new.id, new.filename, reply.new_key)
+        else:
+            key = place(reply.new_key)
+        new = replace(new, key=key)
     if reply.new_metadata is not None:
         obj_meta = {
             k.lower(): _header_safe(v)

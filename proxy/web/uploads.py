@@ -20,7 +20,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -101,13 +101,25 @@ def _content_type(request: web.Request) -> str:
     return ct if ct and len(ct) <= 255 else "application/octet-stream"
 
 
-async def _preflight_put(request: web.Request) -> Preflight:
-    """Checks that need no body; cached so the Expect handler and the handler share them."""
-    if _PREFLIGHT in request:
+def _preflight(
+    checks: Callable[[web.Request, Uploads, Grant], Awaitable[Preflight]],
+) -> Callable[[web.Request], Awaitable[Preflight]]:
+    """The checks that need no body, after authentication and admission (every upload's
+    first two), run once per request: the Expect handler and the handler share them."""
+
+    async def preflight(request: web.Request) -> Preflight:
+        if _PREFLIGHT not in request:
+            ctx = request.app[UPLOADS]
+            grant = authorize(request)
+            ctx.admit()
+            request[_PREFLIGHT] = await checks(request, ctx, grant)
         return request[_PREFLIGHT]
-    ctx = request.app[UPLOADS]
-    grant = authorize(request)
-    ctx.admit()
+
+    return preflight
+
+
+@_preflight
+async def _preflight_put(request: web.Request, ctx: Uploads, grant: Grant) -> Preflight:
     client_key = request.match_info["key"]
     key = _unreserved(ctx, full_key(ctx.config.key_prefix, client_key))
     grant.check_key(client_key)
@@ -132,8 +144,7 @@ async def _preflight_put(request: web.Request) -> Preflight:
     source = None
     if ctx.dedup is not None and sha256 is not None and size:
         source = await ctx.dedup.find(owner, sha256.hex(), size)
-    request[_PREFLIGHT] = pre = Preflight(key, size, limit, grant, client, create_only, source)
-    return pre
+    return Preflight(key, size, limit, grant, client, create_only, source)
 
 
 async def _instant(request: web.Request, pre: Preflight) -> web.Response | None:
@@ -201,12 +212,8 @@ def _owned(grant: Grant) -> dict[str, str]:
     return {OWNER_METADATA: str(grant.principal)}
 
 
-async def _preflight_post(request: web.Request) -> Preflight:
-    if _PREFLIGHT in request:
-        return request[_PREFLIGHT]
-    ctx = request.app[UPLOADS]
-    grant = authorize(request)
-    ctx.admit()
+@_preflight
+async def _preflight_post(request: web.Request, ctx: Uploads, grant: Grant) -> Preflight:
     grant.check_generated()
     limit = grant.limit(ctx.config.max_upload_size_bytes)
     size = _declared_size(request, limit)
@@ -215,8 +222,7 @@ async def _preflight_post(request: web.Request) -> Preflight:
         ctx.policy.check(request.headers.get("Content-Type"), _disposition_filename(request))
     client = request_client(request)
     ctx.slots.check(client.ip)
-    request[_PREFLIGHT] = pre = Preflight(None, size, limit, grant, client)
-    return pre
+    return Preflight(None, size, limit, grant, client)
 
 
 async def expect_put(request: web.Request) -> web.StreamResponse | None:
@@ -264,8 +270,9 @@ async def _stream_one(
     observer = engine.hooks.progress(hooked, ctx.events.started(upload_id, spec.key))
     client = request_client(request).ip
     upload = ObjectUpload(
-        engine.storage, engine.buffers_for(client), engine.settings, spec, observer
-    )
+        engine.storage, engine.buffers_for(client), engine.settings, spec, observer,
+        gate=engine.finishing,
+    )  # fmt: skip
     started = time.monotonic()
     result: StreamResult | None = None
     error: ProxyError | None = None

@@ -35,7 +35,8 @@ const RETRY_MESSAGES = {
   ERR_SHUTTING_DOWN: 'The server is restarting.',
   ERR_STORAGE_UNAVAILABLE: 'The server cannot reach its storage right now.',
   ERR_CLIENT_LIMIT: 'Too many uploads from this device at once.',
-  ERR_TOO_MANY_UNFINISHED: 'Too many unfinished uploads on this link.',
+  ERR_TOO_MANY_UNFINISHED_UPLOADS: 'Too many unfinished uploads on this link.',
+  ERR_EVICTED: 'The server is busy with other uploads.',
   ERR_CLIENT_TIMEOUT: 'The connection stalled.',
 }
 
