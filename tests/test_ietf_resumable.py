@@ -354,11 +354,14 @@ def node_client() -> Path:
 
 
 class CuttingRelay:
-    """A TCP relay to the daemon that resets the first connection whose request bytes
-    pass ``cut_after`` (once): a network that fails mid-upload."""
+    """A TCP relay to the daemon that resets the connection on which the request bytes,
+    counted over every connection, pass ``cut_after`` (once): a network that fails
+    mid-upload.  (Over every connection: the daemon closes a connection after a large
+    request body, so a client sending chunks may use one connection per chunk.)"""
 
     def __init__(self, port: int, cut_after: int) -> None:
         self.port, self.cut_after, self.cuts = port, cut_after, 0
+        self.sent = 0  # request bytes relayed, over every connection
         self.server: asyncio.Server | None = None
 
     async def __aenter__(self) -> CuttingRelay:
@@ -378,15 +381,15 @@ class CuttingRelay:
         up_r, up_w = await asyncio.open_connection("127.0.0.1", self.port)
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, up: bool) -> None:
-            sent = 0
             try:
                 while chunk := await src.read(65536):
-                    if up and not self.cuts and sent + len(chunk) > self.cut_after:
+                    if up and not self.cuts and self.sent + len(chunk) > self.cut_after:
                         self.cuts += 1
-                        dst.write(chunk[: self.cut_after - sent])
+                        dst.write(chunk[: self.cut_after - self.sent])
                         await dst.drain()
                         raise ConnectionResetError("cut")
-                    sent += len(chunk)
+                    if up:
+                        self.sent += len(chunk)
                     dst.write(chunk)
                     await dst.drain()
             except (ConnectionError, OSError):

@@ -210,8 +210,11 @@ async def test_live_progress_series_exist_only_while_the_upload_runs(
         await req.send(os.urandom(6 * MiB))
 
         def progressed(m: Samples) -> bool:
+            # A body read straight into the part buffers is counted per read (at least
+            # every 0.25 s), not per chunk: wait for both counters.
             stored = series(m, "proxy_active_upload_stored_bytes_total")
-            return list(stored.values()) == [5 * MiB]
+            received = series(m, "proxy_active_upload_received_bytes_total")
+            return list(stored.values()) == [5 * MiB] and list(received.values()) == [6 * MiB]
 
         m = await eventually(proxy.url, progressed)
         ((labels, received),) = series(m, "proxy_active_upload_received_bytes_total").items()

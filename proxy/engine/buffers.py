@@ -396,6 +396,23 @@ class PartBuffer:
             self.filled += n
         return n
 
+    def room_view(self) -> memoryview:
+        """The leased memory after ``filled`` up to the end of its piece, to read into
+        (then :meth:`advance`); release it after use."""
+        base = 0
+        for piece in self._pieces:
+            end = min(base + len(piece), self.size_bytes)
+            if self.filled < end:
+                return memoryview(piece)[self.filled - base : end - base]
+            base += len(piece)
+        raise ValueError("no room leased")
+
+    def advance(self, nbytes: int) -> None:
+        """``nbytes`` more were read into :meth:`room_view`."""
+        if self.filled + nbytes > min(self._leased, self.size_bytes):
+            raise ValueError("advancing past the leased memory")
+        self.filled += nbytes
+
     def write_at(self, pos: int, data: bytes | memoryview) -> None:
         """Copy ``data`` to ``pos`` (which must be leased), across pieces if need be."""
         if pos + len(data) > self._leased:

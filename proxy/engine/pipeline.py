@@ -1,10 +1,12 @@
-"""Body chunks -> S3 parts: the one streaming engine every protocol uses.  No HTTP, no boto.
+"""Request body -> S3 parts: the one streaming engine every protocol uses.  No HTTP, no boto.
 
 A :class:`PartPipeline` carries one body (a plain upload, or one tus PATCH) into parts of
 one S3 multipart upload:
 
-* chunks are copied into parts (:class:`~proxy.engine.buffers.PartBuffer`) whose memory
-  is leased from the shared pool only as bytes arrive; the first lease is the upload's
+* the body is read into parts (:class:`~proxy.engine.buffers.PartBuffer`): straight from
+  the socket when the web layer offers a :class:`BodySource` (no chunk objects, no copy),
+  else chunks are copied in; part memory is leased from the shared pool only as bytes
+  arrive; the first lease is the upload's
   admission (503 ``ERR_BUSY`` after ``admission_timeout_s``), later waits are the
   back-pressure that slows the client;
 * a full part is sent while the next one fills, with at most ``parts_in_flight`` parts
@@ -29,14 +31,15 @@ and aborts everything, a tus PATCH settles and keeps the parts that made it.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, Protocol, TypeAlias, TypeVar
 
-from proxy.engine.buffers import Buffers, PartBuffer, PoolTimeout
+from proxy.engine.buffers import Buffers, PartBuffer, PoolTimeout, release_view
 from proxy.engine.hashing import off_loop, part_checksum
 from proxy.errors import (
     Busy,
@@ -96,6 +99,51 @@ class SentPart(Generic[S]):
     etag: str
     size: int
     state: S
+
+
+class BodySource(abc.ABC):
+    """A request body read straight into the caller's buffers (no chunk objects)."""
+
+    @abc.abstractmethod
+    async def more(self) -> bool:
+        """Whether the body has another byte (False: it ended).  Raises if it broke."""
+
+    @abc.abstractmethod
+    async def readinto(self, view: memoryview) -> int:
+        """Read the next bytes into ``view``: at least one once :meth:`more` said so, at
+        most ``len(view)``.  Raises, with nothing read, if the body broke; bytes read
+        before a break are returned first (the next call raises)."""
+
+
+class ChunkSource(BodySource):
+    """A body given as chunks (``bytes`` objects), copied into the caller's buffers."""
+
+    __slots__ = ("_chunks", "_left")
+
+    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
+        self._chunks = chunks
+        self._left = memoryview(b"")
+
+    async def more(self) -> bool:
+        while not self._left:
+            chunk = await anext(self._chunks, None)
+            if chunk is None:
+                return False
+            self._left = memoryview(chunk)
+        return True
+
+    async def readinto(self, view: memoryview) -> int:
+        if not await self.more():
+            return 0
+        left = self._left
+        n = min(len(view), len(left))
+        view[:n] = left[:n]
+        self._left = left[n:]
+        return n
+
+
+# What a pipeline reads: a body source, or chunks.
+Body: TypeAlias = BodySource | AsyncIterator[bytes]
 
 
 def _never_fenced() -> None:
@@ -159,28 +207,29 @@ class PartPipeline(Generic[S]):
             size = min(size, self._total - self._parted_bytes)
         return PartBuffer(self._buffers, size, start)
 
-    async def receive(self, chunks: AsyncIterator[bytes]) -> None:
-        """Copy the body into parts, sending each full part once more bytes come."""
+    async def receive(self, body: Body) -> None:
+        """Read the body into parts, sending each full part once more bytes come."""
         assert self.tail is not None
+        source = body if isinstance(body, BodySource) else ChunkSource(body)
         part = self.tail
-        async for chunk in chunks:
-            n = len(chunk)
-            if not n:
-                continue
+        while await source.more():
+            if part.full:
+                # More bytes are coming, so this full part is not the last one.
+                await self.dispatch()
+                part = self.tail = self._new_part()
+            if not part.room:
+                await self._lease(part)
+            view = part.room_view()
+            try:
+                n = await source.readinto(view)
+            finally:
+                release_view(view)
             self.received_bytes += n
             self._obs.received(n)
             if self.received_bytes > self._limit_bytes:
+                # Before the part counts them: no byte past the limit is ever stored.
                 raise TooLarge(self._too_large)
-            view = memoryview(chunk)
-            off = 0
-            while off < n:
-                if part.full:
-                    # More bytes are coming, so this full part is not the last one.
-                    await self.dispatch()
-                    part = self.tail = self._new_part()
-                if not part.room:
-                    await self._lease(part)
-                off += part.write(view[off:])
+            part.advance(n)
 
     async def _lease(self, part: PartBuffer) -> None:
         """Memory for the part's next bytes.  The body's first lease is its admission:

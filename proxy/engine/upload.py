@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from proxy.engine.buffers import Buffers
-from proxy.engine.pipeline import PartPipeline, PartTarget, StreamSettings
+from proxy.engine.pipeline import Body, PartPipeline, PartTarget, StreamSettings
 from proxy.errors import (
     ChecksumMismatch,
     ConditionFailed,
@@ -154,7 +154,7 @@ class ObjectUpload:
     def received_bytes(self) -> int:
         return self._pipe.received_bytes
 
-    async def run(self, chunks: AsyncIterator[bytes]) -> StreamResult:
+    async def run(self, chunks: Body) -> StreamResult:
         pipe = self._pipe
         try:
             await pipe.receive(chunks)

@@ -27,13 +27,13 @@ copy loop, ordered hashing and parts in flight as a plain upload).  What tus add
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.engine.buffers import Buffers, PartBuffer
 from proxy.engine.hashing import off_loop
-from proxy.engine.pipeline import PartPipeline, PartTarget, StreamSettings
+from proxy.engine.pipeline import Body, PartPipeline, PartTarget, StreamSettings
 from proxy.errors import LeaseLost, ObjectExists, PartSizeChanged, StorageError
 from proxy.obs.observer import StreamObserver
 from proxy.storage.base import Pieces
@@ -155,7 +155,7 @@ class PatchWriter:
             # theirs.  The parts stored so far are committed by the caller.
             raise LeaseLost("the upload's lease was lost or is running out; resume it")
 
-    async def run(self, chunks: AsyncIterator[bytes]) -> None:
+    async def run(self, chunks: Body) -> None:
         if self._pending_bytes >= self._settings.part_size_bytes:
             raise PartSizeChanged(
                 f"pending bytes ({self._pending_bytes}) exceed part_size; part_size was lowered "

@@ -30,6 +30,7 @@ from proxy.config import TusConfig
 from proxy.engine.buffers import Buffers
 from proxy.engine.context import Engine
 from proxy.engine.dedup import ContentIndex
+from proxy.engine.pipeline import Body
 from proxy.engine.upload import shielded
 from proxy.errors import (
     DigestMismatch,
@@ -261,7 +262,7 @@ class TusService:
     async def write(
         self,
         lease: Lease,
-        chunks: AsyncIterator[bytes],
+        chunks: Body,
         *,
         declared_bytes: int | None,
         checksum: Checksum | None,
@@ -301,7 +302,7 @@ class TusService:
         lease: Lease,
         info: UploadInfo,
         target: PatchTarget,
-        chunks: AsyncIterator[bytes],
+        chunks: Body,
         declared_bytes: int | None,
         checksum: Checksum | None,
         observer: StreamObserver,

@@ -28,6 +28,13 @@ makes for each connection so that:
   *unsent* to :data:`NOTSENT_LOWAT_BYTES`, so a stalled peer is noticed after that much,
   while bytes in flight (what a fast link needs) are not limited.
 
+It is also where a large request body can be read without aiohttp (:class:`BodyTap`):
+the wrapper is a buffered protocol, so the kernel copies the body's bytes straight into
+the part buffer the upload reads into, instead of into a ``bytes`` per read that
+aiohttp's parser copies into another per body chunk, and the upload copies once more.
+Outside a tap, each read lands in one buffer shared by the listener's connections and is
+handed to aiohttp as ``bytes`` right away (the copy the event loop made before).
+
 Why a protocol wrapper: aiohttp has no hook for either.  ``web.BaseSite`` is its public
 base for custom sites, and the wrapper only forwards ``asyncio.Protocol`` calls, so no
 private aiohttp attribute is read (the attributes used are ``BaseSite``'s own, as in its
@@ -60,6 +67,8 @@ log = logging.getLogger(__name__)
 # The empty line ending the headers: CRLF CRLF, or bare LFs as lenient parsers accept.
 _HEADERS_END = re.compile(rb"\n\r?\n")
 _RETRY_AFTER_S = 1
+# One read outside a tap: what uvloop and asyncio read at once by default.
+READ_BYTES = 256 * 1024
 # Unsent bytes the kernel may queue per connection (see the module docstring): a few ms
 # of writes at gigabit speed, so a reading peer never waits on the event loop for more.
 NOTSENT_LOWAT_BYTES = 256 * 1024
@@ -93,6 +102,9 @@ class ConnectionGuard:
         self.open = 0
         self.refused_total = 0
         self.header_timeouts_total = 0
+        # Every connection's reads outside a tap land here, one at a time, and are
+        # copied out at once (see the module docstring).
+        self.read_buffer = memoryview(bytearray(READ_BYTES))
 
     def admit(self, peer: str) -> str | None:
         """Count a new connection from ``peer``; why it is refused, or None.  A connection
@@ -118,9 +130,11 @@ class ConnectionGuard:
         else:
             self._by_client.pop(group, None)
 
-    def wrap(self, factory: Callable[[], asyncio.BaseProtocol]) -> Callable[[], asyncio.Protocol]:
+    def wrap(
+        self, factory: Callable[[], asyncio.BaseProtocol]
+    ) -> Callable[[], asyncio.BufferedProtocol]:
         """A protocol factory for ``loop.create_server`` that guards ``factory``'s protocols."""
-        return lambda: _Guarded(self, factory)
+        return lambda: Guarded(self, factory)
 
 
 def raw_error(transport: asyncio.Transport, error: ProxyError) -> None:
@@ -151,8 +165,95 @@ def _limit_unsent(transport: asyncio.BaseTransport) -> None:
         pass  # not TCP (a test's socket pair): nothing to limit
 
 
-class _Guarded(asyncio.Protocol):
-    """Forwards every call to aiohttp's protocol; watches the first request's headers."""
+class BodyTap:
+    """The rest of one request body (``nbytes``), read by the kernel straight into the
+    reader's buffers while aiohttp's parser is bypassed.
+
+    The reader starts a read into a view (:meth:`start`) and waits for :attr:`woken`: it is set
+    once the view is full, the body is complete, or the connection broke or ended early;
+    :meth:`stop` ends the read and says how many bytes landed.  Reading is paused between
+    reads, so the socket's own buffers hold what the client sends meanwhile (TCP flow
+    control, as when aiohttp pauses).  The bypassed parser still expects those bytes, so
+    the connection must close after the answer (the caller sees to it)."""
+
+    def __init__(self, transport: asyncio.Transport, nbytes: int) -> None:
+        self._transport = transport
+        self.remaining = nbytes
+        self.failure: BaseException | None = None
+        self._view: memoryview | None = None
+        self._got = 0
+        self._stash = bytearray()  # bytes read while no view was set (see _buffer)
+        self.woken: asyncio.Future[None] | None = None
+
+    @property
+    def got(self) -> int:
+        """Bytes in the current read so far."""
+        return self._got
+
+    def start(self, view: memoryview) -> None:
+        """Read into ``view`` (at most what is left of the body)."""
+        assert self._view is None, "one read at a time"
+        self.woken = asyncio.get_running_loop().create_future()
+        if self._stash:
+            n = min(len(self._stash), len(view))
+            view[:n] = self._stash[:n]
+            del self._stash[:n]
+            self._got = n
+            self.woken.set_result(None)
+            return
+        self._got = 0
+        if self.failure is not None or not self.remaining:
+            self.woken.set_result(None)
+            return
+        self._view = view[: self.remaining]
+        self._transport.resume_reading()
+
+    def stop(self) -> int:
+        """End the read; the bytes it got."""
+        if self._view is not None:
+            self._view = None
+            self._transport.pause_reading()
+        self.woken = None
+        got, self._got = self._got, 0
+        return got
+
+    # -- from the protocol --------------------------------------------------------------
+
+    def _buffer(self) -> memoryview | None:
+        view = self._view
+        return None if view is None else view[self._got :]
+
+    def _filled(self, nbytes: int) -> None:
+        self._got += nbytes
+        self.remaining -= nbytes
+        assert self._view is not None
+        if self._got == len(self._view):
+            self._view = None
+            self._transport.pause_reading()
+            self._wake()
+
+    def _stashed(self, data: memoryview) -> None:
+        # Reading is paused whenever no view is set, so this is what a transport read
+        # after the pause, if any: kept for the next read, never more than the body.
+        take = min(len(data), self.remaining)
+        self._stash += data[:take]
+        self.remaining -= take
+        self._transport.pause_reading()
+
+    def _ended(self, failure: BaseException) -> None:
+        if self.failure is None:
+            self.failure = failure
+        self._view = None
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.woken is not None and not self.woken.done():
+            self.woken.set_result(None)
+
+
+class Guarded(asyncio.BufferedProtocol):
+    """Forwards every call to aiohttp's protocol; watches the first request's headers;
+    hands a body to a :class:`BodyTap` on request."""
 
     def __init__(self, guard: ConnectionGuard, factory: Callable[[], asyncio.BaseProtocol]) -> None:
         self._guard = guard
@@ -165,6 +266,7 @@ class _Guarded(asyncio.Protocol):
         self._peer = "unknown"
         self._sent_something = False
         self._tail = b""
+        self._tap: BodyTap | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
@@ -187,6 +289,35 @@ class _Guarded(asyncio.Protocol):
         assert isinstance(inner, asyncio.Protocol)
         self._inner = inner
         inner.connection_made(transport)
+
+    @property
+    def tapped(self) -> bool:
+        return self._tap is not None
+
+    def tap(self, nbytes: int) -> BodyTap:
+        """Read the next ``nbytes`` (the rest of the current request's body, of which
+        aiohttp holds no byte) with a :class:`BodyTap` instead of aiohttp.  For good:
+        the connection is closed after the answer."""
+        assert self._transport is not None and self._tap is None
+        self._tap = BodyTap(self._transport, nbytes)
+        self._transport.pause_reading()
+        return self._tap
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._tap is not None:
+            view = self._tap._buffer()
+            if view is not None:
+                return view
+        return self._guard.read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        tap = self._tap
+        if tap is None:
+            self.data_received(bytes(self._guard.read_buffer[:nbytes]))
+        elif tap._buffer() is not None:
+            tap._filled(nbytes)
+        else:
+            tap._stashed(self._guard.read_buffer[:nbytes])
 
     def data_received(self, data: bytes) -> None:
         if self._deadline is not None:
@@ -229,9 +360,13 @@ class _Guarded(asyncio.Protocol):
             transport.close()
 
     def eof_received(self) -> bool | None:
+        if self._tap is not None:
+            self._tap._ended(EOFError("the client ended the connection"))
         return None if self._inner is None else self._inner.eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._tap is not None:
+            self._tap._ended(exc or ConnectionResetError("the connection was lost"))
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None

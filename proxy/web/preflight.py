@@ -1,6 +1,7 @@
 """Request preflight, shared by every upload route: who the client is, who is asking
 (authentication, once per request), ``Expect: 100-continue``, declared digests, and the
-body as chunks under the idle timeout and the minimum rate.
+body (read straight into part buffers, or as chunks) under the idle timeout and the
+minimum rate.
 
 Also :class:`Uploads`, what the upload handlers (plain and tus) share, set as an AppKey
 by the app's cleanup context once the store is open, and :func:`reported`, which reports
@@ -35,6 +36,7 @@ from proxy.engine.limits import (
     UploadSlots,
     client_info,
 )
+from proxy.engine.pipeline import Body, BodySource
 from proxy.engine.upload import ExpectedDigests
 from proxy.errors import (
     BadDigest,
@@ -44,6 +46,7 @@ from proxy.errors import (
     ProxyError,
     TooSlow,
 )
+from proxy.web.conn import BodyTap, Guarded
 from proxy.web.errors import error_response
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -94,6 +97,18 @@ class Uploads:
         if pace is None:
             pace = self.new_pace()
         return body_chunks(stream, self.config.idle_timeout_s, read, pace)
+
+    def body(self, request: web.Request) -> Body:
+        """The whole request body, under the idle timeout and the minimum rate: read
+        straight into the part buffers when it is large and of a declared length (a
+        :class:`~proxy.web.conn.BodyTap`; the connection then closes after the answer),
+        else as chunks."""
+        pace = self.new_pace()
+        tapped = tap_body(request)
+        if tapped is None:
+            return self.chunks(request.content, pace)
+        head, tap = tapped
+        return TappedBody(head, tap, self.config.idle_timeout_s, pace)
 
     def new_pace(self) -> BodyPace:
         lc = self.limits
@@ -213,6 +228,110 @@ async def body_chunks(
         if not chunk:
             return
         yield chunk
+
+
+# Below this much body left, aiohttp reads it (and the connection can be kept alive).
+TAP_MIN_BYTES = 1024 * 1024
+# A tapped read that got bytes returns after this long even if its buffer is not full.
+PROGRESS_S = 0.25
+
+
+def tap_body(request: web.Request) -> tuple[bytes, BodyTap] | None:
+    """Take the rest of the request's body from aiohttp: the bytes its parser holds, and
+    a tap on the connection for the others.  None when aiohttp should read it: no
+    declared length (chunked), little left, or not a connection of ours."""
+    transport, stream = request.transport, request.content
+    length = request.content_length
+    if length is None or transport is None or stream.exception() is not None:
+        return None
+    protocol = transport.get_protocol()
+    left = length - stream.total_bytes
+    if not isinstance(protocol, Guarded) or stream.is_eof() or left < TAP_MIN_BYTES:
+        return None
+    # The bytes counted (total_bytes) are the bytes on the wire: the server never
+    # decompresses bodies (auto_decompress=False in proxy.server), so the tap takes over
+    # exactly where aiohttp's parser stopped.
+    head = stream.read_nowait()
+    # aiohttp's parser will never see the rest: its payload ends here, and the
+    # connection closes after the answer (close_if_tapped says so in it).
+    stream.feed_eof()
+    request.protocol.close()
+    return head, protocol.tap(left)
+
+
+async def close_if_tapped(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: a connection whose body was tapped cannot be reused.  (Asked
+    of the connection: a handler may have answered with a clone of the request.)"""
+    transport = request.transport
+    protocol = None if transport is None else transport.get_protocol()
+    if isinstance(protocol, Guarded) and protocol.tapped:
+        response.force_close()
+        # This hook runs after aiohttp chose the Connection header (on aiohttp 3.14).
+        response.headers["Connection"] = "close"
+
+
+class TappedBody(BodySource):
+    """A request body read through a :class:`~proxy.web.conn.BodyTap`, under the idle
+    timeout and ``pace``'s minimum rate (the same rules as :func:`from_client`)."""
+
+    def __init__(self, head: bytes, tap: BodyTap, idle_timeout_s: float, pace: BodyPace) -> None:
+        self._head = memoryview(head)  # what aiohttp had read already
+        self._tap = tap
+        self._idle_timeout_s = idle_timeout_s
+        self._pace = pace
+        if head:
+            pace.record(0, len(head))
+
+    async def more(self) -> bool:
+        if self._head:
+            return True
+        self._check()
+        return self._tap.remaining > 0
+
+    async def readinto(self, view: memoryview) -> int:
+        if self._head:
+            n = min(len(view), len(self._head))
+            view[:n] = self._head[:n]
+            self._head = self._head[n:]
+            return n
+        self._check()
+        tap = self._tap
+        tap.start(view)
+        try:
+            await self._wait()
+        finally:
+            got = tap.stop()
+        if not got:
+            self._check()
+        return got
+
+    def _check(self) -> None:
+        failure = self._tap.failure
+        if failure is not None and self._tap.remaining:
+            raise IncompleteBody(f"the request body ended early ({type(failure).__name__})")
+
+    async def _wait(self) -> None:
+        """Until the read is over, or bytes arrived and :data:`PROGRESS_S` passed (so the
+        counters and progress hooks move with a slow client too); a stall or a rate below
+        the minimum raises."""
+        tap, pace = self._tap, self._pace
+        woken = tap.woken
+        assert woken is not None
+        loop = asyncio.get_running_loop()
+        since = loop.time()
+        while not woken.done():
+            allowance_s = pace.allowance_s()
+            if allowance_s <= 0:
+                raise _too_slow(pace)
+            seen, started = tap.got, loop.time()
+            stall_left_s = self._idle_timeout_s - (started - since)
+            await asyncio.wait((woken,), timeout=min(stall_left_s, allowance_s, PROGRESS_S))
+            now = loop.time()
+            pace.record(now - started, tap.got - seen)
+            if tap.got:
+                return
+            if now - since >= self._idle_timeout_s:
+                raise ClientTimeout(f"no body bytes for {self._idle_timeout_s}s")
 
 
 def _too_slow(pace: BodyPace) -> TooSlow:

@@ -19,7 +19,7 @@ import binascii
 import email.utils
 import logging
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from urllib.parse import quote
 
@@ -28,6 +28,7 @@ from aiohttp import web
 from proxy.auth import Grant, Principal
 from proxy.config import TusConfig
 from proxy.engine.dedup import OWNER_METADATA as CONTENT_OWNER_METADATA
+from proxy.engine.pipeline import Body
 from proxy.errors import (
     BadConcat,
     BadHeader,
@@ -236,8 +237,8 @@ def _upload_headers(info: UploadInfo) -> dict[str, str]:
     return headers
 
 
-def _chunks(request: web.Request) -> AsyncIterator[bytes]:
-    return request.app[UPLOADS].chunks(request.content)
+def _chunks(request: web.Request) -> Body:
+    return request.app[UPLOADS].body(request)
 
 
 # -- handlers ---------------------------------------------------------------------------

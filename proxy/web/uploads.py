@@ -31,6 +31,7 @@ from proxy.auth import Grant
 from proxy.engine.dedup import OWNER_METADATA
 from proxy.engine.events import Outcome
 from proxy.engine.limits import ClientInfo
+from proxy.engine.pipeline import Body
 from proxy.engine.upload import ObjectUpload, StreamResult, UploadSpec, delete_if_ours
 from proxy.errors import (
     BadForm,
@@ -241,7 +242,7 @@ async def expect_post(request: web.Request) -> web.StreamResponse | None:
 async def _stream_one(
     request: web.Request,
     spec: UploadSpec,
-    chunks: AsyncIterator[bytes],
+    chunks: Body,
     *,
     record_finish: bool = True,
 ) -> tuple[StreamResult, HookUpload]:
@@ -397,7 +398,7 @@ async def put_upload(request: web.Request) -> web.StreamResponse:
         expected=expected_digests(request.headers),
     )
     with ctx.slots.hold(pre.client.ip):
-        result, _ = await _stream_one(request, spec, ctx.chunks(request.content))
+        result, _ = await _stream_one(request, spec, ctx.body(request))
     return web.json_response(_result_json(ctx, result), status=201)
 
 
@@ -440,7 +441,7 @@ async def post_upload(request: web.Request) -> web.StreamResponse:
             create_only=True,
             expected=expected_digests(request.headers),
         )
-        result, _ = await _stream_one(request, spec, ctx.chunks(request.content))
+        result, _ = await _stream_one(request, spec, ctx.body(request))
     return web.json_response(_result_json(ctx, result), status=201)
 
 
