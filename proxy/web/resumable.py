@@ -59,7 +59,7 @@ from proxy.headers import ascii_uint
 from proxy.keys import full_key
 from proxy.tus.completion import hook_upload
 from proxy.tus.service import TusService, no_bytes, quota_of
-from proxy.tus.state import UploadInfo, release_quietly, storage_id, valid_id
+from proxy.tus.state import Lease, UploadInfo, release_quietly, storage_id, valid_id
 from proxy.web import page
 from proxy.web.errors import LOG_PATH
 from proxy.web.preflight import (
@@ -83,6 +83,7 @@ from proxy.web.tus import (
     _terminate_quietly,
     _upload_id,
     new_upload,
+    terminate,
 )
 from proxy.web.uploads import _new_key, _preflight_post, _preflight_put, _unreserved
 
@@ -321,15 +322,7 @@ async def _create(request: web.Request, key: str | None) -> web.StreamResponse:
     if lease is not None:
         streaming(request)
         try:
-            with request.app[UPLOADS].slots.hold(client_ip):
-                info = await svc.write(
-                    lease,
-                    _chunks(request),
-                    declared_bytes=request.content_length,
-                    checksum=None,
-                    client_ip=client_ip,
-                    complete_at_end=complete,
-                )
+            info = await _append(request, lease, client_ip, complete)
         except BaseException as e:
             if not announced:
                 # The client never learns the URL: nothing can resume it.
@@ -466,15 +459,7 @@ async def patch(request: web.Request) -> web.StreamResponse:
         await release_quietly(lease)
         raise
     streaming(request)
-    with request.app[UPLOADS].slots.hold(client_ip):
-        info = await svc.write(
-            lease,
-            _chunks(request),
-            declared_bytes=request.content_length,
-            checksum=None,
-            client_ip=client_ip,
-            complete_at_end=complete,
-        )
+    info = await _append(request, lease, client_ip, complete)
     info = await _indexed(request, info)
     return _answer(request, dialect, info, dialect.append_status(info.completing))
 
@@ -506,17 +491,22 @@ async def _append_to_finished(
     return web.Response(status=dialect.append_status(True), headers=headers)
 
 
+async def _append(request: web.Request, lease: Lease, client_ip: str, complete: bool) -> UploadInfo:
+    """The request's body onto the upload it holds the lease of, in an upload slot."""
+    with request.app[UPLOADS].slots.hold(client_ip):
+        return await _svc(request).write(
+            lease,
+            _chunks(request),
+            declared_bytes=request.content_length,
+            checksum=None,
+            client_ip=client_ip,
+            complete_at_end=complete,
+        )
+
+
 async def delete(request: web.Request) -> web.Response:
     dialect_of(request)
-    grant = _guard(request)
-    svc = _svc(request)
-    lease = await svc.store.acquire(_upload_id(request), by=grant.principal, allow_expired=True)
-    try:
-        await svc.terminate(lease, client=request_client(request).ip)
-    except BaseException:
-        await release_quietly(lease)
-        raise
-    return web.Response(status=204)
+    return await terminate(request)
 
 
 # -- wiring: the draft's requests on the tus routes ------------------------------------

@@ -646,6 +646,11 @@ async def _indexed(request: web.Request, info: UploadInfo) -> UploadInfo:
 
 async def delete(request: web.Request) -> web.Response:
     _check_version(request)
+    return await terminate(request)
+
+
+async def terminate(request: web.Request) -> web.Response:
+    """DELETE of an upload, after the protocol's own checks (tus and the IETF draft)."""
     grant = _guard(request)
     svc = _svc(request)
     lease = await svc.store.acquire(_upload_id(request), by=grant.principal, allow_expired=True)
