@@ -5,7 +5,7 @@
 // slice takes the rest); "split": tus-js-client's own even split (unaligned).
 // Prints {"url": ..., "seconds": ...} on success; exits 1 with the error otherwise.
 import { readFileSync } from "node:fs";
-import { Upload } from "tus-js-client";
+import { run } from "./run.mjs";
 
 const [endpoint, file, parallel, partSize, filename] = process.argv.slice(2);
 const data = readFileSync(file);
@@ -27,15 +27,6 @@ if (partSize !== "split") {
   options.parallelUploads = bounds.length;
 }
 const started = process.hrtime.bigint();
-const upload = new Upload(data, {
-  ...options,
-  onError: (err) => {
-    console.error(String(err));
-    process.exit(1);
-  },
-  onSuccess: () => {
-    const seconds = Number(process.hrtime.bigint() - started) / 1e9;
-    console.log(JSON.stringify({ url: upload.url, seconds }));
-  },
-});
-upload.start();
+run(data, options, () => ({
+  seconds: Number(process.hrtime.bigint() - started) / 1e9,
+}));

@@ -2,7 +2,7 @@
 // usage: node upload.mjs ENDPOINT FILE CHUNK_SIZE|inf FILENAME
 // Prints {"url": ...} on success; exits 1 with the error otherwise.
 import { readFileSync } from "node:fs";
-import { Upload } from "tus-js-client";
+import { run } from "./run.mjs";
 
 const [endpoint, file, chunk, filename] = process.argv.slice(2);
 const data = readFileSync(file);
@@ -13,14 +13,4 @@ const options = {
 };
 if (chunk !== "inf") options.chunkSize = Number(chunk);
 
-const upload = new Upload(data, {
-  ...options,
-  onError: (err) => {
-    console.error(String(err));
-    process.exit(1);
-  },
-  onSuccess: () => {
-    console.log(JSON.stringify({ url: upload.url }));
-  },
-});
-upload.start();
+run(data, options);

@@ -4,7 +4,7 @@
 // PROTOCOL is tus-js-client's option: ietf-draft-03 (interop 5) or ietf-draft-05 (6).
 // Prints {"url": ..., "retries": n} on success; exits 1 with the error otherwise.
 import { readFileSync } from "node:fs";
-import { Upload } from "tus-js-client";
+import { run } from "./run.mjs";
 
 const [endpoint, file, chunk, filename, protocol] = process.argv.slice(2);
 const data = readFileSync(file);
@@ -22,14 +22,4 @@ const options = {
 };
 if (chunk !== "inf") options.chunkSize = Number(chunk);
 
-const upload = new Upload(data, {
-  ...options,
-  onError: (err) => {
-    console.error(String(err));
-    process.exit(1);
-  },
-  onSuccess: () => {
-    console.log(JSON.stringify({ url: upload.url, retries }));
-  },
-});
-upload.start();
+run(data, options, () => ({ retries }));
