@@ -13,6 +13,8 @@ from typing import Any
 
 import aiohttp
 import pytest
+from sec_http import exchange
+from tus_helpers import only_objects, tus_sections
 from wrapped import Wrapped
 
 from proxy.engine.buffers import BufferPool
@@ -224,6 +226,45 @@ async def test_create_only_finishes_of_one_key_queue(
     stored, meta = await get_object(s3, key)
     assert stored == a_data and meta["sha256"] == hashlib.sha256(a_data).hexdigest()
     assert await s3.list_multipart(prefix) == []
+
+
+# Draft interop 8: a PUT carrying Upload-Complete is a resumable (tus) upload at its key.
+RESUMABLE = {"Upload-Draft-Interop-Version": "8", "Upload-Complete": "?1"}
+
+
+@pytest.mark.parametrize("second", ["resumable", "plain"])
+async def test_a_resumable_upload_and_another_racing_for_one_key(
+    start_proxy: StartProxy, seaweed: EmbeddedSeaweed, s3: S3Storage, prefix: str, second: str
+) -> None:
+    """overwrite = false.  A resumable PUT (a tus upload, finished by the tus completion)
+    and a second upload to the same key, a resumable or a plain PUT, both finish while the
+    first one's CompleteMultipartUpload is held on its way to the store.  One 201, one
+    refusal; the object is the winner's bytes with the winner's SHA-256."""
+    name = "same.bin"
+    key = prefix + name
+    async with faulty_s3(seaweed, state_prefix=f"{prefix}.tus/") as (storage, faults):
+        held = faults.add("CompleteMultipartUpload", hold(), key=re.escape(key))
+        proxy = await start_proxy(storage=storage, **tus_sections(prefix))
+        a_data, b_data = os.urandom(6 * MiB + 1), os.urandom(7 * MiB + 3)
+        a = asyncio.create_task(exchange(proxy.port, "PUT", f"/uploads/{name}", RESUMABLE, a_data))
+        await asyncio.wait_for(held.held.wait(), 30)
+        headers = RESUMABLE if second == "resumable" else {}
+        b = asyncio.create_task(exchange(proxy.port, "PUT", f"/uploads/{name}", headers, b_data))
+
+        async def b_waits() -> bool:
+            return storage.creates.users(key) == 2
+
+        await until(b_waits, "the second completion waiting for the first")
+        held.release(forward=True)
+        first, later = await a, await b
+        assert first.status == 201, first.body
+        assert first.json()["sha256"] == hashlib.sha256(a_data).hexdigest()
+        refused = (409, "ERR_KEY_EXISTS") if second == "plain" else (410, "ERR_UPLOAD_FAILED")
+        assert (later.status, later.code) == refused, later.body
+        assert [r.status for r in faults.seen("CompleteMultipartUpload")] == [200, 412]
+    stored, meta = await get_object(s3, key)
+    assert stored == a_data and meta["sha256"] == hashlib.sha256(a_data).hexdigest()
+    assert await only_objects(s3, prefix) == [key]  # the loser left nothing behind
 
 
 @pytest.mark.parametrize(
