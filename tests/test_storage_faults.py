@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -12,11 +13,13 @@ from typing import Any
 
 import aiohttp
 import pytest
+from sec_http import exchange
+from tus_helpers import only_objects, tus_sections
 from wrapped import Wrapped
 
 from proxy.engine.buffers import BufferPool
 from proxy.engine.pipeline import StreamSettings
-from proxy.engine.upload import KeyGate, ObjectUpload, UploadSpec
+from proxy.engine.upload import ObjectUpload, UploadSpec
 from proxy.errors import ObjectExists, ProxyError, StorageUnavailable
 from proxy.storage.base import Body
 from proxy.storage.s3 import S3Storage
@@ -186,61 +189,82 @@ async def test_overwrite_race_keeps_the_winner(s3: S3Storage, prefix: str) -> No
     assert await s3.list_multipart(prefix) == []
 
 
-class GatedComplete(Wrapped):
-    """Real storage whose first complete_multipart waits for ``go``; counts how many
-    completions are inside the store at once."""
-
-    def __init__(self, inner: S3Storage) -> None:
-        super().__init__(inner)
-        self.go = asyncio.Event()
-        self.first_in = asyncio.Event()
-        self.inside = self.most_inside = 0
-
-    async def complete_multipart(self, *args: Any, **kw: Any) -> str:
-        self.calls["complete_multipart"] += 1
-        self.inside += 1
-        self.most_inside = max(self.most_inside, self.inside)
-        try:
-            if self.calls["complete_multipart"] == 1:
-                self.first_in.set()
-                await self.go.wait()
-            return await self.inner.complete_multipart(*args, **kw)
-        finally:
-            self.inside -= 1
-
-
-async def test_create_only_finishes_of_one_key_queue(s3: S3Storage, prefix: str) -> None:
+async def test_create_only_finishes_of_one_key_queue(
+    seaweed: EmbeddedSeaweed, s3: S3Storage, prefix: str
+) -> None:
     """overwrite = false, two multipart uploads to one key.  SeaweedFS checks If-None-Match
     before it writes, not with the write, so two overlapping completions can both win
-    (both answered 201, one object).  B's completion waits at the gate until A's is done,
-    then meets A's object: one 201, one 409, the object A's."""
+    (both answered 201, one object).  A's CompleteMultipartUpload is held on its way to
+    the store (the fault proxy); B's waits inside S3Storage until A's is answered, then
+    meets A's object: one success, one ObjectExists, the object A's."""
     key = f"{prefix}create-only"
-    store, keys = GatedComplete(s3), KeyGate()
-    pool = BufferPool(64 * MiB, PART)
-    a_data, b_data = os.urandom(6 * MiB), os.urandom(7 * MiB)
-    spec = UploadSpec(key=key, max_size_bytes=1 << 40, create_only=True)
+    async with faulty_s3(seaweed) as (storage, faults):
+        held = faults.add("CompleteMultipartUpload", hold(), key=re.escape(key))
+        pool = BufferPool(64 * MiB, PART)
+        a_data, b_data = os.urandom(6 * MiB), os.urandom(7 * MiB)
+        spec = UploadSpec(key=key, max_size_bytes=1 << 40, create_only=True)
 
-    def upload(data: bytes) -> asyncio.Task[Any]:
-        up = ObjectUpload(store, pool, SETTINGS, spec, gate=keys)  # type: ignore[arg-type]
-        return asyncio.create_task(up.run(chunks_of(data)))
+        def upload(data: bytes) -> asyncio.Task[Any]:
+            up = ObjectUpload(storage, pool, SETTINGS, spec)
+            return asyncio.create_task(up.run(chunks_of(data)))
 
-    a = upload(a_data)
-    await asyncio.wait_for(store.first_in.wait(), 10)
-    b = upload(b_data)
+        a = upload(a_data)
+        await asyncio.wait_for(held.held.wait(), 30)
+        b = upload(b_data)
 
-    async def b_waits() -> bool:
-        return keys.users(key) == 2
+        async def b_waits() -> bool:
+            return storage.creates.users(key) == 2
 
-    await until(b_waits, "B's completion waiting at the gate")
-    assert store.calls["complete_multipart"] == 1
-    store.go.set()
-    assert (await a).sha256 == hashlib.sha256(a_data).hexdigest()
-    with pytest.raises(ObjectExists):
-        await b
-    assert store.most_inside == 1 and keys.users(key) == 0
+        await until(b_waits, "B's completion waiting for A's")
+        assert len(faults.seen("CompleteMultipartUpload")) == 1  # B's was not sent
+        held.release(forward=True)
+        assert (await a).sha256 == hashlib.sha256(a_data).hexdigest()
+        with pytest.raises(ObjectExists):
+            await b
+        assert [r.status for r in faults.seen("CompleteMultipartUpload")] == [200, 412]
+        assert len(storage.creates) == 0  # no entry outlives its writes
     stored, meta = await get_object(s3, key)
     assert stored == a_data and meta["sha256"] == hashlib.sha256(a_data).hexdigest()
     assert await s3.list_multipart(prefix) == []
+
+
+# Draft interop 8: a PUT carrying Upload-Complete is a resumable (tus) upload at its key.
+RESUMABLE = {"Upload-Draft-Interop-Version": "8", "Upload-Complete": "?1"}
+
+
+@pytest.mark.parametrize("second", ["resumable", "plain"])
+async def test_a_resumable_upload_and_another_racing_for_one_key(
+    start_proxy: StartProxy, seaweed: EmbeddedSeaweed, s3: S3Storage, prefix: str, second: str
+) -> None:
+    """overwrite = false.  A resumable PUT (a tus upload, finished by the tus completion)
+    and a second upload to the same key, a resumable or a plain PUT, both finish while the
+    first one's CompleteMultipartUpload is held on its way to the store.  One 201, one
+    refusal; the object is the winner's bytes with the winner's SHA-256."""
+    name = "same.bin"
+    key = prefix + name
+    async with faulty_s3(seaweed, state_prefix=f"{prefix}.tus/") as (storage, faults):
+        held = faults.add("CompleteMultipartUpload", hold(), key=re.escape(key))
+        proxy = await start_proxy(storage=storage, **tus_sections(prefix))
+        a_data, b_data = os.urandom(6 * MiB + 1), os.urandom(7 * MiB + 3)
+        a = asyncio.create_task(exchange(proxy.port, "PUT", f"/uploads/{name}", RESUMABLE, a_data))
+        await asyncio.wait_for(held.held.wait(), 30)
+        headers = RESUMABLE if second == "resumable" else {}
+        b = asyncio.create_task(exchange(proxy.port, "PUT", f"/uploads/{name}", headers, b_data))
+
+        async def b_waits() -> bool:
+            return storage.creates.users(key) == 2
+
+        await until(b_waits, "the second completion waiting for the first")
+        held.release(forward=True)
+        first, later = await a, await b
+        assert first.status == 201, first.body
+        assert first.json()["sha256"] == hashlib.sha256(a_data).hexdigest()
+        refused = (409, "ERR_KEY_EXISTS") if second == "plain" else (410, "ERR_UPLOAD_FAILED")
+        assert (later.status, later.code) == refused, later.body
+        assert [r.status for r in faults.seen("CompleteMultipartUpload")] == [200, 412]
+    stored, meta = await get_object(s3, key)
+    assert stored == a_data and meta["sha256"] == hashlib.sha256(a_data).hexdigest()
+    assert await only_objects(s3, prefix) == [key]  # the loser left nothing behind
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,6 @@ from proxy.engine.buffers import BufferPool, Buffers
 from proxy.engine.events import UploadEvents
 from proxy.engine.limits import client_group
 from proxy.engine.pipeline import StreamSettings
-from proxy.engine.upload import KeyGate
 from proxy.hooks.dispatch import Hooks
 from proxy.storage.base import Storage
 
@@ -27,8 +26,6 @@ class Engine:
     # upload.key_template ("": the built-in naming), validated at start-up.
     key_template: str = ""
     hooks: Hooks = field(default_factory=Hooks.disabled)
-    # Create-only finishes of one key, one at a time (see KeyGate).
-    finishing: KeyGate = field(default_factory=KeyGate)
 
     def buffers_for(self, client_ip: str | None) -> Buffers:
         """The pool as this client's address group sees it (its own cap); the whole pool

@@ -18,9 +18,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -88,40 +86,6 @@ class _Digests:
                 self.md5.update(view)
 
 
-class KeyGate:
-    """One create-only finish per key at a time in this process.
-
-    A create-only upload is finished by a PutObject or CompleteMultipartUpload with
-    ``If-None-Match: *``, and the store is trusted to let only one of two racing uploads
-    through.  SeaweedFS checks the condition before it writes, not atomically with the
-    write: two completions of one key that overlap can both succeed (seen under load),
-    and the first one's 201 would then describe an object that is no longer there.  So
-    the finishes of one key queue here; the second then meets the first's object and
-    gets 409.  Across instances (scale-out) only the store's own check remains: see
-    docs/scale-out.md.  Held for one bounded storage call (plus the label), never while
-    receiving a body."""
-
-    def __init__(self) -> None:
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._users: Counter[str] = Counter()
-
-    @asynccontextmanager
-    async def hold(self, key: str) -> AsyncIterator[None]:
-        lock = self._locks.setdefault(key, asyncio.Lock())
-        self._users[key] += 1
-        try:
-            async with lock:
-                yield
-        finally:
-            self._users[key] -= 1
-            if not self._users[key]:
-                del self._users[key], self._locks[key]
-
-    def users(self, key: str) -> int:
-        """Finishes of ``key`` holding or waiting for the gate (for tests and status)."""
-        return self._users[key]
-
-
 class ObjectUpload:
     """Carries one object from chunks to storage.  Use once."""
 
@@ -132,11 +96,9 @@ class ObjectUpload:
         settings: StreamSettings,
         spec: UploadSpec,
         observer: StreamObserver | None = None,
-        gate: KeyGate | None = None,
     ) -> None:
         self._storage = storage
         self._spec = spec
-        self._gate = gate
         self._digests = _Digests(spec.expected.md5 is not None)
         self._pipe: PartPipeline[None] = PartPipeline(
             storage,
@@ -159,23 +121,16 @@ class ObjectUpload:
         try:
             await pipe.receive(chunks)
             if not pipe.multipart_id:
-                async with self._finishing():
-                    return await self._single_put()
+                return await self._single_put()
             await pipe.dispatch()  # the last part
             await pipe.settle()
             pipe.check()
-            async with self._finishing():
-                return await self._complete()
+            return await self._complete()
         except BaseException:
             await self._abort()
             raise
         finally:
             pipe.close()
-
-    def _finishing(self) -> AbstractAsyncContextManager[None]:
-        if self._gate is None or not self._spec.create_only:
-            return nullcontext()
-        return self._gate.hold(self._spec.key)
 
     def _verify(self) -> str:
         sha256 = self._digests.sha256.digest()

@@ -6,6 +6,10 @@ translates its own failures into :mod:`proxy.errors` at this boundary
 (``StorageUnavailable`` for "try again later", ``StorageError`` for the rest,
 ``ObjectExists`` for a failed "create only" condition, ``KeyConflict`` when the key
 is a folder on a store that cannot hold an object and a folder of one name).
+
+Create-only (``if_none_match``) is a promise callers build on: of two such writes of one
+key, at most one succeeds.  A backend whose store checks the condition apart from the
+write queues them per key itself (S3Storage does, for SeaweedFS), so no caller has to.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ import logging
 import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, nullcontext
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -75,6 +75,7 @@ from proxy.storage.base import (
     StoredPart,
     multipart_etag,
 )
+from proxy.storage.keylocks import KeyLocks
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -292,9 +293,30 @@ class S3Storage:
         )
         self._stack = AsyncExitStack()
         self._client: Any = None
+        self._creates = KeyLocks()
 
     def set_observer(self, observer: OpObserver | None) -> None:
         self._observer = observer
+
+    @property
+    def creates(self) -> KeyLocks:
+        """The create-only writes in progress, by key (see :meth:`_create_only`)."""
+        return self._creates
+
+    def _create_only(self, key: str, if_none_match: bool) -> AbstractAsyncContextManager[None]:
+        """Around a write that sends ``If-None-Match: *``: one at a time per key.
+
+        SeaweedFS checks the condition before it writes, not atomically with the write:
+        two create-only writes of one key that overlap can both succeed (seen under load:
+        two completions, both answered 201), and the first one's caller then reports an
+        object that was replaced.  Queued here, the second meets the first's object and
+        is refused (ObjectExists).  Every create-only write of every protocol (plain,
+        tus, IETF, instant-upload copies, tus state) comes through here; it covers this
+        process only: across instances the store's own check is all there is
+        (docs/scale-out.md).  Held for the one store call (its retries and its check
+        for a lost answer included), never while a body is received: once per
+        completion, not per part."""
+        return self._creates.hold(key) if if_none_match else nullcontext()
 
     async def open(self) -> S3Storage:
         session: AioSession = get_session()
@@ -483,7 +505,7 @@ class S3Storage:
         checksum: PartChecksum | None,
         if_none_match: bool,
     ) -> str:
-        async with self._folder_conflicts(key):
+        async with self._folder_conflicts(key), self._create_only(key, if_none_match):
             return await self._put(
                 key,
                 body,
@@ -560,7 +582,7 @@ class S3Storage:
         size_bytes: int | None = None,
     ) -> str:
         extra = {"IfNoneMatch": "*"} if if_none_match else {}
-        async with self._folder_conflicts(key):
+        async with self._folder_conflicts(key), self._create_only(key, if_none_match):
             r = await self._call(
                 "complete_multipart_upload",
                 lambda: self._client.complete_multipart_upload(
@@ -627,6 +649,7 @@ class S3Storage:
         # Always a multipart copy (one UploadPartCopy per GiB), even below CopyObject's
         # 5 GiB: its completion takes If-None-Match, so a create-only copy is atomic on
         # every store that makes completions conditional; CopyObject has no such header.
+        # (The completion queues behind other create-only writes of ``key``: _create_only.)
         return await self._multipart_copy(
             source,
             key,
@@ -767,16 +790,18 @@ class S3Storage:
         self, key: str, body: Body, *, if_match: str | None = None, if_none_match: bool = False
     ) -> str:
         try:
-            return await self._put(
-                key,
-                body,
-                # "Changed since you read it" / "key taken" may answer a re-send of our
-                # own write (module docstring).  Every conditional write of ours is unique
-                # (tus state carries a new rev and lease owner, segments a random key),
-                # so an object holding exactly our body is our write, not someone else's.
-                recover=lambda: self._holds_body(key, body),
-                **_conditions(if_match, if_none_match),
-            )
+            async with self._create_only(key, if_none_match):
+                return await self._put(
+                    key,
+                    body,
+                    # "Changed since you read it" / "key taken" may answer a re-send of our
+                    # own write (module docstring).  Every conditional write of ours is
+                    # unique (tus state carries a new rev and lease owner, segments a random
+                    # key), so an object holding exactly our body is our write, not
+                    # someone else's.
+                    recover=lambda: self._holds_body(key, body),
+                    **_conditions(if_match, if_none_match),
+                )
         except ObjectExists as e:
             # 412 on If-Match means "changed since you read it", not "key taken".
             raise ConditionFailed(f"{key} was changed by someone else") from e

@@ -270,9 +270,8 @@ async def _stream_one(
     observer = engine.hooks.progress(hooked, ctx.events.started(upload_id, spec.key))
     client = request_client(request).ip
     upload = ObjectUpload(
-        engine.storage, engine.buffers_for(client), engine.settings, spec, observer,
-        gate=engine.finishing,
-    )  # fmt: skip
+        engine.storage, engine.buffers_for(client), engine.settings, spec, observer
+    )
     started = time.monotonic()
     result: StreamResult | None = None
     error: ProxyError | None = None
