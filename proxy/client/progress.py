@@ -248,17 +248,7 @@ class LineReporter(Reporter):
             )
 
     def close(self, summary: Summary) -> None:
-        self._emit(
-            line(
-                "summary",
-                files=summary.files,
-                ok=summary.ok,
-                failed=summary.failed,
-                bytes=summary.bytes,
-                seconds=summary.seconds,
-                rate_mib_s=summary.rate_mib_s(),
-            )
-        )
+        self._emit(line("summary", **asdict(summary), rate_mib_s=summary.rate_mib_s()))
 
 
 class JsonReporter(Reporter):

@@ -155,20 +155,13 @@ class _Job:
 RetryHook = Callable[[FileProgress, int, float, UploadError], None]
 
 
+@dataclass(eq=False)
 class Uploader:
-    def __init__(
-        self,
-        session: aiohttp.ClientSession,
-        options: Options,
-        store: ResumeStore,
-        on_retry: RetryHook,
-        rate: RateLimit | None = None,
-    ) -> None:
-        self.session = session
-        self.options = options
-        self.store = store
-        self.on_retry = on_retry
-        self.rate = rate
+    session: aiohttp.ClientSession
+    options: Options = field(repr=False)  # holds the bearer token
+    store: ResumeStore
+    on_retry: RetryHook
+    rate: RateLimit | None = None
 
     async def upload(self, path: str, progress: FileProgress) -> FileResult:
         """Upload one file; every failure becomes a failed :class:`FileResult`."""

@@ -21,6 +21,7 @@ import logging
 import random
 import time
 from collections.abc import Coroutine, Iterable
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -90,28 +91,24 @@ class HookMetrics:
             self.dropped.labels(event)
 
 
+@dataclass(eq=False)
 class Hooks:
     """Upload events to the configured receiver (none: every call is a no-op)."""
 
-    def __init__(
-        self,
-        config: HooksConfig,
-        *,
-        bucket: str,
-        transport: Transport | None,
-        outbox: Outbox | None,
-        metrics: HookMetrics | None,
-    ) -> None:
-        self.config = config
-        self.bucket = bucket
-        self.transport = transport
-        self.outbox = outbox
-        self.metrics = metrics
-        self.events = frozenset(config.events) if transport is not None else frozenset()
-        self._background: set[asyncio.Task[None]] = set()
-        self._kick = asyncio.Event()
-        if metrics is not None and transport is not None:
-            metrics.prime(transport.name)
+    config: HooksConfig
+    _: KW_ONLY
+    bucket: str
+    transport: Transport | None
+    outbox: Outbox | None
+    metrics: HookMetrics | None
+    events: frozenset[str] = field(init=False)
+    _background: set[asyncio.Task[None]] = field(init=False, default_factory=set)
+    _kick: asyncio.Event = field(init=False, default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.events = frozenset(self.config.events) if self.transport is not None else frozenset()
+        if self.metrics is not None and self.transport is not None:
+            self.metrics.prime(self.transport.name)
 
     @classmethod
     def disabled(cls) -> Hooks:

@@ -163,6 +163,11 @@ class Metrics:
         def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
             return Counter(name, doc, labels, registry=registry)
 
+        def histogram(
+            name: str, doc: str, buckets: tuple[float, ...], labels: tuple[str, ...] = ()
+        ) -> Histogram:
+            return Histogram(name, doc, labels, buckets=buckets, registry=registry)
+
         self.received_bytes = counter("proxy_received_bytes", "Upload body bytes received.")
         self.stored_bytes = counter("proxy_stored_bytes", "Upload body bytes stored to S3.")
         self.hashed_bytes = counter("proxy_hashed_bytes", "Upload body bytes hashed.")
@@ -201,31 +206,23 @@ class Metrics:
         self.storage_errors = counter(
             "proxy_storage_errors", "Failed S3 request attempts.", ("operation",)
         )
-        self.upload_size = Histogram(
-            "proxy_upload_size_bytes",
-            "Size of stored objects.",
-            buckets=SIZE_BUCKETS_BYTES,
-            registry=registry,
+        self.upload_size = histogram(
+            "proxy_upload_size_bytes", "Size of stored objects.", SIZE_BUCKETS_BYTES
         )
-        self.upload_seconds = Histogram(
+        self.upload_seconds = histogram(
             "proxy_upload_duration_seconds",
             "Time from the first body byte to the outcome.",
+            UPLOAD_BUCKETS_S,
             ("outcome",),
-            buckets=UPLOAD_BUCKETS_S,
-            registry=registry,
         )
-        self.hash_seconds = Histogram(
-            "proxy_hash_duration_seconds",
-            "Time spent hashing one part.",
-            buckets=HASH_BUCKETS_S,
-            registry=registry,
+        self.hash_seconds = histogram(
+            "proxy_hash_duration_seconds", "Time spent hashing one part.", HASH_BUCKETS_S
         )
-        self.storage_seconds = Histogram(
+        self.storage_seconds = histogram(
             "proxy_storage_request_duration_seconds",
             "Time of one S3 request attempt, failed ones included.",
+            STORAGE_BUCKETS_S,
             ("operation",),
-            buckets=STORAGE_BUCKETS_S,
-            registry=registry,
         )
         # Every reason and outcome exists from the start, so rate() sees the first failure.
         for reason in sorted(self.reasons):

@@ -14,7 +14,7 @@ import functools
 import hashlib
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 from proxy.config import TusConfig
 from proxy.engine.events import Outcome, UploadEvents, auth_of
@@ -56,22 +56,15 @@ def completing(info: UploadInfo, sha256: Sha256) -> UploadInfo:
     )
 
 
+@dataclass(eq=False)
 class Completer:
     """Completes (or fails) tus uploads; reports each one's outcome."""
 
-    def __init__(
-        self,
-        config: TusConfig,
-        storage: TusStorage,
-        store: TusStore,
-        events: UploadEvents,
-        hooks: Hooks | None = None,
-    ) -> None:
-        self.config = config
-        self.storage = storage
-        self.store = store
-        self.events = events
-        self.hooks = hooks or Hooks.disabled()
+    config: TusConfig
+    storage: TusStorage
+    store: TusStore
+    events: UploadEvents
+    hooks: Hooks = field(default_factory=Hooks.disabled)
 
     async def record_finish(self, info: UploadInfo) -> None:
         """The upload's post-finish, durable before its state goes (so a completion that

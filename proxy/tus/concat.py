@@ -200,24 +200,17 @@ class _Open:
     opened: float  # monotonic
 
 
+@dataclass(eq=False)
 class ConcatService:
     """Partial placement, the final's assembly, and partials leaving their group."""
 
-    def __init__(
-        self,
-        config: TusConfig,
-        engine: Engine,
-        store: TusStore,
-        completer: Completer,
-        object_key: Callable[..., str],
-    ) -> None:
-        self.config = config
-        self.engine = engine
-        self.store = store
-        self.completer = completer
-        self.object_key = object_key
-        self._open: dict[tuple[str, str, str], _Open] = {}
-        self._locks: dict[tuple[str, str, str], asyncio.Lock] = {}
+    config: TusConfig
+    engine: Engine
+    store: TusStore
+    completer: Completer
+    object_key: Callable[..., str]
+    _open: dict[tuple[str, str, str], _Open] = field(init=False, default_factory=dict)
+    _locks: dict[tuple[str, str, str], asyncio.Lock] = field(init=False, default_factory=dict)
 
     @property
     def supported(self) -> bool:

@@ -178,20 +178,14 @@ def storage_id(url_id: str) -> str:
     return hashlib.sha256(_STORAGE_ID_DOMAIN + url_id.encode()).hexdigest()[:ID_HEX_CHARS]
 
 
+@dataclass(eq=False)
 class TusStore:
     """Reads and conditionally writes upload state; hands out leases."""
 
-    def __init__(
-        self,
-        storage: TusStorage,
-        state_prefix: str,
-        lease_s: float,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.storage = storage
-        self.prefix = state_prefix
-        self.lease_s = lease_s
-        self.clock = clock
+    storage: TusStorage
+    prefix: str  # tus.state_prefix
+    lease_s: float
+    clock: Callable[[], float] = time.time
 
     def folder(self, upload_id: str) -> str:
         return f"{self.prefix}{upload_id}/"
