@@ -13,6 +13,7 @@ from proxy.client.progress import line
 from proxy.client.resume import ResumeStore, fingerprint
 from proxy.client.retry import Backoff, RetryPolicy, UploadError, retry_after_s
 from proxy.client.source import FileIdentity
+from proxy.client.transfer import Options
 from tests.cli_helpers import parse_line
 
 NETWORK = UploadError("reset", code="ERR_NETWORK", retryable=True)
@@ -82,3 +83,9 @@ def test_resume_store_keys_on_path_size_mtime_and_server(tmp_path: Path) -> None
     store.forget(fp)
     store.forget(fp)  # forgetting twice is fine
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_secrets_stay_out_of_reprs() -> None:
+    """Logging the options never shows the bearer token or a signed URL's signature."""
+    opts = Options("http://x", token="tok-SECRET", signed_query="X-Signature=sig-SECRET")
+    assert "SECRET" not in repr(opts) and "SECRET" not in str(opts)

@@ -54,8 +54,9 @@ RETRYABLE_4XX = frozenset({408, 429})
 @dataclass(frozen=True)
 class Options:
     base_url: str  # scheme://host[:port][/path], no trailing slash
-    token: str | None = None
-    signed_query: str | None = None  # the query of --signed-url, sent verbatim
+    # Secrets: kept out of the repr, so logging an Options never shows them.
+    token: str | None = field(default=None, repr=False)
+    signed_query: str | None = field(default=None, repr=False)  # --signed-url's query, verbatim
     signed_key: str | None = None  # the one key a key-signed URL allows
     signed_prefix: str | None = None  # keys a prefix-signed URL allows
     key_prefix: str = ""
