@@ -1,9 +1,15 @@
 """config.toml -> frozen dataclasses, validated at load.
 
 The shipped ``config.toml`` is the reference: every key is documented there
-(meaning, default, trade-off).  Loading never stops at the first problem: all
-unknown keys and bad values are collected into one :class:`ConfigError`, so an
-operator fixes the file in one go.  ``python -m proxy`` exits 78 (EX_CONFIG) on it.
+(meaning, default, trade-off).  Each field below says once how it is read: its kind
+(:func:`flag`, :func:`text`, :func:`positive`, :func:`size`, :func:`choice`,
+:func:`strings`, or a :func:`custom` reader for secrets, token hashes, addresses and
+paths), its default, and its TOML key where that is not the field's name.  One function,
+:func:`_read`, reads any section into its dataclass from those fields; then the section's
+cross-field checks run (the ``_check_*`` function beside it), then its unknown keys are
+reported.  Loading never stops at the first problem: all unknown keys and bad values are
+collected into one :class:`ConfigError`, so an operator fixes the file in one go.
+``python -m proxy`` exits 78 (EX_CONFIG) on it.
 """
 
 from __future__ import annotations
@@ -13,12 +19,16 @@ import ipaddress
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from proxy.naming import KeyTemplate
 from proxy.units import parse_size
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -49,250 +59,16 @@ class ConfigError(Exception):
         super().__init__(f"{source}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
 
 
-@dataclass(frozen=True)
-class ServerConfig:
-    listen_host: str = "127.0.0.1"
-    listen_port: int = 8080
-    drain_timeout_s: float = 30.0
-    lingering_time_s: float = 5.0
-    # None: /metrics is served on the main listener only.
-    metrics_listen: tuple[str, int] | None = None
-    max_header_bytes: int = 16 * 1024
-    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
-    status_interval_s: float = 10.0
-    header_timeout_s: float = 15.0
-    keepalive_timeout_s: float = 30.0
-    max_connections: int = 256
-    max_connections_per_client: int = 32
-    send_timeout_s: float = 60.0
-
-
-@dataclass(frozen=True)
-class UploadConfig:
-    key_prefix: str = ""
-    overwrite: bool = False
-    max_upload_size_bytes: int = 64 * GiB
-    part_size_bytes: int = 8 * MiB
-    parts_in_flight: int = 2
-    memory_budget_bytes: int = 256 * MiB
-    admission_timeout_s: float = 5.0
-    idle_timeout_s: float = 60.0
-    part_checksum: str = "none"
-    hash_in_thread: bool = True
-    stale_upload_after_s: float = 86400.0
-    sweep_interval_s: float = 3600.0
-    # "": the built-in naming (POST: {id}{ext}; tus: {storage id}/{filename}); see proxy.naming.
-    key_template: str = ""
-
-
-@dataclass(frozen=True)
-class EmbeddedConfig:
-    data_dir: Path = Path("data/seaweedfs")
-    s3_port: int = 8333
-    weed_binary: str = ""
-    start_timeout_s: float = 60.0
-    # GOMEMLIMIT for weed; None: Go's default (no limit).
-    memory_limit_bytes: int | None = 256 * MiB
-
-
-@dataclass(frozen=True)
-class StorageConfig:
-    backend: str = "embedded"
-    bucket: str = "uploads"
-    endpoint_url: str = ""
-    region: str = "us-east-1"
-    addressing_style: str = "path"
-    verify_tls: bool = True
-    ca_bundle: str = ""
-    credentials_file: str = ""
-    profile: str = ""
-    connect_timeout_s: float = 5.0
-    read_timeout_s: float = 60.0
-    retry_attempts: int = 4
-    retry_base_delay_s: float = 0.25
-    max_pool_connections: int = 32
-    embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig)
-
-    @property
-    def operation_bound_s(self) -> float:
-        """About the longest one S3 operation runs, retries included: every attempt's connect
-        and read timeouts plus the longest backoffs between them (~262 s by default)."""
-        attempts = self.retry_attempts
-        backoff_s = self.retry_base_delay_s * ((1 << (attempts - 1)) - 1)
-        return attempts * (self.connect_timeout_s + self.read_timeout_s) + backoff_s
-
-
-@dataclass(frozen=True)
-class MemoryConfig:
-    limit_bytes: int | None = None
-    warning_ratio: float = 0.80
-    critical_ratio: float = 0.95
-    sample_interval_s: float = 5.0
-
-
-@dataclass(frozen=True)
-class ScopedToken:
-    """A bearer token's hash with what it may do: ``scopes`` (of :data:`TOKEN_SCOPES`) on
-    keys under ``prefix`` (relative to ``upload.key_prefix``; empty: every key)."""
-
-    sha256: bytes = field(repr=False)
-    scopes: frozenset[str]
-    prefix: str = ""
-
-
-@dataclass(frozen=True)
-class DownloadsConfig:
-    """``GET``/``HEAD /uploads/{key}`` and ``GET /files/{id}``: off unless configured."""
-
-    enabled: bool = False
-    # Downloads at once; each holds one S3 connection while its client reads.
-    max_concurrent: int = 16
-    # Longest one write to a client may wait for it to read, before the download is cut.
-    send_timeout_s: float = 60.0
-
-
-@dataclass(frozen=True)
-class AuthConfig:
-    """Who may upload.  Only hashes of tokens are kept; the secret never appears in a repr."""
-
-    mode: str = "required"
-    token_sha256: tuple[bytes, ...] = field(default=(), repr=False)
-    signing_secret: bytes = field(default=b"", repr=False)
-    # Tokens that may read /status in full (upload ids and keys); never upload tokens.
-    operator_token_sha256: tuple[bytes, ...] = field(default=(), repr=False)
-    # A week: the longest an S3 (SigV4) presigned URL lives.
-    signed_url_max_lifetime_s: float = 7 * 86400.0
-    # Tokens with scopes and an optional key prefix (``tokens`` above mean upload only).
-    scoped_tokens: tuple[ScopedToken, ...] = field(default=(), repr=False)
-
-    @property
-    def enabled(self) -> bool:
-        return self.mode != "none"
-
-
-@dataclass(frozen=True)
-class LimitsConfig:
-    max_concurrent_uploads: int = 64
-    max_uploads_per_client: int = 8
-    allowed_content_types: tuple[str, ...] = ()
-    allowed_extensions: tuple[str, ...] = ()
-    # 0: default_client_buffer_bytes(upload) (from_dict fills it in).
-    max_buffer_bytes_per_client: int = 0
-    min_body_rate_bytes_per_s: int = 4096
-    body_rate_grace_s: float = 30.0
-
-
-def default_client_buffer_bytes(upload: UploadConfig) -> int:
-    """A quarter of the budget, but at least what one upload uses at full speed (one part
-    filling, ``parts_in_flight`` sending), and never more than the budget."""
-    full_speed = (upload.parts_in_flight + 1) * upload.part_size_bytes
-    budget = upload.memory_budget_bytes
-    return min(budget, max(budget // 4, full_speed))
-
-
-@dataclass(frozen=True)
-class LoggingConfig:
-    level: str = "info"
-    format: str = "text"
-
-
-@dataclass(frozen=True)
-class TusConfig:
-    enabled: bool = True
-    base_path: str = "/files/"
-    state_prefix: str = ".tus/"
-    object_prefix: str = "tus/"
-    expire_after_s: float = 86400.0
-    max_lifetime_s: float = 7 * 86400.0
-    sweep_interval_s: float = 600.0
-    lock_lease_s: float = 30.0
-    cors_allow_origins: tuple[str, ...] = ()
-    cors_max_age_s: int = 86400
-    max_unfinished_per_principal: int = 20  # 0: no cap
-    # IETF resumable uploads: announce the upload URL in a 104 interim answer (off: nginx
-    # desynchronises on a 1xx other than 100/103 from an HTTP/1.1 backend, its ticket 1427).
-    send_104: bool = False
-
-    def expiry_s(self, created_s: float, active_s: float) -> float:
-        """When an unfinished upload expires: ``expire_after_s`` after its last sign of
-        life (``active_s``), but never later than ``max_lifetime_s`` after its creation,
-        whatever the activity (S3 lifecycle rules count from the creation too)."""
-        return min(active_s + self.expire_after_s, created_s + self.max_lifetime_s)
-
-
-HOOK_EVENTS = (
-    "pre-create",
-    "post-create",
-    "post-receive",
-    "pre-finish",
-    "post-finish",
-    "post-terminate",
-    "post-fail",
-)
-
-
-@dataclass(frozen=True)
-class HooksConfig:
-    """Where upload events go (proxy.hooks).  No http_url and no exec_path: hooks are off."""
-
-    http_url: str = ""
-    http_secret: bytes = field(default=b"", repr=False)
-    exec_path: str = ""
-    events: tuple[str, ...] = ("pre-create", "post-finish", "post-terminate", "post-fail")
-    timeout_s: float = 10.0
-    progress_interval_s: float = 10.0
-    retry_max_delay_s: float = 300.0
-    outbox_poll_interval_s: float = 10.0
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.http_url or self.exec_path)
-
-
-@dataclass(frozen=True)
-class PageConfig:
-    """The browser upload page (proxy/webui/static/) and its upload links."""
-
-    enabled: bool = False
-    path: str = "/upload/"
-    # Where senders reach the daemon, for the links `upload-proxy link` prints; "": the
-    # listen address (fine on loopback only).
-    public_url: str = ""
-    chunk_size_bytes: int = 64 * MiB
-    revocation_check_s: float = 10.0
-
-
-@dataclass(frozen=True)
-class DedupConfig:
-    """Instant uploads by SHA-256 (see proxy/engine/dedup.py)."""
-
-    enabled: bool = True
-    index_prefix: str = ".dedup/"
-
-
-@dataclass(frozen=True)
-class Config:
-    server: ServerConfig = field(default_factory=ServerConfig)
-    upload: UploadConfig = field(default_factory=UploadConfig)
-    storage: StorageConfig = field(default_factory=StorageConfig)
-    memory: MemoryConfig = field(default_factory=MemoryConfig)
-    auth: AuthConfig = field(default_factory=AuthConfig)
-    limits: LimitsConfig = field(default_factory=LimitsConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    tus: TusConfig = field(default_factory=TusConfig)
-    page: PageConfig = field(default_factory=PageConfig)
-    dedup: DedupConfig = field(default_factory=DedupConfig)
-    downloads: DownloadsConfig = field(default_factory=DownloadsConfig)
-    hooks: HooksConfig = field(default_factory=HooksConfig)
-
-
 class _Reader:
-    """Pulls typed values out of one TOML table, recording problems instead of raising."""
+    """Pulls typed values out of one TOML table, recording problems instead of raising.
+    Relative paths in it are relative to ``base`` (the config file's folder)."""
 
-    def __init__(self, table: dict[str, Any], path: str, problems: list[str]) -> None:
+    def __init__(self, table: dict[str, Any], path: str, problems: list[str], base: Path) -> None:
         self.table = dict(table)
+        self.given = frozenset(self.table)  # every key it had, read or not
         self.path = path
         self.problems = problems
+        self.base = base
 
     def _bad(self, key: str, why: str) -> None:
         self.problems.append(f"{self.path}.{key}: {why}")
@@ -346,13 +122,89 @@ class _Reader:
             return {}
         return value
 
+    def section(self, key: str) -> _Reader:
+        """A reader for the table at ``key`` ([server], [storage.embedded])."""
+        path = f"{self.path}.{key}" if self.path else key
+        return _Reader(self.table_of(key), path, self.problems, self.base)
+
     def check(self, value_ok: bool, key: str, why: str) -> None:
         if not value_ok:
             self._bad(key, why)
 
     def finish(self) -> None:
         for key in sorted(self.table):
-            self.problems.append(f"{self.path}.{key}: unknown key")
+            # The top level's keys are sections.
+            where = f"{self.path}.{key}: unknown key" if self.path else f"{key}: unknown section"
+            self.problems.append(where)
+
+
+# How a field is read: (its section, its TOML key, its default) -> its value.
+Read = Callable[[_Reader, str, Any], Any]
+_T = TypeVar("_T", bound="DataclassInstance")
+# A section's cross-field checks, run after its fields are read; returns the section.
+Check = Callable[[_Reader, _T], _T]
+
+
+def custom(default: Any, read: Read, key: str | None = None, *, repr: bool = True) -> Any:
+    """A field read by ``read`` from TOML key ``key`` (default: the field's name)."""
+    return field(default=default, repr=repr, metadata={"read": read, "key": key})
+
+
+def flag(default: bool) -> Any:
+    return custom(default, lambda r, k, d: r.get(k, bool, d))
+
+
+def text(default: str) -> Any:
+    return custom(default, lambda r, k, d: r.get(k, str, d))
+
+
+def positive(default: float, *, zero_ok: bool = False) -> Any:
+    """A number > 0 (>= 0 with ``zero_ok``).  The default's type is the kind: an int
+    default takes integers only, a float default any number."""
+    kind = type(default)
+    return custom(default, lambda r, k, d: r.positive(k, kind, d, allow_zero=zero_ok))
+
+
+def size(default: int, key: str | None = None) -> Any:
+    """A byte count: an integer or a string such as "8MiB" (proxy.units)."""
+    return custom(default, lambda r, k, d: r.size(k, d), key)
+
+
+def size_or_none(default: int | None, key: str) -> Any:
+    """A byte count where 0 means None (no limit)."""
+    return custom(default, lambda r, k, d: r.size(k, d or 0) or None, key)
+
+
+def choice(default: str, choices: tuple[str, ...]) -> Any:
+    return custom(default, lambda r, k, d: r.choice(k, choices, d))
+
+
+def strings(default: tuple[str, ...] = ()) -> Any:
+    return custom(default, lambda r, k, d: tuple(r.strings(k)) if k in r.table else d)
+
+
+def section(cls: type[_T], check: Check[_T] | None = None) -> Any:
+    """A table read into ``cls`` by :func:`_read`, then checked by ``check``."""
+
+    def read(r: _Reader, key: str, default: None) -> _T:
+        return _read(cls, r.section(key), check)
+
+    return field(default_factory=cls, metadata={"read": read, "key": None})
+
+
+def _read(cls: type[_T], r: _Reader, check: Check[_T] | None) -> _T:
+    """Each field of ``cls`` by its kind, then the section's checks, then its unknown keys."""
+    values = {}
+    for f in fields(cls):
+        if "read" in f.metadata:
+            # A section's default (its default_factory) is never used: _read builds it.
+            default = None if f.default is MISSING else f.default
+            values[f.name] = f.metadata["read"](r, f.metadata["key"] or f.name, default)
+    cfg = cls(**values)
+    if check is not None:
+        cfg = check(r, cfg)
+    r.finish()
+    return cfg
 
 
 def _split_listen(value: str) -> tuple[str, int]:
@@ -362,39 +214,56 @@ def _split_listen(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _server(r: _Reader) -> ServerConfig:
-    d = ServerConfig()
-    host, port = d.listen_host, d.listen_port
-    listen = r.get("listen", str, f"{host}:{port}")
+def _metrics_listen(r: _Reader, key: str, default: None) -> tuple[str, int] | None:
+    if value := r.get(key, str, ""):
+        try:
+            return _split_listen(value)
+        except ValueError as e:
+            r.check(False, key, str(e))
+    return default
+
+
+def _networks(
+    r: _Reader, key: str, default: tuple[()]
+) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    out = []
+    for value in r.strings(key):
+        try:
+            out.append(ipaddress.ip_network(value, strict=False))
+        except ValueError:
+            r.check(False, key, f"not an IP address or CIDR: {value!r}")
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    # Both from listen = "HOST:PORT" (_check_server reads it).
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8080
+    drain_timeout_s: float = positive(30.0, zero_ok=True)
+    lingering_time_s: float = positive(5.0, zero_ok=True)
+    # None: /metrics is served on the main listener only.
+    metrics_listen: tuple[str, int] | None = custom(None, _metrics_listen)
+    max_header_bytes: int = size(16 * 1024)
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = custom(
+        (), _networks
+    )
+    status_interval_s: float = positive(10.0)
+    header_timeout_s: float = positive(15.0)
+    keepalive_timeout_s: float = positive(30.0)
+    max_connections: int = positive(256)
+    max_connections_per_client: int = positive(32)
+    send_timeout_s: float = positive(60.0)
+
+
+def _check_server(r: _Reader, cfg: ServerConfig) -> ServerConfig:
+    host, port = cfg.listen_host, cfg.listen_port
     try:
-        host, port = _split_listen(listen)
+        host, port = _split_listen(r.get("listen", str, f"{host}:{port}"))
     except ValueError as e:
         r.check(False, "listen", str(e))
-    metrics_listen = None
-    if value := r.get("metrics_listen", str, ""):
-        try:
-            metrics_listen = _split_listen(value)
-        except ValueError as e:
-            r.check(False, "metrics_listen", str(e))
-    cfg = ServerConfig(
-        listen_host=host,
-        listen_port=port,
-        drain_timeout_s=r.positive("drain_timeout_s", float, d.drain_timeout_s, allow_zero=True),
-        lingering_time_s=r.positive("lingering_time_s", float, d.lingering_time_s, allow_zero=True),
-        metrics_listen=metrics_listen,
-        max_header_bytes=r.size("max_header_bytes", d.max_header_bytes),
-        trusted_proxies=tuple(_networks(r, "trusted_proxies")),
-        status_interval_s=r.positive("status_interval_s", float, d.status_interval_s),
-        header_timeout_s=r.positive("header_timeout_s", float, d.header_timeout_s),
-        keepalive_timeout_s=r.positive("keepalive_timeout_s", float, d.keepalive_timeout_s),
-        max_connections=r.positive("max_connections", int, d.max_connections),
-        max_connections_per_client=r.positive(
-            "max_connections_per_client", int, d.max_connections_per_client
-        ),
-        send_timeout_s=r.positive("send_timeout_s", float, d.send_timeout_s),
-    )
     r.check(
-        metrics_listen != (host, port) or port == 0,
+        cfg.metrics_listen != (host, port) or port == 0,
         "metrics_listen",
         "must differ from listen (/metrics is served there anyway)",
     )
@@ -403,39 +272,28 @@ def _server(r: _Reader) -> ServerConfig:
         "max_header_bytes",
         f"must be between 1KiB and 1MiB; got {cfg.max_header_bytes}",
     )
-    r.finish()
-    return cfg
+    return replace(cfg, listen_host=host, listen_port=port)
 
 
-def _networks(r: _Reader, key: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-    out = []
-    for value in r.strings(key):
-        try:
-            out.append(ipaddress.ip_network(value, strict=False))
-        except ValueError:
-            r.check(False, key, f"not an IP address or CIDR: {value!r}")
-    return out
+@dataclass(frozen=True)
+class UploadConfig:
+    key_prefix: str = text("")
+    overwrite: bool = flag(False)
+    max_upload_size_bytes: int = size(64 * GiB, "max_upload_size")
+    part_size_bytes: int = size(8 * MiB, "part_size")
+    parts_in_flight: int = positive(2)
+    memory_budget_bytes: int = size(256 * MiB, "memory_budget")
+    admission_timeout_s: float = positive(5.0)
+    idle_timeout_s: float = positive(60.0)
+    part_checksum: str = choice("none", PART_CHECKSUMS)
+    hash_in_thread: bool = flag(True)
+    stale_upload_after_s: float = positive(86400.0, zero_ok=True)
+    sweep_interval_s: float = positive(3600.0)
+    # "": the built-in naming (POST: {id}{ext}; tus: {storage id}/{filename}); see proxy.naming.
+    key_template: str = text("")
 
 
-def _upload(r: _Reader) -> UploadConfig:
-    d = UploadConfig()
-    cfg = UploadConfig(
-        key_prefix=r.get("key_prefix", str, d.key_prefix),
-        overwrite=r.get("overwrite", bool, d.overwrite),
-        max_upload_size_bytes=r.size("max_upload_size", d.max_upload_size_bytes),
-        part_size_bytes=r.size("part_size", d.part_size_bytes),
-        parts_in_flight=r.positive("parts_in_flight", int, d.parts_in_flight),
-        memory_budget_bytes=r.size("memory_budget", d.memory_budget_bytes),
-        admission_timeout_s=r.positive("admission_timeout_s", float, d.admission_timeout_s),
-        idle_timeout_s=r.positive("idle_timeout_s", float, d.idle_timeout_s),
-        part_checksum=r.choice("part_checksum", PART_CHECKSUMS, d.part_checksum),
-        hash_in_thread=r.get("hash_in_thread", bool, d.hash_in_thread),
-        stale_upload_after_s=r.positive(
-            "stale_upload_after_s", float, d.stale_upload_after_s, allow_zero=True
-        ),
-        sweep_interval_s=r.positive("sweep_interval_s", float, d.sweep_interval_s),
-        key_template=r.get("key_template", str, d.key_template),
-    )
+def _check_upload(r: _Reader, cfg: UploadConfig) -> UploadConfig:
     if cfg.key_template:
         try:
             KeyTemplate.parse(cfg.key_template)
@@ -468,57 +326,62 @@ def _upload(r: _Reader) -> UploadConfig:
         "key_prefix",
         "must not start with '/' or contain '..'",
     )
-    r.finish()
     return cfg
 
 
-def _embedded(r: _Reader, base: Path) -> EmbeddedConfig:
-    d = EmbeddedConfig()
-    data_dir = Path(r.get("data_dir", str, str(d.data_dir)))
-    cfg = EmbeddedConfig(
-        data_dir=data_dir if data_dir.is_absolute() else base / data_dir,
-        s3_port=r.positive("s3_port", int, d.s3_port),
-        weed_binary=r.get("weed_binary", str, d.weed_binary),
-        start_timeout_s=r.positive("start_timeout_s", float, d.start_timeout_s),
-        memory_limit_bytes=r.size("memory_limit", d.memory_limit_bytes or 0) or None,
-    )
+@dataclass(frozen=True)
+class EmbeddedConfig:
+    # Relative to the config file's folder.
+    data_dir: Path = custom(Path("data/seaweedfs"), lambda r, k, d: r.base / r.get(k, str, str(d)))
+    s3_port: int = positive(8333)
+    weed_binary: str = text("")
+    start_timeout_s: float = positive(60.0)
+    # GOMEMLIMIT for weed; None: Go's default (no limit).
+    memory_limit_bytes: int | None = size_or_none(256 * MiB, "memory_limit")
+
+
+def _check_embedded(r: _Reader, cfg: EmbeddedConfig) -> EmbeddedConfig:
     r.check(cfg.s3_port < 55536, "s3_port", "must be < 55536 (SeaweedFS adds 10000 for gRPC)")
     r.check(
         cfg.memory_limit_bytes is None or cfg.memory_limit_bytes >= 64 * MiB,
         "memory_limit",
         f"must be 0 (no limit) or at least 64MiB; got {cfg.memory_limit_bytes}",
     )
-    r.finish()
     return cfg
 
 
-def _storage(r: _Reader, base: Path) -> StorageConfig:
-    d = StorageConfig()
-    embedded = _embedded(_Reader(r.table_of("embedded"), f"{r.path}.embedded", r.problems), base)
-    bucket = r.get("bucket", str, d.bucket)
-    cfg = StorageConfig(
-        backend=r.choice("backend", BACKENDS, d.backend),
-        bucket=bucket,
-        endpoint_url=r.get("endpoint_url", str, d.endpoint_url),
-        region=r.get("region", str, d.region),
-        addressing_style=r.choice("addressing_style", ADDRESSING_STYLES, d.addressing_style),
-        verify_tls=r.get("verify_tls", bool, d.verify_tls),
-        ca_bundle=r.get("ca_bundle", str, d.ca_bundle),
-        credentials_file=r.get("credentials_file", str, d.credentials_file),
-        profile=r.get("profile", str, d.profile),
-        connect_timeout_s=r.positive("connect_timeout_s", float, d.connect_timeout_s),
-        read_timeout_s=r.positive("read_timeout_s", float, d.read_timeout_s),
-        retry_attempts=r.positive("retry_attempts", int, d.retry_attempts),
-        retry_base_delay_s=r.positive(
-            "retry_base_delay_s", float, d.retry_base_delay_s, allow_zero=True
-        ),
-        max_pool_connections=r.positive("max_pool_connections", int, d.max_pool_connections),
-        embedded=embedded,
-    )
+@dataclass(frozen=True)
+class StorageConfig:
+    backend: str = choice("embedded", BACKENDS)
+    bucket: str = text("uploads")
+    endpoint_url: str = text("")
+    region: str = text("us-east-1")
+    addressing_style: str = choice("path", ADDRESSING_STYLES)
+    verify_tls: bool = flag(True)
+    ca_bundle: str = text("")
+    credentials_file: str = text("")
+    profile: str = text("")
+    connect_timeout_s: float = positive(5.0)
+    read_timeout_s: float = positive(60.0)
+    retry_attempts: int = positive(4)
+    retry_base_delay_s: float = positive(0.25, zero_ok=True)
+    max_pool_connections: int = positive(32)
+    embedded: EmbeddedConfig = section(EmbeddedConfig, _check_embedded)
+
+    @property
+    def operation_bound_s(self) -> float:
+        """About the longest one S3 operation runs, retries included: every attempt's connect
+        and read timeouts plus the longest backoffs between them (~262 s by default)."""
+        attempts = self.retry_attempts
+        backoff_s = self.retry_base_delay_s * ((1 << (attempts - 1)) - 1)
+        return attempts * (self.connect_timeout_s + self.read_timeout_s) + backoff_s
+
+
+def _check_storage(r: _Reader, cfg: StorageConfig) -> StorageConfig:
     r.check(
         re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", cfg.bucket) is not None,
         "bucket",
-        f"must be a DNS-style bucket name (3-63 chars of a-z, 0-9, '.', '-'); got {bucket!r}",
+        f"must be a DNS-style bucket name (3-63 chars of a-z, 0-9, '.', '-'); got {cfg.bucket!r}",
     )
     if cfg.endpoint_url:
         r.check(
@@ -529,51 +392,43 @@ def _storage(r: _Reader, base: Path) -> StorageConfig:
     if cfg.credentials_file:
         path = Path(cfg.credentials_file)
         r.check(path.is_file(), "credentials_file", f"no such file: {cfg.credentials_file}")
-    r.finish()
     return cfg
 
 
-def _memory(r: _Reader, budget_bytes: int) -> MemoryConfig:
-    d = MemoryConfig()
-    limit = r.size("limit", 0)
-    cfg = MemoryConfig(
-        limit_bytes=limit or None,
-        warning_ratio=r.positive("warning_ratio", float, d.warning_ratio),
-        critical_ratio=r.positive("critical_ratio", float, d.critical_ratio),
-        sample_interval_s=r.positive("sample_interval_s", float, d.sample_interval_s),
-    )
+@dataclass(frozen=True)
+class MemoryConfig:
+    limit_bytes: int | None = size_or_none(None, "limit")
+    warning_ratio: float = positive(0.80)
+    critical_ratio: float = positive(0.95)
+    sample_interval_s: float = positive(5.0)
+
+
+def _check_memory(r: _Reader, cfg: MemoryConfig) -> MemoryConfig:
     r.check(
         cfg.warning_ratio < cfg.critical_ratio <= 1.0,
         "critical_ratio",
         f"need warning_ratio < critical_ratio <= 1; got {cfg.warning_ratio} and "
         f"{cfg.critical_ratio}",
     )
-    r.check(
-        limit == 0 or limit > budget_bytes,
-        "limit",
-        f"must exceed upload.memory_budget ({budget_bytes} bytes): the part buffers alone "
-        f"would reach it; got {limit}",
-    )
-    r.finish()
     return cfg
 
 
-def _read_secret_file(r: _Reader, key: str, path_str: str) -> str:
+def _read_secret_file(r: _Reader, key: str, path: Path) -> str:
     try:
-        return Path(path_str).read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         # The message names the file, never its content.
-        r.check(False, key, f"cannot read {path_str}: {getattr(e, 'strerror', None) or e}")
+        r.check(False, key, f"cannot read {path}: {getattr(e, 'strerror', None) or e}")
         return ""
 
 
-def _secret(r: _Reader, base: Path, key: str) -> bytes:
+def _secret(r: _Reader, key: str, default: bytes) -> bytes:
     """The secret in the file ``key`` names (b"" if none), at least MIN_SECRET_BYTES."""
     secret_file = r.get(key, str, "")
     if not secret_file:
-        return b""
-    path = Path(secret_file) if Path(secret_file).is_absolute() else base / secret_file
-    secret = _read_secret_file(r, key, str(path)).strip().encode()
+        return default
+    path = r.base / secret_file
+    secret = _read_secret_file(r, key, path).strip().encode()
     r.check(
         not path.is_file() or len(secret) >= MIN_SECRET_BYTES,
         key,
@@ -599,70 +454,37 @@ def _token_hash(r: _Reader, key: str, entry: str, *, plain_ok: bool) -> bytes | 
     return None
 
 
-def _token_hashes(r: _Reader, base: Path, list_key: str, file_key: str) -> list[bytes]:
-    """Hashes from a list of ``sha256:`` entries and from a token file (hashes or plain)."""
-    hashes: list[bytes] = []
-    for entry in r.strings(list_key):
-        h = _token_hash(r, list_key, entry, plain_ok=False)
-        if h is not None:
-            hashes.append(h)
-    token_file = r.get(file_key, str, "")
-    if token_file:
-        path = Path(token_file) if Path(token_file).is_absolute() else base / token_file
-        for line in _read_secret_file(r, file_key, str(path)).splitlines():
+def _token_hashes(r: _Reader, list_key: str, default: tuple[bytes, ...]) -> tuple[bytes, ...]:
+    """Hashes from a list of ``sha256:`` entries (``tokens``) and from the token file its
+    sibling key names (``token_file``: hashes or plain tokens, one a line)."""
+    file_key = list_key.removesuffix("s") + "_file"
+    hashes = [_token_hash(r, list_key, entry, plain_ok=False) for entry in r.strings(list_key)]
+    if token_file := r.get(file_key, str, ""):
+        for line in _read_secret_file(r, file_key, r.base / token_file).splitlines():
             if line.strip() and not line.lstrip().startswith("#"):
-                h = _token_hash(r, file_key, line, plain_ok=True)
-                if h is not None:
-                    hashes.append(h)
-    return hashes
+                hashes.append(_token_hash(r, file_key, line, plain_ok=True))
+    return tuple(h for h in hashes if h is not None)
 
 
-def _auth(r: _Reader, base: Path) -> AuthConfig:
-    d = AuthConfig()
-    mode = r.choice("mode", AUTH_MODES, d.mode)
-    hashes = _token_hashes(r, base, "tokens", "token_file")
-    operators = _token_hashes(r, base, "operator_tokens", "operator_token_file")
-    r.check(
-        not set(hashes) & set(operators),
-        "operator_tokens",
-        "a token is both an upload token and an operator token; give operators their own",
-    )
-    secret = _secret(r, base, "signing_secret_file")
-    lifetime = r.positive("signed_url_max_lifetime_s", float, AuthConfig.signed_url_max_lifetime_s)
-    scoped = _scoped_tokens(r, base)
-    taken = set(hashes) | set(operators)
-    r.check(
-        not any(t.sha256 in taken for t in scoped)
-        and len({t.sha256 for t in scoped}) == len(scoped),
-        "scoped_tokens",
-        "a token is listed twice (in tokens, operator_tokens or scoped_tokens): one entry each",
-    )
-    r.check(
-        mode == "none" or bool(hashes) or bool(secret) or bool(scoped),
-        "mode",
-        '"required" needs tokens, scoped_tokens, a token_file or a signing_secret_file; '
-        'set mode = "none" to accept uploads from anyone who can reach the port',
-    )
-    r.finish()
-    return AuthConfig(
-        mode=mode,
-        token_sha256=tuple(hashes),
-        signing_secret=secret,
-        operator_token_sha256=tuple(operators),
-        signed_url_max_lifetime_s=lifetime,
-        scoped_tokens=tuple(scoped),
-    )
+@dataclass(frozen=True)
+class ScopedToken:
+    """A bearer token's hash with what it may do: ``scopes`` (of :data:`TOKEN_SCOPES`) on
+    keys under ``prefix`` (relative to ``upload.key_prefix``; empty: every key)."""
+
+    sha256: bytes = field(repr=False)
+    scopes: frozenset[str]
+    prefix: str = ""
 
 
-def _scoped_tokens(r: _Reader, base: Path) -> list[ScopedToken]:
+def _scoped_tokens(r: _Reader, key: str, default: tuple[()]) -> tuple[ScopedToken, ...]:
     """``scoped_tokens = [{tokens = ["sha256:…"] and/or token_file, scopes, prefix}]``."""
-    entries = r.table.pop("scoped_tokens", [])
+    entries = r.table.pop(key, [])
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-        r.check(False, "scoped_tokens", "expected a list of tables {token, scopes, prefix}")
-        return []
+        r.check(False, key, "expected a list of tables {token, scopes, prefix}")
+        return default
     out: list[ScopedToken] = []
     for i, entry in enumerate(entries):
-        er = _Reader(entry, f"{r.path}.scoped_tokens[{i}]", r.problems)
+        er = _Reader(entry, f"{r.path}.{key}[{i}]", r.problems, r.base)
         scopes = er.strings("scopes")
         er.check(
             bool(scopes) and all(s in TOKEN_SCOPES for s in scopes),
@@ -676,91 +498,158 @@ def _scoped_tokens(r: _Reader, base: Path) -> list[ScopedToken]:
             "must be empty (every key) or end with '/' and not start with it, so 'user1/' "
             "does not also allow 'user10/...'",
         )
-        hashes = _token_hashes(er, base, "tokens", "token_file")
+        hashes = _token_hashes(er, "tokens", ())
         er.check(bool(hashes), "tokens", "give the token's hash in tokens or a token_file")
         er.finish()
         out += [ScopedToken(h, frozenset(scopes), prefix) for h in hashes]
-    return out
+    return tuple(out)
 
 
-def _downloads(r: _Reader) -> DownloadsConfig:
-    d = DownloadsConfig()
-    cfg = DownloadsConfig(
-        enabled=r.get("enabled", bool, d.enabled),
-        max_concurrent=r.positive("max_concurrent", int, d.max_concurrent),
-        send_timeout_s=r.positive("send_timeout_s", float, d.send_timeout_s),
+@dataclass(frozen=True)
+class DownloadsConfig:
+    """``GET``/``HEAD /uploads/{key}`` and ``GET /files/{id}``: off unless configured."""
+
+    enabled: bool = flag(False)
+    # Downloads at once; each holds one S3 connection while its client reads.
+    max_concurrent: int = positive(16)
+    # Longest one write to a client may wait for it to read, before the download is cut.
+    send_timeout_s: float = positive(60.0)
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Who may upload.  Only hashes of tokens are kept; the secret never appears in a repr."""
+
+    mode: str = choice("required", AUTH_MODES)
+    # From tokens and token_file.
+    token_sha256: tuple[bytes, ...] = custom((), _token_hashes, "tokens", repr=False)
+    signing_secret: bytes = custom(b"", _secret, "signing_secret_file", repr=False)
+    # Tokens that may read /status in full (upload ids and keys); never upload tokens.
+    # From operator_tokens and operator_token_file.
+    operator_token_sha256: tuple[bytes, ...] = custom(
+        (), _token_hashes, "operator_tokens", repr=False
     )
-    r.finish()
-    return cfg
+    # A week: the longest an S3 (SigV4) presigned URL lives.
+    signed_url_max_lifetime_s: float = positive(7 * 86400.0)
+    # Tokens with scopes and an optional key prefix (``tokens`` above mean upload only).
+    scoped_tokens: tuple[ScopedToken, ...] = custom((), _scoped_tokens, repr=False)
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
 
 
-def _limits(r: _Reader, upload: UploadConfig) -> LimitsConfig:
-    d = LimitsConfig()
-    types = [t.strip().lower() for t in r.strings("allowed_content_types")]
-    for t in types:
-        r.check(
-            _MEDIA_TYPE_RE.match(t) is not None,
-            "allowed_content_types",
-            f'not a media type such as "image/png" or "image/*": {t!r}',
-        )
-    exts = [e.strip().lower() for e in r.strings("allowed_extensions")]
-    exts = [e if e.startswith(".") else "." + e for e in exts]
-    for e in exts:
-        r.check(
-            _EXTENSION_RE.match(e) is not None,
-            "allowed_extensions",
-            f'not an extension such as ".jpg" (1-16 letters or digits): {e!r}',
-        )
-    client_buffer_bytes = r.size("max_buffer_bytes_per_client", 0)
-    cfg = LimitsConfig(
-        max_concurrent_uploads=r.positive("max_concurrent_uploads", int, d.max_concurrent_uploads),
-        max_uploads_per_client=r.positive("max_uploads_per_client", int, d.max_uploads_per_client),
-        allowed_content_types=tuple(types),
-        allowed_extensions=tuple(exts),
-        max_buffer_bytes_per_client=client_buffer_bytes or default_client_buffer_bytes(upload),
-        min_body_rate_bytes_per_s=r.size("min_body_rate_bytes_per_s", d.min_body_rate_bytes_per_s),
-        body_rate_grace_s=r.positive("body_rate_grace_s", float, d.body_rate_grace_s),
-    )
-    part, budget = upload.part_size_bytes, upload.memory_budget_bytes
+def _check_auth(r: _Reader, cfg: AuthConfig) -> AuthConfig:
+    hashes, operators, scoped = cfg.token_sha256, cfg.operator_token_sha256, cfg.scoped_tokens
     r.check(
-        client_buffer_bytes == 0 or part <= client_buffer_bytes <= budget,
-        "max_buffer_bytes_per_client",
-        f"must be 0 (the default share) or between part_size ({part}) and memory_budget "
-        f"({budget}); got {client_buffer_bytes}",
+        not set(hashes) & set(operators),
+        "operator_tokens",
+        "a token is both an upload token and an operator token; give operators their own",
     )
-    r.finish()
+    taken = set(hashes) | set(operators)
+    r.check(
+        not any(t.sha256 in taken for t in scoped)
+        and len({t.sha256 for t in scoped}) == len(scoped),
+        "scoped_tokens",
+        "a token is listed twice (in tokens, operator_tokens or scoped_tokens): one entry each",
+    )
+    r.check(
+        cfg.mode == "none" or bool(hashes) or bool(cfg.signing_secret) or bool(scoped),
+        "mode",
+        '"required" needs tokens, scoped_tokens, a token_file or a signing_secret_file; '
+        'set mode = "none" to accept uploads from anyone who can reach the port',
+    )
     return cfg
 
 
-def _logging(r: _Reader) -> LoggingConfig:
-    d = LoggingConfig()
-    cfg = LoggingConfig(
-        level=r.choice("level", LOG_LEVELS, d.level),
-        format=r.choice("format", LOG_FORMATS, d.format),
-    )
-    r.finish()
-    return cfg
+def _matching(pattern: re.Pattern[str], what: str, normalise: Callable[[str], str]) -> Read:
+    """A list of strings, each normalised, then matched against ``pattern``."""
+
+    def read(r: _Reader, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        values = tuple(normalise(v) for v in r.strings(key))
+        for v in values:
+            r.check(pattern.match(v) is not None, key, f"not {what}: {v!r}")
+        return values
+
+    return read
 
 
-def _tus(r: _Reader) -> TusConfig:
-    d = TusConfig()
-    origins: list[Any] = r.get("cors_allow_origins", list, list(d.cors_allow_origins))
-    cfg = TusConfig(
-        enabled=r.get("enabled", bool, d.enabled),
-        base_path=r.get("base_path", str, d.base_path),
-        state_prefix=r.get("state_prefix", str, d.state_prefix),
-        object_prefix=r.get("object_prefix", str, d.object_prefix),
-        expire_after_s=r.positive("expire_after_s", float, d.expire_after_s),
-        max_lifetime_s=r.positive("max_lifetime_s", float, d.max_lifetime_s),
-        sweep_interval_s=r.positive("sweep_interval_s", float, d.sweep_interval_s, allow_zero=True),
-        lock_lease_s=r.positive("lock_lease_s", float, d.lock_lease_s),
-        cors_allow_origins=tuple(str(o) for o in origins),
-        cors_max_age_s=r.positive("cors_max_age_s", int, d.cors_max_age_s, allow_zero=True),
-        max_unfinished_per_principal=r.positive(
-            "max_unfinished_per_principal", int, d.max_unfinished_per_principal, allow_zero=True
+def _dotted(extension: str) -> str:
+    extension = extension.strip().lower()
+    return extension if extension.startswith(".") else "." + extension
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_concurrent_uploads: int = positive(64)
+    max_uploads_per_client: int = positive(8)
+    allowed_content_types: tuple[str, ...] = custom(
+        (),
+        _matching(
+            _MEDIA_TYPE_RE,
+            'a media type such as "image/png" or "image/*"',
+            lambda t: t.strip().lower(),
         ),
-        send_104=r.get("send_104", bool, d.send_104),
     )
+    allowed_extensions: tuple[str, ...] = custom(
+        (),
+        _matching(_EXTENSION_RE, 'an extension such as ".jpg" (1-16 letters or digits)', _dotted),
+    )
+    # 0: default_client_buffer_bytes(upload) (from_dict fills it in).
+    max_buffer_bytes_per_client: int = size(0)
+    min_body_rate_bytes_per_s: int = size(4096)
+    body_rate_grace_s: float = positive(30.0)
+
+
+def default_client_buffer_bytes(upload: UploadConfig) -> int:
+    """A quarter of the budget, but at least what one upload uses at full speed (one part
+    filling, ``parts_in_flight`` sending), and never more than the budget."""
+    full_speed = (upload.parts_in_flight + 1) * upload.part_size_bytes
+    budget = upload.memory_budget_bytes
+    return min(budget, max(budget // 4, full_speed))
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = choice("info", LOG_LEVELS)
+    format: str = choice("text", LOG_FORMATS)
+
+
+def _origins(r: _Reader, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    origins: list[Any] = r.get(key, list, list(default))
+    r.check(
+        all(isinstance(o, str) and re.fullmatch(r"\*|https?://[^/\s]+", o) for o in origins),
+        key,
+        f'must list "*" or origins like "https://app.example.com" (no path); got {origins!r}',
+    )
+    return tuple(str(o) for o in origins)
+
+
+@dataclass(frozen=True)
+class TusConfig:
+    enabled: bool = flag(True)
+    base_path: str = text("/files/")
+    state_prefix: str = text(".tus/")
+    object_prefix: str = text("tus/")
+    expire_after_s: float = positive(86400.0)
+    max_lifetime_s: float = positive(7 * 86400.0)
+    sweep_interval_s: float = positive(600.0, zero_ok=True)
+    lock_lease_s: float = positive(30.0)
+    cors_allow_origins: tuple[str, ...] = custom((), _origins)
+    cors_max_age_s: int = positive(86400, zero_ok=True)
+    max_unfinished_per_principal: int = positive(20, zero_ok=True)  # 0: no cap
+    # IETF resumable uploads: announce the upload URL in a 104 interim answer (off: nginx
+    # desynchronises on a 1xx other than 100/103 from an HTTP/1.1 backend, its ticket 1427).
+    send_104: bool = flag(False)
+
+    def expiry_s(self, created_s: float, active_s: float) -> float:
+        """When an unfinished upload expires: ``expire_after_s`` after its last sign of
+        life (``active_s``), but never later than ``max_lifetime_s`` after its creation,
+        whatever the activity (S3 lifecycle rules count from the creation too)."""
+        return min(active_s + self.expire_after_s, created_s + self.max_lifetime_s)
+
+
+def _check_tus(r: _Reader, cfg: TusConfig) -> TusConfig:
     r.check(
         re.fullmatch(r"/(?:[A-Za-z0-9._~-]+/)*", cfg.base_path) is not None,
         "base_path",
@@ -773,83 +662,55 @@ def _tus(r: _Reader) -> TusConfig:
         "must be one or more key segments each ending with '/' (letters, digits, '._~-', "
         f"not starting with '.'); got {cfg.object_prefix!r}",
     )
-    origin_re = re.compile(r"\*|https?://[^/\s]+")
-    r.check(
-        all(isinstance(o, str) and origin_re.fullmatch(o) for o in origins),
-        "cors_allow_origins",
-        f'must list "*" or origins like "https://app.example.com" (no path); got {origins!r}',
-    )
     r.check(cfg.lock_lease_s >= 3, "lock_lease_s", f"must be >= 3 s; got {cfg.lock_lease_s}")
-    r.finish()
     return cfg
 
 
-def _page(r: _Reader) -> PageConfig:
-    d = PageConfig()
-    cfg = PageConfig(
-        enabled=r.get("enabled", bool, d.enabled),
-        path=r.get("path", str, d.path),
-        public_url=r.get("public_url", str, d.public_url).rstrip("/"),
-        chunk_size_bytes=r.size("chunk_size", d.chunk_size_bytes),
-        revocation_check_s=r.positive("revocation_check_s", float, d.revocation_check_s),
-    )
+def _check_own_prefix(r: _Reader, key: str, prefix: str) -> None:
+    """A bucket prefix the proxy keeps for its own objects (tus state, content index)."""
     r.check(
-        re.fullmatch(r"/(?:[A-Za-z0-9._~-]+/)+", cfg.path) is not None,
-        "path",
-        "must start and end with '/', name at least one segment and hold only URL-safe "
-        f"path segments; got {cfg.path!r}",
+        prefix.endswith("/") and not prefix.startswith("/") and ".." not in prefix,
+        key,
+        f"must end with '/', not start with '/' nor contain '..'; got {prefix!r}",
     )
-    url_re = re.compile(r"https?://[^/\s?#]+(/[^\s?#]*)?")
-    r.check(
-        cfg.public_url == "" or url_re.fullmatch(cfg.public_url) is not None,
-        "public_url",
-        f'must be "" or like "https://uploads.example.org" (no query); got {cfg.public_url!r}',
-    )
-    r.check(
-        MiB <= cfg.chunk_size_bytes <= S3_MAX_PART_BYTES,
-        "chunk_size",
-        f"must be between 1MiB and 5GiB; got {cfg.chunk_size_bytes}",
-    )
-    r.check(
-        cfg.revocation_check_s >= 1,
-        "revocation_check_s",
-        f"must be >= 1 s; got {cfg.revocation_check_s}",
-    )
-    r.finish()
-    return cfg
 
 
-def _dedup(r: _Reader) -> DedupConfig:
-    d = DedupConfig()
-    cfg = DedupConfig(
-        enabled=r.get("enabled", bool, d.enabled),
-        index_prefix=r.get("index_prefix", str, d.index_prefix),
-    )
-    _check_own_prefix(r, "index_prefix", cfg.index_prefix)
-    r.finish()
-    return cfg
+HOOK_EVENTS = (
+    "pre-create",
+    "post-create",
+    "post-receive",
+    "pre-finish",
+    "post-finish",
+    "post-terminate",
+    "post-fail",
+)
 
 
-def _hooks(r: _Reader, base: Path) -> HooksConfig:
-    d = HooksConfig()
-    events = r.strings("events") if "events" in r.table else list(d.events)
-    has_secret_file = "http_secret_file" in r.table
-    secret = _secret(r, base, "http_secret_file")
-    exec_path = r.get("exec_path", str, d.exec_path)
-    if exec_path and not Path(exec_path).is_absolute():
-        exec_path = str(base / exec_path)
-    cfg = HooksConfig(
-        http_url=r.get("http_url", str, d.http_url),
-        http_secret=secret,
-        exec_path=exec_path,
-        events=tuple(events),
-        timeout_s=r.positive("timeout_s", float, d.timeout_s),
-        progress_interval_s=r.positive("progress_interval_s", float, d.progress_interval_s),
-        retry_max_delay_s=r.positive("retry_max_delay_s", float, d.retry_max_delay_s),
-        outbox_poll_interval_s=r.positive(
-            "outbox_poll_interval_s", float, d.outbox_poll_interval_s
-        ),
-    )
+def _exec_path(r: _Reader, key: str, default: str) -> str:
+    path = r.get(key, str, default)
+    return str(r.base / path) if path and not Path(path).is_absolute() else path
+
+
+@dataclass(frozen=True)
+class HooksConfig:
+    """Where upload events go (proxy.hooks).  No http_url and no exec_path: hooks are off."""
+
+    http_url: str = text("")
+    http_secret: bytes = custom(b"", _secret, "http_secret_file", repr=False)
+    # Relative to the config file's folder.
+    exec_path: str = custom("", _exec_path)
+    events: tuple[str, ...] = strings(("pre-create", "post-finish", "post-terminate", "post-fail"))
+    timeout_s: float = positive(10.0)
+    progress_interval_s: float = positive(10.0)
+    retry_max_delay_s: float = positive(300.0)
+    outbox_poll_interval_s: float = positive(10.0)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.http_url or self.exec_path)
+
+
+def _check_hooks(r: _Reader, cfg: HooksConfig) -> HooksConfig:
     bad = [e for e in cfg.events if e not in HOOK_EVENTS]
     r.check(not bad, "events", f"unknown event(s) {bad!r}; known: {', '.join(HOOK_EVENTS)}")
     r.check(
@@ -863,7 +724,7 @@ def _hooks(r: _Reader, base: Path) -> HooksConfig:
         f"must be an http:// or https:// URL; got {cfg.http_url!r}",
     )
     r.check(
-        not cfg.http_url or has_secret_file,
+        not cfg.http_url or "http_secret_file" in r.given,
         "http_secret_file",
         "is required with http_url: receivers must be able to tell our requests from forgeries",
     )
@@ -872,8 +733,117 @@ def _hooks(r: _Reader, base: Path) -> HooksConfig:
         "exec_path",
         f"{cfg.exec_path!r} is not an executable file",
     )
-    r.finish()
     return cfg
+
+
+@dataclass(frozen=True)
+class DedupConfig:
+    """Instant uploads by SHA-256 (see proxy/engine/dedup.py)."""
+
+    enabled: bool = flag(True)
+    index_prefix: str = text(".dedup/")
+
+
+def _check_dedup(r: _Reader, cfg: DedupConfig) -> DedupConfig:
+    _check_own_prefix(r, "index_prefix", cfg.index_prefix)
+    return cfg
+
+
+@dataclass(frozen=True)
+class PageConfig:
+    """The browser upload page (proxy/webui/static/) and its upload links."""
+
+    enabled: bool = flag(False)
+    path: str = text("/upload/")
+    # Where senders reach the daemon, for the links `upload-proxy link` prints; "": the
+    # listen address (fine on loopback only).  A trailing "/" is dropped.
+    public_url: str = custom("", lambda r, k, d: r.get(k, str, d).rstrip("/"))
+    chunk_size_bytes: int = size(64 * MiB, "chunk_size")
+    revocation_check_s: float = positive(10.0)
+
+
+def _check_page(r: _Reader, cfg: PageConfig) -> PageConfig:
+    r.check(
+        re.fullmatch(r"/(?:[A-Za-z0-9._~-]+/)+", cfg.path) is not None,
+        "path",
+        "must start and end with '/', name at least one segment and hold only URL-safe "
+        f"path segments; got {cfg.path!r}",
+    )
+    r.check(
+        cfg.public_url == ""
+        or re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?", cfg.public_url) is not None,
+        "public_url",
+        f'must be "" or like "https://uploads.example.org" (no query); got {cfg.public_url!r}',
+    )
+    r.check(
+        MiB <= cfg.chunk_size_bytes <= S3_MAX_PART_BYTES,
+        "chunk_size",
+        f"must be between 1MiB and 5GiB; got {cfg.chunk_size_bytes}",
+    )
+    r.check(
+        cfg.revocation_check_s >= 1,
+        "revocation_check_s",
+        f"must be >= 1 s; got {cfg.revocation_check_s}",
+    )
+    return cfg
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = section(ServerConfig, _check_server)
+    upload: UploadConfig = section(UploadConfig, _check_upload)
+    storage: StorageConfig = section(StorageConfig, _check_storage)
+    memory: MemoryConfig = section(MemoryConfig, _check_memory)
+    auth: AuthConfig = section(AuthConfig, _check_auth)
+    limits: LimitsConfig = section(LimitsConfig)
+    logging: LoggingConfig = section(LoggingConfig)
+    tus: TusConfig = section(TusConfig, _check_tus)
+    page: PageConfig = section(PageConfig, _check_page)
+    dedup: DedupConfig = section(DedupConfig, _check_dedup)
+    downloads: DownloadsConfig = section(DownloadsConfig)
+    hooks: HooksConfig = section(HooksConfig, _check_hooks)
+
+
+def from_dict(
+    data: dict[str, Any], *, base_dir: Path | None = None, source: str = "config"
+) -> Config:
+    """Build a validated :class:`Config`; raise one :class:`ConfigError` listing every problem."""
+    problems: list[str] = []
+    cfg = _read(Config, _Reader(data, "", problems, base_dir or Path.cwd()), _check_config)
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def _check_config(r: _Reader, cfg: Config) -> Config:
+    """What one section asks of another; fills in limits.max_buffer_bytes_per_client."""
+    r.problems.extend(_budget_conflicts(cfg))
+    r.problems.extend(_tus_overlaps(cfg.upload, cfg.tus))
+    r.problems.extend(_page_conflicts(cfg.page, cfg.tus))
+    r.problems.extend(_dedup_overlaps(cfg))
+    if cfg.limits.max_buffer_bytes_per_client:
+        return cfg
+    client_buffer_bytes = default_client_buffer_bytes(cfg.upload)
+    return replace(cfg, limits=replace(cfg.limits, max_buffer_bytes_per_client=client_buffer_bytes))
+
+
+def _budget_conflicts(cfg: Config) -> list[str]:
+    """upload.memory_budget must stay under the process' memory limit, and hold one
+    client's buffers (at least one part)."""
+    part, budget = cfg.upload.part_size_bytes, cfg.upload.memory_budget_bytes
+    limit, client = cfg.memory.limit_bytes or 0, cfg.limits.max_buffer_bytes_per_client
+    problems = []
+    if not (limit == 0 or limit > budget):
+        problems.append(
+            f"memory.limit: must exceed upload.memory_budget ({budget} bytes): the part "
+            f"buffers alone would reach it; got {limit}"
+        )
+    if not (client == 0 or part <= client <= budget):
+        problems.append(
+            "limits.max_buffer_bytes_per_client: must be 0 (the default share) or between "
+            f"part_size ({part}) and memory_budget ({budget}); got {client}"
+        )
+    return problems
 
 
 def _page_conflicts(page: PageConfig, tus: TusConfig) -> list[str]:
@@ -890,48 +860,6 @@ def _page_conflicts(page: PageConfig, tus: TusConfig) -> list[str]:
             "/uploads, /healthz, /readyz, /status or /metrics)"
         )
     return problems
-
-
-def _check_own_prefix(r: _Reader, key: str, prefix: str) -> None:
-    """A bucket prefix the proxy keeps for its own objects (tus state, content index)."""
-    r.check(
-        prefix.endswith("/") and not prefix.startswith("/") and ".." not in prefix,
-        key,
-        f"must end with '/', not start with '/' nor contain '..'; got {prefix!r}",
-    )
-
-
-def from_dict(
-    data: dict[str, Any], *, base_dir: Path | None = None, source: str = "config"
-) -> Config:
-    """Build a validated :class:`Config`; raise one :class:`ConfigError` listing every problem."""
-    problems: list[str] = []
-    base = base_dir or Path.cwd()
-    top = _Reader(data, "", problems)
-    section = {f.name: _Reader(top.table_of(f.name), f.name, problems) for f in fields(Config)}
-    for key in sorted(top.table):
-        problems.append(f"{key}: unknown section")
-    upload = _upload(section["upload"])
-    cfg = Config(
-        server=_server(section["server"]),
-        upload=upload,
-        storage=_storage(section["storage"], base),
-        memory=_memory(section["memory"], upload.memory_budget_bytes),
-        auth=_auth(section["auth"], base),
-        limits=_limits(section["limits"], upload),
-        logging=_logging(section["logging"]),
-        tus=_tus(section["tus"]),
-        page=_page(section["page"]),
-        dedup=_dedup(section["dedup"]),
-        downloads=_downloads(section["downloads"]),
-        hooks=_hooks(section["hooks"], base),
-    )
-    problems.extend(_tus_overlaps(cfg.upload, cfg.tus))
-    problems.extend(_page_conflicts(cfg.page, cfg.tus))
-    problems.extend(_dedup_overlaps(cfg))
-    if problems:
-        raise ConfigError(problems, source)
-    return cfg
 
 
 def _tus_overlaps(upload: UploadConfig, tus: TusConfig) -> list[str]:
