@@ -164,11 +164,13 @@ def section(cls: type[_T], check: Check[_T] | None = None) -> Any:
 
 
 def read_section(cls: type[_T], r: Reader, check: Check[_T] | None) -> _T:
-    """Each field of ``cls`` by its kind, then the section's checks, then its unknown keys."""
+    """Each field of ``cls`` by its kind, then the section's checks, then its unknown keys.
+    A field without a kind keeps its default unless the check sets it (listen_host and
+    listen_port, both from server.listen)."""
     values = {}
     for f in fields(cls):
         if "read" in f.metadata:
-            # A section's default (its default_factory) is never used: _read builds it.
+            # A section's default (its default_factory) is never used: it is read.
             default = None if f.default is MISSING else f.default
             values[f.name] = f.metadata["read"](r, f.metadata["key"] or f.name, default)
     cfg = cls(**values)
