@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 
 import pytest
 
 from proxy.__main__ import EX_CONFIG, main
-from proxy.config import ConfigError, advisories, from_dict, load, parse_size
+from proxy.config import Config, ConfigError, advisories, from_dict, load, parse_size
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -170,3 +171,24 @@ def test_max_connections_at_or_below_the_upload_limit_is_advised_not_refused() -
     (advice,) = advisories(cfg)
     assert "server.max_connections (64)" in advice and "max_concurrent_uploads (64)" in advice
     assert advisories(from_dict({"server": {"max_connections": 65}, **no_auth})) == []
+
+
+def test_shipped_config_has_every_declared_key() -> None:
+    """Every key a section's fields declare stands in config.toml, under its [section]."""
+    text = (ROOT / "config.toml").read_text()
+    tables = {"": ""}  # section path -> its text in config.toml
+    for part in text.split("\n[")[1:]:
+        header, _, body = part.partition("]")
+        tables[header] = body.split("\n[")[0]
+
+    def missing(cls: type, path: str) -> list[str]:
+        out = []
+        for f in fields(cls):
+            key = f.metadata.get("key") or f.name
+            if is_dataclass(f.default_factory):
+                out += missing(f.default_factory, f"{path}.{key}".lstrip("."))
+            elif "read" in f.metadata and f"\n{key} = " not in tables.get(path, ""):
+                out.append(f"{path}.{key}")
+        return out
+
+    assert missing(Config, "") == []
