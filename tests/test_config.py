@@ -84,6 +84,26 @@ def test_wrong_types_are_reported() -> None:
         )
     assert len(e.value.problems) == 2
 
+    with pytest.raises(ConfigError) as e:
+        from_dict({"server": "x", "auth": {"mode": "none"}})
+    assert e.value.problems == ["server: expected a table"]
+
+
+def test_file_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
+    """As every other path in the config (data_dir, secret and token files, exec hooks)."""
+    (tmp_path / "creds").write_text("[default]\n")
+    (tmp_path / "ca.pem").write_text("")
+    storage = {"backend": "s3", "credentials_file": "creds", "ca_bundle": "ca.pem"}
+    cfg = from_dict({"storage": storage, "auth": {"mode": "none"}}, base_dir=tmp_path)
+    assert cfg.storage.credentials_file == str(tmp_path / "creds")
+    assert cfg.storage.ca_bundle == str(tmp_path / "ca.pem")
+    with pytest.raises(ConfigError) as e:
+        from_dict({"storage": storage, "auth": {"mode": "none"}}, base_dir=tmp_path / "elsewhere")
+    assert sorted(p.split(":")[0] for p in e.value.problems) == [
+        "storage.ca_bundle",
+        "storage.credentials_file",
+    ]
+
 
 @pytest.mark.parametrize(
     ("text", "size"),

@@ -42,7 +42,7 @@ class Reader:
         self.base = base
 
     def _bad(self, key: str, why: str) -> None:
-        self.problems.append(f"{self.path}.{key}: {why}")
+        self.problems.append(f"{self.path}.{key}: {why}" if self.path else f"{key}: {why}")
 
     def get(self, key: str, kind: type, default: Any) -> Any:
         if key not in self.table:
@@ -127,6 +127,16 @@ def flag(default: bool) -> Any:
 
 def text(default: str) -> Any:
     return custom(default, lambda r, k, d: r.get(k, str, d))
+
+
+def _file(r: Reader, key: str, default: str) -> str:
+    path = r.get(key, str, default)
+    return str(r.base / path) if path and not Path(path).is_absolute() else path
+
+
+def file_path(default: str = "") -> Any:
+    """A file's path as text ("" for none); a relative one is relative to the config file."""
+    return custom(default, _file)
 
 
 def positive(default: float, *, zero_ok: bool = False) -> Any:

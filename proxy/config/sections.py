@@ -18,6 +18,7 @@ from proxy.config.reader import (
     Reader,
     choice,
     custom,
+    file_path,
     flag,
     positive,
     section,
@@ -194,8 +195,8 @@ class StorageConfig:
     region: str = text("us-east-1")
     addressing_style: str = choice("path", ADDRESSING_STYLES)
     verify_tls: bool = flag(True)
-    ca_bundle: str = text("")
-    credentials_file: str = text("")
+    ca_bundle: str = file_path()
+    credentials_file: str = file_path()
     profile: str = text("")
     connect_timeout_s: float = positive(5.0)
     read_timeout_s: float = positive(60.0)
@@ -225,9 +226,8 @@ def _check_storage(r: Reader, cfg: StorageConfig) -> StorageConfig:
             "endpoint_url",
             f"must start with http:// or https://; got {cfg.endpoint_url!r}",
         )
-    if cfg.credentials_file:
-        path = Path(cfg.credentials_file)
-        r.check(path.is_file(), "credentials_file", f"no such file: {cfg.credentials_file}")
+    for key, path in (("credentials_file", cfg.credentials_file), ("ca_bundle", cfg.ca_bundle)):
+        r.check(not path or Path(path).is_file(), key, f"no such file: {path}")
     return cfg
 
 
@@ -384,11 +384,6 @@ HOOK_EVENTS = (
 )
 
 
-def _exec_path(r: Reader, key: str, default: str) -> str:
-    path = r.get(key, str, default)
-    return str(r.base / path) if path and not Path(path).is_absolute() else path
-
-
 @dataclass(frozen=True)
 class HooksConfig:
     """Where upload events go (proxy.hooks).  No http_url and no exec_path: hooks are off."""
@@ -396,7 +391,7 @@ class HooksConfig:
     http_url: str = text("")
     http_secret: bytes = custom(b"", read_secret, "http_secret_file", repr=False)
     # Relative to the config file's folder.
-    exec_path: str = custom("", _exec_path)
+    exec_path: str = file_path()
     events: tuple[str, ...] = strings(("pre-create", "post-finish", "post-terminate", "post-fail"))
     timeout_s: float = positive(10.0)
     progress_interval_s: float = positive(10.0)
