@@ -89,6 +89,16 @@ def test_wrong_types_are_reported() -> None:
     assert e.value.problems == ["server: expected a table"]
 
 
+@pytest.mark.parametrize("hooks", [{}, {"http_secret_file": ""}])
+def test_http_hooks_need_a_secret(hooks: dict[str, str]) -> None:
+    """An empty http_secret_file is no secret: events would go out unsigned."""
+    with pytest.raises(ConfigError) as e:
+        from_dict(
+            {"hooks": {"http_url": "http://hooks.example/", **hooks}, "auth": {"mode": "none"}}
+        )
+    assert [p.split(":")[0] for p in e.value.problems] == ["hooks.http_secret_file"]
+
+
 def test_file_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
     """As every other path in the config (data_dir, secret and token files, exec hooks)."""
     (tmp_path / "creds").write_text("[default]\n")

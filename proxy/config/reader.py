@@ -36,7 +36,6 @@ class Reader:
 
     def __init__(self, table: dict[str, Any], path: str, problems: list[str], base: Path) -> None:
         self.table = dict(table)
-        self.given = frozenset(self.table)  # every key it had, read or not
         self.path = path
         self.problems = problems
         self.base = base

@@ -417,7 +417,8 @@ def _check_hooks(r: Reader, cfg: HooksConfig) -> HooksConfig:
         f"must be an http:// or https:// URL; got {cfg.http_url!r}",
     )
     r.check(
-        not cfg.http_url or "http_secret_file" in r.given,
+        # Non-empty: http_secret_file = "" would send every event unsigned.
+        not cfg.http_url or bool(cfg.http_secret),
         "http_secret_file",
         "is required with http_url: receivers must be able to tell our requests from forgeries",
     )
