@@ -441,3 +441,20 @@ def test_live_series_use_bounded_slots() -> None:
     metrics.transfer_finished("id3")
     metrics.upload_finished("id1", reason="too_large", seconds=1, size_bytes=1)
     assert slots() == set()
+
+
+def test_a_bound_source_lacking_an_attribute_fails_at_once() -> None:
+    """The gauge tables name the attributes they read; binding an object without one fails
+    at start-up, not at the first scrape."""
+    from types import SimpleNamespace
+
+    from proxy.engine.buffers import BufferPool
+
+    metrics = Metrics(CollectorRegistry(), reasons=REASONS, live_uploads_max=1, version="t")
+    metrics.bind_pool(BufferPool(16 << 20, 8 << 20))
+    with pytest.raises(TypeError, match="lacks header_timeouts_total"):
+        metrics.bind_listener("main", SimpleNamespace(open=0, refused_total=0))
+    with pytest.raises(TypeError, match="lacks waiting"):
+        metrics.bind_pool(
+            SimpleNamespace(in_use_bytes=0, budget_bytes=0, idle_bytes=0, peak_in_use_bytes=0)
+        )

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Protocol
+from typing import Any, TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -32,6 +32,10 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from proxy.obs.memory import MemoryState
+
+T = TypeVar("T")
+
 KiB = 1024
 SIZE_BUCKETS_BYTES = tuple(float(KiB * 4**i) for i in range(14))  # 1 KiB .. 64 GiB
 UPLOAD_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -44,55 +48,6 @@ DOWNLOAD_ROUTES = ("uploads", "files")
 # full / partial (206) / head / not_modified: answered; refused: an error answer before
 # the body; broken: the body was cut (client gone or stalled, store broke off).
 DOWNLOAD_OUTCOMES = ("full", "partial", "head", "not_modified", "refused", "broken")
-
-
-class PoolFigures(Protocol):
-    """What :class:`proxy.engine.buffers.BufferPool` exposes."""
-
-    @property
-    def in_use_bytes(self) -> int: ...
-    @property
-    def budget_bytes(self) -> int: ...
-    @property
-    def idle_bytes(self) -> int: ...
-    @property
-    def waiting(self) -> int: ...
-    @property
-    def peak_in_use_bytes(self) -> int: ...
-
-
-class ListenerFigures(Protocol):
-    """What :class:`proxy.web.conn.ConnectionGuard` exposes."""
-
-    @property
-    def open(self) -> int: ...
-    @property
-    def refused_total(self) -> int: ...
-    @property
-    def header_timeouts_total(self) -> int: ...
-
-
-class MemoryFigures(Protocol):
-    """What :class:`proxy.obs.memory.MemoryState` exposes."""
-
-    @property
-    def rss_bytes(self) -> int: ...
-    @property
-    def peak_rss_bytes(self) -> int: ...
-    @property
-    def system_total_bytes(self) -> int: ...
-    @property
-    def system_available_bytes(self) -> int: ...
-    @property
-    def cgroup_limit_bytes(self) -> int | None: ...
-    @property
-    def cgroup_usage_bytes(self) -> int | None: ...
-    @property
-    def limit_bytes(self) -> int: ...
-    @property
-    def used_ratio(self) -> float: ...
-    @property
-    def level(self) -> int: ...
 
 
 class UploadProgress:
@@ -155,9 +110,9 @@ class Metrics:
         self.reasons = frozenset(reasons) | {OTHER_REASON}
         self._active: dict[str, UploadProgress] = {}
         self._slots: list[UploadProgress | None] = [None] * live_uploads_max
-        self._pool: PoolFigures | None = None
-        self._listeners: dict[str, ListenerFigures] = {}
-        self._memory: Callable[[], MemoryFigures | None] = lambda: None
+        self._pool: object | None = None
+        self._listeners: dict[str, object] = {}
+        self._memory: Callable[[], MemoryState | None] = lambda: None
         self._ready: Callable[[], bool | None] = lambda: None
 
         def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
@@ -247,14 +202,18 @@ class Metrics:
         GCCollector(registry=registry)
         registry.register(_Sampled(self))
 
-    def bind_pool(self, pool: PoolFigures) -> None:
-        self._pool = pool
+    def bind_pool(self, pool: object) -> None:
+        """The part-buffer pool (:class:`proxy.engine.buffers.BufferPool`): it must have
+        every attribute _POOL_GAUGES reads (checked here, not at the first scrape)."""
+        self._pool = _having(pool, _POOL_GAUGES)
 
-    def bind_listener(self, name: str, listener: ListenerFigures) -> None:
-        """``name`` is a label value: one of a fixed few ("main", "metrics")."""
-        self._listeners[name] = listener
+    def bind_listener(self, name: str, listener: object) -> None:
+        """A listener's connection guard (:class:`proxy.web.conn.ConnectionGuard`), with
+        the attributes _LISTENER_SERIES reads.  ``name`` is a label value: one of a fixed
+        few ("main", "metrics")."""
+        self._listeners[name] = _having(listener, _LISTENER_SERIES)
 
-    def bind_memory(self, source: Callable[[], MemoryFigures | None]) -> None:
+    def bind_memory(self, source: Callable[[], MemoryState | None]) -> None:
         self._memory = source
 
     def bind_ready(self, source: Callable[[], bool | None]) -> None:
@@ -373,25 +332,32 @@ def _live_series(uploads: list[UploadProgress]) -> Iterator[Metric]:
     yield from (received, stored, start)
 
 
-def _listener_series(listeners: dict[str, ListenerFigures]) -> Iterator[Metric]:
-    open_ = GaugeMetricFamily(
-        "proxy_connections_open", "Open connections on a listener.", labels=["listener"]
-    )
-    refused = CounterMetricFamily(
+def _listener_series(listeners: dict[str, object]) -> Iterator[Metric]:
+    for family, name, attribute, doc in _LISTENER_SERIES:
+        metric = family(name, doc, labels=["listener"])
+        for label, guard in listeners.items():
+            metric.add_metric([label], getattr(guard, attribute))
+        yield metric
+
+
+# (kind, name, attribute of each bound listener, help), one series per listener.
+_LISTENER_SERIES: tuple[
+    tuple[type[GaugeMetricFamily | CounterMetricFamily], str, str, str], ...
+] = (
+    (GaugeMetricFamily, "proxy_connections_open", "open", "Open connections on a listener."),
+    (
+        CounterMetricFamily,
         "proxy_connections_refused",
+        "refused_total",
         "Connections answered 503 and closed: the listener had max_connections open.",
-        labels=["listener"],
-    )
-    late = CounterMetricFamily(
+    ),
+    (
+        CounterMetricFamily,
         "proxy_connections_header_timeouts",
+        "header_timeouts_total",
         "Connections closed because their first request's headers took over header_timeout_s.",
-        labels=["listener"],
-    )
-    for name, figures in listeners.items():
-        open_.add_metric([name], figures.open)
-        refused.add_metric([name], figures.refused_total)
-        late.add_metric([name], figures.header_timeouts_total)
-    yield from (open_, refused, late)
+    ),
+)
 
 
 # (name, attribute of the bound object, help); a None attribute leaves the series out.
@@ -441,6 +407,15 @@ _MEMORY_GAUGES = (
         "Memory pressure: 0 normal, 1 warning, 2 critical (new uploads refused).",
     ),
 )
+
+
+def _having(source: T, table: tuple[tuple[Any, ...], ...]) -> T:
+    """``source``, once it is checked to have every attribute ``table`` reads (a row's
+    second-to-last item): a renamed attribute fails at start-up, not at a scrape."""
+    missing = [row[-2] for row in table if not hasattr(source, row[-2])]
+    if missing:
+        raise TypeError(f"{type(source).__name__} lacks {', '.join(missing)}")
+    return source
 
 
 def _gauges(table: tuple[tuple[str, str, str], ...], source: object) -> Iterator[Metric]:
