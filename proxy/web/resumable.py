@@ -85,7 +85,7 @@ from proxy.web.tus import (
     new_upload,
     terminate,
 )
-from proxy.web.uploads import _new_key, _preflight_post, _preflight_put, _unreserved
+from proxy.web.uploads import new_key, preflight_post, preflight_put, unreserved
 
 log = logging.getLogger(__name__)
 
@@ -280,13 +280,13 @@ async def plain_create(request: web.Request, plain: Handler) -> web.StreamRespon
     if dialect.complete(request) is None or (post and request.content_type == FORM):
         return await plain(request)
     try:
-        pre = await (_preflight_post if post else _preflight_put)(request)
+        pre = await (preflight_post if post else preflight_put)(request)
     except ProxyError:
         return await plain(request)  # which refuses it the same way
     if pre.grant.via == "signed" or not pre.create_only or pre.source is not None:
         return await plain(request)
     filename = _disposition_filename(request.headers.get("Content-Disposition", ""))
-    key = _new_key(request.app[UPLOADS], pre.grant, filename) if post else pre.key
+    key = new_key(request.app[UPLOADS], pre.grant, filename) if post else pre.key
     assert key is not None
     return await reported(lambda r: _create(r, key))(request)
 
@@ -343,7 +343,7 @@ def _put_key_place(request: web.Request, grant: Grant) -> Callable[[str], str]:
 
     def place(key: str) -> str:
         grant.check_key(key)
-        return _unreserved(ctx, full_key(ctx.config.key_prefix, key))
+        return unreserved(ctx, full_key(ctx.config.key_prefix, key))
 
     return place
 
