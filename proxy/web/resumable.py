@@ -70,20 +70,21 @@ from proxy.web.preflight import (
     request_client,
     streaming,
 )
-from proxy.web.tus import (
+from proxy.web.tus_common import (
     SHA256_HEADER,
     TUS,
-    _chunks,
-    _guard,
-    _guard_body,
-    _head_finished,
-    _hook_request,
-    _indexed,
-    _pre_create,
-    _terminate_quietly,
-    _upload_id,
+    body,
+    finished_upload,
+    guard,
+    guard_body,
+    indexed,
     new_upload,
+    pre_create,
+    service,
     terminate,
+    terminate_quietly,
+    tus_hook_request,
+    upload_id_of,
 )
 from proxy.web.uploads import new_key, preflight_post, preflight_put, unreserved
 
@@ -169,10 +170,6 @@ def _repr_digest(sha256_hex: str) -> str:
     return "sha-256=:" + base64.b64encode(bytes.fromhex(sha256_hex)).decode() + ":"
 
 
-def _svc(request: web.Request) -> TusService:
-    return request.app[TUS].service
-
-
 def _length(request: web.Request, complete: bool, offset: int, known: int | None) -> int | None:
     """The upload's length from ``Upload-Length`` and, with ``Upload-Complete: ?1``, the
     request's ``Content-Length``; they and ``known`` (recorded before) must agree."""
@@ -216,7 +213,7 @@ def _answer(
     location: str | None = None,
 ) -> web.Response:
     """The answer to a creation or append: the upload's state, or its stored object."""
-    svc = _svc(request)
+    svc = service(request)
     complete = info.completing
     headers = {
         INTEROP_HEADER: str(dialect.version),
@@ -250,7 +247,7 @@ async def options(request: web.Request) -> web.Response:
     headers = {
         INTEROP_HEADER: str(dialect.version),
         "Accept-Patch": PARTIAL_UPLOAD,
-        **dialect.limits(_svc(request).max_size_bytes, None),
+        **dialect.limits(service(request).max_size_bytes, None),
     }
     return web.Response(status=204, headers=headers)
 
@@ -296,8 +293,8 @@ async def _create(request: web.Request, key: str | None) -> web.StreamResponse:
     complete = dialect.complete(request)
     if complete is None:
         raise BadHeader(f"an upload creation needs {dialect.completeness(False).popitem()[0]}")
-    grant = _guard_body(request)
-    svc = _svc(request)
+    grant = guard_body(request)
+    svc = service(request)
     client_ip = request_client(request).ip
     length = _length(request, complete, 0, None)
     if length is not None and length > svc.max_size_bytes:
@@ -309,14 +306,14 @@ async def _create(request: web.Request, key: str | None) -> web.StreamResponse:
     )
     new = replace(new, sha256=None, repr_sha256=_repr_sha256(request))
     if key is None:
-        new = await _pre_create(request, svc, new)
+        new = await pre_create(request, svc, new)
     else:
         new = replace(new, key=key, claims_key=True)
-        new = await _pre_create(request, svc, new, _put_key_place(request, grant))
+        new = await pre_create(request, svc, new, _put_key_place(request, grant))
     body = request.content_length != 0 and request.can_read_body
     async with page.file_place(request, grant, new):
         info, lease = await svc.create(new, leased=body and new.length != 0, client=client_ip)
-    svc.engine.hooks.notify("post-create", hook_upload(info), _hook_request(request, info.id))
+    svc.engine.hooks.notify("post-create", hook_upload(info), tus_hook_request(request, info.id))
     location = request.app[TUS].config.base_path + new.url_id
     announced = await _send_104(request, dialect, location)
     if lease is not None:
@@ -327,9 +324,9 @@ async def _create(request: web.Request, key: str | None) -> web.StreamResponse:
             if not announced:
                 # The client never learns the URL: nothing can resume it.
                 why = e if isinstance(e, ProxyError) else Cancelled("the creation was cancelled")
-                await _terminate_quietly(svc, info.id, why, client_ip)
+                await terminate_quietly(svc, info.id, why, client_ip)
             raise
-        info = await _indexed(request, info)
+        info = await indexed(request, info)
     elif complete and not info.completing:
         info = await _complete_empty(request, svc, info.id, grant)
     log.info("ietf create id=%s key=%r interop=%d", info.id, info.key, dialect.version)
@@ -353,7 +350,7 @@ async def _send_104(request: web.Request, dialect: Dialect, location: str) -> bo
     config allows it (``tus.send_104``) and the client speaks HTTP/1.1."""
     if not request.app[TUS].config.send_104 or request.version < (1, 1):
         return False
-    svc = _svc(request)
+    svc = service(request)
     headers = {
         INTEROP_HEADER: str(dialect.version),
         "Location": location,
@@ -388,21 +385,21 @@ async def _complete_empty(
         client_ip=request_client(request).ip,
         complete_at_end=True,
     )
-    return await _indexed(request, info)
+    return await indexed(request, info)
 
 
 async def head(request: web.Request) -> web.Response:
     dialect = dialect_of(request)
-    grant = _guard(request)
-    svc, upload_id = _svc(request), _upload_id(request)
+    grant = guard(request)
+    svc, upload_id = service(request), upload_id_of(request)
     headers = {INTEROP_HEADER: str(dialect.version), "Cache-Control": "no-store"}
     try:
         info = await svc.store.get(upload_id, by=grant.principal)
     except NotFound:
-        done = await _head_finished(svc, upload_id, grant)
+        done = await finished_upload(svc, upload_id, grant)
         headers.update(dialect.completeness(True))
-        headers["Upload-Offset"] = headers["Upload-Length"] = done.headers["Upload-Length"]
-        if sha256 := done.headers.get(SHA256_HEADER):
+        headers["Upload-Offset"] = headers["Upload-Length"] = str(done.size)
+        if sha256 := done.metadata.get("sha256"):
             headers["Repr-Digest"] = _repr_digest(sha256)
             headers[SHA256_HEADER] = sha256
         return web.Response(status=204, headers=headers)
@@ -417,8 +414,8 @@ async def head(request: web.Request) -> web.Response:
 async def patch(request: web.Request) -> web.StreamResponse:
     """Upload append.  A body that breaks keeps what arrived (the tus layer's salvage)."""
     dialect = dialect_of(request)
-    grant = _guard_body(request)
-    svc, upload_id = _svc(request), _upload_id(request)
+    grant = guard_body(request)
+    svc, upload_id = service(request), upload_id_of(request)
     ctype = request.headers.get("Content-Type", "").split(";")[0].strip()
     if dialect.version >= 6 and ctype != PARTIAL_UPLOAD:
         raise WrongContentType(f"an append needs Content-Type: {PARTIAL_UPLOAD}")
@@ -439,7 +436,7 @@ async def patch(request: web.Request) -> web.StreamResponse:
     try:
         info = lease.info
         if info.completing and offset == info.offset:
-            info = await _indexed(request, await svc.resume_completion(lease, client_ip))
+            info = await indexed(request, await svc.resume_completion(lease, client_ip))
             return _answer(request, dialect, info, dialect.append_status(True))
         if offset != info.offset:
             raise MismatchingOffset(info.offset, offset)
@@ -460,7 +457,7 @@ async def patch(request: web.Request) -> web.StreamResponse:
         raise
     streaming(request)
     info = await _append(request, lease, client_ip, complete)
-    info = await _indexed(request, info)
+    info = await indexed(request, info)
     return _answer(request, dialect, info, dialect.append_status(info.completing))
 
 
@@ -475,8 +472,8 @@ async def _append_to_finished(
     """An append to an upload whose state is gone: if it completed (and is the caller's),
     an empty append at its end is answered as its completion was (the client lost that
     answer); anything else is refused with the draft's problem type."""
-    done = await _head_finished(svc, upload_id, grant)  # 404 unless the caller's
-    size = int(done.headers["Upload-Length"])
+    done = await finished_upload(svc, upload_id, grant)  # 404 unless the caller's
+    size = done.size
     if offset != size or request.content_length != 0:
         raise CompletedUpload("the upload is complete: nothing can be appended to it")
     headers = {
@@ -485,7 +482,7 @@ async def _append_to_finished(
         "Upload-Length": str(size),
         **dialect.completeness(True),
     }
-    if sha256 := done.headers.get(SHA256_HEADER):
+    if sha256 := done.metadata.get("sha256"):
         headers["Repr-Digest"] = _repr_digest(sha256)
         headers[SHA256_HEADER] = sha256
     return web.Response(status=dialect.append_status(True), headers=headers)
@@ -494,9 +491,9 @@ async def _append_to_finished(
 async def _append(request: web.Request, lease: Lease, client_ip: str, complete: bool) -> UploadInfo:
     """The request's body onto the upload it holds the lease of, in an upload slot."""
     with request.app[UPLOADS].slots.hold(client_ip):
-        return await _svc(request).write(
+        return await service(request).write(
             lease,
-            _chunks(request),
+            body(request),
             declared_bytes=request.content_length,
             checksum=None,
             client_ip=client_ip,
