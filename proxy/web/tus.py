@@ -1,6 +1,8 @@
 """tus 1.0.0 over HTTP: core (HEAD, PATCH, OPTIONS) and the extensions creation,
-creation-with-upload, creation-defer-length, termination, expiration, checksum and
-(where the store can copy parts) concatenation (:mod:`proxy.tus.concat`).
+creation-with-upload, creation-defer-length, termination, expiration and checksum.
+Concatenation (where the store can copy parts) is :mod:`proxy.web.tus_concat`; what tus
+shares with the IETF draft on this endpoint (guards, new uploads, DELETE) is
+:mod:`proxy.web.tus_common`.  tus takes bearer tokens, never signed URLs.
 
 Only headers and statuses live here; the upload lifecycle is :mod:`proxy.tus.service`,
 the state :mod:`proxy.tus.state`.  Errors are :class:`~proxy.errors.ProxyError`, rendered
@@ -13,7 +15,6 @@ answers about a completed upload carry ``Upload-SHA256`` (hex), the stored objec
 
 from __future__ import annotations
 
-import email.utils
 import logging
 from dataclasses import replace
 
@@ -22,25 +23,21 @@ from aiohttp import web
 from proxy.auth import Grant
 from proxy.config import TusConfig
 from proxy.errors import (
-    BadConcat,
     BadHeader,
-    Cancelled,
     ChecksumAlgorithm,
-    FinalNotWritable,
     LengthRequired,
     NotFound,
     OffsetMismatch,
-    ProxyError,
     TooLarge,
     TusVersion,
     WrongContentType,
 )
 from proxy.headers import ascii_uint
-from proxy.tus import concat
 from proxy.tus.completion import hook_upload
-from proxy.tus.service import Checksum, NewUpload, TusService, quota_of
-from proxy.tus.state import Lease, UploadInfo, release_quietly, storage_id, valid_id
-from proxy.web import page
+from proxy.tus.concat import FINAL
+from proxy.tus.service import Checksum, TusService, quota_of
+from proxy.tus.state import release_quietly, storage_id, valid_id
+from proxy.web import page, tus_concat
 from proxy.web.errors import LOG_PATH
 from proxy.web.preflight import (
     UPLOADS,
@@ -63,9 +60,10 @@ from proxy.web.tus_common import (
     pre_create,
     service,
     terminate,
-    terminate_quietly,
     tus_hook_request,
+    upload_headers,
     upload_id_of,
+    write_created,
 )
 
 log = logging.getLogger(__name__)
@@ -122,21 +120,6 @@ def _checksum(request: web.Request) -> Checksum | None:
     return Checksum(algorithm, digest)
 
 
-def _http_date(epoch_s: float) -> str:
-    return email.utils.formatdate(epoch_s, usegmt=True)
-
-
-def _upload_headers(info: UploadInfo) -> dict[str, str]:
-    headers = {"Upload-Offset": str(info.offset)}
-    if not info.completing:
-        headers["Upload-Expires"] = _http_date(info.expires_s)
-    elif info.sha256_hex:
-        # Proxy-specific: the completing PATCH has no body to answer with, and the state
-        # is gone right after it, so this header is how a client verifies end to end.
-        headers[SHA256_HEADER] = info.sha256_hex
-    return headers
-
-
 # -- handlers ---------------------------------------------------------------------------
 
 
@@ -159,7 +142,7 @@ async def _expect_create(request: web.Request) -> web.StreamResponse | None:
 
 def _extensions(request: web.Request) -> str:
     """Concatenation only where the store can do what it needs (copy parts, ranged reads)."""
-    return EXTENSIONS + (",concatenation" if service(request).concat.supported else "")
+    return EXTENSIONS + ("," + tus_concat.EXTENSION if service(request).concat.supported else "")
 
 
 async def options(request: web.Request) -> web.Response:
@@ -187,17 +170,9 @@ async def create(request: web.Request) -> web.StreamResponse:
     defer = request.headers.get("Upload-Defer-Length")
     if defer is not None and (defer != "1" or length is not None):
         raise BadHeader("Upload-Defer-Length must be 1, and only without Upload-Length")
-    cat = concat.parse_header(request.headers.get(concat.HEADER), request.app[TUS].config.base_path)
-    if cat is not None and not svc.concat.supported:
-        raise BadHeader("this server's store cannot concatenate uploads")
-    if cat is not None and grant.link is not None:
-        # A link's caps (file size, file count) are per file: the final's size is known
-        # only from its partials, after they were taken.  Links upload files whole.
-        raise BadConcat("upload links do not take parallel (concatenated) uploads")
-    if cat is not None and cat.kind == concat.FINAL:
-        return await _create_final(request, grant, cat)
-    if cat is not None and length is None:
-        raise LengthRequired("a partial upload needs its Upload-Length")
+    cat = tus_concat.requested(request, grant, length)
+    if cat is not None and cat.kind == FINAL:
+        return await tus_concat.create_final(request, grant, cat)
     if length is None and defer is None:
         raise LengthRequired("Upload-Length or Upload-Defer-Length: 1 is required")
     if length is not None and length > svc.max_size_bytes:
@@ -210,11 +185,8 @@ async def create(request: web.Request) -> web.StreamResponse:
     quota = quota_of(grant.principal, client_ip)
     header = request.headers.get("Upload-Metadata", "")
     new = new_upload(svc, header, length, grant.principal, quota, grant.prefix or "")
-    if cat is not None:
-        # Its first await: partials are ranked in the order they arrive (proxy.tus.concat).
-        async with svc.concat.arrival(quota, new.metadata_header, grant.prefix or ""):
-            new = await _place_partial(svc, new, grant)
-        return await _create_partial(request, svc, new, with_body, declared, checksum)
+    if cat is not None:  # no await before this: see tus_concat.create_partial
+        return await tus_concat.create_partial(request, grant, new, with_body, checksum)
     new = await pre_create(request, svc, new)
     dedup = request.app[UPLOADS].dedup
     async with page.file_place(request, grant, new):
@@ -228,11 +200,9 @@ async def create(request: web.Request) -> web.StreamResponse:
             )
     svc.engine.hooks.notify("post-create", hook_upload(info), tus_hook_request(request, info.id))
     if lease is not None:
-        info = await indexed(
-            request, await _write_created(request, svc, lease, declared, checksum, client_ip)
-        )
+        info = await indexed(request, await write_created(request, lease, client_ip, checksum))
     location = request.app[TUS].config.base_path + new.url_id
-    headers = {"Location": location, **_upload_headers(info)}
+    headers = {"Location": location, **upload_headers(info)}
     if not with_body and instant is None:
         headers.pop("Upload-Offset")
     log.info(
@@ -244,99 +214,6 @@ async def create(request: web.Request) -> web.StreamResponse:
     return web.Response(status=201, headers=headers)
 
 
-async def _place_partial(svc: TusService, new: NewUpload, grant: Grant) -> NewUpload:
-    meta = {k: v for k, v in new.object_metadata.items() if k != "tus-id"}
-    assert new.length is not None
-    where = await svc.concat.place(
-        new.url_id, new.id, new.length, new.quota, new.metadata_header, grant.prefix or "", meta
-    )
-    return replace(
-        new,
-        key=where.key,
-        concat=concat.PARTIAL,
-        multipart_id=where.multipart_id,
-        group=where.group,
-        part_base=where.part_base,
-    )
-
-
-async def _create_partial(
-    request: web.Request,
-    svc: TusService,
-    new: NewUpload,
-    with_body: bool,
-    declared: int | None,
-    checksum: Checksum | None,
-) -> web.StreamResponse:
-    """A partial upload: a tus upload whose bytes a final upload will take (no hooks, no
-    instant upload, no file place of an upload link: the final is the file)."""
-    client_ip = request_client(request).ip
-    try:
-        info, lease = await svc.create(new, leased=with_body and new.length != 0, client=client_ip)
-    except BaseException:
-        if new.group:
-            await svc.concat.abandon(new.group, new.id)
-        raise
-    if lease is not None:
-        info = await _write_created(request, svc, lease, declared, checksum, client_ip)
-    headers = {"Location": request.app[TUS].config.base_path + new.url_id}
-    if with_body:
-        headers.update(_upload_headers(info))
-    log.info("tus create partial id=%s length=%s group=%s", info.id, info.length, info.group or "-")
-    return web.Response(status=201, headers=headers)
-
-
-async def _create_final(
-    request: web.Request, grant: Grant, cat: concat.ConcatHeader
-) -> web.StreamResponse:
-    """A final upload: made at once from its finished partials (no body, no length)."""
-    svc = service(request)
-    if "Upload-Length" in request.headers or request.content_length:
-        raise BadConcat("a final upload takes neither Upload-Length nor a body")
-    client_ip = request_client(request).ip
-    quota = quota_of(grant.principal, client_ip)
-    header = request.headers.get("Upload-Metadata", "")
-    new = new_upload(svc, header, None, grant.principal, quota, grant.prefix or "")
-    new = await pre_create(request, svc, new)
-    # (Upload links, whose file places file_place takes, were refused in create.)
-    url_id, info = await svc.concat.finalize(
-        cat, svc.info_of(new), new.url_id, by=grant.principal, client=client_ip
-    )
-    info = await indexed(request, info)
-    headers = {
-        "Location": request.app[TUS].config.base_path + url_id,
-        **_upload_headers(info),
-        "Upload-Length": str(info.offset),
-    }
-    return web.Response(status=201, headers=headers)
-
-
-async def _write_created(
-    request: web.Request,
-    svc: TusService,
-    lease: Lease,
-    declared: int | None,
-    checksum: Checksum | None,
-    client_ip: str,
-) -> UploadInfo:
-    """The body of a creation-with-upload, written to the new upload."""
-    streaming(request)  # the upload exists: its outcome is reported as an upload's
-    try:
-        with request.app[UPLOADS].slots.hold(client_ip):
-            return await svc.write(
-                lease,
-                body(request),
-                declared_bytes=declared,
-                checksum=checksum,
-                client_ip=client_ip,
-            )
-    except BaseException as e:
-        # Without our answer the client never learns the URL: nothing can resume it.
-        why = e if isinstance(e, ProxyError) else Cancelled("the creation was cancelled")
-        await terminate_quietly(svc, lease.info.id, why, client_ip)
-        raise
-
-
 async def head(request: web.Request) -> web.Response:
     _check_version(request)
     grant = guard(request)
@@ -345,15 +222,14 @@ async def head(request: web.Request) -> web.Response:
         info = await svc.store.get(upload_id, by=grant.principal)
     except NotFound:
         return await _head_finished(svc, upload_id, grant)
-    headers = {**_upload_headers(info), "Cache-Control": "no-store"}
+    headers = {**upload_headers(info), "Cache-Control": "no-store"}
     if info.length is None:
         headers["Upload-Defer-Length"] = "1"
     else:
         headers["Upload-Length"] = str(info.length)
     if info.metadata_header:
         headers["Upload-Metadata"] = info.metadata_header
-    if info.concat:
-        headers[concat.HEADER] = concat.PARTIAL
+    headers.update(tus_concat.state_headers(info))
     return web.Response(status=200, headers=headers)
 
 
@@ -367,9 +243,7 @@ async def _head_finished(svc: TusService, upload_id: str, grant: Grant) -> web.R
     }
     if sha256 := obj.metadata.get("sha256"):
         headers[SHA256_HEADER] = sha256
-    if obj.metadata.get(concat.CONCAT_METADATA) == concat.FINAL:
-        # The partials' URLs are secrets kept nowhere: the list cannot be echoed.
-        headers[concat.HEADER] = concat.FINAL
+    headers.update(tus_concat.object_headers(obj))
     return web.Response(status=200, headers=headers)
 
 
@@ -389,14 +263,14 @@ async def patch(request: web.Request) -> web.Response:
     try:
         lease = await svc.store.acquire(upload_id, by=grant.principal)
     except NotFound:
-        await _refuse_final(svc, upload_id, grant)
+        await tus_concat.refuse_final(svc, upload_id, grant)
         raise
     try:
         info = lease.info
         if info.completing and offset == info.offset:
             info = await svc.resume_completion(lease, request_client(request).ip)
             info = await indexed(request, info)
-            return web.Response(status=204, headers=_upload_headers(info))
+            return web.Response(status=204, headers=upload_headers(info))
         if offset != info.offset:
             raise OffsetMismatch(
                 f"Upload-Offset {offset} does not match the upload's offset {info.offset}"
@@ -427,17 +301,7 @@ async def patch(request: web.Request) -> web.Response:
             lease, body(request), declared_bytes=declared, checksum=checksum, client_ip=client_ip
         )
     info = await indexed(request, info)
-    return web.Response(status=204, headers=_upload_headers(info))
-
-
-async def _refuse_final(svc: TusService, upload_id: str, grant: Grant) -> None:
-    """A PATCH to one's own final upload is a 403 (tus), not the 404 of a finished one."""
-    try:
-        obj = await finished_upload(svc, upload_id, grant)
-    except NotFound:
-        return
-    if obj.metadata.get(concat.CONCAT_METADATA) == concat.FINAL:
-        raise FinalNotWritable("a final upload is made of its partial uploads: no PATCH")
+    return web.Response(status=204, headers=upload_headers(info))
 
 
 async def delete(request: web.Request) -> web.Response:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import email.utils
 import logging
 import re
 from collections.abc import Callable
@@ -24,15 +25,15 @@ from proxy.auth import Grant, Principal
 from proxy.config import TusConfig
 from proxy.engine.dedup import OWNER_METADATA as CONTENT_OWNER_METADATA
 from proxy.engine.pipeline import Body
-from proxy.errors import BadMetadata, NotFound, ProxyError, SignedUrlNotForTus
+from proxy.errors import BadMetadata, Cancelled, NotFound, ProxyError, SignedUrlNotForTus
 from proxy.hooks.payload import HookRequest, HookUpload
 from proxy.storage.base import ObjectInfo
 from proxy.tus import finished
 from proxy.tus.finished import OWNER_METADATA
-from proxy.tus.service import NewUpload, TusService
-from proxy.tus.state import UploadInfo, new_id, release_quietly, storage_id, valid_id
+from proxy.tus.service import Checksum, NewUpload, TusService
+from proxy.tus.state import Lease, UploadInfo, new_id, release_quietly, storage_id, valid_id
 from proxy.web.hookreq import hook_request
-from proxy.web.preflight import UPLOADS, authorize, request_client
+from proxy.web.preflight import UPLOADS, authorize, request_client, streaming
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +246,41 @@ async def terminate_quietly(
         raise
     except Exception as e:
         log.warning("tus: could not remove the failed new upload %s: %s", upload_id, e)
+
+
+async def write_created(
+    request: web.Request, lease: Lease, client_ip: str, checksum: Checksum | None
+) -> UploadInfo:
+    """The body of a creation-with-upload, written to the new upload."""
+    svc = service(request)
+    streaming(request)  # the upload exists: its outcome is reported as an upload's
+    try:
+        with request.app[UPLOADS].slots.hold(client_ip):
+            return await svc.write(
+                lease,
+                body(request),
+                declared_bytes=request.content_length,
+                checksum=checksum,
+                client_ip=client_ip,
+            )
+    except BaseException as e:
+        # Without our answer the client never learns the URL: nothing can resume it.
+        why = e if isinstance(e, ProxyError) else Cancelled("the creation was cancelled")
+        await terminate_quietly(svc, lease.info.id, why, client_ip)
+        raise
+
+
+def upload_headers(info: UploadInfo) -> dict[str, str]:
+    """tus's headers about an upload (creation, HEAD, PATCH): its offset, and its expiry
+    while it is open or the stored object's SHA-256 once it completes."""
+    headers = {"Upload-Offset": str(info.offset)}
+    if not info.completing:
+        headers["Upload-Expires"] = email.utils.formatdate(info.expires_s, usegmt=True)
+    elif info.sha256_hex:
+        # Proxy-specific: the completing PATCH has no body to answer with, and the state
+        # is gone right after it, so this header is how a client verifies end to end.
+        headers[SHA256_HEADER] = info.sha256_hex
+    return headers
 
 
 # -- a completed upload -----------------------------------------------------------------
