@@ -45,7 +45,6 @@ from proxy.auth import Grant
 from proxy.errors import (
     BadDigest,
     BadHeader,
-    Cancelled,
     CompletedUpload,
     InconsistentLength,
     InteropVersion,
@@ -59,32 +58,31 @@ from proxy.headers import ascii_uint
 from proxy.keys import full_key
 from proxy.tus.completion import hook_upload
 from proxy.tus.service import TusService, no_bytes, quota_of
-from proxy.tus.state import Lease, UploadInfo, release_quietly, storage_id, valid_id
+from proxy.tus.state import UploadInfo, release_quietly
 from proxy.web import page
-from proxy.web.errors import LOG_PATH
 from proxy.web.preflight import (
     UPLOADS,
     Handler,
     expected_digests,
     reported,
     request_client,
-    streaming,
 )
 from proxy.web.tus_common import (
     SHA256_HEADER,
     TUS,
-    body,
     finished_upload,
     guard,
     guard_body,
     indexed,
+    log_by_storage_id,
     new_upload,
     pre_create,
     service,
     terminate,
-    terminate_quietly,
     tus_hook_request,
     upload_id_of,
+    write_body,
+    write_created,
 )
 from proxy.web.uploads import new_key, preflight_post, preflight_put, unreserved
 
@@ -166,8 +164,12 @@ def _repr_sha256(request: web.Request) -> str | None:
     return None if digest is None else digest.hex()
 
 
-def _repr_digest(sha256_hex: str) -> str:
-    return "sha-256=:" + base64.b64encode(bytes.fromhex(sha256_hex)).decode() + ":"
+def _digest_headers(sha256_hex: str | None) -> dict[str, str]:
+    """A stored object's SHA-256, where known: ``Repr-Digest`` (RFC 9530) and ours."""
+    if not sha256_hex:
+        return {}
+    encoded = base64.b64encode(bytes.fromhex(sha256_hex)).decode()
+    return {"Repr-Digest": f"sha-256=:{encoded}:", SHA256_HEADER: sha256_hex}
 
 
 def _length(request: web.Request, complete: bool, offset: int, known: int | None) -> int | None:
@@ -232,9 +234,8 @@ def _answer(
         "key": info.key,
         "size": info.offset,
     }
+    headers.update(_digest_headers(info.sha256_hex))
     if info.sha256_hex:
-        headers["Repr-Digest"] = _repr_digest(info.sha256_hex)
-        headers[SHA256_HEADER] = info.sha256_hex
         body["sha256"] = info.sha256_hex
     return web.json_response(body, status=status, headers=headers)
 
@@ -317,15 +318,9 @@ async def _create(request: web.Request, key: str | None) -> web.StreamResponse:
     location = request.app[TUS].config.base_path + new.url_id
     announced = await _send_104(request, dialect, location)
     if lease is not None:
-        streaming(request)
-        try:
-            info = await _append(request, lease, client_ip, complete)
-        except BaseException as e:
-            if not announced:
-                # The client never learns the URL: nothing can resume it.
-                why = e if isinstance(e, ProxyError) else Cancelled("the creation was cancelled")
-                await terminate_quietly(svc, info.id, why, client_ip)
-            raise
+        info = await write_created(
+            request, lease, client_ip, complete_at_end=complete, announced=announced
+        )
         info = await indexed(request, info)
     elif complete and not info.completing:
         info = await _complete_empty(request, svc, info.id, grant)
@@ -399,9 +394,7 @@ async def head(request: web.Request) -> web.Response:
         done = await finished_upload(svc, upload_id, grant)
         headers.update(dialect.completeness(True))
         headers["Upload-Offset"] = headers["Upload-Length"] = str(done.size)
-        if sha256 := done.metadata.get("sha256"):
-            headers["Repr-Digest"] = _repr_digest(sha256)
-            headers[SHA256_HEADER] = sha256
+        headers.update(_digest_headers(done.metadata.get("sha256")))
         return web.Response(status=204, headers=headers)
     headers["Upload-Offset"] = str(info.offset)
     headers.update(dialect.completeness(info.completing))
@@ -455,8 +448,7 @@ async def patch(request: web.Request) -> web.StreamResponse:
     except BaseException:
         await release_quietly(lease)
         raise
-    streaming(request)
-    info = await _append(request, lease, client_ip, complete)
+    info = await write_body(request, lease, client_ip, complete_at_end=complete)
     info = await indexed(request, info)
     return _answer(request, dialect, info, dialect.append_status(info.completing))
 
@@ -482,23 +474,8 @@ async def _append_to_finished(
         "Upload-Length": str(size),
         **dialect.completeness(True),
     }
-    if sha256 := done.metadata.get("sha256"):
-        headers["Repr-Digest"] = _repr_digest(sha256)
-        headers[SHA256_HEADER] = sha256
+    headers.update(_digest_headers(done.metadata.get("sha256")))
     return web.Response(status=dialect.append_status(True), headers=headers)
-
-
-async def _append(request: web.Request, lease: Lease, client_ip: str, complete: bool) -> UploadInfo:
-    """The request's body onto the upload it holds the lease of, in an upload slot."""
-    with request.app[UPLOADS].slots.hold(client_ip):
-        return await service(request).write(
-            lease,
-            body(request),
-            declared_bytes=request.content_length,
-            checksum=None,
-            client_ip=client_ip,
-            complete_at_end=complete,
-        )
 
 
 async def delete(request: web.Request) -> web.Response:
@@ -532,10 +509,7 @@ def middleware_for(base_path: str) -> Middleware:
             return await plain_create(request, handler)
         elif request.path.startswith(base_path) and "id" in request.match_info:
             chosen = _ON_ITEM.get(request.method)
-            # Error lines name the upload by its storage id, never by the URL's secret id.
-            url_id = request.match_info["id"]
-            shown = storage_id(url_id) if valid_id(url_id) else "<not an upload id>"
-            request[LOG_PATH] = base_path + shown
+            log_by_storage_id(request, base_path)
         return await (handler if chosen is None else reported(chosen))(request)
 
     return ietf

@@ -36,9 +36,8 @@ from proxy.headers import ascii_uint
 from proxy.tus.completion import hook_upload
 from proxy.tus.concat import FINAL
 from proxy.tus.service import Checksum, TusService, quota_of
-from proxy.tus.state import release_quietly, storage_id, valid_id
+from proxy.tus.state import release_quietly
 from proxy.web import page, tus_concat
-from proxy.web.errors import LOG_PATH
 from proxy.web.preflight import (
     UPLOADS,
     Handler,
@@ -46,16 +45,15 @@ from proxy.web.preflight import (
     expect_with,
     reported,
     request_client,
-    streaming,
 )
 from proxy.web.tus_common import (
     SHA256_HEADER,
     TUS,
-    body,
     finished_upload,
     guard,
     guard_body,
     indexed,
+    log_by_storage_id,
     new_upload,
     pre_create,
     service,
@@ -63,6 +61,7 @@ from proxy.web.tus_common import (
     tus_hook_request,
     upload_headers,
     upload_id_of,
+    write_body,
     write_created,
 )
 
@@ -200,7 +199,8 @@ async def create(request: web.Request) -> web.StreamResponse:
             )
     svc.engine.hooks.notify("post-create", hook_upload(info), tus_hook_request(request, info.id))
     if lease is not None:
-        info = await indexed(request, await write_created(request, lease, client_ip, checksum))
+        info = await write_created(request, lease, client_ip, checksum=checksum)
+        info = await indexed(request, info)
     location = request.app[TUS].config.base_path + new.url_id
     headers = {"Location": location, **upload_headers(info)}
     if not with_body and instant is None:
@@ -293,13 +293,7 @@ async def patch(request: web.Request) -> web.Response:
     except BaseException:
         await release_quietly(lease)
         raise
-    # The slot check ran (and would have released the lease) above; hold re-checks
-    # synchronously, so it cannot fail here.
-    streaming(request)
-    with request.app[UPLOADS].slots.hold(client_ip):
-        info = await svc.write(
-            lease, body(request), declared_bytes=declared, checksum=checksum, client_ip=client_ip
-        )
+    info = await write_body(request, lease, client_ip, checksum=checksum)
     info = await indexed(request, info)
     return web.Response(status=204, headers=upload_headers(info))
 
@@ -347,12 +341,10 @@ async def _on_prepare(request: web.Request, response: web.StreamResponse) -> Non
 
 
 def _redacted(handler: Handler, base_path: str) -> Handler:
-    """Error lines name the upload by its storage id, never by the URL id (a secret)."""
+    """``handler``, its error lines naming the upload by its storage id."""
 
     async def wrapped(request: web.Request) -> web.StreamResponse:
-        url_id = request.match_info["id"]
-        shown = storage_id(url_id) if valid_id(url_id) else "<not an upload id>"
-        request[LOG_PATH] = base_path + shown
+        log_by_storage_id(request, base_path)
         return await handler(request)
 
     return wrapped

@@ -1,10 +1,12 @@
-"""What the protocols on the tus endpoint share on the HTTP side: tus 1.0
-(:mod:`proxy.web.tus`) and the IETF draft (:mod:`proxy.web.resumable`) both create and
-write a :class:`~proxy.tus.service.TusService` upload, so both need the same route state
-(:data:`TUS`), the same guards (who may touch an upload), the same URL id, the same new
-upload from ``Upload-Metadata``, pre-create hook, content index and cleanup.
+"""What the protocols on the tus endpoint share on the HTTP side.
 
-Nothing here answers a request: the handlers that do are in those modules.
+tus 1.0 (:mod:`proxy.web.tus`, with its concatenation extension
+:mod:`proxy.web.tus_concat`) and the IETF draft (:mod:`proxy.web.resumable`) each create
+and write a :class:`~proxy.tus.service.TusService` upload that either can reach later, so
+they share the route state (:data:`TUS`), the guards (who may touch an upload), the URL
+id, the new upload made from ``Upload-Metadata``, the pre-create hook, writing a body,
+the content index, a completed upload's object, and DELETE (:func:`terminate`, the one
+handler here).  :func:`upload_headers` is tus's own, used by its core and concatenation.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from aiohttp import web
 from proxy.auth import Grant, Principal
 from proxy.config import TusConfig
 from proxy.engine.dedup import OWNER_METADATA as CONTENT_OWNER_METADATA
-from proxy.engine.pipeline import Body
 from proxy.errors import BadMetadata, Cancelled, NotFound, ProxyError, SignedUrlNotForTus
 from proxy.hooks.payload import HookRequest, HookUpload
 from proxy.storage.base import ObjectInfo
@@ -32,6 +33,7 @@ from proxy.tus import finished
 from proxy.tus.finished import OWNER_METADATA
 from proxy.tus.service import Checksum, NewUpload, TusService
 from proxy.tus.state import Lease, UploadInfo, new_id, release_quietly, storage_id, valid_id
+from proxy.web.errors import LOG_PATH
 from proxy.web.hookreq import hook_request
 from proxy.web.preflight import UPLOADS, authorize, request_client, streaming
 
@@ -71,9 +73,11 @@ def upload_id_of(request: web.Request) -> str:
     return storage_id(url_id)
 
 
-def body(request: web.Request) -> Body:
-    """The request's body as the upload service writes it."""
-    return request.app[UPLOADS].body(request)
+def log_by_storage_id(request: web.Request, base_path: str) -> None:
+    """Error lines name the upload by its storage id, never by the URL id (a secret)."""
+    url_id = request.match_info["id"]
+    shown = storage_id(url_id) if valid_id(url_id) else "<not an upload id>"
+    request[LOG_PATH] = base_path + shown
 
 
 # -- who may touch an upload ------------------------------------------------------------
@@ -230,7 +234,7 @@ async def pre_create(
     return new
 
 
-async def terminate_quietly(
+async def _terminate_quietly(
     svc: TusService, upload_id: str, why: ProxyError, client_ip: str
 ) -> None:
     """Remove a new upload whose creation failed (``why``), whatever its lease or expiry
@@ -248,25 +252,54 @@ async def terminate_quietly(
         log.warning("tus: could not remove the failed new upload %s: %s", upload_id, e)
 
 
-async def write_created(
-    request: web.Request, lease: Lease, client_ip: str, checksum: Checksum | None
+# -- writing ----------------------------------------------------------------------------
+
+
+async def write_body(
+    request: web.Request,
+    lease: Lease,
+    client_ip: str,
+    *,
+    checksum: Checksum | None = None,
+    complete_at_end: bool = False,
 ) -> UploadInfo:
-    """The body of a creation-with-upload, written to the new upload."""
-    svc = service(request)
-    streaming(request)  # the upload exists: its outcome is reported as an upload's
+    """The request's body onto the upload whose lease it holds (a tus PATCH, an IETF
+    append, a creation's body), in one of the client's upload slots.  The caller checked
+    that one is free (holding re-checks synchronously, so it cannot fail here) and, on a
+    refusal before this, released the lease; from here the request's outcome is reported
+    as an upload's."""
+    streaming(request)
+    with request.app[UPLOADS].slots.hold(client_ip):
+        return await service(request).write(
+            lease,
+            request.app[UPLOADS].body(request),
+            declared_bytes=request.content_length,
+            checksum=checksum,
+            client_ip=client_ip,
+            complete_at_end=complete_at_end,
+        )
+
+
+async def write_created(
+    request: web.Request,
+    lease: Lease,
+    client_ip: str,
+    *,
+    checksum: Checksum | None = None,
+    complete_at_end: bool = False,
+    announced: bool = False,
+) -> UploadInfo:
+    """The body of a creation, written to the new upload as :func:`write_body` does.
+    Should that fail, the upload goes, unless its URL was ``announced`` (an IETF ``104``):
+    without the creation's answer the client never learns the URL, nothing can resume it."""
     try:
-        with request.app[UPLOADS].slots.hold(client_ip):
-            return await svc.write(
-                lease,
-                body(request),
-                declared_bytes=request.content_length,
-                checksum=checksum,
-                client_ip=client_ip,
-            )
+        return await write_body(
+            request, lease, client_ip, checksum=checksum, complete_at_end=complete_at_end
+        )
     except BaseException as e:
-        # Without our answer the client never learns the URL: nothing can resume it.
-        why = e if isinstance(e, ProxyError) else Cancelled("the creation was cancelled")
-        await terminate_quietly(svc, lease.info.id, why, client_ip)
+        if not announced:
+            why = e if isinstance(e, ProxyError) else Cancelled("the creation was cancelled")
+            await _terminate_quietly(service(request), lease.info.id, why, client_ip)
         raise
 
 

@@ -78,7 +78,7 @@ async def create_partial(
             await svc.concat.abandon(new.group, new.id)
         raise
     if lease is not None:
-        info = await write_created(request, lease, client_ip, checksum)
+        info = await write_created(request, lease, client_ip, checksum=checksum)
     headers = {"Location": request.app[TUS].config.base_path + new.url_id}
     if with_body:
         headers.update(upload_headers(info))
