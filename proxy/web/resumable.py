@@ -82,7 +82,6 @@ from proxy.web.tus_common import (
     tus_hook_request,
     upload_id_of,
     write_body,
-    write_created,
 )
 from proxy.web.uploads import new_key, preflight_post, preflight_put, unreserved
 
@@ -318,8 +317,8 @@ async def _create(request: web.Request, key: str | None) -> web.StreamResponse:
     location = request.app[TUS].config.base_path + new.url_id
     announced = await _send_104(request, dialect, location)
     if lease is not None:
-        info = await write_created(
-            request, lease, client_ip, complete_at_end=complete, announced=announced
+        info = await write_body(
+            request, lease, client_ip, complete_at_end=complete, discard_on_failure=not announced
         )
         info = await indexed(request, info)
     elif complete and not info.completing:

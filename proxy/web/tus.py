@@ -62,7 +62,6 @@ from proxy.web.tus_common import (
     upload_headers,
     upload_id_of,
     write_body,
-    write_created,
 )
 
 log = logging.getLogger(__name__)
@@ -199,7 +198,9 @@ async def create(request: web.Request) -> web.StreamResponse:
             )
     svc.engine.hooks.notify("post-create", hook_upload(info), tus_hook_request(request, info.id))
     if lease is not None:
-        info = await write_created(request, lease, client_ip, checksum=checksum)
+        info = await write_body(
+            request, lease, client_ip, checksum=checksum, discard_on_failure=True
+        )
         info = await indexed(request, info)
     location = request.app[TUS].config.base_path + new.url_id
     headers = {"Location": location, **upload_headers(info)}

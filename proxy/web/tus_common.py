@@ -262,44 +262,33 @@ async def write_body(
     *,
     checksum: Checksum | None = None,
     complete_at_end: bool = False,
+    discard_on_failure: bool = False,
 ) -> UploadInfo:
     """The request's body onto the upload whose lease it holds (a tus PATCH, an IETF
     append, a creation's body), in one of the client's upload slots.  The caller checked
     that one is free (holding re-checks synchronously, so it cannot fail here) and, on a
     refusal before this, released the lease; from here the request's outcome is reported
-    as an upload's."""
+    as an upload's.
+
+    ``discard_on_failure``: the body of a creation whose client has not learnt the
+    upload's URL (no answer yet, no IETF ``104``): should the write fail, nothing could
+    resume the upload, so it goes."""
+    svc = service(request)
     streaming(request)
-    with request.app[UPLOADS].slots.hold(client_ip):
-        return await service(request).write(
-            lease,
-            request.app[UPLOADS].body(request),
-            declared_bytes=request.content_length,
-            checksum=checksum,
-            client_ip=client_ip,
-            complete_at_end=complete_at_end,
-        )
-
-
-async def write_created(
-    request: web.Request,
-    lease: Lease,
-    client_ip: str,
-    *,
-    checksum: Checksum | None = None,
-    complete_at_end: bool = False,
-    announced: bool = False,
-) -> UploadInfo:
-    """The body of a creation, written to the new upload as :func:`write_body` does.
-    Should that fail, the upload goes, unless its URL was ``announced`` (an IETF ``104``):
-    without the creation's answer the client never learns the URL, nothing can resume it."""
     try:
-        return await write_body(
-            request, lease, client_ip, checksum=checksum, complete_at_end=complete_at_end
-        )
+        with request.app[UPLOADS].slots.hold(client_ip):
+            return await svc.write(
+                lease,
+                request.app[UPLOADS].body(request),
+                declared_bytes=request.content_length,
+                checksum=checksum,
+                client_ip=client_ip,
+                complete_at_end=complete_at_end,
+            )
     except BaseException as e:
-        if not announced:
+        if discard_on_failure:
             why = e if isinstance(e, ProxyError) else Cancelled("the creation was cancelled")
-            await _terminate_quietly(service(request), lease.info.id, why, client_ip)
+            await _terminate_quietly(svc, lease.info.id, why, client_ip)
         raise
 
 

@@ -30,7 +30,7 @@ from proxy.web.tus_common import (
     pre_create,
     service,
     upload_headers,
-    write_created,
+    write_body,
 )
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,9 @@ async def create_partial(
             await svc.concat.abandon(new.group, new.id)
         raise
     if lease is not None:
-        info = await write_created(request, lease, client_ip, checksum=checksum)
+        info = await write_body(
+            request, lease, client_ip, checksum=checksum, discard_on_failure=True
+        )
     headers = {"Location": request.app[TUS].config.base_path + new.url_id}
     if with_body:
         headers.update(upload_headers(info))
