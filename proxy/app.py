@@ -4,7 +4,7 @@ made in ``cleanup_ctx`` once the store is open and set there as AppKeys.
 The composition root: the one module (with :mod:`proxy.server`) that wires the layers
 together.  Before the app starts there is a :class:`Runtime` (config, metrics, memory
 monitor, and what tests hand in); once it runs, the app holds ``STORAGE``,
-:data:`~proxy.web.preflight.UPLOADS`, :data:`~proxy.web.tus.TUS` and ``SWEEPER``.
+:data:`~proxy.web.preflight.UPLOADS`, :data:`~proxy.web.tus_common.TUS` and ``SWEEPER``.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ from proxy.web import uploads as http_uploads
 from proxy.web.errors import error_middleware, hide_server_banner
 from proxy.web.ops import OPS, Ops, Readiness, samplers_ctx
 from proxy.web.preflight import UPLOADS, Uploads, close_if_tapped
+from proxy.web.tus_common import TUS, TusRoutes
 
 
 @dataclass
@@ -171,7 +172,7 @@ async def _uploads_ctx(app: web.Application) -> AsyncIterator[None]:
         if not isinstance(storage, StateStore):
             raise StartupError("the storage backend cannot keep tus state: set tus.enabled = false")
         store = TusStore(storage, cfg.tus.state_prefix, cfg.tus.lock_lease_s)
-        app[tus.TUS] = tus.TusRoutes(cfg.tus, TusService(cfg.tus, engine, store))
+        app[TUS] = TusRoutes(cfg.tus, TusService(cfg.tus, engine, store))
         # Plain uploads may write neither the tus state nor where tus objects go (a key
         # squatted there before a tus upload completes would pass for its object).
         reserved = (cfg.tus.state_prefix, cfg.upload.key_prefix + cfg.tus.object_prefix)
@@ -252,7 +253,7 @@ async def _sweepers_ctx(app: web.Application) -> AsyncIterator[None]:
     cfg = app[RUNTIME].config
     uc = cfg.upload
     uploads = app[UPLOADS]
-    tus_routes = app.get(tus.TUS)
+    tus_routes = app.get(TUS)
     tasks: list[asyncio.Task[None]] = []
     if uc.stale_upload_after_s > 0:
 
@@ -307,7 +308,7 @@ def build_app(runtime: Runtime) -> web.Application:
         # IETF resumable uploads on the same endpoint (proxy/web/resumable.py).
         app.middlewares.append(resumable.middleware_for(cfg.tus.base_path))
     if cfg.page.enabled:
-        page.add_routes(app, cfg, page.verifier_for(cfg), lambda: app[tus.TUS].service)
+        page.add_routes(app, cfg, page.verifier_for(cfg), lambda: app[TUS].service)
     if cfg.downloads.enabled:
         item = cfg.tus.base_path + "{id}" if cfg.tus.enabled else None
         http_downloads.add_routes(app, item)

@@ -60,3 +60,33 @@ def test_no_test_reaches_into_the_storage_client() -> None:
             ):
                 reaching.append(f"{path.name}:{node.lineno}")
     assert reaching == []
+
+
+def test_no_module_imports_another_modules_private_names() -> None:
+    """What one module of the daemon shares with another is public (no underscore):
+    ``from proxy.x import _helper`` or ``x._helper`` from elsewhere is a private name
+    leaking into an API nobody chose."""
+    reaching = []
+    for path in PROXY.rglob("*.py"):
+        tree = ast.parse(path.read_text(), str(path))
+        modules = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("proxy"):
+                for alias in node.names:
+                    if alias.name.startswith("_") and not alias.name.startswith("__"):
+                        reaching.append(f"{path.relative_to(PROXY)}:{node.lineno} {alias.name}")
+                    modules.add(alias.asname or alias.name)
+            elif isinstance(node, ast.Import):
+                modules.update(a.asname or a.name for a in node.names if a.name.startswith("proxy"))
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+                and isinstance(node.value, ast.Name)
+                and node.value.id in modules
+            ):
+                reaching.append(
+                    f"{path.relative_to(PROXY)}:{node.lineno} {node.value.id}.{node.attr}"
+                )
+    assert reaching == []

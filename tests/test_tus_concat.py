@@ -31,7 +31,7 @@ from proxy.storage.base import CompletedPart
 from proxy.tus.concat import final_url_id
 from proxy.tus.maintenance import sweep_once
 from proxy.tus.state import TusStore
-from proxy.web.tus import TUS as TUS_ROUTES
+from proxy.web.tus_common import TUS as TUS_ROUTES
 
 from conftest import MiB, StartProxy, assert_nothing_left, data_path, get_object
 from obs_helpers import scrape, value

@@ -42,7 +42,7 @@ from proxy.tus.completion import MAX_COMPLETION_FAILURES
 from proxy.tus.maintenance import sweep_once
 from proxy.tus.service import quota_of
 from proxy.tus.state import Part, TusStore, UploadInfo
-from proxy.web import tus
+from proxy.web.tus_common import new_upload
 
 from conftest import MiB, StartProxy, assert_nothing_left, get_object, s3_for
 
@@ -249,7 +249,7 @@ async def test_a_writer_starts_no_part_once_its_lease_runs_out(
         store = TusStore(counting, f"{prefix}.tus/", lease_s, clock=lambda: now[0])
         svc = service_for(proxy, store)
         _, lease = await svc.create(
-            tus.new_upload(svc, "", 12 * MiB, ANONYMOUS, quota_of(ANONYMOUS, "127.0.0.1")),
+            new_upload(svc, "", 12 * MiB, ANONYMOUS, quota_of(ANONYMOUS, "127.0.0.1")),
             leased=True,
         )
         assert lease is not None

@@ -28,7 +28,7 @@ from tus_helpers import (
 )
 
 from proxy.tus.maintenance import sweep_once
-from proxy.web.tus import TUS as TUS_ROUTES
+from proxy.web.tus_common import TUS as TUS_ROUTES
 
 from conftest import MiB, assert_nothing_left, get_object
 

@@ -9,7 +9,7 @@
   usual JSON: 401 without a credential, 403 ``ERR_LINK_EXPIRED`` / ``ERR_LINK_REVOKED`` /
   ``ERR_BAD_SIGNATURE`` for a link that cannot be used.
 * :func:`file_place`: the link's terms at tus creation (size, type, file cap), used by
-  :mod:`proxy.web.tus`.
+  :mod:`proxy.web.tus` and :mod:`proxy.web.resumable`.
 
 Link grants themselves are checked by the authenticator (:mod:`proxy.auth`, with
 :class:`~proxy.links.LinkVerifier`) on every request; this module keeps its revocation
@@ -175,9 +175,10 @@ async def file_place(request: web.Request, grant: Grant, new: NewUpload) -> Asyn
     """Around a tus creation: with an upload link, check its terms and take one of its
     file places (given back if the creation fails); without one, nothing.
 
-    The object key is already inside the link's prefix (:func:`proxy.web.tus.new_upload`
-    puts it there; the file name cannot leave it).  A link with a size cap needs the
-    length up front, so that no PATCH can take the upload past it."""
+    The object key is already inside the link's prefix
+    (:func:`proxy.web.tus_common.new_upload` puts it there; the file name cannot leave
+    it).  A link with a size cap needs the length up front, so that no PATCH can take the
+    upload past it."""
     link = grant.link
     if link is None:
         yield

@@ -45,7 +45,6 @@ from proxy.auth import Grant
 from proxy.errors import (
     BadDigest,
     BadHeader,
-    Cancelled,
     CompletedUpload,
     InconsistentLength,
     InteropVersion,
@@ -59,33 +58,32 @@ from proxy.headers import ascii_uint
 from proxy.keys import full_key
 from proxy.tus.completion import hook_upload
 from proxy.tus.service import TusService, no_bytes, quota_of
-from proxy.tus.state import Lease, UploadInfo, release_quietly, storage_id, valid_id
+from proxy.tus.state import UploadInfo, release_quietly
 from proxy.web import page
-from proxy.web.errors import LOG_PATH
 from proxy.web.preflight import (
     UPLOADS,
     Handler,
     expected_digests,
     reported,
     request_client,
-    streaming,
 )
-from proxy.web.tus import (
+from proxy.web.tus_common import (
     SHA256_HEADER,
     TUS,
-    _chunks,
-    _guard,
-    _guard_body,
-    _head_finished,
-    _hook_request,
-    _indexed,
-    _pre_create,
-    _terminate_quietly,
-    _upload_id,
+    finished_upload,
+    guard,
+    guard_body,
+    indexed,
+    log_by_storage_id,
     new_upload,
+    pre_create,
+    service,
     terminate,
+    tus_hook_request,
+    upload_id_of,
+    write_body,
 )
-from proxy.web.uploads import _new_key, _preflight_post, _preflight_put, _unreserved
+from proxy.web.uploads import new_key, preflight_post, preflight_put, unreserved
 
 log = logging.getLogger(__name__)
 
@@ -165,12 +163,12 @@ def _repr_sha256(request: web.Request) -> str | None:
     return None if digest is None else digest.hex()
 
 
-def _repr_digest(sha256_hex: str) -> str:
-    return "sha-256=:" + base64.b64encode(bytes.fromhex(sha256_hex)).decode() + ":"
-
-
-def _svc(request: web.Request) -> TusService:
-    return request.app[TUS].service
+def _digest_headers(sha256_hex: str | None) -> dict[str, str]:
+    """A stored object's SHA-256, where known: ``Repr-Digest`` (RFC 9530) and ours."""
+    if not sha256_hex:
+        return {}
+    encoded = base64.b64encode(bytes.fromhex(sha256_hex)).decode()
+    return {"Repr-Digest": f"sha-256=:{encoded}:", SHA256_HEADER: sha256_hex}
 
 
 def _length(request: web.Request, complete: bool, offset: int, known: int | None) -> int | None:
@@ -216,7 +214,7 @@ def _answer(
     location: str | None = None,
 ) -> web.Response:
     """The answer to a creation or append: the upload's state, or its stored object."""
-    svc = _svc(request)
+    svc = service(request)
     complete = info.completing
     headers = {
         INTEROP_HEADER: str(dialect.version),
@@ -235,9 +233,8 @@ def _answer(
         "key": info.key,
         "size": info.offset,
     }
+    headers.update(_digest_headers(info.sha256_hex))
     if info.sha256_hex:
-        headers["Repr-Digest"] = _repr_digest(info.sha256_hex)
-        headers[SHA256_HEADER] = info.sha256_hex
         body["sha256"] = info.sha256_hex
     return web.json_response(body, status=status, headers=headers)
 
@@ -250,7 +247,7 @@ async def options(request: web.Request) -> web.Response:
     headers = {
         INTEROP_HEADER: str(dialect.version),
         "Accept-Patch": PARTIAL_UPLOAD,
-        **dialect.limits(_svc(request).max_size_bytes, None),
+        **dialect.limits(service(request).max_size_bytes, None),
     }
     return web.Response(status=204, headers=headers)
 
@@ -280,13 +277,13 @@ async def plain_create(request: web.Request, plain: Handler) -> web.StreamRespon
     if dialect.complete(request) is None or (post and request.content_type == FORM):
         return await plain(request)
     try:
-        pre = await (_preflight_post if post else _preflight_put)(request)
+        pre = await (preflight_post if post else preflight_put)(request)
     except ProxyError:
         return await plain(request)  # which refuses it the same way
     if pre.grant.via == "signed" or not pre.create_only or pre.source is not None:
         return await plain(request)
     filename = _disposition_filename(request.headers.get("Content-Disposition", ""))
-    key = _new_key(request.app[UPLOADS], pre.grant, filename) if post else pre.key
+    key = new_key(request.app[UPLOADS], pre.grant, filename) if post else pre.key
     assert key is not None
     return await reported(lambda r: _create(r, key))(request)
 
@@ -296,8 +293,8 @@ async def _create(request: web.Request, key: str | None) -> web.StreamResponse:
     complete = dialect.complete(request)
     if complete is None:
         raise BadHeader(f"an upload creation needs {dialect.completeness(False).popitem()[0]}")
-    grant = _guard_body(request)
-    svc = _svc(request)
+    grant = guard_body(request)
+    svc = service(request)
     client_ip = request_client(request).ip
     length = _length(request, complete, 0, None)
     if length is not None and length > svc.max_size_bytes:
@@ -309,27 +306,21 @@ async def _create(request: web.Request, key: str | None) -> web.StreamResponse:
     )
     new = replace(new, sha256=None, repr_sha256=_repr_sha256(request))
     if key is None:
-        new = await _pre_create(request, svc, new)
+        new = await pre_create(request, svc, new)
     else:
         new = replace(new, key=key, claims_key=True)
-        new = await _pre_create(request, svc, new, _put_key_place(request, grant))
+        new = await pre_create(request, svc, new, _put_key_place(request, grant))
     body = request.content_length != 0 and request.can_read_body
     async with page.file_place(request, grant, new):
         info, lease = await svc.create(new, leased=body and new.length != 0, client=client_ip)
-    svc.engine.hooks.notify("post-create", hook_upload(info), _hook_request(request, info.id))
+    svc.engine.hooks.notify("post-create", hook_upload(info), tus_hook_request(request, info.id))
     location = request.app[TUS].config.base_path + new.url_id
     announced = await _send_104(request, dialect, location)
     if lease is not None:
-        streaming(request)
-        try:
-            info = await _append(request, lease, client_ip, complete)
-        except BaseException as e:
-            if not announced:
-                # The client never learns the URL: nothing can resume it.
-                why = e if isinstance(e, ProxyError) else Cancelled("the creation was cancelled")
-                await _terminate_quietly(svc, info.id, why, client_ip)
-            raise
-        info = await _indexed(request, info)
+        info = await write_body(
+            request, lease, client_ip, complete_at_end=complete, discard_on_failure=not announced
+        )
+        info = await indexed(request, info)
     elif complete and not info.completing:
         info = await _complete_empty(request, svc, info.id, grant)
     log.info("ietf create id=%s key=%r interop=%d", info.id, info.key, dialect.version)
@@ -343,7 +334,7 @@ def _put_key_place(request: web.Request, grant: Grant) -> Callable[[str], str]:
 
     def place(key: str) -> str:
         grant.check_key(key)
-        return _unreserved(ctx, full_key(ctx.config.key_prefix, key))
+        return unreserved(ctx, full_key(ctx.config.key_prefix, key))
 
     return place
 
@@ -353,7 +344,7 @@ async def _send_104(request: web.Request, dialect: Dialect, location: str) -> bo
     config allows it (``tus.send_104``) and the client speaks HTTP/1.1."""
     if not request.app[TUS].config.send_104 or request.version < (1, 1):
         return False
-    svc = _svc(request)
+    svc = service(request)
     headers = {
         INTEROP_HEADER: str(dialect.version),
         "Location": location,
@@ -388,23 +379,21 @@ async def _complete_empty(
         client_ip=request_client(request).ip,
         complete_at_end=True,
     )
-    return await _indexed(request, info)
+    return await indexed(request, info)
 
 
 async def head(request: web.Request) -> web.Response:
     dialect = dialect_of(request)
-    grant = _guard(request)
-    svc, upload_id = _svc(request), _upload_id(request)
+    grant = guard(request)
+    svc, upload_id = service(request), upload_id_of(request)
     headers = {INTEROP_HEADER: str(dialect.version), "Cache-Control": "no-store"}
     try:
         info = await svc.store.get(upload_id, by=grant.principal)
     except NotFound:
-        done = await _head_finished(svc, upload_id, grant)
+        done = await finished_upload(svc, upload_id, grant)
         headers.update(dialect.completeness(True))
-        headers["Upload-Offset"] = headers["Upload-Length"] = done.headers["Upload-Length"]
-        if sha256 := done.headers.get(SHA256_HEADER):
-            headers["Repr-Digest"] = _repr_digest(sha256)
-            headers[SHA256_HEADER] = sha256
+        headers["Upload-Offset"] = headers["Upload-Length"] = str(done.size)
+        headers.update(_digest_headers(done.metadata.get("sha256")))
         return web.Response(status=204, headers=headers)
     headers["Upload-Offset"] = str(info.offset)
     headers.update(dialect.completeness(info.completing))
@@ -417,8 +406,8 @@ async def head(request: web.Request) -> web.Response:
 async def patch(request: web.Request) -> web.StreamResponse:
     """Upload append.  A body that breaks keeps what arrived (the tus layer's salvage)."""
     dialect = dialect_of(request)
-    grant = _guard_body(request)
-    svc, upload_id = _svc(request), _upload_id(request)
+    grant = guard_body(request)
+    svc, upload_id = service(request), upload_id_of(request)
     ctype = request.headers.get("Content-Type", "").split(";")[0].strip()
     if dialect.version >= 6 and ctype != PARTIAL_UPLOAD:
         raise WrongContentType(f"an append needs Content-Type: {PARTIAL_UPLOAD}")
@@ -439,7 +428,7 @@ async def patch(request: web.Request) -> web.StreamResponse:
     try:
         info = lease.info
         if info.completing and offset == info.offset:
-            info = await _indexed(request, await svc.resume_completion(lease, client_ip))
+            info = await indexed(request, await svc.resume_completion(lease, client_ip))
             return _answer(request, dialect, info, dialect.append_status(True))
         if offset != info.offset:
             raise MismatchingOffset(info.offset, offset)
@@ -458,9 +447,8 @@ async def patch(request: web.Request) -> web.StreamResponse:
     except BaseException:
         await release_quietly(lease)
         raise
-    streaming(request)
-    info = await _append(request, lease, client_ip, complete)
-    info = await _indexed(request, info)
+    info = await write_body(request, lease, client_ip, complete_at_end=complete)
+    info = await indexed(request, info)
     return _answer(request, dialect, info, dialect.append_status(info.completing))
 
 
@@ -475,8 +463,8 @@ async def _append_to_finished(
     """An append to an upload whose state is gone: if it completed (and is the caller's),
     an empty append at its end is answered as its completion was (the client lost that
     answer); anything else is refused with the draft's problem type."""
-    done = await _head_finished(svc, upload_id, grant)  # 404 unless the caller's
-    size = int(done.headers["Upload-Length"])
+    done = await finished_upload(svc, upload_id, grant)  # 404 unless the caller's
+    size = done.size
     if offset != size or request.content_length != 0:
         raise CompletedUpload("the upload is complete: nothing can be appended to it")
     headers = {
@@ -485,23 +473,8 @@ async def _append_to_finished(
         "Upload-Length": str(size),
         **dialect.completeness(True),
     }
-    if sha256 := done.headers.get(SHA256_HEADER):
-        headers["Repr-Digest"] = _repr_digest(sha256)
-        headers[SHA256_HEADER] = sha256
+    headers.update(_digest_headers(done.metadata.get("sha256")))
     return web.Response(status=dialect.append_status(True), headers=headers)
-
-
-async def _append(request: web.Request, lease: Lease, client_ip: str, complete: bool) -> UploadInfo:
-    """The request's body onto the upload it holds the lease of, in an upload slot."""
-    with request.app[UPLOADS].slots.hold(client_ip):
-        return await _svc(request).write(
-            lease,
-            _chunks(request),
-            declared_bytes=request.content_length,
-            checksum=None,
-            client_ip=client_ip,
-            complete_at_end=complete,
-        )
 
 
 async def delete(request: web.Request) -> web.Response:
@@ -535,10 +508,7 @@ def middleware_for(base_path: str) -> Middleware:
             return await plain_create(request, handler)
         elif request.path.startswith(base_path) and "id" in request.match_info:
             chosen = _ON_ITEM.get(request.method)
-            # Error lines name the upload by its storage id, never by the URL's secret id.
-            url_id = request.match_info["id"]
-            shown = storage_id(url_id) if valid_id(url_id) else "<not an upload id>"
-            request[LOG_PATH] = base_path + shown
+            log_by_storage_id(request, base_path)
         return await (handler if chosen is None else reported(chosen))(request)
 
     return ietf

@@ -1,6 +1,8 @@
 """tus 1.0.0 over HTTP: core (HEAD, PATCH, OPTIONS) and the extensions creation,
-creation-with-upload, creation-defer-length, termination, expiration, checksum and
-(where the store can copy parts) concatenation (:mod:`proxy.tus.concat`).
+creation-with-upload, creation-defer-length, termination, expiration and checksum.
+Concatenation (where the store can copy parts) is :mod:`proxy.web.tus_concat`; what tus
+shares with the IETF draft on this endpoint (guards, new uploads, DELETE) is
+:mod:`proxy.web.tus_common`.  tus takes bearer tokens, never signed URLs.
 
 Only headers and statuses live here; the upload lifecycle is :mod:`proxy.tus.service`,
 the state :mod:`proxy.tus.state`.  Errors are :class:`~proxy.errors.ProxyError`, rendered
@@ -13,57 +15,53 @@ answers about a completed upload carry ``Upload-SHA256`` (hex), the stored objec
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import binascii
-import email.utils
 import logging
-import re
-from collections.abc import Callable
-from dataclasses import dataclass, replace
-from urllib.parse import quote
+from dataclasses import replace
 
 from aiohttp import web
 
-from proxy.auth import Grant, Principal
+from proxy.auth import Grant
 from proxy.config import TusConfig
-from proxy.engine.dedup import OWNER_METADATA as CONTENT_OWNER_METADATA
-from proxy.engine.pipeline import Body
 from proxy.errors import (
-    BadConcat,
     BadHeader,
-    BadMetadata,
-    Cancelled,
     ChecksumAlgorithm,
-    FinalNotWritable,
     LengthRequired,
     NotFound,
     OffsetMismatch,
-    ProxyError,
-    SignedUrlNotForTus,
     TooLarge,
     TusVersion,
     WrongContentType,
 )
 from proxy.headers import ascii_uint
-from proxy.hooks.payload import HookRequest, HookUpload
-from proxy.tus import concat, finished
 from proxy.tus.completion import hook_upload
-from proxy.tus.finished import OWNER_METADATA
-from proxy.tus.service import Checksum, NewUpload, TusService, quota_of
-from proxy.tus.state import Lease, UploadInfo, new_id, release_quietly, storage_id, valid_id
-from proxy.web import page
-from proxy.web.errors import LOG_PATH
-from proxy.web.hookreq import hook_request
+from proxy.tus.concat import FINAL
+from proxy.tus.service import Checksum, TusService, quota_of
+from proxy.tus.state import release_quietly
+from proxy.web import page, tus_concat
 from proxy.web.preflight import (
     UPLOADS,
     Handler,
-    authorize,
     b64_digest,
     expect_with,
     reported,
     request_client,
-    streaming,
+)
+from proxy.web.tus_common import (
+    SHA256_HEADER,
+    TUS,
+    finished_upload,
+    guard,
+    guard_body,
+    indexed,
+    log_by_storage_id,
+    new_upload,
+    pre_create,
+    service,
+    terminate,
+    tus_hook_request,
+    upload_headers,
+    upload_id_of,
+    write_body,
 )
 
 log = logging.getLogger(__name__)
@@ -72,11 +70,6 @@ TUS_VERSION = "1.0.0"
 EXTENSIONS = "creation,creation-with-upload,creation-defer-length,termination,expiration,checksum"
 CHECKSUM_ALGORITHMS = {"sha1": 20, "md5": 16, "sha256": 32}
 OFFSET_CONTENT_TYPE = "application/offset+octet-stream"
-# Hex SHA-256 of the whole object, on answers about a complete(-ing) upload.
-SHA256_HEADER = "Upload-SHA256"
-MAX_METADATA_HEADER_BYTES = 8 * 1024
-# S3 allows 2 KiB of user metadata; keep room for our sha256 entry.
-MAX_OBJECT_METADATA_BYTES = 1800
 _ALLOW_HEADERS = (
     "Authorization, Origin, X-Requested-With, X-Request-ID, X-HTTP-Method-Override, "
     "Content-Type, Upload-Length, Upload-Offset, Tus-Resumable, Upload-Metadata, "
@@ -91,19 +84,6 @@ _EXPOSE_HEADERS = (
     "Upload-Draft-Interop-Version, Upload-Complete, Upload-Incomplete, Upload-Limit, Repr-Digest"
 )
 _ALLOW_METHODS = "POST, HEAD, PATCH, DELETE, OPTIONS"
-_METADATA_KEY_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_MIME_RE = re.compile(r"[A-Za-z0-9][\w.+-]*/[\w.+-]+(\s*;\s*[\w.+-]+=[\w.+\"-]+)*")
-
-
-@dataclass(frozen=True)
-class TusRoutes:
-    """What the tus handlers use (the app sets it once the store is open)."""
-
-    config: TusConfig
-    service: TusService
-
-
-TUS = web.AppKey("tus", TusRoutes)
 
 
 # -- header parsing ---------------------------------------------------------------------
@@ -126,90 +106,6 @@ def _non_negative(request: web.Request, name: str) -> int | None:
     return number
 
 
-def parse_metadata(header: str) -> dict[str, bytes]:
-    """``Upload-Metadata``: comma-separated ``key base64value`` (value optional), keys unique."""
-    if len(header) > MAX_METADATA_HEADER_BYTES:
-        raise BadMetadata("Upload-Metadata is too long")
-    out: dict[str, bytes] = {}
-    if not header.strip():
-        return out
-    for pair in header.split(","):
-        fields = pair.strip().split(" ")
-        key = fields[0]
-        if not key or len(fields) > 2 or not key.isascii() or not key.isprintable():
-            raise BadMetadata(f"malformed Upload-Metadata pair {pair.strip()!r}")
-        if key in out:
-            raise BadMetadata(f"Upload-Metadata key {key!r} repeated")
-        try:
-            out[key] = base64.b64decode(fields[1], validate=True) if len(fields) == 2 else b""
-        except (binascii.Error, ValueError):
-            raise BadMetadata(f"Upload-Metadata value of {key!r} is not base64") from None
-    return out
-
-
-def _header_safe(value: str) -> str:
-    """S3 metadata travels in HTTP headers: printable ASCII as is, the rest percent-encoded."""
-    if value.isascii() and value.isprintable() and "%" not in value:
-        return value
-    return quote(value, safe=" !\"#$&'()*+,-./:;<=>?@[]^_`{|}~")
-
-
-def new_upload(
-    ctx: TusService,
-    header: str,
-    length: int | None,
-    principal: Principal,
-    quota: str,
-    under: str = "",
-) -> NewUpload:
-    """Key (in the folder ``under``, an upload link's prefix), content type and object
-    metadata from ``Upload-Metadata``."""
-    meta = parse_metadata(header)
-    text = {k: v.decode("utf-8", errors="replace") for k, v in meta.items()}
-    filename = text.get("filename") or text.get("name")
-    ctype = text.get("filetype") or text.get("type") or ""
-    if not (_MIME_RE.fullmatch(ctype) and len(ctype) <= 255):
-        ctype = "application/octet-stream"
-    url_id = new_id()
-    upload_id = storage_id(url_id)
-    obj_meta = {
-        k.lower(): _header_safe(v) for k, v in text.items() if _METADATA_KEY_RE.fullmatch(k)
-    }
-    obj_meta["tus-id"] = upload_id
-    # Who stored it: instant uploads trust an object only for its owner (engine/dedup.py).
-    obj_meta[CONTENT_OWNER_METADATA] = str(principal)
-    sha256 = _declared_sha256(text.get("sha256"))
-    # Who may HEAD and download it once complete: the state, which says so until then,
-    # is gone by then.  A hash of the credential, never the credential.
-    obj_meta[OWNER_METADATA] = str(principal)
-    if sum(len(k) + len(v) for k, v in obj_meta.items()) > MAX_OBJECT_METADATA_BYTES:
-        raise BadMetadata(
-            f"Upload-Metadata exceeds the {MAX_OBJECT_METADATA_BYTES} bytes kept with the object"
-        )
-    return NewUpload(
-        id=upload_id,
-        url_id=url_id,
-        key=ctx.object_key(upload_id, filename, under=under),
-        content_type=ctype,
-        metadata_header=header.strip(),
-        object_metadata=obj_meta,
-        length=length,
-        filename=filename,
-        principal=principal,
-        quota=quota,
-        sha256=sha256,
-    )
-
-
-def _declared_sha256(value: str | None) -> str | None:
-    """``sha256`` in Upload-Metadata: the whole upload's SHA-256 as 64 hex digits."""
-    if value is None:
-        return None
-    if not re.fullmatch(r"[0-9a-fA-F]{64}", value):
-        raise BadMetadata("Upload-Metadata sha256 must be the upload's SHA-256 in 64 hex digits")
-    return value.lower()
-
-
 def _checksum(request: web.Request) -> Checksum | None:
     value = request.headers.get("Upload-Checksum")
     if value is None:
@@ -222,81 +118,29 @@ def _checksum(request: web.Request) -> Checksum | None:
     return Checksum(algorithm, digest)
 
 
-def _http_date(epoch_s: float) -> str:
-    return email.utils.formatdate(epoch_s, usegmt=True)
-
-
-def _upload_headers(info: UploadInfo) -> dict[str, str]:
-    headers = {"Upload-Offset": str(info.offset)}
-    if not info.completing:
-        headers["Upload-Expires"] = _http_date(info.expires_s)
-    elif info.sha256_hex:
-        # Proxy-specific: the completing PATCH has no body to answer with, and the state
-        # is gone right after it, so this header is how a client verifies end to end.
-        headers[SHA256_HEADER] = info.sha256_hex
-    return headers
-
-
-def _chunks(request: web.Request) -> Body:
-    return request.app[UPLOADS].body(request)
-
-
 # -- handlers ---------------------------------------------------------------------------
 
 
-def _guard(request: web.Request) -> Grant:
-    """Who may touch tus uploads: the same credentials as plain uploads, checked before
-    any body byte.  Signed URLs are bound to one method and one key, which tus (POST,
-    then PATCHes to a URL we choose) cannot honour: tus takes bearer tokens.
-
-    Whose upload: the grant's principal is recorded at creation, and every later request
-    (HEAD, PATCH, DELETE, the method-override POST) passes it to the state store, which
-    answers someone else's upload with the 404 of an unknown id (``TusStore._load_for``).
-    With auth off every request is "anonymous": whoever holds the id may touch it."""
-    grant = authorize(request)
-    if grant.via == "signed":
-        raise SignedUrlNotForTus("signed URLs are for /uploads; tus uploads take a bearer token")
-    return grant
-
-
-def _guard_body(request: web.Request) -> Grant:
-    """As :func:`_guard`, for requests that carry a body: also memory admission."""
-    grant = _guard(request)
-    request.app[UPLOADS].admit()
-    return grant
-
-
 async def _guard_create(request: web.Request) -> Grant:
-    """As :func:`_guard_body`, for a creation: also the cap on unfinished uploads, which
-    the headers decide (so a 429 comes before ``100 Continue``, not after the body)."""
-    grant = _guard_body(request)
-    await _svc(request).check_quota(quota_of(grant.principal, request_client(request).ip))
+    """As :func:`~proxy.web.tus_common.guard_body`, for a creation: also the cap on
+    unfinished uploads, which the headers decide (so a 429 comes before ``100 Continue``,
+    not after the body)."""
+    grant = guard_body(request)
+    await service(request).check_quota(quota_of(grant.principal, request_client(request).ip))
     return grant
 
 
 async def _expect(request: web.Request) -> web.StreamResponse | None:
-    return await expect_with(request, _guard_body)
+    return await expect_with(request, guard_body)
 
 
 async def _expect_create(request: web.Request) -> web.StreamResponse | None:
     return await expect_with(request, _guard_create)
 
 
-def _svc(request: web.Request) -> TusService:
-    return request.app[TUS].service
-
-
-def _upload_id(request: web.Request) -> str:
-    """The storage id of the upload the URL names (see :func:`storage_id`)."""
-    url_id = request.match_info["id"]
-    if not valid_id(url_id):
-        raise NotFound("no such upload")
-    return storage_id(url_id)
-
-
 def _extensions(request: web.Request) -> str:
     """Concatenation only where the store can do what it needs (copy parts, ranged reads)."""
-    return EXTENSIONS + (",concatenation" if _svc(request).concat.supported else "")
+    return EXTENSIONS + ("," + tus_concat.EXTENSION if service(request).concat.supported else "")
 
 
 async def options(request: web.Request) -> web.Response:
@@ -317,24 +161,16 @@ async def options(request: web.Request) -> web.Response:
 
 async def create(request: web.Request) -> web.StreamResponse:
     _check_version(request)
-    grant = _guard_body(request)
-    svc = _svc(request)
+    grant = guard_body(request)
+    svc = service(request)
     client_ip = request_client(request).ip
     length = _non_negative(request, "Upload-Length")
     defer = request.headers.get("Upload-Defer-Length")
     if defer is not None and (defer != "1" or length is not None):
         raise BadHeader("Upload-Defer-Length must be 1, and only without Upload-Length")
-    cat = concat.parse_header(request.headers.get(concat.HEADER), request.app[TUS].config.base_path)
-    if cat is not None and not svc.concat.supported:
-        raise BadHeader("this server's store cannot concatenate uploads")
-    if cat is not None and grant.link is not None:
-        # A link's caps (file size, file count) are per file: the final's size is known
-        # only from its partials, after they were taken.  Links upload files whole.
-        raise BadConcat("upload links do not take parallel (concatenated) uploads")
-    if cat is not None and cat.kind == concat.FINAL:
-        return await _create_final(request, grant, cat)
-    if cat is not None and length is None:
-        raise LengthRequired("a partial upload needs its Upload-Length")
+    cat = tus_concat.requested(request, grant, length)
+    if cat is not None and cat.kind == FINAL:
+        return await tus_concat.create_final(request, grant, cat)
     if length is None and defer is None:
         raise LengthRequired("Upload-Length or Upload-Defer-Length: 1 is required")
     if length is not None and length > svc.max_size_bytes:
@@ -347,12 +183,9 @@ async def create(request: web.Request) -> web.StreamResponse:
     quota = quota_of(grant.principal, client_ip)
     header = request.headers.get("Upload-Metadata", "")
     new = new_upload(svc, header, length, grant.principal, quota, grant.prefix or "")
-    if cat is not None:
-        # Its first await: partials are ranked in the order they arrive (proxy.tus.concat).
-        async with svc.concat.arrival(quota, new.metadata_header, grant.prefix or ""):
-            new = await _place_partial(svc, new, grant)
-        return await _create_partial(request, svc, new, with_body, declared, checksum)
-    new = await _pre_create(request, svc, new)
+    if cat is not None:  # no await before this: see tus_concat.create_partial
+        return await tus_concat.create_partial(request, grant, new, with_body, checksum)
+    new = await pre_create(request, svc, new)
     dedup = request.app[UPLOADS].dedup
     async with page.file_place(request, grant, new):
         instant = None if dedup is None else await svc.create_copied(new, dedup, client_ip)
@@ -363,13 +196,14 @@ async def create(request: web.Request) -> web.StreamResponse:
             info, lease = await svc.create(
                 new, leased=with_body and new.length != 0, client=client_ip
             )
-    svc.engine.hooks.notify("post-create", hook_upload(info), _hook_request(request, info.id))
+    svc.engine.hooks.notify("post-create", hook_upload(info), tus_hook_request(request, info.id))
     if lease is not None:
-        info = await _indexed(
-            request, await _write_created(request, svc, lease, declared, checksum, client_ip)
+        info = await write_body(
+            request, lease, client_ip, checksum=checksum, discard_on_failure=True
         )
+        info = await indexed(request, info)
     location = request.app[TUS].config.base_path + new.url_id
-    headers = {"Location": location, **_upload_headers(info)}
+    headers = {"Location": location, **upload_headers(info)}
     if not with_body and instant is None:
         headers.pop("Upload-Offset")
     log.info(
@@ -381,182 +215,28 @@ async def create(request: web.Request) -> web.StreamResponse:
     return web.Response(status=201, headers=headers)
 
 
-async def _place_partial(svc: TusService, new: NewUpload, grant: Grant) -> NewUpload:
-    meta = {k: v for k, v in new.object_metadata.items() if k != "tus-id"}
-    assert new.length is not None
-    where = await svc.concat.place(
-        new.url_id, new.id, new.length, new.quota, new.metadata_header, grant.prefix or "", meta
-    )
-    return replace(
-        new,
-        key=where.key,
-        concat=concat.PARTIAL,
-        multipart_id=where.multipart_id,
-        group=where.group,
-        part_base=where.part_base,
-    )
-
-
-async def _create_partial(
-    request: web.Request,
-    svc: TusService,
-    new: NewUpload,
-    with_body: bool,
-    declared: int | None,
-    checksum: Checksum | None,
-) -> web.StreamResponse:
-    """A partial upload: a tus upload whose bytes a final upload will take (no hooks, no
-    instant upload, no file place of an upload link: the final is the file)."""
-    client_ip = request_client(request).ip
-    try:
-        info, lease = await svc.create(new, leased=with_body and new.length != 0, client=client_ip)
-    except BaseException:
-        if new.group:
-            await svc.concat.abandon(new.group, new.id)
-        raise
-    if lease is not None:
-        info = await _write_created(request, svc, lease, declared, checksum, client_ip)
-    headers = {"Location": request.app[TUS].config.base_path + new.url_id}
-    if with_body:
-        headers.update(_upload_headers(info))
-    log.info("tus create partial id=%s length=%s group=%s", info.id, info.length, info.group or "-")
-    return web.Response(status=201, headers=headers)
-
-
-async def _create_final(
-    request: web.Request, grant: Grant, cat: concat.ConcatHeader
-) -> web.StreamResponse:
-    """A final upload: made at once from its finished partials (no body, no length)."""
-    svc = _svc(request)
-    if "Upload-Length" in request.headers or request.content_length:
-        raise BadConcat("a final upload takes neither Upload-Length nor a body")
-    client_ip = request_client(request).ip
-    quota = quota_of(grant.principal, client_ip)
-    header = request.headers.get("Upload-Metadata", "")
-    new = new_upload(svc, header, None, grant.principal, quota, grant.prefix or "")
-    new = await _pre_create(request, svc, new)
-    # (Upload links, whose file places file_place takes, were refused in create.)
-    url_id, info = await svc.concat.finalize(
-        cat, svc.info_of(new), new.url_id, by=grant.principal, client=client_ip
-    )
-    info = await _indexed(request, info)
-    headers = {
-        "Location": request.app[TUS].config.base_path + url_id,
-        **_upload_headers(info),
-        "Upload-Length": str(info.offset),
-    }
-    return web.Response(status=201, headers=headers)
-
-
-async def _write_created(
-    request: web.Request,
-    svc: TusService,
-    lease: Lease,
-    declared: int | None,
-    checksum: Checksum | None,
-    client_ip: str,
-) -> UploadInfo:
-    """The body of a creation-with-upload, written to the new upload."""
-    streaming(request)  # the upload exists: its outcome is reported as an upload's
-    try:
-        with request.app[UPLOADS].slots.hold(client_ip):
-            return await svc.write(
-                lease,
-                _chunks(request),
-                declared_bytes=declared,
-                checksum=checksum,
-                client_ip=client_ip,
-            )
-    except BaseException as e:
-        # Without our answer the client never learns the URL: nothing can resume it.
-        why = e if isinstance(e, ProxyError) else Cancelled("the creation was cancelled")
-        await _terminate_quietly(svc, lease.info.id, why, client_ip)
-        raise
-
-
-def _hook_request(request: web.Request, upload_id: str) -> HookRequest:
-    """The request as a hook sees it: the URL id (the upload's secret) never leaves us;
-    the path names the upload by its storage id, as Upload.ID does."""
-    base = request.app[TUS].config.base_path
-    return hook_request(request, path=base + upload_id)
-
-
-async def _pre_create(
-    request: web.Request,
-    svc: TusService,
-    new: NewUpload,
-    place: Callable[[str], str] | None = None,
-) -> NewUpload:
-    """The pre-create hook's verdict: refused (raises), or the new upload with the object
-    name (inside the upload's folder, see TusService.object_key; ``place`` maps the hook's
-    key to the object's otherwise) and metadata it chose."""
-    hooks = svc.engine.hooks
-    if not hooks.wants("pre-create"):
-        return new
-    meta = {k: v for k, v in new.object_metadata.items() if k != "tus-id"}
-    reply = await hooks.blocking(
-        "pre-create",
-        HookUpload("tus", new.id, new.key, new.length, 0, meta, principal=str(new.principal)),
-        _hook_request(request, new.id),
-    )
-    if reply.new_key is not None:
-        if place is None:
-            key = svc.object_key(new.id, new.filename, reply.new_key)
-        else:
-            key = place(reply.new_key)
-        new = replace(new, key=key)
-    if reply.new_metadata is not None:
-        obj_meta = {
-            k.lower(): _header_safe(v)
-            for k, v in reply.new_metadata.items()
-            if _METADATA_KEY_RE.fullmatch(k)
-        }
-        obj_meta["tus-id"] = new.id
-        new = replace(new, object_metadata=obj_meta)
-    return new
-
-
-async def _terminate_quietly(
-    svc: TusService, upload_id: str, why: ProxyError, client_ip: str
-) -> None:
-    async def go() -> None:
-        lease = await svc.store.acquire(upload_id, by=None, allow_expired=True)
-        await svc.terminate(lease, why=why, client=client_ip)
-
-    try:
-        await asyncio.shield(asyncio.wait_for(go(), 30))
-    except asyncio.CancelledError:
-        raise
-    except Exception as e:
-        log.warning("tus: could not remove the failed new upload %s: %s", upload_id, e)
-
-
 async def head(request: web.Request) -> web.Response:
     _check_version(request)
-    grant = _guard(request)
-    svc, upload_id = _svc(request), _upload_id(request)
+    grant = guard(request)
+    svc, upload_id = service(request), upload_id_of(request)
     try:
         info = await svc.store.get(upload_id, by=grant.principal)
     except NotFound:
         return await _head_finished(svc, upload_id, grant)
-    headers = {**_upload_headers(info), "Cache-Control": "no-store"}
+    headers = {**upload_headers(info), "Cache-Control": "no-store"}
     if info.length is None:
         headers["Upload-Defer-Length"] = "1"
     else:
         headers["Upload-Length"] = str(info.length)
     if info.metadata_header:
         headers["Upload-Metadata"] = info.metadata_header
-    if info.concat:
-        headers[concat.HEADER] = concat.PARTIAL
+    headers.update(tus_concat.state_headers(info))
     return web.Response(status=200, headers=headers)
 
 
 async def _head_finished(svc: TusService, upload_id: str, grant: Grant) -> web.Response:
     """HEAD of a completed upload (its state is gone): its object answers, to its owner."""
-    folder = svc.object_key(upload_id, None, "", under=grant.prefix or "")
-    obj = await finished.find(svc.storage, folder, upload_id)
-    if obj is None or not finished.owned_by(obj, grant.principal):
-        raise NotFound("no such upload")
+    obj = await finished_upload(svc, upload_id, grant)
     headers = {
         "Upload-Offset": str(obj.size),
         "Upload-Length": str(obj.size),
@@ -564,17 +244,15 @@ async def _head_finished(svc: TusService, upload_id: str, grant: Grant) -> web.R
     }
     if sha256 := obj.metadata.get("sha256"):
         headers[SHA256_HEADER] = sha256
-    if obj.metadata.get(concat.CONCAT_METADATA) == concat.FINAL:
-        # The partials' URLs are secrets kept nowhere: the list cannot be echoed.
-        headers[concat.HEADER] = concat.FINAL
+    headers.update(tus_concat.object_headers(obj))
     return web.Response(status=200, headers=headers)
 
 
 async def patch(request: web.Request) -> web.Response:
     _check_version(request)
-    grant = _guard_body(request)
-    svc = _svc(request)
-    upload_id = _upload_id(request)
+    grant = guard_body(request)
+    svc = service(request)
+    upload_id = upload_id_of(request)
     ctype = request.headers.get("Content-Type", "").split(";")[0].strip()
     if ctype != OFFSET_CONTENT_TYPE:
         raise WrongContentType(f"PATCH needs Content-Type: {OFFSET_CONTENT_TYPE}")
@@ -586,14 +264,14 @@ async def patch(request: web.Request) -> web.Response:
     try:
         lease = await svc.store.acquire(upload_id, by=grant.principal)
     except NotFound:
-        await _refuse_final(svc, upload_id, grant)
+        await tus_concat.refuse_final(svc, upload_id, grant)
         raise
     try:
         info = lease.info
         if info.completing and offset == info.offset:
             info = await svc.resume_completion(lease, request_client(request).ip)
-            info = await _indexed(request, info)
-            return web.Response(status=204, headers=_upload_headers(info))
+            info = await indexed(request, info)
+            return web.Response(status=204, headers=upload_headers(info))
         if offset != info.offset:
             raise OffsetMismatch(
                 f"Upload-Offset {offset} does not match the upload's offset {info.offset}"
@@ -616,50 +294,14 @@ async def patch(request: web.Request) -> web.Response:
     except BaseException:
         await release_quietly(lease)
         raise
-    # The slot check ran (and would have released the lease) above; hold re-checks
-    # synchronously, so it cannot fail here.
-    streaming(request)
-    with request.app[UPLOADS].slots.hold(client_ip):
-        info = await svc.write(
-            lease, _chunks(request), declared_bytes=declared, checksum=checksum, client_ip=client_ip
-        )
-    info = await _indexed(request, info)
-    return web.Response(status=204, headers=_upload_headers(info))
-
-
-async def _refuse_final(svc: TusService, upload_id: str, grant: Grant) -> None:
-    """A PATCH to one's own final upload is a 403 (tus), not the 404 of a finished one."""
-    folder = svc.object_key(upload_id, None, "", under=grant.prefix or "")
-    obj = await finished.find(svc.storage, folder, upload_id)
-    if obj is not None and finished.owned_by(obj, grant.principal):
-        if obj.metadata.get(concat.CONCAT_METADATA) == concat.FINAL:
-            raise FinalNotWritable("a final upload is made of its partial uploads: no PATCH")
-
-
-async def _indexed(request: web.Request, info: UploadInfo) -> UploadInfo:
-    """A completed upload's content goes into the content index (instant uploads)."""
-    dedup = request.app[UPLOADS].dedup
-    if dedup is not None and info.completing and info.sha256_hex:
-        await dedup.record(info.principal, info.key, info.offset, info.sha256_hex)
-    return info
+    info = await write_body(request, lease, client_ip, checksum=checksum)
+    info = await indexed(request, info)
+    return web.Response(status=204, headers=upload_headers(info))
 
 
 async def delete(request: web.Request) -> web.Response:
     _check_version(request)
     return await terminate(request)
-
-
-async def terminate(request: web.Request) -> web.Response:
-    """DELETE of an upload, after the protocol's own checks (tus and the IETF draft)."""
-    grant = _guard(request)
-    svc = _svc(request)
-    lease = await svc.store.acquire(_upload_id(request), by=grant.principal, allow_expired=True)
-    try:
-        await svc.terminate(lease, client=request_client(request).ip)
-    except BaseException:
-        await release_quietly(lease)
-        raise
-    return web.Response(status=204)
 
 
 async def method_override(request: web.Request) -> web.StreamResponse:
@@ -700,12 +342,10 @@ async def _on_prepare(request: web.Request, response: web.StreamResponse) -> Non
 
 
 def _redacted(handler: Handler, base_path: str) -> Handler:
-    """Error lines name the upload by its storage id, never by the URL id (a secret)."""
+    """``handler``, its error lines naming the upload by its storage id."""
 
     async def wrapped(request: web.Request) -> web.StreamResponse:
-        url_id = request.match_info["id"]
-        shown = storage_id(url_id) if valid_id(url_id) else "<not an upload id>"
-        request[LOG_PATH] = base_path + shown
+        log_by_storage_id(request, base_path)
         return await handler(request)
 
     return wrapped

@@ -119,9 +119,11 @@ def _preflight(
 
 
 @_preflight
-async def _preflight_put(request: web.Request, ctx: Uploads, grant: Grant) -> Preflight:
+async def preflight_put(request: web.Request, ctx: Uploads, grant: Grant) -> Preflight:
+    """``PUT /uploads/{key}``'s checks before its body (raises the refusal), once per
+    request; also what a resumable PUT (proxy.web.resumable) must pass first."""
     client_key = request.match_info["key"]
-    key = _unreserved(ctx, full_key(ctx.config.key_prefix, client_key))
+    key = unreserved(ctx, full_key(ctx.config.key_prefix, client_key))
     grant.check_key(client_key)
     limit = grant.limit(ctx.config.max_upload_size_bytes)
     size = _declared_size(request, limit)
@@ -213,7 +215,9 @@ def _owned(grant: Grant) -> dict[str, str]:
 
 
 @_preflight
-async def _preflight_post(request: web.Request, ctx: Uploads, grant: Grant) -> Preflight:
+async def preflight_post(request: web.Request, ctx: Uploads, grant: Grant) -> Preflight:
+    """``POST /uploads``'s checks before its body (raises the refusal), once per request;
+    also what a resumable POST (proxy.web.resumable) must pass first."""
     grant.check_generated()
     limit = grant.limit(ctx.config.max_upload_size_bytes)
     size = _declared_size(request, limit)
@@ -230,13 +234,13 @@ async def expect_put(request: web.Request) -> web.StreamResponse | None:
     upload is answered here, before the client is told to send its body."""
 
     async def check(request: web.Request) -> web.Response | None:
-        return await _instant(request, await _preflight_put(request))
+        return await _instant(request, await preflight_put(request))
 
     return await expect_with(request, check)
 
 
 async def expect_post(request: web.Request) -> web.StreamResponse | None:
-    return await expect_with(request, _preflight_post)
+    return await expect_with(request, preflight_post)
 
 
 async def _stream_one(
@@ -344,7 +348,7 @@ async def _pre_create(
     )
     if reply.new_key is not None:
         grant.check_key(reply.new_key)
-        spec = replace(spec, key=_unreserved(ctx, full_key(ctx.config.key_prefix, reply.new_key)))
+        spec = replace(spec, key=unreserved(ctx, full_key(ctx.config.key_prefix, reply.new_key)))
     if reply.new_metadata is not None:
         spec = replace(
             spec, metadata={_ascii(k).lower(): _ascii(v) for k, v in reply.new_metadata.items()}
@@ -381,7 +385,7 @@ def _result_json(ctx: Uploads, r: StreamResult, **extra: Any) -> dict[str, Any]:
 
 async def put_upload(request: web.Request) -> web.StreamResponse:
     ctx = request.app[UPLOADS]
-    pre = await _preflight_put(request)
+    pre = await preflight_put(request)
     assert pre.key is not None
     if (instant := await _instant(request, pre)) is not None:
         # The body is not read: aiohttp drops what arrives of it for lingering_time_s,
@@ -401,7 +405,7 @@ async def put_upload(request: web.Request) -> web.StreamResponse:
     return web.json_response(_result_json(ctx, result), status=201)
 
 
-def _new_key(ctx: Uploads, grant: Grant, filename: str | None) -> str:
+def new_key(ctx: Uploads, grant: Grant, filename: str | None) -> str:
     """A generated key (upload.key_template, or a random id and the extension), under the
     signed prefix when there is one (validated like any key)."""
     prefix = grant.prefix or ""
@@ -411,10 +415,12 @@ def _new_key(ctx: Uploads, grant: Grant, filename: str | None) -> str:
         )
     else:
         relative = prefix + generated_key("", filename)
-    return _unreserved(ctx, full_key(ctx.config.key_prefix, relative))
+    return unreserved(ctx, full_key(ctx.config.key_prefix, relative))
 
 
-def _unreserved(ctx: Uploads, key: str) -> str:
+def unreserved(ctx: Uploads, key: str) -> str:
+    """``key`` (a full object key) unless it lies under a prefix the proxy keeps for its
+    own objects (``InvalidKey``): every key a client or a hook names passes here."""
     # The folder name itself too: on some stores an object "x" and a folder "x/" exclude
     # each other, so an object there could block the proxy's own writes.
     if key.startswith(ctx.reserved_prefixes) or any(
@@ -426,13 +432,13 @@ def _unreserved(ctx: Uploads, key: str) -> str:
 
 async def post_upload(request: web.Request) -> web.StreamResponse:
     ctx = request.app[UPLOADS]
-    pre = await _preflight_post(request)
+    pre = await preflight_post(request)
     with ctx.slots.hold(pre.client.ip):
         if request.content_type == "multipart/form-data":
             return await _post_form(request, ctx, pre)
         filename = _disposition_filename(request)
         spec = UploadSpec(
-            key=_new_key(ctx, pre.grant, filename),
+            key=new_key(ctx, pre.grant, filename),
             max_size_bytes=pre.limit_bytes,
             declared_size=pre.size,
             content_type=_content_type(request),
@@ -490,7 +496,7 @@ async def _post_form(request: web.Request, ctx: Uploads, pre: Preflight) -> web.
             ctx.policy.check(part.headers.get("Content-Type"), part.filename)
             used = sum(int(s["size"]) for s in stored)
             spec = UploadSpec(
-                key=_new_key(ctx, pre.grant, part.filename),
+                key=new_key(ctx, pre.grant, part.filename),
                 max_size_bytes=limit - used,
                 content_type=part.headers.get("Content-Type", "application/octet-stream"),
                 metadata={"filename": _ascii(part.filename), **_owned(pre.grant)},
