@@ -59,29 +59,13 @@ from proxy.keys import full_key
 from proxy.tus.completion import hook_upload
 from proxy.tus.service import TusService, no_bytes, quota_of
 from proxy.tus.state import UploadInfo, release_quietly
-from proxy.web import page
+from proxy.web import page, tus_common
 from proxy.web.preflight import (
     UPLOADS,
     Handler,
     expected_digests,
     reported,
     request_client,
-)
-from proxy.web.tus_common import (
-    SHA256_HEADER,
-    TUS,
-    finished_upload,
-    guard,
-    guard_body,
-    indexed,
-    log_by_storage_id,
-    new_upload,
-    pre_create,
-    service,
-    terminate,
-    tus_hook_request,
-    upload_id_of,
-    write_body,
 )
 from proxy.web.uploads import new_key, preflight_post, preflight_put, unreserved
 
@@ -168,7 +152,7 @@ def _digest_headers(sha256_hex: str | None) -> dict[str, str]:
     if not sha256_hex:
         return {}
     encoded = base64.b64encode(bytes.fromhex(sha256_hex)).decode()
-    return {"Repr-Digest": f"sha-256=:{encoded}:", SHA256_HEADER: sha256_hex}
+    return {"Repr-Digest": f"sha-256=:{encoded}:", tus_common.SHA256_HEADER: sha256_hex}
 
 
 def _length(request: web.Request, complete: bool, offset: int, known: int | None) -> int | None:
@@ -214,7 +198,7 @@ def _answer(
     location: str | None = None,
 ) -> web.Response:
     """The answer to a creation or append: the upload's state, or its stored object."""
-    svc = service(request)
+    svc = tus_common.service(request)
     complete = info.completing
     headers = {
         INTEROP_HEADER: str(dialect.version),
@@ -247,7 +231,7 @@ async def options(request: web.Request) -> web.Response:
     headers = {
         INTEROP_HEADER: str(dialect.version),
         "Accept-Patch": PARTIAL_UPLOAD,
-        **dialect.limits(service(request).max_size_bytes, None),
+        **dialect.limits(tus_common.service(request).max_size_bytes, None),
     }
     return web.Response(status=204, headers=headers)
 
@@ -267,7 +251,7 @@ async def plain_create(request: web.Request, plain: Handler) -> web.StreamRespon
     where a resumable upload cannot honour the request: a signed URL (bound to this one
     request), an overwrite (tus completes create-only), an instant upload (no body
     needed), a form (several files), or an interop version we do not speak."""
-    if INTEROP_HEADER not in request.headers or TUS not in request.app:
+    if INTEROP_HEADER not in request.headers or tus_common.TUS not in request.app:
         return await plain(request)
     try:
         dialect = dialect_of(request)
@@ -293,34 +277,36 @@ async def _create(request: web.Request, key: str | None) -> web.StreamResponse:
     complete = dialect.complete(request)
     if complete is None:
         raise BadHeader(f"an upload creation needs {dialect.completeness(False).popitem()[0]}")
-    grant = guard_body(request)
-    svc = service(request)
+    grant = tus_common.guard_body(request)
+    svc = tus_common.service(request)
     client_ip = request_client(request).ip
     length = _length(request, complete, 0, None)
     if length is not None and length > svc.max_size_bytes:
         raise TooLarge(f"the upload's length exceeds the limit of {svc.max_size_bytes} bytes")
     quota = quota_of(grant.principal, client_ip)
     await svc.check_quota(quota)
-    new = new_upload(
+    new = tus_common.new_upload(
         svc, _metadata_header(request), length, grant.principal, quota, grant.prefix or ""
     )
     new = replace(new, sha256=None, repr_sha256=_repr_sha256(request))
     if key is None:
-        new = await pre_create(request, svc, new)
+        new = await tus_common.pre_create(request, svc, new)
     else:
         new = replace(new, key=key, claims_key=True)
-        new = await pre_create(request, svc, new, _put_key_place(request, grant))
+        new = await tus_common.pre_create(request, svc, new, _put_key_place(request, grant))
     body = request.content_length != 0 and request.can_read_body
     async with page.file_place(request, grant, new):
         info, lease = await svc.create(new, leased=body and new.length != 0, client=client_ip)
-    svc.engine.hooks.notify("post-create", hook_upload(info), tus_hook_request(request, info.id))
-    location = request.app[TUS].config.base_path + new.url_id
+    svc.engine.hooks.notify(
+        "post-create", hook_upload(info), tus_common.tus_hook_request(request, info.id)
+    )
+    location = request.app[tus_common.TUS].config.base_path + new.url_id
     announced = await _send_104(request, dialect, location)
     if lease is not None:
-        info = await write_body(
+        info = await tus_common.write_body(
             request, lease, client_ip, complete_at_end=complete, discard_on_failure=not announced
         )
-        info = await indexed(request, info)
+        info = await tus_common.indexed(request, info)
     elif complete and not info.completing:
         info = await _complete_empty(request, svc, info.id, grant)
     log.info("ietf create id=%s key=%r interop=%d", info.id, info.key, dialect.version)
@@ -342,9 +328,9 @@ def _put_key_place(request: web.Request, grant: Grant) -> Callable[[str], str]:
 async def _send_104(request: web.Request, dialect: Dialect, location: str) -> bool:
     """The interim ``104 Upload Resumption Supported`` with the upload's URL, when the
     config allows it (``tus.send_104``) and the client speaks HTTP/1.1."""
-    if not request.app[TUS].config.send_104 or request.version < (1, 1):
+    if not request.app[tus_common.TUS].config.send_104 or request.version < (1, 1):
         return False
-    svc = service(request)
+    svc = tus_common.service(request)
     headers = {
         INTEROP_HEADER: str(dialect.version),
         "Location": location,
@@ -379,18 +365,18 @@ async def _complete_empty(
         client_ip=request_client(request).ip,
         complete_at_end=True,
     )
-    return await indexed(request, info)
+    return await tus_common.indexed(request, info)
 
 
 async def head(request: web.Request) -> web.Response:
     dialect = dialect_of(request)
-    grant = guard(request)
-    svc, upload_id = service(request), upload_id_of(request)
+    grant = tus_common.guard(request)
+    svc, upload_id = tus_common.service(request), tus_common.upload_id_of(request)
     headers = {INTEROP_HEADER: str(dialect.version), "Cache-Control": "no-store"}
     try:
         info = await svc.store.get(upload_id, by=grant.principal)
     except NotFound:
-        done = await finished_upload(svc, upload_id, grant)
+        done = await tus_common.finished_upload(svc, upload_id, grant)
         headers.update(dialect.completeness(True))
         headers["Upload-Offset"] = headers["Upload-Length"] = str(done.size)
         headers.update(_digest_headers(done.metadata.get("sha256")))
@@ -406,8 +392,8 @@ async def head(request: web.Request) -> web.Response:
 async def patch(request: web.Request) -> web.StreamResponse:
     """Upload append.  A body that breaks keeps what arrived (the tus layer's salvage)."""
     dialect = dialect_of(request)
-    grant = guard_body(request)
-    svc, upload_id = service(request), upload_id_of(request)
+    grant = tus_common.guard_body(request)
+    svc, upload_id = tus_common.service(request), tus_common.upload_id_of(request)
     ctype = request.headers.get("Content-Type", "").split(";")[0].strip()
     if dialect.version >= 6 and ctype != PARTIAL_UPLOAD:
         raise WrongContentType(f"an append needs Content-Type: {PARTIAL_UPLOAD}")
@@ -428,7 +414,7 @@ async def patch(request: web.Request) -> web.StreamResponse:
     try:
         info = lease.info
         if info.completing and offset == info.offset:
-            info = await indexed(request, await svc.resume_completion(lease, client_ip))
+            info = await tus_common.indexed(request, await svc.resume_completion(lease, client_ip))
             return _answer(request, dialect, info, dialect.append_status(True))
         if offset != info.offset:
             raise MismatchingOffset(info.offset, offset)
@@ -447,8 +433,8 @@ async def patch(request: web.Request) -> web.StreamResponse:
     except BaseException:
         await release_quietly(lease)
         raise
-    info = await write_body(request, lease, client_ip, complete_at_end=complete)
-    info = await indexed(request, info)
+    info = await tus_common.write_body(request, lease, client_ip, complete_at_end=complete)
+    info = await tus_common.indexed(request, info)
     return _answer(request, dialect, info, dialect.append_status(info.completing))
 
 
@@ -463,7 +449,7 @@ async def _append_to_finished(
     """An append to an upload whose state is gone: if it completed (and is the caller's),
     an empty append at its end is answered as its completion was (the client lost that
     answer); anything else is refused with the draft's problem type."""
-    done = await finished_upload(svc, upload_id, grant)  # 404 unless the caller's
+    done = await tus_common.finished_upload(svc, upload_id, grant)  # 404 unless the caller's
     size = done.size
     if offset != size or request.content_length != 0:
         raise CompletedUpload("the upload is complete: nothing can be appended to it")
@@ -479,7 +465,7 @@ async def _append_to_finished(
 
 async def delete(request: web.Request) -> web.Response:
     dialect_of(request)
-    return await terminate(request)
+    return await tus_common.terminate(request)
 
 
 # -- wiring: the draft's requests on the tus routes ------------------------------------
@@ -508,7 +494,7 @@ def middleware_for(base_path: str) -> Middleware:
             return await plain_create(request, handler)
         elif request.path.startswith(base_path) and "id" in request.match_info:
             chosen = _ON_ITEM.get(request.method)
-            log_by_storage_id(request, base_path)
+            tus_common.log_by_storage_id(request, base_path)
         return await (handler if chosen is None else reported(chosen))(request)
 
     return ietf
