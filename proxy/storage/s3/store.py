@@ -49,7 +49,6 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 import aiohttp
-import aiohttp.payload
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession, get_session
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
@@ -71,11 +70,11 @@ from proxy.storage.base import (
     OpenMultipart,
     OpObserver,
     PartChecksum,
-    Pieces,
     StoredPart,
     multipart_etag,
 )
 from proxy.storage.keylocks import KeyLocks
+from proxy.storage.s3.body import PartBody
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -86,9 +85,6 @@ _MAX_COPY_BYTES = 5 * 1024**3
 _COPY_PART_BYTES = 1024**3
 # Read size when comparing a stored object with what we sent (put_conditional).
 _COMPARE_BYTES = 1024 * 1024
-# A body is handed to the socket in slices of this size, each of which the store must
-# take within the read timeout (see _PartPayload).
-_WRITE_SLICE_BYTES = 256 * 1024
 
 _TRANSIENT_CODES = frozenset(
     {
@@ -104,76 +100,6 @@ _TRANSIENT_CODES = frozenset(
 )
 _CHECKSUM_ARGS = {"md5": "ContentMD5", "crc32": "ChecksumCRC32", "sha256": "ChecksumSHA256"}
 _MISSING_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
-
-
-class _PartBody:
-    """A part's bytes on their way to aiohttp, sent without being copied.
-
-    aiohttp coalesces the buffered request headers with the first body write; on
-    Python < 3.12.9 it does that with ``b"".join``, which copies the whole part
-    (8 MiB per part: one extra part of RSS per part in flight, and the CPU of the
-    copy and its page faults).  :class:`_PartPayload` writes one byte first, so the
-    join is tiny, then hands the rest to the transport as memoryviews, one per piece
-    of the part (:class:`~proxy.storage.base.Pieces`).
-    """
-
-    __slots__ = ("_nbytes", "stall_timeout_s", "views")
-
-    def __init__(self, body: Body, stall_timeout_s: float | None = None) -> None:
-        pieces = body.views if isinstance(body, Pieces) else (body,)
-        self.views = tuple(memoryview(p).cast("B") for p in pieces)
-        self._nbytes = sum(len(v) for v in self.views)
-        self.stall_timeout_s = stall_timeout_s
-
-    def __len__(self) -> int:
-        return self._nbytes
-
-    def __bytes__(self) -> bytes:
-        return b"".join(self.views)
-
-
-class _PartPayload(aiohttp.payload.Payload):
-    """Writes a :class:`_PartBody`, giving up when the store stops taking its bytes.
-
-    aiohttp starts the read timeout only once the whole body is handed to the socket, so
-    a store that stops reading (its TCP window closed: a stuck server, a broken path)
-    would hold the request until TCP gives up, or for ever.  Here each slice of the body
-    must be taken within ``stall_timeout_s`` (the read timeout), or the attempt fails
-    like a read timeout (a TimeoutError, which aiohttp does not re-send)."""
-
-    _value: _PartBody
-
-    def __init__(self, value: _PartBody, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("content_type", "application/octet-stream")
-        super().__init__(value, *args, **kwargs)
-        self._size = len(value)
-
-    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
-        return bytes(self._value).decode(encoding, errors)
-
-    async def as_bytes(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
-        return bytes(self._value)
-
-    async def write(self, writer: Any) -> None:
-        await self.write_with_length(writer, None)
-
-    async def write_with_length(self, writer: Any, content_length: int | None) -> None:
-        left = len(self._value) if content_length is None else content_length
-        stall_s = self._value.stall_timeout_s
-        for i, view in enumerate(v for v in self._value.views if v):
-            if left <= 0:
-                return
-            view = view[:left]
-            left -= len(view)
-            if i == 0 and len(view) > 1:
-                await writer.write(view[:1])
-                view = view[1:]
-            for start in range(0, len(view), _WRITE_SLICE_BYTES):
-                async with asyncio.timeout(stall_s):
-                    await writer.write(view[start : start + _WRITE_SLICE_BYTES])
-
-
-aiohttp.payload.PAYLOAD_REGISTRY.register(_PartPayload, _PartBody)
 
 
 class _Transient(Exception):
@@ -530,7 +456,7 @@ class S3Storage:
             lambda: self._client.put_object(
                 Bucket=self.bucket,
                 Key=key,
-                Body=_PartBody(body, self._read_timeout_s),
+                Body=PartBody(body, self._read_timeout_s),
                 ContentLength=len(body),
                 **extra,
             ),
@@ -565,7 +491,7 @@ class S3Storage:
                 Key=key,
                 UploadId=upload_id,
                 PartNumber=number,
-                Body=_PartBody(body, self._read_timeout_s),
+                Body=PartBody(body, self._read_timeout_s),
                 ContentLength=len(body),
                 **extra,
             ),
@@ -809,7 +735,7 @@ class S3Storage:
     async def _holds_body(self, key: str, body: Body) -> dict[str, Any] | None:
         """``{"ETag": ...}`` if the object at ``key`` holds exactly ``body`` (compared as
         it is read, in bounded chunks), else None."""
-        views = _PartBody(body).views
+        views = PartBody(body).views
 
         async def go() -> dict[str, Any] | None:
             r = await self._get_or_none(key)
