@@ -2,7 +2,12 @@
 
 ``from proxy.storage.s3 import S3Storage`` is the way in; the modules are its parts:
 
-* ``store.py``: :class:`S3Storage`, the storage protocol (``proxy.storage.base``) as S3 calls.
+* ``store.py``: :class:`S3Storage`, the storage protocol (``proxy.storage.base``) as S3
+  calls: the client's configuration and lifecycle, writes, multipart uploads, listings;
+* ``calls.py``: how one call is made: the retry policy and the translation of every
+  botocore / aiohttp failure into :mod:`proxy.errors` (and who may send a request twice);
+* ``body.py``: a part's bytes as an aiohttp payload (no copy, a stall timeout): the
+  backend's one use of aiohttp internals.
 """
 
 from proxy.storage.s3.store import S3Storage

@@ -1,4 +1,4 @@
-"""S3 backend on aiobotocore: the only module that imports boto.
+"""S3Storage: the storage protocol (:mod:`proxy.storage.base`) as calls on one S3 bucket.
 
 Per-part cost is chosen on purpose (see ``bench/checksums.py`` and the README):
 
@@ -9,29 +9,9 @@ Per-part cost is chosen on purpose (see ``bench/checksums.py`` and the README):
 * the streaming layer computes the configured per-part checksum (``part_checksum``)
   in the same pass as the whole-body SHA-256 and hands it in here.
 
-botocore's own retries are off (``total_max_attempts=1``): they would re-send the
-body from a stream it cannot rewind (our memoryviews), and we want one retry
-policy with backoff whose total time is bounded.  Everything botocore raises is
-translated here into :mod:`proxy.errors`; nothing above this module sees it.
-
-Who sends a request again (found with the fault proxy of ``tests/faultproxy.py``):
-
-* botocore: never (above);
-* aiohttp, under aiobotocore: once, at once, a request whose method it deems
-  idempotent (GET, HEAD, PUT, DELETE: so PutObject, UploadPart, CopyObject,
-  UploadPartCopy, DeleteObject and the tus state writes, not the POSTs
-  CreateMultipartUpload and CompleteMultipartUpload) whose connection broke before the
-  answer came (reset or closed: ``ClientOSError``, ``ServerDisconnectedError``; not a
-  timeout), fresh connection or reused.  It re-sends our payload as it is (it can: our
-  pieces are not consumed by a send);
-* :meth:`S3Storage._call`: up to ``retry_attempts`` attempts with jittered backoff.
-
-So one attempt of ours may reach S3 twice, and a refusal can be the answer to our own
-first request that S3 carried out and whose answer was lost: a create-only write gets
-"precondition failed" on what we count as the first attempt.  Every write that can be
-refused that way checks, on a refusal, whether S3 holds exactly what we sent
-(``recover`` in :meth:`S3Storage._call`, the body comparison in
-:meth:`S3Storage.put_conditional`), whatever the attempt number.
+botocore's own retries are off (``total_max_attempts=1``): the one retry policy, and
+the translation of every failure into :mod:`proxy.errors`, are
+:mod:`proxy.storage.s3.calls`, which also says who may send a request twice.
 """
 
 from __future__ import annotations
@@ -40,18 +20,14 @@ import asyncio
 import contextlib
 import email.utils
 import functools
-import logging
-import random
-import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, nullcontext
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any
 
-import aiohttp
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession, get_session
-from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+from botocore.exceptions import ClientError
 
 from proxy.errors import (
     ConditionFailed,
@@ -59,7 +35,6 @@ from proxy.errors import (
     NotFound,
     ObjectExists,
     ProxyError,
-    StorageCredentials,
     StorageError,
     StorageUnavailable,
 )
@@ -75,9 +50,7 @@ from proxy.storage.base import (
 )
 from proxy.storage.keylocks import KeyLocks
 from proxy.storage.s3.body import PartBody
-
-log = logging.getLogger(__name__)
-T = TypeVar("T")
+from proxy.storage.s3.calls import MISSING_CODES, S3Calls, StoreFailing, classify, error_code
 
 # S3 refuses CopyObject above 5 GiB; bigger objects get their metadata by a
 # server-side multipart copy (UploadPartCopy), which moves no bytes through us.
@@ -86,50 +59,7 @@ _COPY_PART_BYTES = 1024**3
 # Read size when comparing a stored object with what we sent (put_conditional).
 _COMPARE_BYTES = 1024 * 1024
 
-_TRANSIENT_CODES = frozenset(
-    {
-        "SlowDown",
-        "ServiceUnavailable",
-        "InternalError",
-        "RequestTimeout",
-        "RequestTimeTooSkewed",
-        "Throttling",
-        "ThrottlingException",
-        "OperationAborted",
-    }
-)
 _CHECKSUM_ARGS = {"md5": "ContentMD5", "crc32": "ChecksumCRC32", "sha256": "ChecksumSHA256"}
-_MISSING_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
-
-
-class _Transient(Exception):
-    """An attempt failed in a way that another attempt may fix."""
-
-    def __init__(self, code: str, *, answered: bool = False) -> None:
-        super().__init__(code)
-        self.code = code
-        self.answered = answered  # the store itself said so (5xx), not the network
-
-
-class _StoreFailing(StorageUnavailable):
-    """Every attempt was answered by the store with a server error (not a network failure)."""
-
-
-def _classify(exc: BaseException) -> ProxyError | _Transient:
-    if isinstance(exc, ClientError):
-        err = exc.response.get("Error", {})
-        code = str(err.get("Code", "Unknown"))
-        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-        if code in ("PreconditionFailed", "ConditionalRequestConflict") or status == 412:
-            return ObjectExists("an object with this key already exists")
-        if code in _TRANSIENT_CODES or status >= 500:
-            return _Transient(code, answered=True)
-        return StorageError(f"storage refused the request ({code})")
-    if isinstance(exc, NoCredentialsError):
-        return StorageCredentials("no storage credentials configured")
-    if isinstance(exc, BotoCoreError | aiohttp.ClientError | asyncio.TimeoutError | OSError):
-        return _Transient(type(exc).__name__)
-    return StorageError(f"unexpected storage failure ({type(exc).__name__})")
 
 
 async def _none() -> None:
@@ -189,9 +119,10 @@ class S3Storage:
         max_copy_bytes: int = _MAX_COPY_BYTES,
         copy_part_bytes: int = _COPY_PART_BYTES,
     ) -> None:
-        if retry_attempts < 1:
-            raise ValueError("retry_attempts must be >= 1")
         self.bucket = bucket
+        self._s3 = S3Calls(
+            bucket, attempts=retry_attempts, base_delay_s=retry_base_delay_s, observer=observer
+        )
         self._endpoint_url = endpoint_url or None
         self._region = region
         self._verify = verify
@@ -199,10 +130,7 @@ class S3Storage:
         self._secret_key = secret_key
         self._credentials_file = credentials_file
         self._profile = profile
-        self._attempts = retry_attempts
-        self._base_delay_s = retry_base_delay_s
         self._read_timeout_s = read_timeout_s
-        self._observer = observer
         # Objects above max_copy_bytes are relabelled by UploadPartCopy in pieces of
         # copy_part_bytes (lowered by the tests, which cannot copy 5 GiB).
         self._max_copy_bytes = max_copy_bytes
@@ -218,11 +146,16 @@ class S3Storage:
             parameter_validation=False,
         )
         self._stack = AsyncExitStack()
-        self._client: Any = None
         self._creates = KeyLocks()
 
     def set_observer(self, observer: OpObserver | None) -> None:
-        self._observer = observer
+        self._s3.observer = observer
+
+    @property
+    def _client(self) -> Any:
+        """The open aiobotocore client (None while closed); calls on it go through
+        :meth:`S3Calls.call <proxy.storage.s3.calls.S3Calls.call>`."""
+        return self._s3.client
 
     @property
     def creates(self) -> KeyLocks:
@@ -250,7 +183,7 @@ class S3Storage:
             session.set_config_variable("credentials_file", self._credentials_file)
         if self._profile:
             session.set_config_variable("profile", self._profile)
-        self._client = await self._stack.enter_async_context(
+        self._s3.client = await self._stack.enter_async_context(
             session.create_client(
                 "s3",
                 endpoint_url=self._endpoint_url,
@@ -265,66 +198,13 @@ class S3Storage:
 
     async def close(self) -> None:
         await self._stack.aclose()
-        self._client = None
+        self._s3.client = None
 
     async def __aenter__(self) -> S3Storage:
         return await self.open()
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-    async def _call(
-        self,
-        op: str,
-        fn: Callable[[], Awaitable[T]],
-        recover: Callable[[], Awaitable[T | None]] | None = None,
-    ) -> T:
-        """Run one S3 operation with bounded, jittered retries; translate every failure.
-
-        A request that timed out or lost its connection may still have been carried out.
-        For operations that are not idempotent (a conditional PUT, CompleteMultipartUpload)
-        the retry then fails ("precondition failed", "no such upload") although the work
-        is done.  ``recover`` checks for that after a failed attempt and returns the
-        result the lost answer would have carried, or None.  "Precondition failed" is
-        checked on the first attempt too: aiohttp may have re-sent that attempt's PUT
-        after its first answer was lost (see the module's docstring), and a real
-        conflict costs one read more.
-        """
-        last = "unknown"
-        answered = False
-        for attempt in range(self._attempts):
-            if attempt:
-                delay = self._base_delay_s * (2 ** (attempt - 1))
-                await asyncio.sleep(random.uniform(delay / 2, delay))
-            started = time.monotonic()
-            try:
-                result = await fn()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                outcome = _classify(exc)
-                self._observe(op, started, getattr(outcome, "code", "error"))
-                if isinstance(outcome, ProxyError):
-                    echo = attempt or isinstance(outcome, ObjectExists)
-                    if echo and recover is not None and (done := await recover()) is not None:
-                        log.warning("s3 %s: an earlier attempt had succeeded", op)
-                        return done
-                    raise outcome from exc
-                last, answered = outcome.code, outcome.answered
-                log.warning(
-                    "s3 %s failed (%s), attempt %d/%d", op, last, attempt + 1, self._attempts
-                )
-                continue
-            self._observe(op, started, None)
-            return result
-        if recover is not None:
-            with contextlib.suppress(ProxyError):
-                if (done := await recover()) is not None:
-                    return done
-        raise (_StoreFailing if answered else StorageUnavailable)(
-            f"storage did not answer {op} after {self._attempts} attempts ({last})",
-            headers={"Retry-After": "5"},
-        )
 
     async def _stored_as(
         self, key: str, size: int, etag: str | None = None, metadata: dict[str, str] | None = None
@@ -355,7 +235,7 @@ class S3Storage:
         so a successful write costs no extra request."""
         try:
             yield
-        except (ObjectExists, _StoreFailing) as e:
+        except (ObjectExists, StoreFailing) as e:
             # (A store that cannot be reached is not asked again: that would double the
             # time an outage takes to report.)
             if isinstance(e, ConditionFailed):
@@ -372,24 +252,20 @@ class S3Storage:
             raise
 
     async def _has_children(self, key: str) -> bool:
-        r = await self._call(
+        r = await self._s3.call(
             "list_objects_v2",
             lambda: self._client.list_objects_v2(Bucket=self.bucket, Prefix=key + "/", MaxKeys=1),
         )
         return int(r.get("KeyCount", 0) or 0) > 0
 
-    def _observe(self, op: str, started: float, error: str | None) -> None:
-        if self._observer is not None:
-            self._observer(op, time.monotonic() - started, error)
-
     async def check(self) -> None:
-        await self._call("head_bucket", lambda: self._client.head_bucket(Bucket=self.bucket))
+        await self._s3.call("head_bucket", lambda: self._client.head_bucket(Bucket=self.bucket))
 
     async def create_bucket(self) -> None:
         try:
             await self.check()
         except StorageError:
-            await self._call(
+            await self._s3.call(
                 "create_bucket", lambda: self._client.create_bucket(Bucket=self.bucket)
             )
 
@@ -399,11 +275,11 @@ class S3Storage:
                 r: dict[str, Any] = await self._client.head_object(Bucket=self.bucket, Key=key)
                 return r
             except ClientError as e:
-                if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                if error_code(e) in MISSING_CODES:
                     return None
                 raise
 
-        r = await self._call("head_object", go)
+        r = await self._s3.call("head_object", go)
         if r is None:
             return None
         return ObjectInfo(
@@ -451,7 +327,7 @@ class S3Storage:
         **extra: str | dict[str, str],
     ) -> str:
         """One PutObject of ``body`` (retried; ``recover`` as :meth:`_call` says); its ETag."""
-        r = await self._call(
+        r = await self._s3.call(
             "put_object",
             lambda: self._client.put_object(
                 Bucket=self.bucket,
@@ -467,7 +343,7 @@ class S3Storage:
     async def create_multipart(
         self, key: str, *, metadata: dict[str, str], content_type: str
     ) -> str:
-        r = await self._call(
+        r = await self._s3.call(
             "create_multipart_upload",
             lambda: self._client.create_multipart_upload(
                 Bucket=self.bucket, Key=key, Metadata=metadata, ContentType=content_type
@@ -484,7 +360,7 @@ class S3Storage:
         checksum: PartChecksum | None,
     ) -> str:
         extra = self._checksum_args(checksum)
-        r = await self._call(
+        r = await self._s3.call(
             "upload_part",
             lambda: self._client.upload_part(
                 Bucket=self.bucket,
@@ -509,7 +385,7 @@ class S3Storage:
     ) -> str:
         extra = {"IfNoneMatch": "*"} if if_none_match else {}
         async with self._folder_conflicts(key), self._create_only(key, if_none_match):
-            r = await self._call(
+            r = await self._s3.call(
                 "complete_multipart_upload",
                 lambda: self._client.complete_multipart_upload(
                     Bucket=self.bucket,
@@ -535,16 +411,16 @@ class S3Storage:
                     Bucket=self.bucket, Key=key, UploadId=upload_id
                 )
             except ClientError as e:
-                if e.response.get("Error", {}).get("Code") != "NoSuchUpload":
+                if error_code(e) != "NoSuchUpload":
                     raise
 
-        await self._call("abort_multipart_upload", go)
+        await self._s3.call("abort_multipart_upload", go)
 
     async def replace_metadata(
         self, key: str, *, etag: str, size: int, metadata: dict[str, str], content_type: str
     ) -> None:
         if size <= self._max_copy_bytes:
-            await self._call(
+            await self._s3.call(
                 "copy_object",
                 lambda: self._client.copy_object(
                     Bucket=self.bucket,
@@ -626,7 +502,7 @@ class S3Storage:
         first_byte: int,
         last_byte: int,
     ) -> str:
-        r = await self._call(
+        r = await self._s3.call(
             "upload_part_copy",
             functools.partial(
                 self._client.upload_part_copy,
@@ -644,7 +520,7 @@ class S3Storage:
     async def delete_object(self, key: str, *, if_match: str | None = None) -> None:
         extra = {} if if_match is None else {"IfMatch": if_match}
         try:
-            await self._call(
+            await self._s3.call(
                 "delete_object",
                 lambda: self._client.delete_object(Bucket=self.bucket, Key=key, **extra),
             )
@@ -656,7 +532,7 @@ class S3Storage:
         out: list[StoredPart] = []
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "UploadId": upload_id}
         while True:
-            r = await self._call(
+            r = await self._s3.call(
                 "list_parts", functools.partial(self._client.list_parts, **dict(kwargs))
             )
             for p in r.get("Parts", []) or []:
@@ -676,7 +552,7 @@ class S3Storage:
         out: list[OpenMultipart] = []
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
         while True:
-            r = await self._call(
+            r = await self._s3.call(
                 "list_multipart_uploads",
                 # partial copies kwargs now: the markers change on the next page.
                 functools.partial(self._client.list_multipart_uploads, **kwargs),
@@ -694,7 +570,7 @@ class S3Storage:
         try:
             r: dict[str, Any] = await self._client.get_object(Bucket=self.bucket, Key=key)
         except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in _MISSING_CODES:
+            if error_code(e) in MISSING_CODES:
                 return None
             raise
         return r
@@ -710,7 +586,7 @@ class S3Storage:
                 data: bytes = await body.read()
             return data, str(r.get("ETag", ""))
 
-        return await self._call("get_object", go)
+        return await self._s3.call("get_object", go)
 
     async def put_conditional(
         self, key: str, body: Body, *, if_match: str | None = None, if_none_match: bool = False
@@ -753,12 +629,12 @@ class S3Storage:
                         pos += len(chunk)
             return {"ETag": r.get("ETag", "")}
 
-        return await self._call("get_object", go)
+        return await self._s3.call("get_object", go)
 
     async def iter_object(self, key: str, *, chunk_bytes: int) -> AsyncIterator[bytes]:
         # Only opening the object is retried: a body that breaks off half-way cannot be
         # rewound without the caller knowing, so it surfaces as StorageUnavailable.
-        r = await self._call(
+        r = await self._s3.call(
             "get_object", lambda: self._client.get_object(Bucket=self.bucket, Key=key)
         )
         async for chunk in self._chunks(key, r, chunk_bytes):
@@ -777,12 +653,12 @@ class S3Storage:
                 )
                 return r
             except ClientError as e:
-                if e.response.get("Error", {}).get("Code") in _MISSING_CODES:
+                if error_code(e) in MISSING_CODES:
                     return None
                 raise
 
         try:
-            r = await self._call("get_object", go)
+            r = await self._s3.call("get_object", go)
         except ObjectExists as e:
             raise ConditionFailed(f"{key} changed while it was being read") from e
         if r is None:
@@ -806,7 +682,7 @@ class S3Storage:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
-                    outcome = _classify(exc)
+                    outcome = classify(exc)
                     if isinstance(outcome, ProxyError):
                         raise outcome from exc
                     raise StorageUnavailable(f"reading {key} broke off ({outcome.code})") from exc
@@ -823,7 +699,7 @@ class S3Storage:
             return r
 
         while True:
-            r = await self._call("list_objects_v2", functools.partial(page, dict(kwargs)))
+            r = await self._s3.call("list_objects_v2", functools.partial(page, dict(kwargs)))
             for o in r.get("Contents", []) or []:
                 out.append(ObjectInfo(str(o["Key"]), int(o.get("Size", 0)), str(o.get("ETag", ""))))
             if not r.get("IsTruncated"):
