@@ -6,6 +6,8 @@
   calls: the client's configuration and lifecycle, writes, multipart uploads, listings;
 * ``calls.py``: how one call is made: the retry policy and the translation of every
   botocore / aiohttp failure into :mod:`proxy.errors` (and who may send a request twice);
+* ``reads.py``: GetObject as the daemon reads: small objects, streams, byte ranges, and
+  the check that a stored object holds exactly a body we sent;
 * ``body.py``: a part's bytes as an aiohttp payload (no copy, a stall timeout): the
   backend's one use of aiohttp internals.
 """

@@ -32,11 +32,9 @@ from botocore.exceptions import ClientError
 from proxy.errors import (
     ConditionFailed,
     KeyConflict,
-    NotFound,
     ObjectExists,
     ProxyError,
     StorageError,
-    StorageUnavailable,
 )
 from proxy.storage.base import (
     Body,
@@ -49,15 +47,14 @@ from proxy.storage.base import (
     multipart_etag,
 )
 from proxy.storage.keylocks import KeyLocks
+from proxy.storage.s3 import reads
 from proxy.storage.s3.body import PartBody
-from proxy.storage.s3.calls import MISSING_CODES, S3Calls, StoreFailing, classify, error_code
+from proxy.storage.s3.calls import MISSING_CODES, S3Calls, StoreFailing, error_code
 
 # S3 refuses CopyObject above 5 GiB; bigger objects get their metadata by a
 # server-side multipart copy (UploadPartCopy), which moves no bytes through us.
 _MAX_COPY_BYTES = 5 * 1024**3
 _COPY_PART_BYTES = 1024**3
-# Read size when comparing a stored object with what we sent (put_conditional).
-_COMPARE_BYTES = 1024 * 1024
 
 _CHECKSUM_ARGS = {"md5": "ContentMD5", "crc32": "ChecksumCRC32", "sha256": "ChecksumSHA256"}
 
@@ -565,28 +562,8 @@ class S3Storage:
             kwargs["KeyMarker"] = r.get("NextKeyMarker", "")
             kwargs["UploadIdMarker"] = r.get("NextUploadIdMarker", "")
 
-    async def _get_or_none(self, key: str) -> dict[str, Any] | None:
-        """GetObject's answer (its body not read yet), or None if there is no such object."""
-        try:
-            r: dict[str, Any] = await self._client.get_object(Bucket=self.bucket, Key=key)
-        except ClientError as e:
-            if error_code(e) in MISSING_CODES:
-                return None
-            raise
-        return r
-
     async def get_small(self, key: str, max_bytes: int) -> tuple[bytes, str] | None:
-        async def go() -> tuple[bytes, str] | None:
-            r = await self._get_or_none(key)
-            if r is None:
-                return None
-            async with r["Body"] as body:
-                if int(r.get("ContentLength", 0)) > max_bytes:
-                    raise StorageError(f"{key} is larger than {max_bytes} bytes")
-                data: bytes = await body.read()
-            return data, str(r.get("ETag", ""))
-
-        return await self._s3.call("get_object", go)
+        return await reads.get_small(self._s3, key, max_bytes)
 
     async def put_conditional(
         self, key: str, body: Body, *, if_match: str | None = None, if_none_match: bool = False
@@ -601,94 +578,27 @@ class S3Storage:
                     # unique (tus state carries a new rev and lease owner, segments a random
                     # key), so an object holding exactly our body is our write, not
                     # someone else's.
-                    recover=lambda: self._holds_body(key, body),
+                    recover=lambda: reads.holds_body(self._s3, key, body),
                     **_conditions(if_match, if_none_match),
                 )
         except ObjectExists as e:
             # 412 on If-Match means "changed since you read it", not "key taken".
             raise ConditionFailed(f"{key} was changed by someone else") from e
 
-    async def _holds_body(self, key: str, body: Body) -> dict[str, Any] | None:
-        """``{"ETag": ...}`` if the object at ``key`` holds exactly ``body`` (compared as
-        it is read, in bounded chunks), else None."""
-        views = PartBody(body).views
+    def iter_object(self, key: str, *, chunk_bytes: int) -> AsyncIterator[bytes]:
+        return reads.iter_object(self._s3, key, chunk_bytes=chunk_bytes)
 
-        async def go() -> dict[str, Any] | None:
-            r = await self._get_or_none(key)
-            if r is None:
-                return None
-            async with r["Body"] as stream:
-                if int(r.get("ContentLength", -1)) != len(body):
-                    return None
-                for view in views:
-                    pos = 0
-                    while pos < len(view):
-                        chunk: bytes = await stream.read(min(len(view) - pos, _COMPARE_BYTES))
-                        if not chunk or view[pos : pos + len(chunk)] != chunk:
-                            return None
-                        pos += len(chunk)
-            return {"ETag": r.get("ETag", "")}
-
-        return await self._s3.call("get_object", go)
-
-    async def iter_object(self, key: str, *, chunk_bytes: int) -> AsyncIterator[bytes]:
-        # Only opening the object is retried: a body that breaks off half-way cannot be
-        # rewound without the caller knowing, so it surfaces as StorageUnavailable.
-        r = await self._s3.call(
-            "get_object", lambda: self._client.get_object(Bucket=self.bucket, Key=key)
-        )
-        async for chunk in self._chunks(key, r, chunk_bytes):
-            yield chunk
-
-    async def read_range(
+    def read_range(
         self, key: str, *, first_byte: int, last_byte: int, etag: str, chunk_bytes: int
     ) -> AsyncGenerator[bytes, None]:
-        async def go() -> dict[str, Any] | None:
-            try:
-                r: dict[str, Any] = await self._client.get_object(
-                    Bucket=self.bucket,
-                    Key=key,
-                    Range=f"bytes={first_byte}-{last_byte}",
-                    IfMatch=etag,
-                )
-                return r
-            except ClientError as e:
-                if error_code(e) in MISSING_CODES:
-                    return None
-                raise
-
-        try:
-            r = await self._s3.call("get_object", go)
-        except ObjectExists as e:
-            raise ConditionFailed(f"{key} changed while it was being read") from e
-        if r is None:
-            raise NotFound("no such object")
-        wanted = last_byte - first_byte + 1
-        if int(r.get("ContentLength", -1)) != wanted:
-            # A store that ignored the Range would have us send bytes we did not promise.
-            r["Body"].close()
-            raise StorageError(f"storage answered a {wanted}-byte range with another length")
-        async for chunk in self._chunks(key, r, chunk_bytes):
-            yield chunk
-
-    @staticmethod
-    async def _chunks(key: str, r: dict[str, Any], chunk_bytes: int) -> AsyncIterator[bytes]:
-        """A GetObject answer's body, one chunk per ask (the socket is read no further
-        ahead than aiohttp's small read buffer: a slow consumer slows the store)."""
-        async with r["Body"] as body:
-            while True:
-                try:
-                    chunk: bytes = await body.read(chunk_bytes)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    outcome = classify(exc)
-                    if isinstance(outcome, ProxyError):
-                        raise outcome from exc
-                    raise StorageUnavailable(f"reading {key} broke off ({outcome.code})") from exc
-                if not chunk:
-                    return
-                yield chunk
+        return reads.read_range(
+            self._s3,
+            key,
+            first_byte=first_byte,
+            last_byte=last_byte,
+            etag=etag,
+            chunk_bytes=chunk_bytes,
+        )
 
     async def list_objects(self, prefix: str) -> list[ObjectInfo]:
         out: list[ObjectInfo] = []
