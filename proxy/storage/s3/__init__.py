@@ -8,6 +8,8 @@
   botocore / aiohttp failure into :mod:`proxy.errors` (and who may send a request twice);
 * ``reads.py``: GetObject as the daemon reads: small objects, streams, byte ranges, and
   the check that a stored object holds exactly a body we sent;
+* ``copies.py``: server-side copies (CopyObject in place, UploadPartCopy, a multipart
+  copy built of them): relabelling an object, copying one key to another;
 * ``body.py``: a part's bytes as an aiohttp payload (no copy, a stall timeout): the
   backend's one use of aiohttp internals.
 """

@@ -16,7 +16,6 @@ the translation of every failure into :mod:`proxy.errors`, are
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import email.utils
 import functools
@@ -47,14 +46,9 @@ from proxy.storage.base import (
     multipart_etag,
 )
 from proxy.storage.keylocks import KeyLocks
-from proxy.storage.s3 import reads
+from proxy.storage.s3 import copies, reads
 from proxy.storage.s3.body import PartBody
 from proxy.storage.s3.calls import MISSING_CODES, S3Calls, StoreFailing, error_code
-
-# S3 refuses CopyObject above 5 GiB; bigger objects get their metadata by a
-# server-side multipart copy (UploadPartCopy), which moves no bytes through us.
-_MAX_COPY_BYTES = 5 * 1024**3
-_COPY_PART_BYTES = 1024**3
 
 _CHECKSUM_ARGS = {"md5": "ContentMD5", "crc32": "ChecksumCRC32", "sha256": "ChecksumSHA256"}
 
@@ -113,8 +107,8 @@ class S3Storage:
         retry_base_delay_s: float = 0.25,
         max_pool_connections: int = 32,
         observer: OpObserver | None = None,
-        max_copy_bytes: int = _MAX_COPY_BYTES,
-        copy_part_bytes: int = _COPY_PART_BYTES,
+        max_copy_bytes: int = copies.MAX_COPY_BYTES,
+        copy_part_bytes: int = copies.COPY_PART_BYTES,
     ) -> None:
         self.bucket = bucket
         self._s3 = S3Calls(
@@ -371,6 +365,32 @@ class S3Storage:
         )
         return str(r["ETag"])
 
+    async def copy_part(
+        self,
+        key: str,
+        upload_id: str,
+        number: int,
+        *,
+        source: str,
+        source_etag: str,
+        first_byte: int,
+        last_byte: int,
+    ) -> str:
+        r = await self._s3.call(
+            "upload_part_copy",
+            functools.partial(
+                self._client.upload_part_copy,
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=upload_id,
+                PartNumber=number,
+                CopySource={"Bucket": self.bucket, "Key": source},
+                CopySourceIfMatch=source_etag,
+                CopySourceRange=f"bytes={first_byte}-{last_byte}",
+            ),
+        )
+        return str(r["CopyPartResult"]["ETag"])
+
     async def complete_multipart(
         self,
         key: str,
@@ -417,22 +437,14 @@ class S3Storage:
         self, key: str, *, etag: str, size: int, metadata: dict[str, str], content_type: str
     ) -> None:
         if size <= self._max_copy_bytes:
-            await self._s3.call(
-                "copy_object",
-                lambda: self._client.copy_object(
-                    Bucket=self.bucket,
-                    Key=key,
-                    CopySource={"Bucket": self.bucket, "Key": key},
-                    CopySourceIfMatch=etag,
-                    MetadataDirective="REPLACE",
-                    Metadata=metadata,
-                    ContentType=content_type,
-                ),
+            await copies.copy_in_place(
+                self._s3, key, etag=etag, metadata=metadata, content_type=content_type
             )
             return
-        await self._multipart_copy(
-            key, key, etag=etag, size=size, metadata=metadata, content_type=content_type
-        )
+        await copies.multipart_copy(
+            self, key, key, etag=etag, size=size, part_bytes=self._copy_part_bytes,
+            metadata=metadata, content_type=content_type,
+        )  # fmt: skip
 
     async def copy_object(
         self,
@@ -449,70 +461,10 @@ class S3Storage:
         # 5 GiB: its completion takes If-None-Match, so a create-only copy is atomic on
         # every store that makes completions conditional; CopyObject has no such header.
         # (The completion queues behind other create-only writes of ``key``: _create_only.)
-        return await self._multipart_copy(
-            source,
-            key,
-            etag=source_etag,
-            size=size,
-            metadata=metadata,
-            content_type=content_type,
-            if_none_match=if_none_match,
-        )
-
-    async def _multipart_copy(
-        self,
-        source: str,
-        key: str,
-        *,
-        etag: str,
-        size: int,
-        metadata: dict[str, str],
-        content_type: str,
-        if_none_match: bool = False,
-    ) -> str:
-        upload_id = await self.create_multipart(key, metadata=metadata, content_type=content_type)
-        try:
-            parts: list[CompletedPart] = []
-            step = self._copy_part_bytes
-            for number, start in enumerate(range(0, size, step), start=1):
-                end = min(start + step, size) - 1
-                part_etag = await self.copy_part(
-                    key, upload_id, number, source=source, source_etag=etag,
-                    first_byte=start, last_byte=end,
-                )  # fmt: skip
-                parts.append(CompletedPart(number, part_etag))
-            return await self.complete_multipart(
-                key, upload_id, parts, if_none_match=if_none_match, size_bytes=size
-            )
-        except BaseException:
-            await asyncio.shield(self.abort_multipart(key, upload_id))
-            raise
-
-    async def copy_part(
-        self,
-        key: str,
-        upload_id: str,
-        number: int,
-        *,
-        source: str,
-        source_etag: str,
-        first_byte: int,
-        last_byte: int,
-    ) -> str:
-        r = await self._s3.call(
-            "upload_part_copy",
-            functools.partial(
-                self._client.upload_part_copy,
-                Bucket=self.bucket,
-                Key=key,
-                UploadId=upload_id,
-                PartNumber=number,
-                CopySource={"Bucket": self.bucket, "Key": source},
-                CopySourceIfMatch=source_etag,
-                CopySourceRange=f"bytes={first_byte}-{last_byte}",
-            ),
-        )
-        return str(r["CopyPartResult"]["ETag"])
+        return await copies.multipart_copy(
+            self, source, key, etag=source_etag, size=size, part_bytes=self._copy_part_bytes,
+            metadata=metadata, content_type=content_type, if_none_match=if_none_match,
+        )  # fmt: skip
 
     async def delete_object(self, key: str, *, if_match: str | None = None) -> None:
         extra = {} if if_match is None else {"IfMatch": if_match}
