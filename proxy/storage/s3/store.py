@@ -28,13 +28,7 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession, get_session
 from botocore.exceptions import ClientError
 
-from proxy.errors import (
-    ConditionFailed,
-    KeyConflict,
-    ObjectExists,
-    ProxyError,
-    StorageError,
-)
+from proxy.errors import ConditionFailed, KeyConflict, ObjectExists, ProxyError, StorageError
 from proxy.storage.base import (
     Body,
     CompletedPart,
@@ -526,7 +520,7 @@ class S3Storage:
                     key,
                     body,
                     # "Changed since you read it" / "key taken" may answer a re-send of our
-                    # own write (module docstring).  Every conditional write of ours is
+                    # own write (proxy.storage.s3.calls).  Every conditional write of ours is
                     # unique (tus state carries a new rev and lease owner, segments a random
                     # key), so an object holding exactly our body is our write, not
                     # someone else's.
