@@ -13,7 +13,7 @@ CONFIG ?= config.toml
 # files, so every machine runs the same code.  daemon.lock is what the daemon needs
 # (install-service puts it under /opt); dev.lock is that plus the test and dev tools, at
 # the same versions (it is compiled with daemon.lock as constraints).  The daemon relies on
-# aiohttp internals (proxy/server.py, proxy/storage/s3.py): the lock, not setup.cfg's
+# aiohttp internals (proxy/server.py, proxy/storage/s3/body.py): the lock, not setup.cfg's
 # ranges, decides which aiohttp runs.  tests/test_lock.py fails when they and setup.cfg
 # disagree; `make lock` fixes that.
 LOCK     := requirements/daemon.lock
