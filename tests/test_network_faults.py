@@ -19,7 +19,7 @@ Whatever the fault, each cell checks the invariant:
 Each cell also states the client's first answer (``errors``: the statuses of the
 requests that failed, in order); that column is the table in the closing note of the
 issue.  Cells where today's daemon answers wrongly and the fix lies outside
-proxy/storage/s3.py are strict xfails, with the reason.
+proxy/storage/s3/ are strict xfails, with the reason.
 """
 
 from __future__ import annotations
@@ -406,7 +406,7 @@ async def test_put_store_stops_reading(
 ) -> None:
     """The store stops taking a part's bytes (its TCP window closes).  aiohttp starts the
     read timeout only once a body is sent, so without a bound of its own the write waits
-    until TCP gives up, or for ever (proxy.storage.s3._PartPayload bounds it).  The part
+    until TCP gives up, or for ever (proxy.storage.s3.body.PartPayload bounds it).  The part
     is far larger than what the kernel buffers on the way can hold, so the write stalls."""
     part_mib = max(8, -(-3 * WMEM_MAX // MiB))
     data = payload((part_mib + 1) * MiB, "stall")
