@@ -108,28 +108,30 @@ class S3Storage:
         self._s3 = S3Calls(
             bucket, attempts=retry_attempts, base_delay_s=retry_base_delay_s, observer=observer
         )
-        self._endpoint_url = endpoint_url or None
-        self._region = region
-        self._verify = verify
-        self._access_key = access_key
-        self._secret_key = secret_key
-        self._credentials_file = credentials_file
-        self._profile = profile
+        # What open() makes the botocore session and its S3 client with.
+        self._session_vars = {"credentials_file": credentials_file, "profile": profile}
+        self._client_args: dict[str, Any] = {
+            "endpoint_url": endpoint_url or None,
+            "region_name": region,
+            "aws_access_key_id": access_key,
+            "aws_secret_access_key": secret_key,
+            "verify": verify,
+            "config": AioConfig(
+                s3={"addressing_style": addressing_style, "payload_signing_enabled": False},
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+                retries={"total_max_attempts": 1},
+                connect_timeout=connect_timeout_s,
+                read_timeout=read_timeout_s,
+                max_pool_connections=max_pool_connections,
+                parameter_validation=False,
+            ),
+        }
         self._read_timeout_s = read_timeout_s
         # Objects above max_copy_bytes are relabelled by UploadPartCopy in pieces of
         # copy_part_bytes (lowered by the tests, which cannot copy 5 GiB).
         self._max_copy_bytes = max_copy_bytes
         self._copy_part_bytes = copy_part_bytes
-        self._config = AioConfig(
-            s3={"addressing_style": addressing_style, "payload_signing_enabled": False},
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-            retries={"total_max_attempts": 1},
-            connect_timeout=connect_timeout_s,
-            read_timeout=read_timeout_s,
-            max_pool_connections=max_pool_connections,
-            parameter_validation=False,
-        )
         self._stack = AsyncExitStack()
         self._creates = KeyLocks()
 
@@ -164,20 +166,11 @@ class S3Storage:
 
     async def open(self) -> S3Storage:
         session: AioSession = get_session()
-        if self._credentials_file:
-            session.set_config_variable("credentials_file", self._credentials_file)
-        if self._profile:
-            session.set_config_variable("profile", self._profile)
+        for name, value in self._session_vars.items():
+            if value:
+                session.set_config_variable(name, value)
         self._s3.client = await self._stack.enter_async_context(
-            session.create_client(
-                "s3",
-                endpoint_url=self._endpoint_url,
-                region_name=self._region,
-                aws_access_key_id=self._access_key,
-                aws_secret_access_key=self._secret_key,
-                verify=self._verify,
-                config=self._config,
-            )
+            session.create_client("s3", **self._client_args)
         )
         return self
 
