@@ -51,7 +51,7 @@ from proxy.web import page, resumable, tus
 from proxy.web import uploads as http_uploads
 from proxy.web.errors import error_middleware, hide_server_banner
 from proxy.web.ops import OPS, Ops, Readiness, samplers_ctx
-from proxy.web.preflight import UPLOADS, Uploads, close_if_tapped
+from proxy.web.preflight import UPLOADS, Uploads, close_if_tapped, transfer_coding_middleware
 from proxy.web.tus_common import TUS, TusRoutes
 
 
@@ -285,7 +285,7 @@ async def _sweepers_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def build_app(runtime: Runtime) -> web.Application:
-    app = web.Application(middlewares=[error_middleware])
+    app = web.Application(middlewares=[error_middleware, transfer_coding_middleware])
     app.on_response_prepare.append(hide_server_banner)
     app.on_response_prepare.append(close_if_tapped)
     app[RUNTIME] = runtime

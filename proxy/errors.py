@@ -160,6 +160,11 @@ class ExpectationFailed(BadRequest, code="ERR_EXPECTATION", status=417):
     """An ``Expect`` header other than ``100-continue``."""
 
 
+class UnsupportedTransferCoding(BadRequest, code="ERR_TRANSFER_CODING", status=501):
+    """A transfer coding other than chunked (``gzip, chunked``): its bytes would be stored
+    still encoded.  501 as RFC 9112 section 6.1 asks, and as nginx answers."""
+
+
 class TusVersion(BadRequest, code="ERR_TUS_VERSION", status=412): ...
 
 

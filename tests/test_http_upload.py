@@ -173,6 +173,28 @@ async def test_raw_control_char_in_url_gets_json_400(start_proxy: StartProxy) ->
     assert status == 400 and reply["code"] == "ERR_BAD_REQUEST"
 
 
+@pytest.mark.parametrize("expect", [False, True])
+@pytest.mark.parametrize("path", ["/uploads/te/gz", "/files/"])
+async def test_transfer_codings_other_than_chunked_are_refused(
+    start_proxy: StartProxy, s3: S3Storage, expect: bool, path: str
+) -> None:
+    """aiohttp's parser takes ``gzip, chunked`` and hands the body over still gzipped:
+    stored, it would not be the client's file (a 201 with the SHA-256 of other bytes).
+    501 as RFC 9112 asks; with Expect, before the body is asked for."""
+    proxy = await start_proxy()
+    method = "PUT" if path.startswith("/uploads/") else "POST"
+    tus = "Tus-Resumable: 1.0.0\r\nUpload-Length: 5\r\n" if method == "POST" else ""
+    status, reply = await raw_request(
+        proxy,
+        f"{method} {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n{tus}"
+        + ("Expect: 100-continue\r\n" if expect else "")
+        + "\r\n",
+        b"" if expect else b"5\r\nhello\r\n0\r\n\r\n",
+    )
+    assert status == 501 and reply["code"] == "ERR_TRANSFER_CODING", reply
+    await assert_nothing_left(s3, proxy.prefix)
+
+
 async def test_keys_are_logged_quoted(
     start_proxy: StartProxy, s3: S3Storage, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.errors import ProxyError, http_error
+from proxy.errors import BadRequest, ProxyError, http_error
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         raise
     except ProxyError as e:
         body_left = not request.content.is_eof()
-        if e.status >= 500:
+        if e.status >= 500 and not isinstance(e, BadRequest):  # the client's own: no warning
             log.warning(
                 "%s %r -> %d %s: %r", request.method, _path(request), e.status, e.code, e.message
             )

@@ -45,6 +45,7 @@ from proxy.errors import (
     IncompleteBody,
     ProxyError,
     TooSlow,
+    UnsupportedTransferCoding,
 )
 from proxy.web.conn import BodyTap, Guarded
 from proxy.web.errors import error_response
@@ -341,6 +342,29 @@ def _too_slow(pace: BodyPace) -> TooSlow:
     )
 
 
+def check_transfer_coding(request: web.Request) -> None:
+    """Chunked is the one transfer coding we take.  aiohttp's parser also takes
+    ``gzip, chunked`` (any codings before a final chunked) and hands over the bytes still
+    gzipped: stored as they came, they would not be the client's file."""
+    codings = [
+        c.strip().lower()
+        for value in request.headers.getall("Transfer-Encoding", ())
+        for c in value.split(",")
+        if c.strip()
+    ]
+    if codings and codings != ["chunked"]:
+        raise UnsupportedTransferCoding(
+            f"only the chunked transfer coding is supported; got {', '.join(codings)!r}"
+        )
+
+
+@web.middleware
+async def transfer_coding_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """:func:`check_transfer_coding` for every request (the Expect handler checks first)."""
+    check_transfer_coding(request)
+    return await handler(request)
+
+
 async def expect_with(
     request: web.Request, check: Callable[[web.Request], Any]
 ) -> web.StreamResponse | None:
@@ -351,6 +375,7 @@ async def expect_with(
     if request.headers.get("Expect", "").lower() != "100-continue":
         return error_response(ExpectationFailed("unsupported Expect header"))
     try:
+        check_transfer_coding(request)
         result = check(request)
         if asyncio.iscoroutine(result):
             result = await result
