@@ -290,7 +290,6 @@ async def test_tus_creation_with_the_hash_completes_at_once_and_tus_uploads_are_
     assert (bad.status, bad.code) == (400, "ERR_BAD_METADATA")
 
 
-@pytest.mark.xfail(strict=True, reason="the index is written by the web handlers only")
 async def test_a_tus_upload_the_sweeper_finishes_is_indexed(
     start_proxy: StartProxy, s3: S3Storage, prefix: str, tmp_path: Path
 ) -> None:

@@ -4,9 +4,12 @@ tus 1.0 (:mod:`proxy.web.tus`, with its concatenation extension
 :mod:`proxy.web.tus_concat`) and the IETF draft (:mod:`proxy.web.resumable`) each create
 and write a :class:`~proxy.tus.service.TusService` upload that either can reach later, so
 they share the route state (:data:`TUS`), the guards (who may touch an upload), the URL
-id, the new upload made from ``Upload-Metadata``, the pre-create hook, writing a body,
-the content index, a completed upload's object, and DELETE (:func:`terminate`, the one
-handler here).  :func:`upload_headers` is tus's own, used by its core and concatenation.
+id, the new upload made from ``Upload-Metadata``, the pre-create hook, writing a body, a
+completed upload's object, and DELETE (:func:`terminate`, the one handler here).
+:func:`upload_headers` is tus's own, used by its core and concatenation.  What a
+completion records (its post-finish, its content in the index of instant uploads) is the
+tus layer's, where every completion passes
+(:meth:`~proxy.tus.completion.Completer.record_finish`), not the handlers'.
 """
 
 from __future__ import annotations
@@ -306,14 +309,6 @@ def upload_headers(info: UploadInfo) -> dict[str, str]:
 
 
 # -- a completed upload -----------------------------------------------------------------
-
-
-async def indexed(request: web.Request, info: UploadInfo) -> UploadInfo:
-    """A completed upload's content goes into the content index (instant uploads)."""
-    dedup = request.app[UPLOADS].dedup
-    if dedup is not None and info.completing and info.sha256_hex:
-        await dedup.record(info.principal, info.key, info.offset, info.sha256_hex)
-    return info
 
 
 async def finished_upload(svc: TusService, upload_id: str, grant: Grant) -> ObjectInfo:
