@@ -74,12 +74,19 @@ class Completer:
         """What a completed upload (``sha256_hex`` set) leaves behind, before its state
         goes (so a completion that is redone records it again) and before the client's
         answer, whoever completes it (a request, the sweeper): its post-finish (durable:
-        a failure fails this attempt, to be redone) and its content in the index
-        (best effort: :meth:`ContentIndex.record` logs a failure and never raises; it
-        only costs a later upload of the same content its shortcut)."""
+        a failure fails this attempt, to be redone), its content in the index and, for
+        an upload at the client's key, what its URL answers from (both best effort: a
+        failure is logged and costs only that shortcut, never the stored upload)."""
         await self.hooks.record_finish(hook_upload(info))
         if self.index is not None and info.sha256_hex:
             await self.index.record(info.principal, info.key, info.offset, info.sha256_hex)
+        if info.claims_key:
+            # For as long as an unfinished upload stays resumable after its last PATCH.
+            until_s = self.store.clock() + self.config.expire_after_s
+            try:
+                await self.store.record_finished(info, until_s)
+            except ProxyError as e:
+                log.warning("tus upload %s: could not record its completion: %s", info.id, e)
 
     def report(
         self,

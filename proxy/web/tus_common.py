@@ -313,10 +313,11 @@ def upload_headers(info: UploadInfo) -> dict[str, str]:
 
 async def finished_upload(svc: TusService, upload_id: str, grant: Grant) -> ObjectInfo:
     """The object a completed upload stored (its state is gone), found by its id in the
-    caller's folder; the 404 of an unknown upload unless it is the caller's."""
+    caller's folder or, for a resumable PUT, at its key; the 404 of an unknown upload
+    unless it is the caller's."""
     folder = svc.object_key(upload_id, None, "", under=grant.prefix or "")
-    obj = await finished.find(svc.storage, folder, upload_id)
-    if obj is None or not finished.owned_by(obj, grant.principal):
+    obj = await finished.find_owned(svc.store, folder, upload_id, grant.principal)
+    if obj is None:
         raise NotFound("no such upload")
     return obj
 
