@@ -5,8 +5,8 @@ Every path that completes (the last PATCH, a PATCH that resumes an interrupted
 completion, the sweeper) goes through :meth:`Completer.complete_leased`.  An upload's
 outcome is reported here (:mod:`proxy.engine.events`), once: its object, or the failure
 that discarded it; what a completed upload leaves behind (its post-finish event, its
-content in the index of instant uploads) is written here too
-(:meth:`Completer.record_finish`), so no caller can forget it.
+content in the index of instant uploads, the record a resumable PUT's URL answers from)
+is written here too (:meth:`Completer.record_finish`), so no caller can forget it.
 """
 
 from __future__ import annotations

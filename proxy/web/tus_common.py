@@ -7,8 +7,8 @@ they share the route state (:data:`TUS`), the guards (who may touch an upload), 
 id, the new upload made from ``Upload-Metadata``, the pre-create hook, writing a body, a
 completed upload's object, and DELETE (:func:`terminate`, the one handler here).
 :func:`upload_headers` is tus's own, used by its core and concatenation.  What a
-completion records (its post-finish, its content in the index of instant uploads) is the
-tus layer's, where every completion passes
+completion records (its post-finish, its content in the index of instant uploads, the
+record a resumable PUT's URL answers from) is the tus layer's, where every completion passes
 (:meth:`~proxy.tus.completion.Completer.record_finish`), not the handlers'.
 """
 
