@@ -155,6 +155,11 @@ async def _uploads_ctx(app: web.Application) -> AsyncIterator[None]:
     storage = app[STORAGE]
     hooks = _hooks(cfg, storage, rt)
     rt.events.hooks = hooks
+    dedup = None
+    # Mounted only where the store can hold it (tusd's idea: optional features follow
+    # the backend's capabilities); every S3 store can.
+    if cfg.dedup.enabled and isinstance(storage, StateStore) and isinstance(storage, Copier):
+        dedup = ContentIndex(storage, cfg.dedup.index_prefix, rt.metrics)
     engine = Engine(
         storage=storage,
         pool=app[POOL],
@@ -164,6 +169,7 @@ async def _uploads_ctx(app: web.Application) -> AsyncIterator[None]:
         key_prefix=cfg.upload.key_prefix,
         key_template=cfg.upload.key_template,
         hooks=hooks,
+        dedup=dedup,
     )
     reserved: tuple[str, ...] = ()
     if hooks.outbox is not None:
@@ -176,14 +182,9 @@ async def _uploads_ctx(app: web.Application) -> AsyncIterator[None]:
         # Plain uploads may write neither the tus state nor where tus objects go (a key
         # squatted there before a tus upload completes would pass for its object).
         reserved = (cfg.tus.state_prefix, cfg.upload.key_prefix + cfg.tus.object_prefix)
-    dedup = None
     if cfg.dedup.enabled:
         # Nobody uploads into the index (clients never read anything, so that is all).
         reserved += (cfg.dedup.index_prefix,)
-        # Mounted only where the store can hold it (tusd's idea: optional features follow
-        # the backend's capabilities); every S3 store can.
-        if isinstance(storage, StateStore) and isinstance(storage, Copier):
-            dedup = ContentIndex(storage, cfg.dedup.index_prefix, rt.metrics)
     app[HOOKS] = hooks
     app[UPLOADS] = Uploads(
         config=cfg.upload,
@@ -204,7 +205,6 @@ async def _uploads_ctx(app: web.Application) -> AsyncIterator[None]:
         trusted_proxies=cfg.server.trusted_proxies,
         active_keys=Counter(),
         reserved_prefixes=reserved,
-        dedup=dedup,
     )
     if cfg.downloads.enabled:
         if not isinstance(storage, ObjectReader):

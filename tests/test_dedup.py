@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,10 +16,13 @@ from proxy.auth import hash_token
 from proxy.config import ConfigError, from_dict
 from proxy.storage.s3 import S3Storage
 from proxy.storage.seaweed import EmbeddedSeaweed
+from proxy.tus.maintenance import sweep_once
 from proxy.tus.state import storage_id
+from proxy.web.tus_common import TUS as TUS_ROUTES
 from tests.daemon import start_daemon
 from tests.obs_helpers import scrape, value
 from tests.sec_http import build, connect, exchange, read_answer
+from tests.tus_helpers import sid, store_for, tus_key, tus_sections
 
 from conftest import MiB, StartProxy, data_path
 
@@ -284,3 +288,55 @@ async def test_tus_creation_with_the_hash_completes_at_once_and_tus_uploads_are_
         proxy.port, "POST", "/files/", {**tus, "Upload-Metadata": tus_metadata(sha256="abc")}
     )
     assert (bad.status, bad.code) == (400, "ERR_BAD_METADATA")
+
+
+async def test_a_tus_upload_the_sweeper_finishes_is_indexed(
+    start_proxy: StartProxy, s3: S3Storage, prefix: str, tmp_path: Path
+) -> None:
+    """The content index is written where every tus completion passes: an upload whose
+    every byte is durable, completed by the tus sweeper (no request at all), is indexed
+    like one its last PATCH completed, so the same content again is instant."""
+    proxy = await start_proxy(**tus_sections(prefix))
+    size = 5 * MiB + 1000  # one part and a pending tail
+    data = data_path(tmp_path, size, seed=31).read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    tus = {"Tus-Resumable": "1.0.0"}
+    created = await exchange(
+        proxy.port,
+        "POST",
+        "/files/",
+        {**tus, "Upload-Defer-Length": "1", "Upload-Metadata": tus_metadata(filename="a.bin")},
+    )
+    assert created.status == 201
+    url = created.headers["location"]
+    octet = {**tus, "Content-Type": "application/offset+octet-stream", "Upload-Offset": "0"}
+    assert (await exchange(proxy.port, "PATCH", url, octet, data)).status == 204
+    # Every byte durable, the length set, completion never decided: what a final PATCH
+    # that failed after setting a deferred length leaves.  Only the sweeper finishes it.
+    store = store_for(s3, prefix)
+    loaded = await store.load(sid(url))
+    assert loaded is not None and loaded[0].offset == size and not loaded[0].completing
+    stuck = replace(loaded[0], length=size, rev=loaded[0].rev + 1)
+    await s3.put_conditional(store.info_key(stuck.id), stuck.to_json(), if_match=loaded[1])
+    assert await sweep_once(proxy.app[TUS_ROUTES].service) == 1
+    assert (await object_sha256(s3, tus_key(prefix, url, "a.bin")))[0] == sha
+    received = proxy.runtime.events.stats.received_bytes
+    before = await scrape(proxy.url)
+
+    again = await exchange(
+        proxy.port,
+        "POST",
+        "/files/",
+        {
+            **tus,
+            "Upload-Length": str(size),
+            "Upload-Metadata": tus_metadata(filename="b.bin", sha256=sha),
+        },
+    )
+    assert again.status == 201
+    assert (again.headers["upload-offset"], again.headers["upload-sha256"]) == (str(size), sha)
+    after = await scrape(proxy.url)
+    hits = value(after, "proxy_dedup_lookups_total", result="hit") or 0
+    assert hits - (value(before, "proxy_dedup_lookups_total", result="hit") or 0) == 1
+    assert value(after, "proxy_dedup_uploads_total", protocol="tus") == 1
+    assert proxy.runtime.events.stats.received_bytes == received  # not one body byte

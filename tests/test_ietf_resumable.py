@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ from tus_helpers import only_objects, sid, store_for, tus_key, tus_sections
 from wrapped import Wrapped
 
 from proxy.auth import hash_token
+from proxy.tus.maintenance import sweep_once
+from proxy.web.tus_common import TUS as TUS_ROUTES
 
 from conftest import MiB, assert_nothing_left, data_path, get_object, s3_for, until
 
@@ -450,7 +453,62 @@ async def test_put_with_upload_complete_is_resumable_at_its_key(start_proxy, s3,
     assert done.json()["key"] == prefix + key
     body, meta = await get_object(s3, prefix + key)
     assert body == data and meta["sha256"] == hashlib.sha256(data).hexdigest()
-    assert await only_objects(s3, prefix) == [prefix + key]  # no state, no claim left
+    # No state, no claim: the object, and the record its URL answers from until it expires.
+    record = f"{prefix}.tus/finished/{sid(path)}-"
+    [left_record, left_object] = await only_objects(s3, prefix)
+    assert left_record.startswith(record) and left_object == prefix + key
+
+
+@pytest.mark.parametrize("size", [0, 6 * MiB + 7])  # complete on arrival / a multipart upload
+async def test_a_completed_resumable_put_answers_its_owner_until_it_expires(
+    start_proxy, s3, prefix, size
+) -> None:
+    """A resumable PUT's object is at the client's key, not in a tus folder, yet its URL
+    tells its owner (who may have lost the final answer) that it is complete, as a
+    completed upload's URL does, until the upload's time runs out (expire_after_s after
+    its completion); anyone else gets the 404 of an unknown id.  The sweep then removes
+    what the URL answered from."""
+    auth = {"mode": "required", "tokens": [hash_token(TOKEN_A), hash_token(TOKEN_B)]}
+    proxy = await start_proxy(auth=auth, **tus_sections(prefix, expire_after_s=60))
+    svc = proxy.app[TUS_ROUTES].service
+    now_s = [time.time()]
+    svc.store.clock = lambda: now_s[0]
+    data = os.urandom(size)
+    key = "phone/IMG_0002.HEIC"
+    r = await exchange(
+        proxy.port, "PUT", f"/uploads/{key}", {**V8, **A, "Upload-Complete": "?1"}, data
+    )
+    assert r.status == 201 and r.json()["key"] == prefix + key
+    path = r.headers["location"]
+
+    # The client lost that answer and asks: complete, with the whole offset and digest.
+    h = await exchange(proxy.port, "HEAD", path, {**V8, **A})
+    assert (h.status, h.headers["upload-complete"]) == (204, "?1")
+    assert h.headers["upload-offset"] == h.headers["upload-length"] == str(size)
+    assert h.headers["repr-digest"] == repr_digest(data)
+    t = await exchange(proxy.port, "HEAD", path, {"Tus-Resumable": "1.0.0", **A})
+    assert (t.status, t.headers["upload-offset"]) == (200, str(size))
+    assert t.headers["upload-sha256"] == hashlib.sha256(data).hexdigest()
+    # Its completing append again is answered as the completion was; bytes are refused.
+    again = await append(proxy.port, path, size, b"", complete=True, **A)
+    assert again.status == 200 and again.headers["repr-digest"] == repr_digest(data)
+    more = await append(proxy.port, path, size, b"x", complete=True, **A)
+    assert more.status == 400 and more.json()["type"].endswith("#completed-upload")
+
+    # Anyone else: exactly the 404 of an id that does not exist.
+    for method, extra, body in (("HEAD", {}, b""), ("PATCH", PARTIAL, b"")):
+        headers = {**V8, **B, **extra, "Upload-Offset": str(size), "Upload-Complete": "?1"}
+        foreign = await exchange(proxy.port, method, path, headers, body)
+        unknown = await exchange(proxy.port, method, "/files/" + "0" * 32, headers, body)
+        assert foreign.status == 404, (method, foreign)
+        assert foreign.comparable() == unknown.comparable(), method
+
+    # Past its time: unknown, before the sweep and after it, and nothing left but the object.
+    now_s[0] += 61
+    assert (await exchange(proxy.port, "HEAD", path, {**V8, **A})).status == 404
+    await sweep_once(svc)
+    assert (await exchange(proxy.port, "HEAD", path, {**V8, **A})).status == 404
+    assert await only_objects(s3, prefix) == [prefix + key]
 
 
 async def test_put_with_apple_headers_in_one_go(start_proxy, s3, prefix) -> None:

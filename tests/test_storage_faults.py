@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 from sec_http import exchange
-from tus_helpers import only_objects, tus_sections
+from tus_helpers import only_objects, sid, tus_sections
 from wrapped import Wrapped
 
 from proxy.engine.buffers import BufferPool
@@ -264,7 +264,10 @@ async def test_a_resumable_upload_and_another_racing_for_one_key(
         assert [r.status for r in faults.seen("CompleteMultipartUpload")] == [200, 412]
     stored, meta = await get_object(s3, key)
     assert stored == a_data and meta["sha256"] == hashlib.sha256(a_data).hexdigest()
-    assert await only_objects(s3, prefix) == [key]  # the loser left nothing behind
+    # The loser left nothing behind; the winner, the record its upload URL answers from.
+    [record, stored_key] = await only_objects(s3, prefix)
+    assert stored_key == key
+    assert record.startswith(f"{prefix}.tus/finished/{sid(first.headers['location'])}-")
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,9 @@ under the upload's lease, and the upload failed for good when it never can.
 Every path that completes (the last PATCH, a PATCH that resumes an interrupted
 completion, the sweeper) goes through :meth:`Completer.complete_leased`.  An upload's
 outcome is reported here (:mod:`proxy.engine.events`), once: its object, or the failure
-that discarded it.
+that discarded it; what a completed upload leaves behind (its post-finish event, its
+content in the index of instant uploads, the record a resumable PUT's URL answers from)
+is written here too (:meth:`Completer.record_finish`), so no caller can forget it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 from proxy.config import TusConfig
+from proxy.engine.dedup import ContentIndex
 from proxy.engine.events import Outcome, UploadEvents, auth_of
 from proxy.engine.hashing import off_loop
 from proxy.engine.upload import delete_if_ours, label, verify_stored
@@ -65,11 +68,25 @@ class Completer:
     store: TusStore
     events: UploadEvents
     hooks: Hooks = field(default_factory=Hooks.disabled)
+    index: ContentIndex | None = None  # instant uploads (None: dedup off)
 
     async def record_finish(self, info: UploadInfo) -> None:
-        """The upload's post-finish, durable before its state goes (so a completion that
-        is redone records it again, as the same event) and before the client's answer."""
+        """What a completed upload (``sha256_hex`` set) leaves behind, before its state
+        goes (so a completion that is redone records it again) and before the client's
+        answer, whoever completes it (a request, the sweeper): its post-finish (durable:
+        a failure fails this attempt, to be redone), its content in the index and, for
+        an upload at the client's key, what its URL answers from (both best effort: a
+        failure is logged and costs only that shortcut, never the stored upload)."""
         await self.hooks.record_finish(hook_upload(info))
+        if self.index is not None and info.sha256_hex:
+            await self.index.record(info.principal, info.key, info.offset, info.sha256_hex)
+        if info.claims_key:
+            # For as long as an unfinished upload stays resumable after its last PATCH.
+            until_s = self.store.clock() + self.config.expire_after_s
+            try:
+                await self.store.record_finished(info, until_s)
+            except ProxyError as e:
+                log.warning("tus upload %s: could not record its completion: %s", info.id, e)
 
     def report(
         self,

@@ -1,4 +1,5 @@
-"""tus maintenance: expire abandoned uploads and finish interrupted completions.
+"""tus maintenance: expire abandoned uploads, finish interrupted completions, and remove
+what a completed upload's URL answered from once its time is up.
 
 Runs every ``tus.sweep_interval_s`` on every instance; the lease in each upload's state
 makes sure only one of them handles an upload at a time.
@@ -58,6 +59,7 @@ async def sweep_once(svc: TusService) -> int:
         except (ProxyError, LeaseLost, ConditionFailed) as e:
             log.warning("tus sweeper: upload %s: %s", upload_id, e)
     await svc.delete_quietly(tuple(await svc.store.stale_markers(set(ids))))
+    await svc.delete_quietly(tuple(await svc.store.expired_finished()))
     return handled
 
 

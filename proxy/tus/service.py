@@ -29,7 +29,6 @@ from proxy.auth import ANONYMOUS, Principal
 from proxy.config import TusConfig
 from proxy.engine.buffers import Buffers
 from proxy.engine.context import Engine
-from proxy.engine.dedup import ContentIndex
 from proxy.engine.pipeline import Body
 from proxy.engine.upload import shielded
 from proxy.errors import (
@@ -113,7 +112,9 @@ class TusService:
         self.config = config
         self.engine = engine
         self.store = store
-        self.completer = Completer(config, store.storage, store, engine.events, engine.hooks)
+        self.completer = Completer(
+            config, store.storage, store, engine.events, engine.hooks, engine.dedup
+        )
         self.concat = ConcatService(config, engine, store, self.completer, self.object_key)
 
     @property
@@ -198,14 +199,13 @@ class TusService:
             self.engine.events.created()
         return info, lease
 
-    async def create_copied(
-        self, new: NewUpload, index: ContentIndex, client: str = "-"
-    ) -> UploadInfo | None:
+    async def create_copied(self, new: NewUpload, client: str = "-") -> UploadInfo | None:
         """A creation whose declared content (``new.sha256``) its principal stored before:
         the object is made by a server-side copy and the upload is complete on arrival,
         with no state at all (as for length 0).  None: nothing to copy (or the copy
-        failed), create as usual."""
-        if new.sha256 is None or not new.length:
+        failed, or dedup is off), create as usual."""
+        index = self.engine.dedup
+        if index is None or new.sha256 is None or not new.length:
             return None
         owner = str(new.principal)
         source = await index.find(owner, new.sha256, new.length)

@@ -7,6 +7,11 @@ Layout under ``state_prefix`` (``.tus/`` by default), one folder per upload id::
     owners/<quota>/<created>-<id>
                             empty: one per unfinished upload of a principal (a client
                             address with auth off), listed to cap how many it may have
+    keys/<sha256 of a key>/<id>
+                            empty: an unfinished upload whose object key is the client's
+    finished/<id>-<until>   JSON: the object key and owner of a completed upload whose
+                            object is at the client's key, which its URL answers from
+                            until <until> (unix seconds); then the sweep removes it
 
 Every write of ``info`` is conditional (If-None-Match on creation, If-Match on the etag
 read before), and every write bumps ``rev`` so two writes never share an etag.  That makes
@@ -50,6 +55,9 @@ OWNERS = "owners/"
 # keys/<sha256 of an object key>/<id>: empty, one per upload whose object key is the
 # client's (outside tus.object_prefix), so owns_multipart can find its upload.
 KEYS = "keys/"
+# finished/<id>-<until>: what the URL of such an upload answers from once it completed.
+FINISHED = "finished/"
+MAX_FINISHED_BYTES = 4096  # a key (at most 1024 bytes) and a principal, as JSON
 # A creation writes its marker, then its info object, within seconds; a marker this old
 # without an info object is left over.
 MARKER_GRACE_S = 600.0
@@ -285,6 +293,46 @@ class TusStore:
         multipart upload of it is never unclaimed.  One left by a crash claims nothing
         (its upload has no state)."""
         await self.storage.put_conditional(self.claim_key(info), b"", if_none_match=True)
+
+    # -- a completed upload at the client's key (see FINISHED) ---------------------------
+
+    async def record_finished(self, info: UploadInfo, until_s: float) -> None:
+        """The completed upload ``info`` (``claims_key``) is answerable by its id until
+        ``until_s``: its object holds no id in its key, so nothing else leads there."""
+        body = json.dumps({"key": info.key, "principal": info.principal}).encode()
+        await self.storage.put_conditional(f"{self.prefix}{FINISHED}{info.id}-{int(until_s)}", body)
+
+    async def finished_key(self, upload_id: str, by: Principal) -> str | None:
+        """The object key of ``by``'s completed upload ``upload_id`` while its record
+        lasts; None for an unknown id, someone else's upload or a record past its time."""
+        if not valid_id(upload_id):
+            return None
+        now = self.clock()
+        for obj in await self.storage.list_objects(f"{self.prefix}{FINISHED}{upload_id}-"):
+            until_s = ascii_uint(obj.key.rpartition("-")[2])
+            if until_s is None or now >= until_s:
+                continue
+            got = await self.storage.get_small(obj.key, MAX_FINISHED_BYTES)
+            if got is None:
+                continue  # swept meanwhile
+            try:
+                doc = json.loads(got[0])
+                key, principal = str(doc["key"]), str(doc["principal"])
+            except (ValueError, KeyError, TypeError):
+                continue  # not one of ours
+            if by.owns(principal):
+                return key
+        return None
+
+    async def expired_finished(self) -> list[str]:
+        """Records of completed uploads past their time (see FINISHED), for the sweep."""
+        now = self.clock()
+        expired = []
+        for obj in await self.storage.list_objects(f"{self.prefix}{FINISHED}"):
+            until_s = ascii_uint(obj.key.rpartition("-")[2])
+            if until_s is not None and now >= until_s:
+                expired.append(obj.key)
+        return expired
 
     # -- quota: unfinished uploads per principal ---------------------------------------------
 

@@ -80,12 +80,15 @@ class Uploads:
     active_keys: Counter[str] = field(default_factory=Counter)
     # Key prefixes plain uploads may not write to (tus state, tus objects, content index).
     reserved_prefixes: tuple[str, ...] = ()
-    # The content index (instant uploads); None when dedup is off.
-    dedup: ContentIndex | None = None
 
     @property
     def events(self) -> UploadEvents:
         return self.engine.events
+
+    @property
+    def dedup(self) -> ContentIndex | None:
+        """The content index (instant uploads); None when dedup is off."""
+        return self.engine.dedup
 
     def chunks(
         self,

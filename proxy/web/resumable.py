@@ -306,7 +306,6 @@ async def _create(request: web.Request, key: str | None) -> web.StreamResponse:
         info = await tus_common.write_body(
             request, lease, client_ip, complete_at_end=complete, discard_on_failure=not announced
         )
-        info = await tus_common.indexed(request, info)
     elif complete and not info.completing:
         info = await _complete_empty(request, svc, info.id, grant)
     log.info("ietf create id=%s key=%r interop=%d", info.id, info.key, dialect.version)
@@ -357,7 +356,7 @@ async def _complete_empty(
     except BaseException:
         await release_quietly(lease)
         raise
-    info = await svc.write(
+    return await svc.write(
         lease,
         no_bytes(),
         declared_bytes=0,
@@ -365,7 +364,6 @@ async def _complete_empty(
         client_ip=request_client(request).ip,
         complete_at_end=True,
     )
-    return await tus_common.indexed(request, info)
 
 
 async def head(request: web.Request) -> web.Response:
@@ -414,7 +412,7 @@ async def patch(request: web.Request) -> web.StreamResponse:
     try:
         info = lease.info
         if info.completing and offset == info.offset:
-            info = await tus_common.indexed(request, await svc.resume_completion(lease, client_ip))
+            info = await svc.resume_completion(lease, client_ip)
             return _answer(request, dialect, info, dialect.append_status(True))
         if offset != info.offset:
             raise MismatchingOffset(info.offset, offset)
@@ -434,7 +432,6 @@ async def patch(request: web.Request) -> web.StreamResponse:
         await release_quietly(lease)
         raise
     info = await tus_common.write_body(request, lease, client_ip, complete_at_end=complete)
-    info = await tus_common.indexed(request, info)
     return _answer(request, dialect, info, dialect.append_status(info.completing))
 
 

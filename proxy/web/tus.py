@@ -52,7 +52,6 @@ from proxy.web.tus_common import (
     finished_upload,
     guard,
     guard_body,
-    indexed,
     log_by_storage_id,
     new_upload,
     pre_create,
@@ -186,9 +185,8 @@ async def create(request: web.Request) -> web.StreamResponse:
     if cat is not None:  # no await before this: see tus_concat.create_partial
         return await tus_concat.create_partial(request, grant, new, with_body, checksum)
     new = await pre_create(request, svc, new)
-    dedup = request.app[UPLOADS].dedup
     async with page.file_place(request, grant, new):
-        instant = None if dedup is None else await svc.create_copied(new, dedup, client_ip)
+        instant = await svc.create_copied(new, client_ip)
         if instant is not None:
             # Complete on arrival: a body sent along is not read (aiohttp drops it).
             info, lease = instant, None
@@ -201,7 +199,6 @@ async def create(request: web.Request) -> web.StreamResponse:
         info = await write_body(
             request, lease, client_ip, checksum=checksum, discard_on_failure=True
         )
-        info = await indexed(request, info)
     location = request.app[TUS].config.base_path + new.url_id
     headers = {"Location": location, **upload_headers(info)}
     if not with_body and instant is None:
@@ -270,7 +267,6 @@ async def patch(request: web.Request) -> web.Response:
         info = lease.info
         if info.completing and offset == info.offset:
             info = await svc.resume_completion(lease, request_client(request).ip)
-            info = await indexed(request, info)
             return web.Response(status=204, headers=upload_headers(info))
         if offset != info.offset:
             raise OffsetMismatch(
@@ -295,7 +291,6 @@ async def patch(request: web.Request) -> web.Response:
         await release_quietly(lease)
         raise
     info = await write_body(request, lease, client_ip, checksum=checksum)
-    info = await indexed(request, info)
     return web.Response(status=204, headers=upload_headers(info))
 
 

@@ -4,9 +4,12 @@ tus 1.0 (:mod:`proxy.web.tus`, with its concatenation extension
 :mod:`proxy.web.tus_concat`) and the IETF draft (:mod:`proxy.web.resumable`) each create
 and write a :class:`~proxy.tus.service.TusService` upload that either can reach later, so
 they share the route state (:data:`TUS`), the guards (who may touch an upload), the URL
-id, the new upload made from ``Upload-Metadata``, the pre-create hook, writing a body,
-the content index, a completed upload's object, and DELETE (:func:`terminate`, the one
-handler here).  :func:`upload_headers` is tus's own, used by its core and concatenation.
+id, the new upload made from ``Upload-Metadata``, the pre-create hook, writing a body, a
+completed upload's object, and DELETE (:func:`terminate`, the one handler here).
+:func:`upload_headers` is tus's own, used by its core and concatenation.  What a
+completion records (its post-finish, its content in the index of instant uploads, the
+record a resumable PUT's URL answers from) is the tus layer's, where every completion passes
+(:meth:`~proxy.tus.completion.Completer.record_finish`), not the handlers'.
 """
 
 from __future__ import annotations
@@ -308,20 +311,13 @@ def upload_headers(info: UploadInfo) -> dict[str, str]:
 # -- a completed upload -----------------------------------------------------------------
 
 
-async def indexed(request: web.Request, info: UploadInfo) -> UploadInfo:
-    """A completed upload's content goes into the content index (instant uploads)."""
-    dedup = request.app[UPLOADS].dedup
-    if dedup is not None and info.completing and info.sha256_hex:
-        await dedup.record(info.principal, info.key, info.offset, info.sha256_hex)
-    return info
-
-
 async def finished_upload(svc: TusService, upload_id: str, grant: Grant) -> ObjectInfo:
     """The object a completed upload stored (its state is gone), found by its id in the
-    caller's folder; the 404 of an unknown upload unless it is the caller's."""
+    caller's folder or, for a resumable PUT, at its key; the 404 of an unknown upload
+    unless it is the caller's."""
     folder = svc.object_key(upload_id, None, "", under=grant.prefix or "")
-    obj = await finished.find(svc.storage, folder, upload_id)
-    if obj is None or not finished.owned_by(obj, grant.principal):
+    obj = await finished.find_owned(svc.store, folder, upload_id, grant.principal)
+    if obj is None:
         raise NotFound("no such upload")
     return obj
 

@@ -25,7 +25,6 @@ from proxy.web.preflight import request_client
 from proxy.web.tus_common import (
     TUS,
     finished_upload,
-    indexed,
     new_upload,
     pre_create,
     service,
@@ -121,7 +120,6 @@ async def create_final(
     url_id, info = await svc.concat.finalize(
         cat, svc.info_of(new), new.url_id, by=grant.principal, client=client_ip
     )
-    info = await indexed(request, info)
     headers = {
         "Location": request.app[TUS].config.base_path + url_id,
         **upload_headers(info),
