@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from sec_http import Answer, build, connect, read_answer
 from tus_helpers import (
     TUS,
     create,
@@ -32,7 +33,7 @@ from proxy.auth import hash_token
 from proxy.config import ConfigError, from_dict
 from proxy.tus.maintenance import sweep_once
 
-from conftest import MiB, StartProxy, assert_nothing_left, get_object
+from conftest import MiB, StartProxy, assert_nothing_left, get_object, until
 from obs_helpers import RawRequest, scrape, value
 
 
@@ -303,6 +304,79 @@ async def test_the_sweeper_prunes_markers_left_without_an_upload(
     async with http.delete(url, headers={**TUS, **A}) as r:
         assert r.status == 204
     assert await store.list_ids() == []
+    await assert_nothing_left(s3, prefix)
+
+
+# -- a creation refused for a client slot ------------------------------------------------
+
+OCTET_BODY = {"Content-Type": "application/offset+octet-stream"}
+V8 = {"Upload-Draft-Interop-Version": "8"}
+SLOT_REFUSED = {
+    "tus": {**TUS, **OCTET_BODY, "Upload-Length": "10000"},
+    "tus-partial": {**TUS, **OCTET_BODY, "Upload-Length": "10000", "Upload-Concat": "partial"},
+    "ietf": {**V8, "Upload-Complete": "?0", "Upload-Length": "10000"},
+}
+
+
+async def answers(
+    port: int, method: str, path: str, headers: dict[str, str], body: bytes
+) -> list[Answer]:
+    """Every answer to one request, interim (1xx) ones included, up to the final one."""
+    reader, writer = await connect(port)
+    try:
+        writer.write(build(method, path, {**headers, "Connection": "close"}, body))
+        await writer.drain()
+        got = [await read_answer(reader, method=method)]
+        while got[-1].status < 200:
+            got.append(await read_answer(reader, method=method))
+        return got
+    finally:
+        writer.close()
+
+
+async def take_the_slot(proxy: Any) -> asyncio.StreamWriter:
+    """A PUT that holds the client's one upload slot until its connection is closed."""
+    _, writer = await connect(proxy.port)
+    writer.write(build("PUT", "/uploads/filler", {"Content-Length": str(MiB)}) + b"x" * 1000)
+    await writer.drain()
+
+    async def held() -> bool:
+        return bool(proxy.uploads.slots.in_use == 1)
+
+    await until(held, "the filler PUT holds its slot")
+    return writer
+
+
+async def give_back(proxy: Any, writer: asyncio.StreamWriter) -> None:
+    writer.close()
+
+    async def free() -> bool:
+        return bool(proxy.uploads.slots.in_use == 0)
+
+    await until(free, "the filler PUT let its slot go")
+
+
+@pytest.mark.parametrize("kind", SLOT_REFUSED)
+async def test_a_creation_refused_for_a_slot_leaves_nothing(
+    start_proxy: StartProxy, s3: Any, prefix: str, kind: str
+) -> None:
+    """With the client's upload slots full, a creation with a body is refused before
+    anything exists: no info, no place under the cap (20 such refusals used to lock the
+    principal out of tus for a day), no group, no 104 announcing an upload that is not
+    there; the refused one's lease used to stay held too."""
+    proxy = await start_proxy(
+        limits={"max_uploads_per_client": 1}, **tus_sections(prefix, send_104=True)
+    )
+    filler = await take_the_slot(proxy)
+    try:
+        got = await answers(proxy.port, "POST", "/files/", SLOT_REFUSED[kind], b"y" * 5000)
+        assert [a.status for a in got] == [429], [a.head for a in got]
+        assert got[-1].code == "ERR_CLIENT_LIMIT" and "location" not in got[-1].headers
+        assert await state_keys(s3, prefix) == []
+        assert await marker_keys(s3, prefix) == []
+        assert await s3.list_multipart(prefix) == []
+    finally:
+        await give_back(proxy, filler)
     await assert_nothing_left(s3, prefix)
 
 
