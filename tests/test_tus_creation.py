@@ -28,6 +28,7 @@ from tus_helpers import (
     store_for,
     tus_sections,
 )
+from wrapped import Wrapped
 
 from proxy.auth import hash_token
 from proxy.config import ConfigError, from_dict
@@ -376,6 +377,53 @@ async def test_a_creation_refused_for_a_slot_leaves_nothing(
         assert await marker_keys(s3, prefix) == []
         assert await s3.list_multipart(prefix) == []
     finally:
+        await give_back(proxy, filler)
+    await assert_nothing_left(s3, prefix)
+
+
+class GatedCreation(Wrapped):
+    """Holds the write that creates an upload's info object until ``go`` is set."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.reached = asyncio.Event()
+        self.go = asyncio.Event()
+
+    async def put_conditional(self, key: str, body: Any, **kw: Any) -> str:
+        if key.endswith("/info") and kw.get("if_none_match"):
+            self.reached.set()
+            await self.go.wait()
+        etag: str = await self.inner.put_conditional(key, body, **kw)
+        return etag
+
+
+@pytest.mark.parametrize("kind", ["tus", "tus-partial", "ietf"])
+async def test_a_creation_that_loses_its_slot_while_being_created_leaves_nothing(
+    start_proxy: StartProxy, s3: Any, prefix: str, kind: str
+) -> None:
+    """The slot checked free before the creation, taken by another upload of the same
+    client while the state was written: the creation's body is refused (429), and its
+    clean-up removes the upload with the request's own lease (it used to ask for the
+    lease again, be refused by its own, and leave the upload and its place behind)."""
+    store = GatedCreation(s3)
+    proxy = await start_proxy(
+        storage=store, limits={"max_uploads_per_client": 1}, **tus_sections(prefix)
+    )
+    creation = asyncio.create_task(
+        answers(proxy.port, "POST", "/files/", SLOT_REFUSED[kind], b"y" * 5000)
+    )
+    await store.reached.wait()
+    filler = await take_the_slot(proxy)
+    try:
+        store.go.set()
+        got = await creation
+        assert [a.status for a in got] == [429], [a.head for a in got]
+        assert got[-1].code == "ERR_CLIENT_LIMIT"
+        assert await state_keys(s3, prefix) == []
+        assert await marker_keys(s3, prefix) == []
+        assert await s3.list_multipart(prefix) == []
+    finally:
+        store.go.set()
         await give_back(proxy, filler)
     await assert_nothing_left(s3, prefix)
 
