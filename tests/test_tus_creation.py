@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sec_http import Answer, build, connect, read_answer
+from sec_http import Answer, answers_to, build, connect
 from tus_helpers import (
     TUS,
     create,
@@ -322,17 +322,7 @@ SLOT_REFUSED = {
 async def answers(
     port: int, method: str, path: str, headers: dict[str, str], body: bytes
 ) -> list[Answer]:
-    """Every answer to one request, interim (1xx) ones included, up to the final one."""
-    reader, writer = await connect(port)
-    try:
-        writer.write(build(method, path, {**headers, "Connection": "close"}, body))
-        await writer.drain()
-        got = [await read_answer(reader, method=method)]
-        while got[-1].status < 200:
-            got.append(await read_answer(reader, method=method))
-        return got
-    finally:
-        writer.close()
+    return await answers_to(port, build(method, path, {**headers, "Connection": "close"}, body))
 
 
 async def take_the_slot(proxy: Any) -> asyncio.StreamWriter:
