@@ -37,7 +37,7 @@ from proxy.tus.finished import OWNER_METADATA
 from proxy.tus.service import Checksum, NewUpload, TusService
 from proxy.tus.state import Lease, UploadInfo, new_id, release_quietly, storage_id, valid_id
 from proxy.web.errors import LOG_PATH
-from proxy.web.hookreq import hook_request
+from proxy.web.hookreq import hook_metadata, hook_request
 from proxy.web.preflight import UPLOADS, authorize, request_client, streaming
 
 log = logging.getLogger(__name__)
@@ -227,13 +227,12 @@ async def pre_create(
             key = place(reply.new_key)
         new = replace(new, key=key)
     if reply.new_metadata is not None:
-        obj_meta = {
+        chosen = {
             k.lower(): _header_safe(v)
             for k, v in reply.new_metadata.items()
             if _METADATA_KEY_RE.fullmatch(k)
         }
-        obj_meta["tus-id"] = new.id
-        new = replace(new, object_metadata=obj_meta)
+        new = replace(new, object_metadata=hook_metadata(new.object_metadata, chosen))
     return new
 
 
