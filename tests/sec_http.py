@@ -116,6 +116,21 @@ async def exchange(
         writer.close()
 
 
+async def answers_to(port: int, request: bytes, *, method: str = "GET") -> list[Answer]:
+    """Send ``request`` (bytes, see :func:`build`) on its own connection; every answer to
+    it, interim ones (1xx: ``104 Upload Resumption Supported``) included, up to the final."""
+    reader, writer = await connect(port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        got = [await read_answer(reader, method=method)]
+        while got[-1].status < 200:
+            got.append(await read_answer(reader, method=method))
+        return got
+    finally:
+        writer.close()
+
+
 async def send_raw(port: int, data: bytes, *, timeout_s: float = 10.0) -> bytes:
     """Write ``data`` as is and return everything the server sends until it closes."""
     reader, writer = await connect(port)

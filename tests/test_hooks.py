@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import re
 import sys
@@ -17,6 +18,7 @@ import aiohttp
 import aiohttp.web
 import pytest
 
+from proxy.auth import hash_token
 from proxy.config import ConfigError, from_dict
 from proxy.hooks.payload import HookUpload, event_body
 from proxy.hooks.transports import ExecTransport, HookFailed
@@ -28,10 +30,14 @@ from tests.conftest import BUCKET
 from tests.daemon import start_daemon
 from tests.hook_receiver import Receiver
 from tests.obs_helpers import scrape, value
+from tests.tus_helpers import b64
 
 SECRET = b"s" * 40
 CHAT_NOTIFY = Path(__file__).resolve().parent.parent / "contrib/hooks/chat-notify.py"
 TUS = {"Tus-Resumable": "1.0.0"}
+OCTET = "application/offset+octet-stream"
+TOKEN_A = "alice-token-0123456789abcdef"
+TOKEN_B = "bob-token-0123456789abcdef00"
 
 
 def hooks_section(tmp_path: Path, receiver: Receiver, **extra: Any) -> dict[str, Any]:
@@ -437,3 +443,65 @@ async def test_exec_transport_bounds_output_and_time(tmp_path: Path) -> None:
         await ExecTransport(str(loud), timeout_s=30).send("post-finish", "e" * 32, b"{}")
     with pytest.raises(HookFailed, match="longer than"):
         await ExecTransport(str(slow), timeout_s=1).send("post-finish", "e" * 32, b"{}")
+
+
+async def test_a_hook_sets_user_metadata_and_the_proxys_own_stays(
+    tmp_path: Path, start_proxy: Any, s3: S3Storage, prefix: str
+) -> None:
+    """``ChangeFileInfo.MetaData`` replaces the user metadata only: the owner, the tus id
+    and the digest the proxy writes and reads back survive it (a hook's MetaData used to
+    drop them: the owner's HEAD/GET of the completed tus upload was a 404 and instant
+    uploads never hit), and a hook cannot forge them either."""
+    script = tmp_path / "hook.py"
+    script.write_text(
+        f"#!{sys.executable}\n"
+        "import json, sys\n"
+        "json.load(sys.stdin)\n"
+        "meta = {'speaker': 'ann', 'owner': 'token:forged', 'tus-owner': 'token:forged'}\n"
+        "print(json.dumps({'ChangeFileInfo': {'MetaData': meta}}))\n"
+    )
+    script.chmod(0o755)
+    tokens = [hash_token(TOKEN_A), hash_token(TOKEN_B)]
+    scoped = [{"tokens": tokens, "scopes": ["upload", "download"]}]
+    proxy = await start_proxy(
+        auth={"mode": "required", "scoped_tokens": scoped},
+        downloads={"enabled": True},
+        hooks={"exec_path": str(script), "events": ["pre-create"]},
+    )
+    data = b"a sermon, twice " * 10_000
+    sha = hashlib.sha256(data).hexdigest()
+    a, b = {"Authorization": f"Bearer {TOKEN_A}"}, {"Authorization": f"Bearer {TOKEN_B}"}
+    async with aiohttp.ClientSession() as s:
+        # tus: created, streamed, completed.
+        meta = f"filename {b64('talk.mp3')},sha256 {b64(sha)}"
+        create = {**TUS, **a, "Upload-Length": str(len(data)), "Upload-Metadata": meta}
+        async with s.post(proxy.url + "/files/", headers=create) as r:
+            assert r.status == 201 and "Upload-Offset" not in r.headers
+            url = proxy.url + r.headers["Location"]
+        append = {**TUS, **a, "Upload-Offset": "0", "Content-Type": OCTET}
+        async with s.patch(url, data=data, headers=append) as r:
+            assert (r.status, r.headers["Upload-SHA256"]) == (204, sha)
+        key = f"{prefix}tus/{storage_id(url.rsplit('/', 1)[1])}/talk.mp3"
+        obj = await s3.head(key)
+        assert obj is not None and obj.metadata["speaker"] == "ann"
+        assert "token:forged" not in obj.metadata.values()
+        assert obj.metadata["tus-id"] == storage_id(url.rsplit("/", 1)[1])
+        # Its owner can HEAD and GET it; anyone else gets the 404 of an unknown id.
+        async with s.head(url, headers={**TUS, **a}) as r:
+            assert (r.status, r.headers["Upload-Offset"]) == (200, str(len(data)))
+        async with s.get(url, headers=a) as r:
+            assert r.status == 200 and await r.read() == data
+        async with s.head(url, headers={**TUS, **b}) as r:
+            assert r.status == 404
+        # The same content again is an instant upload (complete in the creation answer).
+        async with s.post(proxy.url + "/files/", headers=create) as r:
+            assert r.status == 201 and r.headers["Upload-Offset"] == str(len(data))
+        # A PUT: its owner stays too, so its content is found again.
+        digest = {"Repr-Digest": f"sha-256=:{base64.b64encode(bytes.fromhex(sha)).decode()}:"}
+        async with s.put(proxy.url + "/uploads/p.mp3", data=data, headers=a) as r:
+            assert r.status == 201, await r.text()
+        put_obj = await s3.head(prefix + "p.mp3")
+        assert put_obj is not None and put_obj.metadata["speaker"] == "ann"
+        assert "token:forged" not in put_obj.metadata.values()
+        async with s.put(proxy.url + "/uploads/q.mp3", data=data, headers={**a, **digest}) as r:
+            assert r.status == 201 and (await r.json())["deduplicated"] is True

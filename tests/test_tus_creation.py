@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from sec_http import Answer, answers_to, build, connect
 from tus_helpers import (
     TUS,
     create,
@@ -27,12 +28,13 @@ from tus_helpers import (
     store_for,
     tus_sections,
 )
+from wrapped import Wrapped
 
 from proxy.auth import hash_token
 from proxy.config import ConfigError, from_dict
 from proxy.tus.maintenance import sweep_once
 
-from conftest import MiB, StartProxy, assert_nothing_left, get_object
+from conftest import MiB, StartProxy, assert_nothing_left, get_object, until
 from obs_helpers import RawRequest, scrape, value
 
 
@@ -303,6 +305,116 @@ async def test_the_sweeper_prunes_markers_left_without_an_upload(
     async with http.delete(url, headers={**TUS, **A}) as r:
         assert r.status == 204
     assert await store.list_ids() == []
+    await assert_nothing_left(s3, prefix)
+
+
+# -- a creation refused for a client slot ------------------------------------------------
+
+OCTET_BODY = {"Content-Type": "application/offset+octet-stream"}
+V8 = {"Upload-Draft-Interop-Version": "8"}
+SLOT_REFUSED = {
+    "tus": {**TUS, **OCTET_BODY, "Upload-Length": "10000"},
+    "tus-partial": {**TUS, **OCTET_BODY, "Upload-Length": "10000", "Upload-Concat": "partial"},
+    "ietf": {**V8, "Upload-Complete": "?0", "Upload-Length": "10000"},
+}
+
+
+async def answers(
+    port: int, method: str, path: str, headers: dict[str, str], body: bytes
+) -> list[Answer]:
+    return await answers_to(port, build(method, path, {**headers, "Connection": "close"}, body))
+
+
+async def take_the_slot(proxy: Any) -> asyncio.StreamWriter:
+    """A PUT that holds the client's one upload slot until its connection is closed."""
+    _, writer = await connect(proxy.port)
+    writer.write(build("PUT", "/uploads/filler", {"Content-Length": str(MiB)}) + b"x" * 1000)
+    await writer.drain()
+
+    async def held() -> bool:
+        return bool(proxy.uploads.slots.in_use == 1)
+
+    await until(held, "the filler PUT holds its slot")
+    return writer
+
+
+async def give_back(proxy: Any, writer: asyncio.StreamWriter) -> None:
+    writer.close()
+
+    async def free() -> bool:
+        return bool(proxy.uploads.slots.in_use == 0)
+
+    await until(free, "the filler PUT let its slot go")
+
+
+@pytest.mark.parametrize("kind", SLOT_REFUSED)
+async def test_a_creation_refused_for_a_slot_leaves_nothing(
+    start_proxy: StartProxy, s3: Any, prefix: str, kind: str
+) -> None:
+    """With the client's upload slots full, a creation with a body is refused before
+    anything exists: no info, no place under the cap (20 such refusals used to lock the
+    principal out of tus for a day), no group, no 104 announcing an upload that is not
+    there; the refused one's lease used to stay held too."""
+    proxy = await start_proxy(
+        limits={"max_uploads_per_client": 1}, **tus_sections(prefix, send_104=True)
+    )
+    filler = await take_the_slot(proxy)
+    try:
+        got = await answers(proxy.port, "POST", "/files/", SLOT_REFUSED[kind], b"y" * 5000)
+        assert [a.status for a in got] == [429], [a.head for a in got]
+        assert got[-1].code == "ERR_CLIENT_LIMIT" and "location" not in got[-1].headers
+        assert await state_keys(s3, prefix) == []
+        assert await marker_keys(s3, prefix) == []
+        assert await s3.list_multipart(prefix) == []
+    finally:
+        await give_back(proxy, filler)
+    await assert_nothing_left(s3, prefix)
+
+
+class GatedCreation(Wrapped):
+    """Holds the write that creates an upload's info object until ``go`` is set."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.reached = asyncio.Event()
+        self.go = asyncio.Event()
+
+    async def put_conditional(self, key: str, body: Any, **kw: Any) -> str:
+        if key.endswith("/info") and kw.get("if_none_match"):
+            self.reached.set()
+            await self.go.wait()
+        etag: str = await self.inner.put_conditional(key, body, **kw)
+        return etag
+
+
+@pytest.mark.parametrize("kind", ["tus", "tus-partial", "ietf"])
+async def test_a_creation_that_loses_its_slot_while_being_created_leaves_nothing(
+    start_proxy: StartProxy, s3: Any, prefix: str, kind: str
+) -> None:
+    """The slot checked free before the creation, taken by another upload of the same
+    client while the state was written: the creation's body is refused (429), and its
+    clean-up removes the upload with the request's own lease (it used to ask for the
+    lease again, be refused by its own, and leave the upload and its place behind)."""
+    store = GatedCreation(s3)
+    proxy = await start_proxy(
+        storage=store, limits={"max_uploads_per_client": 1}, **tus_sections(prefix)
+    )
+    creation = asyncio.create_task(
+        answers(proxy.port, "POST", "/files/", SLOT_REFUSED[kind], b"y" * 5000)
+    )
+    await store.reached.wait()
+    filler = await take_the_slot(proxy)
+    try:
+        store.go.set()
+        got = await creation
+        assert [a.status for a in got] == [429], [a.head for a in got]
+        assert got[-1].code == "ERR_CLIENT_LIMIT"
+        assert await state_keys(s3, prefix) == []
+        assert await marker_keys(s3, prefix) == []
+        assert await s3.list_multipart(prefix) == []
+    finally:
+        store.go.set()
+        await give_back(proxy, filler)
     await assert_nothing_left(s3, prefix)
 
 

@@ -34,6 +34,7 @@ from proxy.engine.upload import shielded
 from proxy.errors import (
     DigestMismatch,
     HookRejected,
+    InconsistentLength,
     KeyConflict,
     ObjectExists,
     ProxyError,
@@ -341,10 +342,18 @@ class TusService:
                 # are (the tail could reach the length without the upload completing).
                 # With Upload-Checksum nothing is: an incomplete chunk cannot be verified.
                 keep_tail = not isinstance(e, TooLarge)
+                # A body that says it ends the upload and runs past its length is no
+                # completion, whatever whole parts reached the length.
+                overlong = complete_at_end and info.length is not None and not keep_tail
                 kept = await shielded(
-                    self._salvage(lease, writer, info, keep_tail, commit=checksum is None),
+                    self._salvage(
+                        lease, writer, info, keep_tail, commit=checksum is None,
+                        may_complete=not overlong,
+                    ),
                     "tus commit",
-                )
+                )  # fmt: skip
+                if overlong:
+                    raise _ends_elsewhere(info, info.offset + writer.received_bytes) from None
                 if kept is None or not kept.completing or lease.released:
                     raise
                 # The body broke (or stalled, or the daemon is draining) after its last
@@ -372,9 +381,14 @@ class TusService:
                 # because its body has been read.
                 self.engine.events.rejected(mismatch)
                 raise mismatch
+            short = None
             if complete_at_end and info.length is None:
                 info = replace(info, length=info.offset + writer.received_bytes)
                 lease.info = replace(lease.info, length=info.length)
+            elif complete_at_end and info.offset + writer.received_bytes != info.length:
+                # It ends the upload short of its length: refused once its bytes are kept,
+                # as a body that breaks keeps them (the upload stays resumable).
+                short = _ends_elsewhere(info, info.offset + writer.received_bytes)
             final = info.length is not None and info.offset + writer.received_bytes == info.length
             if final and not info.concat:
                 await self._pre_finish(lease, info, writer, keeper, client)
@@ -404,6 +418,8 @@ class TusService:
                 writer.received_bytes,
                 time.monotonic() - started,
             )
+            if short is not None:
+                raise short
             return committed
         except BaseException:
             await release_quietly(lease)
@@ -432,17 +448,25 @@ class TusService:
             raise
 
     async def _salvage(
-        self, lease: Lease, writer: PatchWriter, info: UploadInfo, keep_tail: bool, *, commit: bool
+        self,
+        lease: Lease,
+        writer: PatchWriter,
+        info: UploadInfo,
+        keep_tail: bool,
+        *,
+        commit: bool,
+        may_complete: bool = True,
     ) -> UploadInfo:
         """Commit what a failed PATCH left durable and release the lease, unless that
-        brought the upload to its length: then it is saved ``completing`` (lease kept)."""
+        brought the upload to its length (and ``may_complete``): then it is saved
+        ``completing`` (lease kept)."""
         if not commit or lease.lost:
             # Nothing kept, but a multipart upload this PATCH created is, for the next one.
             return await lease.release(replace(lease.info, multipart_id=writer.multipart_id))
         final = info.length is not None and info.offset + writer.received_bytes == info.length
         result = await writer.salvage(keep_tail=keep_tail, final=final)
         kept = self._apply(info, result)
-        if kept.reached_length and not kept.pending and not info.concat:
+        if may_complete and kept.reached_length and not kept.pending and not info.concat:
             log.info("tus patch id=%s: the PATCH failed after its last byte", info.id)
             return await lease.save(completing(kept, result.sha256))
         committed = await lease.release(kept)
@@ -492,6 +516,15 @@ class TusService:
                 await self.engine.storage.delete_object(key)
             except ProxyError as e:
                 log.warning("tus: could not delete %r: %s", key, e)
+
+
+def _ends_elsewhere(info: UploadInfo, end: int) -> InconsistentLength:
+    """A body that says it ends the upload (IETF ``Upload-Complete: ?1``) but does not
+    end at the length known before."""
+    more = "more than" if end > (info.length or 0) else "only"
+    return InconsistentLength(
+        f"the request completes the upload at {more} {end} bytes, not its length {info.length}"
+    )
 
 
 async def no_bytes() -> AsyncIterator[bytes]:

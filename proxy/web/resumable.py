@@ -283,6 +283,10 @@ async def _create(request: web.Request, key: str | None) -> web.StreamResponse:
     length = _length(request, complete, 0, None)
     if length is not None and length > svc.max_size_bytes:
         raise TooLarge(f"the upload's length exceeds the limit of {svc.max_size_bytes} bytes")
+    body = request.content_length != 0 and request.can_read_body
+    if body and length != 0:
+        # A refusal for a slot comes before anything exists (and before a 104).
+        request.app[UPLOADS].slots.check(client_ip)
     quota = quota_of(grant.principal, client_ip)
     await svc.check_quota(quota)
     new = tus_common.new_upload(
@@ -294,7 +298,6 @@ async def _create(request: web.Request, key: str | None) -> web.StreamResponse:
     else:
         new = replace(new, key=key, claims_key=True)
         new = await tus_common.pre_create(request, svc, new, _put_key_place(request, grant))
-    body = request.content_length != 0 and request.can_read_body
     async with page.file_place(request, grant, new):
         info, lease = await svc.create(new, leased=body and new.length != 0, client=client_ip)
     svc.engine.hooks.notify(

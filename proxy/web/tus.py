@@ -179,6 +179,10 @@ async def create(request: web.Request) -> web.StreamResponse:
     if not with_body and declared:
         raise WrongContentType(f"an upload body needs Content-Type: {OFFSET_CONTENT_TYPE}")
     checksum = _checksum(request) if with_body else None
+    if with_body and length != 0:
+        # Its body will need one of the client's upload slots: a refusal comes before
+        # anything exists (write_body re-checks when it takes the slot).
+        request.app[UPLOADS].slots.check(client_ip)
     quota = quota_of(grant.principal, client_ip)
     header = request.headers.get("Upload-Metadata", "")
     new = new_upload(svc, header, length, grant.principal, quota, grant.prefix or "")

@@ -37,7 +37,7 @@ from proxy.tus.finished import OWNER_METADATA
 from proxy.tus.service import Checksum, NewUpload, TusService
 from proxy.tus.state import Lease, UploadInfo, new_id, release_quietly, storage_id, valid_id
 from proxy.web.errors import LOG_PATH
-from proxy.web.hookreq import hook_request
+from proxy.web.hookreq import hook_metadata, hook_request
 from proxy.web.preflight import UPLOADS, authorize, request_client, streaming
 
 log = logging.getLogger(__name__)
@@ -227,32 +227,35 @@ async def pre_create(
             key = place(reply.new_key)
         new = replace(new, key=key)
     if reply.new_metadata is not None:
-        obj_meta = {
+        chosen = {
             k.lower(): _header_safe(v)
             for k, v in reply.new_metadata.items()
             if _METADATA_KEY_RE.fullmatch(k)
         }
-        obj_meta["tus-id"] = new.id
-        new = replace(new, object_metadata=obj_meta)
+        new = replace(new, object_metadata=hook_metadata(new.object_metadata, chosen))
     return new
 
 
 async def _terminate_quietly(
-    svc: TusService, upload_id: str, why: ProxyError, client_ip: str
+    svc: TusService, lease: Lease, why: ProxyError, client_ip: str
 ) -> None:
     """Remove a new upload whose creation failed (``why``), whatever its lease or expiry
-    says; a failure to do so is logged, not raised (the sweeper gets it later)."""
+    says; a failure to do so is logged, not raised (the sweeper gets it later).  While the
+    request still holds its lease (it failed before writing: no slot), that lease is the
+    one to remove it with: asking for another would be refused by this one."""
 
     async def go() -> None:
-        lease = await svc.store.acquire(upload_id, by=None, allow_expired=True)
-        await svc.terminate(lease, why=why, client=client_ip)
+        held = lease
+        if lease.released or lease.lost:
+            held = await svc.store.acquire(lease.info.id, by=None, allow_expired=True)
+        await svc.terminate(held, why=why, client=client_ip)
 
     try:
         await asyncio.shield(asyncio.wait_for(go(), 30))
     except asyncio.CancelledError:
         raise
     except Exception as e:
-        log.warning("tus: could not remove the failed new upload %s: %s", upload_id, e)
+        log.warning("tus: could not remove the failed new upload %s: %s", lease.info.id, e)
 
 
 # -- writing ----------------------------------------------------------------------------
@@ -269,9 +272,10 @@ async def write_body(
 ) -> UploadInfo:
     """The request's body onto the upload whose lease it holds (a tus PATCH, an IETF
     append, a creation's body), in one of the client's upload slots.  The caller checked
-    that one is free (holding re-checks synchronously, so it cannot fail here) and, on a
-    refusal before this, released the lease; from here the request's outcome is reported
-    as an upload's.
+    that one is free; taking it re-checks, which a creation, with awaits in between, can
+    fail (another upload of the client took it): then the lease is released (or the
+    upload discarded, below).  On a refusal before this, the caller released the lease;
+    from here the request's outcome is reported as an upload's.
 
     ``discard_on_failure``: the body of a creation whose client has not learnt the
     upload's URL (no answer yet, no IETF ``104``): should the write fail, nothing could
@@ -291,7 +295,9 @@ async def write_body(
     except BaseException as e:
         if discard_on_failure:
             why = e if isinstance(e, ProxyError) else Cancelled("the creation was cancelled")
-            await _terminate_quietly(svc, lease.info.id, why, client_ip)
+            await _terminate_quietly(svc, lease, why, client_ip)
+        else:
+            await release_quietly(lease)  # refused before the write (no slot): still held
         raise
 
 

@@ -46,7 +46,7 @@ from proxy.hooks.payload import HookUpload
 from proxy.keys import full_key, generated_key
 from proxy.naming import KeyTemplate, new_random_id
 from proxy.storage.base import ObjectInfo
-from proxy.web.hookreq import hook_request
+from proxy.web.hookreq import hook_metadata, hook_request
 from proxy.web.preflight import (
     UPLOADS,
     Uploads,
@@ -350,9 +350,8 @@ async def _pre_create(
         grant.check_key(reply.new_key)
         spec = replace(spec, key=unreserved(ctx, full_key(ctx.config.key_prefix, reply.new_key)))
     if reply.new_metadata is not None:
-        spec = replace(
-            spec, metadata={_ascii(k).lower(): _ascii(v) for k, v in reply.new_metadata.items()}
-        )
+        chosen = {_ascii(k).lower(): _ascii(v) for k, v in reply.new_metadata.items()}
+        spec = replace(spec, metadata=hook_metadata(spec.metadata, chosen))
     return spec
 
 
