@@ -40,6 +40,7 @@ from proxy.errors import (
 from proxy.keys import full_key
 from proxy.obs.metrics import Metrics
 from proxy.storage.base import ObjectInfo, ObjectReader, StateStore, Storage
+from proxy.tus.finished import OWNER_METADATA
 from proxy.tus.state import storage_id, valid_id
 from proxy.web.preflight import Handler, authorize
 from proxy.web.ranges import ByteRange, Validators, byte_range, http_date, precondition
@@ -49,9 +50,8 @@ log = logging.getLogger(__name__)
 # One chunk per write to the client: what a download holds, besides aiohttp's own
 # socket buffers (its S3 read buffer, the transport's write buffer; ~64 KiB each).
 CHUNK_BYTES = 256 * 1024
-# What a tus object records of its creator (str of its Principal); objects written before
-# it existed belong to "anonymous", like tus state without an owner.
-TUS_OWNER_METADATA = "tus-owner"
+# A tus object written before the owner was recorded (tus.finished.OWNER_METADATA)
+# belongs to "anonymous", like tus state without an owner.
 _ANONYMOUS = "anonymous"
 _SHA256_HEX_RE = re.compile(r"[0-9a-f]{64}")
 # RFC 8187 attr-char, minus nothing: what may stay unescaped in filename*.
@@ -115,7 +115,7 @@ async def get_tus_upload(request: web.Request) -> web.StreamResponse:
         if o.key == folder or o.key.startswith(folder + "/")
     ]
     obj = await dl.storage.head(listed[0].key) if len(listed) == 1 else None
-    if obj is None or not grant.principal.owns(obj.metadata.get(TUS_OWNER_METADATA, _ANONYMOUS)):
+    if obj is None or not grant.principal.owns(obj.metadata.get(OWNER_METADATA, _ANONYMOUS)):
         # Someone else's upload is exactly as unknown as one that does not exist.
         raise NotFound("no such upload")
     return await _serve(request, dl, obj, "files")
