@@ -347,11 +347,15 @@ class TusService:
                 overlong = complete_at_end and info.length is not None and not keep_tail
                 kept = await shielded(
                     self._salvage(
-                        lease, writer, info, keep_tail, commit=checksum is None,
+                        lease,
+                        writer,
+                        info,
+                        keep_tail,
+                        commit=checksum is None,
                         may_complete=not overlong,
                     ),
                     "tus commit",
-                )  # fmt: skip
+                )
                 if overlong:
                     raise _ends_elsewhere(info, info.offset + writer.received_bytes) from None
                 if kept is None or not kept.completing or lease.released:
